@@ -1,0 +1,1 @@
+"""Real-GPU side of kvsim: microbenchmarks, calibration into the cost model schema, executor, validation."""

@@ -1,0 +1,1 @@
+"""kvsim: discrete-event simulator of multi-turn KV-cache reuse across HBM, DRAM and SSD."""

@@ -1,0 +1,350 @@
+"""What each step costs: the single source of truth shared by the simulator and gpu/.
+
+Two interchangeable back ends answer the same questions (prefill time of one request, one decode
+step of a batch, bandwidth of each link at a transfer size):
+  * `RooflineCost`: FLOPs and bytes over datasheet peaks times efficiency factors;
+  * `ProfileCost`: tables measured on a real GPU by `kvsim gpu calibrate`, in the schema below,
+    interpolated bilinearly (linear extrapolation past the grid; link tables in log(chunk size)).
+The layer-wise preload pipeline (CachedAttention §3.2) is a closed form over per-layer load and
+compute times, `preload_pipeline_s`, shared by both.
+
+Hardware profile schema `kvsim-hardware-profile/1` (YAML):
+  schema, device, measured_at, command            provenance
+  gpu: {hbm_bytes, peak_bf16_flops, hbm_bw_gbps}
+  links: {h2d_pinned|d2h_pinned|h2d_pageable|d2h_pageable: {chunk_bytes: [...], gbps: [...]}}
+  ssd: {read: {chunk_bytes, gbps}, write: {chunk_bytes, gbps}}
+  models: {<model name>: {prefill_layer_ms: {new_tokens, history_tokens, ms[new][hist]},
+                          decode_layer_ms: {batch, context_tokens, ms[batch][ctx]},
+                          head_ms: {prefill: {new_tokens, ms}, decode: {batch, ms}}}}
+  Optional per model: preload_layer_overhead_ms (fixed cost per layer of the gated preload path).
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import yaml
+
+from sim.errors import KvsimError
+from sim.models import ModelShape
+
+SCHEMA = "kvsim-hardware-profile/1"
+GB = 1e9
+
+
+def preload_pipeline_s(layers: int, load_layer_s: float, compute_layer_s: float, buffer_layers: int,
+                       layerwise: bool) -> float:
+    """Time from the start of a prefill to its last layer's end when history KV is loaded from the host.
+
+    Layer-wise pre-loading (CachedAttention §3.2): the load of layer i+1 overlaps the compute of
+    layer i; a read buffer of N layers lets loads run N layers ahead. For uniform layers the
+    max-plus recursion (load i starts when load i-1 ended and layer i-N's compute freed its slot;
+    compute i starts when load i and compute i-1 ended) has the closed form below: with N >= 2 the
+    slower stage sets the pace after a one-layer fill; with N = 1 a slot is freed only when its
+    compute ends, so nothing overlaps. Without layer-wise preload everything is loaded first.
+    """
+    if load_layer_s <= 0.0:
+        return layers * compute_layer_s
+    if not layerwise or buffer_layers < 2:
+        return layers * (load_layer_s + compute_layer_s)
+    return load_layer_s + compute_layer_s + (layers - 1) * max(load_layer_s, compute_layer_s)
+
+
+# --- interpolation (the profile back end) -------------------------------------------------------
+
+def _seg(xs: Sequence[float], x: float) -> int:
+    """Index i of the segment [xs[i], xs[i+1]] used for x (end segments extrapolate)."""
+    i = bisect.bisect_right(xs, x) - 1
+    return min(max(i, 0), len(xs) - 2)
+
+
+def interp1(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    if len(xs) == 1:
+        return ys[0]
+    i = _seg(xs, x)
+    x0, x1 = xs[i], xs[i + 1]
+    return ys[i] + (ys[i + 1] - ys[i]) * (x - x0) / (x1 - x0)
+
+
+def interp2(xs: Sequence[float], ys: Sequence[float], z: Sequence[Sequence[float]], x: float, y: float) -> float:
+    """Bilinear on the grid z[x][y]; linear extrapolation outside (clamped at >= 0 by callers)."""
+    if len(xs) == 1:
+        return interp1(ys, z[0], y)
+    i = _seg(xs, x)
+    a = interp1(ys, z[i], y)
+    b = interp1(ys, z[i + 1], y)
+    return a + (b - a) * (x - xs[i]) / (xs[i + 1] - xs[i])
+
+
+@dataclass(frozen=True)
+class Table1D:
+    xs: tuple
+    ys: tuple
+    log_x: bool = False
+
+    def __call__(self, x: float) -> float:
+        if self.log_x:
+            return interp1(self.xs, self.ys, math.log(max(x, 1.0)))
+        return interp1(self.xs, self.ys, x)
+
+
+@dataclass(frozen=True)
+class Table2D:
+    xs: tuple
+    ys: tuple
+    z: tuple
+
+    def __call__(self, x: float, y: float) -> float:
+        return interp2(self.xs, self.ys, self.z, x, y)
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    prefill_layer_ms: Table2D
+    decode_layer_ms: Table2D
+    head_prefill_ms: Table1D
+    head_decode_ms: Table1D
+    preload_layer_overhead_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    device: str
+    measured_at: str
+    hbm_bytes: float
+    peak_bf16_flops: float
+    hbm_bw_gbps: float
+    links: dict  # name -> Table1D over log(chunk bytes), GB/s
+    ssd_read: Table1D
+    ssd_write: Table1D
+    models: dict  # model name -> ModelProfile
+    path: str = ""
+
+
+def _num_list(v, key, path, ascending=False, positive=False) -> tuple:
+    if not isinstance(v, list) or not v or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        raise KvsimError(f"{path}: {key}: expected a non-empty list of numbers")
+    if ascending and any(b <= a for a, b in zip(v, v[1:])):
+        raise KvsimError(f"{path}: {key}: expected strictly ascending values")
+    if positive and any(x <= 0 for x in v):
+        raise KvsimError(f"{path}: {key}: expected values > 0")
+    if any(x < 0 or not math.isfinite(x) for x in v):
+        raise KvsimError(f"{path}: {key}: expected finite values >= 0")
+    return tuple(float(x) for x in v)
+
+
+def _get(d, key, path, prefix):
+    full = f"{prefix}.{key}" if prefix else key
+    if not isinstance(d, dict) or key not in d:
+        raise KvsimError(f"{path}: {full}: missing; see the schema in sim/costmodel.py")
+    return d[key], full
+
+
+def _link_table(d, path, key) -> Table1D:
+    chunks, kc = _get(d, "chunk_bytes", path, key)
+    gbps, kg = _get(d, "gbps", path, key)
+    xs = _num_list(chunks, kc, path, ascending=True, positive=True)
+    ys = _num_list(gbps, kg, path, positive=True)
+    if len(xs) != len(ys):
+        raise KvsimError(f"{path}: {kg}: expected {len(xs)} values (one per chunk size)")
+    return Table1D(tuple(math.log(x) for x in xs), ys, log_x=True)
+
+
+def _table2(d, path, key, xname, yname) -> Table2D:
+    xv, kx = _get(d, xname, path, key)
+    yv, ky = _get(d, yname, path, key)
+    zv, kz = _get(d, "ms", path, key)
+    xs = _num_list(xv, kx, path, ascending=True)
+    ys = _num_list(yv, ky, path, ascending=True)
+    if not isinstance(zv, list) or len(zv) != len(xs):
+        raise KvsimError(f"{path}: {kz}: expected {len(xs)} rows (one per {xname})")
+    rows = tuple(_num_list(r, f"{kz}[{i}]", path) for i, r in enumerate(zv))
+    if any(len(r) != len(ys) for r in rows):
+        raise KvsimError(f"{path}: {kz}: expected {len(ys)} columns (one per {yname}) in every row")
+    return Table2D(xs, ys, rows)
+
+
+def _table1(d, path, key, xname) -> Table1D:
+    xv, kx = _get(d, xname, path, key)
+    yv, ky = _get(d, "ms", path, key)
+    xs = _num_list(xv, kx, path, ascending=True)
+    ys = _num_list(yv, ky, path)
+    if len(xs) != len(ys):
+        raise KvsimError(f"{path}: {ky}: expected {len(xs)} values")
+    return Table1D(xs, ys)
+
+
+def parse_profile(raw: dict, path: str = "<profile>") -> HardwareProfile:
+    if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+        raise KvsimError(f"{path}: schema: expected {SCHEMA!r}, got {raw.get('schema') if isinstance(raw, dict) else raw!r}")
+    gpu, _ = _get(raw, "gpu", path, "")
+    vals = {}
+    for k in ("hbm_bytes", "peak_bf16_flops", "hbm_bw_gbps"):
+        v, full = _get(gpu, k, path, "gpu")
+        if not isinstance(v, (int, float)) or v <= 0:
+            raise KvsimError(f"{path}: {full}: expected a number > 0, got {v!r}")
+        vals[k] = float(v)
+    links_raw, _ = _get(raw, "links", path, "")
+    links = {}
+    for name in ("h2d_pinned", "d2h_pinned"):
+        t, full = _get(links_raw, name, path, "links")
+        links[name] = _link_table(t, path, full)
+    for name in ("h2d_pageable", "d2h_pageable"):
+        if isinstance(links_raw, dict) and name in links_raw:
+            links[name] = _link_table(links_raw[name], path, f"links.{name}")
+    ssd, _ = _get(raw, "ssd", path, "")
+    r, kr = _get(ssd, "read", path, "ssd")
+    w, kw = _get(ssd, "write", path, "ssd")
+    models_raw, _ = _get(raw, "models", path, "")
+    if not isinstance(models_raw, dict) or not models_raw:
+        raise KvsimError(f"{path}: models: expected a mapping of model name -> tables")
+    models = {}
+    for mname, m in models_raw.items():
+        pre = f"models.{mname}"
+        pf, kpf = _get(m, "prefill_layer_ms", path, pre)
+        dc, kdc = _get(m, "decode_layer_ms", path, pre)
+        head, kh = _get(m, "head_ms", path, pre)
+        hp, khp = _get(head, "prefill", path, kh)
+        hd, khd = _get(head, "decode", path, kh)
+        over = m.get("preload_layer_overhead_ms", 0.0)
+        if not isinstance(over, (int, float)) or over < 0:
+            raise KvsimError(f"{path}: {pre}.preload_layer_overhead_ms: expected a number >= 0")
+        models[mname] = ModelProfile(
+            _table2(pf, path, kpf, "new_tokens", "history_tokens"),
+            _table2(dc, path, kdc, "batch", "context_tokens"),
+            _table1(hp, path, khp, "new_tokens"), _table1(hd, path, khd, "batch"), float(over))
+    return HardwareProfile(str(raw.get("device", "")), str(raw.get("measured_at", "")), vals["hbm_bytes"],
+                           vals["peak_bf16_flops"], vals["hbm_bw_gbps"], links, _link_table(r, path, kr),
+                           _link_table(w, path, kw), models, path)
+
+
+def load_profile(path) -> HardwareProfile:
+    p = Path(path)
+    if not p.is_file():
+        raise KvsimError(f"{path}: hardware profile not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise KvsimError(f"{path}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    return parse_profile(raw, str(path))
+
+
+# --- the cost back ends ---------------------------------------------------------------------------
+
+class RooflineCost:
+    """Time = max(FLOPs / (peak x MFU), bytes / (bandwidth x MBU)) per layer, tensor-parallel over GPUs."""
+
+    def __init__(self, shape: ModelShape, gpus: int, peak_flops: float, hbm_bw_gbps: float,
+                 prefill_mfu: float, decode_mbu: float, h2d_gbps: float, d2h_gbps: float,
+                 ssd_read_gbps: float, ssd_write_gbps: float):
+        self.shape = shape
+        self.gpus = gpus
+        self._flops = peak_flops * gpus
+        self._mfu = prefill_mfu
+        self._bw = hbm_bw_gbps * GB * gpus
+        self._mbu = decode_mbu
+        # each GPU has its own PCIe link and moves its own shard of the KV
+        self._h2d = h2d_gbps * GB * gpus
+        self._d2h = d2h_gbps * GB * gpus
+        self._ssd_r = ssd_read_gbps * GB
+        self._ssd_w = ssd_write_gbps * GB
+        s = shape
+        self._w_layer_bytes = s.params_per_layer * s.dtype_bytes
+        self._lin_flops_tok = 2.0 * s.params_per_layer
+        self._attn_flops = 4.0 * s.heads * s.head_dim  # QK^T and PV, per (query, key) pair
+        self._kv_tok = s.kv_bytes_per_token_layer
+        self._head_bytes = s.vocab * s.hidden * s.dtype_bytes
+        self._head_flops = 2.0 * s.vocab * s.hidden
+
+    def prefill_layer_s(self, new: float, hist: float) -> float:
+        flops = self._lin_flops_tok * new + self._attn_flops * new * (hist + (new + 1) / 2.0)
+        byts = self._w_layer_bytes + self._kv_tok * (hist + 2.0 * new)
+        return max(flops / (self._flops * self._mfu), byts / (self._bw * self._mbu))
+
+    def prefill_head_s(self, new: float) -> float:
+        # only the last position's logits are needed to emit the first token
+        return max(self._head_flops / (self._flops * self._mfu), self._head_bytes / (self._bw * self._mbu))
+
+    def decode_step_s(self, batch: int, context_tokens: float) -> float:
+        """One iteration for `batch` sequences holding `context_tokens` tokens in total."""
+        flops = self._lin_flops_tok * batch + self._attn_flops * context_tokens
+        byts = self._w_layer_bytes + self._kv_tok * context_tokens
+        layer = max(flops / (self._flops * self._mfu), byts / (self._bw * self._mbu))
+        head = max(self._head_flops * batch / (self._flops * self._mfu), self._head_bytes / (self._bw * self._mbu))
+        return self.shape.layers * layer + head
+
+    def preload_layer_overhead_s(self) -> float:
+        return 0.0
+
+    def h2d_bw(self, chunk_bytes: float) -> float:
+        return self._h2d
+
+    def d2h_bw(self, chunk_bytes: float) -> float:
+        return self._d2h
+
+    def ssd_read_bw(self, chunk_bytes: float) -> float:
+        return self._ssd_r
+
+    def ssd_write_bw(self, chunk_bytes: float) -> float:
+        return self._ssd_w
+
+
+class ProfileCost(RooflineCost):
+    """Measured tables in place of the roofline (per GPU: tensor parallelism is not profiled)."""
+
+    def __init__(self, shape: ModelShape, profile: HardwareProfile, gpus: int, **roofline_kw):
+        if shape.name not in profile.models:
+            raise KvsimError(f"{profile.path}: models: no tables for model {shape.name!r}; "
+                             f"profiled models are {', '.join(profile.models)}")
+        if gpus != 1:
+            raise KvsimError(f"{profile.path}: gpu.count: a measured profile is per GPU, expected gpu.count 1, got {gpus}")
+        super().__init__(shape, 1, profile.peak_bf16_flops, profile.hbm_bw_gbps, **roofline_kw)
+        self.profile = profile
+        self.m = profile.models[shape.name]
+
+    def prefill_layer_s(self, new: float, hist: float) -> float:
+        return max(self.m.prefill_layer_ms(new, hist), 0.0) * 1e-3
+
+    def prefill_head_s(self, new: float) -> float:
+        return max(self.m.head_prefill_ms(new), 0.0) * 1e-3
+
+    def decode_step_s(self, batch: int, context_tokens: float) -> float:
+        per_seq = context_tokens / batch
+        layer = max(self.m.decode_layer_ms(batch, per_seq), 0.0)
+        return (self.shape.layers * layer + max(self.m.head_decode_ms(batch), 0.0)) * 1e-3
+
+    def preload_layer_overhead_s(self) -> float:
+        return self.m.preload_layer_overhead_ms * 1e-3
+
+    def h2d_bw(self, chunk_bytes: float) -> float:
+        return self.profile.links["h2d_pinned"](chunk_bytes) * GB
+
+    def d2h_bw(self, chunk_bytes: float) -> float:
+        return self.profile.links["d2h_pinned"](chunk_bytes) * GB
+
+    def ssd_read_bw(self, chunk_bytes: float) -> float:
+        return self.profile.ssd_read(chunk_bytes) * GB
+
+    def ssd_write_bw(self, chunk_bytes: float) -> float:
+        return self.profile.ssd_write(chunk_bytes) * GB
+
+
+def cost_model_for(cfg) -> RooflineCost:
+    """The back end a config asks for: its measured profile if it names one, else the roofline."""
+    shape = cfg.shape()
+    g = cfg.gpu.spec()
+    kw = dict(prefill_mfu=cfg.gpu.prefill_mfu, decode_mbu=cfg.gpu.decode_mbu, h2d_gbps=cfg.host.h2d_gbps,
+              d2h_gbps=cfg.host.d2h_gbps, ssd_read_gbps=cfg.ssd.read_gbps, ssd_write_gbps=cfg.ssd.write_gbps)
+    if cfg.hardware_profile:
+        return ProfileCost(shape, load_profile(cfg.hardware_profile), cfg.gpu.count, **kw)
+    return RooflineCost(shape, cfg.gpu.count, g.peak_flops, g.hbm_bw_gbps, **kw)
+
+
+def hbm_kv_capacity_bytes(cfg, profile: Optional[HardwareProfile] = None) -> float:
+    """HBM left for KV after weights and the reserved share (activations, allocator slack)."""
+    hbm = profile.hbm_bytes if profile else cfg.gpu.spec().hbm_bytes
+    total = hbm * cfg.gpu.count
+    return total * (1.0 - cfg.gpu.reserved_fraction) - cfg.shape().weight_bytes

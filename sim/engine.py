@@ -1,0 +1,551 @@
+"""One serving replica as a SimPy process: job queue, continuous batching, and the KV hierarchy.
+
+Follows CachedAttention (arXiv 2403.19708): §3.1 KV of past turns saved to a host DRAM / SSD
+store instead of dropped; §3.2 layer-wise pre-loading through a read buffer; §3.3 asynchronous
+saving through a write buffer; §3.4 scheduler-aware fetching (SSD -> DRAM for jobs inside the
+queue's look-ahead window) and eviction; §3.5 KV saved without positional encoding, so a
+truncated history stays reusable.
+
+Events per turn are O(1): a prefill iteration is one timeout (its layer pipeline is closed form),
+and decode runs in spans: between two changes of the running batch every iteration has the same
+shape, so one timeout advances the whole span with a closed-form sum of iteration times.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from itertools import islice
+
+import numpy as np
+
+from sim.costmodel import preload_pipeline_s
+from sim.errors import KvsimError
+from sim.eviction import victims
+from sim.tiers import Entry, Link, Tier
+from sim.trace import BLOCK_TOKENS
+from sim.workload import reusable_block_keys
+
+TIER_CODES = ("none", "miss", "hbm", "dram", "ssd")  # per-turn hit_tier, 'none' = nothing to reuse
+NONE, MISS, HBM, DRAM, SSD = range(5)
+
+
+class Job:
+    __slots__ = ("i", "sid", "arrival", "keys", "hist", "prompt", "output", "ctx_in", "hit", "hit_entries",
+                 "computed", "res_bytes", "done_iter", "ctx", "prefill_end", "save_end", "truncated",
+                 "saved_prompt_bytes")
+
+    def __init__(self, i, sid, arrival, keys, hist, prompt, output, truncated):
+        self.i, self.sid, self.arrival, self.keys = i, sid, arrival, keys
+        self.hist, self.prompt, self.output, self.truncated = hist, prompt, output, truncated
+        self.ctx_in = hist + prompt
+        self.hit = 0
+        self.hit_entries = ()
+        self.saved_prompt_bytes = 0.0
+        self.save_end = 0.0
+
+
+class Recorder:
+    """Per-turn columns, filled by index (one row per turn)."""
+
+    COLS = ("arrival_s", "admit_s", "ttft_s", "prefill_start_s", "prefill_s", "load_s", "fetch_wait_s", "finish_s",
+            "history_tokens", "hit_tokens", "computed_tokens", "bytes_loaded", "bytes_saved", "batch_size")
+
+    def __init__(self, n):
+        self.n = n
+        for c in self.COLS:
+            setattr(self, c, np.full(n, np.nan))
+        self.hit_tier = np.zeros(n, dtype=np.int8)
+        self.truncated = np.zeros(n, dtype=bool)
+        self.prompt_tokens = np.zeros(n, dtype=np.int64)
+        self.output_tokens = np.zeros(n, dtype=np.int64)
+
+
+class Replica:
+    def __init__(self, env, cfg, cost, workload, hbm_kv_bytes: float):
+        self.env, self.cfg, self.cost, self.wl = env, cfg, cost, workload
+        pol = cfg.policy
+        self.kind = pol.kind
+        self.shape = shape = cost.shape
+        self.L = shape.layers
+        self.kv_tok = shape.kv_bytes_per_token
+        self.kv_tok_layer = shape.kv_bytes_per_token_layer
+        self.window = shape.max_context_tokens
+        self.layerwise = pol.layerwise_preload
+        self.buffer_layers = pol.read_buffer_layers
+        self.async_save = pol.async_save
+        self.fetch = pol.scheduler_aware_fetch and self.kind == "attentionstore"
+        self.aware = pol.eviction == "scheduler_aware"
+        self.decoupled = pol.truncation == "decoupled_pe"
+        ra = pol.round_attention
+        # Round Attention: layers above the watershed load and hold only the kept rounds' history
+        self.ra_factor = ((ra.watershed_layer + (self.L - ra.watershed_layer) * ra.kept_fraction) / self.L
+                          if ra.enabled else 1.0)
+        recency = pol.eviction != "fifo"
+        read_buffer = (self.buffer_layers * self.window * self.kv_tok_layer
+                       if self.kind == "attentionstore" and self.layerwise else 0.0)
+        self.hbm = Tier("hbm", hbm_kv_bytes - read_buffer, recency)
+        store = self.kind == "attentionstore"
+        self.dram = Tier("dram", cfg.host.dram_bytes if store else 0.0, recency)
+        self.ssd = Tier("ssd", cfg.ssd.bytes if store else 0.0, recency)
+        self.tier_code = {"hbm": HBM, "dram": DRAM, "ssd": SSD}
+        self.index = {}  # key -> Entry (one tier per entry)
+        self.h2d, self.d2h = Link("h2d"), Link("d2h")
+        self.ssd_r, self.ssd_w = Link("ssd_read"), Link("ssd_write")
+        self.queue = deque()
+        self.arrivals = []  # heap (t, turn index)
+        self.releases = []  # heap (t, seq, bytes): HBM freed when a write-back ends
+        self.running = []  # heap (done_iter, seq, job)
+        self.n_running = 0
+        self.iter_count = 0
+        self.ctx_sum = 0.0
+        self.seq = 0
+        self.sess_ctx = {}  # session -> context tokens after its last turn (post truncation)
+        self.rec = Recorder(len(workload))
+        self.busy_prefill_s = 0.0
+        self.busy_decode_s = 0.0
+        self.stall_save_s = 0.0
+        self.evictions = {"hbm": 0, "dram": 0, "ssd": 0}
+        self.done = 0
+        for i in workload.first_turns:
+            heapq.heappush(self.arrivals, (float(workload.arrival_s[i]), int(i)))
+        self.proc = env.process(self.serve())
+
+    # ---- the serving loop ------------------------------------------------------------------
+    def serve(self):
+        env = self.env
+        n = len(self.wl)
+        while self.done < n:
+            now = env.now
+            self._take_arrivals(now)
+            self._take_releases(now)
+            batch = self._admit(now)
+            if batch:
+                dt = self._prefill(batch, now)
+                yield env.timeout(dt)
+                stall = self._after_prefill(batch, env.now)
+                if stall > 0:
+                    yield env.timeout(stall)
+                continue
+            if self.n_running:
+                dt, k = self._decode_span(now)
+                yield env.timeout(dt)
+                stall = self._after_decode(k, env.now)
+                if stall > 0:
+                    yield env.timeout(stall)
+                continue
+            nxt = self._next_wakeup()
+            if nxt is None:
+                job = self.queue[0]
+                raise KvsimError(
+                    f"{self.cfg.source}: gpu: turn {job.i} (session {job.sid}) needs "
+                    f"{self._need_bytes(job) / 1e9:.2f} GB of KV in HBM but only {self.hbm.capacity / 1e9:.2f} GB "
+                    f"is left after the weights; expected a larger GPU, more gpu.count or a smaller max_context_tokens")
+            yield env.timeout(max(nxt - now, 0.0))
+
+    def _next_wakeup(self):
+        t = math.inf
+        if self.arrivals:
+            t = self.arrivals[0][0]
+        if self.releases and self.queue:
+            t = min(t, self.releases[0][0])
+        return None if t == math.inf else t
+
+    def _take_arrivals(self, now):
+        arr = self.arrivals
+        while arr and arr[0][0] <= now:
+            t, i = heapq.heappop(arr)
+            job = self._make_job(i, t)
+            self.queue.append(job)
+            if self.fetch and len(self.queue) <= self.cfg.scheduler.lookahead_jobs:
+                self._prefetch(job, now)
+
+    def _take_releases(self, now):
+        rel = self.releases
+        while rel and rel[0][0] <= now:
+            _, _, nbytes = heapq.heappop(rel)
+            self.hbm.reserved -= nbytes
+
+    # ---- a turn becomes a job: truncation and reuse keys ----------------------------------
+    def _make_job(self, i, t):
+        wl = self.wl
+        sid = wl.session[i]
+        prompt = int(wl.prompt_tokens[i])
+        output = int(wl.output_tokens[i])
+        hashes = wl.prefix_hashes[i]
+        W = self.window
+        output = min(output, W - 1)
+        if hashes is not None:
+            # Mooncake-style request: reuse is of the input's own leading blocks, from any request
+            trunc = prompt + output > W
+            prompt = min(prompt, W - output)
+            return Job(i, sid, t, reusable_block_keys(hashes, prompt), 0, prompt, output, trunc)
+        hist = self.sess_ctx.get(sid, 0)
+        prompt = min(prompt, W - output)
+        kept = min(hist, W - prompt - output)
+        # history overflowing the window: drop the oldest tokens (CachedAttention §3.5)
+        job = Job(i, sid, t, (sid,) if hist else (), kept, prompt, output, kept < hist)
+        return job
+
+    # ---- scheduler-aware fetching (§3.4) ------------------------------------------------------
+    def _prefetch(self, job, now):
+        for key in job.keys:
+            e = self.index.get(key)
+            if e is None:
+                break
+            if e.tier is self.ssd and not e.users:
+                if not self._make_room(self.dram, e.nbytes, now):
+                    return
+                end = self.ssd_r.transfer(now, e.nbytes, self.cost.ssd_read_bw(e.nbytes / self.L))
+                self.ssd.remove(e)
+                self.dram.add(e)
+                e.ready_at = end
+
+    def _protected(self):
+        if not self.aware:
+            return None
+        prot = {}
+        for pos, job in enumerate(islice(self.queue, self.cfg.scheduler.lookahead_jobs)):
+            for key in job.keys:
+                prot.setdefault(key, pos)
+        return prot
+
+    def _make_room(self, tier, nbytes, now) -> bool:
+        """Evict from `tier` until `nbytes` fit: DRAM victims move to SSD, SSD and HBM victims are dropped."""
+        if tier.free >= nbytes:
+            return True
+        if nbytes > tier.capacity:
+            return False
+        for e in victims(tier, nbytes, self._protected()):
+            self.evictions[tier.name] += 1
+            tier.remove(e)
+            if tier is self.dram and self.ssd.capacity >= e.nbytes and self._make_room(self.ssd, e.nbytes, now):
+                self.ssd_w.transfer(now, e.nbytes, self.cost.ssd_write_bw(e.nbytes / self.L))
+                self.ssd.add(e)
+            else:
+                del self.index[e.key]
+        return tier.free >= nbytes
+
+    # ---- admission: FCFS, bounded by batch size, prefill tokens and HBM ----------------------
+    def _plan(self, job, now):
+        """Find the reusable KV and what must be computed and held in HBM."""
+        hit, entries = 0, []
+        if self.kind != "recompute" and job.keys:
+            if job.hist:  # a session's history: one entry
+                e = self.index.get(job.sid)
+                if e is not None:
+                    if job.truncated and not self.decoupled:
+                        # positions baked into the saved KV are now wrong: it must be recomputed
+                        self._drop(e)
+                    else:
+                        hit = min(e.tokens, job.hist)
+                        entries.append(e)
+            else:  # prefix blocks
+                for key in job.keys:
+                    e = self.index.get(key)
+                    if e is None:
+                        break
+                    entries.append(e)
+                hit = len(entries) * BLOCK_TOKENS
+        job.hit, job.hit_entries = hit, entries
+        job.computed = job.ctx_in - hit
+        in_hbm = sum(e.nbytes for e in entries if e.tier is self.hbm)
+        full = (job.ctx_in + job.output) * self.kv_tok
+        if self.ra_factor != 1.0 and hit:
+            full -= hit * self.kv_tok * (1.0 - self.ra_factor)
+        job.res_bytes = full - in_hbm
+
+    def _need_bytes(self, job):
+        self._plan(job, self.env.now)
+        return job.res_bytes
+
+    def _admit(self, now):
+        q = self.queue
+        if not q:
+            return None
+        sch = self.cfg.scheduler
+        room = sch.max_batch - self.n_running
+        batch, tokens = [], 0
+        while q and room > 0:
+            job = q[0]
+            self._plan(job, now)
+            if batch and tokens + job.computed > sch.max_prefill_tokens:
+                break
+            for e in job.hit_entries:  # pin before evicting so the hit survives
+                e.users += 1
+            if self.hbm.free < job.res_bytes and not self._make_room(self.hbm, job.res_bytes, now):
+                for e in job.hit_entries:
+                    e.users -= 1
+                break
+            q.popleft()
+            self.hbm.reserved += job.res_bytes
+            self.hbm._peak()
+            batch.append(job)
+            tokens += job.computed
+            room -= 1
+            for e in job.hit_entries:
+                e.tier.touch(e)
+            W = sch.lookahead_jobs
+            if self.fetch and len(q) >= W > 0:
+                self._prefetch(q[W - 1], now)
+        return batch
+
+    # ---- a prefill iteration: layer-wise preload pipeline (§3.2) ----------------------------
+    def _prefill(self, batch, now):
+        cost, L, rec = self.cost, self.L, self.rec
+        load_layer = compute_layer = head = 0.0
+        ready = now
+        ssd_bytes = 0.0
+        for job in batch:
+            i = job.i
+            load_j = 0.0
+            dram_b = ssd_b = 0.0
+            code = NONE if not job.keys else MISS
+            for e in job.hit_entries:
+                t = e.tier
+                if t is self.hbm:
+                    code = max(code, HBM)
+                    continue
+                b = e.nbytes * (job.hit / max(e.tokens, 1)) if job.hist else e.nbytes
+                b *= self.ra_factor
+                if t is self.dram:
+                    dram_b += b
+                    code = max(code, DRAM)
+                    if e.ready_at > ready:
+                        ready = e.ready_at
+                else:
+                    ssd_b += b
+                    code = SSD
+            if dram_b:
+                chunk = dram_b / L
+                load_j += chunk / cost.h2d_bw(chunk)
+            if ssd_b:
+                # SSD -> DRAM staging -> HBM, layer by layer: the slower of the two stages paces it
+                chunk = ssd_b / L
+                load_j += chunk / min(cost.ssd_read_bw(chunk), cost.h2d_bw(chunk))
+                ssd_bytes += ssd_b
+            if load_j:
+                load_j += cost.preload_layer_overhead_s()
+            comp_j = cost.prefill_layer_s(job.computed, job.hit)
+            load_layer += load_j
+            compute_layer += comp_j
+            head += cost.prefill_head_s(job.computed)
+            rec.hit_tier[i] = code
+            rec.load_s[i] = load_j * L
+            rec.bytes_loaded[i] = dram_b + ssd_b
+        start = ready
+        if ssd_bytes and self.ssd_r.free_at > start:  # direct SSD reads queue behind prefetches
+            start = self.ssd_r.free_at
+        if ssd_bytes:
+            self.ssd_r.transfer(start, ssd_bytes, cost.ssd_read_bw(ssd_bytes / L))
+        t = preload_pipeline_s(L, load_layer, compute_layer, self.buffer_layers, self.layerwise) + head
+        if load_layer:
+            self.h2d.busy_s += load_layer * L
+            self.h2d.bytes_moved += sum(rec.bytes_loaded[j.i] for j in batch)
+        save = 0.0
+        if self.kind == "attentionstore" and not self.async_save:
+            # synchronous saving: the new prompt KV is written back before decoding resumes
+            nb = sum(j.computed for j in batch) * self.kv_tok
+            save = nb / cost.d2h_bw(nb / L)
+            self.stall_save_s += save
+            for j in batch:
+                j.saved_prompt_bytes = j.computed * self.kv_tok
+            self.d2h.busy_s += save
+            self.d2h.bytes_moved += nb
+        dt = (start - now) + t + save
+        self.busy_prefill_s += t
+        for job in batch:
+            i = job.i
+            rec.arrival_s[i] = job.arrival
+            rec.admit_s[i] = now
+            rec.prefill_start_s[i] = start
+            rec.prefill_s[i] = t
+            rec.fetch_wait_s[i] = start - now
+            rec.ttft_s[i] = now + (start - now) + t - job.arrival
+            rec.history_tokens[i] = job.hist
+            rec.hit_tokens[i] = job.hit
+            rec.computed_tokens[i] = job.computed
+            rec.prompt_tokens[i] = job.prompt
+            rec.output_tokens[i] = job.output
+            rec.truncated[i] = job.truncated
+            rec.batch_size[i] = len(batch)
+        return dt
+
+    def _after_prefill(self, batch, now):
+        stall = 0.0
+        for job in batch:
+            if self.kind == "attentionstore" and self.async_save:
+                # asynchronous saving (§3.3): the prompt KV drains through D2H while decoding goes on
+                nb = job.computed * self.kv_tok
+                job.save_end = self.d2h.transfer(now, nb, self.cost.d2h_bw(nb / self.L))
+                job.saved_prompt_bytes = nb
+            job.ctx = job.ctx_in + 1
+            rem = job.output - 1
+            if rem <= 0:
+                stall += self._finish(job, now + stall)
+                continue
+            job.done_iter = self.iter_count + rem
+            self.seq += 1
+            heapq.heappush(self.running, (job.done_iter, self.seq, job))
+            self.n_running += 1
+            self.ctx_sum += job.ctx
+        return stall
+
+    # ---- decode spans -------------------------------------------------------------------
+    def _decode_span(self, now):
+        B = self.n_running
+        kmax = self.running[0][0] - self.iter_count
+        a = self.cost.decode_step_s(B, self.ctx_sum)
+        d = 0.0
+        if kmax > 1:
+            d = (self.cost.decode_step_s(B, self.ctx_sum + B * (kmax - 1)) - a) / (kmax - 1)
+        k = kmax
+        total = kmax * a + d * kmax * (kmax - 1) / 2.0
+        cut = math.inf
+        if self.arrivals:
+            cut = self.arrivals[0][0] - now
+        if self.queue and self.releases:
+            cut = min(cut, self.releases[0][0] - now)
+        if cut < total:
+            # fewest iterations whose summed time reaches the cut: k a + d k(k-1)/2 >= cut
+            if d > 1e-15:
+                b = a - d / 2.0
+                k = int(math.ceil((-b + math.sqrt(b * b + 2.0 * d * max(cut, 0.0))) / d))
+            else:
+                k = int(math.ceil(max(cut, 0.0) / a)) if a > 0 else 1
+            k = min(max(k, 1), kmax)
+            total = k * a + d * k * (k - 1) / 2.0
+        self.busy_decode_s += total
+        return total, k
+
+    def _after_decode(self, k, now):
+        self.iter_count += k
+        self.ctx_sum += self.n_running * k
+        stall = 0.0
+        run = self.running
+        while run and run[0][0] <= self.iter_count:
+            _, _, job = heapq.heappop(run)
+            self.n_running -= 1
+            job.ctx = job.ctx_in + job.output
+            self.ctx_sum -= job.ctx
+            stall += self._finish(job, now)
+        return stall
+
+    # ---- the end of a turn: save (§3.3) and free HBM --------------------------------------
+    def _finish(self, job, now):
+        i = job.i
+        rec = self.rec
+        rec.finish_s[i] = now
+        for e in job.hit_entries:
+            e.users -= 1
+        ctx = job.ctx_in + job.output
+        stall = 0.0
+        release_at = now
+        if self.kind == "attentionstore":
+            saved = self._save_to_host(job, ctx, now)
+            rest = saved - job.saved_prompt_bytes
+            if rest < 0:
+                rest = 0.0
+            if self.async_save:
+                end = self.d2h.transfer(now, rest, self.cost.d2h_bw(rest / self.L)) if rest else job.save_end
+                release_at = max(end, job.save_end)
+            else:
+                stall = rest / self.cost.d2h_bw(max(rest, 1.0) / self.L)
+                self.stall_save_s += stall
+                self.d2h.busy_s += stall
+                self.d2h.bytes_moved += rest
+                release_at = now + stall
+            rec.bytes_saved[i] = saved
+            self.hbm.reserved -= job.res_bytes
+            if release_at > now:
+                # the write buffer holds the KV until the write-back ends
+                self.hbm.reserved += job.res_bytes
+                self.seq += 1
+                heapq.heappush(self.releases, (release_at, self.seq, job.res_bytes))
+        elif self.kind == "hbm_prefix":
+            self.hbm.reserved -= job.res_bytes
+            self._keep_in_hbm(job, ctx)
+            rec.bytes_saved[i] = 0.0
+        else:
+            self.hbm.reserved -= job.res_bytes
+            rec.bytes_saved[i] = 0.0
+        if job.hist or not job.keys:
+            self.sess_ctx[job.sid] = ctx
+        self.done += 1
+        nxt = self.wl.next_turn[i]
+        if nxt >= 0:
+            t = self.wl.arrival_s[nxt]
+            if t != t:  # NaN: the user thinks after reading the reply
+                t = now + stall + self.wl.think_s[nxt]
+            heapq.heappush(self.arrivals, (max(float(t), now), int(nxt)))
+        return stall
+
+    def _drop(self, e):
+        e.tier.remove(e)
+        del self.index[e.key]
+
+    def _store(self, key, tokens, nbytes, tier, now, ready_at):
+        """Put (or grow) an entry in `tier`; False if it cannot be made to fit."""
+        e = self.index.get(key)
+        if e is not None and e.tier is tier:
+            delta = nbytes - e.nbytes
+            e.users += 1  # do not evict the entry we are growing
+            ok = delta <= 0 or self._make_room(tier, delta, now)
+            e.users -= 1
+            if not ok:
+                self._drop(e)
+                return False
+            tier.grow(e, tokens, nbytes)
+            tier.touch(e)
+            e.ready_at = max(e.ready_at, ready_at)
+            return True
+        if e is not None:
+            self._drop(e)
+        if not self._make_room(tier, nbytes, now):
+            return False
+        e = Entry(key, tokens, nbytes, tier, ready_at)
+        tier.add(e)
+        self.index[key] = e
+        return True
+
+    def _save_to_host(self, job, ctx, now) -> float:
+        """Write the turn's new KV to DRAM (spilling to SSD if DRAM cannot hold it); return bytes written."""
+        if job.keys and not job.hist:  # prefix blocks of the input
+            written = 0.0
+            nb = BLOCK_TOKENS * self.kv_tok
+            hashes = self.wl.prefix_hashes[job.i]
+            for key in hashes[: job.prompt // BLOCK_TOKENS]:
+                e = self.index.get(key)
+                if e is not None:
+                    e.tier.touch(e)
+                    continue
+                if self._store(key, BLOCK_TOKENS, nb, self.dram, now, now) or \
+                        self._store(key, BLOCK_TOKENS, nb, self.ssd, now, now):
+                    written += nb
+            return written
+        e = self.index.get(job.sid)
+        nbytes = ctx * self.kv_tok
+        if e is not None and e.tier is self.dram and job.hit:
+            new = (ctx - job.hit) * self.kv_tok  # the reused part is already on the host
+        else:
+            new = nbytes
+        if self._store(job.sid, ctx, nbytes, self.dram, now, now):
+            return new
+        if self.ssd.capacity and self._store(job.sid, ctx, nbytes, self.ssd, now, now):
+            self.ssd_w.transfer(now, nbytes, self.cost.ssd_write_bw(nbytes / self.L))
+            return nbytes
+        return 0.0
+
+    def _keep_in_hbm(self, job, ctx):
+        """Prefix caching in spare HBM (vLLM/SGLang-like): the finished KV stays, LRU-evicted."""
+        now = self.env.now
+        if job.keys and not job.hist:
+            nb = BLOCK_TOKENS * self.kv_tok
+            for key in self.wl.prefix_hashes[job.i][: job.prompt // BLOCK_TOKENS]:
+                e = self.index.get(key)
+                if e is not None:
+                    e.tier.touch(e)
+                else:
+                    self._store(key, BLOCK_TOKENS, nb, self.hbm, now, now)
+            return
+        self._store(job.sid, ctx, ctx * self.kv_tok, self.hbm, now, now)

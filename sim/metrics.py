@@ -1,0 +1,93 @@
+"""One row per turn, and the summary a capacity planner reads (TTFT percentiles, hit rates, cost)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from sim.engine import TIER_CODES
+
+
+def turn_table(replica) -> pd.DataFrame:
+    wl, rec = replica.wl, replica.rec
+    first_token = rec.prefill_start_s + rec.prefill_s
+    df = pd.DataFrame({"session_id": wl.session, "turn": wl.turn, "arrival_s": rec.arrival_s})
+    df["queue_s"] = rec.admit_s - df["arrival_s"].to_numpy()
+    df["fetch_wait_s"] = rec.fetch_wait_s
+    df["load_s"] = rec.load_s
+    df["prefill_s"] = rec.prefill_s
+    df["ttft_s"] = rec.ttft_s
+    df["decode_s"] = rec.finish_s - first_token
+    df["finish_s"] = rec.finish_s
+    df["hit_tier"] = pd.Categorical.from_codes(rec.hit_tier, TIER_CODES)
+    df["history_tokens"] = rec.history_tokens.astype(np.int64)
+    df["prompt_tokens"] = rec.prompt_tokens
+    df["output_tokens"] = rec.output_tokens
+    df["hit_tokens"] = rec.hit_tokens.astype(np.int64)
+    df["computed_tokens"] = rec.computed_tokens.astype(np.int64)
+    df["truncated"] = rec.truncated
+    df["bytes_loaded"] = rec.bytes_loaded
+    df["bytes_saved"] = rec.bytes_saved
+    df["batch_size"] = rec.batch_size.astype(np.int64)
+    return df
+
+
+def summarize(df: pd.DataFrame, replica, cfg) -> dict:
+    ttft = df["ttft_s"].to_numpy()
+    n = len(df)
+    eligible = df["hit_tier"] != "none"
+    n_el = int(eligible.sum())
+    counts = df.loc[eligible, "hit_tier"].value_counts()
+    start = float(np.nanmin(df["arrival_s"])) if n else 0.0
+    makespan = float(np.nanmax(df["finish_s"])) - start if n else 0.0
+    gpu_busy = replica.busy_prefill_s + replica.busy_decode_s + replica.stall_save_s
+    ctx_tokens = float((df["history_tokens"] + df["prompt_tokens"]).sum())
+    hours = makespan / 3600.0
+    p = cfg.prices
+    gpu_cost = cfg.gpu.count * p.gpu_per_hour_usd * gpu_busy / 3600.0
+    store = cfg.policy.kind == "attentionstore"
+    dram_gb = cfg.host.dram_bytes / 1e9 if store else 0.0
+    ssd_gb = cfg.ssd.bytes / 1e9 if store else 0.0
+    storage_cost = (dram_gb * p.dram_per_gb_hour_usd + ssd_gb * p.ssd_per_gb_hour_usd) * hours
+    cost = gpu_cost + storage_cost
+    out = {
+        "name": cfg.name,
+        "policy": cfg.policy.kind,
+        "model": cfg.model,
+        "turns": n,
+        "sessions": int(df["session_id"].nunique()),
+        "makespan_s": makespan,
+        "ttft_mean_s": float(np.mean(ttft)),
+        "ttft_p50_s": float(np.percentile(ttft, 50)),
+        "ttft_p90_s": float(np.percentile(ttft, 90)),
+        "ttft_p99_s": float(np.percentile(ttft, 99)),
+        "queue_mean_s": float(df["queue_s"].mean()),
+        "prefill_tokens_per_s": ctx_tokens / replica.busy_prefill_s if replica.busy_prefill_s else 0.0,
+        "computed_tokens": int(df["computed_tokens"].sum()),
+        "throughput_turns_per_s": n / makespan if makespan > 0 else 0.0,
+        "hit_rate_hbm": counts.get("hbm", 0) / n_el if n_el else 0.0,
+        "hit_rate_dram": counts.get("dram", 0) / n_el if n_el else 0.0,
+        "hit_rate_ssd": counts.get("ssd", 0) / n_el if n_el else 0.0,
+        "miss_rate": counts.get("miss", 0) / n_el if n_el else 0.0,
+        # share of the context (history + prompt) whose KV was reused instead of computed
+        "reused_token_fraction": float(df["hit_tokens"].sum()) / ctx_tokens if ctx_tokens else 0.0,
+        "truncated_turns": int(df["truncated"].sum()),
+        "gpu_busy_s": gpu_busy,
+        "gpu_prefill_s": replica.busy_prefill_s,
+        "gpu_decode_s": replica.busy_decode_s,
+        "save_stall_s": replica.stall_save_s,
+        "bytes_h2d": replica.h2d.bytes_moved,
+        "bytes_d2h": replica.d2h.bytes_moved,
+        "bytes_ssd_read": replica.ssd_r.bytes_moved,
+        "bytes_ssd_write": replica.ssd_w.bytes_moved,
+        "peak_hbm_bytes": replica.hbm.peak,
+        "peak_dram_bytes": replica.dram.peak,
+        "peak_ssd_bytes": replica.ssd.peak,
+        "evictions_hbm": replica.evictions["hbm"],
+        "evictions_dram": replica.evictions["dram"],
+        "evictions_ssd": replica.evictions["ssd"],
+        "gpu_cost_usd": gpu_cost,
+        "storage_cost_usd": storage_cost,
+        "cost_usd": cost,
+        "cost_per_1k_turns_usd": 1000.0 * cost / n if n else 0.0,
+    }
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in out.items()}

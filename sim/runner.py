@@ -1,0 +1,55 @@
+"""Run one configuration end to end: workload -> replica -> per-turn table + summary -> files."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import simpy
+
+from sim.config import Config, config_to_dict
+from sim.costmodel import cost_model_for, hbm_kv_capacity_bytes
+from sim.engine import Replica
+from sim.errors import KvsimError
+from sim.metrics import summarize, turn_table
+from sim.workload import Workload, load_workload
+
+
+@dataclass
+class SimResult:
+    config: Config
+    turns: pd.DataFrame
+    summary: dict
+
+
+def run_simulation(cfg: Config, workload: Workload | None = None) -> SimResult:
+    cost = cost_model_for(cfg)
+    profile = getattr(cost, "profile", None)
+    hbm_kv = hbm_kv_capacity_bytes(cfg, profile)
+    if hbm_kv <= 0:
+        raise KvsimError(f"{cfg.source}: gpu.count: {cfg.model} weights ({cfg.shape().weight_bytes / 1e9:.0f} GB) "
+                         f"leave no HBM for KV on {cfg.gpu.count} x {cfg.gpu.name}; expected more GPUs")
+    wl = workload if workload is not None else load_workload(cfg)
+    env = simpy.Environment()
+    replica = Replica(env, cfg, cost, wl, hbm_kv)
+    env.run(until=replica.proc)
+    df = turn_table(replica)
+    return SimResult(cfg, df, summarize(df, replica, cfg))
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def write_results(result: SimResult, out_dir) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "turns.parquet", lambda p: result.turns.to_parquet(p, index=False))
+    _atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(result.summary, indent=2)))
+    _atomic_write(out / "summary.csv", lambda p: pd.DataFrame([result.summary]).to_csv(p, index=False))
+    _atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config_to_dict(result.config), indent=2)))
+    return out

@@ -1,0 +1,91 @@
+"""Sessions, turns and arrivals: a canonical trace (sim/trace.py) turned into flat per-turn arrays.
+
+Turn 0 of a session arrives at its `arrival_s`; each later turn arrives `think_s` after the previous
+reply ended (or at its own `arrival_s` when the trace fixes it, as Mooncake's timestamps do).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from sim.errors import KvsimError
+from sim.trace import BLOCK_TOKENS, read_trace, validate_trace
+
+
+@dataclass
+class Workload:
+    session: list  # str per turn
+    turn: np.ndarray
+    arrival_s: np.ndarray  # NaN where the turn arrives think_s after the previous reply
+    think_s: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    prefix_hashes: list  # None or list[int] per turn
+    next_turn: np.ndarray  # index of the session's next turn, -1 for the last
+    first_turns: np.ndarray  # indices of turn 0 of every session
+
+    def __len__(self) -> int:
+        return len(self.turn)
+
+
+def build_workload(df: pd.DataFrame, seed: int, session_rate_per_s=None, think_time_mean_s=None,
+                   max_sessions=None, max_output_tokens=None) -> Workload:
+    df = validate_trace(df)
+    if max_sessions is not None:
+        keep = pd.unique(df.sort_values(["arrival_s"], kind="stable").loc[df["turn"] == 0, "session_id"])[:max_sessions]
+        df = df[df["session_id"].isin(set(keep))].reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    arrival = df["arrival_s"].to_numpy(dtype=float).copy()
+    think = df["think_s"].to_numpy(dtype=float).copy()
+    turn = df["turn"].to_numpy(dtype=np.int64)
+    first = np.flatnonzero(turn == 0)
+    if session_rate_per_s is not None:
+        # Poisson session arrivals; the order of sessions follows their original start times
+        order = first[np.argsort(arrival[first], kind="stable")]
+        starts = np.cumsum(rng.exponential(1.0 / session_rate_per_s, size=len(order)))
+        arrival[order] = starts - starts[0]
+        arrival[turn > 0] = math.nan  # later turns follow think times, not fixed stamps
+    if think_time_mean_s is not None:
+        later = turn > 0
+        think[later] = rng.exponential(think_time_mean_s, size=int(later.sum())) if think_time_mean_s > 0 else 0.0
+        arrival[later] = math.nan
+    later = (turn > 0) & np.isnan(arrival) & np.isnan(think)
+    think[later] = 0.0
+    output = df["output_tokens"].to_numpy(dtype=np.int64).copy()
+    if max_output_tokens is not None:
+        np.minimum(output, max_output_tokens, out=output)
+    n = len(df)
+    sess = df["session_id"].tolist()
+    nxt = np.full(n, -1, dtype=np.int64)
+    same = np.array(sess[1:], dtype=object) == np.array(sess[:-1], dtype=object) if n > 1 else np.zeros(0, bool)
+    nxt[:-1][same] = np.arange(1, n)[same]
+    hashes = [h if h is not None and len(h) else None for h in df["prefix_hashes"].tolist()]
+    hashes = [list(h) if h is not None else None for h in hashes]
+    return Workload(sess, turn, arrival, think, df["prompt_tokens"].to_numpy(dtype=np.int64), output,
+                    hashes, nxt, first)
+
+
+def load_workload(cfg) -> Workload:
+    wl = cfg.workload
+    if wl.trace:
+        df = read_trace(wl.trace)
+    else:
+        try:
+            from sim import trace_synth
+        except ImportError:  # pragma: no cover - the generator ships with the package
+            raise KvsimError(f"{cfg.source}: workload.trace: no trace given and the synthetic generator is missing")
+        spec = trace_synth.SynthSpec.default()
+        import dataclasses
+        spec = dataclasses.replace(spec, n_sessions=wl.synthetic.n_sessions)
+        df = trace_synth.generate(spec, seed=cfg.seed)
+    return build_workload(df, cfg.seed, wl.session_rate_per_s, wl.think_time_mean_s, wl.max_sessions,
+                          wl.max_output_tokens)
+
+
+def reusable_block_keys(hashes, input_tokens: int) -> list:
+    """Prefix blocks a request could reuse: whole blocks, leaving at least one token to compute."""
+    n = min(len(hashes), max(input_tokens - 1, 0) // BLOCK_TOKENS)
+    return hashes[:n]
