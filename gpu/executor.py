@@ -1,0 +1,510 @@
+"""The real executor: serves multi-turn sessions on one GPU with reused KV from HBM, DRAM or SSD.
+
+What it models (CachedAttention, arXiv 2403.19708):
+- §3.1: a session's KV is kept between turns in a tier (HBM, host DRAM, local SSD), or dropped and
+  recomputed (the baseline: prefill the whole history again).
+- §3.2 layer-wise pre-loading: the history KV of layer i is copied to HBM on a side stream; one CUDA
+  event per layer gates layer i's attention, so loading layer i+1 overlaps computing layer i. A read
+  buffer of N layers bounds how far loading runs ahead: the load of layer i may start only when layer
+  i-N's compute has ended (the simulator's max-plus recursion). "Sync" loading copies every layer first
+  and computes after (L * load + compute).
+- §3.3 asynchronous saving: the new KV of a turn goes back to its tier on another stream while the
+  turn decodes (prompt KV) and while the next turn runs (reply KV).
+
+Scheduling is deliberately plain: one turn at a time, first come first served (the simulator's
+`scheduler.max_batch: 1`); a turn waits for its arrival, loads, prefills, then decodes its reply.
+
+SSD path: a reader thread reads layer i's history from the session's file (O_DIRECT) into slot i % N of
+a pinned bounce buffer of N layers, which is reused once the copy of layer i-N out of it has finished;
+the main thread then issues that slot's host-to-device copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from gpu import model as M
+from gpu.kvstore import DiskStore, HostArena, aligned_host_bytes, layer_view
+
+TIERS = ("recompute", "hbm", "dram", "ssd")
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    """How every turn gets its history KV."""
+    tier: str                      # one of TIERS
+    overlap: bool = True           # layer-wise preload (True) or load all layers, then compute
+    read_buffer_layers: int = 4    # N: layers loaded ahead of the compute
+    async_save: bool = True        # False: the turn waits for its save before it ends
+
+    def __post_init__(self):
+        if self.tier not in TIERS:
+            raise ValueError(f"tier {self.tier!r}, expected one of {TIERS}")
+        if self.read_buffer_layers < 1:
+            raise ValueError("read_buffer_layers must be >= 1")
+
+
+@dataclass
+class Session:
+    sid: str
+    capacity: int                           # tokens of KV this session may hold (known from its trace)
+    tokens: list[int] = field(default_factory=list)   # all tokens so far (prompts + replies)
+    kv_tokens: int = 0                      # tokens whose KV sits in the session's tier
+    store: object = None                    # hbm: device tensor; dram: host view; ssd: DiskFile
+    saved: object = None                    # cuda event (dram) or threading.Event (ssd) of the last save
+
+
+@dataclass
+class TurnTiming:
+    """What one turn measured. Wall times in seconds from the executor's clock origin; GPU spans in ms."""
+    session_id: str
+    turn: int
+    arrival_s: float
+    start_s: float
+    first_token_s: float
+    end_s: float
+    history_tokens: int
+    new_tokens: int
+    output_tokens: int
+    load_ms: float          # first layer's load start -> last layer's load end (GPU events)
+    load_busy_ms: float     # sum of the per-layer copy times
+    compute_ms: float       # sum of the per-layer compute times (after each layer's gate opened)
+    prefill_span_ms: float  # turn's first GPU op -> logits of the first token (GPU events)
+    ssd_read_ms: float      # sum of the reader thread's per-layer read times (wall clock)
+    decode_ms: float
+    first_token: int
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def queue_s(self) -> float:
+        return self.start_s - self.arrival_s
+
+
+class _Events:
+    """A fixed pool of timing events (creating events per turn would cost host time inside TTFT)."""
+
+    def __init__(self, n: int, cuda: bool):
+        self.cuda = cuda
+        self.ev = [torch.cuda.Event(enable_timing=True) for _ in range(n)] if cuda else [None] * n
+
+    def record(self, i, stream=None):
+        if self.cuda:
+            self.ev[i].record(stream)
+
+    def ms(self, a, b) -> float:
+        return self.ev[a].elapsed_time(self.ev[b]) if self.cuda else 0.0
+
+
+class Executor:
+    """Serves turns of sessions, one at a time, on `model` following `plan`."""
+
+    def __init__(self, model: M.Decoder, plan: ServePlan, max_ctx: int, max_new: int,
+                 host_bytes: int = 0, ssd_dir=None, poison: bool = False):
+        self.model, self.plan, self.max_ctx, self.max_new = model, plan, max_ctx, max_new
+        s = model.shape
+        self.L = s.layers
+        self.dev = model.device
+        self.cuda = self.dev.type == "cuda"
+        self.poison = poison
+        self.kv_shape = (s.kv_heads, s.head_dim)
+        self.token_bytes = s.kv_bytes_per_token_layer(model.dtype.itemsize)
+        # Two working caches, used by turns in alternation, so that a turn's reply KV can be saved
+        # while the next turn already loads into the other one.
+        self.work = [M.new_kv_cache(s, self.L, 1, max_ctx, self.dev, model.dtype) for _ in range(2)]
+        self.work_free = [None, None]   # event: last save out of this working cache done
+        self.turn_no = 0
+        if self.cuda:
+            self.load_stream = torch.cuda.Stream()
+            self.save_stream = torch.cuda.Stream()
+        else:
+            self.load_stream = self.save_stream = None
+        n_ev = 4 * self.L + 4
+        self.events = _Events(n_ev, self.cuda)
+        self.arena = HostArena(host_bytes, pinned=self.cuda) if plan.tier == "dram" else None
+        self.disk = None
+        if plan.tier == "ssd":
+            self.disk = DiskStore(ssd_dir, self.L, self.token_bytes)
+            n = plan.read_buffer_layers
+            raw = aligned_host_bytes(n * max_ctx * self.token_bytes, pinned=self.cuda)
+            self.bounce = layer_view(raw, n, max_ctx, self.kv_shape, model.dtype)
+            self.bounce_free = [None] * n        # event: copy out of slot done
+            self.staging = [layer_view(aligned_host_bytes(self.L * max_new * self.token_bytes, self.cuda),
+                                       self.L, max_new, self.kv_shape, model.dtype) for _ in range(2)]
+            self.staging_free = [threading.Event(), threading.Event()]
+            for e in self.staging_free:
+                e.set()
+        self.sessions: dict[str, Session] = {}
+
+    # ------------------------------------------------------------------ sessions
+    def open_session(self, sid: str, capacity: int) -> Session:
+        if capacity > self.max_ctx:
+            raise ValueError(f"session {sid}: capacity {capacity} > max_ctx {self.max_ctx}")
+        sess = Session(sid, capacity)
+        tier = self.plan.tier
+        if tier == "hbm":
+            sess.store = M.new_kv_cache(self.model.shape, self.L, 1, capacity, self.dev, self.model.dtype)
+        elif tier == "dram":
+            sess.store = self.arena.reserve(self.L, capacity, self.kv_shape, self.model.dtype)
+        elif tier == "ssd":
+            sess.store = self.disk.create(sid, capacity)
+        self.sessions[sid] = sess
+        return sess
+
+    def close(self):
+        if self.disk is not None:
+            self.disk.close()
+
+    # ------------------------------------------------------------------ one turn
+    def run_turn(self, sid: str, turn: int, prompt_ids: list[int], output_tokens: int,
+                 arrival_s: float, clock0: float, fault_skip_layer: int | None = None) -> TurnTiming:
+        """Serve one turn now: load history, prefill the prompt, decode `output_tokens` - 1 steps.
+
+        The first reply token comes from the prefill; the last reply token's KV is computed by the next
+        turn (as in chat serving, where it is part of the next prompt's template), so the next turn's
+        new tokens are its prompt plus that one token. `fault_skip_layer` skips one layer's load: the
+        tests use it to prove that a missing load is caught.
+        """
+        sess = self.sessions[sid]
+        plan, L, ev = self.plan, self.L, self.events
+        start_s = time.perf_counter() - clock0
+        if plan.tier == "recompute":
+            new = sess.tokens + list(prompt_ids)
+            hist = 0
+        else:
+            new = sess.tokens[sess.kv_tokens:] + list(prompt_ids)
+            hist = sess.kv_tokens
+        n = len(new)
+        total = hist + n + max(output_tokens - 1, 0)
+        if total > (sess.capacity if plan.tier != "recompute" else self.max_ctx) or total > self.max_ctx:
+            raise ValueError(f"session {sid} turn {turn}: {total} tokens exceed its capacity")
+        if plan.tier != "recompute" and n + output_tokens > self.max_new:
+            raise ValueError(f"session {sid} turn {turn}: {n} new tokens exceed max_new {self.max_new}")
+        main = torch.cuda.current_stream() if self.cuda else None
+
+        # Working cache: the session's own HBM store, or the working cache this turn's parity picks.
+        if plan.tier == "hbm":
+            W, wi = sess.store, None
+        else:
+            wi = self.turn_no % 2
+            W = self.work[wi]
+            if self.cuda and self.work_free[wi] is not None:
+                main.wait_event(self.work_free[wi])
+                self.load_stream.wait_event(self.work_free[wi])
+        self.turn_no += 1
+        if self.poison:
+            # NaN everywhere the turn may read: a layer whose history was never loaded poisons the logits.
+            # (An HBM hit keeps its history in place: poison only what lies beyond it.)
+            W[:, :, (sess.kv_tokens if plan.tier == "hbm" else 0):].fill_(float("nan"))
+            if plan.tier == "ssd":
+                self.bounce.fill_(float("nan"))
+
+        ids = torch.tensor([new], dtype=torch.long).to(self.dev, non_blocking=False)
+        E_START, E_HEAD = 4 * L, 4 * L + 1   # event slots: [0,L) load start, [L,2L) load end,
+        ev.record(E_START, main)             # [2L,3L) compute start, [3L,4L) compute end
+
+        loads = hist > 0 and plan.tier in ("dram", "ssd")
+        reader = _SsdReader(self, sess, hist) if loads and plan.tier == "ssd" else None
+        if self.cuda and loads and sess.saved is not None and plan.tier == "dram":
+            self.load_stream.wait_event(sess.saved)   # last turn's save of this session must have landed
+
+        def issue_load(i):
+            if fault_skip_layer == i:
+                src = None
+            elif plan.tier == "dram":
+                src = sess.store[i, :hist]
+            else:
+                src = reader.slot(i)
+            ctx = torch.cuda.stream(self.load_stream) if self.cuda else _nullctx()
+            with ctx:
+                if self.cuda and plan.overlap and i >= plan.read_buffer_layers:
+                    self.load_stream.wait_event(ev.ev[3 * L + i - plan.read_buffer_layers])
+                ev.record(i, self.load_stream)
+                if src is not None:
+                    W[i, 0, :hist].copy_(src, non_blocking=True)
+                ev.record(L + i, self.load_stream)
+            if reader is not None:
+                reader.issued(i, ev.ev[L + i])
+
+        nxt = 0
+
+        def pump(upto: int, block: bool):
+            # Issue loads in layer order up to layer `upto` (exclusive). Without `block`, stop at the
+            # first SSD layer the reader has not finished, so the CPU never stalls ahead of compute.
+            nonlocal nxt
+            while nxt < min(upto, L):
+                if not block and reader is not None and not reader.ready[nxt].is_set():
+                    break
+                issue_load(nxt)
+                nxt += 1
+
+        x = M.embed(self.model, ids)
+        N = plan.read_buffer_layers
+        if loads and not plan.overlap:
+            pump(L, block=True)
+            if self.cuda:
+                main.wait_stream(self.load_stream)
+        elif loads:
+            pump(N, block=False)
+        for i in range(L):
+            if loads and plan.overlap:
+                pump(i + 1, block=True)
+                if self.cuda:
+                    main.wait_event(ev.ev[L + i])
+            ev.record(2 * L + i, main)
+            x = M.layer_forward(self.model, i, x, W[i], hist)
+            ev.record(3 * L + i, main)
+            if loads and plan.overlap:
+                pump(i + 1 + N, block=False)
+        logits = M.head(self.model, x[:, -1])
+        tok = logits.argmax(-1)
+        ev.record(E_HEAD, main)
+        self.last_logits = logits
+        first_token = int(tok.item())     # the host needs the token to stream it: this is the TTFT point
+        first_token_s = time.perf_counter() - clock0
+        if reader is not None:
+            reader.join()
+
+        # Prompt KV goes back to the tier while the reply decodes.
+        if plan.tier in ("dram", "ssd"):
+            self._save(sess, W, wi, hist, hist + n, part="prompt")
+        t_dec = time.perf_counter()
+        out = [first_token]
+        pos = hist + n
+        if output_tokens > 1:
+            toks = torch.empty(output_tokens - 1, dtype=torch.long, device=self.dev)
+            cur = tok.view(1, 1)
+            for j in range(output_tokens - 1):
+                y = M.embed(self.model, cur)
+                for i in range(L):
+                    y = M.layer_forward(self.model, i, y, W[i], pos)
+                pos += 1
+                cur = M.head(self.model, y[:, -1]).argmax(-1).view(1, 1)
+                toks[j] = cur[0, 0]
+            out += toks.tolist()           # synchronises: the reply is complete
+        end_s = time.perf_counter() - clock0
+        decode_ms = (time.perf_counter() - t_dec) * 1e3
+
+        # Reply KV (all but the last token, see docstring) goes back while the next turn runs.
+        if plan.tier in ("dram", "ssd"):
+            self._save(sess, W, wi, hist + n, pos, part="reply")
+            if not plan.async_save:
+                self._wait_saved(sess)
+        sess.tokens = sess.tokens + list(prompt_ids) + out
+        sess.kv_tokens = pos if plan.tier != "recompute" else 0
+
+        if self.cuda:
+            load_ms = ev.ms(0, 2 * L - 1) if loads else 0.0
+            load_busy = sum(ev.ms(i, L + i) for i in range(L)) if loads else 0.0
+            comp = sum(ev.ms(2 * L + i, 3 * L + i) for i in range(L))
+            span = ev.ms(E_START, E_HEAD)
+        else:
+            load_ms = load_busy = comp = span = 0.0
+        return TurnTiming(sid, turn, arrival_s, start_s, first_token_s, end_s, hist, n, output_tokens,
+                          load_ms, load_busy, comp, span, reader.read_ms if reader else 0.0, decode_ms,
+                          first_token)
+
+    # ------------------------------------------------------------------ saving
+    def _save(self, sess: Session, W, wi, a: int, b: int, part: str):
+        """Copy KV tokens [a, b) of every layer from HBM back to the session's tier, asynchronously."""
+        L = self.L
+        if self.plan.tier == "dram":
+            if self.cuda:
+                self.save_stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.save_stream):
+                    for i in range(L):
+                        sess.store[i, a:b].copy_(W[i, 0, a:b], non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record(self.save_stream)
+                sess.saved = done
+                self.work_free[wi] = done
+            else:
+                for i in range(L):
+                    sess.store[i, a:b].copy_(W[i, 0, a:b])
+            return
+        # SSD: device -> pinned staging (per working cache), then a writer thread -> file.
+        stage = self.staging[wi]
+        if part == "prompt":
+            self.staging_free[wi].wait()      # the writer of the turn before last must be done with it
+            self.staging_free[wi].clear()
+            self._stage_from = a
+        base = self._stage_from
+        if self.cuda:
+            self.save_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.save_stream):
+                for i in range(L):
+                    stage[i, a - base:b - base].copy_(W[i, 0, a:b], non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self.save_stream)
+            self.work_free[wi] = done
+        else:
+            for i in range(L):
+                stage[i, a - base:b - base].copy_(W[i, 0, a:b])
+            done = None
+        if part == "reply":
+            flag = threading.Event()
+            sess.saved = flag
+            f, disk, free = sess.store, self.disk, self.staging_free[wi]
+
+            def write(start=base, end=b):
+                if done is not None:
+                    done.synchronize()
+                for i in range(L):
+                    disk.write_layer(f, i, start, stage[i, :end - start])
+                disk.finish_writes(f)
+                flag.set()
+                free.set()
+
+            threading.Thread(target=write, daemon=True).start()
+
+    def _wait_saved(self, sess: Session):
+        if isinstance(sess.saved, threading.Event):
+            sess.saved.wait()
+        elif sess.saved is not None:
+            sess.saved.synchronize()
+
+    def drain(self):
+        """Wait for every outstanding save (end of a run)."""
+        for s in self.sessions.values():
+            self._wait_saved(s)
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+class _SsdReader:
+    """Reads a session's history, layer by layer, into the N slots of the pinned bounce buffer."""
+
+    def __init__(self, ex: Executor, sess: Session, hist: int):
+        self.ex, self.sess, self.hist = ex, sess, hist
+        L, N = ex.L, ex.plan.read_buffer_layers
+        self.ready = [threading.Event() for _ in range(L)]
+        self.copied = [threading.Event() for _ in range(L)]
+        self.copy_ev = [None] * L
+        self.read_ms = 0.0
+        self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        ex, N = self.ex, self.ex.plan.read_buffer_layers
+        try:
+            if isinstance(self.sess.saved, threading.Event):
+                self.sess.saved.wait()          # the last turn's write of this session must be on disk
+            for i in range(ex.L):
+                slot = i % N
+                if i >= N:                      # slot still being copied out for layer i - N?
+                    self.copied[i - N].wait()
+                    if self.copy_ev[i - N] is not None:
+                        self.copy_ev[i - N].synchronize()
+                elif ex.bounce_free[slot] is not None:   # previous turn's last copies out of this slot
+                    ex.bounce_free[slot].synchronize()
+                t0 = time.perf_counter()
+                ex.disk.read_layer(self.sess.store, i, self.hist, ex.bounce[slot, :self.hist])
+                self.read_ms += (time.perf_counter() - t0) * 1e3
+                self.ready[i].set()
+        except BaseException as exc:  # surface reader failures in the serving thread
+            self.error = exc
+            for e in self.ready:
+                e.set()
+
+    def slot(self, i: int) -> torch.Tensor:
+        self.ready[i].wait()
+        if self.error is not None:
+            raise self.error
+        return self.ex.bounce[i % self.ex.plan.read_buffer_layers, :self.hist]
+
+    def issued(self, i: int, copy_event):
+        if self.ex.cuda:
+            # Events in the pool are re-recorded next turn: keep a private marker for the slot.
+            marker = torch.cuda.Event()
+            marker.record(self.ex.load_stream)
+            self.copy_ev[i] = marker
+            self.ex.bounce_free[i % self.ex.plan.read_buffer_layers] = marker
+        self.copied[i].set()
+
+    def join(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def prompt_ids(sid: str, turn: int, n: int, vocab: int) -> list[int]:
+    """Deterministic stand-in token ids for a turn's prompt (timing does not depend on their values)."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{sid}/{turn}".encode()))
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+def session_capacity(turns: pd.DataFrame) -> int:
+    """Tokens of KV a session holds after its last turn (prompts plus replies), plus one of slack."""
+    return int(turns["prompt_tokens"].sum() + turns["output_tokens"].sum()) + 1
+
+
+def serve_trace(ex: Executor, trace: pd.DataFrame, on_turn=None) -> pd.DataFrame:
+    """Replay a canonical trace through `ex`, FCFS, one turn at a time, in real time.
+
+    Turn 0 of a session arrives at its arrival_s; a later turn at its arrival_s if given, else think_s
+    after the previous turn's reply ended (the canonical trace's semantics, sim/trace.py). Returns one
+    row per turn with the measured times.
+    """
+    by_sid = {sid: g.sort_values("turn") for sid, g in trace.groupby("session_id", sort=False)}
+    for sid, g in by_sid.items():
+        if sid not in ex.sessions:
+            ex.open_session(sid, session_capacity(g))
+    heap = []
+    for sid, g in by_sid.items():
+        r = g.iloc[0]
+        heapq.heappush(heap, (float(r.arrival_s), sid, 0))
+    rows = []
+    clock0 = time.perf_counter()
+    while heap:
+        arrival, sid, k = heapq.heappop(heap)
+        r = by_sid[sid].iloc[k]
+        _wait_until(clock0 + arrival)
+        t = ex.run_turn(sid, int(r.turn), prompt_ids(sid, int(r.turn), int(r.prompt_tokens),
+                                                    ex.model.shape.vocab),
+                        int(r.output_tokens), arrival, clock0)
+        rows.append(t)
+        if on_turn is not None:
+            on_turn(t)
+        if k + 1 < len(by_sid[sid]):
+            nr = by_sid[sid].iloc[k + 1]
+            nxt = float(nr.arrival_s) if not math.isnan(nr.arrival_s) else t.end_s + float(nr.think_s)
+            heapq.heappush(heap, (nxt, sid, k + 1))
+    ex.drain()
+    return timings_frame(rows)
+
+
+def timings_frame(rows: list[TurnTiming]) -> pd.DataFrame:
+    df = pd.DataFrame([dataclasses.asdict(t) for t in rows])
+    if len(df):
+        df["ttft_s"] = df["first_token_s"] - df["arrival_s"]
+        df["queue_s"] = df["start_s"] - df["arrival_s"]
+    return df
+
+
+def _wait_until(t: float):
+    # Sleep most of the way, spin the last millisecond: time.sleep overshoots by up to ~0.1 ms.
+    while True:
+        left = t - time.perf_counter()
+        if left <= 0:
+            return
+        if left > 2e-3:
+            time.sleep(left - 1e-3)

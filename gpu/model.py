@@ -1,0 +1,182 @@
+"""A LLaMA-shaped decoder with random weights: the compute the executor and the calibration both time.
+
+Timing needs the right shapes and kernels, not trained weights (issue 4: "random bf16 weights are fine
+for timing"), so weights are drawn at random. The attention kernel is
+`torch.nn.functional.scaled_dot_product_attention`, in the executor and in `gpu.bench` alike: one
+function, `layer_forward`, runs a decoder layer for prefill (n new tokens after `start` cached ones) and
+for decode (n = 1), so a calibrated per-layer time is the time of exactly the code that serves turns.
+
+KV layout, per layer: `[batch, ctx, 2, kv_heads, head_dim]`. Keeping K and V of one token side by side
+makes the history of a layer (tokens [0, h)) one contiguous block, so a tier moves a layer's history in
+a single copy (the chunk the link profile is indexed by) -- CachedAttention §3.2 moves KV layer by layer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """Per-layer shapes of a LLaMA-family decoder (names as in the simulator's model table)."""
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    rope_theta: float = 10000.0
+
+    def kv_bytes_per_token_layer(self, dtype_bytes: int = 2) -> int:
+        """K and V of one token in one layer: 2 * kv_heads * head_dim * bytes per element."""
+        return 2 * self.kv_heads * self.head_dim * dtype_bytes
+
+
+SHAPES = {
+    # LLaMA-2 (Touvron et al. 2023, table of model sizes); no GQA at 7B/13B.
+    "llama2-7b": DecoderShape("llama2-7b", 32, 4096, 32, 32, 128, 11008, 32000),
+    "llama2-13b": DecoderShape("llama2-13b", 40, 5120, 40, 40, 128, 13824, 32000),
+    # CPU tests: small enough to run in milliseconds, same code paths.
+    "tiny": DecoderShape("tiny", 4, 64, 4, 4, 16, 128, 101),
+}
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor   # [hidden]
+    wqkv: torch.Tensor        # [3 * heads * head_dim, hidden], fused like gpt-fast: one GEMM for q, k, v
+    wo: torch.Tensor          # [hidden, heads * head_dim]
+    mlp_norm: torch.Tensor    # [hidden]
+    w13: torch.Tensor         # [2 * intermediate, hidden], gate and up fused
+    w2: torch.Tensor          # [hidden, intermediate]
+
+
+@dataclass
+class Decoder:
+    shape: DecoderShape
+    embed: torch.Tensor       # [vocab, hidden]
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor     # [vocab, hidden]
+    rope_cos: torch.Tensor    # [max_pos, head_dim]
+    rope_sin: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+
+def _rand(shape, fan_in, gen, device, dtype):
+    # Scaled so activations stay O(1) through many layers: NaN/inf would change kernel timings.
+    return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) / math.sqrt(fan_in)).to(dtype)
+
+
+def random_layer(shape: DecoderShape, device, dtype, seed: int = 0) -> LayerWeights:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    qkv_out = (shape.heads + 2 * shape.kv_heads) * shape.head_dim
+    return LayerWeights(
+        attn_norm=torch.ones(shape.hidden, device=device, dtype=dtype),
+        wqkv=_rand((qkv_out, shape.hidden), shape.hidden, gen, device, dtype),
+        wo=_rand((shape.hidden, shape.heads * shape.head_dim), shape.heads * shape.head_dim, gen, device, dtype),
+        mlp_norm=torch.ones(shape.hidden, device=device, dtype=dtype),
+        w13=_rand((2 * shape.intermediate, shape.hidden), shape.hidden, gen, device, dtype),
+        w2=_rand((shape.hidden, shape.intermediate), shape.intermediate, gen, device, dtype),
+    )
+
+
+def rope_tables(shape: DecoderShape, max_pos: int, device, dtype):
+    inv = 1.0 / (shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, device=device, dtype=torch.float32)
+                                      / shape.head_dim))
+    ang = torch.outer(torch.arange(max_pos, device=device, dtype=torch.float32), inv)
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def random_decoder(shape: DecoderShape, max_pos: int, device, dtype, seed: int = 0,
+                   layers: int | None = None) -> Decoder:
+    """A decoder with random weights; `layers` < shape.layers builds a partial stack (calibration)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    cos, sin = rope_tables(shape, max_pos, device, dtype)
+    n = shape.layers if layers is None else layers
+    return Decoder(
+        shape=shape,
+        embed=_rand((shape.vocab, shape.hidden), 1.0, gen, device, dtype),
+        layers=[random_layer(shape, device, dtype, seed=seed * 1000 + i + 1) for i in range(n)],
+        final_norm=torch.ones(shape.hidden, device=device, dtype=dtype),
+        lm_head=_rand((shape.vocab, shape.hidden), shape.hidden, gen, device, dtype),
+        rope_cos=cos, rope_sin=sin,
+    )
+
+
+def new_kv_cache(shape: DecoderShape, layers: int, batch: int, ctx: int, device, dtype) -> torch.Tensor:
+    """KV for `layers` layers: [layers, batch, ctx, 2, kv_heads, head_dim]."""
+    return torch.empty((layers, batch, ctx, 2, shape.kv_heads, shape.head_dim), device=device, dtype=dtype)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rot * sin
+
+
+def layer_forward(model: Decoder, li: int, x: torch.Tensor, cache: torch.Tensor, start: int,
+                  w: LayerWeights | None = None) -> torch.Tensor:
+    """One decoder layer over n new tokens at positions [start, start + n).
+
+    x: [B, n, hidden]; cache: this layer's KV, [B, ctx, 2, kv_heads, head_dim], holding tokens [0, start)
+    (loaded from a tier or computed earlier). The new tokens' K, V are written at [start, start + n) and
+    attention runs over [0, start + n) with the causal mask aligned bottom-right (new token j sees all
+    history and new tokens <= j).
+    """
+    s = model.shape
+    w = model.layers[li] if w is None else w
+    B, n, _ = x.shape
+    h = rms_norm(x, w.attn_norm)
+    qkv = (h @ w.wqkv.T).view(B, n, s.heads + 2 * s.kv_heads, s.head_dim)
+    q, k, v = qkv.split([s.heads, s.kv_heads, s.kv_heads], dim=2)
+    cos = model.rope_cos[start:start + n].view(1, n, 1, s.head_dim)
+    sin = model.rope_sin[start:start + n].view(1, n, 1, s.head_dim)
+    q = _rotate(q, cos, sin)
+    cache[:, start:start + n, 0] = _rotate(k, cos, sin)
+    cache[:, start:start + n, 1] = v
+    keys = cache[:, :start + n, 0].transpose(1, 2)       # [B, kv_heads, T, D], strided view, no copy
+    vals = cache[:, :start + n, 1].transpose(1, 2)
+    if s.kv_heads != s.heads:
+        rep = s.heads // s.kv_heads
+        keys, vals = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
+    qh = q.transpose(1, 2)
+    if n == 1:
+        o = F.scaled_dot_product_attention(qh, keys, vals)
+    elif start == 0:
+        o = F.scaled_dot_product_attention(qh, keys, vals, is_causal=True)
+    else:
+        o = F.scaled_dot_product_attention(qh, keys, vals, attn_mask=causal_lower_right(n, start + n))
+    x = x + o.transpose(1, 2).reshape(B, n, s.heads * s.head_dim) @ w.wo.T
+    gu = rms_norm(x, w.mlp_norm) @ w.w13.T
+    g, u = gu.chunk(2, dim=-1)
+    return x + (F.silu(g) * u) @ w.w2.T
+
+
+def embed(model: Decoder, token_ids: torch.Tensor) -> torch.Tensor:
+    """token_ids: [B, n] -> [B, n, hidden]."""
+    return model.embed[token_ids]
+
+
+def head(model: Decoder, x_last: torch.Tensor) -> torch.Tensor:
+    """Final norm + lm_head on the last position of each sequence; returns logits [B, vocab] (float32)."""
+    return (rms_norm(x_last, model.final_norm) @ model.lm_head.T).float()
