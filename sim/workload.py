@@ -5,6 +5,7 @@ reply ended (or at its own `arrival_s` when the trace fixes it, as Mooncake's ti
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -68,18 +69,19 @@ def build_workload(df: pd.DataFrame, seed: int, session_rate_per_s=None, think_t
                     hashes, nxt, first)
 
 
-def load_workload(cfg) -> Workload:
+def load_workload(cfg, df: pd.DataFrame | None = None) -> Workload:
+    """The config's workload: its trace file, the given trace rows, or the synthetic generator."""
     wl = cfg.workload
-    if wl.trace:
+    if df is not None:
+        pass
+    elif wl.trace:
         df = read_trace(wl.trace)
     else:
         try:
             from sim import trace_synth
         except ImportError:  # pragma: no cover - the generator ships with the package
             raise KvsimError(f"{cfg.source}: workload.trace: no trace given and the synthetic generator is missing")
-        spec = trace_synth.SynthSpec.default()
-        import dataclasses
-        spec = dataclasses.replace(spec, n_sessions=wl.synthetic.n_sessions)
+        spec = dataclasses.replace(trace_synth.SynthSpec.default(), n_sessions=wl.synthetic.n_sessions)
         df = trace_synth.generate(spec, seed=cfg.seed)
     return build_workload(df, cfg.seed, wl.session_rate_per_s, wl.think_time_mean_s, wl.max_sessions,
                           wl.max_output_tokens)

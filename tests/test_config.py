@@ -1,0 +1,49 @@
+import subprocess
+import sys
+
+import pytest
+
+from sim.config import load_config, parse_bytes
+from sim.errors import KvsimError
+
+
+def test_byte_sizes_accept_si_and_binary_units():
+    assert parse_bytes("128GB") == 128e9
+    assert parse_bytes("1.5TiB") == 1.5 * 2**40
+    assert parse_bytes(4096) == 4096
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ({"hots": {}}, "hots: unknown key"),
+    ({"host": {"dram_bytes": "lots"}}, "host.dram_bytes: expected a byte size"),
+    ({"policy": {"kind": "magic"}}, "policy.kind: expected one of recompute, hbm_prefix, attentionstore"),
+    ({"gpu": {"count": 0}}, "gpu.count: expected a value >= 1"),
+    ({"scheduler": {"max_batch": "many"}}, "scheduler.max_batch: expected an integer"),
+    ({"policy": {"async_save": "yes"}}, "policy.async_save: expected true or false"),
+    ({"model": "gpt-5"}, "model: expected one of"),
+    ({"policy": {"round_attention": {"enabled": True, "watershed_layer": 99}}}, "watershed_layer: expected < 40"),
+])
+def test_bad_config_names_key_and_expectation(raw, fragment):
+    with pytest.raises(KvsimError, match=fragment.replace("(", r"\(")):
+        load_config(raw)
+
+
+def test_overrides_apply_by_dotted_path():
+    cfg = load_config({}, {"host.dram_bytes": "64GB", "policy.eviction": "fifo", "seed": 7})
+    assert cfg.host.dram_bytes == 64e9 and cfg.policy.eviction == "fifo" and cfg.seed == 7
+
+
+def test_cli_reports_bad_yaml_in_one_line_with_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy:\n  kind: attentionstore\n  evicton: lru\n")
+    p = subprocess.run([sys.executable, "-m", "sim.cli", "run", str(bad)], capture_output=True, text=True)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad.yaml: policy.evicton: unknown key" in lines[0]
+    assert "Traceback" not in p.stderr
+
+
+def test_cli_missing_config_file_exits_2(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "sim.cli", "run", str(tmp_path / "nope.yaml")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "config file not found" in p.stderr

@@ -1,0 +1,103 @@
+import math
+
+import pytest
+import yaml
+
+from sim.config import load_config
+from sim.costmodel import (ProfileCost, RooflineCost, interp2, parse_profile, preload_pipeline_s)
+from sim.errors import KvsimError
+from sim.models import MODELS
+
+
+def test_preload_pipeline_is_paced_by_the_slower_stage():
+    # 4 layers, load 2 ms, compute 1 ms, double buffer: 2 + 1 + 3*2 = 9 ms
+    assert preload_pipeline_s(4, 2.0, 1.0, 2, True) == pytest.approx(9.0)
+    # compute-bound: first load then 4 computes: 1 + 4*2 = 9 ... = 1 + 2 + 3*2
+    assert preload_pipeline_s(4, 1.0, 2.0, 2, True) == pytest.approx(9.0)
+    # one buffer slot or no layer-wise preload: nothing overlaps
+    assert preload_pipeline_s(4, 2.0, 1.0, 1, True) == pytest.approx(12.0)
+    assert preload_pipeline_s(4, 2.0, 1.0, 8, False) == pytest.approx(12.0)
+    assert preload_pipeline_s(4, 0.0, 1.0, 2, True) == pytest.approx(4.0)
+
+
+def _maxplus(layers, l, c, n):
+    """Reference recursion of the pipeline, layer by layer."""
+    load_end, comp_end = [], []
+    for i in range(layers):
+        start = max(load_end[-1] if load_end else 0.0, comp_end[i - n] if i - n >= 0 else 0.0)
+        load_end.append(start + l)
+        comp_end.append(max(load_end[i], comp_end[-1] if comp_end else 0.0) + c)
+    return comp_end[-1]
+
+
+@pytest.mark.parametrize("l,c,n", [(2, 1, 2), (1, 2, 2), (3, 1, 4), (1, 1, 2), (0.5, 3, 3), (2, 1, 1)])
+def test_closed_form_pipeline_matches_layer_by_layer_recursion(l, c, n):
+    assert preload_pipeline_s(40, l, c, n, True) == pytest.approx(_maxplus(40, l, c, n))
+
+
+def test_roofline_prefill_is_compute_bound_and_counts_attention_over_history():
+    m = MODELS["llama2-7b"]
+    rc = RooflineCost(m, 1, 100e12, 2000, 0.5, 0.5, 25, 25, 5, 3)
+    flops = 2 * m.params_per_layer * 1000 + 4 * m.hidden * 1000 * (3000 + 1001 / 2)
+    assert rc.prefill_layer_s(1000, 3000) == pytest.approx(flops / 50e12)
+
+
+def test_roofline_decode_is_bandwidth_bound():
+    m = MODELS["llama2-7b"]
+    rc = RooflineCost(m, 1, 100e12, 2000, 0.5, 0.5, 25, 25, 5, 3)
+    layer_bytes = m.params_per_layer * 2 + m.kv_bytes_per_token_layer * 8000
+    head = m.vocab * m.hidden * 2
+    assert rc.decode_step_s(8, 8000) == pytest.approx((m.layers * layer_bytes + head) / 1e12)
+
+
+def test_bilinear_interpolation_is_exact_on_planes_and_extrapolates():
+    xs, ys = (0.0, 10.0), (0.0, 100.0)
+    z = ((1.0, 2.0), (3.0, 4.0))  # z = 1 + 0.2 x + 0.01 y
+    assert interp2(xs, ys, z, 5, 50) == pytest.approx(1 + 1 + 0.5)
+    assert interp2(xs, ys, z, 20, 0) == pytest.approx(1 + 4)
+
+
+def _profile():
+    return {
+        "schema": "kvsim-hardware-profile/1", "device": "test", "measured_at": "now",
+        "gpu": {"hbm_bytes": 80e9, "peak_bf16_flops": 1e15, "hbm_bw_gbps": 3000},
+        "links": {"h2d_pinned": {"chunk_bytes": [1024, 1048576], "gbps": [5.0, 25.0]},
+                  "d2h_pinned": {"chunk_bytes": [1024, 1048576], "gbps": [5.0, 25.0]}},
+        "ssd": {"read": {"chunk_bytes": [4096], "gbps": [3.0]}, "write": {"chunk_bytes": [4096], "gbps": [2.0]}},
+        "models": {"llama2-7b": {
+            "prefill_layer_ms": {"new_tokens": [1, 1000], "history_tokens": [0, 1000], "ms": [[0.1, 0.2], [2.0, 3.0]]},
+            "decode_layer_ms": {"batch": [1, 8], "context_tokens": [100, 1000], "ms": [[0.3, 0.4], [0.5, 0.9]]},
+            "head_ms": {"prefill": {"new_tokens": [1, 1000], "ms": [0.5, 0.5]},
+                        "decode": {"batch": [1, 8], "ms": [0.4, 0.6]}}}},
+    }
+
+
+def test_measured_profile_replaces_the_roofline():
+    prof = parse_profile(_profile())
+    pc = ProfileCost(MODELS["llama2-7b"], prof, 1, prefill_mfu=0.5, decode_mbu=0.5, h2d_gbps=1, d2h_gbps=1,
+                     ssd_read_gbps=1, ssd_write_gbps=1)
+    assert pc.prefill_layer_s(1000, 1000) == pytest.approx(3.0e-3)
+    assert pc.decode_step_s(8, 8 * 1000) == pytest.approx((32 * 0.9 + 0.6) * 1e-3)
+    # links interpolate in log(chunk size): halfway in log space
+    assert pc.h2d_bw(math.sqrt(1024 * 1048576)) == pytest.approx(15e9)
+
+
+def test_config_naming_a_profile_uses_it(tmp_path):
+    p = tmp_path / "h.yaml"
+    p.write_text(yaml.safe_dump(_profile()))
+    from sim.costmodel import cost_model_for
+    cm = cost_model_for(load_config({"model": "llama2-7b", "hardware_profile": str(p)}))
+    assert isinstance(cm, ProfileCost)
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (lambda d: d.update(schema="v0"), "schema: expected"),
+    (lambda d: d["links"].pop("h2d_pinned"), "links.h2d_pinned: missing"),
+    (lambda d: d["models"]["llama2-7b"]["prefill_layer_ms"].update(ms=[[1.0]]), "prefill_layer_ms.ms: expected 2 rows"),
+    (lambda d: d["links"]["d2h_pinned"].update(chunk_bytes=[5, 1]), "chunk_bytes: expected strictly ascending"),
+])
+def test_bad_profile_names_the_key(mutate, fragment):
+    d = _profile()
+    mutate(d)
+    with pytest.raises(KvsimError, match=fragment):
+        parse_profile(d, "h.yaml")
