@@ -1,0 +1,43 @@
+"""Simulated turns per wall-clock second on a 100k-turn synthetic workload, one core.
+
+    python bench/sim_speed.py [--turns 100000] [--policy attentionstore]
+
+The workload is drawn from the synthetic generator fitted to ShareGPT (sim/trace_synth.py), sized
+to about --turns turns; the timing covers the simulation itself (replica + per-turn table +
+summary), not building the workload.
+"""
+import argparse
+import time
+
+from sim.config import load_config
+from sim.runner import run_simulation
+from sim.workload import load_workload
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--turns", type=int, default=100_000)
+    ap.add_argument("--policy", default="attentionstore")
+    ap.add_argument("--rate", type=float, default=0.5, help="session arrivals per second")
+    args = ap.parse_args()
+    from sim import trace_synth
+    spec = trace_synth.SynthSpec.default()
+    mean_turns = max(spec.mean_turns() if hasattr(spec, "mean_turns") else 4.0, 1.0)
+    n_sessions = int(args.turns / mean_turns)
+    cfg = load_config({"model": "llama2-13b", "workload": {"synthetic": {"n_sessions": n_sessions},
+                                                           "session_rate_per_s": args.rate},
+                       "policy": {"kind": args.policy}})
+    t0 = time.perf_counter()
+    wl = load_workload(cfg)
+    t1 = time.perf_counter()
+    res = run_simulation(cfg, wl)
+    t2 = time.perf_counter()
+    n = res.summary["turns"]
+    print(f"workload: {n} turns in {n_sessions} sessions (built in {t1 - t0:.2f} s)")
+    print(f"policy {args.policy}: simulated {n} turns in {t2 - t1:.2f} s -> {n / (t2 - t1):,.0f} turns/s")
+    print(f"simulated time {res.summary['makespan_s']:.0f} s, TTFT mean {res.summary['ttft_mean_s']:.3f} s, "
+          f"p99 {res.summary['ttft_p99_s']:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
