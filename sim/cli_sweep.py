@@ -1,0 +1,156 @@
+"""`kvsim sweep`, `kvsim plot`, `kvsim report` and `kvsim plan`: registered on the lead's `kvsim` parser."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import yaml
+
+from sim.errors import KvsimError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="run a YAML sweep spec (grid/zip/variants x seeds), resumable",
+                              description="Run every point of one or more sweep specs (configs/sweeps/README.md); "
+                                          "finished points are skipped, failing points are recorded.")
+    p.add_argument("specs", nargs="+", type=Path, help="sweep spec YAML file(s)")
+    p.add_argument("--out", type=Path, help="output directory (default results/<name>; only with one spec)")
+    p.add_argument("--jobs", "-j", type=int, default=None, help="worker processes (default: all CPU cores)")
+    p.add_argument("--ray", metavar="ADDRESS", help="run points as Ray tasks on this cluster ('auto', "
+                                                    "'ray://host:10001', or 'local' for a local instance)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun points recorded as failed")
+    p.add_argument("--force", action="store_true", help="rerun every point, finished or not")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--plot", action="store_true", help="draw the figures when the sweep is done")
+    p.set_defaults(func=cmd_sweep)
+
+    p = subparsers.add_parser("plot", help="draw the figures of a sweep (PNG + PDF) from its result files")
+    p.add_argument("results", type=Path, help="a sweep directory (with points.parquet) or a folder of them")
+    p.set_defaults(func=cmd_plot)
+
+    p = subparsers.add_parser("report", help="write results/paper/REPORT.md: reproduced numbers vs CachedAttention")
+    p.add_argument("results", type=Path, nargs="?", default=Path("results/paper"),
+                   help="the paper results folder (default results/paper)")
+    p.add_argument("--no-plot", action="store_true", help="reuse figures already drawn")
+    p.set_defaults(func=cmd_report)
+
+    p = subparsers.add_parser("plan", help="cheapest DRAM/SSD (and GPU count) meeting an SLO, by bisection",
+                              description="Search DRAM by bisection for each SSD size on a ladder (and each GPU "
+                                          "count), assuming the SLO metric improves monotonically with capacity.")
+    p.add_argument("--config", type=Path, default=Path("configs/default.yaml"), help="base config YAML")
+    p.add_argument("--slo", required=True, help='e.g. "ttft_p99_ms<=500" (any summary metric; _ms reads _s keys)')
+    p.add_argument("--rate", type=float, help="session arrival rate (sessions/s) to plan for")
+    p.add_argument("--gpus", default=None, help="GPU counts to consider, e.g. 1,2,4 (default: the config's)")
+    p.add_argument("--dram-min", default="0", help="least DRAM per replica to consider (default 0)")
+    p.add_argument("--dram-max", default="1TB", help="most DRAM per replica to consider (default 1TB)")
+    p.add_argument("--dram-step", default="16GB", help="DRAM granularity of the answer (default 16GB)")
+    p.add_argument("--ssd", default=None, help="SSD sizes to try, e.g. 0,2TB,8TB (default: 0 and --ssd-max/16, /4, /1)")
+    p.add_argument("--ssd-max", default="16TB", help="largest SSD size of the default ladder (default 16TB)")
+    p.add_argument("--cost", default="cost_per_1k_turns_usd", help="summary metric to minimise")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--jobs", "-j", type=int, default=None, help="simulations at once (default: all CPU cores)")
+    p.set_defaults(func=cmd_plan)
+
+
+# ---------------------------------------------------------------- sweep / plot / report
+
+def cmd_sweep(args) -> int:
+    from sim.sweep import load_sweep_spec, run_sweep
+
+    if args.out and len(args.specs) > 1:
+        raise KvsimError("--out: expected a single spec when --out is given")
+    if args.jobs is not None and args.jobs < 1:
+        raise KvsimError(f"--jobs: expected an integer >= 1, got {args.jobs}")
+    specs = [load_sweep_spec(s) for s in args.specs]  # all specs validated before anything runs
+    any_failed = False
+    for spec in specs:
+        res = run_sweep(spec, out_dir=args.out, jobs=args.jobs, ray_address=args.ray,
+                        retry_failed=args.retry_failed, force=args.force, progress=not args.no_progress)
+        print(f"sweep {spec.name}: {res.total} points, ran {res.ran}, skipped {res.skipped} finished, "
+              f"{res.failed} failed, {res.wall_s:.1f} s -> {res.out_dir / 'points.parquet'}")
+        failed = res.table[res.table["status"] == "error"]
+        for _, row in failed.head(5).iterrows():
+            print(f"  point {row['point']} ({row['key']}) failed: {row['error']}")
+        if len(failed) > 5:
+            print(f"  ... and {len(failed) - 5} more (see the error column of points.parquet)")
+        any_failed |= len(failed) > 0
+        if args.plot:
+            from sim.plot import plot_sweep
+
+            for path in plot_sweep(res.out_dir):
+                print(f"  wrote {path}")
+    return 1 if any_failed else 0
+
+
+def cmd_plot(args) -> int:
+    from sim.plot import plot_sweep
+
+    paths = plot_sweep(args.results)
+    for path in paths:
+        print(f"wrote {path}")
+    if not paths:
+        print(f"{args.results}: no successful points to plot")
+        return 1
+    return 0
+
+
+def cmd_report(args) -> int:
+    from sim.report import write_report
+
+    path = write_report(args.results, draw=not args.no_plot)
+    print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- plan
+
+def _bytes(text: str, flag: str) -> float:
+    from sim.config import parse_bytes
+
+    return parse_bytes(text, flag, "kvsim plan")
+
+
+def _overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise KvsimError(f"--set: {item!r}: expected KEY=VALUE, e.g. policy.eviction=lru")
+        out[key.strip()] = yaml.safe_load(value)  # typed like YAML: 3 -> int, true -> bool, 128GB -> str
+    return out
+
+
+def cmd_plan(args) -> int:
+    from sim.config import load_config
+    from sim.plan import capacity_ladder, format_plan, parse_slo, plan_capacity, simulator_evaluator
+
+    slo = parse_slo(args.slo)
+    overrides = _overrides(args.set)
+    if args.rate is not None:
+        if args.rate <= 0:
+            raise KvsimError(f"--rate: expected sessions/s > 0, got {args.rate}")
+        overrides["workload.session_rate_per_s"] = args.rate
+    base = load_config(args.config, overrides)  # validates the config and the overrides up front
+    try:
+        gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else [base.gpu.count]
+    except ValueError:
+        raise KvsimError(f"--gpus: expected comma-separated integers like 1,2,4, got {args.gpus!r}") from None
+    if any(g < 1 for g in gpus):
+        raise KvsimError(f"--gpus: expected counts >= 1, got {args.gpus!r}")
+    dram = capacity_ladder(_bytes(args.dram_min, "--dram-min"), _bytes(args.dram_max, "--dram-max"),
+                           _bytes(args.dram_step, "--dram-step"))
+    if args.ssd:
+        ssd = [_bytes(s.strip(), "--ssd") for s in args.ssd.split(",")]
+    else:
+        top = _bytes(args.ssd_max, "--ssd-max")
+        ssd = [0.0, top / 16, top / 4, top]
+    jobs = max(1, args.jobs or os.cpu_count() or 1)
+    evaluate_many, close = simulator_evaluator(args.config, overrides, slo, args.cost, jobs=jobs)
+    try:
+        plan = plan_capacity(evaluate_many, slo, gpus, ssd, dram, width=jobs)
+    finally:
+        close()
+    print(f"plan for {args.config} with {overrides or 'no overrides'}")
+    print(format_plan(plan, args.cost))
+    return 0 if plan.best is not None else 1

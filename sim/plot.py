@@ -1,0 +1,261 @@
+"""Figures drawn from a sweep's points.parquet: each figure appears when the sweep varies its axis.
+
+  ttft_vs_dram / ttft_vs_ssd     TTFT p50 and p99 (ms) vs store capacity per GPU (CachedAttention Fig. 12-style)
+  hit_rate_vs_dram / _vs_ssd     share of turns served from HBM, DRAM, SSD or recomputed, vs capacity
+  prefill_vs_rate                prefill throughput (tokens/s) vs session arrival rate
+  cost_per_config                $ per 1,000 turns for every configuration of the sweep
+  ablation                       TTFT and prefill throughput per named variant (layer-wise preload, ...)
+  eviction                       hit rate and TTFT per eviction policy (scheduler-aware, LRU, FIFO)
+
+Points that share everything but the seed are averaged; the error bars span the seeds' min..max.
+Every figure is written as PNG and PDF under <sweep>/plots/.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from sim.errors import KvsimError  # noqa: E402
+from sim.sweep import POINTS_FILE, read_points  # noqa: E402
+
+GB = 1e9
+TIERS = [("hit_rate_hbm", "HBM"), ("hit_rate_dram", "DRAM"), ("hit_rate_ssd", "SSD"), ("miss_rate", "recomputed")]
+PRETTY = {"policy.kind": "policy", "policy.eviction": "eviction", "host.dram_bytes": "DRAM",
+          "ssd.bytes": "SSD", "gpu.count": "GPUs", "gpu.name": "GPU", "workload.session_rate_per_s": "rate"}
+
+
+def param_columns(df: pd.DataFrame) -> list[str]:
+    """Columns that describe a point's configuration (dotted config keys, model, variant), not results."""
+    cols = [c for c in df.columns if ("." in c and not c.startswith("summary.")) or c in ("model", "variant")]
+    return [c for c in cols if c != "seed"]
+
+
+def varying(df: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[str]:
+    return [c for c in param_columns(df) if c not in exclude and df[c].nunique(dropna=True) > 1]
+
+
+def _fmt(col: str, v) -> str:
+    if col in ("host.dram_bytes", "ssd.bytes") and isinstance(v, (int, float)):
+        return f"{PRETTY[col]} {v / GB:g} GB"
+    name = PRETTY.get(col, col.split(".")[-1])
+    return f"{v}" if col in ("model", "variant", "policy.kind") else f"{name}={v}"
+
+
+def _label(row: pd.Series | dict, cols: list[str]) -> str:
+    return ", ".join(_fmt(c, row[c]) for c in cols) or "all"
+
+
+def _ok(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"] == "ok"].copy() if "status" in df else df.copy()
+
+
+def _per_gpu(df: pd.DataFrame, col: str) -> pd.Series:
+    gpus = df["gpu.count"].fillna(1) if "gpu.count" in df else 1
+    return df[col].astype(float) / GB / gpus
+
+
+def _seed_mean(df: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataFrame:
+    """Mean, min and max of each metric over seeds for every distinct configuration in `keys`."""
+    g = df.groupby(keys, dropna=False, sort=True)[metrics]
+    out = g.mean()
+    lo, hi = g.min().add_suffix("_min"), g.max().add_suffix("_max")
+    return pd.concat([out, lo, hi], axis=1).reset_index()
+
+
+def _save(fig, out_dir: Path, name: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "pdf"):
+        p = out_dir / f"{name}.{ext}"
+        tmp = out_dir / f".{name}.tmp.{ext}"
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+        tmp.replace(p)
+        paths.append(p)
+    plt.close(fig)
+    return paths
+
+
+def _lines(ax, df: pd.DataFrame, x: str, y: str, series: list[str], scale: float = 1.0, style: str = "-o",
+           suffix: str = "") -> None:
+    agg = _seed_mean(df, series + [x], [y]) if series else _seed_mean(df, [x], [y])
+    groups = agg.groupby(series, dropna=False, sort=True) if series else [((), agg)]
+    for key, g in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        g = g.sort_values(x)
+        label = _label(dict(zip(series, key)), series) + suffix
+        yerr = [(g[y] - g[f"{y}_min"]) * scale, (g[f"{y}_max"] - g[y]) * scale]
+        ax.errorbar(g[x], g[y] * scale, yerr=yerr, fmt=style, capsize=2, label=label, markersize=4)
+
+
+def _title(df: pd.DataFrame, what: str) -> str:
+    fixed = [c for c in ("model", "gpu.name") if c in df and df[c].nunique() == 1]
+    suffix = " — " + ", ".join(str(df[c].iloc[0]) for c in fixed) if fixed else ""
+    sweep = f" [{df['sweep'].iloc[0]}]" if "sweep" in df and len(df) else ""
+    return f"{what}{suffix}{sweep}"
+
+
+# ---------------------------------------------------------------- the figures
+
+def plot_ttft_vs_capacity(df: pd.DataFrame, out_dir: Path, cap: str) -> list[Path]:
+    if cap not in df or df[cap].nunique() < 2 or "ttft_p99_s" not in df:
+        return []
+    tier = PRETTY[cap]
+    df = df.assign(_x=_per_gpu(df, cap))
+    series = varying(df, exclude=(cap,))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for ax, (metric, name) in zip(axes, [("ttft_p50_s", "p50"), ("ttft_p99_s", "p99")]):
+        _lines(ax, df, "_x", metric, series, scale=1e3)
+        ax.set_xlabel(f"{tier} capacity per GPU (GB)")
+        ax.set_ylabel(f"TTFT {name} (ms)")
+        ax.set_title(f"TTFT {name}")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(_title(df, f"Time to first token vs {tier} capacity per GPU"))
+    return _save(fig, out_dir, f"ttft_vs_{'dram' if cap == 'host.dram_bytes' else 'ssd'}")
+
+
+def plot_hit_rate_vs_capacity(df: pd.DataFrame, out_dir: Path, cap: str) -> list[Path]:
+    tiers = [(m, n) for m, n in TIERS if m in df]
+    if cap not in df or df[cap].nunique() < 2 or not tiers:
+        return []
+    tier = PRETTY[cap]
+    df = df.assign(_x=_per_gpu(df, cap))
+    series = varying(df, exclude=(cap,))
+    fig, axes = plt.subplots(1, len(tiers), figsize=(3.6 * len(tiers), 3.6), sharex=True, sharey=True)
+    for ax, (metric, name) in zip(axes, tiers):
+        _lines(ax, df, "_x", metric, series, scale=100.0)
+        ax.set_title(f"served from {name}" if name != "recomputed" else "recomputed (miss)")
+        ax.set_xlabel(f"{tier} capacity per GPU (GB)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of turns' history (%)")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(_title(df, f"KV-cache hit rate per tier vs {tier} capacity per GPU"))
+    return _save(fig, out_dir, f"hit_rate_vs_{'dram' if cap == 'host.dram_bytes' else 'ssd'}")
+
+
+def plot_prefill_vs_rate(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+    x = "workload.session_rate_per_s"
+    if x not in df or df[x].nunique() < 2 or "prefill_tokens_per_s" not in df:
+        return []
+    series = varying(df, exclude=(x,))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    _lines(ax, df, x, "prefill_tokens_per_s", series)
+    ax.set_xlabel("session arrival rate (sessions/s)")
+    ax.set_ylabel("prefill throughput (tokens/s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(_title(df, "Prefill throughput vs session arrival rate"))
+    return _save(fig, out_dir, "prefill_vs_rate")
+
+
+def _bars(ax, labels: list[str], values: pd.Series, lo: pd.Series, hi: pd.Series, color=None) -> None:
+    ax.bar(range(len(labels)), values, yerr=[values - lo, hi - values], capsize=2, color=color)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_cost_per_config(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+    if "cost_per_1k_turns_usd" not in df:
+        return []
+    series = varying(df)
+    agg = _seed_mean(df, series, ["cost_per_1k_turns_usd"]) if series else _seed_mean(
+        df.assign(_all="all"), ["_all"], ["cost_per_1k_turns_usd"])
+    labels = [_label(r, series) for _, r in agg.iterrows()]
+    m = "cost_per_1k_turns_usd"
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(labels) + 2), 4.2))
+    _bars(ax, labels, agg[m], agg[f"{m}_min"], agg[f"{m}_max"])
+    ax.set_ylabel("cost per 1,000 turns (USD)")
+    ax.set_title(_title(df, "Serving cost per 1,000 turns by configuration"))
+    return _save(fig, out_dir, "cost_per_config")
+
+
+def _grouped_panels(df: pd.DataFrame, by: str, out_dir: Path, name: str, what: str) -> list[Path]:
+    metrics = [(m, lab, s) for m, lab, s in [("ttft_mean_s", "TTFT mean (ms)", 1e3), ("ttft_p99_s", "TTFT p99 (ms)", 1e3),
+                                             ("prefill_tokens_per_s", "prefill throughput (tokens/s)", 1.0),
+                                             ("miss_rate", "recomputed share (%)", 100.0)] if m in df]
+    series = varying(df, exclude=(by,))
+    keys = series + [by]
+    agg = _seed_mean(df, keys, [m for m, _, _ in metrics])
+    order = list(dict.fromkeys(df[by]))  # the spec's order, e.g. the full system first
+    groups = list(agg.groupby(series, dropna=False, sort=True)) if series else [((), agg)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.8 * len(metrics), 4))
+    axes = axes if len(metrics) > 1 else [axes]
+    width = 0.8 / len(groups)
+    for ax, (m, lab, s) in zip(axes, metrics):
+        for gi, (key, g) in enumerate(groups):
+            key = key if isinstance(key, tuple) else (key,)
+            g = g.set_index(by).reindex(order)
+            xs = [i + (gi - (len(groups) - 1) / 2) * width for i in range(len(order))]
+            ax.bar(xs, g[m] * s, width, yerr=[(g[m] - g[f"{m}_min"]) * s, (g[f"{m}_max"] - g[m]) * s], capsize=2,
+                   label=_label(dict(zip(series, key)), series) if series else None)
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels([str(o) for o in order], rotation=35, ha="right", fontsize=7)
+        ax.set_ylabel(lab)
+        ax.grid(axis="y", alpha=0.3)
+    if series:
+        axes[-1].legend(fontsize=7)
+    fig.suptitle(_title(df, what))
+    return _save(fig, out_dir, name)
+
+
+def plot_ablation(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+    if "variant" not in df or df["variant"].nunique() < 2:
+        return []
+    return _grouped_panels(df, "variant", out_dir, "ablation", "Ablation: each mechanism switched off in turn")
+
+
+def plot_eviction(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+    if "policy.eviction" not in df or df["policy.eviction"].nunique() < 2:
+        return []
+    return _grouped_panels(df, "policy.eviction", out_dir, "eviction", "Eviction policies compared")
+
+
+FIGURES: list[Callable[[pd.DataFrame, Path], list[Path]]] = [
+    lambda df, o: plot_ttft_vs_capacity(df, o, "host.dram_bytes"),
+    lambda df, o: plot_ttft_vs_capacity(df, o, "ssd.bytes"),
+    lambda df, o: plot_hit_rate_vs_capacity(df, o, "host.dram_bytes"),
+    lambda df, o: plot_hit_rate_vs_capacity(df, o, "ssd.bytes"),
+    plot_prefill_vs_rate,
+    plot_cost_per_config,
+    plot_ablation,
+    plot_eviction,
+]
+
+
+def plot_points(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Every figure the table supports, into out_dir; an empty list when no point succeeded."""
+    df = _ok(df)
+    if df.empty:
+        return []
+    paths: list[Path] = []
+    for fig in FIGURES:
+        paths += fig(df, out_dir)
+    return paths
+
+
+def sweep_dirs(root: Path) -> list[Path]:
+    """`root` itself when it holds points.parquet, else every sweep directory below it."""
+    root = Path(root)
+    if (root / POINTS_FILE).is_file():
+        return [root]
+    if not root.is_dir():
+        raise KvsimError(f"{root}: not a directory")
+    found = sorted(p.parent for p in root.rglob(POINTS_FILE))
+    if not found:
+        raise KvsimError(f"{root}: no {POINTS_FILE} here or below; run `kvsim sweep <spec>` first")
+    return found
+
+
+def plot_sweep(root: Path) -> list[Path]:
+    """Draw the figures of every sweep at or under `root` into <sweep>/plots/."""
+    paths: list[Path] = []
+    for d in sweep_dirs(root):
+        paths += plot_points(read_points(d), d / "plots")
+    return paths

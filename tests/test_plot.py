@@ -1,0 +1,71 @@
+"""Figures drawn from a fixture points table shaped like the one `kvsim sweep` writes."""
+import itertools
+
+import pandas as pd
+import pytest
+
+from sim.errors import KvsimError
+from sim.plot import plot_sweep, sweep_dirs
+
+GB = 1e9
+
+
+def _fixture_points(path, rows):
+    df = pd.DataFrame(rows)
+    path.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(path / "points.parquet", index=False)
+    return path
+
+
+def _row(i, **kw):
+    dram = kw.get("host.dram_bytes", 64 * GB)
+    kind = kw.get("policy.kind", "attentionstore")
+    hit = 0.0 if kind == "recompute" else min(0.9, dram / (256 * GB))
+    ttft = 0.05 + 0.5 * (1 - hit) + 0.01 * kw.get("seed", 0)
+    base = {"sweep": "fixture", "point": i, "key": f"k{i:04d}", "variant": None, "status": "ok", "error": None,
+            "seed": 0, "model": "llama2-13b", "gpu.name": "a100-80gb", "gpu.count": 2, "host.dram_bytes": dram,
+            "ssd.bytes": 2000 * GB, "workload.session_rate_per_s": 1.0, "policy.kind": kind,
+            "policy.eviction": "scheduler_aware", "ttft_mean_s": ttft, "ttft_p50_s": ttft * 0.8,
+            "ttft_p99_s": ttft * 3, "prefill_tokens_per_s": 1e4 / ttft, "hit_rate_hbm": 0.05,
+            "hit_rate_dram": hit * 0.7, "hit_rate_ssd": hit * 0.3, "miss_rate": 1 - hit - 0.05,
+            "cost_per_1k_turns_usd": 2.0 * ttft}
+    base.update(kw)
+    return base
+
+
+def test_capacity_sweep_draws_ttft_hit_rate_and_cost_figures_as_png_and_pdf(tmp_path):
+    rows = [_row(i, **{"host.dram_bytes": d * GB, "policy.kind": k, "seed": s})
+            for i, (d, k, s) in enumerate(itertools.product([32, 64, 128, 256], ["recompute", "attentionstore"], [0, 1]))]
+    rows.append(_row(99, status="error", error="boom", ttft_p99_s=None))  # failed points are left out
+    d = _fixture_points(tmp_path / "cap", rows)
+    paths = plot_sweep(d)
+    names = {p.name for p in paths}
+    for fig in ("ttft_vs_dram", "hit_rate_vs_dram", "cost_per_config"):
+        assert {f"{fig}.png", f"{fig}.pdf"} <= names
+    # SSD and rate do not vary in this sweep, so their figures are not drawn
+    assert not any(n.startswith(("ttft_vs_ssd", "prefill_vs_rate", "ablation", "eviction")) for n in names)
+    png = (d / "plots" / "ttft_vs_dram.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert (d / "plots" / "ttft_vs_dram.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_ablation_eviction_and_rate_sweeps_under_one_root_each_get_their_figures(tmp_path):
+    variants = ["full", "no_layerwise_preload", "no_async_save", "no_sched_fetch", "no_sched_evict", "invalidate"]
+    _fixture_points(tmp_path / "paper" / "ablation",
+                    [_row(i, variant=v, ttft_mean_s=0.1 + 0.02 * i) for i, v in enumerate(variants)])
+    _fixture_points(tmp_path / "paper" / "eviction",
+                    [_row(i, **{"policy.eviction": e, "host.dram_bytes": d * GB})
+                     for i, (e, d) in enumerate(itertools.product(["scheduler_aware", "lru", "fifo"], [32, 128]))])
+    _fixture_points(tmp_path / "paper" / "rate",
+                    [_row(i, **{"workload.session_rate_per_s": r, "policy.kind": k})
+                     for i, (r, k) in enumerate(itertools.product([0.5, 1, 2], ["recompute", "attentionstore"]))])
+    assert [p.name for p in sweep_dirs(tmp_path / "paper")] == ["ablation", "eviction", "rate"]
+    names = {p.relative_to(tmp_path).as_posix() for p in plot_sweep(tmp_path / "paper")}
+    assert "paper/ablation/plots/ablation.png" in names
+    assert "paper/eviction/plots/eviction.pdf" in names
+    assert "paper/rate/plots/prefill_vs_rate.png" in names
+
+
+def test_plot_of_a_directory_without_results_is_a_user_error(tmp_path):
+    with pytest.raises(KvsimError, match="no points.parquet"):
+        plot_sweep(tmp_path)
