@@ -115,15 +115,25 @@ class Replica:
     def serve(self):
         env = self.env
         n = len(self.wl)
+        arrivals, releases, queue = self.arrivals, self.releases, self.queue
         while self.done < n:
             now = env.now
-            self._take_arrivals(now)
-            self._take_releases(now)
-            batch = self._admit(now)
+            if arrivals and arrivals[0][0] <= now:
+                self._take_arrivals(now)
+            if releases and releases[0][0] <= now:
+                self._take_releases(now)
+            batch = self._admit(now) if queue else None
             if batch:
                 dt = self._prefill(batch, now)
-                yield env.timeout(dt)
-                stall = self._after_prefill(batch, env.now)
+                t1 = now + dt
+                stall = self._after_prefill(batch, t1)
+                if stall == 0.0 and self.n_running and not queue and not (arrivals and arrivals[0][0] <= t1):
+                    # nothing can join before decoding starts: run the first decode span in the same event
+                    span, k = self._decode_span(t1)
+                    yield env.timeout(dt + span)
+                    stall = self._after_decode(k, env.now)
+                else:
+                    yield env.timeout(dt)
                 if stall > 0:
                     yield env.timeout(stall)
                 continue
@@ -136,12 +146,12 @@ class Replica:
                 continue
             nxt = self._next_wakeup()
             if nxt is None:
-                job = self.queue[0]
+                job = queue[0]
                 raise KvsimError(
                     f"{self.cfg.source}: gpu: turn {job.i} (session {job.sid}) needs "
                     f"{self._need_bytes(job) / 1e9:.2f} GB of KV in HBM but only {self.hbm.capacity / 1e9:.2f} GB "
                     f"is left after the weights; expected a larger GPU, more gpu.count or a smaller max_context_tokens")
-            yield env.timeout(max(nxt - now, 0.0))
+            yield env.timeout(nxt - now if nxt > now else 0.0)
 
     def _next_wakeup(self):
         t = math.inf
@@ -293,32 +303,36 @@ class Replica:
     # ---- a prefill iteration: layer-wise preload pipeline (§3.2) ----------------------------
     def _prefill(self, batch, now):
         cost, L, rec = self.cost, self.L, self.rec
-        load_layer = compute_layer = head = 0.0
+        hbm, dram = self.hbm, self.dram
+        load_layer = compute_layer = head = loaded = 0.0
         ready = now
         ssd_bytes = 0.0
         for job in batch:
             i = job.i
-            load_j = 0.0
             dram_b = ssd_b = 0.0
-            code = NONE if not job.keys else MISS
+            code = MISS if job.keys else NONE
             for e in job.hit_entries:
                 t = e.tier
-                if t is self.hbm:
-                    code = max(code, HBM)
+                if t is hbm:
+                    if code < HBM:
+                        code = HBM
                     continue
-                b = e.nbytes * (job.hit / max(e.tokens, 1)) if job.hist else e.nbytes
-                b *= self.ra_factor
-                if t is self.dram:
+                b = e.nbytes * (job.hit / e.tokens) if job.hist else e.nbytes
+                if self.ra_factor != 1.0:
+                    b *= self.ra_factor
+                if t is dram:
                     dram_b += b
-                    code = max(code, DRAM)
+                    if code < DRAM:
+                        code = DRAM
                     if e.ready_at > ready:
                         ready = e.ready_at
                 else:
                     ssd_b += b
                     code = SSD
+            load_j = 0.0
             if dram_b:
                 chunk = dram_b / L
-                load_j += chunk / cost.h2d_bw(chunk)
+                load_j = chunk / cost.h2d_bw(chunk)
             if ssd_b:
                 # SSD -> DRAM staging -> HBM, layer by layer: the slower of the two stages paces it
                 chunk = ssd_b / L
@@ -326,22 +340,22 @@ class Replica:
                 ssd_bytes += ssd_b
             if load_j:
                 load_j += cost.preload_layer_overhead_s()
-            comp_j = cost.prefill_layer_s(job.computed, job.hit)
-            load_layer += load_j
-            compute_layer += comp_j
+                load_layer += load_j
+            compute_layer += cost.prefill_layer_s(job.computed, job.hit)
             head += cost.prefill_head_s(job.computed)
             rec.hit_tier[i] = code
             rec.load_s[i] = load_j * L
             rec.bytes_loaded[i] = dram_b + ssd_b
+            loaded += dram_b + ssd_b
         start = ready
-        if ssd_bytes and self.ssd_r.free_at > start:  # direct SSD reads queue behind prefetches
-            start = self.ssd_r.free_at
-        if ssd_bytes:
+        if ssd_bytes:  # direct SSD reads queue behind prefetches
+            if self.ssd_r.free_at > start:
+                start = self.ssd_r.free_at
             self.ssd_r.transfer(start, ssd_bytes, cost.ssd_read_bw(ssd_bytes / L))
         t = preload_pipeline_s(L, load_layer, compute_layer, self.buffer_layers, self.layerwise) + head
         if load_layer:
             self.h2d.busy_s += load_layer * L
-            self.h2d.bytes_moved += sum(rec.bytes_loaded[j.i] for j in batch)
+            self.h2d.bytes_moved += loaded
         save = 0.0
         if self.kind == "attentionstore" and not self.async_save:
             # synchronous saving: the new prompt KV is written back before decoding resumes
@@ -352,24 +366,26 @@ class Replica:
                 j.saved_prompt_bytes = j.computed * self.kv_tok
             self.d2h.busy_s += save
             self.d2h.bytes_moved += nb
-        dt = (start - now) + t + save
+        wait = start - now
         self.busy_prefill_s += t
+        ttft_end = start + t
+        nb = len(batch)
         for job in batch:
             i = job.i
             rec.arrival_s[i] = job.arrival
             rec.admit_s[i] = now
             rec.prefill_start_s[i] = start
             rec.prefill_s[i] = t
-            rec.fetch_wait_s[i] = start - now
-            rec.ttft_s[i] = now + (start - now) + t - job.arrival
+            rec.fetch_wait_s[i] = wait
+            rec.ttft_s[i] = ttft_end - job.arrival
             rec.history_tokens[i] = job.hist
             rec.hit_tokens[i] = job.hit
             rec.computed_tokens[i] = job.computed
             rec.prompt_tokens[i] = job.prompt
             rec.output_tokens[i] = job.output
             rec.truncated[i] = job.truncated
-            rec.batch_size[i] = len(batch)
-        return dt
+            rec.batch_size[i] = nb
+        return wait + t + save
 
     def _after_prefill(self, batch, now):
         stall = 0.0
@@ -464,7 +480,7 @@ class Replica:
                 heapq.heappush(self.releases, (release_at, self.seq, job.res_bytes))
         elif self.kind == "hbm_prefix":
             self.hbm.reserved -= job.res_bytes
-            self._keep_in_hbm(job, ctx)
+            self._keep_in_hbm(job, ctx, now)
             rec.bytes_saved[i] = 0.0
         else:
             self.hbm.reserved -= job.res_bytes
@@ -527,6 +543,13 @@ class Replica:
         nbytes = ctx * self.kv_tok
         if e is not None and e.tier is self.dram and job.hit:
             new = (ctx - job.hit) * self.kv_tok  # the reused part is already on the host
+            dram = self.dram
+            if dram.free >= nbytes - e.nbytes:
+                dram.grow(e, ctx, nbytes)
+                dram.touch(e)
+                if now > e.ready_at:
+                    e.ready_at = now
+                return new
         else:
             new = nbytes
         if self._store(job.sid, ctx, nbytes, self.dram, now, now):
@@ -536,9 +559,8 @@ class Replica:
             return nbytes
         return 0.0
 
-    def _keep_in_hbm(self, job, ctx):
+    def _keep_in_hbm(self, job, ctx, now):
         """Prefix caching in spare HBM (vLLM/SGLang-like): the finished KV stays, LRU-evicted."""
-        now = self.env.now
         if job.keys and not job.hist:
             nb = BLOCK_TOKENS * self.kv_tok
             for key in self.wl.prefix_hashes[job.i][: job.prompt // BLOCK_TOKENS]:
