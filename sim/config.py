@@ -91,7 +91,9 @@ class WorkloadConfig:
     trace: Optional[str] = None  # canonical trace (sim/trace.py); None: built-in synthetic generator
     synthetic: SyntheticConfig = SyntheticConfig()
     session_rate_per_s: Optional[float] = None  # re-draw session arrivals as Poisson at this rate
-    think_time_mean_s: Optional[float] = None  # re-draw think times as exponential with this mean
+    think_time_mean_s: Optional[float] = None  # re-draw think times with this mean ...
+    think_time_dist: str = "exponential"  # ... from exponential | lognormal | fixed
+    think_time_sigma: float = 1.0  # shape of the lognormal (sigma of the log)
     max_sessions: Optional[int] = None  # keep the first N sessions of the trace
     max_output_tokens: Optional[int] = None  # cap replies (e.g. to match a GPU run's decode cap)
 
@@ -152,6 +154,7 @@ _CHOICES = {
     "policy.kind": ("recompute", "hbm_prefix", "attentionstore"),
     "policy.eviction": ("scheduler_aware", "lru", "fifo"),
     "policy.truncation": ("decoupled_pe", "invalidate"),
+    "workload.think_time_dist": ("exponential", "lognormal", "fixed"),
 }
 _MIN = {  # key: (lower bound, inclusive)
     "gpu.count": (1, True), "gpu.prefill_mfu": (0, False), "gpu.decode_mbu": (0, False),
@@ -161,6 +164,7 @@ _MIN = {  # key: (lower bound, inclusive)
     "ssd.write_gbps": (0, False), "scheduler.max_batch": (1, True), "scheduler.max_prefill_tokens": (1, True),
     "scheduler.lookahead_jobs": (0, True), "workload.synthetic.n_sessions": (1, True),
     "workload.session_rate_per_s": (0, False), "workload.think_time_mean_s": (0, True),
+    "workload.think_time_sigma": (0, False),
     "workload.max_sessions": (1, True), "workload.max_output_tokens": (1, True),
     "policy.read_buffer_layers": (1, True), "policy.round_attention.watershed_layer": (0, True),
     "policy.round_attention.kept_fraction": (0, True), "max_context_tokens": (2, True),

@@ -32,8 +32,18 @@ class Workload:
         return len(self.turn)
 
 
+def draw_think_times(rng, n: int, mean_s: float, dist: str = "exponential", sigma: float = 1.0) -> np.ndarray:
+    """User think times with the given mean: exponential, lognormal (log-sd sigma) or fixed."""
+    if mean_s == 0 or dist == "fixed":
+        return np.full(n, float(mean_s))
+    if dist == "lognormal":
+        return rng.lognormal(math.log(mean_s) - sigma * sigma / 2.0, sigma, size=n)
+    return rng.exponential(mean_s, size=n)
+
+
 def build_workload(df: pd.DataFrame, seed: int, session_rate_per_s=None, think_time_mean_s=None,
-                   max_sessions=None, max_output_tokens=None) -> Workload:
+                   max_sessions=None, max_output_tokens=None, think_time_dist="exponential",
+                   think_time_sigma=1.0) -> Workload:
     df = validate_trace(df)
     if max_sessions is not None:
         keep = pd.unique(df.sort_values(["arrival_s"], kind="stable").loc[df["turn"] == 0, "session_id"])[:max_sessions]
@@ -51,7 +61,7 @@ def build_workload(df: pd.DataFrame, seed: int, session_rate_per_s=None, think_t
         arrival[turn > 0] = math.nan  # later turns follow think times, not fixed stamps
     if think_time_mean_s is not None:
         later = turn > 0
-        think[later] = rng.exponential(think_time_mean_s, size=int(later.sum())) if think_time_mean_s > 0 else 0.0
+        think[later] = draw_think_times(rng, int(later.sum()), think_time_mean_s, think_time_dist, think_time_sigma)
         arrival[later] = math.nan
     later = (turn > 0) & np.isnan(arrival) & np.isnan(think)
     think[later] = 0.0
@@ -84,7 +94,7 @@ def load_workload(cfg, df: pd.DataFrame | None = None) -> Workload:
         spec = dataclasses.replace(trace_synth.SynthSpec.default(), n_sessions=wl.synthetic.n_sessions)
         df = trace_synth.generate(spec, seed=cfg.seed)
     return build_workload(df, cfg.seed, wl.session_rate_per_s, wl.think_time_mean_s, wl.max_sessions,
-                          wl.max_output_tokens)
+                          wl.max_output_tokens, wl.think_time_dist, wl.think_time_sigma)
 
 
 def reusable_block_keys(hashes, input_tokens: int) -> list:

@@ -181,3 +181,11 @@ def test_round_attention_shrinks_bytes_loaded():
                         "policy.round_attention.kept_fraction": 0.25})
     want = (8 + 24 * 0.25) / 32
     assert ra.turns.bytes_loaded[1] == pytest.approx(full.turns.bytes_loaded[1] * want)
+
+
+@pytest.mark.parametrize("dist", ["exponential", "lognormal", "fixed"])
+def test_think_time_distributions_have_the_configured_mean(dist):
+    from sim.workload import draw_think_times
+    x = draw_think_times(np.random.default_rng(0), 200_000, 30.0, dist, 1.0)
+    assert x.mean() == pytest.approx(30.0, rel=0.02)
+    assert (x.std() == 0) == (dist == "fixed")
