@@ -33,7 +33,7 @@ NONE, MISS, HBM, DRAM, SSD = range(5)
 class Job:
     __slots__ = ("i", "sid", "arrival", "keys", "hist", "prompt", "output", "ctx_in", "hit", "hit_entries",
                  "computed", "res_bytes", "done_iter", "ctx", "prefill_end", "save_end", "truncated",
-                 "saved_prompt_bytes")
+                 "saved_prompt_bytes", "admitted")
 
     def __init__(self, i, sid, arrival, keys, hist, prompt, output, truncated):
         self.i, self.sid, self.arrival, self.keys = i, sid, arrival, keys
@@ -43,6 +43,7 @@ class Job:
         self.hit_entries = ()
         self.saved_prompt_bytes = 0.0
         self.save_end = 0.0
+        self.admitted = False
 
 
 class Recorder:
@@ -93,6 +94,7 @@ class Replica:
         self.h2d, self.d2h = Link("h2d"), Link("d2h")
         self.ssd_r, self.ssd_w = Link("ssd_read"), Link("ssd_write")
         self.queue = deque()
+        self.new_in_window = []  # arrivals inside the look-ahead window, fetched after admission
         self.arrivals = []  # heap (t, turn index)
         self.releases = []  # heap (t, seq, bytes): HBM freed when a write-back ends
         self.running = []  # heap (done_iter, seq, job)
@@ -123,6 +125,12 @@ class Replica:
             if releases and releases[0][0] <= now:
                 self._take_releases(now)
             batch = self._admit(now) if queue else None
+            if self.new_in_window:
+                # fetch only for jobs that really wait: one admitted now loads layer-wise from SSD
+                for job in self.new_in_window:
+                    if not job.admitted:
+                        self._prefetch(job, now)
+                self.new_in_window.clear()
             if batch:
                 dt = self._prefill(batch, now)
                 t1 = now + dt
@@ -168,7 +176,7 @@ class Replica:
             job = self._make_job(i, t)
             self.queue.append(job)
             if self.fetch and len(self.queue) <= self.cfg.scheduler.lookahead_jobs:
-                self._prefetch(job, now)
+                self.new_in_window.append(job)
 
     def _take_releases(self, now):
         rel = self.releases
@@ -199,12 +207,16 @@ class Replica:
 
     # ---- scheduler-aware fetching (§3.4) ------------------------------------------------------
     def _prefetch(self, job, now):
+        prot = None
         for key in job.keys:
             e = self.index.get(key)
             if e is None:
                 break
             if e.tier is self.ssd and not e.users:
-                if not self._make_room(self.dram, e.nbytes, now):
+                if prot is None:
+                    prot = self._protected()
+                pos = prot.get(key, math.inf) if prot is not None else -1
+                if not self._make_room(self.dram, e.nbytes, now, pos, prot):
                     return
                 end = self.ssd_r.transfer(now, e.nbytes, self.cost.ssd_read_bw(e.nbytes / self.L))
                 self.ssd.remove(e)
@@ -220,13 +232,19 @@ class Replica:
                 prot.setdefault(key, pos)
         return prot
 
-    def _make_room(self, tier, nbytes, now) -> bool:
-        """Evict from `tier` until `nbytes` fit: DRAM victims move to SSD, SSD and HBM victims are dropped."""
+    def _make_room(self, tier, nbytes, now, after_pos=math.inf, prot=None) -> bool:
+        """Evict from `tier` until `nbytes` fit: DRAM victims move to SSD, SSD and HBM victims are dropped.
+
+        By default the KV of queued jobs is never given up (a save spills to SSD instead);
+        a prefetch passes its own queue position so only jobs behind it can lose theirs.
+        """
         if tier.free >= nbytes:
             return True
         if nbytes > tier.capacity:
             return False
-        for e in victims(tier, nbytes, self._protected()):
+        if prot is None:
+            prot = self._protected()
+        for e in victims(tier, nbytes, prot, after_pos):
             self.evictions[tier.name] += 1
             tier.remove(e)
             if tier is self.dram and self.ssd.capacity >= e.nbytes and self._make_room(self.ssd, e.nbytes, now):
@@ -288,6 +306,7 @@ class Replica:
                     e.users -= 1
                 break
             q.popleft()
+            job.admitted = True
             self.hbm.reserved += job.res_bytes
             self.hbm._peak()
             batch.append(job)

@@ -12,12 +12,14 @@ from typing import List, Optional
 from sim.tiers import Entry, Tier
 
 
-def victims(tier: Tier, need_bytes: float, protected: Optional[dict]) -> List[Entry]:
+def victims(tier: Tier, need_bytes: float, protected: Optional[dict], after_pos: float = -1) -> List[Entry]:
     """Entries to evict, in order, until `need_bytes` would be free; busy entries are never chosen.
     Returns what it found even if that is not enough (the caller checks).
 
     `protected` maps key -> queue position (smaller = needed sooner); None disables the
-    scheduler-aware skip (LRU / FIFO).
+    scheduler-aware skip (LRU / FIFO). Protected entries are given up only if needed after
+    queue position `after_pos`: a prefetch for the job at position p must not push out the KV
+    of a job that runs before it.
     """
     freed = tier.free
     out: List[Entry] = []
@@ -36,7 +38,7 @@ def victims(tier: Tier, need_bytes: float, protected: Optional[dict]) -> List[En
     # everything left is wanted by the queue: evict the entries wanted last first
     held_back.sort(key=lambda e: -protected[e.key])
     for e in held_back:
-        if freed >= need_bytes:
+        if freed >= need_bytes or protected[e.key] <= after_pos:
             break
         freed += e.nbytes
         out.append(e)

@@ -125,12 +125,15 @@ def test_scheduler_aware_eviction_hits_at_least_as_often_as_lru_under_pressure()
 
 
 def test_scheduler_aware_fetch_turns_ssd_loads_into_dram_hits():
-    df = _queue_heavy()
-    over = {"host.dram_bytes": "6GB", "ssd.bytes": "1TB", "scheduler.lookahead_jobs": 64}
+    # DRAM far smaller than the working set, so most histories live on SSD between turns
+    df = random_sessions(120, seed=11, rate_per_s=1.0, mean_turns=5, prompt_mean=300, output_mean=300,
+                         think_mean_s=20.0)
+    over = {"host.dram_bytes": "2GB", "ssd.bytes": "1TB", "scheduler.lookahead_jobs": 16, "scheduler.max_batch": 8}
     on, _ = _run(df, **{"policy.scheduler_aware_fetch": True, **over})
     off, _ = _run(df, **{"policy.scheduler_aware_fetch": False, **over})
-    assert off.summary["hit_rate_ssd"] > 0
-    assert on.summary["hit_rate_ssd"] < off.summary["hit_rate_ssd"]
+    assert off.summary["hit_rate_ssd"] > 0.5
+    assert on.summary["hit_rate_ssd"] < off.summary["hit_rate_ssd"] - 0.05
+    assert on.summary["ttft_mean_s"] <= off.summary["ttft_mean_s"]
     assert on.summary["miss_rate"] == 0 and off.summary["miss_rate"] == 0
 
 
