@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from gpu import model as M
-from gpu.kvstore import DiskStore, HostArena, aligned_host_bytes, layer_view
+from gpu.kvstore import DiskStore, HostArena, aligned_host_bytes, layer_view, unpin
 
 TIERS = ("recompute", "hbm", "dram", "ssd")
 
@@ -110,7 +110,7 @@ class Executor:
     """Serves turns of sessions, one at a time, on `model` following `plan`."""
 
     def __init__(self, model: M.Decoder, plan: ServePlan, max_ctx: int, max_new: int,
-                 host_bytes: int = 0, ssd_dir=None, poison: bool = False):
+                 host_bytes: int = 0, ssd_dir=None, poison: bool = False, arena: HostArena | None = None):
         self.model, self.plan, self.max_ctx, self.max_new = model, plan, max_ctx, max_new
         s = model.shape
         self.L = s.layers
@@ -131,7 +131,14 @@ class Executor:
             self.load_stream = self.save_stream = None
         n_ev = 4 * self.L + 4
         self.events = _Events(n_ev, self.cuda)
-        self.arena = HostArena(host_bytes, pinned=self.cuda) if plan.tier == "dram" else None
+        self._own = []      # host buffers this executor pinned, unpinned by close()
+        # A caller serving several runs passes one arena: pinning tens of GB once, not once per run.
+        self.arena = None
+        if plan.tier == "dram":
+            self.arena = arena if arena is not None else HostArena(host_bytes, pinned=self.cuda)
+            self.arena.used = 0
+            if arena is None:
+                self._own.append(self.arena.raw)
         self.disk = None
         if plan.tier == "ssd":
             self.disk = DiskStore(ssd_dir, self.L, self.token_bytes)
@@ -139,8 +146,9 @@ class Executor:
             raw = aligned_host_bytes(n * max_ctx * self.token_bytes, pinned=self.cuda)
             self.bounce = layer_view(raw, n, max_ctx, self.kv_shape, model.dtype)
             self.bounce_free = [None] * n        # event: copy out of slot done
-            self.staging = [layer_view(aligned_host_bytes(self.L * max_new * self.token_bytes, self.cuda),
-                                       self.L, max_new, self.kv_shape, model.dtype) for _ in range(2)]
+            stage_raw = [aligned_host_bytes(self.L * max_new * self.token_bytes, self.cuda) for _ in range(2)]
+            self.staging = [layer_view(r, self.L, max_new, self.kv_shape, model.dtype) for r in stage_raw]
+            self._own += [raw] + stage_raw
             self.staging_free = [threading.Event(), threading.Event()]
             for e in self.staging_free:
                 e.set()
@@ -162,8 +170,12 @@ class Executor:
         return sess
 
     def close(self):
+        self.drain()
         if self.disk is not None:
             self.disk.close()
+        for t in self._own:
+            unpin(t)
+        self._own = []
 
     # ------------------------------------------------------------------ one turn
     def run_turn(self, sid: str, turn: int, prompt_ids: list[int], output_tokens: int,
@@ -266,8 +278,7 @@ class Executor:
             ev.record(3 * L + i, main)
             if loads and plan.overlap:
                 pump(i + 1 + N, block=False)
-        logits = M.head(self.model, x[:, -1])
-        tok = logits.argmax(-1)
+        logits, tok = M.prefill_head(self.model, x)
         ev.record(E_HEAD, main)
         self.last_logits = logits
         first_token = int(tok.item())     # the host needs the token to stream it: this is the TTFT point
@@ -285,11 +296,8 @@ class Executor:
             toks = torch.empty(output_tokens - 1, dtype=torch.long, device=self.dev)
             cur = tok.view(1, 1)
             for j in range(output_tokens - 1):
-                y = M.embed(self.model, cur)
-                for i in range(L):
-                    y = M.layer_forward(self.model, i, y, W[i], pos)
+                cur = M.decode_step(self.model, cur, W, pos)
                 pos += 1
-                cur = M.head(self.model, y[:, -1]).argmax(-1).view(1, 1)
                 toks[j] = cur[0, 0]
             out += toks.tolist()           # synchronises: the reply is complete
         end_s = time.perf_counter() - clock0

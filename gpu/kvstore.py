@@ -31,12 +31,16 @@ def pin(t: torch.Tensor) -> bool:
     rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
     if int(rc) != 0:
         raise RuntimeError(f"cudaHostRegister of {t.numel() * t.element_size()} bytes failed: {rc}")
+    t._kvsim_pinned = True
     return True
 
 
 def unpin(t: torch.Tensor) -> None:
-    if torch.cuda.is_available():
+    """Undo `pin` before the memory is unmapped (unmapping registered memory is undefined)."""
+    if getattr(t, "_kvsim_pinned", False):
+        torch.cuda.synchronize()
         torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+        t._kvsim_pinned = False
 
 
 def aligned_host_bytes(nbytes: int, pinned: bool) -> torch.Tensor:
@@ -67,6 +71,9 @@ class HostArena:
     def __init__(self, total_bytes: int, pinned: bool):
         self.raw = aligned_host_bytes(total_bytes, pinned)
         self.used = 0
+
+    def release(self) -> None:
+        unpin(self.raw)
 
     def reserve(self, layers: int, capacity: int, kv_shape, dtype) -> torch.Tensor:
         heads, dim = kv_shape

@@ -180,3 +180,21 @@ def embed(model: Decoder, token_ids: torch.Tensor) -> torch.Tensor:
 def head(model: Decoder, x_last: torch.Tensor) -> torch.Tensor:
     """Final norm + lm_head on the last position of each sequence; returns logits [B, vocab] (float32)."""
     return (rms_norm(x_last, model.final_norm) @ model.lm_head.T).float()
+
+
+def prefill_head(model: Decoder, x: torch.Tensor):
+    """After the last layer of a prefill: logits of the last position and the greedy first token."""
+    logits = head(model, x[:, -1])
+    return logits, logits.argmax(-1)
+
+
+def decode_step(model: Decoder, cur: torch.Tensor, cache: torch.Tensor, pos: int) -> torch.Tensor:
+    """One decode iteration for B sequences at position `pos`: cur [B, 1] token ids -> next ids [B, 1].
+
+    cache: [layers, B, ctx, 2, kv_heads, head_dim]. The executor and the calibration both call this,
+    so the decode time the simulator is given is this code's time.
+    """
+    y = embed(model, cur)
+    for i in range(len(model.layers)):
+        y = layer_forward(model, i, y, cache[i], pos)
+    return head(model, y[:, -1]).argmax(-1, keepdim=True)

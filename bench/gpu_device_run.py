@@ -1,0 +1,154 @@
+"""One device call: calibrate, isolated-turn grid, and the trace slice through the real executor.
+
+Run on the GPU machine (the `device` tool):  PYTHONPATH=. python3 bench/gpu_device_run.py --out $OUT
+Each stage writes its files into --out as soon as it ends (a timeout still returns what is done) and
+is skipped when the wall budget left is too small. On CPU, `--smoke` runs the same stages with the tiny
+model (no calibration) to check the script itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu import model as M  # noqa: E402
+from gpu.calibrate import measure, write_profile  # noqa: E402
+from gpu.executor import Executor, ServePlan, serve_trace, session_capacity  # noqa: E402
+from gpu.isolated import PLANS, run_grid  # noqa: E402
+from gpu.kvstore import HostArena  # noqa: E402
+from sim.trace import read_trace  # noqa: E402
+
+T0 = time.perf_counter()
+
+
+def log(msg):
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+def left(budget):
+    return budget - (time.perf_counter() - T0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--trace", default="results/gpu/trace_slice.parquet")
+    ap.add_argument("--budget-s", type=float, default=540)
+    ap.add_argument("--ssd-dir", default="/tmp/kvsim_ssd")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--stages", default="calibrate,isolated,trace")
+    ap.add_argument("--trace-runs", default="dram_overlap,recompute,ssd_overlap,dram_sync")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = a.stages.split(",")
+    cuda = torch.cuda.is_available() and not a.smoke
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": cuda,
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu", "argv": sys.argv}
+    try:
+        info["nvidia_smi"] = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+        info["df"] = subprocess.run(["df", "-h", a.ssd_dir.rsplit("/", 1)[0] or "/"], capture_output=True,
+                                    text=True).stdout
+        info["mounts"] = Path("/proc/mounts").read_text()[-2000:]
+        info["meminfo"] = Path("/proc/meminfo").read_text()[:300]
+    except Exception as exc:  # informational only
+        info["env_error"] = repr(exc)
+    (out / "env.json").write_text(json.dumps(info, indent=1))
+    log(f"device {info['device']} torch {torch.__version__}")
+
+    if "calibrate" in stages and cuda:
+        try:
+            raw = measure(ssd_dir=a.ssd_dir, log=log,
+                          command="PYTHONPATH=. python3 bench/gpu_device_run.py --out $OUT (kvsim gpu calibrate)")
+            write_profile(raw, out / "profile.yaml", out / "calibration_raw.json")
+            log("profile written")
+        except Exception:
+            log("calibrate FAILED\n" + traceback.format_exc())
+        torch.cuda.empty_cache()
+
+    names = ["llama2-7b", "llama2-13b"] if cuda else ["tiny"]
+    if "isolated" in stages:
+        frames = []
+        for name in names:
+            if left(a.budget_s) < 200:
+                log(f"isolated {name}: skipped, {left(a.budget_s):.0f} s left")
+                continue
+            try:
+                shape = M.SHAPES[name]
+                hists, news = ([512, 2048, 3968], [32, 512]) if cuda else ([16, 40], [4, 9])
+                model = M.random_decoder(shape, max(hists) + max(news) + 16, dev, dtype, seed=1)
+                plans = PLANS if name != "llama2-13b" else [p for p in PLANS if p.tier != "ssd"]
+                df = run_grid(model, plans, hists, news, reps=3 if cuda else 1, ssd_dir=a.ssd_dir, log=log)
+                frames.append(df)
+                pd.concat(frames).to_csv(out / "isolated.csv", index=False)
+                del model
+                if cuda:
+                    torch.cuda.empty_cache()
+            except Exception:
+                log(f"isolated {name} FAILED\n" + traceback.format_exc())
+
+    if "trace" in stages:
+        trace = read_trace(a.trace)
+        if not cuda:
+            trace = trace[trace.session_id.isin(sorted(trace.session_id.unique())[:3])].copy()
+            trace["prompt_tokens"] = trace["prompt_tokens"].clip(upper=20)
+        shape = M.SHAPES["llama2-7b" if cuda else "tiny"]
+        caps = [session_capacity(g) for _, g in trace.groupby("session_id")]
+        max_ctx = max(caps) + 8
+        max_new = int((trace.prompt_tokens + trace.output_tokens).max()) + 8
+        model = M.random_decoder(shape, max_ctx + 8, dev, dtype, seed=2)
+        tok_bytes = shape.kv_bytes_per_token_layer(2 if cuda else 4) * shape.layers
+        runs = {"dram_overlap": ServePlan("dram", overlap=True, read_buffer_layers=2),
+                "recompute": ServePlan("recompute"),
+                "dram_sync": ServePlan("dram", overlap=False),
+                "ssd_overlap": ServePlan("ssd", overlap=True, read_buffer_layers=2)}
+        frames = []
+        busy_est = None
+        wp = min(64, max_new // 4)
+        arena = HostArena((sum(caps) + 4 * wp) * tok_bytes + (len(caps) + 1) * 8192, pinned=cuda)
+        log(f"host arena: {arena.raw.numel() / 1e9:.1f} GB, pinned={arena.raw.is_pinned() if cuda else False}")
+        ssd_sessions = sorted(trace.session_id.unique())[:15]
+        for run in a.trace_runs.split(","):
+            need = (0.5 if run.startswith("ssd") else 1.3) * busy_est if busy_est else 90
+            if left(a.budget_s) < need:
+                log(f"trace {run}: skipped, {left(a.budget_s):.0f} s left, needs ~{need:.0f}")
+                continue
+            try:
+                ex = Executor(model, runs[run], max_ctx=max_ctx, max_new=max_new, arena=arena, ssd_dir=a.ssd_dir)
+                # SSD reads cost seconds per turn at full slice size: that run serves the first 15 sessions
+                tr = trace[trace.session_id.isin(ssd_sessions)] if run.startswith("ssd") else trace
+                # warm-up turns on a throwaway session: kernel selection and allocator growth stay out
+                wu = pd.DataFrame({"session_id": ["_w", "_w"], "turn": [0, 1], "arrival_s": [0.0, float("nan")],
+                                   "think_s": [float("nan"), 0.0], "prompt_tokens": [wp, wp],
+                                   "output_tokens": [4, 4]})
+                serve_trace(ex, wu)
+                t0 = time.perf_counter()
+                df = serve_trace(ex, tr)
+                ex.close()
+                busy_est = time.perf_counter() - t0
+                df["run"] = run
+                frames.append(df)
+                pd.concat(frames).to_csv(out / "trace_runs.csv", index=False)
+                log(f"trace {run}: {len(df)} turns in {busy_est:.1f} s, mean TTFT {df.ttft_s.mean() * 1e3:.1f} ms")
+                del ex
+            except Exception:
+                log(f"trace {run} FAILED\n" + traceback.format_exc())
+    if "trace" in stages:
+        arena.release()
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

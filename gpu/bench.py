@@ -1,0 +1,231 @@
+"""Microbenchmarks of the costs the simulator needs: host links, local SSD, and decoder-layer compute.
+
+Method (issue 4, item 1; /work/.library/device/METHOD.md): warm up first, time the GPU with CUDA
+events, repeat and take medians, fresh random inputs before every timed repeat (never zeros: they can
+run faster than real data). Layer times run the executor's own code (`gpu.model.layer_forward`, the
+same `scaled_dot_product_attention` call) over a stack of `STACK` layers and divide, because a serving
+step runs layers back to back: when launches, not the GPU, are the bottleneck (decode at small batch),
+a single isolated layer would hide the launch rate the executor really sees.
+
+Every function returns plain dicts/lists (the raw samples) so `gpu.calibrate` can both keep them and
+reduce them to the profile's tables.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from gpu import model as M
+from gpu.kvstore import ALIGN, _full_io, aligned_host_bytes, unpin
+
+STACK = 8                                   # layers timed back to back per sample
+LINK_CHUNKS = [1 << k for k in range(18, 31)]      # 256 KiB .. 1 GiB
+SSD_CHUNKS = [1 << k for k in (18, 20, 22, 24, 26, 28, 30)]
+
+
+def _reps(nbytes: int) -> int:
+    return 20 if nbytes <= 1 << 24 else (8 if nbytes <= 1 << 28 else 4)
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+def time_cuda_ms(fn, setup=None, warmup: int = 2, reps: int = 7) -> list[float]:
+    """Event-timed samples of fn(); `setup` (fresh inputs) runs before each, outside the timed span."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    out = []
+    for r in range(warmup + reps):
+        arg = setup() if setup else None
+        torch.cuda.synchronize()
+        start.record()
+        fn(arg)
+        end.record()
+        end.synchronize()
+        if r >= warmup:
+            out.append(start.elapsed_time(end))
+    return out
+
+
+# ------------------------------------------------------------------------ GPU ceilings
+def gpu_peaks() -> dict:
+    """Measured ceilings: bf16 GEMM rate (8192^3, random data) and device-to-device copy bandwidth."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    mm = time_cuda_ms(lambda _: a @ b, warmup=3, reps=10)
+    src = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)   # 1 GiB
+    dst = torch.empty_like(src)
+    cp = time_cuda_ms(lambda _: dst.copy_(src), warmup=3, reps=10)
+    return {"matmul_ms": mm, "copy_ms": cp,
+            "peak_bf16_flops": 2 * n ** 3 / (median(mm) * 1e-3),
+            "hbm_bw_gbps": 2 * src.numel() * 2 / (median(cp) * 1e-3) / 1e9,
+            "hbm_bytes": torch.cuda.get_device_properties(0).total_memory}
+
+
+# ------------------------------------------------------------------------ host links
+def link_bandwidth(chunks=LINK_CHUNKS) -> dict:
+    """H2D and D2H, pinned and pageable, per chunk size; GB/s = 1e9 B/s.
+
+    Pinned copies are timed with CUDA events. A pageable copy goes through the driver's staging
+    buffer and blocks the host, so it is timed with the host clock around a synchronised copy.
+    """
+    top = max(chunks)
+    dev = torch.empty(top, dtype=torch.uint8, device="cuda")
+    pinned = torch.empty(top, dtype=torch.uint8, pin_memory=True)
+    pageable = torch.empty(top, dtype=torch.uint8)
+    noise = torch.randint(0, 256, (1 << 24,), dtype=torch.uint8)
+    for t in (pinned, pageable):               # touch every page; random bytes, not zeros
+        t.view(-1, noise.numel()).copy_(noise) if top >= noise.numel() else t.copy_(noise[:top])
+    dev.copy_(pinned)
+    out = {}
+    for name, host, h2d in (("h2d_pinned", pinned, True), ("d2h_pinned", pinned, False),
+                            ("h2d_pageable", pageable, True), ("d2h_pageable", pageable, False)):
+        rows = []
+        for c in chunks:
+            d, h = dev[:c], host[:c]
+            fn = (lambda _, d=d, h=h: d.copy_(h, non_blocking=True)) if h2d else \
+                 (lambda _, d=d, h=h: h.copy_(d, non_blocking=True))
+            if name.endswith("pinned"):
+                ms = time_cuda_ms(fn, warmup=2, reps=_reps(c))
+            else:
+                ms = []
+                for r in range(2 + _reps(c)):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    fn(None)
+                    torch.cuda.synchronize()
+                    if r >= 2:
+                        ms.append((time.perf_counter() - t0) * 1e3)
+            rows.append({"chunk_bytes": c, "ms": ms, "gbps": c / (median(ms) * 1e-3) / 1e9})
+        out[name] = rows
+    del dev, pinned, pageable
+    return out
+
+
+# ------------------------------------------------------------------------ local SSD
+def ssd_bandwidth(root, chunks=SSD_CHUNKS, min_bytes: int = 1 << 28) -> dict:
+    """Sequential write and cold read of a file on local disk, per request size.
+
+    Cold reads: O_DIRECT (aligned buffer, offsets and sizes) so the page cache is bypassed; where the
+    file system refuses O_DIRECT, buffered I/O with fsync + posix_fadvise(DONTNEED) before each read
+    pass. `method` says which was used. Writes are timed up to the end of fsync (durable).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "kvsim_ssd_bench.bin"
+    total = max(max(chunks), min_bytes)
+    buf = aligned_host_bytes(max(chunks), pinned=torch.cuda.is_available())
+    noise = torch.randint(0, 256, (ALIGN,), dtype=torch.uint8)
+    buf.view(-1, ALIGN).copy_(noise)
+    method = "o_direct"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+        _full_io(os.pwritev, fd, buf[:ALIGN], 0)
+    except OSError:
+        method = "fadvise_dontneed"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    res = {"method": method, "path": str(root), "write": [], "read": []}
+    try:
+        for c in chunks:
+            n = max(total // c, 1)
+            t0 = time.perf_counter()
+            for i in range(n):
+                _full_io(os.pwritev, fd, buf[:c], i * c)
+            os.fsync(fd)
+            dt = time.perf_counter() - t0
+            res["write"].append({"chunk_bytes": c, "bytes": n * c, "s": dt, "gbps": n * c / dt / 1e9})
+        for c in chunks:
+            n = max(total // c, 1)
+            samples = []
+            for _ in range(2):
+                if method != "o_direct":
+                    os.fsync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                t0 = time.perf_counter()
+                for i in range(n):
+                    _full_io(os.preadv, fd, buf[:c], i * c)
+                samples.append(time.perf_counter() - t0)
+            dt = median(samples)
+            res["read"].append({"chunk_bytes": c, "bytes": n * c, "s": samples, "gbps": n * c / dt / 1e9})
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        unpin(buf)
+    return res
+
+
+# ------------------------------------------------------------------------ decoder layers
+def _stack_model(shape: M.DecoderShape, max_pos: int, seed: int = 0) -> M.Decoder:
+    # One layer's weights suffice: they (hundreds of MB) are far larger than L2, so re-running the
+    # same layer STACK times reads them from HBM every time, as distinct layers would.
+    return M.random_decoder(shape, max_pos, "cuda", torch.bfloat16, seed=seed, layers=1)
+
+
+def prefill_layer_grid(shape: M.DecoderShape, new_tokens: list[int], history_tokens: list[int]) -> dict:
+    """ms of one decoder layer prefilling n new tokens after h cached ones, batch 1."""
+    ctx = max(new_tokens) + max(history_tokens)
+    model = _stack_model(shape, ctx)
+    cache = M.new_kv_cache(shape, 1, 1, ctx, "cuda", torch.bfloat16)[0]
+    rows = []
+    for n in new_tokens:
+        for h in history_tokens:
+            def setup(n=n, h=h):
+                cache[:, :h].normal_()
+                return torch.randn(1, n, shape.hidden, device="cuda", dtype=torch.bfloat16)
+
+            def run(x, h=h):
+                for _ in range(STACK):
+                    x = M.layer_forward(model, 0, x, cache, h)
+            ms = time_cuda_ms(run, setup, warmup=2, reps=5)
+            rows.append({"new_tokens": n, "history_tokens": h, "stack_ms": ms, "ms": median(ms) / STACK})
+    return {"rows": rows, "new_tokens": new_tokens, "history_tokens": history_tokens}
+
+
+def decode_layer_grid(shape: M.DecoderShape, batch: list[int], context_tokens: list[int],
+                      mem_cap_bytes: float = 20e9) -> dict:
+    """ms of one decoder layer in one decode step: B sequences, each attending over `ctx` tokens."""
+    model = _stack_model(shape, max(context_tokens))
+    rows = []
+    tok_bytes = shape.kv_bytes_per_token_layer(2)
+    for b in batch:
+        for c in context_tokens:
+            if b * c * tok_bytes > mem_cap_bytes:
+                rows.append({"batch": b, "context_tokens": c, "stack_ms": [], "ms": None})
+                continue
+            cache = M.new_kv_cache(shape, 1, b, c, "cuda", torch.bfloat16)[0]
+
+            def setup(b=b, c=c, cache=cache):
+                cache[:, :c - 1].normal_()
+                return torch.randn(b, 1, shape.hidden, device="cuda", dtype=torch.bfloat16)
+
+            def run(x, c=c, cache=cache):
+                for _ in range(STACK):
+                    x = M.layer_forward(model, 0, x, cache, c - 1)   # attends over c tokens
+            ms = time_cuda_ms(run, setup, warmup=2, reps=5)
+            rows.append({"batch": b, "context_tokens": c, "stack_ms": ms, "ms": median(ms) / STACK})
+            del cache
+    return {"rows": rows, "batch": batch, "context_tokens": context_tokens}
+
+
+def head_times(shape: M.DecoderShape, new_tokens: list[int], batch: list[int]) -> dict:
+    """Outside the layers: prefill = embed n tokens + final norm + lm_head on the last one + argmax;
+    decode = embed B tokens + final norm + lm_head on B rows + argmax (gpu.model.prefill_head/decode)."""
+    model = M.random_decoder(shape, 16, "cuda", torch.bfloat16, layers=0)
+    pre, dec = [], []
+    for n in new_tokens:
+        def setup(n=n):
+            return torch.randint(0, shape.vocab, (1, n), device="cuda")
+        ms = time_cuda_ms(lambda ids: M.prefill_head(model, M.embed(model, ids)), setup, warmup=2, reps=7)
+        pre.append({"new_tokens": n, "samples_ms": ms, "ms": median(ms)})
+    for b in batch:
+        def setup(b=b):
+            return torch.randint(0, shape.vocab, (b, 1), device="cuda")
+        ms = time_cuda_ms(lambda ids: M.head(model, M.embed(model, ids)[:, -1]).argmax(-1, keepdim=True),
+                          setup, warmup=2, reps=7)
+        dec.append({"batch": b, "samples_ms": ms, "ms": median(ms)})
+    return {"prefill": pre, "decode": dec}

@@ -1,0 +1,125 @@
+"""`kvsim gpu calibrate`: run the microbenchmarks and write a hardware profile for the simulator.
+
+The schema, its validation and the interpolation live with the cost model (`sim.costmodel`, one
+source of truth); this module only fills the tables, and checks its output with the cost model's own
+parser before writing it. Raw samples (every repeat) go to a JSON file beside the profile.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from sim.costmodel import SCHEMA, parse_profile
+
+PREFILL_NEW = [1, 16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192]
+PREFILL_HIST = [0, 256, 512, 1024, 2048, 3072, 4096, 6144, 8192]
+DECODE_BATCH = [1, 2, 4, 8, 16, 32, 64]
+DECODE_CTX = [128, 512, 1024, 2048, 4096, 8192]
+QUICK = dict(prefill_new=[1, 64, 512, 2048], prefill_hist=[0, 512, 2048], decode_batch=[1, 8],
+             decode_ctx=[128, 2048])
+
+
+def atomic_write_text(path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    Path(tmp).replace(path)
+    return path
+
+
+def profile_from_raw(raw: dict) -> dict:
+    """Reduce raw microbenchmark samples to the `kvsim-hardware-profile/1` tables (pure function)."""
+    links = {name: {"chunk_bytes": [r["chunk_bytes"] for r in rows], "gbps": [round(r["gbps"], 3) for r in rows]}
+             for name, rows in raw["links"].items()}
+    ssd = {k: {"chunk_bytes": [r["chunk_bytes"] for r in raw["ssd"][k]],
+               "gbps": [round(r["gbps"], 4) for r in raw["ssd"][k]]} for k in ("read", "write")}
+    ssd["method"] = raw["ssd"]["method"]
+    models = {}
+    for name, m in raw["models"].items():
+        pf = m["prefill"]
+        cell = {(r["new_tokens"], r["history_tokens"]): r["ms"] for r in pf["rows"]}
+        dc = m["decode"]
+        dcell = {(r["batch"], r["context_tokens"]): r["ms"] for r in dc["rows"]}
+        models[name] = {
+            "prefill_layer_ms": {"new_tokens": pf["new_tokens"], "history_tokens": pf["history_tokens"],
+                                 "ms": [[round(cell[(n, h)], 5) for h in pf["history_tokens"]]
+                                        for n in pf["new_tokens"]]},
+            "decode_layer_ms": {"batch": dc["batch"], "context_tokens": dc["context_tokens"],
+                                "ms": [[round(dcell[(b, c)], 5) for c in dc["context_tokens"]]
+                                       for b in dc["batch"]]},
+            "head_ms": {"prefill": {"new_tokens": [r["new_tokens"] for r in m["head"]["prefill"]],
+                                    "ms": [round(r["ms"], 5) for r in m["head"]["prefill"]]},
+                        "decode": {"batch": [r["batch"] for r in m["head"]["decode"]],
+                                   "ms": [round(r["ms"], 5) for r in m["head"]["decode"]]}},
+        }
+        if m.get("preload_layer_overhead_ms") is not None:
+            models[name]["preload_layer_overhead_ms"] = round(m["preload_layer_overhead_ms"], 5)
+    peaks = raw["gpu"]
+    return {
+        "schema": SCHEMA,
+        "device": raw["device"],
+        "measured_at": raw["measured_at"],
+        "command": raw["command"],
+        "gpu": {"hbm_bytes": int(peaks["hbm_bytes"]), "peak_bf16_flops": float(f"{peaks['peak_bf16_flops']:.4g}"),
+                "hbm_bw_gbps": round(peaks["hbm_bw_gbps"], 1)},
+        "links": links,
+        "ssd": ssd,
+        "models": models,
+    }
+
+
+def write_profile(raw: dict, out, raw_out=None) -> dict:
+    prof = profile_from_raw(raw)
+    parse_profile(prof, str(out))          # the cost model's own validator: fail before writing
+    atomic_write_text(out, "# written by kvsim gpu calibrate; schema and interpolation: sim/costmodel.py\n"
+                      + yaml.safe_dump(prof, sort_keys=False, default_flow_style=None, width=200))
+    if raw_out is not None:
+        atomic_write_text(raw_out, json.dumps(raw, indent=1))
+    return prof
+
+
+def measure(models=("llama2-7b", "llama2-13b"), ssd_dir="/tmp/kvsim_ssd", quick: bool = False,
+            command: str = "kvsim gpu calibrate", log=print) -> dict:
+    """Run every microbenchmark on the current CUDA device; returns the raw samples."""
+    import torch
+
+    from gpu import bench
+    from gpu.model import SHAPES
+
+    g = QUICK if quick else dict(prefill_new=PREFILL_NEW, prefill_hist=PREFILL_HIST,
+                                 decode_batch=DECODE_BATCH, decode_ctx=DECODE_CTX)
+    raw = {"device": torch.cuda.get_device_name(0),
+           "measured_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "command": command, "torch": torch.__version__, "stack_layers": bench.STACK}
+    log("gpu peaks ...")
+    raw["gpu"] = bench.gpu_peaks()
+    log(f"  {raw['gpu']['peak_bf16_flops'] / 1e12:.0f} TFLOP/s, {raw['gpu']['hbm_bw_gbps']:.0f} GB/s")
+    log("host links ...")
+    raw["links"] = bench.link_bandwidth(bench.LINK_CHUNKS[::4] if quick else bench.LINK_CHUNKS)
+    for k, rows in raw["links"].items():
+        log(f"  {k}: " + " ".join(f"{r['chunk_bytes'] >> 20}M:{r['gbps']:.1f}" for r in rows[::3]))
+    log("ssd ...")
+    raw["ssd"] = bench.ssd_bandwidth(ssd_dir, bench.SSD_CHUNKS[::3] if quick else bench.SSD_CHUNKS,
+                                     min_bytes=(1 << 26) if quick else (1 << 28))
+    for k in ("write", "read"):
+        log(f"  {k} ({raw['ssd']['method']}): " + " ".join(f"{r['chunk_bytes'] >> 20}M:{r['gbps']:.2f}"
+                                                          for r in raw["ssd"][k]))
+    raw["models"] = {}
+    for name in models:
+        shape = SHAPES[name]
+        log(f"{name} layers ...")
+        m = {"prefill": bench.prefill_layer_grid(shape, g["prefill_new"], g["prefill_hist"]),
+             "decode": bench.decode_layer_grid(shape, g["decode_batch"], g["decode_ctx"]),
+             "head": bench.head_times(shape, g["prefill_new"], g["decode_batch"])}
+        raw["models"][name] = m
+        torch.cuda.empty_cache()
+        log(f"  prefill n=512 h=2048: {next(r['ms'] for r in m['prefill']['rows'] if r['new_tokens'] == 512 and r['history_tokens'] == 2048):.3f} ms/layer"
+            if not quick else "  done")
+    return raw
