@@ -14,7 +14,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("sweep", help="run a YAML sweep spec (grid/zip/variants x seeds), resumable",
                               description="Run every point of one or more sweep specs (configs/sweeps/README.md); "
                                           "finished points are skipped, failing points are recorded.")
-    p.add_argument("specs", nargs="+", type=Path, help="sweep spec YAML file(s)")
+    p.add_argument("specs", nargs="+", type=Path, help="sweep spec YAML file(s), or folders of them")
     p.add_argument("--out", type=Path, help="output directory (default results/<name>; only with one spec)")
     p.add_argument("--jobs", "-j", type=int, default=None, help="worker processes (default: all CPU cores)")
     p.add_argument("--ray", metavar="ADDRESS", help="run points as Ray tasks on this cluster ('auto', "
@@ -47,7 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--dram-step", default="16GB", help="DRAM granularity of the answer (default 16GB)")
     p.add_argument("--ssd", default=None, help="SSD sizes to try, e.g. 0,2TB,8TB (default: 0 and --ssd-max/16, /4, /1)")
     p.add_argument("--ssd-max", default="16TB", help="largest SSD size of the default ladder (default 16TB)")
-    p.add_argument("--cost", default="cost_per_1k_turns_usd", help="summary metric to minimise")
+    p.add_argument("--cost", default="provisioned_usd_per_hour",
+                   help="what to minimise: provisioned_usd_per_hour (GPUs + DRAM + SSD at the config's prices, "
+                        "the default) or any summary metric, e.g. cost_per_1k_turns_usd")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--jobs", "-j", type=int, default=None, help="simulations at once (default: all CPU cores)")
     p.set_defaults(func=cmd_plan)
@@ -58,11 +60,16 @@ def register(subparsers) -> None:
 def cmd_sweep(args) -> int:
     from sim.sweep import load_sweep_spec, run_sweep
 
-    if args.out and len(args.specs) > 1:
-        raise KvsimError("--out: expected a single spec when --out is given")
     if args.jobs is not None and args.jobs < 1:
         raise KvsimError(f"--jobs: expected an integer >= 1, got {args.jobs}")
-    specs = [load_sweep_spec(s) for s in args.specs]  # all specs validated before anything runs
+    paths = []
+    for s in args.specs:  # a folder stands for its *.yaml specs, in name order
+        paths += sorted(s.glob("*.yaml")) if s.is_dir() else [s]
+    if not paths:
+        raise KvsimError(f"{args.specs[0]}: no *.yaml sweep specs in this folder")
+    specs = [load_sweep_spec(s) for s in paths]  # all specs validated before anything runs
+    if args.out and len(specs) > 1:
+        raise KvsimError("--out: expected a single spec when --out is given")
     any_failed = False
     for spec in specs:
         res = run_sweep(spec, out_dir=args.out, jobs=args.jobs, ray_address=args.ray,

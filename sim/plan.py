@@ -199,6 +199,19 @@ def monotonicity_violations(evals: dict[Candidate, Evaluation], slo: Slo) -> lis
 
 # ---------------------------------------------------------------- simulator-backed evaluation
 
+PROVISIONED = "provisioned_usd_per_hour"
+
+
+def provisioned_usd_per_hour(config: dict[str, Any]) -> float:
+    """What the hardware of a resolved config costs per hour when provisioned, busy or not:
+    GPUs plus the KV store's DRAM and SSD, at the config's prices (the same prices the run's
+    cost_usd uses).  Unlike cost_per_1k_turns_usd it grows strictly with capacity, which is what
+    makes "least capacity that meets the SLO" the cheapest answer within one SSD size."""
+    p = config["prices"]
+    return (config["gpu"]["count"] * p["gpu_per_hour_usd"] + config["host"]["dram_bytes"] / 1e9 * p["dram_per_gb_hour_usd"]
+            + config["ssd"]["bytes"] / 1e9 * p["ssd_per_gb_hour_usd"])
+
+
 def _evaluate_config(config: dict[str, Any]) -> dict[str, Any]:
     """Worker: simulate one resolved config and return its summary (module level for process pools)."""
     from sim.sweep import simulate_config
@@ -223,7 +236,9 @@ def simulator_evaluator(base_config, overrides: dict[str, Any], slo: Slo, cost_m
                                                             "ssd.bytes": int(c.ssd_bytes)}))
                    for c in cands]
         summaries = list(pool.map(_evaluate_config, configs)) if pool else [_evaluate_config(c) for c in configs]
-        return [Evaluation(metric_value(s, slo.metric), metric_value(s, cost_metric), s) for s in summaries]
+        return [Evaluation(metric_value(s, slo.metric),
+                           provisioned_usd_per_hour(c) if cost_metric == PROVISIONED else metric_value(s, cost_metric), s)
+                for c, s in zip(configs, summaries)]
 
     def close() -> None:
         if pool:

@@ -40,6 +40,41 @@ def varying(df: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[str]:
     return [c for c in param_columns(df) if c not in exclude and df[c].nunique(dropna=True) > 1]
 
 
+def series_for(df: pd.DataFrame, x: str) -> list[str]:
+    """Columns that split the points into lines (or bar groups) along `x`: those that vary, minus
+    those that `x` already determines (a zip such as model -> gpu.count, a variant -> its switches)."""
+    keyed = df[x].astype(str)
+    return [c for c in varying(df, exclude=(x,))
+            if (df[c].astype(str).groupby(keyed).nunique() > 1).any()]
+
+
+def label_columns(df: pd.DataFrame) -> list[str]:
+    """The fewest varying columns that still tell every configuration apart: a column that another
+    varying column determines (gpu.count by model, a switch by its variant) is left out."""
+    cols = varying(df)
+
+    def determines(a: str, b: str) -> bool:
+        return not (df[b].astype(str).groupby(df[a].astype(str)).nunique() > 1).any()
+
+    keep = []
+    for c in cols:
+        if any(determines(d, c) and (not determines(c, d) or cols.index(d) < cols.index(c)) for d in cols if d != c):
+            continue
+        keep.append(c)
+    return keep
+
+
+def _sweeps_x(df: pd.DataFrame, x: str) -> bool:
+    """True when some line would have two or more x values: x is really an axis, not a label that
+    rides along with another axis (as DRAM rides along with the model in paper/models)."""
+    if x not in df or df[x].nunique() < 2:
+        return False
+    series = series_for(df, x)
+    if not series:
+        return True
+    return bool((df.groupby([df[c].astype(str) for c in series])[x].nunique() > 1).any())
+
+
 def _fmt(col: str, v) -> str:
     if col in ("host.dram_bytes", "ssd.bytes") and isinstance(v, (int, float)):
         return f"{PRETTY[col]} {v / GB:g} GB"
@@ -103,11 +138,11 @@ def _title(df: pd.DataFrame, what: str) -> str:
 # ---------------------------------------------------------------- the figures
 
 def plot_ttft_vs_capacity(df: pd.DataFrame, out_dir: Path, cap: str) -> list[Path]:
-    if cap not in df or df[cap].nunique() < 2 or "ttft_p99_s" not in df:
+    if not _sweeps_x(df, cap) or "ttft_p99_s" not in df:
         return []
     tier = PRETTY[cap]
+    series = series_for(df, cap)
     df = df.assign(_x=_per_gpu(df, cap))
-    series = varying(df, exclude=(cap,))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     for ax, (metric, name) in zip(axes, [("ttft_p50_s", "p50"), ("ttft_p99_s", "p99")]):
         _lines(ax, df, "_x", metric, series, scale=1e3)
@@ -122,11 +157,11 @@ def plot_ttft_vs_capacity(df: pd.DataFrame, out_dir: Path, cap: str) -> list[Pat
 
 def plot_hit_rate_vs_capacity(df: pd.DataFrame, out_dir: Path, cap: str) -> list[Path]:
     tiers = [(m, n) for m, n in TIERS if m in df]
-    if cap not in df or df[cap].nunique() < 2 or not tiers:
+    if not _sweeps_x(df, cap) or not tiers:
         return []
     tier = PRETTY[cap]
+    series = series_for(df, cap)
     df = df.assign(_x=_per_gpu(df, cap))
-    series = varying(df, exclude=(cap,))
     fig, axes = plt.subplots(1, len(tiers), figsize=(3.6 * len(tiers), 3.6), sharex=True, sharey=True)
     for ax, (metric, name) in zip(axes, tiers):
         _lines(ax, df, "_x", metric, series, scale=100.0)
@@ -141,9 +176,9 @@ def plot_hit_rate_vs_capacity(df: pd.DataFrame, out_dir: Path, cap: str) -> list
 
 def plot_prefill_vs_rate(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     x = "workload.session_rate_per_s"
-    if x not in df or df[x].nunique() < 2 or "prefill_tokens_per_s" not in df:
+    if not _sweeps_x(df, x) or "prefill_tokens_per_s" not in df:
         return []
-    series = varying(df, exclude=(x,))
+    series = series_for(df, x)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     _lines(ax, df, x, "prefill_tokens_per_s", series)
     ax.set_xlabel("session arrival rate (sessions/s)")
@@ -164,7 +199,7 @@ def _bars(ax, labels: list[str], values: pd.Series, lo: pd.Series, hi: pd.Series
 def plot_cost_per_config(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     if "cost_per_1k_turns_usd" not in df:
         return []
-    series = varying(df)
+    series = label_columns(df)
     agg = _seed_mean(df, series, ["cost_per_1k_turns_usd"]) if series else _seed_mean(
         df.assign(_all="all"), ["_all"], ["cost_per_1k_turns_usd"])
     labels = [_label(r, series) for _, r in agg.iterrows()]
@@ -179,8 +214,9 @@ def plot_cost_per_config(df: pd.DataFrame, out_dir: Path) -> list[Path]:
 def _grouped_panels(df: pd.DataFrame, by: str, out_dir: Path, name: str, what: str) -> list[Path]:
     metrics = [(m, lab, s) for m, lab, s in [("ttft_mean_s", "TTFT mean (ms)", 1e3), ("ttft_p99_s", "TTFT p99 (ms)", 1e3),
                                              ("prefill_tokens_per_s", "prefill throughput (tokens/s)", 1.0),
-                                             ("miss_rate", "recomputed share (%)", 100.0)] if m in df]
-    series = varying(df, exclude=(by,))
+                                             ("miss_rate", "recomputed share (%)", 100.0),
+                                             ("cost_per_1k_turns_usd", "$ per 1,000 turns", 1.0)] if m in df]
+    series = series_for(df, by)
     keys = series + [by]
     agg = _seed_mean(df, keys, [m for m, _, _ in metrics])
     order = list(dict.fromkeys(df[by]))  # the spec's order, e.g. the full system first
@@ -202,7 +238,15 @@ def _grouped_panels(df: pd.DataFrame, by: str, out_dir: Path, name: str, what: s
     if series:
         axes[-1].legend(fontsize=7)
     fig.suptitle(_title(df, what))
+    fig.tight_layout()
     return _save(fig, out_dir, name)
+
+
+def plot_policy_by_model(df: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """The headline comparison: each policy's TTFT, prefill throughput and reuse, model by model."""
+    if "model" not in df or df["model"].nunique() < 2 or "policy.kind" not in df or df["policy.kind"].nunique() < 2:
+        return []
+    return _grouped_panels(df, "model", out_dir, "policy_by_model", "Recompute vs KV reuse, per model")
 
 
 def plot_ablation(df: pd.DataFrame, out_dir: Path) -> list[Path]:
@@ -212,8 +256,8 @@ def plot_ablation(df: pd.DataFrame, out_dir: Path) -> list[Path]:
 
 
 def plot_eviction(df: pd.DataFrame, out_dir: Path) -> list[Path]:
-    if "policy.eviction" not in df or df["policy.eviction"].nunique() < 2:
-        return []
+    if "policy.eviction" not in df or "policy.eviction" not in label_columns(df):
+        return []  # eviction varies only as part of named variants: the ablation figure shows it
     return _grouped_panels(df, "policy.eviction", out_dir, "eviction", "Eviction policies compared")
 
 
@@ -226,6 +270,7 @@ FIGURES: list[Callable[[pd.DataFrame, Path], list[Path]]] = [
     plot_cost_per_config,
     plot_ablation,
     plot_eviction,
+    plot_policy_by_model,
 ]
 
 

@@ -423,8 +423,21 @@ def run_sweep(spec: SweepSpec, out_dir: Path | None = None, jobs: int | None = N
         bar.close()
         table = writer.flush()
     failed = int((table["status"] == "error").sum())
-    return SweepOutcome(out_dir=out_dir, total=len(resolved), ran=len(todo), skipped=skipped, failed=failed,
-                        wall_s=time.perf_counter() - t0, table=table)
+    outcome = SweepOutcome(out_dir=out_dir, total=len(resolved), ran=len(todo), skipped=skipped, failed=failed,
+                           wall_s=time.perf_counter() - t0, table=table)
+    _log_run(out_dir, outcome, jobs, ray_address)
+    return outcome
+
+
+def _log_run(out_dir: Path, o: SweepOutcome, jobs: int | None, ray_address: str | None) -> None:
+    """One line per invocation in runs.jsonl: how long the sweep took, where, and how much it reran."""
+    log = out_dir / "runs.jsonl"
+    line = json.dumps({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": round(o.wall_s, 3),
+                       "total": o.total, "ran": o.ran, "skipped": o.skipped, "failed": o.failed,
+                       "backend": f"ray:{ray_address}" if ray_address else "processes",
+                       "jobs": jobs or os.cpu_count(), "cpu_count": os.cpu_count()})
+    old = log.read_text() if log.is_file() else ""
+    atomic_write_text(log, old + line + "\n")
 
 
 def _write_manifest(spec: SweepSpec, out_dir: Path) -> None:
