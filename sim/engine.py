@@ -47,19 +47,26 @@ class Job:
 
 
 class Recorder:
-    """Per-turn columns, filled by index (one row per turn)."""
+    """Per-turn columns, filled by index (one row per turn). Python lists: scalar stores into
+    numpy arrays cost several times more, and this is the simulator's hottest path."""
 
-    COLS = ("arrival_s", "admit_s", "ttft_s", "prefill_start_s", "prefill_s", "load_s", "fetch_wait_s", "finish_s",
-            "history_tokens", "hit_tokens", "computed_tokens", "bytes_loaded", "bytes_saved", "batch_size")
+    COLS = ("arrival_s", "admit_s", "ttft_s", "prefill_start_s", "prefill_s", "load_s", "fetch_wait_s",
+            "finish_s", "history_tokens", "hit_tokens", "computed_tokens", "bytes_loaded", "bytes_saved",
+            "batch_size", "prompt_tokens", "output_tokens")
 
     def __init__(self, n):
         self.n = n
+        nan = float("nan")
         for c in self.COLS:
-            setattr(self, c, np.full(n, np.nan))
-        self.hit_tier = np.zeros(n, dtype=np.int8)
-        self.truncated = np.zeros(n, dtype=bool)
-        self.prompt_tokens = np.zeros(n, dtype=np.int64)
-        self.output_tokens = np.zeros(n, dtype=np.int64)
+            setattr(self, c, [nan] * n)
+        self.hit_tier = [0] * n
+        self.truncated = [False] * n
+
+    def arrays(self) -> dict:
+        out = {c: np.asarray(getattr(self, c), dtype=float) for c in self.COLS}
+        out["hit_tier"] = np.asarray(self.hit_tier, dtype=np.int8)
+        out["truncated"] = np.asarray(self.truncated, dtype=bool)
+        return out
 
 
 class Replica:
@@ -104,13 +111,21 @@ class Replica:
         self.seq = 0
         self.sess_ctx = {}  # session -> context tokens after its last turn (post truncation)
         self.rec = Recorder(len(workload))
+        # plain lists: numpy scalars read one at a time are slow and would leak into the clock
+        self.w_session = list(workload.session)
+        self.w_prompt = workload.prompt_tokens.tolist()
+        self.w_output = workload.output_tokens.tolist()
+        self.w_arrival = workload.arrival_s.tolist()
+        self.w_think = workload.think_s.tolist()
+        self.w_next = workload.next_turn.tolist()
+        self.w_hashes = workload.prefix_hashes
         self.busy_prefill_s = 0.0
         self.busy_decode_s = 0.0
         self.stall_save_s = 0.0
         self.evictions = {"hbm": 0, "dram": 0, "ssd": 0}
         self.done = 0
-        for i in workload.first_turns:
-            heapq.heappush(self.arrivals, (float(workload.arrival_s[i]), int(i)))
+        for i in workload.first_turns.tolist():
+            heapq.heappush(self.arrivals, (float(workload.arrival_s[i]), i))
         self.proc = env.process(self.serve())
 
     # ---- the serving loop ------------------------------------------------------------------
@@ -186,11 +201,10 @@ class Replica:
 
     # ---- a turn becomes a job: truncation and reuse keys ----------------------------------
     def _make_job(self, i, t):
-        wl = self.wl
-        sid = wl.session[i]
-        prompt = int(wl.prompt_tokens[i])
-        output = int(wl.output_tokens[i])
-        hashes = wl.prefix_hashes[i]
+        sid = self.w_session[i]
+        prompt = self.w_prompt[i]
+        output = self.w_output[i]
+        hashes = self.w_hashes[i]
         W = self.window
         output = min(output, W - 1)
         if hashes is not None:
@@ -507,12 +521,12 @@ class Replica:
         if job.hist or not job.keys:
             self.sess_ctx[job.sid] = ctx
         self.done += 1
-        nxt = self.wl.next_turn[i]
+        nxt = self.w_next[i]
         if nxt >= 0:
-            t = self.wl.arrival_s[nxt]
+            t = self.w_arrival[nxt]
             if t != t:  # NaN: the user thinks after reading the reply
-                t = now + stall + self.wl.think_s[nxt]
-            heapq.heappush(self.arrivals, (max(float(t), now), int(nxt)))
+                t = now + stall + self.w_think[nxt]
+            heapq.heappush(self.arrivals, (t if t > now else now, nxt))
         return stall
 
     def _drop(self, e):
@@ -548,7 +562,7 @@ class Replica:
         if job.keys and not job.hist:  # prefix blocks of the input
             written = 0.0
             nb = BLOCK_TOKENS * self.kv_tok
-            hashes = self.wl.prefix_hashes[job.i]
+            hashes = self.w_hashes[job.i]
             for key in hashes[: job.prompt // BLOCK_TOKENS]:
                 e = self.index.get(key)
                 if e is not None:
@@ -582,7 +596,7 @@ class Replica:
         """Prefix caching in spare HBM (vLLM/SGLang-like): the finished KV stays, LRU-evicted."""
         if job.keys and not job.hist:
             nb = BLOCK_TOKENS * self.kv_tok
-            for key in self.wl.prefix_hashes[job.i][: job.prompt // BLOCK_TOKENS]:
+            for key in self.w_hashes[job.i][: job.prompt // BLOCK_TOKENS]:
                 e = self.index.get(key)
                 if e is not None:
                     e.tier.touch(e)

@@ -8,27 +8,31 @@ from sim.engine import TIER_CODES
 
 
 def turn_table(replica) -> pd.DataFrame:
-    wl, rec = replica.wl, replica.rec
-    first_token = rec.prefill_start_s + rec.prefill_s
-    df = pd.DataFrame({"session_id": wl.session, "turn": wl.turn, "arrival_s": rec.arrival_s})
-    df["queue_s"] = rec.admit_s - df["arrival_s"].to_numpy()
-    df["fetch_wait_s"] = rec.fetch_wait_s
-    df["load_s"] = rec.load_s
-    df["prefill_s"] = rec.prefill_s
-    df["ttft_s"] = rec.ttft_s
-    df["decode_s"] = rec.finish_s - first_token
-    df["finish_s"] = rec.finish_s
-    df["hit_tier"] = pd.Categorical.from_codes(rec.hit_tier, TIER_CODES)
-    df["history_tokens"] = rec.history_tokens.astype(np.int64)
-    df["prompt_tokens"] = rec.prompt_tokens
-    df["output_tokens"] = rec.output_tokens
-    df["hit_tokens"] = rec.hit_tokens.astype(np.int64)
-    df["computed_tokens"] = rec.computed_tokens.astype(np.int64)
-    df["truncated"] = rec.truncated
-    df["bytes_loaded"] = rec.bytes_loaded
-    df["bytes_saved"] = rec.bytes_saved
-    df["batch_size"] = rec.batch_size.astype(np.int64)
-    return df
+    wl = replica.wl
+    c = replica.rec.arrays()
+    first_token = c["prefill_start_s"] + c["prefill_s"]
+    return pd.DataFrame({
+        "session_id": wl.session,
+        "turn": wl.turn,
+        "arrival_s": c["arrival_s"],
+        "queue_s": c["admit_s"] - c["arrival_s"],
+        "fetch_wait_s": c["fetch_wait_s"],
+        "load_s": c["load_s"],
+        "prefill_s": c["prefill_s"],
+        "ttft_s": c["ttft_s"],
+        "decode_s": c["finish_s"] - first_token,
+        "finish_s": c["finish_s"],
+        "hit_tier": pd.Categorical.from_codes(c["hit_tier"], TIER_CODES),
+        "history_tokens": c["history_tokens"].astype(np.int64),
+        "prompt_tokens": c["prompt_tokens"].astype(np.int64),
+        "output_tokens": c["output_tokens"].astype(np.int64),
+        "hit_tokens": c["hit_tokens"].astype(np.int64),
+        "computed_tokens": c["computed_tokens"].astype(np.int64),
+        "truncated": c["truncated"],
+        "bytes_loaded": c["bytes_loaded"],
+        "bytes_saved": c["bytes_saved"],
+        "batch_size": c["batch_size"].astype(np.int64),
+    })
 
 
 def summarize(df: pd.DataFrame, replica, cfg) -> dict:
