@@ -258,6 +258,14 @@ class RooflineCost:
         self._kv_tok = s.kv_bytes_per_token_layer
         self._head_bytes = s.vocab * s.hidden * s.dtype_bytes
         self._head_flops = 2.0 * s.vocab * s.hidden
+        # decode_step_s is called twice per decode span: fold its constants once
+        F, BW, L = self._flops * self._mfu, self._bw * self._mbu, s.layers
+        self._d_lin = L * self._lin_flops_tok / F  # per sequence, compute side
+        self._d_att = L * self._attn_flops / F  # per context token, compute side
+        self._d_w = L * self._w_layer_bytes / BW  # weights read, memory side
+        self._d_kv = L * self._kv_tok / BW  # per context token, memory side
+        self._d_head_c = self._head_flops / F
+        self._d_head_m = self._head_bytes / BW
 
     def prefill_layer_s(self, new: float, hist: float) -> float:
         flops = self._lin_flops_tok * new + self._attn_flops * new * (hist + (new + 1) / 2.0)
@@ -269,12 +277,12 @@ class RooflineCost:
         return max(self._head_flops / (self._flops * self._mfu), self._head_bytes / (self._bw * self._mbu))
 
     def decode_step_s(self, batch: int, context_tokens: float) -> float:
-        """One iteration for `batch` sequences holding `context_tokens` tokens in total."""
-        flops = self._lin_flops_tok * batch + self._attn_flops * context_tokens
-        byts = self._w_layer_bytes + self._kv_tok * context_tokens
-        layer = max(flops / (self._flops * self._mfu), byts / (self._bw * self._mbu))
-        head = max(self._head_flops * batch / (self._flops * self._mfu), self._head_bytes / (self._bw * self._mbu))
-        return self.shape.layers * layer + head
+        """One iteration for `batch` sequences holding `context_tokens` tokens in total:
+        per layer max(FLOPs / (peak x MFU), bytes / (bandwidth x MBU)), plus the LM head."""
+        comp = self._d_lin * batch + self._d_att * context_tokens
+        mem = self._d_w + self._d_kv * context_tokens
+        head = self._d_head_c * batch
+        return (comp if comp > mem else mem) + (head if head > self._d_head_m else self._d_head_m)
 
     def preload_layer_overhead_s(self) -> float:
         return 0.0

@@ -74,14 +74,19 @@ class Replica:
         self.env, self.cfg, self.cost, self.wl = env, cfg, cost, workload
         pol = cfg.policy
         self.kind = pol.kind
+        self.store_on_host = pol.kind == "attentionstore"
+        self.reuse = pol.kind != "recompute"
         self.shape = shape = cost.shape
         self.L = shape.layers
         self.kv_tok = shape.kv_bytes_per_token
         self.kv_tok_layer = shape.kv_bytes_per_token_layer
         self.window = shape.max_context_tokens
         self.layerwise = pol.layerwise_preload
+        self.preload_overhead = cost.preload_layer_overhead_s()
         self.buffer_layers = pol.read_buffer_layers
         self.async_save = pol.async_save
+        sch = cfg.scheduler
+        self.max_batch, self.max_prefill_tokens, self.lookahead = sch.max_batch, sch.max_prefill_tokens, sch.lookahead_jobs
         self.fetch = pol.scheduler_aware_fetch and self.kind == "attentionstore"
         self.aware = pol.eviction == "scheduler_aware"
         self.decoupled = pol.truncation == "decoupled_pe"
@@ -190,7 +195,7 @@ class Replica:
             t, i = heapq.heappop(arr)
             job = self._make_job(i, t)
             self.queue.append(job)
-            if self.fetch and len(self.queue) <= self.cfg.scheduler.lookahead_jobs:
+            if self.fetch and len(self.queue) <= self.lookahead:
                 self.new_in_window.append(job)
 
     def _take_releases(self, now):
@@ -241,7 +246,7 @@ class Replica:
         if not self.aware:
             return None
         prot = {}
-        for pos, job in enumerate(islice(self.queue, self.cfg.scheduler.lookahead_jobs)):
+        for pos, job in enumerate(islice(self.queue, self.lookahead)):
             for key in job.keys:
                 prot.setdefault(key, pos)
         return prot
@@ -272,7 +277,7 @@ class Replica:
     def _plan(self, job, now):
         """Find the reusable KV and what must be computed and held in HBM."""
         hit, entries = 0, []
-        if self.kind != "recompute" and job.keys:
+        if self.reuse and job.keys:
             if job.hist:  # a session's history: one entry
                 e = self.index.get(job.sid)
                 if e is not None:
@@ -291,7 +296,10 @@ class Replica:
                 hit = len(entries) * BLOCK_TOKENS
         job.hit, job.hit_entries = hit, entries
         job.computed = job.ctx_in - hit
-        in_hbm = sum(e.nbytes for e in entries if e.tier is self.hbm)
+        in_hbm = 0.0
+        for e in entries:
+            if e.tier is self.hbm:
+                in_hbm += e.nbytes
         full = (job.ctx_in + job.output) * self.kv_tok
         if self.ra_factor != 1.0 and hit:
             full -= hit * self.kv_tok * (1.0 - self.ra_factor)
@@ -305,13 +313,12 @@ class Replica:
         q = self.queue
         if not q:
             return None
-        sch = self.cfg.scheduler
-        room = sch.max_batch - self.n_running
+        room = self.max_batch - self.n_running
         batch, tokens = [], 0
         while q and room > 0:
             job = q[0]
             self._plan(job, now)
-            if batch and tokens + job.computed > sch.max_prefill_tokens:
+            if batch and tokens + job.computed > self.max_prefill_tokens:
                 break
             for e in job.hit_entries:  # pin before evicting so the hit survives
                 e.users += 1
@@ -328,7 +335,7 @@ class Replica:
             room -= 1
             for e in job.hit_entries:
                 e.tier.touch(e)
-            W = sch.lookahead_jobs
+            W = self.lookahead
             if self.fetch and len(q) >= W > 0:
                 self._prefetch(q[W - 1], now)
         return batch
@@ -372,7 +379,7 @@ class Replica:
                 load_j += chunk / min(cost.ssd_read_bw(chunk), cost.h2d_bw(chunk))
                 ssd_bytes += ssd_b
             if load_j:
-                load_j += cost.preload_layer_overhead_s()
+                load_j += self.preload_overhead
                 load_layer += load_j
             compute_layer += cost.prefill_layer_s(job.computed, job.hit)
             head += cost.prefill_head_s(job.computed)
@@ -390,7 +397,7 @@ class Replica:
             self.h2d.busy_s += load_layer * L
             self.h2d.bytes_moved += loaded
         save = 0.0
-        if self.kind == "attentionstore" and not self.async_save:
+        if self.store_on_host and not self.async_save:
             # synchronous saving: the new prompt KV is written back before decoding resumes
             nb = sum(j.computed for j in batch) * self.kv_tok
             save = nb / cost.d2h_bw(nb / L)
@@ -423,7 +430,7 @@ class Replica:
     def _after_prefill(self, batch, now):
         stall = 0.0
         for job in batch:
-            if self.kind == "attentionstore" and self.async_save:
+            if self.store_on_host and self.async_save:
                 # asynchronous saving (§3.3): the prompt KV drains through D2H while decoding goes on
                 nb = job.computed * self.kv_tok
                 job.save_end = self.d2h.transfer(now, nb, self.cost.d2h_bw(nb / self.L))
@@ -443,27 +450,33 @@ class Replica:
     # ---- decode spans -------------------------------------------------------------------
     def _decode_span(self, now):
         B = self.n_running
+        S = self.ctx_sum
         kmax = self.running[0][0] - self.iter_count
-        a = self.cost.decode_step_s(B, self.ctx_sum)
-        d = 0.0
-        if kmax > 1:
-            d = (self.cost.decode_step_s(B, self.ctx_sum + B * (kmax - 1)) - a) / (kmax - 1)
+        step = self.cost.decode_step_s
+        a = step(B, S)
+        # iteration times grow linearly with context inside a span: t_j = a + d j
+        d = (step(B, S + B * (kmax - 1)) - a) / (kmax - 1) if kmax > 1 else 0.0
         k = kmax
-        total = kmax * a + d * kmax * (kmax - 1) / 2.0
-        cut = math.inf
-        if self.arrivals:
-            cut = self.arrivals[0][0] - now
+        total = kmax * a + d * kmax * (kmax - 1) * 0.5
+        cut = self.arrivals[0][0] - now if self.arrivals else math.inf
         if self.queue and self.releases:
-            cut = min(cut, self.releases[0][0] - now)
+            r = self.releases[0][0] - now
+            if r < cut:
+                cut = r
         if cut < total:
+            if cut < 0.0:
+                cut = 0.0
             # fewest iterations whose summed time reaches the cut: k a + d k(k-1)/2 >= cut
             if d > 1e-15:
-                b = a - d / 2.0
-                k = int(math.ceil((-b + math.sqrt(b * b + 2.0 * d * max(cut, 0.0))) / d))
+                b = a - d * 0.5
+                k = int(math.ceil((math.sqrt(b * b + 2.0 * d * cut) - b) / d))
             else:
-                k = int(math.ceil(max(cut, 0.0) / a)) if a > 0 else 1
-            k = min(max(k, 1), kmax)
-            total = k * a + d * k * (k - 1) / 2.0
+                k = int(math.ceil(cut / a)) if a > 0 else 1
+            if k < 1:
+                k = 1
+            elif k > kmax:
+                k = kmax
+            total = k * a + d * k * (k - 1) * 0.5
         self.busy_decode_s += total
         return total, k
 
@@ -490,14 +503,14 @@ class Replica:
         ctx = job.ctx_in + job.output
         stall = 0.0
         release_at = now
-        if self.kind == "attentionstore":
+        if self.store_on_host:
             saved = self._save_to_host(job, ctx, now)
             rest = saved - job.saved_prompt_bytes
             if rest < 0:
                 rest = 0.0
             if self.async_save:
                 end = self.d2h.transfer(now, rest, self.cost.d2h_bw(rest / self.L)) if rest else job.save_end
-                release_at = max(end, job.save_end)
+                release_at = end if end > job.save_end else job.save_end
             else:
                 stall = rest / self.cost.d2h_bw(max(rest, 1.0) / self.L)
                 self.stall_save_s += stall
