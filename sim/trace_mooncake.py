@@ -114,7 +114,8 @@ def read_mooncake(path, strict: bool = False) -> tuple[pd.DataFrame, ImportRepor
             hashes.append(h)
     report.rows_used = len(lines)
     if not lines:
-        raise KvsimError(f"{path}: no usable rows ({report.rows_read} read, all skipped)")
+        first = f"; first: {report.examples[0]}" if report.examples else ""
+        raise KvsimError(f"{path}: no usable rows ({report.rows_read} read, all skipped{first})")
     width = len(str(max(lines)))
     df = pd.DataFrame({
         "session_id": [f"mc{n:0{width}d}" for n in lines],  # the source line: traceable and unique
