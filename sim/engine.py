@@ -33,10 +33,11 @@ NONE, MISS, HBM, DRAM, SSD = range(5)
 class Job:
     __slots__ = ("i", "sid", "arrival", "keys", "hist", "prompt", "output", "ctx_in", "hit", "hit_entries",
                  "computed", "res_bytes", "done_iter", "ctx", "prefill_end", "save_end", "truncated",
-                 "saved_prompt_bytes", "admitted")
+                 "saved_prompt_bytes", "admitted", "blocks")
 
-    def __init__(self, i, sid, arrival, keys, hist, prompt, output, truncated):
+    def __init__(self, i, sid, arrival, keys, hist, prompt, output, truncated, blocks=False):
         self.i, self.sid, self.arrival, self.keys = i, sid, arrival, keys
+        self.blocks = blocks  # reuse by shared prefix blocks (Mooncake) rather than by session
         self.hist, self.prompt, self.output, self.truncated = hist, prompt, output, truncated
         self.ctx_in = hist + prompt
         self.hit = 0
@@ -216,12 +217,13 @@ class Replica:
             # Mooncake-style request: reuse is of the input's own leading blocks, from any request
             trunc = prompt + output > W
             prompt = min(prompt, W - output)
-            return Job(i, sid, t, reusable_block_keys(hashes, prompt), 0, prompt, output, trunc)
+            return Job(i, sid, t, reusable_block_keys(hashes, prompt), 0, prompt, output, trunc, blocks=True)
         hist = self.sess_ctx.get(sid, 0)
         prompt = min(prompt, W - output)
         kept = min(hist, W - prompt - output)
         # history overflowing the window: drop the oldest tokens (CachedAttention §3.5)
-        job = Job(i, sid, t, (sid,) if hist else (), kept, prompt, output, kept < hist)
+        # a history truncated to nothing has nothing to reuse
+        job = Job(i, sid, t, (sid,) if kept else (), kept, prompt, output, kept < hist)
         return job
 
     # ---- scheduler-aware fetching (§3.4) ------------------------------------------------------
@@ -278,7 +280,7 @@ class Replica:
         """Find the reusable KV and what must be computed and held in HBM."""
         hit, entries = 0, []
         if self.reuse and job.keys:
-            if job.hist:  # a session's history: one entry
+            if not job.blocks:  # a session's history: one entry
                 e = self.index.get(job.sid)
                 if e is not None:
                     if job.truncated and not self.decoupled:
@@ -357,7 +359,7 @@ class Replica:
                     if code < HBM:
                         code = HBM
                     continue
-                b = e.nbytes * (job.hit / e.tokens) if job.hist else e.nbytes
+                b = e.nbytes if job.blocks else e.nbytes * (job.hit / e.tokens)
                 if self.ra_factor != 1.0:
                     b *= self.ra_factor
                 if t is dram:
@@ -531,7 +533,7 @@ class Replica:
         else:
             self.hbm.reserved -= job.res_bytes
             rec.bytes_saved[i] = 0.0
-        if job.hist or not job.keys:
+        if not job.blocks:
             self.sess_ctx[job.sid] = ctx
         self.done += 1
         nxt = self.w_next[i]
@@ -572,7 +574,7 @@ class Replica:
 
     def _save_to_host(self, job, ctx, now) -> float:
         """Write the turn's new KV to DRAM (spilling to SSD if DRAM cannot hold it); return bytes written."""
-        if job.keys and not job.hist:  # prefix blocks of the input
+        if job.blocks:  # prefix blocks of the input
             written = 0.0
             nb = BLOCK_TOKENS * self.kv_tok
             hashes = self.w_hashes[job.i]
@@ -607,7 +609,7 @@ class Replica:
 
     def _keep_in_hbm(self, job, ctx, now):
         """Prefix caching in spare HBM (vLLM/SGLang-like): the finished KV stays, LRU-evicted."""
-        if job.keys and not job.hist:
+        if job.blocks:
             nb = BLOCK_TOKENS * self.kv_tok
             for key in self.w_hashes[job.i][: job.prompt // BLOCK_TOKENS]:
                 e = self.index.get(key)

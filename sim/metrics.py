@@ -45,13 +45,17 @@ def summarize(df: pd.DataFrame, replica, cfg) -> dict:
     makespan = float(np.nanmax(df["finish_s"])) - start if n else 0.0
     gpu_busy = replica.busy_prefill_s + replica.busy_decode_s + replica.stall_save_s
     ctx_tokens = float((df["history_tokens"] + df["prompt_tokens"]).sum())
-    hours = makespan / 3600.0
+    # Cost of the work: GPU, DRAM and SSD are bought together, so all of them are charged for the
+    # GPU-busy hours this workload needs (what a saturated fleet pays per turn). The provisioned
+    # cost charges the same hardware for the whole makespan, idle time included.
     p = cfg.prices
-    gpu_cost = cfg.gpu.count * p.gpu_per_hour_usd * gpu_busy / 3600.0
     store = cfg.policy.kind == "attentionstore"
-    dram_gb = cfg.host.dram_bytes / 1e9 if store else 0.0
-    ssd_gb = cfg.ssd.bytes / 1e9 if store else 0.0
-    storage_cost = (dram_gb * p.dram_per_gb_hour_usd + ssd_gb * p.ssd_per_gb_hour_usd) * hours
+    gpu_per_h = cfg.gpu.count * p.gpu_per_hour_usd
+    storage_per_h = ((cfg.host.dram_bytes / 1e9) * p.dram_per_gb_hour_usd
+                     + (cfg.ssd.bytes / 1e9) * p.ssd_per_gb_hour_usd) if store else 0.0
+    busy_h = gpu_busy / 3600.0
+    gpu_cost = gpu_per_h * busy_h
+    storage_cost = storage_per_h * busy_h
     cost = gpu_cost + storage_cost
     out = {
         "name": cfg.name,
@@ -93,5 +97,6 @@ def summarize(df: pd.DataFrame, replica, cfg) -> dict:
         "storage_cost_usd": storage_cost,
         "cost_usd": cost,
         "cost_per_1k_turns_usd": 1000.0 * cost / n if n else 0.0,
+        "provisioned_cost_usd": (gpu_per_h + storage_per_h) * makespan / 3600.0,
     }
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in out.items()}

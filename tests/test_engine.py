@@ -192,3 +192,13 @@ def test_think_time_distributions_have_the_configured_mean(dist):
     x = draw_think_times(np.random.default_rng(0), 200_000, 30.0, dist, 1.0)
     assert x.mean() == pytest.approx(30.0, rel=0.02)
     assert (x.std() == 0) == (dist == "fixed")
+
+
+@pytest.mark.parametrize("policy", ["recompute", "hbm_prefix", "attentionstore"])
+def test_a_turn_that_fills_the_whole_window_drops_all_history(policy):
+    # turn 1's prompt + reply fill the window: nothing of turn 0 can be kept
+    df = _two_turns(p0=300, o0=50, p1=1400, o1=100)
+    res, _ = _run(df, **{"policy.kind": policy, "max_context_tokens": 1500})
+    t = res.turns.set_index("turn")
+    assert t.loc[1, "truncated"] and t.loc[1, "history_tokens"] == 0 and t.loc[1, "hit_tokens"] == 0
+    assert t.loc[1, "hit_tier"] == "none"
