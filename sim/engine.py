@@ -108,6 +108,8 @@ class Replica:
         self.ssd_r, self.ssd_w = Link("ssd_read"), Link("ssd_write")
         self.queue = deque()
         self.new_in_window = []  # arrivals inside the look-ahead window, fetched after admission
+        self.queue_version = 0  # bumped on every enqueue/dequeue: keys the cached look-ahead map
+        self._prot, self._prot_version = None, -1
         self.arrivals = []  # heap (t, turn index)
         self.releases = []  # heap (t, seq, bytes): HBM freed when a write-back ends
         self.running = []  # heap (done_iter, seq, job)
@@ -150,7 +152,7 @@ class Replica:
                 # fetch only for jobs that really wait: one admitted now loads layer-wise from SSD
                 for job in self.new_in_window:
                     if not job.admitted:
-                        self._prefetch(job, now)
+                        self._prefetch(job, job.arrival)
                 self.new_in_window.clear()
             if batch:
                 dt = self._prefill(batch, now)
@@ -196,6 +198,7 @@ class Replica:
             t, i = heapq.heappop(arr)
             job = self._make_job(i, t)
             self.queue.append(job)
+            self.queue_version += 1
             if self.fetch and len(self.queue) <= self.lookahead:
                 self.new_in_window.append(job)
 
@@ -245,13 +248,16 @@ class Replica:
                 e.ready_at = end
 
     def _protected(self):
+        """Keys the look-ahead window will read -> queue position; rebuilt only when the queue changed."""
         if not self.aware:
             return None
-        prot = {}
-        for pos, job in enumerate(islice(self.queue, self.lookahead)):
-            for key in job.keys:
-                prot.setdefault(key, pos)
-        return prot
+        if self._prot_version != self.queue_version:
+            prot = {}
+            for pos, job in enumerate(islice(self.queue, self.lookahead)):
+                for key in job.keys:
+                    prot.setdefault(key, pos)
+            self._prot, self._prot_version = prot, self.queue_version
+        return self._prot
 
     def _make_room(self, tier, nbytes, now, after_pos=math.inf, prot=None) -> bool:
         """Evict from `tier` until `nbytes` fit: DRAM victims move to SSD, SSD and HBM victims are dropped.
@@ -261,7 +267,7 @@ class Replica:
         """
         if tier.free >= nbytes:
             return True
-        if nbytes > tier.capacity:
+        if nbytes > tier.capacity or not tier.entries:
             return False
         if prot is None:
             prot = self._protected()
@@ -329,6 +335,7 @@ class Replica:
                     e.users -= 1
                 break
             q.popleft()
+            self.queue_version += 1
             job.admitted = True
             self.hbm.reserved += job.res_bytes
             self.hbm._peak()
@@ -460,7 +467,9 @@ class Replica:
         d = (step(B, S + B * (kmax - 1)) - a) / (kmax - 1) if kmax > 1 else 0.0
         k = kmax
         total = kmax * a + d * kmax * (kmax - 1) * 0.5
-        cut = self.arrivals[0][0] - now if self.arrivals else math.inf
+        # an arrival changes the batch only if it can be admitted at once: not while the batch is
+        # full, nor behind a queued job (FCFS); it is then taken at the span's end, at its own time
+        cut = self.arrivals[0][0] - now if self.arrivals and not self.queue and B < self.max_batch else math.inf
         if self.queue and self.releases:
             r = self.releases[0][0] - now
             if r < cut:
