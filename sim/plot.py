@@ -105,6 +105,7 @@ def _seed_mean(df: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.Data
 
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
     paths = []
     for ext in ("png", "pdf"):
         p = out_dir / f"{name}.{ext}"

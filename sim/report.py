@@ -50,17 +50,32 @@ CLAIMS = (
 
 
 def _load(root: Path) -> dict[str, pd.DataFrame]:
+    """Each part's successful points, averaged over seeds (tables quote means, never a lucky seed)."""
     parts = {}
     for p in PARTS:
         if (root / p / POINTS_FILE).is_file():
             df = read_points(root / p)
-            parts[p] = df[df["status"] == "ok"].copy()
+            parts[p] = seed_mean(df[df["status"] == "ok"])
     return parts
+
+
+def seed_mean(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean of every numeric result over the seeds of each configuration; `seeds` counts them."""
+    from sim.plot import param_columns
+
+    keys = [c for c in param_columns(df) if c != "seed"]
+    num = [c for c in df.columns if c not in keys and c not in ("seed", "point", "wall_s")
+           and pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])]
+    g = df.groupby([df[k].astype(str) if df[k].dtype == object else df[k] for k in keys], dropna=False, sort=False)
+    out = g[num].mean()
+    out["seeds"] = g.size()
+    out = out.reset_index()
+    return out
 
 
 def _paired(df: pd.DataFrame, by: list[str], base: str = "recompute", new: str = "attentionstore") -> pd.DataFrame:
     """One row per configuration `by` with the recompute and AttentionStore summaries side by side."""
-    keys = by + (["seed"] if "seed" in df else [])
+    keys = by
     a = df[df["policy.kind"] == new].set_index(keys)
     b = df[df["policy.kind"] == base].set_index(keys)
     common = a.index.intersection(b.index)
@@ -92,6 +107,8 @@ def best_gains(parts: dict[str, pd.DataFrame]) -> list[tuple[float, str]]:
 
 
 def _verdict(c: Claim, val: float) -> str:
+    if val > c.paper_value * 1.05:
+        return "exceeded (see Differences)"
     if val >= c.paper_value * 0.9:
         return "reproduced"
     return "same direction, smaller" if (val > 0 if c.kind == "reduction" else val > 1) else "NOT reproduced"
@@ -284,12 +301,15 @@ def _figure_sections(root: Path, parts: dict[str, pd.DataFrame]) -> list[str]:
             s.append(_img(root, "ablation", "ablation"))
     if "eviction" in parts:
         e = parts["eviction"]
-        piv = e.pivot_table(index="host.dram_bytes", columns="policy.eviction", values=["miss_rate", "ttft_mean_s"])
+        piv = e.pivot_table(index="host.dram_bytes", columns="policy.eviction",
+                            values=["hit_rate_dram", "miss_rate", "ttft_mean_s"])
         pols = [p for p in ("scheduler_aware", "lru", "fifo") if p in e["policy.eviction"].unique()]
-        rows = [[_gb(d)] + [f"{1 - piv.loc[d, ('miss_rate', p)]:.1%} / {_ms(piv.loc[d, ('ttft_mean_s', p)])}"
-                            for p in pols] for d in piv.index]
+        rows = [[_gb(d)] + [f"{piv.loc[d, ('hit_rate_dram', p)]:.0%} / {piv.loc[d, ('miss_rate', p)]:.1%} / "
+                            f"{_ms(piv.loc[d, ('ttft_mean_s', p)])}" for p in pols] for d in piv.index]
         s.append("## Eviction policies compared\n")
-        s.append("Cell: share of reusable turns served from a tier (1 − recomputed) / TTFT mean.\n")
+        s.append("Cell: served from DRAM / recomputed (shares of the turns with history to reuse) / TTFT mean. "
+                 "The SSD behind DRAM catches most of what DRAM evicts, so the policies differ mainly in how "
+                 "often a turn has to wait for its history to come up from SSD.\n")
         s.append(_table(["DRAM / GPU"] + pols, rows))
         s.append(_img(root, "eviction", "eviction"))
     return s
@@ -297,45 +317,57 @@ def _figure_sections(root: Path, parts: dict[str, pd.DataFrame]) -> list[str]:
 
 def _differences_section(parts: dict[str, pd.DataFrame], cfg: dict) -> list[str]:
     s = ["## Differences from the paper, and why the numbers differ\n"]
+    m = parts.get("models")
+    hbm_note = ""
+    if m is not None and not m.empty and "hbm_prefix" in set(m["policy.kind"]):
+        h = _paired(m, ["model"], new="hbm_prefix")
+        a = _paired(m, ["model"])
+        hg = 1 - h["ttft_mean_s"] / h["ttft_mean_s_re"]
+        ag = 1 - a["ttft_mean_s"] / a["ttft_mean_s_re"]
+        hbm_note = (f" Here `hbm_prefix` cuts mean TTFT by {hg.min():.0%}–{hg.max():.0%} against recompute, "
+                    f"AttentionStore by {ag.min():.0%}–{ag.max():.0%}.")
     items = [
         "**Simulated, not measured.** The paper measures its own serving system on real A100s. kvsim replays "
         "the same mechanisms as events over a roofline cost model (prefill at peak FLOPs × MFU, decode at HBM "
         "bandwidth × MBU, copies at link bandwidths) unless a measured hardware profile from `kvsim gpu "
-        "calibrate` is given; these runs use the roofline. Kernel launch overheads, attention-kernel "
-        "efficiency at short lengths and framework overheads are not in it, so absolute TTFTs are lower "
-        "than a real system's and the gap between computing and loading a history depends on the assumed MFU.",
-        "**Workload size and load.** The paper replays ShareGPT at its own request rates; here the first "
-        f"{cfg.get('workload', {}).get('max_sessions', '?')} sessions of the committed ShareGPT slice arrive as a "
-        "Poisson process at an assumed rate, so the whole reproduction runs in minutes on 2 cores. TTFT gains "
-        "grow with queueing: at low load a recomputed prefill costs only its own compute, at high load it also "
-        "delays everyone behind it. The paper's maxima come from its most loaded settings; `paper/rate` shows "
-        "how kvsim's gain moves with load.",
+        "calibrate` is given; these runs use the roofline. Kernel launch and framework overheads and the "
+        "efficiency of real attention kernels at short lengths are not in it, so absolute TTFTs are not a "
+        "real system's, and the balance between computing and loading a history rests on the assumed MFU "
+        "and link bandwidths.",
+        "**Workload size and load.** The paper replays ShareGPT at its own request rates; here "
+        f"{cfg.get('workload', {}).get('max_sessions', '?')} sessions of the committed ShareGPT slice "
+        "(`traces/sharegpt_small.parquet`) arrive as a Poisson process at an assumed rate, so the whole "
+        "reproduction runs in well under the few minutes allowed on 2 cores. How much a recomputed prefill "
+        "delays the turns queued behind it depends on that load; `paper/rate` shows how kvsim's gains move "
+        "with it.",
         "**Baselines.** The paper's baseline recomputes the whole history every turn in its own engine; kvsim's "
         "`recompute` does the same inside kvsim's continuous-batching scheduler. kvsim also runs `hbm_prefix` "
-        "(HBM-only prefix caching, vLLM/SGLang-style), which the paper's headline does not compare against; "
-        "when HBM alone holds most live sessions (light load, small models) it comes close to AttentionStore.",
-        "**GPU counts, DRAM and SSD per replica.** The paper's testbed is a 4 × A100-80GB node with a DRAM+SSD "
-        "store; which models ran on how many GPUs, and the exact DRAM/SSD sizes, are taken as marked in "
-        "`configs/paper/base.yaml` and `configs/paper/sweeps/models.yaml` ([assumed] where the paper was not "
-        "checked). The store scales with the replica's GPUs (128 GB DRAM + 2.5 TB SSD per GPU).",
+        "(HBM-only prefix caching, vLLM/SGLang-style), which the paper's headline does not compare against."
+        + hbm_note,
+        "**GPU counts, DRAM and SSD per replica.** The paper's testbed is a node of A100-80GB GPUs with a "
+        "DRAM + SSD store; which models ran on how many GPUs, and the exact DRAM/SSD sizes, are taken as marked "
+        "in `configs/paper/base.yaml` and `configs/paper/sweeps/models.yaml` ([assumed] where not checked "
+        "against the paper). The store scales with the replica's GPUs (128 GB DRAM + 2.5 TB SSD per GPU).",
         "**Cost model.** kvsim charges GPUs for their busy seconds and the store (DRAM + SSD) for the whole "
-        "makespan at the config's prices (`sim/metrics.py`); prices are assumed cloud list prices, not the "
-        "paper's. Under light load the GPU is mostly idle, so the storage charge can outweigh the saved GPU "
-        "time and AttentionStore can look *more* expensive per turn; the paper's cost saving assumes GPUs "
-        "kept busy (cost follows throughput).",
+        "makespan at the config's prices (`sim/metrics.py`); the prices are assumed cloud list prices, not the "
+        "paper's. Whether reuse pays for its store then depends on how much of the GPU time prefill takes and "
+        "on the price of DRAM next to a GPU hour (numbers below when the claim is not reproduced).",
         "**Prefill throughput** is counted as context tokens (history + new prompt) per second of GPU prefill "
-        "time, the paper's notion of effective prefilling throughput; it is not tokens actually computed.",
+        "time — how we read the paper's prefilling throughput — not tokens actually computed.",
         "**Mechanism details.** Layer-wise pre-loading is a closed-form pipeline over per-layer load and "
         "compute times with a read buffer; asynchronous saving overlaps the write-back with decode; scheduler-"
         "aware fetching and eviction use a look-ahead window of the FCFS queue. Their sizes and the paper's "
         "exact heuristics differ (see `sim/engine.py`); the truncation variant models the paper's decoupled "
         "positional encoding as \"a truncated history stays reusable\" vs \"truncation invalidates it\".",
-        "**One seed per point** in the paper sweeps (to fit the time budget); `configs/sweeps/` runs two.",
+        "**Seeds.** Every point runs with several seeds (the Poisson session arrivals are redrawn); "
+        "tables quote the mean over seeds, figures the mean with min–max bars. The paper reports single runs.",
     ]
-    m = parts.get("models")
     if m is not None and not m.empty:
         g = _gains(m, ["model"])
         for c, (best, where) in zip(CLAIMS, best_gains(parts)):
+            if best > c.paper_value:
+                items.append(_beyond_paper(c, best, where))
+                continue
             if best >= c.paper_value * 0.9:
                 continue
             why = ""
@@ -372,6 +404,27 @@ def _differences_section(parts: dict[str, pd.DataFrame], cfg: dict) -> list[str]
             items.append(f"**{c.what}: kvsim's best is {c.fmt(best)} ({where}), the paper's {c.paper}.**{why}")
     s += [f"{i + 1}. {t}" for i, t in enumerate(items)]
     return s + [""]
+
+
+def _beyond_paper(c: Claim, best: float, where: str) -> str:
+    """kvsim beating the paper is a difference to explain too, not a success to claim."""
+    from sim.models import MODELS
+
+    model = where.split()[0]
+    why = ""
+    if model in MODELS:
+        m = MODELS[model]
+        kv = m.kv_bytes_per_token / 2**20
+        mha = [x for x in MODELS.values() if x.kv_heads == x.heads and x.layers == m.layers and x.name != model]
+        why = (f" The best case is {model}, whose {m.kv_heads} KV heads (of {m.heads} query heads) make its KV "
+               f"{kv:.2f} MiB per token")
+        why += (f" against {mha[0].kv_bytes_per_token / 2**20:.2f} MiB for {mha[0].name} with as many layers"
+                if mha else "")
+        why += (": loading a history costs little next to recomputing it, so reuse wins by more.")
+    return (f"**{c.what}: kvsim's best ({c.fmt(best)}, {where}) exceeds the paper's {c.paper}.**{why} The "
+            f"simulation is also optimistic about the reuse path: copies run at the configured link bandwidth "
+            f"with the overlap the closed-form pipeline allows, and no per-copy software overhead is charged. "
+            f"Read the excess as a property of the simulation, not as evidence that the paper's system would reach it.")
 
 
 def paper_claims_table() -> list[dict]:
