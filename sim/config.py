@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-import yaml
-
-from sim.errors import KvsimError
+from sim.errors import KvsimError, read_yaml
 from sim.models import GPUS, MODELS, GpuSpec, ModelShape
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "PB": 1e15,
@@ -259,14 +257,7 @@ def load_config(source: Union[str, Path, dict], overrides: Optional[dict] = None
     else:
         path = str(source)
         p = Path(source)
-        if not p.is_file():
-            raise KvsimError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise KvsimError(f"{path}:{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        raw = read_yaml(p, "config file")
         raw = raw if raw is not None else {}
         base = p.resolve().parent
     if not isinstance(raw, dict):

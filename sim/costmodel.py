@@ -23,12 +23,9 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
-import yaml
-
-from sim.errors import KvsimError
+from sim.errors import KvsimError, read_yaml
 from sim.models import ModelShape
 
 SCHEMA = "kvsim-hardware-profile/1"
@@ -222,14 +219,7 @@ def parse_profile(raw: dict, path: str = "<profile>") -> HardwareProfile:
 
 
 def load_profile(path) -> HardwareProfile:
-    p = Path(path)
-    if not p.is_file():
-        raise KvsimError(f"{path}: hardware profile not found")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise KvsimError(f"{path}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse_profile(raw, str(path))
+    return parse_profile(read_yaml(path, "hardware profile"), str(path))
 
 
 # --- the cost back ends ---------------------------------------------------------------------------

@@ -10,3 +10,20 @@ def where(path, key):
     if path and key:
         return f"{path}: {key}"
     return str(path or key or "<input>")
+
+
+def read_yaml(path, what: str, hint: str = ""):
+    """Parse a YAML file or raise a one-line KvsimError: '<file>: <what> not found' or '<file>: line N: invalid YAML'."""
+    from pathlib import Path
+
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise KvsimError(f"{path}: {what} not found{hint}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}:" if mark else ""
+        raise KvsimError(f"{path}:{line} invalid YAML: {getattr(exc, 'problem', None) or str(exc).splitlines()[0]}") from None
