@@ -52,6 +52,7 @@ def register(subparsers) -> None:
                         "the default) or any summary metric, e.g. cost_per_1k_turns_usd")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--jobs", "-j", type=int, default=None, help="simulations at once (default: all CPU cores)")
+    p.add_argument("--out", type=Path, help="also write plan.csv (every simulation) and plan.png/.pdf here")
     p.set_defaults(func=cmd_plan)
 
 
@@ -130,7 +131,7 @@ def _overrides(items: list[str]) -> dict:
 
 def cmd_plan(args) -> int:
     from sim.config import load_config
-    from sim.plan import capacity_ladder, format_plan, parse_slo, plan_capacity, simulator_evaluator
+    from sim.plan import capacity_ladder, format_plan, parse_slo, plan_capacity, simulator_evaluator, write_plan
 
     slo = parse_slo(args.slo)
     overrides = _overrides(args.set)
@@ -160,4 +161,7 @@ def cmd_plan(args) -> int:
         close()
     print(f"plan for {args.config} with {overrides or 'no overrides'}")
     print(format_plan(plan, args.cost))
+    if args.out:
+        for path in write_plan(plan, args.cost, args.out):
+            print(f"wrote {path}")
     return 0 if plan.best is not None else 1

@@ -288,3 +288,55 @@ def format_plan(plan: Plan, cost_metric: str) -> str:
                      f"the answer may not be the least capacity. First: "
                      f"{plan.monotonicity_violations[0][0]} vs {plan.monotonicity_violations[0][1]}")
     return "\n".join(lines)
+
+
+def plan_table(plan: Plan, cost_metric: str) -> "pd.DataFrame":
+    """Every evaluated point as a table (one row per simulation), the frontier marked."""
+    import pandas as pd
+
+    frontier = {(f.gpus, f.ssd_bytes, f.dram_bytes) for f in plan.frontier if f.dram_bytes is not None}
+    best = (plan.best.gpus, plan.best.ssd_bytes, plan.best.dram_bytes) if plan.best else None
+    rows = [{"gpus": c.gpus, "dram_bytes": c.dram_bytes, "ssd_bytes": c.ssd_bytes, plan.slo.metric: e.value,
+             cost_metric: e.cost, "meets_slo": plan.slo.met(e.value),
+             "frontier": (c.gpus, c.ssd_bytes, c.dram_bytes) in frontier,
+             "cheapest": (c.gpus, c.ssd_bytes, c.dram_bytes) == best}
+            for c, e in sorted(plan.evaluations.items(), key=lambda kv: (kv[0].gpus, kv[0].ssd_bytes, kv[0].dram_bytes))]
+    return pd.DataFrame(rows)
+
+
+def write_plan(plan: Plan, cost_metric: str, out_dir) -> list:
+    """plan.csv (every simulation) and plan.png/.pdf (the SLO metric vs DRAM per GPU count and SSD size)."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = plan_table(plan, cost_metric)
+    tmp = out / ".plan.csv.tmp"
+    df.to_csv(tmp, index=False)
+    tmp.replace(out / "plan.csv")
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (g, ssd), d in df.groupby(["gpus", "ssd_bytes"]):
+        ax.plot(d["dram_bytes"] / 1e9, d[plan.slo.metric], "-o", ms=4, label=f"{g} GPU, SSD {ssd / 1e9:,.0f} GB")
+    ax.axhline(plan.slo.threshold, color="k", ls="--", lw=1, label=f"SLO {plan.slo}")
+    if plan.best is not None:
+        ax.plot([plan.best.dram_bytes / 1e9], [plan.best.evaluation.value], "r*", ms=14, label="cheapest meeting SLO")
+    ax.set_xlabel("DRAM per replica (GB)")
+    unit = " (ms)" if plan.slo.metric.endswith("_ms") else (" (s)" if plan.slo.metric.endswith("_s") else "")
+    ax.set_ylabel(plan.slo.metric + unit)
+    ax.set_title(f"Capacity plan: points the bisection evaluated")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths = [out / "plan.csv"]
+    for ext in ("png", "pdf"):
+        tmp = out / f".plan.tmp.{ext}"
+        fig.savefig(tmp, dpi=130)
+        tmp.replace(out / f"plan.{ext}")
+        paths.append(out / f"plan.{ext}")
+    plt.close(fig)
+    return paths

@@ -108,3 +108,48 @@ def test_monotonicity_violations_flag_a_bigger_cache_that_breaks_the_slo():
     evals = {Candidate(1, 10, 0): Evaluation(90.0, 1.0), Candidate(1, 20, 0): Evaluation(120.0, 2.0),
              Candidate(1, 30, 0): Evaluation(80.0, 3.0)}
     assert monotonicity_violations(evals, slo) == [(Candidate(1, 10, 0), Candidate(1, 20, 0))]
+
+
+def test_plan_end_to_end_on_the_simulator_meets_the_slo_it_prints(tmp_path, capsys):
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    from sim.cli import main
+
+    rng = np.random.default_rng(0)
+    rows = [{"session_id": f"s{s}", "turn": t, "arrival_s": 2.0 * s if t == 0 else None,
+             "think_s": None if t == 0 else 5.0, "prompt_tokens": int(rng.integers(50, 400)),
+             "output_tokens": int(rng.integers(20, 200))}
+            for s in range(60) for t in range(4)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "trace.parquet", index=False)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"model": "llama2-13b", "workload": {"trace": "trace.parquet"}}))
+    from sim.config import load_config
+    from sim.runner import run_simulation
+
+    def p99_ms(dram):
+        cfg = load_config(tmp_path / "base.yaml", {"host.dram_bytes": dram, "ssd.bytes": 0,
+                                                   "workload.session_rate_per_s": 0.5})
+        return run_simulation(cfg).summary["ttft_p99_s"] * 1e3
+
+    lo, hi = p99_ms(0), p99_ms("64GB")
+    assert hi < lo  # the store helps on this workload, so there is something to plan
+    slo = (lo + hi) / 2
+    rc = main(["plan", "--config", str(tmp_path / "base.yaml"), "--slo", f"ttft_p99_ms<={slo}", "--rate", "0.5",
+               "--dram-max", "64GB", "--dram-step", "4GB", "--ssd", "0", "--jobs", "1", "--out", str(tmp_path / "plan")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "cheapest configuration meeting" in out
+    table = pd.read_csv(tmp_path / "plan" / "plan.csv")
+    best = table[table["cheapest"]].iloc[0]
+    assert best["meets_slo"] and 0 < best["dram_bytes"] <= 64e9
+    # the answer is the least evaluated DRAM that meets the SLO, and the ladder step below it was seen to miss
+    below = table[table["dram_bytes"] < best["dram_bytes"]]
+    assert not below["meets_slo"].any() and (best["dram_bytes"] - 4e9) in set(below["dram_bytes"])
+    assert len(table) < 17  # bisection over the 17-step ladder, not the grid
+    assert (tmp_path / "plan" / "plan.png").stat().st_size > 5000
+    # an impossible SLO: no answer, exit 1, and the curve is still printed
+    rc = main(["plan", "--config", str(tmp_path / "base.yaml"), "--slo", "ttft_p99_ms<=0", "--dram-max", "64GB",
+               "--dram-step", "32GB", "--ssd", "0", "--jobs", "1"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "NO configuration in the searched range meets ttft_p99_ms<=0" in out
+    assert "evaluated points (1 simulations)" in out
