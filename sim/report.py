@@ -348,10 +348,10 @@ def _differences_section(parts: dict[str, pd.DataFrame], cfg: dict) -> list[str]
         "DRAM + SSD store; which models ran on how many GPUs, and the exact DRAM/SSD sizes, are taken as marked "
         "in `configs/paper/base.yaml` and `configs/paper/sweeps/models.yaml` ([assumed] where not checked "
         "against the paper). The store scales with the replica's GPUs (128 GB DRAM + 2.5 TB SSD per GPU).",
-        "**Cost model.** kvsim charges GPUs for their busy seconds and the store (DRAM + SSD) for the whole "
-        "makespan at the config's prices (`sim/metrics.py`); the prices are assumed cloud list prices, not the "
+        "**Cost model.** `cost_per_1k_turns_usd` is kvsim's cost of the work (`sim/metrics.py` defines which "
+        "hours the GPUs and the store are charged for); the prices are assumed cloud list prices, not the "
         "paper's. Whether reuse pays for its store then depends on how much of the GPU time prefill takes and "
-        "on the price of DRAM next to a GPU hour (numbers below when the claim is not reproduced).",
+        "on the price of DRAM and SSD next to a GPU hour (numbers below when the claim is not reproduced).",
         "**Prefill throughput** is counted as context tokens (history + new prompt) per second of GPU prefill "
         "time — how we read the paper's prefilling throughput — not tokens actually computed.",
         "**Mechanism details.** Layer-wise pre-loading is a closed-form pipeline over per-layer load and "
@@ -397,7 +397,7 @@ def _differences_section(parts: dict[str, pd.DataFrame], cfg: dict) -> list[str]
                 prefill = g["gpu_prefill_s_re"] / g["gpu_busy_s_re"]
                 why = (f" AttentionStore saves {saved.min():.0%}–{saved.max():.0%} of recompute's GPU cost "
                        f"(under recompute, prefill is only {prefill.min():.0%}–{prefill.max():.0%} of GPU busy time; "
-                       f"decode is unchanged), while the store's DRAM + SSD, charged for the whole makespan, adds "
+                       f"decode is unchanged), while the store's DRAM + SSD charge adds "
                        f"{added.min():.0%}–{added.max():.0%} of recompute's cost. The paper's −70% needs prefill "
                        f"to dominate GPU time (long histories, short replies) and the store to be cheap next to "
                        f"the GPU hours it saves; prices here are assumed list prices, not the paper's.")
