@@ -9,7 +9,7 @@ replayed at its timestamp (``arrival_s = timestamp / 1000``).
 
 ``chain_sessions`` is an optional second view: a request whose hash_ids extend an earlier request's
 hash_ids is taken as the next turn of that request's conversation (the pattern CachedAttention serves,
-arXiv 2403.19708 §2.2), turning the trace into multi-turn sessions without block hashes.
+arXiv 2403.19708), turning the trace into multi-turn sessions without block hashes.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """ShareGPT conversations -> canonical multi-turn trace.
 
-The workload of CachedAttention (arXiv 2403.19708, §2.2 and §5) is ShareGPT: real multi-turn chats whose
+The workload of CachedAttention (arXiv 2403.19708: motivation and evaluation) is ShareGPT: real multi-turn chats whose
 every turn re-sends the whole history. Here each ShareGPT element becomes one session; each user message
 (with any system message before it) and the assistant reply after it become one turn:
 ``prompt_tokens`` = tokens of the new user message plus the chat-template tokens around it,

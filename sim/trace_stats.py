@@ -2,7 +2,7 @@
 
 "Reusable" assumes an infinite cache, i.e. it is the ceiling any tiering policy can reach:
   * multi-turn rows: a turn's input is the session history (all earlier prompts and replies, the KV that
-    CachedAttention keeps, arXiv 2403.19708 §3) plus its new prompt; the history part is reusable;
+    CachedAttention keeps, arXiv 2403.19708) plus its new prompt; the history part is reusable;
   * rows with ``prefix_hashes`` (Mooncake): the input is ``prompt_tokens``; the leading blocks that an
     earlier request already had are reusable (``trace_mooncake.reusable_prefix_tokens``).
 """

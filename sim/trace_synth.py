@@ -9,9 +9,9 @@ What is fitted, and how (``fit``):
     Empirical quantiles rather than a lognormal fit: ShareGPT lengths are heavy-tailed and multi-modal
     (pasted code, truncated replies), which a lognormal would smooth away.
   * session arrivals: a Poisson process at ``session_rate_per_s``; think time between a reply and the
-    next user turn: exponential with mean ``think_time_mean_s`` (CachedAttention, arXiv 2403.19708,
-    replays ShareGPT sessions this way; the numbers themselves are the defaults stated in
-    traces/README.md).
+    next user turn: exponential with mean ``think_time_mean_s``. Both are fitted from the source trace,
+    whose own arrivals are the chosen defaults stated in traces/README.md (not numbers from the
+    CachedAttention paper, arXiv 2403.19708, which we could not confirm).
 
 ``prompt_scale`` / ``output_scale`` stretch the fitted lengths for sweeps over length; ``n_sessions`` and
 ``session_rate_per_s`` set the load: ``dataclasses.replace(SynthSpec.default(), n_sessions=..., ...)``.
