@@ -506,6 +506,20 @@ def _execute_all(points: list[ResolvedPoint], jobs: int | None, ray_address: str
             raise
 
 
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on a wrong host:port; ray.init itself retries for minutes before giving up."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # 'auto' or a form Ray resolves itself
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as exc:
+        raise KvsimError(f"--ray {address}: cannot reach the Ray cluster: {exc}") from None
+
+
 def _execute_ray(points: list[ResolvedPoint], address: str, runner: Callable, jobs: int | None):
     """Run points as Ray tasks on the cluster at `address` ('local' starts one here with `jobs` CPUs).
 
@@ -520,6 +534,7 @@ def _execute_ray(points: list[ResolvedPoint], address: str, runner: Callable, jo
         if address == "local":
             kwargs["num_cpus"] = jobs or os.cpu_count()
         else:
+            _check_reachable(address)
             kwargs["address"] = address
         try:
             ray.init(**kwargs)

@@ -155,3 +155,10 @@ def test_sweep_runs_on_a_local_ray_instance(tmp_path):
             ray.shutdown()
     assert (res.ran, res.failed) == (2, 0)
     assert set(read_points(tmp_path / "out")["status"]) == {"ok"}
+
+
+def test_unreachable_ray_address_is_a_one_line_user_error(tmp_path, capsys):
+    spec_path = _setup(tmp_path, {"grid": {"policy.kind": ["recompute"]}})
+    assert main(["sweep", str(spec_path), "--ray", "127.0.0.1:1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--ray 127.0.0.1:1" in err
