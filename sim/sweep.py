@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pandas as pd
-import yaml
 
-from sim.errors import KvsimError
+from sim.errors import KvsimError, read_yaml
 
 POINTS_FILE = "points.parquet"
 SPEC_KEYS = {"name", "base", "overrides", "variants", "grid", "zip", "seeds", "description", "out"}
@@ -104,13 +103,7 @@ class SweepOutcome:
 def load_sweep_spec(path) -> SweepSpec:
     """Read and validate a sweep spec; every problem raises KvsimError naming file and key."""
     path = Path(path)
-    if not path.is_file():
-        raise KvsimError(f"{path}: sweep spec not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise KvsimError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_sweep_spec(raw, path)
+    return parse_sweep_spec(read_yaml(path, "sweep spec"), path)
 
 
 def parse_sweep_spec(raw: Any, path: Path) -> SweepSpec:
