@@ -27,7 +27,7 @@ _REQUIRED = ["session_id", "turn", "prompt_tokens", "output_tokens"]
 
 
 def read_trace(path) -> pd.DataFrame:
-    """Load a canonical trace (.parquet, .jsonl or .csv) and validate it."""
+    """Load a canonical trace (.parquet, .jsonl or .csv) and validate it; errors name file:line."""
     path = Path(path)
     if not path.exists():
         raise KvsimError(f"{path}: trace file not found")
@@ -44,11 +44,31 @@ def read_trace(path) -> pd.DataFrame:
         raise
     except Exception as exc:  # pyarrow / json errors carry long messages: keep the first line
         raise KvsimError(f"{path}: cannot read trace: {str(exc).splitlines()[0]}") from None
-    return validate_trace(df, path)
+    # line of row 0 in the file: JSONL has none before it, CSV a header; parquet has no lines
+    first_line = {".jsonl": 1, ".json": 1, ".csv": 2}.get(path.suffix)
+    return validate_trace(df, path, first_line)
 
 
-def validate_trace(df: pd.DataFrame, path="<trace>") -> pd.DataFrame:
-    """Check schema and values; return a copy with canonical dtypes, sorted by session and turn."""
+def _plain(v):
+    """numpy scalars print as np.int64(4): show users the plain value."""
+    return v.item() if hasattr(v, "item") else v
+
+
+def _hashes(v):
+    """None, or a list of ints: JSONL gives NaN for a missing list and parquet gives numpy arrays."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return [int(x) for x in v]
+
+
+def validate_trace(df: pd.DataFrame, path="<trace>", first_line=None) -> pd.DataFrame:
+    """Check schema and values; return a copy with canonical dtypes, sorted by session and turn.
+
+    Rows are named by their file line when `first_line` is given, else by their 0-based index.
+    """
+    def at(row):
+        return f"{path}:{first_line + row}" if first_line is not None else f"{path}: row {row}"
+
     missing = [c for c in _REQUIRED if c not in df.columns]
     if missing:
         raise KvsimError(f"{path}: missing column(s) {', '.join(missing)}; expected columns {COLUMNS}")
@@ -72,15 +92,20 @@ def validate_trace(df: pd.DataFrame, path="<trace>") -> pd.DataFrame:
         if bad.any():
             row = int(bad.to_numpy().nonzero()[0][0])
             need = "an integer >= 1" if col == "output_tokens" else "an integer >= 0"
-            raise KvsimError(f"{path}: row {row}: {col}={df[col].iloc[row]!r}, expected {need}")
+            raise KvsimError(f"{at(row)}: {col}={_plain(df[col].iloc[row])!r}, expected {need}")
         df[col] = vals.astype("int64")
     for col in ("arrival_s", "think_s"):
         vals = pd.to_numeric(df[col], errors="coerce")
         bad = (vals < 0) | vals.isin([math.inf])
         if bad.any():
             row = int(bad.to_numpy().nonzero()[0][0])
-            raise KvsimError(f"{path}: row {row}: {col}={df[col].iloc[row]!r}, expected a finite number >= 0")
+            raise KvsimError(f"{at(row)}: {col}={_plain(df[col].iloc[row])!r}, expected a finite number >= 0")
         df[col] = vals.astype("float64")
+    try:
+        df["prefix_hashes"] = [_hashes(v) for v in df["prefix_hashes"]]
+    except (TypeError, ValueError):
+        bad = next(i for i, v in enumerate(df["prefix_hashes"]) if not _hashes_ok(v))
+        raise KvsimError(f"{at(bad)}: prefix_hashes={df['prefix_hashes'].iloc[bad]!r}, expected a list of integers") from None
     df = df.sort_values(["session_id", "turn"], kind="stable").reset_index(drop=True)
     first = df["turn"].to_numpy()
     sess = df["session_id"].to_numpy()
@@ -98,6 +123,14 @@ def validate_trace(df: pd.DataFrame, path="<trace>") -> pd.DataFrame:
         r = df[later].iloc[0]
         raise KvsimError(f"{path}: session {r.session_id!r} turn {r.turn}: needs arrival_s or think_s")
     return df[COLUMNS]
+
+
+def _hashes_ok(v) -> bool:
+    try:
+        _hashes(v)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def write_trace(df: pd.DataFrame, path) -> Path:

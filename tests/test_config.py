@@ -47,3 +47,24 @@ def test_cli_missing_config_file_exits_2(tmp_path):
     p = subprocess.run([sys.executable, "-m", "sim.cli", "run", str(tmp_path / "nope.yaml")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "config file not found" in p.stderr
+
+
+def test_bad_trace_row_is_named_by_file_line(tmp_path):
+    from sim.trace import read_trace
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"session_id": "a", "turn": 0, "arrival_s": 0, "prompt_tokens": 5, "output_tokens": 3}\n'
+                 '{"session_id": "b", "turn": 0, "arrival_s": 1, "prompt_tokens": -4, "output_tokens": 3}\n')
+    with pytest.raises(KvsimError, match=r"t\.jsonl:2: prompt_tokens=-4, expected an integer >= 0"):
+        read_trace(p)
+
+
+def test_trace_prefix_hashes_read_back_as_lists_or_none(tmp_path):
+    import pandas as pd
+    from sim.trace import read_trace, write_trace
+    df = pd.DataFrame([dict(session_id="a", turn=0, arrival_s=0.0, prompt_tokens=600, output_tokens=3,
+                            prefix_hashes=[7, 8]),
+                       dict(session_id="b", turn=0, arrival_s=1.0, prompt_tokens=5, output_tokens=3,
+                            prefix_hashes=None)])
+    for ext in ("parquet", "jsonl"):
+        back = read_trace(write_trace(df, tmp_path / f"t.{ext}"))
+        assert back["prefix_hashes"].tolist() == [[7, 8], None]
