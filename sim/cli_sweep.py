@@ -1,7 +1,6 @@
 """`kvsim sweep`, `kvsim plot`, `kvsim report` and `kvsim plan`: registered on the lead's `kvsim` parser."""
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 

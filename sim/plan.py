@@ -290,7 +290,7 @@ def format_plan(plan: Plan, cost_metric: str) -> str:
     return "\n".join(lines)
 
 
-def plan_table(plan: Plan, cost_metric: str) -> "pd.DataFrame":
+def plan_table(plan: Plan, cost_metric: str):
     """Every evaluated point as a table (one row per simulation), the frontier marked."""
     import pandas as pd
 
@@ -328,7 +328,7 @@ def write_plan(plan: Plan, cost_metric: str, out_dir) -> list:
     ax.set_xlabel("DRAM per replica (GB)")
     unit = " (ms)" if plan.slo.metric.endswith("_ms") else (" (s)" if plan.slo.metric.endswith("_s") else "")
     ax.set_ylabel(plan.slo.metric + unit)
-    ax.set_title(f"Capacity plan: points the bisection evaluated")
+    ax.set_title("Capacity plan: points the bisection evaluated")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

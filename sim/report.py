@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from sim.errors import KvsimError
 from sim.sweep import POINTS_FILE, atomic_write_text, read_points
