@@ -1,8 +1,9 @@
 """Capacity planning: the cheapest DRAM/SSD (and GPU count) that meets a latency SLO.
 
 The search leans on monotonicity instead of a grid.  With the workload and the GPUs fixed, more
-DRAM can only keep more sessions' KV one hop closer to HBM (CachedAttention, Sec. 3.3 and 4.3:
-hit rate, hence saved prefill, grows with store capacity), so an SLO metric such as TTFT p99 is
+DRAM can only keep more sessions' KV one hop closer to HBM (CachedAttention's hierarchical store,
+Sec. 3: a bigger tier holds more sessions, so more turns reuse instead of recomputing), so an SLO
+metric such as TTFT p99 is
 non-increasing in DRAM: the configurations that meet the SLO form an interval [d*, max] and d* is
 found by bisection on a ladder of DRAM sizes in O(log n) simulations.  SSD capacity enters the
 same way, so d*(ssd) is non-increasing in SSD size; walking a small SSD ladder upwards, the last

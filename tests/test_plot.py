@@ -69,6 +69,17 @@ def test_ablation_eviction_and_rate_sweeps_under_one_root_each_get_their_figures
     assert "paper/rate/plots/prefill_vs_rate.png" in names
 
 
+def test_an_axis_that_rides_along_with_the_model_gets_no_curve_of_its_own(tmp_path):
+    # as in paper/models: DRAM and GPU count are zipped with the model, policy is a grid axis
+    zipped = [("llama2-7b", 1, 128), ("llama2-13b", 1, 128), ("llama2-70b", 4, 512)]
+    _fixture_points(tmp_path / "models", [
+        _row(i, model=m, **{"gpu.count": g, "host.dram_bytes": d * GB, "policy.kind": k})
+        for i, ((m, g, d), k) in enumerate(itertools.product(zipped, ["recompute", "attentionstore"]))])
+    names = {p.name for p in plot_sweep(tmp_path / "models")}
+    assert "policy_by_model.png" in names and "cost_per_config.png" in names
+    assert not any(n.startswith(("ttft_vs_dram", "hit_rate_vs_dram")) for n in names)
+
+
 def test_plot_of_a_directory_without_results_is_a_user_error(tmp_path):
     with pytest.raises(KvsimError, match="no points.parquet"):
         plot_sweep(tmp_path)
