@@ -181,40 +181,53 @@ def prefill_layer_grid(shape: M.DecoderShape, new_tokens: list[int], history_tok
             def run(x, h=h):
                 for _ in range(STACK):
                     x = M.layer_forward(model, 0, x, cache, h)
-            ms = time_cuda_ms(run, setup, warmup=2, reps=5)
+            ms = time_cuda_ms(run, setup, warmup=2, reps=9 if n <= 512 else 5)
             rows.append({"new_tokens": n, "history_tokens": h, "stack_ms": ms, "ms": median(ms) / STACK})
     return {"rows": rows, "new_tokens": new_tokens, "history_tokens": history_tokens}
 
 
 def decode_layer_grid(shape: M.DecoderShape, batch: list[int], context_tokens: list[int],
                       mem_cap_bytes: float = 20e9) -> dict:
-    """ms of one decoder layer in one decode step: B sequences, each attending over `ctx` tokens."""
+    """ms of one decoder layer in one decode step: B sequences, each attending over `ctx` tokens.
+
+    Timed the way the executor decodes: CUDA-graph replays (gpu.decode_graph), a stack of STACK
+    layers plus the head in one graph, minus a graph of the head alone; the head's own time is kept
+    as head_ms.decode. Context values should be multiples of the executor's graph bucket (256), so
+    the bucket timed is the context itself.
+    """
+    from gpu.decode_graph import DecodeGraphs
+
     model = _stack_model(shape, max(context_tokens))
-    rows = []
+    rows, heads = [], {}
     tok_bytes = shape.kv_bytes_per_token_layer(2)
     for b in batch:
         for c in context_tokens:
             if b * c * tok_bytes > mem_cap_bytes:
-                rows.append({"batch": b, "context_tokens": c, "stack_ms": [], "ms": None})
-                continue
-            cache = M.new_kv_cache(shape, 1, b, c, "cuda", torch.bfloat16)[0]
+                raise ValueError(f"decode grid point b={b} ctx={c} needs more than {mem_cap_bytes:.0f} bytes")
+            cache = M.new_kv_cache(shape, 1, b, c, "cuda", torch.bfloat16)
+            cache.normal_()
+            layers = DecodeGraphs(model, [cache], batch=b, stack=[(0, 0)] * STACK, buckets=[c])
+            only_head = DecodeGraphs(model, [cache], batch=b, stack=[], buckets=[c])
 
-            def setup(b=b, c=c, cache=cache):
-                cache[:, :c - 1].normal_()
-                return torch.randn(b, 1, shape.hidden, device="cuda", dtype=torch.bfloat16)
-
-            def run(x, c=c, cache=cache):
-                for _ in range(STACK):
-                    x = M.layer_forward(model, 0, x, cache, c - 1)   # attends over c tokens
-            ms = time_cuda_ms(run, setup, warmup=2, reps=5)
-            rows.append({"batch": b, "context_tokens": c, "stack_ms": ms, "ms": median(ms) / STACK})
-            del cache
-    return {"rows": rows, "batch": batch, "context_tokens": context_tokens}
+            def setup(b=b):   # fresh tokens each repeat
+                layers.cur.copy_(torch.randint(0, shape.vocab, (b, 1), device="cuda"))
+                only_head.cur.copy_(layers.cur)
+            t_all = time_cuda_ms(lambda _: layers.step(0, c - 1), setup, warmup=3, reps=9)
+            t_head = time_cuda_ms(lambda _: only_head.step(0, c - 1), setup, warmup=3, reps=9)
+            heads.setdefault(b, []).extend(t_head)
+            rows.append({"batch": b, "context_tokens": c, "stack_ms": t_all, "head_ms": t_head,
+                         "ms": (median(t_all) - median(t_head)) / STACK})
+            del layers, only_head, cache
+        torch.cuda.empty_cache()
+    return {"rows": rows, "batch": batch, "context_tokens": context_tokens,
+            "head": [{"batch": b, "samples_ms": v, "ms": median(v)} for b, v in heads.items()],
+            "method": "cuda_graph"}
 
 
 def head_times(shape: M.DecoderShape, new_tokens: list[int], batch: list[int]) -> dict:
-    """Outside the layers: prefill = embed n tokens + final norm + lm_head on the last one + argmax;
-    decode = embed B tokens + final norm + lm_head on B rows + argmax (gpu.model.prefill_head/decode)."""
+    """Outside the layers: prefill = embed n tokens + final norm + lm_head on the last one + argmax
+    (gpu.model.prefill_head, eager as in the executor); decode: the same, eager, for reference only
+    (the executor decodes in graphs: decode_layer_grid times that head)."""
     model = M.random_decoder(shape, 16, "cuda", torch.bfloat16, layers=0)
     pre, dec = [], []
     for n in new_tokens:

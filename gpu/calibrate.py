@@ -19,9 +19,9 @@ from sim.costmodel import SCHEMA, parse_profile
 PREFILL_NEW = [1, 16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192]
 PREFILL_HIST = [0, 256, 512, 1024, 2048, 3072, 4096, 6144, 8192]
 DECODE_BATCH = [1, 2, 4, 8, 16, 32, 64]
-DECODE_CTX = [128, 512, 1024, 2048, 4096, 8192]
+DECODE_CTX = [256, 512, 1024, 2048, 3072, 4096, 6144, 8192]   # multiples of the graph bucket
 QUICK = dict(prefill_new=[1, 64, 512, 2048], prefill_hist=[0, 512, 2048], decode_batch=[1, 8],
-             decode_ctx=[128, 2048])
+             decode_ctx=[256, 2048])
 
 
 def atomic_write_text(path, text: str) -> Path:
@@ -56,8 +56,8 @@ def profile_from_raw(raw: dict) -> dict:
                                        for b in dc["batch"]]},
             "head_ms": {"prefill": {"new_tokens": [r["new_tokens"] for r in m["head"]["prefill"]],
                                     "ms": [round(r["ms"], 5) for r in m["head"]["prefill"]]},
-                        "decode": {"batch": [r["batch"] for r in m["head"]["decode"]],
-                                   "ms": [round(r["ms"], 5) for r in m["head"]["decode"]]}},
+                        "decode": {"batch": [r["batch"] for r in dc["head"]],
+                                   "ms": [round(r["ms"], 5) for r in dc["head"]]}},
         }
         if m.get("preload_layer_overhead_ms") is not None:
             models[name]["preload_layer_overhead_ms"] = round(m["preload_layer_overhead_ms"], 5)

@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from gpu import model as M
+from gpu.decode_graph import DecodeGraphs
 from gpu.kvstore import DiskStore, HostArena, aligned_host_bytes, layer_view, unpin
 
 TIERS = ("recompute", "hbm", "dram", "ssd")
@@ -110,7 +111,8 @@ class Executor:
     """Serves turns of sessions, one at a time, on `model` following `plan`."""
 
     def __init__(self, model: M.Decoder, plan: ServePlan, max_ctx: int, max_new: int,
-                 host_bytes: int = 0, ssd_dir=None, poison: bool = False, arena: HostArena | None = None):
+                 host_bytes: int = 0, ssd_dir=None, poison: bool = False, arena: HostArena | None = None,
+                 decode: str = "graph", graph_bucket: int = 256):
         self.model, self.plan, self.max_ctx, self.max_new = model, plan, max_ctx, max_new
         s = model.shape
         self.L = s.layers
@@ -121,7 +123,16 @@ class Executor:
         self.token_bytes = s.kv_bytes_per_token_layer(model.dtype.itemsize)
         # Two working caches, used by turns in alternation, so that a turn's reply KV can be saved
         # while the next turn already loads into the other one.
-        self.work = [M.new_kv_cache(s, self.L, 1, max_ctx, self.dev, model.dtype) for _ in range(2)]
+        # Zeroed, not empty: graphed decode attends over a whole bucket with the tail masked, and
+        # masked garbage that happens to be NaN would still poison the softmax-weighted sum.
+        ctx_alloc = -(-max_ctx // graph_bucket) * graph_bucket
+        self.work = [torch.zeros((self.L, 1, ctx_alloc, 2, s.kv_heads, s.head_dim), device=self.dev,
+                                 dtype=model.dtype) for _ in range(2)]
+        if decode not in ("graph", "eager"):
+            raise ValueError(f"decode {decode!r}, expected 'graph' or 'eager'")
+        # HBM hits decode in the session's own cache, which no graph was captured for: eager there.
+        self.dgraph = (DecodeGraphs(model, self.work, bucket=graph_bucket)
+                       if decode == "graph" and plan.tier != "hbm" else None)
         self.work_free = [None, None]   # event: last save out of this working cache done
         self.turn_no = 0
         if self.cuda:
@@ -215,9 +226,12 @@ class Executor:
                 self.load_stream.wait_event(self.work_free[wi])
         self.turn_no += 1
         if self.poison:
-            # NaN everywhere the turn may read: a layer whose history was never loaded poisons the logits.
-            # (An HBM hit keeps its history in place: poison only what lies beyond it.)
-            W[:, :, (sess.kv_tokens if plan.tier == "hbm" else 0):].fill_(float("nan"))
+            # NaN where this turn's history must land: a layer whose history was never loaded poisons
+            # the logits. (An HBM hit keeps its history in place: there, poison what lies beyond it.)
+            if plan.tier == "hbm":
+                W[:, :, sess.kv_tokens:].fill_(float("nan"))
+            else:
+                W[:, :, :sess.kv_tokens].fill_(float("nan"))
             if plan.tier == "ssd":
                 self.bounce.fill_(float("nan"))
 
@@ -294,11 +308,18 @@ class Executor:
         pos = hist + n
         if output_tokens > 1:
             toks = torch.empty(output_tokens - 1, dtype=torch.long, device=self.dev)
-            cur = tok.view(1, 1)
-            for j in range(output_tokens - 1):
-                cur = M.decode_step(self.model, cur, W, pos)
-                pos += 1
-                toks[j] = cur[0, 0]
+            if self.dgraph is not None:
+                self.dgraph.cur.copy_(tok.view(1, 1))
+                for j in range(output_tokens - 1):
+                    cur = self.dgraph.step(wi, pos)
+                    pos += 1
+                    toks[j] = cur[0, 0]
+            else:
+                cur = tok.view(1, 1)
+                for j in range(output_tokens - 1):
+                    cur = M.decode_step(self.model, cur, W, pos)
+                    pos += 1
+                    toks[j] = cur[0, 0]
             out += toks.tolist()           # synchronises: the reply is complete
         end_s = time.perf_counter() - clock0
         decode_ms = (time.perf_counter() - t_dec) * 1e3

@@ -24,8 +24,10 @@ def run_grid(model, plans, histories, news, reps: int = 3, ssd_dir="/tmp/kvsim_s
     max_ctx = max(histories) + max(news) + 8
     tok_bytes = model.shape.kv_bytes_per_token_layer(model.dtype.itemsize) * model.shape.layers
     for plan in plans:
+        # Output of one token: no decode, so no decode graphs to capture.
         ex = Executor(model, plan, max_ctx=max_ctx, max_new=max(max(news), max(histories)) + 8,
-                      host_bytes=len(histories) * max_ctx * tok_bytes + (1 << 20), ssd_dir=ssd_dir)
+                      host_bytes=len(histories) * max_ctx * tok_bytes + (1 << 20), ssd_dir=ssd_dir,
+                      decode="eager")
         t_plan = time.perf_counter()
         try:
             for h in histories:

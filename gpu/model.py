@@ -82,6 +82,8 @@ def _rand(shape, fan_in, gen, device, dtype):
 
 
 def random_layer(shape: DecoderShape, device, dtype, seed: int = 0) -> LayerWeights:
+    if shape.kv_heads != shape.heads:
+        raise ValueError(f"{shape.name}: grouped-query attention is not modelled (LLaMA-2 7B/13B have none)")
     gen = torch.Generator(device=device).manual_seed(seed)
     qkv_out = (shape.heads + 2 * shape.kv_heads) * shape.head_dim
     return LayerWeights(
@@ -124,52 +126,55 @@ def new_kv_cache(shape: DecoderShape, layers: int, batch: int, ctx: int, device,
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+    # torch's own op: one fused kernel on CUDA where available (every launch counts, see layer_forward)
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
 def _rotate(x, cos, sin):
     half = x.shape[-1] // 2
     rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rot * sin
+    return torch.addcmul(x * cos, rot, sin)
+
+
+def _residual_matmul(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x + a @ w.T as one GEMM with beta = 1 (saves a launch per call)."""
+    B, n, d = x.shape
+    return torch.addmm(x.reshape(B * n, d), a.reshape(B * n, a.shape[-1]), w.T).view(B, n, d)
 
 
 def layer_forward(model: Decoder, li: int, x: torch.Tensor, cache: torch.Tensor, start: int,
                   w: LayerWeights | None = None) -> torch.Tensor:
     """One decoder layer over n new tokens at positions [start, start + n).
 
-    x: [B, n, hidden]; cache: this layer's KV, [B, ctx, 2, kv_heads, head_dim], holding tokens [0, start)
+    x: [B, n, hidden]; cache: this layer's KV, [B, ctx, 2, heads, head_dim], holding tokens [0, start)
     (loaded from a tier or computed earlier). The new tokens' K, V are written at [start, start + n) and
     attention runs over [0, start + n) with the causal mask aligned bottom-right (new token j sees all
     history and new tokens <= j).
+
+    Written for few kernel launches (fused norm, q and k rotated together, residual adds folded into
+    the GEMMs): at small n a layer is bound by the host's launch rate, not by the GPU.
     """
     s = model.shape
     w = model.layers[li] if w is None else w
     B, n, _ = x.shape
-    h = rms_norm(x, w.attn_norm)
-    qkv = (h @ w.wqkv.T).view(B, n, s.heads + 2 * s.kv_heads, s.head_dim)
-    q, k, v = qkv.split([s.heads, s.kv_heads, s.kv_heads], dim=2)
-    cos = model.rope_cos[start:start + n].view(1, n, 1, s.head_dim)
-    sin = model.rope_sin[start:start + n].view(1, n, 1, s.head_dim)
-    q = _rotate(q, cos, sin)
-    cache[:, start:start + n, 0] = _rotate(k, cos, sin)
-    cache[:, start:start + n, 1] = v
-    keys = cache[:, :start + n, 0].transpose(1, 2)       # [B, kv_heads, T, D], strided view, no copy
+    qkv = (rms_norm(x, w.attn_norm) @ w.wqkv.T).view(B, n, 3, s.heads, s.head_dim)
+    cos = model.rope_cos[start:start + n].view(1, n, 1, 1, s.head_dim)
+    sin = model.rope_sin[start:start + n].view(1, n, 1, 1, s.head_dim)
+    qk = _rotate(qkv[:, :, :2], cos, sin)
+    cache[:, start:start + n, 0] = qk[:, :, 1]
+    cache[:, start:start + n, 1] = qkv[:, :, 2]
+    keys = cache[:, :start + n, 0].transpose(1, 2)       # [B, heads, T, D], strided view, no copy
     vals = cache[:, :start + n, 1].transpose(1, 2)
-    if s.kv_heads != s.heads:
-        rep = s.heads // s.kv_heads
-        keys, vals = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
-    qh = q.transpose(1, 2)
+    qh = qk[:, :, 0].transpose(1, 2)
     if n == 1:
         o = F.scaled_dot_product_attention(qh, keys, vals)
     elif start == 0:
         o = F.scaled_dot_product_attention(qh, keys, vals, is_causal=True)
     else:
         o = F.scaled_dot_product_attention(qh, keys, vals, attn_mask=causal_lower_right(n, start + n))
-    x = x + o.transpose(1, 2).reshape(B, n, s.heads * s.head_dim) @ w.wo.T
-    gu = rms_norm(x, w.mlp_norm) @ w.w13.T
-    g, u = gu.chunk(2, dim=-1)
-    return x + (F.silu(g) * u) @ w.w2.T
+    x = _residual_matmul(x, o.transpose(1, 2).reshape(B, n, s.heads * s.head_dim), w.wo)
+    g, u = (rms_norm(x, w.mlp_norm) @ w.w13.T).chunk(2, dim=-1)
+    return _residual_matmul(x, F.silu(g) * u, w.w2)
 
 
 def embed(model: Decoder, token_ids: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,9 @@ def tiny_model():
     return M.random_decoder(SHAPE, max_pos=256, device="cpu", dtype=torch.float32, seed=3)
 
 
-def _serve(model, plan, tmp_path, fault_layer=None, fault_turn=None):
-    ex = Executor(model, plan, max_ctx=128, max_new=64, host_bytes=1 << 22, ssd_dir=tmp_path, poison=True)
+def _serve(model, plan, tmp_path, fault_layer=None, fault_turn=None, decode="graph"):
+    ex = Executor(model, plan, max_ctx=128, max_new=64, host_bytes=1 << 22, ssd_dir=tmp_path, poison=True,
+                  decode=decode, graph_bucket=32)
     ex.open_session("s", 128)
     logits, tokens = [], []
     for k, (p, o) in enumerate(TURNS):
@@ -94,3 +95,11 @@ def test_serve_trace_replays_arrivals_fcfs_and_think_time(tiny_model):
     a1 = out.iloc[2]
     assert a1.arrival_s == pytest.approx(out.iloc[0].end_s + 0.05)
     assert (out.ttft_s >= 0).all() and (out.first_token_s <= out.end_s).all()
+
+
+def test_graph_shaped_decode_matches_eager_decode(tiny_model, tmp_path):
+    # On CPU the graph body runs eagerly: masked fixed-size buckets, device-side position and
+    # index_copy_ must give the same tokens as the plain eager decode.
+    _, _, graph_tokens = _serve(tiny_model, PLANS["dram_overlap"], tmp_path, decode="graph")
+    _, _, eager_tokens = _serve(tiny_model, PLANS["dram_overlap"], tmp_path, decode="eager")
+    assert graph_tokens == eager_tokens
