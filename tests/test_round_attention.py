@@ -132,6 +132,7 @@ def test_residency_counts_whole_history_up_to_the_watershed_and_kept_rounds_abov
     assert res.kept_token_layers == 2 * 30 + 2 * (2 + 4 + 10)
     assert res.kept_history_fraction == pytest.approx(6 / 20)
     assert res.saving == pytest.approx(1 - 92 / 120)
+    assert res.upper_history_token_layers == 2 * 6
 
 
 def test_measure_on_a_tiny_model_fixes_a_watershed_and_full_agrees_with_itself(weights):
@@ -149,7 +150,7 @@ def test_measure_on_a_tiny_model_fixes_a_watershed_and_full_agrees_with_itself(w
 
 def test_summary_pools_perplexity_over_reply_tokens():
     rows = [{"variant": v, "k": 1, "kept_fraction": 1.0, "saving": 0.0, "resident_kv_bytes": 8,
-             "full_kv_bytes": 8, "nll_sum": nll, "n_targets": n, "agree_full": n, "correct": c}
+             "full_kv_bytes": 8, "upper_history_loaded_bytes": 4, "nll_sum": nll, "n_targets": n, "agree_full": n, "correct": c}
             for v, nll, n, c in (("full", 2.0, 2, 1), ("full", 4.0, 2, 2), ("top1", 8.0, 4, 2))]
     s = {r["variant"]: r for r in summarise(rows)}
     assert s["full"]["reply_ppl"] == pytest.approx(torch.e ** 1.5)

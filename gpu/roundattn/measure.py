@@ -148,6 +148,7 @@ def evaluate_variants(weights: LlamaWeights, conv: Conversation, fp: FullPass, w
                      "kept_fraction": res.kept_history_fraction, "saving": res.saving,
                      "resident_kv_bytes": res.kept_token_layers * per_token_layer,
                      "full_kv_bytes": res.full_token_layers * per_token_layer,
+                     "upper_history_loaded_bytes": res.upper_history_token_layers * per_token_layer,
                      "nll_sum": float(nll), "n_targets": int(fp.targets.numel()),
                      "agree_full": int((top1 == full_top1).sum()), "correct": int((top1 == fp.targets).sum())})
     return rows
@@ -193,6 +194,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             "gpu_kv_saving_pct": 100 * statistics.fmean(r["saving"] for r in rs),
             "resident_kv_mib": statistics.fmean(r["resident_kv_bytes"] for r in rs) / 2**20,
             "full_kv_mib": statistics.fmean(r["full_kv_bytes"] for r in rs) / 2**20,
+            "upper_history_loaded_mib": statistics.fmean(r["upper_history_loaded_bytes"] for r in rs) / 2**20,
             "reply_ppl": ppl, "ppl_change_pct": 100 * (ppl / full_ppl - 1),
             "top1_agreement_pct": 100 * sum(r["agree_full"] for r in rs) / n_tok,
             "next_token_acc_pct": 100 * acc, "acc_change_pp": 100 * (acc - full_acc), "reply_tokens": n_tok})

@@ -60,7 +60,7 @@ def save_fig(fig, path: Path) -> None:
 def _md_table(df: pd.DataFrame, floats: str = "{:.2f}") -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
+    for r in df.itertuples(index=False):  # per-column types survive (iterrows would make every int a float)
         lines.append("| " + " | ".join(floats.format(v) if isinstance(v, float) else str(v) for v in r) + " |")
     return "\n".join(lines)
 
@@ -121,6 +121,7 @@ def plot_measurement(out_dir: Path, ws: pd.DataFrame, layers: pd.DataFrame, dist
     capped = dists.assign(back=dists["rounds_back"].clip(upper=6))
     mean = capped.groupby(["layer", "back"])["mass_prompt"].sum().unstack(fill_value=0.0)
     mean = mean.div(mean.sum(axis=1), axis=0)
+    mean = mean[sorted(mean.columns, reverse=True)]  # oldest left, newest right, as in the single panels
     im = axes[0].imshow(mean.values, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1)
     axes[0].set_xticks(range(mean.shape[1]), [str(b) if b < 6 else "6+" for b in mean.columns])
     axes[0].set_title("all conversations (pooled)")
@@ -131,7 +132,7 @@ def plot_measurement(out_dir: Path, ws: pd.DataFrame, layers: pd.DataFrame, dist
         ax.set_xticks(range(g.shape[1]), [str(c) for c in g.columns])
         ax.set_title(cid)
     for ax in axes:
-        ax.axhline(out.watershed, color="white", ls="--", lw=1)
+        ax.axhline(out.watershed + 0.5, color="white", ls="--", lw=1)  # layers above it are restricted
         ax.set_xlabel("rounds back from the current round")
     axes[0].set_ylabel("layer")
     fig.colorbar(im, ax=axes, fraction=0.02, label="share of the prompt's attention on history rounds")

@@ -53,6 +53,7 @@ class Residency:
     full_token_layers: int  # whole history in every layer, plus the current round
     kept_token_layers: int  # with the selection
     kept_history_fraction: float  # of the history tokens (prefix included), the share in the kept set
+    upper_history_token_layers: int  # history KV of the layers above the watershed brought from host memory
 
     @property
     def saving(self) -> float:
@@ -65,4 +66,4 @@ def residency(conv: Conversation, n_layers: int, watershed: int, upper_rounds: t
     lower, upper = watershed + 1, n_layers - watershed - 1
     full = n_layers * (hist + cur)
     kept = lower * (hist + cur) + upper * (kept_hist + cur)
-    return Residency(full, kept, kept_hist / hist)
+    return Residency(full, kept, kept_hist / hist, upper * kept_hist)
