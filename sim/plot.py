@@ -206,7 +206,10 @@ def plot_cost_per_config(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     labels = [_label(r, series) for _, r in agg.iterrows()]
     m = "cost_per_1k_turns_usd"
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(labels) + 2), 4.2))
-    _bars(ax, labels, agg[m], agg[f"{m}_min"], agg[f"{m}_max"])
+    # one colour per value of the first label column (e.g. the policy), so families read at a glance
+    first = agg[series[0]].astype(str) if series else pd.Series(["all"] * len(agg))
+    palette = {v: f"C{i % 10}" for i, v in enumerate(dict.fromkeys(first))}
+    _bars(ax, labels, agg[m], agg[f"{m}_min"], agg[f"{m}_max"], color=[palette[v] for v in first])
     ax.set_ylabel("cost per 1,000 turns (USD)")
     ax.set_title(_title(df, "Serving cost per 1,000 turns by configuration"))
     return _save(fig, out_dir, "cost_per_config")
