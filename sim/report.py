@@ -144,7 +144,7 @@ def _wall_times(root: Path) -> tuple[list[list[str]], float, int | None]:
         cores = r.get("cpu_count", cores)
         total += r["wall_s"]
         rows.append([f"paper/{p}", str(r["total"]), str(r["ran"]), f"{r['wall_s']:.1f} s", str(r.get("jobs")),
-                     str(r.get("cpu_count")), r["backend"]])
+                     str(r.get("cpu_count")), r["backend"], f"`{r.get('code', 'unknown')}`"])
     return rows, total, cores
 
 
@@ -224,7 +224,7 @@ def _setup_section(root: Path, parts: dict[str, pd.DataFrame], cfg: dict) -> lis
     if rows:
         s.append(f"Wall time of the sweeps (each part's last complete run; {cores} CPU cores here): "
                  f"**{total:.0f} s in total**.\n")
-        s.append(_table(["sweep", "points", "ran", "wall", "jobs", "cores", "backend"], rows))
+        s.append(_table(["sweep", "points", "ran", "wall", "jobs", "cores", "backend", "simulator commit"], rows))
     return s
 
 

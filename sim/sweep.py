@@ -422,13 +422,30 @@ def run_sweep(spec: SweepSpec, out_dir: Path | None = None, jobs: int | None = N
     return outcome
 
 
+def code_version() -> str:
+    """The git commit of the simulator that ran (with '+dirty' for uncommitted changes under sim/), or
+    'unknown' outside a checkout: results are keyed by config only, so this is how a reader tells
+    which simulator produced them."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head + ("+dirty" if dirty else "")) if head else "unknown"
+
+
 def _log_run(out_dir: Path, o: SweepOutcome, jobs: int | None, ray_address: str | None) -> None:
     """One line per invocation in runs.jsonl: how long the sweep took, where, and how much it reran."""
     log = out_dir / "runs.jsonl"
     line = json.dumps({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": round(o.wall_s, 3),
                        "total": o.total, "ran": o.ran, "skipped": o.skipped, "failed": o.failed,
                        "backend": f"ray:{ray_address}" if ray_address else "processes",
-                       "jobs": jobs or os.cpu_count(), "cpu_count": os.cpu_count()})
+                       "jobs": jobs or os.cpu_count(), "cpu_count": os.cpu_count(), "code": code_version()})
     old = log.read_text() if log.is_file() else ""
     atomic_write_text(log, old + line + "\n")
 
