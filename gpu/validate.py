@@ -1,0 +1,241 @@
+"""`kvsim gpu validate`: the measured GPU runs against the simulator fed with the measured profile.
+
+Two checks (issue 4, item 3):
+- Trace slice: the same canonical trace, scheduler settings (`scheduler.max_batch: 1`, FCFS) and
+  policy as each executor run, through `sim.runner.run_simulation` with `hardware_profile` set; per-turn
+  TTFT error, MAPE, and the error of the reuse-vs-recompute speed-up (mean TTFT ratio).
+- Isolated turns: each grid point (model, history, new tokens, tier, sync/overlapped load) against the
+  cost model's single-turn formula (`sim.costmodel`: per-layer tables, link tables and the
+  `preload_pipeline_s` closed form), with no simulator queue in between.
+
+Works offline from the committed measurements (results/gpu/*.csv); needs no GPU.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sim.config import load_config
+from sim.costmodel import cost_model_for, preload_pipeline_s
+from sim.errors import KvsimError
+
+# How each executor run is described to the simulator. `scheduler_aware_fetch` is off: the executor
+# does not prefetch from SSD ahead of a turn.
+RUNS = {
+    "dram_overlap": {"policy.kind": "attentionstore", "policy.layerwise_preload": True,
+                     "policy.read_buffer_layers": 2},
+    "dram_sync": {"policy.kind": "attentionstore", "policy.layerwise_preload": False},
+    "recompute": {"policy.kind": "recompute"},
+    "ssd_overlap": {"policy.kind": "attentionstore", "policy.layerwise_preload": True,
+                    "policy.read_buffer_layers": 2, "host.dram_bytes": 0},
+}
+
+
+def sim_config(run: str, trace, profile, model: str = "llama2-7b", n_sessions: int | None = None,
+               output_cap: int | None = None):
+    base = {"name": f"gpu-validate-{run}", "model": model, "hardware_profile": str(profile),
+            "gpu": {"name": "h100-80gb", "count": 1},
+            "host": {"dram_bytes": "400GB"}, "ssd": {"bytes": "2TB"},
+            "scheduler": {"max_batch": 1, "max_prefill_tokens": 1 << 20, "lookahead_jobs": 0},
+            "workload": {"trace": str(trace)},
+            "policy": {"async_save": True, "scheduler_aware_fetch": False}}
+    over = dict(RUNS[run])
+    if n_sessions is not None:
+        over["workload.max_sessions"] = n_sessions
+    if output_cap is not None:
+        over["workload.max_output_tokens"] = output_cap
+    return load_config(base, overrides=over)
+
+
+def simulate_run(run: str, trace, profile, n_sessions=None, model="llama2-7b") -> pd.DataFrame:
+    from sim.runner import run_simulation
+
+    return run_simulation(sim_config(run, trace, profile, model, n_sessions)).turns
+
+
+def compare_trace(measured: pd.DataFrame, trace, profile, model="llama2-7b") -> tuple[pd.DataFrame, dict]:
+    """Per-turn measured vs simulated TTFT for every run in `measured` (column `run`)."""
+    if "run" not in measured.columns:
+        raise KvsimError("measured trace runs: run: missing column, expected one of " + ", ".join(RUNS))
+    rows, summary = [], {}
+    for run, m in measured.groupby("run", sort=False):
+        if run not in RUNS:
+            raise KvsimError(f"measured trace runs: run: {run!r}, expected one of {', '.join(RUNS)}")
+        sim = simulate_run(run, trace, profile, n_sessions=m.session_id.nunique(), model=model)
+        sim = sim.assign(session_id=sim.session_id.astype(str))
+        j = m.merge(sim[["session_id", "turn", "ttft_s", "queue_s", "load_s", "prefill_s"]],
+                    on=["session_id", "turn"], suffixes=("_meas", "_sim"), how="inner")
+        if len(j) != len(m):
+            raise KvsimError(f"measured trace runs: run {run}: {len(m) - len(j)} turns have no simulated match")
+        j["run"] = run
+        j["ttft_err"] = (j.ttft_s_sim - j.ttft_s_meas) / j.ttft_s_meas
+        # prefill alone (no queue): executor start -> first token, against the simulator's prefill
+        j["prefill_s_meas"] = j.first_token_s - j.start_s
+        j["prefill_err"] = (j.prefill_s - j.prefill_s_meas) / j.prefill_s_meas
+        rows.append(j)
+        summary[run] = {"turns": len(j), "ttft_mape": float(j.ttft_err.abs().mean()),
+                        "ttft_mean_meas_s": float(j.ttft_s_meas.mean()), "ttft_mean_sim_s": float(j.ttft_s_sim.mean()),
+                        "ttft_p50_meas_s": float(j.ttft_s_meas.median()), "ttft_p50_sim_s": float(j.ttft_s_sim.median()),
+                        "prefill_mape": float(j.prefill_err.abs().mean()),
+                        "service_mean_meas_s": float((j.end_s - j.start_s).mean())}
+    df = pd.concat(rows, ignore_index=True)
+    if "recompute" in summary:
+        for run in summary:
+            if run == "recompute" or run.startswith("ssd"):
+                continue   # the SSD run serves a smaller slice: no like-for-like recompute baseline
+            meas = summary["recompute"]["ttft_mean_meas_s"] / summary[run]["ttft_mean_meas_s"]
+            sim = summary["recompute"]["ttft_mean_sim_s"] / summary[run]["ttft_mean_sim_s"]
+            summary[run]["speedup_vs_recompute_meas"] = meas
+            summary[run]["speedup_vs_recompute_sim"] = sim
+            summary[run]["speedup_err"] = (sim - meas) / meas
+    return df, summary
+
+
+def predict_isolated(iso: pd.DataFrame, profile) -> pd.DataFrame:
+    """Cost-model TTFT of each isolated turn: what `sim.engine` computes for one turn with no queue."""
+    out = []
+    costs = {}
+    for r in iso.itertuples():
+        if r.model not in costs:
+            costs[r.model] = cost_model_for(load_config({"model": r.model, "hardware_profile": str(profile),
+                                                         "gpu": {"name": "h100-80gb"}}))
+        c = costs[r.model]
+        L = c.shape.layers
+        n, h = r.new_tokens, r.history_tokens
+        compute = c.prefill_layer_s(n, h)
+        load = 0.0
+        if r.tier in ("dram", "ssd") and h > 0:
+            chunk = h * c.shape.kv_bytes_per_token_layer
+            bw = c.h2d_bw(chunk) if r.tier == "dram" else min(c.ssd_read_bw(chunk), c.h2d_bw(chunk))
+            load = chunk / bw + c.preload_layer_overhead_s()
+        t = preload_pipeline_s(L, load, compute, int(r.read_buffer_layers), bool(r.overlap)) + c.prefill_head_s(n)
+        out.append({"pred_ttft_s": t, "pred_load_s": load * L, "pred_compute_s": compute * L})
+    res = pd.concat([iso.reset_index(drop=True), pd.DataFrame(out)], axis=1)
+    res["ttft_err"] = (res.pred_ttft_s - res.ttft_s) / res.ttft_s
+    return res
+
+
+def isolated_figures(iso: pd.DataFrame, profile) -> dict:
+    """Achieved preload bandwidth vs pinned peak, and overlap efficiency, from the isolated grid."""
+    from sim.costmodel import load_profile
+
+    prof = load_profile(profile)
+    peak = max(prof.links["h2d_pinned"].ys)
+    med = iso.groupby(["model", "tier", "overlap", "hist_tokens", "prompt_tokens"]).median(numeric_only=True)
+    bw = []
+    for (model, tier, overlap, h, n), r in med.iterrows():
+        if tier == "dram" and not overlap:
+            bw.append((h, r.kv_bytes_loaded / (r.load_busy_ms * 1e-3) / 1e9))
+    eff = []
+    for (model, tier, overlap, h, n), r in med.iterrows():
+        if tier != "dram" or not overlap:
+            continue
+        load = med.loc[(model, "dram", False, h, n)].load_busy_ms
+        compute = med.loc[(model, "hbm", True, h, n)].ttft_s * 1e3     # same turn with its KV already in HBM
+        eff.append({"model": model, "hist_tokens": h, "prompt_tokens": n, "ttft_overlap_ms": r.ttft_s * 1e3,
+                    "load_ms": load, "compute_ms": compute,
+                    "efficiency": r.ttft_s * 1e3 / max(load, compute)})
+    eff = pd.DataFrame(eff)
+    return {"pinned_peak_gbps": peak,
+            "preload_gbps_by_history": [{"hist_tokens": int(h), "gbps": g} for h, g in bw],
+            "preload_vs_peak_median": float(np.median([g for _, g in bw]) / peak) if bw else None,
+            "preload_vs_peak_hist_ge_2048": (float(np.median([g for h, g in bw if h >= 2048]) / peak)
+                                             if any(h >= 2048 for h, _ in bw) else None),
+            "overlap_efficiency": eff.to_dict("records"),
+            "overlap_efficiency_load_bound": (float(eff[eff.load_ms >= eff.compute_ms].efficiency.median())
+                                              if len(eff) and (eff.load_ms >= eff.compute_ms).any() else None),
+            "overlap_efficiency_all_median": float(eff.efficiency.median()) if len(eff) else None}
+
+
+def plot_trace(df: pd.DataFrame, path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(dict.fromkeys(df.run))
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4.0), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        d = df[df.run == run]
+        ax.scatter(d.ttft_s_meas * 1e3, d.ttft_s_sim * 1e3, s=10, alpha=0.7)
+        lo = max(min(d.ttft_s_meas.min(), d.ttft_s_sim.min()) * 1e3 * 0.8, 1.0)
+        hi = max(d.ttft_s_meas.max(), d.ttft_s_sim.max()) * 1e3 * 1.2
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{run}: MAPE {d.ttft_err.abs().mean() * 100:.1f}%")
+        ax.set_xlabel("measured TTFT (ms)")
+        ax.set_ylabel("simulated TTFT (ms)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_isolated(res: pd.DataFrame, path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for (tier, overlap), d in res.groupby(["tier", "overlap"]):
+        label = tier if tier in ("hbm", "recompute") else f"{tier} {'overlapped' if overlap else 'sync'}"
+        ax.scatter(d.ttft_s * 1e3, d.pred_ttft_s * 1e3, s=14, label=label, alpha=0.8)
+    lo, hi = res[["ttft_s", "pred_ttft_s"]].min().min() * 800, res[["ttft_s", "pred_ttft_s"]].max().max() * 1200
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured TTFT (ms)")
+    ax.set_ylabel("cost model TTFT (ms)")
+    ax.set_title(f"isolated turns: MAPE {res.ttft_err.abs().mean() * 100:.1f}%")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def validate(measured, isolated, trace, profile, out_dir) -> dict:
+    """Run both checks, write per-turn tables, plots and a summary JSON under `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for p, what in ((measured, "--measured"), (trace, "--trace"), (profile, "--profile")):
+        if not Path(p).is_file():
+            raise KvsimError(f"{p}: {what}: file not found")
+    meas = pd.read_csv(measured)
+    per_turn, summary = compare_trace(meas, trace, profile)
+    _write_csv(per_turn, out / "validation_trace_turns.csv")
+    plot_trace(per_turn, out / "validation_trace_scatter.png")
+    result = {"trace": summary}
+    if isolated is not None:
+        if not Path(isolated).is_file():
+            raise KvsimError(f"{isolated}: --isolated: file not found")
+        iso = pd.read_csv(isolated)
+        res = predict_isolated(iso, profile)
+        _write_csv(res, out / "validation_isolated.csv")
+        plot_isolated(res, out / "validation_isolated_scatter.png")
+        by = res.groupby(["model", "tier", "overlap"]).ttft_err.apply(lambda e: float(e.abs().mean()))
+        result["isolated"] = {"ttft_mape": float(res.ttft_err.abs().mean()),
+                              "ttft_mape_by_tier": {f"{m}/{t}/{'overlap' if o else 'sync'}": v
+                                                    for (m, t, o), v in by.items()},
+                              **isolated_figures(iso, profile)}
+    tmp = out / "validation_summary.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out / "validation_summary.json")
+    return result
+
+
+def _write_csv(df, path):
+    tmp = Path(str(path) + ".tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(path)
