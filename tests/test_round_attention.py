@@ -238,3 +238,21 @@ def test_cli_rejects_a_bad_k_list_with_exit_code_2(capsys):
         p.parse_args(["roundattn", "measure", "--k", "1,zero"])
     assert e.value.code == 2
     assert "positive integers" in capsys.readouterr().err
+
+
+def test_committed_simulator_parameters_match_the_committed_measurement_and_load_in_the_simulator():
+    from pathlib import Path
+
+    import pandas as pd
+
+    from sim.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    doc = yaml.safe_load((root / "configs/round_attention/smollm2_measured.yaml").read_text())
+    summary = pd.read_csv(root / "results/round_attention/summary.csv").set_index("variant")
+    ra, meas = doc["policy"]["round_attention"], doc["measured"]
+    assert ra["kept_fraction"] == pytest.approx(summary.loc[meas["variant"], "kept_fraction"], abs=1e-4)
+    assert ra["watershed_layer"] == meas["watershed_layer_index"] + 1
+    assert meas["watershed_depth_fraction"] == pytest.approx(ra["watershed_layer"] / meas["n_layers"], abs=1e-4)
+    cfg = load_config({"policy": doc["policy"], "model": "smollm2-135m"})
+    assert cfg.policy.round_attention.watershed_layer == ra["watershed_layer"]
