@@ -82,6 +82,8 @@ class TurnTiming:
     ssd_read_ms: float      # sum of the reader thread's per-layer read times (wall clock)
     decode_ms: float
     first_token: int
+    issue_ms: float = 0.0   # host: turn start -> last prefill layer handed to the GPU (launch-bound check)
+    sm_clock_mhz: float = float("nan")   # SM clock just before the turn (only when asked for)
 
     @property
     def ttft_s(self) -> float:
@@ -315,6 +317,7 @@ class Executor:
             ev.record(3 * L + i, main)
             if loads and plan.overlap:
                 pump(i + 1 + N, block=False)
+        issue_ms = (time.perf_counter() - clock0 - start_s) * 1e3
         logits, tok = M.prefill_head(self.model, x)
         ev.record(E_HEAD, main)
         self.last_logits = logits
@@ -364,7 +367,7 @@ class Executor:
             load_ms = load_busy = comp = span = 0.0
         return TurnTiming(sid, turn, arrival_s, start_s, first_token_s, end_s, hist, n, output_tokens,
                           load_ms, load_busy, comp, span, reader.read_ms if reader else 0.0, decode_ms,
-                          first_token)
+                          first_token, issue_ms)
 
     # ------------------------------------------------------------------ saving
     def _save(self, sess: Session, W, wi, a: int, b: int, part: str):
@@ -509,7 +512,7 @@ def session_capacity(turns: pd.DataFrame) -> int:
     return int(turns["prompt_tokens"].sum() + turns["output_tokens"].sum()) + 1
 
 
-def serve_trace(ex: Executor, trace: pd.DataFrame, on_turn=None) -> pd.DataFrame:
+def serve_trace(ex: Executor, trace: pd.DataFrame, on_turn=None, sample_clock: bool = False) -> pd.DataFrame:
     """Replay a canonical trace through `ex`, FCFS, one turn at a time, in real time.
 
     Turn 0 of a session arrives at its arrival_s; a later turn at its arrival_s if given, else think_s
@@ -530,9 +533,11 @@ def serve_trace(ex: Executor, trace: pd.DataFrame, on_turn=None) -> pd.DataFrame
         arrival, sid, k = heapq.heappop(heap)
         r = by_sid[sid].iloc[k]
         _wait_until(clock0 + arrival)
+        clk = sm_clock_mhz() if sample_clock else float("nan")
         t = ex.run_turn(sid, int(r.turn), prompt_ids(sid, int(r.turn), int(r.prompt_tokens),
                                                     ex.model.shape.vocab),
                         int(r.output_tokens), arrival, clock0)
+        t.sm_clock_mhz = clk
         rows.append(t)
         if on_turn is not None:
             on_turn(t)
@@ -542,6 +547,14 @@ def serve_trace(ex: Executor, trace: pd.DataFrame, on_turn=None) -> pd.DataFrame
             heapq.heappush(heap, (nxt, sid, k + 1))
     ex.drain()
     return timings_frame(rows)
+
+
+def sm_clock_mhz() -> float:
+    """SM clock now (NVML through torch); NaN where NVML is not at hand."""
+    try:
+        return float(torch.cuda.clock_rate())
+    except Exception:
+        return float("nan")
 
 
 def timings_frame(rows: list[TurnTiming]) -> pd.DataFrame:
