@@ -27,7 +27,10 @@ def make_slice(source: pd.DataFrame, n_sessions: int = 50, max_turns: int = 4, o
     rng = np.random.default_rng(seed)
     src = validate_trace(source)
     turns = src.groupby("session_id")["turn"].count()
-    pool = sorted(turns[turns >= min_turns].index)
+    first = src[src.turn == 0].set_index("session_id")
+    fits = (first.prompt_tokens.clip(lower=1) + first.output_tokens.clip(upper=output_cap)) <= max_session_tokens
+    # a session whose first turn alone is too long would leave nothing: not a candidate
+    pool = sorted(set(turns[turns >= min_turns].index) & set(fits[fits].index))
     if len(pool) < n_sessions:
         raise ValueError(f"only {len(pool)} sessions with >= {min_turns} turns, need {n_sessions}")
     picked = rng.choice(pool, size=n_sessions, replace=False)
@@ -45,9 +48,7 @@ def make_slice(source: pd.DataFrame, n_sessions: int = 50, max_turns: int = 4, o
             rows.append({"session_id": f"g{k:03d}", "turn": j, "arrival_s": t if j == 0 else np.nan,
                          "think_s": np.nan if j == 0 else float(rng.exponential(think_mean_s)),
                          "prompt_tokens": p, "output_tokens": o})
-    df = pd.DataFrame(rows)
-    keep = df.groupby("session_id")["turn"].transform("count") >= 1
-    return validate_trace(df[keep])
+    return validate_trace(pd.DataFrame(rows))
 
 
 def sharegpt_like(n_sessions: int = 400, seed: int = 0) -> pd.DataFrame:
