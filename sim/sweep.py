@@ -537,7 +537,7 @@ def _execute_ray(points: list[ResolvedPoint], address: str, runner: Callable, jo
     try:
         import ray
     except ImportError:
-        raise KvsimError("--ray: the ray package is not installed; pip install 'kvsim[ray]'") from None
+        raise KvsimError(f"--ray {address}: the ray package is not installed; pip install 'kvsim[ray]'") from None
     started = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
