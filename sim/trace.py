@@ -14,6 +14,7 @@ Columns (see traces/README.md):
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -31,22 +32,41 @@ def read_trace(path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise KvsimError(f"{path}: trace file not found")
+    lines = None  # file line of each row; parquet has none
     try:
         if path.suffix == ".parquet":
             df = pd.read_parquet(path)
         elif path.suffix in (".jsonl", ".json"):
-            df = pd.read_json(path, lines=True)
+            df, lines = _read_jsonl(path)
         elif path.suffix == ".csv":
             df = pd.read_csv(path)
+            lines = list(range(2, len(df) + 2))  # after the header; quoted newlines would shift this
         else:
             raise KvsimError(f"{path}: unknown trace extension {path.suffix!r}, expected .parquet, .jsonl or .csv")
     except KvsimError:
         raise
     except Exception as exc:  # pyarrow / json errors carry long messages: keep the first line
         raise KvsimError(f"{path}: cannot read trace: {str(exc).splitlines()[0]}") from None
-    # line of row 0 in the file: JSONL has none before it, CSV a header; parquet has no lines
-    first_line = {".jsonl": 1, ".json": 1, ".csv": 2}.get(path.suffix)
-    return validate_trace(df, path, first_line)
+    return validate_trace(df, path, lines)
+
+
+def _read_jsonl(path: Path) -> tuple[pd.DataFrame, list[int]]:
+    """Rows of a JSONL file (one JSON object per line, blank lines ignored) and the line of each row.
+    A bad line is named by file:line (pandas would only give a byte offset)."""
+    rows, lines = [], []
+    with path.open(encoding="utf-8") as fh:
+        for line_no, text in enumerate(fh, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise KvsimError(f"{path}:{line_no}: not valid JSON ({exc.msg}), expected one trace row object per line") from None
+            if not isinstance(row, dict):
+                raise KvsimError(f"{path}:{line_no}: expected a JSON object (one trace row), got {type(row).__name__}")
+            rows.append(row)
+            lines.append(line_no)
+    return pd.DataFrame(rows), lines
 
 
 def _plain(v):
@@ -61,13 +81,14 @@ def _hashes(v):
     return [int(x) for x in v]
 
 
-def validate_trace(df: pd.DataFrame, path="<trace>", first_line=None) -> pd.DataFrame:
+def validate_trace(df: pd.DataFrame, path="<trace>", lines=None) -> pd.DataFrame:
     """Check schema and values; return a copy with canonical dtypes, sorted by session and turn.
 
-    Rows are named by their file line when `first_line` is given, else by their 0-based index.
+    Rows are named by their file line when `lines` (the line of each row) is given, else by their
+    0-based index.
     """
     def at(row):
-        return f"{path}:{first_line + row}" if first_line is not None else f"{path}: row {row}"
+        return f"{path}:{lines[row]}" if lines is not None else f"{path}: row {row}"
 
     missing = [c for c in _REQUIRED if c not in df.columns]
     if missing:
@@ -96,7 +117,8 @@ def validate_trace(df: pd.DataFrame, path="<trace>", first_line=None) -> pd.Data
         df[col] = vals.astype("int64")
     for col in ("arrival_s", "think_s"):
         vals = pd.to_numeric(df[col], errors="coerce")
-        bad = (vals < 0) | vals.isin([math.inf])
+        # missing (null/NaN) is allowed; anything else that is not a finite number >= 0 is an error
+        bad = (vals < 0) | vals.isin([math.inf]) | (vals.isna() & df[col].notna())
         if bad.any():
             row = int(bad.to_numpy().nonzero()[0][0])
             raise KvsimError(f"{at(row)}: {col}={_plain(df[col].iloc[row])!r}, expected a finite number >= 0")
@@ -106,22 +128,24 @@ def validate_trace(df: pd.DataFrame, path="<trace>", first_line=None) -> pd.Data
     except (TypeError, ValueError):
         bad = next(i for i, v in enumerate(df["prefix_hashes"]) if not _hashes_ok(v))
         raise KvsimError(f"{at(bad)}: prefix_hashes={df['prefix_hashes'].iloc[bad]!r}, expected a list of integers") from None
+    df["_row"] = range(len(df))  # the row's place in the file, for errors after sorting
     df = df.sort_values(["session_id", "turn"], kind="stable").reset_index(drop=True)
     first = df["turn"].to_numpy()
     sess = df["session_id"].to_numpy()
+    src = df["_row"].to_numpy()
     for i in range(len(df)):
         expected = 0 if i == 0 or sess[i] != sess[i - 1] else first[i - 1] + 1
         if first[i] != expected:
-            raise KvsimError(f"{path}: session {sess[i]!r}: turn {first[i]} follows turn "
+            raise KvsimError(f"{at(int(src[i]))}: session {sess[i]!r}: turn {first[i]} follows turn "
                              f"{first[i - 1] if expected else 'nothing'}, expected turn {expected}")
     t0 = df["turn"] == 0
     if df.loc[t0, "arrival_s"].isna().any():
-        sid = df.loc[t0 & df["arrival_s"].isna(), "session_id"].iloc[0]
-        raise KvsimError(f"{path}: session {sid!r}: turn 0 has no arrival_s, expected seconds >= 0")
+        r = df[t0 & df["arrival_s"].isna()].iloc[0]
+        raise KvsimError(f"{at(int(r._row))}: session {r.session_id!r}: turn 0 has no arrival_s, expected seconds >= 0")
     later = ~t0 & df["arrival_s"].isna() & df["think_s"].isna()
     if later.any():
         r = df[later].iloc[0]
-        raise KvsimError(f"{path}: session {r.session_id!r} turn {r.turn}: needs arrival_s or think_s")
+        raise KvsimError(f"{at(int(r._row))}: session {r.session_id!r} turn {r.turn}: needs arrival_s or think_s")
     return df[COLUMNS]
 
 
