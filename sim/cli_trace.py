@@ -60,6 +60,10 @@ def cmd_sharegpt(args) -> int:
     src = Path(args.input) if args.input else sg.default_dataset_path()
     convs, report = sg.parse_sharegpt(sg.read_text(src), src, join_splits=args.join_splits)
     print("\n".join(report.lines()))
+    if not convs:
+        first = f"; first skip: {report.examples[0]}" if report.examples else ""
+        raise KvsimError(f"{src}: no usable conversations ({report.elements_read} read, "
+                         f"{sum(report.skipped.values())} skipped{first})")
     t_parse = time.perf_counter() - t0
     convs = sg.sample_conversations(convs, args.sample, args.seed)
     tokenizer = sg.make_tokenizer(args.tokenizer)

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from sim import cli_trace
+from sim.errors import KvsimError
 from sim.trace import read_trace, validate_trace
 from sim.trace_stats import per_turn, plot_stats, trace_stats
 
@@ -76,3 +77,13 @@ def test_cli_rejects_bad_numbers_with_exit_2(capsys):
         _kvsim("trace", "synth", "--sessions", "0", "--out", "x.parquet")
     assert exc.value.code == 2
     assert "--sessions: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_cli_names_the_input_when_no_conversation_is_usable(tmp_path, capsys):
+    sg = tmp_path / "sg.json"
+    sg.write_text('[{"id": "a_0", "conversations": [{"from": "robot", "value": "beep"}]}]')
+    with pytest.raises(KvsimError) as exc:
+        _kvsim("trace", "sharegpt", "--input", sg, "--tokenizer", "chars", "--no-cache", "--out", tmp_path / "sg.parquet")
+    assert str(exc.value) == f"{sg}: no usable conversations (1 read, 1 skipped; first skip: {sg}:1: unknown role 'robot')"
+    assert "skipped 1: unknown role 'robot'" in capsys.readouterr().out
+    assert not (tmp_path / "sg.parquet").exists()
