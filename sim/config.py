@@ -17,7 +17,7 @@ from sim.models import GPUS, MODELS, GpuSpec, ModelShape
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "PB": 1e15,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "PIB": 2**50}
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
 def parse_bytes(value, key="size", path=None) -> float:
@@ -111,7 +111,7 @@ class PolicyConfig:
     read_buffer_layers: int = 2
     async_save: bool = True
     scheduler_aware_fetch: bool = True
-    eviction: str = "scheduler_aware"  # scheduler_aware | lru | fifo
+    eviction: str = "scheduler_aware"  # scheduler_aware | lru | fifo (hbm_prefix: scheduler_aware means lru)
     truncation: str = "decoupled_pe"  # decoupled_pe | invalidate
     round_attention: RoundAttentionConfig = RoundAttentionConfig()
 
@@ -147,9 +147,10 @@ class Config:
         return m
 
 
+POLICIES = ("recompute", "hbm_prefix", "attentionstore")
 _CHOICES = {
     "model": MODELS, "gpu.name": GPUS,
-    "policy.kind": ("recompute", "hbm_prefix", "attentionstore"),
+    "policy.kind": POLICIES,
     "policy.eviction": ("scheduler_aware", "lru", "fifo"),
     "policy.truncation": ("decoupled_pe", "invalidate"),
     "workload.think_time_dist": ("exponential", "lognormal", "fixed"),

@@ -89,7 +89,9 @@ class Replica:
         sch = cfg.scheduler
         self.max_batch, self.max_prefill_tokens, self.lookahead = sch.max_batch, sch.max_prefill_tokens, sch.lookahead_jobs
         self.fetch = pol.scheduler_aware_fetch and self.kind == "attentionstore"
-        self.aware = pol.eviction == "scheduler_aware"
+        # scheduler-aware eviction is AttentionStore's (§3.4); the HBM-only prefix cache it is
+        # compared with evicts by recency, as vLLM/SGLang do (FIFO stays selectable for ablations)
+        self.aware = pol.eviction == "scheduler_aware" and self.kind == "attentionstore"
         self.decoupled = pol.truncation == "decoupled_pe"
         ra = pol.round_attention
         # Round Attention: layers above the watershed load and hold only the kept rounds' history

@@ -202,3 +202,23 @@ def test_a_turn_that_fills_the_whole_window_drops_all_history(policy):
     t = res.turns.set_index("turn")
     assert t.loc[1, "truncated"] and t.loc[1, "history_tokens"] == 0 and t.loc[1, "hit_tokens"] == 0
     assert t.loc[1, "hit_tier"] == "none"
+
+
+def test_hbm_prefix_evicts_by_recency_even_when_scheduler_aware_eviction_is_configured():
+    # A's history is the least recently used HBM entry when B (ahead of A's next turn in the queue)
+    # needs room: LRU gives it up, which the vLLM-like baseline must do; AttentionStore's
+    # scheduler-aware eviction would keep it for the queued turn and give up C's instead
+    nan = np.nan
+    df = pd.DataFrame([
+        dict(session_id="a", turn=0, arrival_s=0.0, think_s=nan, prompt_tokens=8000, output_tokens=10),
+        dict(session_id="a", turn=1, arrival_s=102.0, think_s=nan, prompt_tokens=100, output_tokens=10),
+        dict(session_id="c", turn=0, arrival_s=50.0, think_s=nan, prompt_tokens=8000, output_tokens=10),
+        dict(session_id="x", turn=0, arrival_s=100.0, think_s=nan, prompt_tokens=100, output_tokens=3000),
+        dict(session_id="b", turn=0, arrival_s=101.0, think_s=nan, prompt_tokens=7000, output_tokens=10),
+    ])
+    over = {"policy.kind": "hbm_prefix", "gpu.hbm_bytes": "30GB", "scheduler.max_batch": 1,
+            "max_context_tokens": 16384}
+    tiers = {ev: _run(df, **{**over, "policy.eviction": ev})[0].turns.set_index(["session_id", "turn"])["hit_tier"]
+             for ev in ("scheduler_aware", "lru")}
+    assert tiers["lru"][("a", 1)] == "miss"  # the set-up really forces A's history out under LRU
+    assert tiers["scheduler_aware"][("a", 1)] == "miss"
