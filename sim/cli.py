@@ -18,13 +18,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _parse_set(items):
+def _parse_set(items, example="host.dram_bytes=256GB"):
+    """--set KEY=VALUE items -> {dotted key: value}, the value typed as YAML reads it (3, true, 128GB)."""
     out = {}
     for item in items or []:
-        if "=" not in item:
-            raise KvsimError(f"--set {item!r}: expected KEY=VALUE, e.g. --set host.dram_bytes=256GB")
-        k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip():
+            raise KvsimError(f"--set {item!r}: expected KEY=VALUE, e.g. --set {example}")
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as exc:
+            why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise KvsimError(f"--set {item!r}: the value is not valid YAML ({why}); expected e.g. --set {example}") from None
     return out
 
 
@@ -55,12 +60,15 @@ def format_summary(summaries: list) -> str:
 def cmd_run(args) -> int:
     from pathlib import Path
 
-    from sim.config import load_config
+    from sim.config import POLICIES, load_config
     from sim.runner import run_simulation, write_results
 
     overrides = _parse_set(args.set)
     cfg = load_config(args.config, overrides)
-    policies = args.compare.split(",") if args.compare else [cfg.policy.kind]
+    policies = [p.strip() for p in args.compare.split(",")] if args.compare else [cfg.policy.kind]
+    for pol in policies:  # every policy checked before the first one runs
+        if pol not in POLICIES:
+            raise KvsimError(f"--compare {args.compare}: {pol!r}: expected policies from {', '.join(POLICIES)}")
     out_root = Path(args.out or f"results/{cfg.name}")
     summaries = []
     for pol in policies:

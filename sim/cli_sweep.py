@@ -4,8 +4,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import yaml
-
 from sim.errors import KvsimError
 
 
@@ -119,13 +117,9 @@ def _bytes(text: str, flag: str) -> float:
 
 
 def _overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise KvsimError(f"--set: {item!r}: expected KEY=VALUE, e.g. policy.eviction=lru")
-        out[key.strip()] = yaml.safe_load(value)  # typed like YAML: 3 -> int, true -> bool, 128GB -> str
-    return out
+    from sim.cli import _parse_set
+
+    return _parse_set(items, example="policy.eviction=lru")
 
 
 def cmd_plan(args) -> int:

@@ -68,3 +68,27 @@ def test_trace_prefix_hashes_read_back_as_lists_or_none(tmp_path):
     for ext in ("parquet", "jsonl"):
         back = read_trace(write_trace(df, tmp_path / f"t.{ext}"))
         assert back["prefix_hashes"].tolist() == [[7, 8], None]
+
+
+def test_negative_byte_size_is_named_as_negative():
+    with pytest.raises(KvsimError, match=r"host.dram_bytes: expected a byte size >= 0, got '-5GB'"):
+        load_config({"host": {"dram_bytes": "-5GB"}})
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--set", "policy.kind=[1"], "--set 'policy.kind=[1': the value is not valid YAML"),
+    (["--set", "=3"], "--set '=3': expected KEY=VALUE"),
+    (["--set", "ssd.bytes=-1TB"], "ssd.bytes: expected a byte size >= 0"),
+    (["--set", "scheduler.max_batch=2.5"], "scheduler.max_batch: expected an integer, got 2.5"),
+    (["--compare", "recompute,bogus"], "'bogus': expected policies from recompute, hbm_prefix, attentionstore"),
+])
+def test_cli_bad_arguments_print_one_line_exit_2_and_write_nothing(tmp_path, args, fragment):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("workload:\n  synthetic:\n    n_sessions: 5\n")
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "sim.cli", "run", str(cfg), "--out", str(out), *args],
+                       capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], lines
+    assert not out.exists()  # validated before anything ran
