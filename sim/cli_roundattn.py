@@ -143,6 +143,87 @@ def cmd_truncation(args) -> int:
     return 0
 
 
+def measured_round_attention(params_path, n_layers: int, variant: str | None = None) -> tuple[dict, str]:
+    """policy.round_attention for a model of ``n_layers`` from a file written by ``kvsim roundattn measure``,
+    and a line saying where each number came from. On the measured model the watershed is the measured
+    layer; on a model of another depth it keeps the measured depth fraction (an extrapolation, said so)."""
+    from sim.errors import read_yaml
+
+    doc = read_yaml(params_path, "round-attention parameters", " (written by `kvsim roundattn measure`)")
+    try:
+        ra, meas = doc["policy"]["round_attention"], doc["measured"]
+        kept = (ra["kept_fraction"] if variant is None else meas["kept_fraction_by_variant"][variant])
+        measured_layers, watershed, depth = int(meas["n_layers"]), int(ra["watershed_layer"]), float(meas["watershed_depth_fraction"])
+    except KeyError as exc:
+        what = f"measured.kept_fraction_by_variant.{variant}" if variant else str(exc).strip("'")
+        raise KvsimError(f"{params_path}: {what}: missing, expected the keys `kvsim roundattn measure` writes") from None
+    except TypeError:
+        raise KvsimError(f"{params_path}: expected policy.round_attention and measured mappings") from None
+    if n_layers != measured_layers:
+        watershed = min(max(round(depth * n_layers), 0), n_layers - 1)
+        how = (f"watershed {watershed} of {n_layers} layers = depth fraction {depth} measured on "
+               f"{meas.get('model', 'the measured model')} ({measured_layers} layers; extrapolated to this model)")
+    else:
+        how = f"watershed {watershed} of {n_layers} layers as measured on {meas.get('model', 'the measured model')}"
+    label = variant or meas.get("variant", "?")
+    return ({"enabled": True, "watershed_layer": watershed, "kept_fraction": float(kept)},
+            f"{how}; kept_fraction {float(kept):.4f} ({label}) from {params_path}")
+
+
+SIM_ROWS = (("bytes loaded to HBM (DRAM+SSD)", "bytes_loaded", 1e9, "{:,.2f} GB"),
+            ("bytes host->GPU (h2d link)", "bytes_h2d", 1e9, "{:,.2f} GB"),
+            ("bytes SSD read", "bytes_ssd_read", 1e9, "{:,.2f} GB"),
+            ("peak HBM KV footprint", "peak_hbm_bytes", 1e9, "{:,.2f} GB"),
+            ("peak DRAM", "peak_dram_bytes", 1e9, "{:,.2f} GB"),
+            ("hit rate HBM", "hit_rate_hbm", 0.01, "{:.1f}%"),
+            ("hit rate DRAM", "hit_rate_dram", 0.01, "{:.1f}%"),
+            ("TTFT mean", "ttft_mean_s", 1.0, "{:.3f} s"),
+            ("TTFT p99", "ttft_p99_s", 1.0, "{:.3f} s"))
+
+
+def cmd_simulate(args) -> int:
+    """The simulator with and without Round Attention, its parameters read from the measurement file."""
+    import json
+
+    import yaml
+
+    from sim.config import load_config
+    from sim.runner import run_simulation, write_results
+
+    overrides = {}
+    for item in args.set or []:  # as `kvsim run --set`: the value typed as YAML reads it
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise KvsimError(f"--set {item!r}: expected KEY=VALUE, e.g. --set host.dram_bytes=256GB")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise KvsimError(f"--set {item!r}: the value is not valid YAML") from None
+    overrides["policy.kind"] = "attentionstore"
+    base = load_config(args.config, overrides)
+    ra, how = measured_round_attention(args.params, base.shape().layers, args.variant)
+    print(f"round attention: {how}")
+    results = {}
+    for name, extra in (("without", {"policy.round_attention.enabled": False}),
+                        ("with", {f"policy.round_attention.{k}": v for k, v in ra.items()})):
+        res = run_simulation(load_config(args.config, {**overrides, **extra}))
+        results[name] = {**res.summary, "bytes_loaded": float(res.turns["bytes_loaded"].sum())}
+        if args.out:
+            write_results(res, Path(args.out) / name)
+    w0 = max(len(r[0]) for r in SIM_ROWS)
+    print(f"{'':{w0}}  {'without':>12}  {'with':>12}  change")
+    for label, key, unit, fmt in SIM_ROWS:
+        a, b = results["without"][key], results["with"][key]
+        change = f"{100 * (b / a - 1):+.1f}%" if a else "-"
+        print(f"{label:{w0}}  {fmt.format(a / unit):>12}  {fmt.format(b / unit):>12}  {change}")
+    if args.out:
+        out = Path(args.out) / "comparison.json"
+        out.write_text(json.dumps({"config": str(args.config), "set": args.set or [], "round_attention": ra,
+                                   "source": how, "without": results["without"], "with": results["with"]}, indent=2))
+        print(f"results: {args.out}")
+    return 0
+
+
 def register(subparsers) -> None:
     ra = subparsers.add_parser("roundattn", help="Round Attention / KV truncation measured on SmolLM2 (CPU)")
     sub = ra.add_subparsers(dest="roundattn_cmd", required=True)
@@ -174,3 +255,11 @@ def register(subparsers) -> None:
     t.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     _selection_args(t)
     t.set_defaults(func=cmd_truncation)
+
+    s = sub.add_parser("simulate", help="kvsim run with and without Round Attention, parameters from the measurement")
+    s.add_argument("config", help="simulator config (policy.kind is set to attentionstore)")
+    s.add_argument("--params", default=DEFAULT_CONFIG, help=f"measured parameters (default {DEFAULT_CONFIG})")
+    s.add_argument("--variant", help="take kept_fraction of this measured selection (default: the file's policy block)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key by dotted path")
+    s.add_argument("--out", help="write both runs' results and comparison.json here")
+    s.set_defaults(func=cmd_simulate)

@@ -1,0 +1,65 @@
+"""`kvsim roundattn simulate`: the simulator's Round Attention option fed from the measurement file."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sim.cli_roundattn import measured_round_attention
+from sim.errors import KvsimError
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "configs/round_attention/smollm2_measured.yaml"
+
+
+def _params(tmp_path, watershed_layer=6, n_layers=24, kept=0.5, by_variant=None):
+    doc = {"policy": {"round_attention": {"enabled": True, "watershed_layer": watershed_layer, "kept_fraction": kept}},
+           "measured": {"model": "m", "n_layers": n_layers, "watershed_depth_fraction": watershed_layer / n_layers,
+                        "variant": "top_dyn90", "kept_fraction_by_variant": by_variant or {"top1": 0.2}}}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_parameters_come_from_the_measurement_file_and_keep_the_depth_fraction_on_other_models(tmp_path):
+    doc = yaml.safe_load(COMMITTED.read_text())
+    ra, meas = doc["policy"]["round_attention"], doc["measured"]
+    same, how = measured_round_attention(COMMITTED, meas["n_layers"])
+    assert same == {"enabled": True, "watershed_layer": ra["watershed_layer"], "kept_fraction": ra["kept_fraction"]}
+    assert "as measured" in how
+    deeper, how = measured_round_attention(COMMITTED, 40)
+    assert deeper["watershed_layer"] == round(meas["watershed_depth_fraction"] * 40)
+    assert "extrapolated" in how
+    p = _params(tmp_path)
+    assert measured_round_attention(p, 24, "top1")[0]["kept_fraction"] == 0.2
+    with pytest.raises(KvsimError, match=r"measured\.kept_fraction_by_variant\.top9: missing"):
+        measured_round_attention(p, 24, "top9")
+
+
+def test_simulate_shrinks_bytes_loaded_by_the_measured_factor(tmp_path):
+    # llama2-7b has 32 layers: watershed 6 of 24 -> 8 of 32; above it half the history is loaded
+    params = _params(tmp_path, watershed_layer=6, n_layers=24, kept=0.5)
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "sim.cli", "roundattn", "simulate", str(ROOT / "configs/default.yaml"),
+                        "--params", str(params), "--set", "model=llama2-7b", "--set", "workload.max_sessions=20",
+                        "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    res = json.loads((out / "comparison.json").read_text())
+    assert res["round_attention"] == {"enabled": True, "watershed_layer": 8, "kept_fraction": 0.5}
+    without, with_ra = res["without"], res["with"]
+    assert without["bytes_loaded"] > 0
+    assert with_ra["bytes_loaded"] == pytest.approx(without["bytes_loaded"] * (8 + 24 * 0.5) / 32)
+    assert with_ra["peak_hbm_bytes"] < without["peak_hbm_bytes"]
+    assert "peak HBM KV footprint" in p.stdout and (out / "with" / "summary.json").exists()
+
+
+def test_simulate_with_a_bad_parameters_file_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy: {round_attention: {enabled: true}}\n")
+    p = subprocess.run([sys.executable, "-m", "sim.cli", "roundattn", "simulate", str(ROOT / "configs/default.yaml"),
+                        "--params", str(bad)], capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == [f"kvsim: error: {bad}: measured: missing, expected the keys "
+                                             "`kvsim roundattn measure` writes"]
