@@ -49,6 +49,8 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--stages", default="calibrate,isolated,trace")
     ap.add_argument("--trace-runs", default="dram_overlap,recompute,ssd_overlap,dram_sync")
+    ap.add_argument("--models", default="llama2-7b,llama2-13b", help="calibration and isolated-grid models")
+    ap.add_argument("--sessions", type=int, default=0, help="serve only the first N sessions of the trace")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +72,7 @@ def main():
 
     if "calibrate" in stages and cuda:
         try:
-            raw = measure(ssd_dir=a.ssd_dir, log=log,
+            raw = measure(a.models.split(","), ssd_dir=a.ssd_dir, log=log,
                           command="PYTHONPATH=. python3 bench/gpu_device_run.py --out $OUT (kvsim gpu calibrate)")
             write_profile(raw, out / "profile.yaml", out / "calibration_raw.json")
             log("profile written")
@@ -78,7 +80,7 @@ def main():
             log("calibrate FAILED\n" + traceback.format_exc())
         torch.cuda.empty_cache()
 
-    names = ["llama2-7b", "llama2-13b"] if cuda else ["tiny"]
+    names = a.models.split(",") if cuda else ["tiny"]
     if "isolated" in stages:
         frames = []
         for name in names:
@@ -88,7 +90,7 @@ def main():
             try:
                 shape = M.SHAPES[name]
                 hists, news = ([512, 2048, 3968], [32, 512]) if cuda else ([16, 40], [4, 9])
-                model = M.random_decoder(shape, max(hists) + max(news) + 16, dev, dtype, seed=1)
+                model = M.random_decoder(shape, max(hists) + max(news) + 4096, dev, dtype, seed=1)   # + padding slack
                 plans = [p for p in PLANS if p.tier != "ssd"]
                 frames.append(run_grid(model, plans, hists, news, reps=3 if cuda else 1, ssd_dir=a.ssd_dir, log=log))
                 if name == names[0]:     # SSD reads take ~0.3 s/GB: two histories, first model only
@@ -103,6 +105,8 @@ def main():
 
     if "trace" in stages:
         trace = read_trace(a.trace)
+        if a.sessions:
+            trace = trace[trace.session_id.isin(list(dict.fromkeys(trace.session_id))[:a.sessions])].copy()
         if not cuda:
             trace = trace[trace.session_id.isin(sorted(trace.session_id.unique())[:3])].copy()
             trace["prompt_tokens"] = trace["prompt_tokens"].clip(upper=20)
@@ -110,7 +114,7 @@ def main():
         caps = [session_capacity(g) for _, g in trace.groupby("session_id")]
         max_ctx = max(caps) + 8
         max_new = int((trace.prompt_tokens + trace.output_tokens).max()) + 8
-        model = M.random_decoder(shape, max_ctx + 8, dev, dtype, seed=2)
+        model = M.random_decoder(shape, max_ctx + 4096, dev, dtype, seed=2)   # + padding slack
         tok_bytes = shape.kv_bytes_per_token_layer(2 if cuda else 4) * shape.layers
         runs = {"dram_overlap": ServePlan("dram", overlap=True, read_buffer_layers=2),
                 "recompute": ServePlan("recompute"),
@@ -121,7 +125,7 @@ def main():
             ex_e = Executor(model, ServePlan("recompute"), max_ctx=max_ctx, max_new=max_new, decode="eager")
             for e in (ex_g, ex_e):
                 e.open_session("chk", max_ctx)
-                e.run_turn("chk", 0, list(range(1, min(300, max_ctx - 40))), 24, 0.0, 0.0)
+                e.run_turn("chk", 0, [i % shape.vocab for i in range(1, min(300, max_ctx - 40))], 24, 0.0, 0.0)
             same = sum(a == b for a, b in zip(ex_g.sessions["chk"].tokens, ex_e.sessions["chk"].tokens))
             log(f"graph vs eager decode: {same}/{len(ex_e.sessions['chk'].tokens)} tokens equal")
             del ex_g, ex_e
@@ -147,6 +151,9 @@ def main():
                                    "think_s": [float("nan"), 0.0], "prompt_tokens": [wp, wp],
                                    "output_tokens": [4, 4]})
                 serve_trace(ex, wu)
+                t0 = time.perf_counter()
+                ex.prepare_trace(tr)
+                log(f"trace {run}: {ex.pgraph.captures} prefill graphs captured in {time.perf_counter() - t0:.1f} s")
                 t0 = time.perf_counter()
                 df = serve_trace(ex, tr)
                 ex.close()

@@ -2,10 +2,10 @@
 
 Method (issue 4, item 1; /work/.library/device/METHOD.md): warm up first, time the GPU with CUDA
 events, repeat and take medians, fresh random inputs before every timed repeat (never zeros: they can
-run faster than real data). Layer times run the executor's own code (`gpu.model.layer_forward`, the
-same `scaled_dot_product_attention` call) over a stack of `STACK` layers and divide, because a serving
-step runs layers back to back: when launches, not the GPU, are the bottleneck (decode at small batch),
-a single isolated layer would hide the launch rate the executor really sees.
+run faster than real data). Layer times run the executor's own code, CUDA-graph replays of the same
+bodies (`gpu.prefill_graph`, `gpu.decode_graph`), over a stack of `STACK` layers and divide, because
+a serving step runs layers back to back. (The first device runs timed eager layers and measured the
+host's launch rate, not the GPU: results/gpu/README.md.)
 
 Every function returns plain dicts/lists (the raw samples) so `gpu.calibrate` can both keep them and
 reduce them to the profile's tables.
@@ -167,23 +167,33 @@ def _stack_model(shape: M.DecoderShape, max_pos: int, seed: int = 0) -> M.Decode
 
 
 def prefill_layer_grid(shape: M.DecoderShape, new_tokens: list[int], history_tokens: list[int]) -> dict:
-    """ms of one decoder layer prefilling n new tokens after h cached ones, batch 1."""
+    """ms of one decoder layer prefilling n new tokens after h cached ones, batch 1, as the executor
+    runs it: the per-layer CUDA graphs of `gpu.prefill_graph`, at shape (n, h + n) exactly.
+
+    `new_tokens` are padding buckets (the executor never runs another n); `history_tokens` need not be
+    multiples of the key padding: the cost model interpolates between them at the padded key count.
+    """
+    from gpu.prefill_graph import PrefillGraphs
+
     ctx = max(new_tokens) + max(history_tokens)
     model = _stack_model(shape, ctx)
-    cache = M.new_kv_cache(shape, 1, 1, ctx, "cuda", torch.bfloat16)[0]
+    cache = torch.zeros((1, 1, ctx, 2, shape.kv_heads, shape.head_dim), device="cuda", dtype=torch.bfloat16)
     rows = []
     for n in new_tokens:
+        pg = PrefillGraphs(model, n, stack=[(0, 0)] * STACK)
         for h in history_tokens:
             def setup(n=n, h=h):
-                cache[:, :h].normal_()
-                return torch.randn(1, n, shape.hidden, device="cuda", dtype=torch.bfloat16)
+                cache[:, :, :h].normal_()
+                pg.begin_shape(torch.randint(0, shape.vocab, (1, n), device="cuda"), h, cache, n, n + h)
 
-            def run(x, h=h):
-                for _ in range(STACK):
-                    x = M.layer_forward(model, 0, x, cache, h)
+            def run(_):
+                for i in range(STACK):
+                    pg.layer(i)
             ms = time_cuda_ms(run, setup, warmup=2, reps=9 if n <= 512 else 5)
             rows.append({"new_tokens": n, "history_tokens": h, "stack_ms": ms, "ms": median(ms) / STACK})
-    return {"rows": rows, "new_tokens": new_tokens, "history_tokens": history_tokens}
+        del pg
+        torch.cuda.empty_cache()
+    return {"rows": rows, "new_tokens": new_tokens, "history_tokens": history_tokens, "method": "cuda_graph"}
 
 
 def decode_layer_grid(shape: M.DecoderShape, batch: list[int], context_tokens: list[int],
@@ -225,20 +235,28 @@ def decode_layer_grid(shape: M.DecoderShape, batch: list[int], context_tokens: l
 
 
 def head_times(shape: M.DecoderShape, new_tokens: list[int], batch: list[int]) -> dict:
-    """Outside the layers: prefill = embed n tokens + final norm + lm_head on the last one + argmax
-    (gpu.model.prefill_head, eager as in the executor); decode: the same, eager, for reference only
-    (the executor decodes in graphs: decode_layer_grid times that head)."""
-    model = M.random_decoder(shape, 16, "cuda", torch.bfloat16, layers=0)
+    """Outside the layers of a prefill, as the executor runs it (gpu.prefill_graph): the "begin" graph
+    (positions, RoPE rows, embedding of n tokens) and the "end" graph (final norm + lm_head on the last
+    real token + argmax), for n new tokens and no history. Decode: the same eager head, for reference
+    only (the executor decodes in graphs: decode_layer_grid times that head)."""
+    from gpu.prefill_graph import PrefillGraphs
+
+    model = M.random_decoder(shape, max(new_tokens) + 16, "cuda", torch.bfloat16, layers=0)
+    cache = torch.zeros((0, 1, max(new_tokens), 2, shape.kv_heads, shape.head_dim), device="cuda",
+                        dtype=torch.bfloat16)
     pre, dec = [], []
     for n in new_tokens:
+        pg = PrefillGraphs(model, n, stack=[])
+
         def setup(n=n):
             return torch.randint(0, shape.vocab, (1, n), device="cuda")
-        ms = time_cuda_ms(lambda ids: M.prefill_head(model, M.embed(model, ids)), setup, warmup=2, reps=7)
+        ms = time_cuda_ms(lambda ids: (pg.begin_shape(ids, 0, cache, n, n), pg.end()), setup, warmup=2, reps=7)
         pre.append({"new_tokens": n, "samples_ms": ms, "ms": median(ms)})
+        del pg
     for b in batch:
         def setup(b=b):
             return torch.randint(0, shape.vocab, (b, 1), device="cuda")
         ms = time_cuda_ms(lambda ids: M.head(model, M.embed(model, ids)[:, -1]).argmax(-1, keepdim=True),
                           setup, warmup=2, reps=7)
         dec.append({"batch": b, "samples_ms": ms, "ms": median(ms)})
-    return {"prefill": pre, "decode": dec}
+    return {"prefill": pre, "decode": dec, "method": "cuda_graph"}

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import yaml
 
+from gpu.prefill_graph import PADDING
 from sim.costmodel import SCHEMA, parse_profile
 
-PREFILL_NEW = [1, 16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192]
+PREFILL_NEW = list(PADDING.new_tokens)       # the executor only ever runs these (padded) sizes
 PREFILL_HIST = [0, 256, 512, 1024, 2048, 3072, 4096, 6144, 8192]
 DECODE_BATCH = [1, 2, 4, 8, 16, 32, 64]
 DECODE_CTX = [256, 512, 1024, 2048, 3072, 4096, 6144, 8192]   # multiples of the graph bucket
-QUICK = dict(prefill_new=[1, 64, 512, 2048], prefill_hist=[0, 512, 2048], decode_batch=[1, 8],
+QUICK = dict(prefill_new=[16, 64, 512, 2048], prefill_hist=[0, 512, 2048], decode_batch=[1, 8],
              decode_ctx=[256, 2048])
 
 
@@ -62,7 +63,7 @@ def profile_from_raw(raw: dict) -> dict:
         if m.get("preload_layer_overhead_ms") is not None:
             models[name]["preload_layer_overhead_ms"] = round(m["preload_layer_overhead_ms"], 5)
     peaks = raw["gpu"]
-    return {
+    prof = {
         "schema": SCHEMA,
         "device": raw["device"],
         "measured_at": raw["measured_at"],
@@ -73,6 +74,9 @@ def profile_from_raw(raw: dict) -> dict:
         "ssd": ssd,
         "models": models,
     }
+    if raw.get("prefill_padding"):      # graph-captured prefill (absent from raw data of eager runs)
+        prof["prefill_padding"] = raw["prefill_padding"]
+    return prof
 
 
 def write_profile(raw: dict, out, raw_out=None) -> dict:
@@ -97,7 +101,8 @@ def measure(models=("llama2-7b", "llama2-13b"), ssd_dir="/tmp/kvsim_ssd", quick:
                                  decode_batch=DECODE_BATCH, decode_ctx=DECODE_CTX)
     raw = {"device": torch.cuda.get_device_name(0),
            "measured_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "command": command, "torch": torch.__version__, "stack_layers": bench.STACK}
+           "command": command, "torch": torch.__version__, "stack_layers": bench.STACK,
+           "prefill_padding": {"new_tokens": list(PADDING.new_tokens), "context_multiple": PADDING.context_multiple}}
     log("gpu peaks ...")
     raw["gpu"] = bench.gpu_peaks()
     log(f"  {raw['gpu']['peak_bf16_flops'] / 1e12:.0f} TFLOP/s, {raw['gpu']['hbm_bw_gbps']:.0f} GB/s")

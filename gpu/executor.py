@@ -33,6 +33,7 @@ import torch
 
 from gpu import model as M
 from gpu.decode_graph import DecodeGraphs
+from gpu.prefill_graph import PrefillGraphs
 from gpu.kvstore import DiskStore, HostArena, aligned_host_bytes, layer_view, unpin
 
 TIERS = ("recompute", "hbm", "dram", "ssd")
@@ -83,6 +84,7 @@ class TurnTiming:
     decode_ms: float
     first_token: int
     issue_ms: float = 0.0   # host: turn start -> last prefill layer handed to the GPU (launch-bound check)
+    captures: int = 0       # prefill graphs captured inside this turn (0 once the shapes were prepared)
     sm_clock_mhz: float = float("nan")   # SM clock just before the turn (only when asked for)
 
     @property
@@ -123,12 +125,17 @@ class Executor:
         self.poison = poison
         self.kv_shape = (s.kv_heads, s.head_dim)
         self.token_bytes = s.kv_bytes_per_token_layer(model.dtype.itemsize)
+        # Prefill runs as graphs of padded shapes (gpu.prefill_graph): caches get room for the padding.
+        self.pgraph = PrefillGraphs(model, max_ctx if plan.tier == "recompute" else max_new)
+        self.ctx_alloc = -(-self.pgraph.cache_tokens(max_ctx) // graph_bucket) * graph_bucket
+        if model.rope_cos.shape[0] < self.ctx_alloc:
+            raise ValueError(f"the model's RoPE tables hold {model.rope_cos.shape[0]} positions; padded caches "
+                             f"need {self.ctx_alloc}: build it with max_pos >= {self.ctx_alloc}")
         # Two working caches, used by turns in alternation, so that a turn's reply KV can be saved
         # while the next turn already loads into the other one.
-        # Zeroed, not empty: graphed decode attends over a whole bucket with the tail masked, and
-        # masked garbage that happens to be NaN would still poison the softmax-weighted sum.
-        ctx_alloc = -(-max_ctx // graph_bucket) * graph_bucket
-        self.work = [torch.zeros((self.L, 1, ctx_alloc, 2, s.kv_heads, s.head_dim), device=self.dev,
+        # Zeroed, not empty: graphed decode and padded prefill attend over whole buckets with the tail
+        # masked, and masked garbage that happens to be NaN would still poison the weighted sum.
+        self.work = [torch.zeros((self.L, 1, self.ctx_alloc, 2, s.kv_heads, s.head_dim), device=self.dev,
                                  dtype=model.dtype) for _ in range(2)]
         if decode not in ("graph", "eager"):
             raise ValueError(f"decode {decode!r}, expected 'graph' or 'eager'")
@@ -166,29 +173,6 @@ class Executor:
             for e in self.staging_free:
                 e.set()
         self.sessions: dict[str, Session] = {}
-        if self.cuda:
-            self._warm_allocator()
-
-    def _warm_allocator(self):
-        """Run the largest prefills this executor can see once, before serving.
-
-        The caching allocator then holds segments big enough for every later turn, which it splits;
-        otherwise a turn with a new, larger shape pays cudaMalloc inside its TTFT (first device run:
-        trace-run prefills 1.1-3.4x slower than the same shapes in the isolated grid, the excess
-        shrinking as the pool grew over the run).
-        """
-        W = self.work[0]
-        shapes = [(0, self.max_ctx - 1)]                               # recompute: everything from 0
-        if self.plan.tier != "recompute":
-            shapes.append((max(self.max_ctx - self.max_new, 0), min(self.max_new, self.max_ctx) - 1))
-        for hist, n in shapes:
-            x = torch.zeros(1, n, self.model.shape.hidden, device=self.dev, dtype=self.model.dtype)
-            for i in range(self.L):
-                x = M.layer_forward(self.model, i, x, W[i], hist)
-            M.prefill_head(self.model, x)
-            del x
-        W.zero_()
-        torch.cuda.synchronize()
 
     # ------------------------------------------------------------------ sessions
     def open_session(self, sid: str, capacity: int) -> Session:
@@ -197,13 +181,34 @@ class Executor:
         sess = Session(sid, capacity)
         tier = self.plan.tier
         if tier == "hbm":
-            sess.store = M.new_kv_cache(self.model.shape, self.L, 1, capacity, self.dev, self.model.dtype)
+            # room for the padded tail of a prefill, and zeroed for the reason the working caches are
+            sess.store = torch.zeros((self.L, 1, self.pgraph.cache_tokens(capacity), 2, *self.kv_shape),
+                                     device=self.dev, dtype=self.model.dtype)
         elif tier == "dram":
             sess.store = self.arena.reserve(self.L, capacity, self.kv_shape, self.model.dtype)
         elif tier == "ssd":
             sess.store = self.disk.create(sid, capacity)
         self.sessions[sid] = sess
         return sess
+
+    def prepare_trace(self, trace: pd.DataFrame):
+        """Capture the prefill graphs every turn of `trace` will need (before its clock starts).
+
+        A serving engine captures its graphs at start-up; capturing inside a turn would put seconds of
+        host work into that turn's TTFT. Sessions must be open (HBM sessions prefill in their own store).
+        """
+        for sid, g in trace.groupby("session_id", sort=False):
+            g = g.sort_values("turn")
+            for hist, n in turn_shapes(self.plan.tier, g.prompt_tokens, g.output_tokens):
+                self.prepare_shape(sid, hist, n)
+
+    def prepare_shape(self, sid: str, hist: int, n: int):
+        """Capture the prefill graphs of one turn shape of session `sid` (both working caches: a
+        turn's cache depends on the parity of the turns before it)."""
+        caches = [self.sessions[sid].store] if self.plan.tier == "hbm" else self.work
+        nb, kb = self.pgraph.shape_for(n, hist)
+        for c in caches:
+            self.pgraph.prepare(c, nb, kb, start=hist)
 
     def close(self):
         self.drain()
@@ -252,15 +257,18 @@ class Executor:
         self.turn_no += 1
         if self.poison:
             # NaN where this turn's history must land: a layer whose history was never loaded poisons
-            # the logits. (An HBM hit keeps its history in place: there, poison what lies beyond it.)
+            # the logits. (An HBM hit keeps its history in place: there, poison where the new tokens'
+            # KV must land; not past it, where padded attention reads masked keys.)
             if plan.tier == "hbm":
-                W[:, :, sess.kv_tokens:].fill_(float("nan"))
+                W[:, :, sess.kv_tokens:sess.kv_tokens + n].fill_(float("nan"))
             else:
                 W[:, :, :sess.kv_tokens].fill_(float("nan"))
             if plan.tier == "ssd":
                 self.bounce.fill_(float("nan"))
 
         ids = torch.tensor([new], dtype=torch.long).to(self.dev, non_blocking=False)
+        captures0 = self.pgraph.captures
+        self.pgraph.prepare(W, *self.pgraph.shape_for(n, hist), start=hist)   # no-op once prepared
         E_START, E_HEAD = 4 * L, 4 * L + 1   # event slots: [0,L) load start, [L,2L) load end,
         ev.record(E_START, main)             # [2L,3L) compute start, [3L,4L) compute end
 
@@ -299,7 +307,7 @@ class Executor:
                 issue_load(nxt)
                 nxt += 1
 
-        x = M.embed(self.model, ids)
+        self.pgraph.begin(ids, hist, W)
         N = plan.read_buffer_layers
         if loads and not plan.overlap:
             pump(L, block=True)
@@ -313,12 +321,12 @@ class Executor:
                 if self.cuda:
                     main.wait_event(ev.ev[L + i])
             ev.record(2 * L + i, main)
-            x = M.layer_forward(self.model, i, x, W[i], hist)
+            self.pgraph.layer(i)
             ev.record(3 * L + i, main)
             if loads and plan.overlap:
                 pump(i + 1 + N, block=False)
         issue_ms = (time.perf_counter() - clock0 - start_s) * 1e3
-        logits, tok = M.prefill_head(self.model, x)
+        logits, tok = self.pgraph.end()
         ev.record(E_HEAD, main)
         self.last_logits = logits
         first_token = int(tok.item())     # the host needs the token to stream it: this is the TTFT point
@@ -367,7 +375,7 @@ class Executor:
             load_ms = load_busy = comp = span = 0.0
         return TurnTiming(sid, turn, arrival_s, start_s, first_token_s, end_s, hist, n, output_tokens,
                           load_ms, load_busy, comp, span, reader.read_ms if reader else 0.0, decode_ms,
-                          first_token, issue_ms)
+                          first_token, issue_ms, captures=self.pgraph.captures - captures0)
 
     # ------------------------------------------------------------------ saving
     def _save(self, sess: Session, W, wi, a: int, b: int, part: str):
@@ -507,6 +515,22 @@ def prompt_ids(sid: str, turn: int, n: int, vocab: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=g).tolist()
 
 
+def turn_shapes(tier: str, prompt_tokens, output_tokens) -> list[tuple[int, int]]:
+    """(history tokens reused, new tokens prefilled) of each turn of one session, as `run_turn` serves it.
+
+    Recompute prefills everything so far; a reusing tier keeps every token's KV but the last reply
+    token's, which the next turn prefills with its prompt (see `Executor.run_turn`).
+    """
+    out, tokens, kv = [], 0, 0
+    for p, o in zip(prompt_tokens, output_tokens):
+        p, o = int(p), int(o)
+        hist, n = (0, tokens + p) if tier == "recompute" else (kv, tokens - kv + p)
+        out.append((hist, n))
+        tokens += p + max(o, 1)
+        kv = 0 if tier == "recompute" else hist + n + max(o - 1, 0)
+    return out
+
+
 def session_capacity(turns: pd.DataFrame) -> int:
     """Tokens of KV a session holds after its last turn (prompts plus replies), plus one of slack."""
     return int(turns["prompt_tokens"].sum() + turns["output_tokens"].sum()) + 1
@@ -527,6 +551,7 @@ def serve_trace(ex: Executor, trace: pd.DataFrame, on_turn=None, sample_clock: b
     for sid, g in by_sid.items():
         r = g.iloc[0]
         heapq.heappush(heap, (float(r.arrival_s), sid, 0))
+    ex.prepare_trace(trace)
     rows = []
     clock0 = time.perf_counter()
     while heap:

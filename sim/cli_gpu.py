@@ -77,7 +77,7 @@ def cmd_execute(args) -> int:
     caps = [session_capacity(g) for _, g in trace.groupby("session_id")]
     max_ctx = max(caps) + 8
     max_new = int((trace.prompt_tokens + trace.output_tokens).max()) + 8
-    model = M.random_decoder(shape, max_ctx + 8, "cuda", torch.bfloat16, seed=2)
+    model = M.random_decoder(shape, max_ctx + 4096, "cuda", torch.bfloat16, seed=2)   # + padding slack
     plan = ServePlan(args.tier, overlap=not args.sync, read_buffer_layers=args.read_buffer_layers)
     ex = Executor(model, plan, max_ctx=max_ctx, max_new=max_new,
                   host_bytes=sum(caps) * shape.kv_bytes_per_token_layer(2) * shape.layers + len(caps) * 8192,

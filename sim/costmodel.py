@@ -17,6 +17,10 @@ Hardware profile schema `kvsim-hardware-profile/1` (YAML):
                           decode_layer_ms: {batch, context_tokens, ms[batch][ctx]},
                           head_ms: {prefill: {new_tokens, ms}, decode: {batch, ms}}}}
   Optional per model: preload_layer_overhead_ms (fixed cost per layer of the gated preload path).
+  Optional: prefill_padding: {new_tokens: [buckets], context_multiple: M}: the executor runs prefill as
+    CUDA graphs of fixed shapes, so a request of n new tokens after h cached ones runs as the padded
+    shape `padded_prefill(n, h)` (n up to the next bucket; keys up to a multiple of M); the tables are
+    measured at padded shapes and looked up there.
 """
 from __future__ import annotations
 
@@ -48,6 +52,42 @@ def preload_pipeline_s(layers: int, load_layer_s: float, compute_layer_s: float,
     if not layerwise or buffer_layers < 2:
         return layers * (load_layer_s + compute_layer_s)
     return load_layer_s + compute_layer_s + (layers - 1) * max(load_layer_s, compute_layer_s)
+
+
+@dataclass(frozen=True)
+class PrefillPadding:
+    """Fixed prefill shapes of a graph-captured executor (the profile's `prefill_padding`)."""
+    new_tokens: tuple          # ascending bucket sizes for the new tokens
+    context_multiple: int      # keys attended to (history + padded new tokens) round up to this
+
+    def new_bucket(self, n: int) -> int:
+        i = bisect.bisect_left(self.new_tokens, n)
+        if i == len(self.new_tokens):
+            raise KvsimError(f"prefill of {n} new tokens: above the largest padded shape {self.new_tokens[-1]}")
+        return int(self.new_tokens[i])
+
+    def padded(self, new: int, hist: int) -> tuple[int, int]:
+        """(padded new tokens, history the padded shape attends over beyond them).
+
+        With no history the shape is plain causal over the padded tokens; with history the keys run
+        to the next multiple of `context_multiple` (masked past the real ones), so their count, not
+        the real history, sets the attention work.
+        """
+        nb = self.new_bucket(max(int(new), 1))
+        if hist <= 0:
+            return nb, 0
+        m = self.context_multiple
+        return nb, -(-(int(hist) + nb) // m) * m - nb
+
+    def max_pad(self, up_to: int) -> int:
+        """Most padding any prefill of <= up_to new tokens gets (sizes the caches' slack)."""
+        prev, worst = 0, 0
+        for b in self.new_tokens:
+            if prev >= up_to:
+                break
+            worst = max(worst, b - (prev + 1))
+            prev = b
+        return worst + self.context_multiple
 
 
 # --- interpolation (the profile back end) -------------------------------------------------------
@@ -119,6 +159,7 @@ class HardwareProfile:
     ssd_write: Table1D
     models: dict  # model name -> ModelProfile
     path: str = ""
+    prefill_padding: Optional[PrefillPadding] = None
 
 
 def _num_list(v, key, path, ascending=False, positive=False) -> tuple:
@@ -213,9 +254,20 @@ def parse_profile(raw: dict, path: str = "<profile>") -> HardwareProfile:
             _table2(pf, path, kpf, "new_tokens", "history_tokens"),
             _table2(dc, path, kdc, "batch", "context_tokens"),
             _table1(hp, path, khp, "new_tokens"), _table1(hd, path, khd, "batch"), float(over))
+    padding = None
+    if "prefill_padding" in raw:
+        pad = raw["prefill_padding"]
+        nb, knb = _get(pad, "new_tokens", path, "prefill_padding")
+        mult, km = _get(pad, "context_multiple", path, "prefill_padding")
+        buckets = _num_list(nb, knb, path, ascending=True, positive=True)
+        if any(b != int(b) for b in buckets):
+            raise KvsimError(f"{path}: {knb}: expected whole token counts")
+        if not isinstance(mult, int) or isinstance(mult, bool) or mult < 1:
+            raise KvsimError(f"{path}: {km}: expected an integer >= 1, got {mult!r}")
+        padding = PrefillPadding(tuple(int(b) for b in buckets), mult)
     return HardwareProfile(str(raw.get("device", "")), str(raw.get("measured_at", "")), vals["hbm_bytes"],
                            vals["peak_bf16_flops"], vals["hbm_bw_gbps"], links, _link_table(r, path, kr),
-                           _link_table(w, path, kw), models, path)
+                           _link_table(w, path, kw), models, path, padding)
 
 
 def load_profile(path) -> HardwareProfile:
@@ -304,9 +356,13 @@ class ProfileCost(RooflineCost):
         self.m = profile.models[shape.name]
 
     def prefill_layer_s(self, new: float, hist: float) -> float:
+        if self.profile.prefill_padding is not None:
+            new, hist = self.profile.prefill_padding.padded(math.ceil(new), math.ceil(hist))
         return max(self.m.prefill_layer_ms(new, hist), 0.0) * 1e-3
 
     def prefill_head_s(self, new: float) -> float:
+        if self.profile.prefill_padding is not None:
+            new = self.profile.prefill_padding.new_bucket(max(math.ceil(new), 1))
         return max(self.m.head_prefill_ms(new), 0.0) * 1e-3
 
     def decode_step_s(self, batch: int, context_tokens: float) -> float:

@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from sim.config import load_config
-from sim.costmodel import (ProfileCost, RooflineCost, interp2, parse_profile, preload_pipeline_s)
+from sim.costmodel import (PrefillPadding, ProfileCost, RooflineCost, interp2, parse_profile,
+                           preload_pipeline_s)
 from sim.errors import KvsimError
 from sim.models import MODELS
 
@@ -95,9 +96,40 @@ def test_config_naming_a_profile_uses_it(tmp_path):
     (lambda d: d["links"].pop("h2d_pinned"), "links.h2d_pinned: missing"),
     (lambda d: d["models"]["llama2-7b"]["prefill_layer_ms"].update(ms=[[1.0]]), "prefill_layer_ms.ms: expected 2 rows"),
     (lambda d: d["links"]["d2h_pinned"].update(chunk_bytes=[5, 1]), "chunk_bytes: expected strictly ascending"),
+    (lambda d: d.update(prefill_padding={"new_tokens": [64, 32], "context_multiple": 256}),
+     "prefill_padding.new_tokens: expected strictly ascending"),
+    (lambda d: d.update(prefill_padding={"new_tokens": [32, 64], "context_multiple": 0}),
+     "prefill_padding.context_multiple: expected an integer >= 1"),
 ])
 def test_bad_profile_names_the_key(mutate, fragment):
     d = _profile()
     mutate(d)
     with pytest.raises(KvsimError, match=fragment):
         parse_profile(d, "h.yaml")
+
+
+def test_padding_rounds_new_tokens_to_a_bucket_and_keys_to_the_multiple():
+    pad = PrefillPadding((16, 64, 256), 128)
+    assert pad.padded(1, 0) == (16, 0)            # no history: plain causal over the padded tokens
+    assert pad.padded(17, 0) == (64, 0)
+    assert pad.padded(64, 0) == (64, 0)
+    # history 100 + 64 padded tokens = 164 keys -> 256 keys, of which 64 are the new ones
+    assert pad.padded(40, 100) == (64, 256 - 64)
+    assert pad.padded(40, 192) == (64, 256 - 64)   # 192 + 64 = 256 exactly: no further rounding
+    with pytest.raises(KvsimError, match="above the largest padded shape 256"):
+        pad.padded(257, 0)
+    # slack a cache needs: worst padding of new tokens (65 -> 256: 191) plus one key multiple
+    assert pad.max_pad(256) == 191 + 128
+
+
+def test_a_padded_profile_is_looked_up_at_the_padded_shape():
+    d = _profile()
+    d["prefill_padding"] = {"new_tokens": [10, 1000], "context_multiple": 500}
+    pc = ProfileCost(MODELS["llama2-7b"], parse_profile(d), 1, prefill_mfu=0.5, decode_mbu=0.5, h2d_gbps=1,
+                     d2h_gbps=1, ssd_read_gbps=1, ssd_write_gbps=1)
+    unpadded = ProfileCost(MODELS["llama2-7b"], parse_profile(_profile()), 1, prefill_mfu=0.5, decode_mbu=0.5,
+                           h2d_gbps=1, d2h_gbps=1, ssd_read_gbps=1, ssd_write_gbps=1)
+    # 11 new tokens after 100 run as 1000 new tokens attending over 1500 keys (history 500)
+    assert pc.prefill_layer_s(11, 100) == pytest.approx(unpadded.prefill_layer_s(1000, 500))
+    assert pc.prefill_layer_s(11, 100) > unpadded.prefill_layer_s(11, 100)
+    assert pc.prefill_layer_s(5, 0) == pytest.approx(unpadded.prefill_layer_s(10, 0))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gpu import model as M
-from gpu.executor import Executor, ServePlan, prompt_ids, serve_trace
+from gpu.executor import Executor, ServePlan, prompt_ids, serve_trace, turn_shapes
+from gpu.prefill_graph import PrefillGraphs
 
 TURNS = [(9, 5), (13, 4), (1, 6), (21, 3)]   # (prompt tokens, output tokens) of one session
 SHAPE = M.SHAPES["tiny"]
@@ -27,7 +28,7 @@ PLANS = {
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    return M.random_decoder(SHAPE, max_pos=256, device="cpu", dtype=torch.float32, seed=3)
+    return M.random_decoder(SHAPE, max_pos=1024, device="cpu", dtype=torch.float32, seed=3)
 
 
 def _serve(model, plan, tmp_path, fault_layer=None, fault_turn=None, decode="graph"):
@@ -103,3 +104,44 @@ def test_graph_shaped_decode_matches_eager_decode(tiny_model, tmp_path):
     _, _, graph_tokens = _serve(tiny_model, PLANS["dram_overlap"], tmp_path, decode="graph")
     _, _, eager_tokens = _serve(tiny_model, PLANS["dram_overlap"], tmp_path, decode="eager")
     assert graph_tokens == eager_tokens
+
+
+@pytest.mark.parametrize("tier", ["recompute", "dram", "hbm"])
+def test_shapes_prepared_before_a_trace_are_the_shapes_its_turns_run(tier, tiny_model):
+    # serve_trace captures graphs from turn_shapes before its clock starts: a wrong prediction would
+    # put a capture (seconds on a GPU) inside some turn's TTFT
+    trace = pd.DataFrame({"session_id": ["a"] * 4 + ["b"] * 2, "turn": [0, 1, 2, 3, 0, 1],
+                          "arrival_s": [0.0] + [math.nan] * 3 + [0.0, math.nan],
+                          "think_s": [math.nan, 0.0, 0.0, 0.0, math.nan, 0.0],
+                          "prompt_tokens": [5, 4, 1, 7, 6, 2], "output_tokens": [2, 1, 3, 2, 3, 4]})
+    ex = Executor(tiny_model, ServePlan(tier), max_ctx=128, max_new=64, host_bytes=1 << 22)
+    out = serve_trace(ex, trace)
+    for sid, g in trace.groupby("session_id"):
+        served = out[out.session_id == sid].sort_values("turn")
+        assert list(zip(served.history_tokens, served.new_tokens)) == turn_shapes(tier, g.prompt_tokens,
+                                                                                  g.output_tokens)
+
+
+@pytest.mark.parametrize("hist, n", [(0, 7), (0, 16), (9, 5), (40, 17)])
+def test_padded_prefill_equals_the_unpadded_eager_layers(tiny_model, hist, n):
+    # padding adds query rows after the real ones and masked keys past them: the real rows' outputs
+    # must not change (the bodies captured on a GPU are these, run eagerly)
+    torch.manual_seed(hist + n)
+    ctx = 512
+    ref_cache = torch.randn(SHAPE.layers, 1, ctx, 2, SHAPE.kv_heads, SHAPE.head_dim)
+    cache = ref_cache.clone()
+    cache[:, :, hist:].fill_(1e4)      # stale finite garbage past the history, as a reused cache holds
+    ids = torch.randint(0, SHAPE.vocab, (1, n))
+    x = M.embed(tiny_model, ids)
+    for i in range(SHAPE.layers):
+        x = M.layer_forward(tiny_model, i, x, ref_cache[i], hist)
+    ref_logits, ref_tok = M.prefill_head(tiny_model, x)
+    pg = PrefillGraphs(tiny_model, 64)
+    pg.begin(ids, hist, cache)
+    assert pg.shape[0] > n or n == 16       # the tail really is padded
+    for i in range(SHAPE.layers):
+        pg.layer(i)
+    logits, tok = pg.end()
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tok, ref_tok)
+    torch.testing.assert_close(cache[:, :, :hist + n], ref_cache[:, :, :hist + n])

@@ -4,6 +4,7 @@ import torch
 
 from gpu import model as M
 from gpu.decode_graph import DecodeGraphs
+from gpu.prefill_graph import PrefillGraphs
 from gpu.kvstore import aligned_host_bytes, unpin
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -20,6 +21,30 @@ def test_captured_decode_graph_replays_the_eager_static_step():
     e.cur.fill_(3)
     for pos in range(20, 40):
         assert torch.equal(g.step(0, pos), e.step(0, pos))
+
+
+@cuda
+def test_captured_prefill_graphs_replay_the_eager_bodies():
+    m = M.random_decoder(M.SHAPES["tiny"], 1024, "cuda", torch.float32, seed=6)
+    base = torch.randn(4, 1, 512, 2, 4, 16, device="cuda")
+    outs = {}
+    for graphs in (True, False):
+        pg = PrefillGraphs(m, 64, graphs=graphs)
+        res = []
+        for hist, n in ((0, 7), (30, 5), (30, 40), (100, 3)):     # shapes reused and new, both caches
+            cache = base.clone()
+            ids = torch.randint(0, 101, (1, n), device="cuda", generator=torch.Generator("cuda").manual_seed(n))
+            pg.begin(ids, hist, cache)
+            for i in range(4):
+                pg.layer(i)
+            logits, tok = pg.end()
+            res.append((logits.clone(), tok.clone(), cache[:, :, :hist + n].clone()))
+        outs[graphs] = res
+        assert (pg.captures > 0) == graphs
+    for (a, ta, ca), (b, tb, cb) in zip(outs[True], outs[False]):
+        torch.testing.assert_close(a, b)
+        assert torch.equal(ta, tb)
+        torch.testing.assert_close(ca, cb)
 
 
 @cuda
