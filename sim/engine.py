@@ -140,11 +140,18 @@ class Replica:
 
     # ---- the serving loop ------------------------------------------------------------------
     def serve(self):
+        """The replica's own clock `now` runs the loop; SimPy's clock catches up at each yield.
+
+        The replica is the only process and links are closed form, so nothing can happen inside an
+        idle gap, a prefill or a decode span: an idle gap until the next arrival needs no event of its
+        own, and a span and the save stall that follows it share one. `now` advances exactly as
+        chained timeouts would (now + delay), so results do not depend on how steps are grouped.
+        """
         env = self.env
         n = len(self.wl)
         arrivals, releases, queue = self.arrivals, self.releases, self.queue
+        now = env.now
         while self.done < n:
-            now = env.now
             if arrivals and arrivals[0][0] <= now:
                 self._take_arrivals(now)
             if releases and releases[0][0] <= now:
@@ -161,21 +168,23 @@ class Replica:
                 t1 = now + dt
                 stall = self._after_prefill(batch, t1)
                 if stall == 0.0 and self.n_running and not queue and not (arrivals and arrivals[0][0] <= t1):
-                    # nothing can join before decoding starts: run the first decode span in the same event
+                    # nothing can join before decoding starts: the first decode span joins the prefill
                     span, k = self._decode_span(t1)
-                    yield env.timeout(dt + span)
-                    stall = self._after_decode(k, env.now)
+                    now = now + (dt + span)
+                    stall = self._after_decode(k, now)
                 else:
-                    yield env.timeout(dt)
+                    now = t1
                 if stall > 0:
-                    yield env.timeout(stall)
+                    now = now + stall
+                yield env.timeout(now - env.now if now > env.now else 0.0)
                 continue
             if self.n_running:
                 dt, k = self._decode_span(now)
-                yield env.timeout(dt)
-                stall = self._after_decode(k, env.now)
+                now = now + dt
+                stall = self._after_decode(k, now)
                 if stall > 0:
-                    yield env.timeout(stall)
+                    now = now + stall
+                yield env.timeout(now - env.now if now > env.now else 0.0)
                 continue
             nxt = self._next_wakeup()
             if nxt is None:
@@ -184,7 +193,8 @@ class Replica:
                     f"{self.cfg.source}: gpu: turn {job.i} (session {job.sid}) needs "
                     f"{self._need_bytes(job) / 1e9:.2f} GB of KV in HBM but only {self.hbm.capacity / 1e9:.2f} GB "
                     f"is left after the weights; expected a larger GPU, more gpu.count or a smaller max_context_tokens")
-            yield env.timeout(nxt - now if nxt > now else 0.0)
+            if nxt > now:  # idle until the next arrival (or write-back end)
+                now = now + (nxt - now)
 
     def _next_wakeup(self):
         t = math.inf
