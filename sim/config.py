@@ -125,10 +125,25 @@ class PricesConfig:
 
 
 @dataclass(frozen=True)
+class ModelShapeConfig:
+    """A model not in the named table (sim/models.py): its shape, with `model` as its name."""
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int  # MLP width
+    vocab: int
+    max_context_tokens: int
+    dtype_bytes: int = 2  # bf16 / fp16
+    mlp_matrices: int = 3  # gated MLP (LLaMA) 3, plain MLP (Falcon) 2
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "run"
     seed: int = 0
-    model: str = "llama2-13b"
+    model: str = "llama2-13b"  # a named shape (sim/models.py), or the name of model_shape
+    model_shape: Optional[ModelShapeConfig] = None  # None: `model` is a named shape
     max_context_tokens: Optional[int] = None  # None: the model's own window
     gpu: GpuConfig = GpuConfig()
     hardware_profile: Optional[str] = None  # YAML written by `kvsim gpu calibrate`; replaces the roofline
@@ -141,15 +156,15 @@ class Config:
     source: Optional[str] = field(default=None, compare=False, metadata={"internal": True})
 
     def shape(self) -> ModelShape:
-        m = MODELS[self.model]
+        m = ModelShape(self.model, **dataclasses.asdict(self.model_shape)) if self.model_shape else MODELS[self.model]
         if self.max_context_tokens:
             m = dataclasses.replace(m, max_context_tokens=self.max_context_tokens)
         return m
 
 
 POLICIES = ("recompute", "hbm_prefix", "attentionstore")
-_CHOICES = {
-    "model": MODELS, "gpu.name": GPUS,
+_CHOICES = {  # `model` is checked against MODELS once we know whether model_shape defines it
+    "gpu.name": GPUS,
     "policy.kind": POLICIES,
     "policy.eviction": ("scheduler_aware", "lru", "fifo"),
     "policy.truncation": ("decoupled_pe", "invalidate"),
@@ -169,6 +184,10 @@ _MIN = {  # key: (lower bound, inclusive)
     "policy.round_attention.kept_fraction": (0, True), "max_context_tokens": (2, True),
     "prices.gpu_per_hour_usd": (0, True), "prices.dram_per_gb_hour_usd": (0, True),
     "prices.ssd_per_gb_hour_usd": (0, True), "seed": (0, True),
+    "model_shape.layers": (1, True), "model_shape.hidden": (1, True), "model_shape.heads": (1, True),
+    "model_shape.kv_heads": (1, True), "model_shape.intermediate": (1, True), "model_shape.vocab": (1, True),
+    "model_shape.max_context_tokens": (2, True), "model_shape.dtype_bytes": (1, True),
+    "model_shape.mlp_matrices": (2, True),
 }
 _MAX = {"gpu.reserved_fraction": 0.9, "policy.round_attention.kept_fraction": 1.0,
         "gpu.prefill_mfu": 1.0, "gpu.decode_mbu": 1.0}
@@ -187,6 +206,11 @@ def _build(cls, raw: Any, prefix: str, path: str):
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise KvsimError(f"{path}: {key}: unknown key; expected one of {', '.join(sorted(fields))}")
+    missing = [n for n, f in fields.items() if n not in raw and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        key = f"{prefix}.{missing[0]}" if prefix else missing[0]
+        raise KvsimError(f"{path}: {key}: missing; expected {_describe(hints[missing[0]])}")
     kwargs = {}
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -297,6 +321,13 @@ def _resolve_paths(cfg: Config, base: Path, path: str) -> Config:
 
 
 def _check_consistency(cfg: Config, path: str) -> None:
+    ms = cfg.model_shape
+    if ms is None and cfg.model not in MODELS:
+        raise KvsimError(f"{path}: model: expected one of {', '.join(MODELS)} (or a model_shape), got {cfg.model!r}")
+    if ms is not None and ms.hidden % ms.heads:
+        raise KvsimError(f"{path}: model_shape.heads: expected a divisor of hidden ({ms.hidden}), got {ms.heads}")
+    if ms is not None and ms.heads % ms.kv_heads:
+        raise KvsimError(f"{path}: model_shape.kv_heads: expected a divisor of heads ({ms.heads}), got {ms.kv_heads}")
     shape = cfg.shape()
     ra = cfg.policy.round_attention
     if ra.enabled and ra.watershed_layer >= shape.layers:
@@ -312,4 +343,6 @@ def config_to_dict(cfg: Config) -> dict:
     """Fully resolved config as plain types: what a sweep hashes to key its points."""
     d = dataclasses.asdict(cfg)
     d.pop("source", None)
+    if d["model_shape"] is None:
+        del d["model_shape"]  # a named model keys exactly as before model_shape existed
     return d

@@ -92,3 +92,33 @@ def test_cli_bad_arguments_print_one_line_exit_2_and_write_nothing(tmp_path, arg
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], lines
     assert not out.exists()  # validated before anything ran
+
+
+LLAMA2_7B_SHAPE = {"layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 32, "intermediate": 11008,
+                   "vocab": 32000, "max_context_tokens": 4096}
+
+
+def test_a_model_shape_given_in_yaml_simulates_like_the_named_one():
+    from sim.runner import run_simulation
+    named = load_config({"model": "llama2-7b", "workload": {"synthetic": {"n_sessions": 20}}})
+    custom = load_config({"model": "my-7b", "model_shape": LLAMA2_7B_SHAPE, "workload": {"synthetic": {"n_sessions": 20}}})
+    assert custom.shape().kv_bytes_per_token == named.shape().kv_bytes_per_token == 2 * 32 * 4096 * 2
+    assert custom.shape().weight_bytes == named.shape().weight_bytes
+    a, b = run_simulation(named).turns, run_simulation(custom).turns
+    assert a["ttft_s"].tolist() == b["ttft_s"].tolist()
+
+
+@pytest.mark.parametrize("shape, fragment", [
+    ({**LLAMA2_7B_SHAPE, "kv_heads": 5}, "model_shape.kv_heads: expected a divisor of heads (32), got 5"),
+    ({k: v for k, v in LLAMA2_7B_SHAPE.items() if k != "vocab"}, "model_shape.vocab: missing; expected an integer"),
+    ({**LLAMA2_7B_SHAPE, "layers": 0}, "model_shape.layers: expected a value >= 1"),
+    ({**LLAMA2_7B_SHAPE, "dtype": "bf16"}, "model_shape.dtype: unknown key"),
+])
+def test_bad_model_shape_names_key_and_expectation(shape, fragment):
+    with pytest.raises(KvsimError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        load_config({"model": "mine", "model_shape": shape})
+
+
+def test_named_models_key_sweep_points_as_before_model_shape_existed():
+    from sim.config import config_to_dict
+    assert "model_shape" not in config_to_dict(load_config({}))
