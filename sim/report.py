@@ -189,8 +189,12 @@ def _base_config(root: Path) -> dict:
         manifest = root / part / "sweep.json"
         if manifest.is_file():
             base = json.loads(manifest.read_text()).get("base")
+            if not base:
+                continue
+            # recorded relative to where the sweep ran (the checkout's root, as a rule): look there too
+            found = [c for c in (Path(base), *(a / base for a in root.resolve().parents)) if c.is_file()]
             try:
-                return config_to_dict(load_config(base))
+                return config_to_dict(load_config(found[0] if found else base))
             except KvsimError:
                 continue  # the base config moved or changed shape since the sweep ran
     return {}

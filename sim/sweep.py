@@ -450,9 +450,19 @@ def _log_run(out_dir: Path, o: SweepOutcome, jobs: int | None, ray_address: str 
     atomic_write_text(log, old + line + "\n")
 
 
+def _shown(path: Path) -> str:
+    """A path as the manifest records it: relative to the current directory when inside it, so a
+    committed sweep.json does not carry the checkout's location."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
 def _write_manifest(spec: SweepSpec, out_dir: Path) -> None:
     """Record what produced the directory, for the plots and the report to cite."""
-    manifest = {"name": spec.name, "spec": str(spec.path), "base": str(spec.base), "description": spec.description,
+    manifest = {"name": spec.name, "spec": _shown(spec.path), "base": _shown(spec.base), "description": spec.description,
                 "axes": spec.axes, "variants": list(spec.variants), "seeds": list(spec.seeds),
                 "overrides": _jsonable(spec.overrides)}
     atomic_write_text(out_dir / "sweep.json", json.dumps(manifest, indent=1))

@@ -162,3 +162,11 @@ def test_unreachable_ray_address_is_a_one_line_user_error(tmp_path, capsys):
     assert main(["sweep", str(spec_path), "--ray", "127.0.0.1:1", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--ray 127.0.0.1:1" in err
+
+
+def test_manifest_records_spec_and_base_relative_to_the_working_directory(tmp_path, monkeypatch):
+    spec_path = _setup(tmp_path, {"grid": {"policy.kind": ["recompute"]}})
+    monkeypatch.chdir(tmp_path)
+    run_sweep(load_sweep_spec(spec_path), jobs=1, progress=False)
+    manifest = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert (manifest["spec"], manifest["base"]) == ("spec.yaml", "base.yaml")
