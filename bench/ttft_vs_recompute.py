@@ -7,10 +7,11 @@ paper's headline claims (TTFT up to -87%, prefill throughput up to 7.8x, cost up
 The paper's numbers are maxima over its models and settings; this is one setting.
 """
 import argparse
+import sys
 
-import yaml
-
+from sim.cli import _parse_set
 from sim.config import load_config
+from sim.errors import KvsimError
 from sim.runner import run_simulation
 from sim.workload import load_workload
 
@@ -20,7 +21,7 @@ def main():
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
-    over = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    over = _parse_set(args.set)
     base = load_config(args.config, over)
     wl = load_workload(base)
     rows = {}
@@ -42,4 +43,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KvsimError as exc:
+        print(f"ttft_vs_recompute: error: {exc}", file=sys.stderr)
+        sys.exit(2)
