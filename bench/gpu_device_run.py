@@ -143,7 +143,8 @@ def main():
                 log(f"trace {run}: skipped, {left(a.budget_s):.0f} s left, needs ~{need:.0f}")
                 continue
             try:
-                ex = Executor(model, runs[run], max_ctx=max_ctx, max_new=max_new, arena=arena, ssd_dir=a.ssd_dir)
+                ex = Executor(model, runs[run], max_ctx=max_ctx, max_new=max_new, arena=arena, ssd_dir=a.ssd_dir,
+                              detail_events=False)
                 # SSD reads cost seconds per turn at full slice size: that run serves the first 15 sessions
                 tr = trace[trace.session_id.isin(ssd_sessions)] if run.startswith("ssd") else trace
                 # warm-up turns on a throwaway session: kernel selection and allocator growth stay out

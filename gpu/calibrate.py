@@ -18,7 +18,7 @@ from gpu.prefill_graph import PADDING
 from sim.costmodel import SCHEMA, parse_profile
 
 PREFILL_NEW = list(PADDING.new_tokens)       # the executor only ever runs these (padded) sizes
-PREFILL_HIST = [0, 256, 512, 1024, 2048, 3072, 4096, 6144, 8192]
+PREFILL_HIST = [0, 256, 512, 1024, 2048, 4096, 8192]   # attention work is linear in keys between
 DECODE_BATCH = [1, 2, 4, 8, 16, 32, 64]
 DECODE_CTX = [256, 512, 1024, 2048, 3072, 4096, 6144, 8192]   # multiples of the graph bucket
 QUICK = dict(prefill_new=[16, 64, 512, 2048], prefill_hist=[0, 512, 2048], decode_batch=[1, 8],
@@ -42,6 +42,10 @@ def profile_from_raw(raw: dict) -> dict:
     ssd = {k: {"chunk_bytes": [r["chunk_bytes"] for r in raw["ssd"][k]],
                "gbps": [round(r["gbps"], 4) for r in raw["ssd"][k]]} for k in ("read", "write")}
     ssd["method"] = raw["ssd"]["method"]
+    if raw["ssd"].get("layer_reads"):     # the executor's read pattern, where measured (bench.ssd_layer_reads)
+        rows = raw["ssd"]["layer_reads"]["rows"]
+        ssd["read"] = {"chunk_bytes": [r["chunk_bytes"] for r in rows], "gbps": [round(r["gbps"], 4) for r in rows]}
+        ssd["read_pattern"] = "per-layer history reads of a session file (gpu.kvstore.DiskStore)"
     models = {}
     for name, m in raw["models"].items():
         pf = m["prefill"]
@@ -113,9 +117,13 @@ def measure(models=("llama2-7b", "llama2-13b"), ssd_dir="/tmp/kvsim_ssd", quick:
     log("ssd ...")
     raw["ssd"] = bench.ssd_bandwidth(ssd_dir, bench.SSD_CHUNKS[::3] if quick else bench.SSD_CHUNKS,
                                      min_bytes=(1 << 26) if quick else (1 << 28))
+    raw["ssd"]["layer_reads"] = bench.ssd_layer_reads(ssd_dir, SHAPES[models[0]].kv_bytes_per_token_layer(2),
+                                                      SHAPES[models[0]].layers)
     for k in ("write", "read"):
         log(f"  {k} ({raw['ssd']['method']}): " + " ".join(f"{r['chunk_bytes'] >> 20}M:{r['gbps']:.2f}"
                                                           for r in raw["ssd"][k]))
+    log("  layer reads: " + " ".join(f"{r['chunk_bytes'] >> 10}K:{r['gbps']:.2f}"
+                                      for r in raw["ssd"]["layer_reads"]["rows"]))
     raw["models"] = {}
     for name in models:
         shape = SHAPES[name]

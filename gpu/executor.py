@@ -116,13 +116,16 @@ class Executor:
 
     def __init__(self, model: M.Decoder, plan: ServePlan, max_ctx: int, max_new: int,
                  host_bytes: int = 0, ssd_dir=None, poison: bool = False, arena: HostArena | None = None,
-                 decode: str = "graph", graph_bucket: int = 256):
+                 decode: str = "graph", graph_bucket: int = 256, detail_events: bool = True):
         self.model, self.plan, self.max_ctx, self.max_new = model, plan, max_ctx, max_new
         s = model.shape
         self.L = s.layers
         self.dev = model.device
         self.cuda = self.dev.type == "cuda"
         self.poison = poison
+        # Per-layer start events (load and compute spans) are instrumentation: each costs host time
+        # inside the prefill. Trace runs turn them off; gating events are always recorded.
+        self.detail = detail_events
         self.kv_shape = (s.kv_heads, s.head_dim)
         self.token_bytes = s.kv_bytes_per_token_layer(model.dtype.itemsize)
         # Prefill runs as graphs of padded shapes (gpu.prefill_graph): caches get room for the padding.
@@ -288,7 +291,8 @@ class Executor:
             with ctx:
                 if self.cuda and plan.overlap and i >= plan.read_buffer_layers:
                     self.load_stream.wait_event(ev.ev[3 * L + i - plan.read_buffer_layers])
-                ev.record(i, self.load_stream)
+                if self.detail:
+                    ev.record(i, self.load_stream)
                 if src is not None:
                     W[i, 0, :hist].copy_(src, non_blocking=True)
                 ev.record(L + i, self.load_stream)
@@ -320,9 +324,11 @@ class Executor:
                 pump(i + 1, block=True)
                 if self.cuda:
                     main.wait_event(ev.ev[L + i])
-            ev.record(2 * L + i, main)
+            if self.detail:
+                ev.record(2 * L + i, main)
             self.pgraph.layer(i)
-            ev.record(3 * L + i, main)
+            if self.detail or (loads and plan.overlap and i < L - N):   # the latter gate loads i + N
+                ev.record(3 * L + i, main)
             if loads and plan.overlap:
                 pump(i + 1 + N, block=False)
         issue_ms = (time.perf_counter() - clock0 - start_s) * 1e3
@@ -334,12 +340,12 @@ class Executor:
         if reader is not None:
             reader.join()
 
-        # Prompt KV goes back to the tier while the reply decodes.
-        if plan.tier in ("dram", "ssd"):
-            self._save(sess, W, wi, hist, hist + n, part="prompt")
+        # The decode steps are issued first: the GPU decodes while the host issues the saves and reads
+        # this turn's timings, so neither adds host time between the first token and the next turn.
         t_dec = time.perf_counter()
         out = [first_token]
         pos = hist + n
+        toks = None
         if output_tokens > 1:
             toks = torch.empty(output_tokens - 1, dtype=torch.long, device=self.dev)
             if self.dgraph is not None:
@@ -354,36 +360,49 @@ class Executor:
                     cur = M.decode_step(self.model, cur, W, pos)
                     pos += 1
                     toks[j] = cur[0, 0]
+        if plan.tier in ("dram", "ssd"):
+            # prompt KV goes back as soon as the prefill is done, overlapping the decode (§3.3); the
+            # reply KV (all but its last token, see docstring) once the decode is done, overlapping
+            # the next turn
+            self._save(sess, W, wi, hist, hist + n, part="prompt", after=ev.ev[E_HEAD] if self.cuda else None)
+            self._save(sess, W, wi, hist + n, pos, part="reply")
+        if self.cuda:      # the prefill has ended (its token is on the host): its events are complete
+            span = ev.ms(E_START, E_HEAD)
+            if self.detail:
+                load_ms = ev.ms(0, 2 * L - 1) if loads else 0.0
+                load_busy = sum(ev.ms(i, L + i) for i in range(L)) if loads else 0.0
+                comp = sum(ev.ms(2 * L + i, 3 * L + i) for i in range(L))
+            else:
+                load_ms = load_busy = comp = float("nan")
+        else:
+            load_ms = load_busy = comp = span = 0.0
+        if toks is not None:
             out += toks.tolist()           # synchronises: the reply is complete
         end_s = time.perf_counter() - clock0
         decode_ms = (time.perf_counter() - t_dec) * 1e3
-
-        # Reply KV (all but the last token, see docstring) goes back while the next turn runs.
-        if plan.tier in ("dram", "ssd"):
-            self._save(sess, W, wi, hist + n, pos, part="reply")
-            if not plan.async_save:
-                self._wait_saved(sess)
+        if plan.tier in ("dram", "ssd") and not plan.async_save:
+            self._wait_saved(sess)
         sess.tokens = sess.tokens + list(prompt_ids) + out
         sess.kv_tokens = pos if plan.tier != "recompute" else 0
 
-        if self.cuda:
-            load_ms = ev.ms(0, 2 * L - 1) if loads else 0.0
-            load_busy = sum(ev.ms(i, L + i) for i in range(L)) if loads else 0.0
-            comp = sum(ev.ms(2 * L + i, 3 * L + i) for i in range(L))
-            span = ev.ms(E_START, E_HEAD)
-        else:
-            load_ms = load_busy = comp = span = 0.0
         return TurnTiming(sid, turn, arrival_s, start_s, first_token_s, end_s, hist, n, output_tokens,
                           load_ms, load_busy, comp, span, reader.read_ms if reader else 0.0, decode_ms,
                           first_token, issue_ms, captures=self.pgraph.captures - captures0)
 
     # ------------------------------------------------------------------ saving
-    def _save(self, sess: Session, W, wi, a: int, b: int, part: str):
-        """Copy KV tokens [a, b) of every layer from HBM back to the session's tier, asynchronously."""
+    def _save(self, sess: Session, W, wi, a: int, b: int, part: str, after=None):
+        """Copy KV tokens [a, b) of every layer from HBM back to the session's tier, asynchronously,
+        once the main stream reaches event `after` (default: all the main stream's work so far)."""
         L = self.L
+
+        def wait_for_source():
+            if after is not None:
+                self.save_stream.wait_event(after)
+            else:
+                self.save_stream.wait_stream(torch.cuda.current_stream())
         if self.plan.tier == "dram":
             if self.cuda:
-                self.save_stream.wait_stream(torch.cuda.current_stream())
+                wait_for_source()
                 with torch.cuda.stream(self.save_stream):
                     for i in range(L):
                         sess.store[i, a:b].copy_(W[i, 0, a:b], non_blocking=True)
@@ -403,7 +422,7 @@ class Executor:
             self._stage_from = a
         base = self._stage_from
         if self.cuda:
-            self.save_stream.wait_stream(torch.cuda.current_stream())
+            wait_for_source()
             with torch.cuda.stream(self.save_stream):
                 for i in range(L):
                     stage[i, a - base:b - base].copy_(W[i, 0, a:b], non_blocking=True)

@@ -4,6 +4,12 @@ Two checks (issue 4, item 3):
 - Trace slice: the same canonical trace, scheduler settings (`scheduler.max_batch: 1`, FCFS) and
   policy as each executor run, through `sim.runner.run_simulation` with `hardware_profile` set; per-turn
   TTFT error, MAPE, and the error of the reuse-vs-recompute speed-up (mean TTFT ratio).
+  Per turn, the simulator is given the arrivals the real run saw (each turn's measured arrival_s), as
+  Vidur-style validation replays request arrival times: with think-time arrivals, a turn whose
+  previous reply ends a millisecond later in one run than the other can land behind a different
+  200 ms decode, so per-turn errors would measure that chaos, not the model. The think-time
+  (closed-loop) replay is reported beside it (`*_think_time`): its means and percentiles are
+  comparable, its per-turn errors less so.
 - Isolated turns: each grid point (model, history, new tokens, tier, sync/overlapped load) against the
   cost model's single-turn formula (`sim.costmodel`: per-layer tables, link tables and the
   `preload_pipeline_s` closed form), with no simulator queue in between.
@@ -56,18 +62,41 @@ def simulate_run(run: str, trace, profile, n_sessions=None, model="llama2-7b") -
     return run_simulation(sim_config(run, trace, profile, model, n_sessions)).turns
 
 
+def realized_trace(trace, measured: pd.DataFrame, out) -> Path:
+    """`trace` restricted to the measured sessions, each turn arriving when it arrived in the real run."""
+    from sim.trace import read_trace, write_trace
+
+    t = read_trace(trace)
+    t = t.assign(session_id=t.session_id.astype(str))
+    m = measured[["session_id", "turn", "arrival_s"]].assign(session_id=measured.session_id.astype(str))
+    j = t.drop(columns=["arrival_s"]).merge(m, on=["session_id", "turn"], how="inner")
+    if len(j) != len(m):
+        raise KvsimError(f"{trace}: {len(m) - len(j)} measured turns are not in the trace")
+    j["think_s"] = float("nan")
+    write_trace(j[t.columns], out)
+    return Path(out)
+
+
 def compare_trace(measured: pd.DataFrame, trace, profile, model="llama2-7b") -> tuple[pd.DataFrame, dict]:
     """Per-turn measured vs simulated TTFT for every run in `measured` (column `run`)."""
     if "run" not in measured.columns:
         raise KvsimError("measured trace runs: run: missing column, expected one of " + ", ".join(RUNS))
+    import tempfile
+
     rows, summary = [], {}
+    tmp = Path(tempfile.mkdtemp(prefix="kvsim_validate_"))
     for run, m in measured.groupby("run", sort=False):
         if run not in RUNS:
             raise KvsimError(f"measured trace runs: run: {run!r}, expected one of {', '.join(RUNS)}")
-        sim = simulate_run(run, trace, profile, n_sessions=m.session_id.nunique(), model=model)
+        m = m.assign(session_id=m.session_id.astype(str))
+        sim = simulate_run(run, realized_trace(trace, m, tmp / f"{run}.parquet"), profile, model=model)
         sim = sim.assign(session_id=sim.session_id.astype(str))
+        closed = simulate_run(run, trace, profile, n_sessions=m.session_id.nunique(), model=model)
+        closed = closed.assign(session_id=closed.session_id.astype(str))[["session_id", "turn", "ttft_s"]]
         j = m.merge(sim[["session_id", "turn", "ttft_s", "queue_s", "load_s", "prefill_s"]],
                     on=["session_id", "turn"], suffixes=("_meas", "_sim"), how="inner")
+        j = j.merge(closed.rename(columns={"ttft_s": "ttft_s_sim_think_time"}), on=["session_id", "turn"],
+                    how="left")
         if len(j) != len(m):
             raise KvsimError(f"measured trace runs: run {run}: {len(m) - len(j)} turns have no simulated match")
         j["run"] = run
@@ -75,10 +104,16 @@ def compare_trace(measured: pd.DataFrame, trace, profile, model="llama2-7b") -> 
         # prefill alone (no queue): executor start -> first token, against the simulator's prefill
         j["prefill_s_meas"] = j.first_token_s - j.start_s
         j["prefill_err"] = (j.prefill_s - j.prefill_s_meas) / j.prefill_s_meas
+        j["ttft_err_think_time"] = (j.ttft_s_sim_think_time - j.ttft_s_meas) / j.ttft_s_meas
         rows.append(j)
         summary[run] = {"turns": len(j), "ttft_mape": float(j.ttft_err.abs().mean()),
                         "ttft_mean_meas_s": float(j.ttft_s_meas.mean()), "ttft_mean_sim_s": float(j.ttft_s_sim.mean()),
                         "ttft_p50_meas_s": float(j.ttft_s_meas.median()), "ttft_p50_sim_s": float(j.ttft_s_sim.median()),
+                        "ttft_p99_meas_s": float(j.ttft_s_meas.quantile(0.99)),
+                        "ttft_p99_sim_s": float(j.ttft_s_sim.quantile(0.99)),
+                        "ttft_mape_think_time": float(j.ttft_err_think_time.abs().mean()),
+                        "ttft_mean_sim_think_time_s": float(j.ttft_s_sim_think_time.mean()),
+                        "ttft_p50_sim_think_time_s": float(j.ttft_s_sim_think_time.median()),
                         "prefill_mape": float(j.prefill_err.abs().mean()),
                         "service_mean_meas_s": float((j.end_s - j.start_s).mean()),
                         # host time between one turn's end and the next queued turn's start (saves

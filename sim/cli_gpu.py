@@ -81,7 +81,7 @@ def cmd_execute(args) -> int:
     plan = ServePlan(args.tier, overlap=not args.sync, read_buffer_layers=args.read_buffer_layers)
     ex = Executor(model, plan, max_ctx=max_ctx, max_new=max_new,
                   host_bytes=sum(caps) * shape.kv_bytes_per_token_layer(2) * shape.layers + len(caps) * 8192,
-                  ssd_dir=args.ssd_dir)
+                  ssd_dir=args.ssd_dir, detail_events=False)
     try:
         df = serve_trace(ex, trace)
     finally:

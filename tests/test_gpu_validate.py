@@ -46,15 +46,17 @@ def test_trace_comparison_matches_turns_by_session_and_turn(profile, tmp_path):
     tp = write_trace(trace, tmp_path / "t.parquet")
     sim = simulate_run("dram_overlap", tp, profile)
     # a "measurement" equal to the simulation, rows shuffled: the join must still pair them
-    meas = sim[["session_id", "turn", "ttft_s", "queue_s"]].copy()
-    meas["start_s"] = 0.0
-    meas["first_token_s"] = meas.ttft_s
+    meas = sim[["session_id", "turn", "arrival_s", "ttft_s", "queue_s"]].copy()
+    meas["start_s"] = meas.arrival_s + meas.queue_s
+    meas["first_token_s"] = meas.arrival_s + meas.ttft_s
     meas["end_s"] = 1.0
     meas["run"] = "dram_overlap"
     meas = meas.iloc[::-1]
     df, summary = compare_trace(meas, tp, profile)
     assert summary["dram_overlap"]["turns"] == 3
     assert summary["dram_overlap"]["ttft_mape"] == pytest.approx(0.0, abs=1e-12)
+    # replaying the measured arrivals of a closed-loop run reproduces it; so does its own think time
+    assert summary["dram_overlap"]["ttft_mape_think_time"] == pytest.approx(0.0, abs=1e-12)
     # and a measurement 10% slower on every turn gives a 1/1.1 - 1 error everywhere
     meas["ttft_s"] *= 1.1
     _, summary = compare_trace(meas, tp, profile)
