@@ -217,10 +217,11 @@ def prefill_layer_grid(shape: M.DecoderShape, new_tokens: list[int], history_tok
 
     ctx = max(new_tokens) + max(history_tokens)
     model = _stack_model(shape, ctx)
-    cache = torch.zeros((1, 1, ctx, 2, shape.kv_heads, shape.head_dim), device="cuda", dtype=torch.bfloat16)
+    # a cache layer per stacked layer, as in the executor: one shared layer would stay in L2 (50 MB)
+    cache = torch.zeros((STACK, 1, ctx, 2, shape.kv_heads, shape.head_dim), device="cuda", dtype=torch.bfloat16)
     rows = []
     for n in new_tokens:
-        pg = PrefillGraphs(model, n, stack=[(0, 0)] * STACK)
+        pg = PrefillGraphs(model, n, stack=[(0, i) for i in range(STACK)])
         for h in history_tokens:
             def setup(n=n, h=h):
                 cache[:, :, :h].normal_()
