@@ -29,11 +29,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_execute)
 
     p = sub.add_parser("validate", help="measured runs vs the simulator with the measured profile (CPU, offline)")
-    p.add_argument("--measured", type=Path, default=Path("results/gpu/trace_runs.csv"))
-    p.add_argument("--isolated", type=Path, default=Path("results/gpu/isolated.csv"))
+    # defaults: device run 6, the last with calibration, isolated grid and trace runs on one machine
+    p.add_argument("--measured", type=Path, default=Path("results/gpu/run6_graph_prefill/trace_runs.csv"))
+    p.add_argument("--isolated", type=Path, default=Path("results/gpu/run6_graph_prefill/isolated.csv"))
     p.add_argument("--trace", type=Path, default=Path("results/gpu/trace_slice.parquet"))
     p.add_argument("--profile", type=Path, default=Path("configs/hardware/h100.yaml"))
-    p.add_argument("--out", type=Path, default=Path("results/gpu"))
+    p.add_argument("--out", type=Path, default=Path("results/gpu/run6_graph_prefill"))
     p.set_defaults(func=cmd_validate)
 
 
