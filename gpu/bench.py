@@ -223,11 +223,11 @@ def prefill_layer_grid(shape: M.DecoderShape, new_tokens: list[int], history_tok
     for n in new_tokens:
         pg = PrefillGraphs(model, n, stack=[(0, i) for i in range(STACK)])
         for h in history_tokens:
-            def setup(n=n, h=h):
+            def setup(n=n, h=h, pg=pg):
                 cache[:, :, :h].normal_()
                 pg.begin_shape(torch.randint(0, shape.vocab, (1, n), device="cuda"), h, cache, n, n + h)
 
-            def run(_):
+            def run(_, pg=pg):
                 for i in range(STACK):
                     pg.layer(i)
             ms = time_cuda_ms(run, setup, warmup=2, reps=9 if n <= 512 else 5)
@@ -260,11 +260,11 @@ def decode_layer_grid(shape: M.DecoderShape, batch: list[int], context_tokens: l
             layers = DecodeGraphs(model, [cache], batch=b, stack=[(0, 0)] * STACK, buckets=[c])
             only_head = DecodeGraphs(model, [cache], batch=b, stack=[], buckets=[c])
 
-            def setup(b=b):   # fresh tokens each repeat
+            def setup(b=b, layers=layers, only_head=only_head):   # fresh tokens each repeat
                 layers.cur.copy_(torch.randint(0, shape.vocab, (b, 1), device="cuda"))
                 only_head.cur.copy_(layers.cur)
-            t_all = time_cuda_ms(lambda _: layers.step(0, c - 1), setup, warmup=3, reps=9)
-            t_head = time_cuda_ms(lambda _: only_head.step(0, c - 1), setup, warmup=3, reps=9)
+            t_all = time_cuda_ms(lambda _, g=layers, c=c: g.step(0, c - 1), setup, warmup=3, reps=9)
+            t_head = time_cuda_ms(lambda _, g=only_head, c=c: g.step(0, c - 1), setup, warmup=3, reps=9)
             heads.setdefault(b, []).extend(t_head)
             rows.append({"batch": b, "context_tokens": c, "stack_ms": t_all, "head_ms": t_head,
                          "ms": (median(t_all) - median(t_head)) / STACK})
@@ -300,7 +300,7 @@ def head_times(shape: M.DecoderShape, new_tokens: list[int], batch: list[int]) -
             int(pg.end()[1].item())
             if r >= 3:
                 wall.append((time.perf_counter() - t0) * 1e3)
-        gpu = time_cuda_ms(lambda ids: (pg.begin_shape(ids, 0, cache, n, n), pg.end()),
+        gpu = time_cuda_ms(lambda ids, pg=pg, n=n: (pg.begin_shape(ids, 0, cache, n, n), pg.end()),
                            lambda: torch.randint(0, shape.vocab, (1, n), device="cuda"), warmup=2, reps=7)
         pre.append({"new_tokens": n, "samples_ms": wall, "ms": median(wall), "gpu_ms": median(gpu)})
         del pg

@@ -468,7 +468,7 @@ class _SsdReader:
 
     def __init__(self, ex: Executor, sess: Session, hist: int):
         self.ex, self.sess, self.hist = ex, sess, hist
-        L, N = ex.L, ex.plan.read_buffer_layers
+        L = ex.L
         self.ready = [threading.Event() for _ in range(L)]
         self.copied = [threading.Event() for _ in range(L)]
         self.copy_ev = [None] * L

@@ -76,7 +76,7 @@ class PrefillGraphs:
 
     # ------------------------------------------------------------------ bodies
     def _begin_body(self, nb: int, kb: int):
-        m, s = self.model, self.model.shape
+        m = self.model
         pos = self.pos[:nb]
         pos.copy_(self.ar[:nb] + self.start)
         self.cos[:nb].copy_(m.rope_cos.index_select(0, pos))

@@ -83,8 +83,12 @@ def compare_trace(measured: pd.DataFrame, trace, profile, model="llama2-7b") -> 
         raise KvsimError("measured trace runs: run: missing column, expected one of " + ", ".join(RUNS))
     import tempfile
 
+    with tempfile.TemporaryDirectory(prefix="kvsim_validate_") as tmp:
+        return _compare_trace(measured, trace, profile, model, Path(tmp))
+
+
+def _compare_trace(measured, trace, profile, model, tmp: Path) -> tuple[pd.DataFrame, dict]:
     rows, summary = [], {}
-    tmp = Path(tempfile.mkdtemp(prefix="kvsim_validate_"))
     for run, m in measured.groupby("run", sort=False):
         if run not in RUNS:
             raise KvsimError(f"measured trace runs: run: {run!r}, expected one of {', '.join(RUNS)}")

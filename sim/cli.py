@@ -74,7 +74,7 @@ def cmd_run(args) -> int:
     for pol in policies:
         c = load_config(args.config, {**overrides, "policy.kind": pol}) if args.compare else cfg
         res = run_simulation(c)
-        out = write_results(res, out_root / pol if args.compare else out_root)
+        write_results(res, out_root / pol if args.compare else out_root)
         summaries.append(res.summary)
     print(format_summary(summaries))
     print(f"results: {out_root}")

@@ -49,15 +49,6 @@ def test_cli_missing_config_file_exits_2(tmp_path):
     assert p.returncode == 2 and "config file not found" in p.stderr
 
 
-def test_bad_trace_row_is_named_by_file_line(tmp_path):
-    from sim.trace import read_trace
-    p = tmp_path / "t.jsonl"
-    p.write_text('{"session_id": "a", "turn": 0, "arrival_s": 0, "prompt_tokens": 5, "output_tokens": 3}\n'
-                 '{"session_id": "b", "turn": 0, "arrival_s": 1, "prompt_tokens": -4, "output_tokens": 3}\n')
-    with pytest.raises(KvsimError, match=r"t\.jsonl:2: prompt_tokens=-4, expected an integer >= 0"):
-        read_trace(p)
-
-
 def test_trace_prefix_hashes_read_back_as_lists_or_none(tmp_path):
     import pandas as pd
     from sim.trace import read_trace, write_trace

@@ -1,5 +1,4 @@
 """Behaviour of the replica: hand-computed TTFTs, invariants on random workloads, policy comparisons."""
-import math
 
 import numpy as np
 import pandas as pd

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from gpu.roundattn.conversations import ChatFormatter, Selection, dialogue, iter_elements
-from gpu.roundattn.measure import (FullPass, Variant, choose_rounds, evaluate_variants, full_pass, measure,
+from gpu.roundattn.measure import (Variant, choose_rounds, evaluate_variants, full_pass, measure,
                                    summarise)
 from gpu.roundattn.model import LlamaShape, extend, full_logits, prefill, random_weights
 from gpu.roundattn.rounds import Conversation, Round, history_positions, history_round_mass, round_of_token
