@@ -11,15 +11,20 @@ import time
 
 import pandas as pd
 
-from gpu.executor import Executor, ServePlan, prompt_ids
+from gpu.executor import Executor, ServePlan, collector_off_turns, prompt_ids
 
 PLANS = [ServePlan("recompute"), ServePlan("hbm"),
          ServePlan("dram", overlap=False), ServePlan("dram", overlap=True, read_buffer_layers=2),
          ServePlan("ssd", overlap=False), ServePlan("ssd", overlap=True, read_buffer_layers=2)]
 
 
-def run_grid(model, plans, histories, news, reps: int = 3, ssd_dir="/tmp/kvsim_ssd", log=print) -> pd.DataFrame:
-    """Measure every (plan, history, new) point `reps` times after one unrecorded warm-up turn."""
+def run_grid(model, plans, histories, news, reps: int = 3, ssd_dir="/tmp/kvsim_ssd", log=print,
+             idle_s: float = 0.02) -> pd.DataFrame:
+    """Measure every (plan, history, new) point `reps` times after one unrecorded warm-up turn.
+
+    Each timed turn starts after `idle_s` of idle executor, as a turn arriving at an idle server does
+    (host and GPU idle before it, not mid-way through a hot loop); the collector stays out of it.
+    """
     rows = []
     max_ctx = max(histories) + max(news) + 8
     tok_bytes = model.shape.kv_bytes_per_token_layer(model.dtype.itemsize) * model.shape.layers
@@ -40,21 +45,25 @@ def run_grid(model, plans, histories, news, reps: int = 3, ssd_dir="/tmp/kvsim_s
                     # graphs are captured before the clock, as a serving engine does at start-up
                     ex.prepare_shape(sid, 0 if plan.tier == "recompute" else h,
                                      h + n if plan.tier == "recompute" else n)
-                    for r in range(reps + 1):
-                        sess = ex.sessions[sid]
-                        sess.tokens, sess.kv_tokens = list(base), (0 if plan.tier == "recompute" else h)
-                        ex._wait_saved(sess)
-                        clock0 = time.perf_counter()
-                        t = ex.run_turn(sid, 1 + r, prompt_ids(sid, 1, n, model.shape.vocab), 1, 0.0, clock0)
-                        ex.drain()
-                        if r == 0:
-                            continue      # warm-up: first use of this shape
-                        d = dataclasses.asdict(t)
-                        d.update(model=model.shape.name, tier=plan.tier, overlap=plan.overlap,
-                                 read_buffer_layers=plan.read_buffer_layers, rep=r,
-                                 hist_tokens=h, prompt_tokens=n, ttft_s=t.first_token_s - t.arrival_s,
-                                 kv_bytes_loaded=(h * tok_bytes if plan.tier in ("dram", "ssd") else 0))
-                        rows.append(d)
+                    ids = prompt_ids(sid, 1, n, model.shape.vocab)
+                    with collector_off_turns():
+                        for r in range(reps + 1):
+                            sess = ex.sessions[sid]
+                            sess.tokens, sess.kv_tokens = list(base), (0 if plan.tier == "recompute" else h)
+                            ex._wait_saved(sess)
+                            ex.drain()
+                            time.sleep(idle_s)
+                            clock0 = time.perf_counter()
+                            t = ex.run_turn(sid, 1 + r, ids, 1, 0.0, clock0)
+                            ex.drain()
+                            if r == 0:
+                                continue      # warm-up: first use of this shape
+                            d = dataclasses.asdict(t)
+                            d.update(model=model.shape.name, tier=plan.tier, overlap=plan.overlap,
+                                     read_buffer_layers=plan.read_buffer_layers, rep=r,
+                                     hist_tokens=h, prompt_tokens=n, ttft_s=t.first_token_s - t.arrival_s,
+                                     kv_bytes_loaded=(h * tok_bytes if plan.tier in ("dram", "ssd") else 0))
+                            rows.append(d)
         finally:
             ex.close()
         log(f"  {model.shape.name} {plan.tier:9s} overlap={plan.overlap!s:5s}: {time.perf_counter() - t_plan:.1f} s")
