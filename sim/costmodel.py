@@ -16,7 +16,11 @@ Hardware profile schema `kvsim-hardware-profile/1` (YAML):
   models: {<model name>: {prefill_layer_ms: {new_tokens, history_tokens, ms[new][hist]},
                           decode_layer_ms: {batch, context_tokens, ms[batch][ctx]},
                           head_ms: {prefill: {new_tokens, ms}, decode: {batch, ms}}}}
-  Optional per model: preload_layer_overhead_ms (fixed cost per layer of the gated preload path).
+  Optional per model: preload_layer_overhead_ms (fixed cost per layer of the gated preload path, on
+    the load side); host_turn_ms (the serving loop's host time per prefill outside its GPU work: turn
+    set-up before the first kernel, the wake-up after the first token); preload_gate_layer_ms (per
+    layer, on the compute side: a layer gated on its load's event waits on another stream).
+  Optional: ssd.shared_queue: true where reads were measured to queue behind in-flight writes.
   Optional: prefill_padding: {new_tokens: [buckets], context_multiple: M}: the executor runs prefill as
     CUDA graphs of fixed shapes, so a request of n new tokens after h cached ones runs as the padded
     shape `padded_prefill(n, h)` (n up to the next bucket; keys up to a multiple of M); the tables are
@@ -145,6 +149,8 @@ class ModelProfile:
     head_prefill_ms: Table1D
     head_decode_ms: Table1D
     preload_layer_overhead_ms: float = 0.0
+    host_turn_ms: float = 0.0
+    preload_gate_layer_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,7 @@ class HardwareProfile:
     models: dict  # model name -> ModelProfile
     path: str = ""
     prefill_padding: Optional[PrefillPadding] = None
+    ssd_shared_queue: Optional[bool] = None
 
 
 def _num_list(v, key, path, ascending=False, positive=False) -> tuple:
@@ -247,13 +254,16 @@ def parse_profile(raw: dict, path: str = "<profile>") -> HardwareProfile:
         head, kh = _get(m, "head_ms", path, pre)
         hp, khp = _get(head, "prefill", path, kh)
         hd, khd = _get(head, "decode", path, kh)
-        over = m.get("preload_layer_overhead_ms", 0.0)
-        if not isinstance(over, (int, float)) or over < 0:
-            raise KvsimError(f"{path}: {pre}.preload_layer_overhead_ms: expected a number >= 0")
+        extra = {}
+        for k in ("preload_layer_overhead_ms", "host_turn_ms", "preload_gate_layer_ms"):
+            v = m.get(k, 0.0)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or not math.isfinite(v):
+                raise KvsimError(f"{path}: {pre}.{k}: expected a number >= 0, got {v!r}")
+            extra[k] = float(v)
         models[mname] = ModelProfile(
             _table2(pf, path, kpf, "new_tokens", "history_tokens"),
             _table2(dc, path, kdc, "batch", "context_tokens"),
-            _table1(hp, path, khp, "new_tokens"), _table1(hd, path, khd, "batch"), float(over))
+            _table1(hp, path, khp, "new_tokens"), _table1(hd, path, khd, "batch"), **extra)
     padding = None
     if "prefill_padding" in raw:
         pad = raw["prefill_padding"]
@@ -265,9 +275,12 @@ def parse_profile(raw: dict, path: str = "<profile>") -> HardwareProfile:
         if not isinstance(mult, int) or isinstance(mult, bool) or mult < 1:
             raise KvsimError(f"{path}: {km}: expected an integer >= 1, got {mult!r}")
         padding = PrefillPadding(tuple(int(b) for b in buckets), mult)
+    shared = ssd.get("shared_queue") if isinstance(ssd, dict) else None
+    if shared is not None and not isinstance(shared, bool):
+        raise KvsimError(f"{path}: ssd.shared_queue: expected true or false, got {shared!r}")
     return HardwareProfile(str(raw.get("device", "")), str(raw.get("measured_at", "")), vals["hbm_bytes"],
                            vals["peak_bf16_flops"], vals["hbm_bw_gbps"], links, _link_table(r, path, kr),
-                           _link_table(w, path, kw), models, path, padding)
+                           _link_table(w, path, kw), models, path, padding, shared)
 
 
 def load_profile(path) -> HardwareProfile:
@@ -329,6 +342,25 @@ class RooflineCost:
     def preload_layer_overhead_s(self) -> float:
         return 0.0
 
+    def preload_gate_s(self) -> float:
+        return 0.0
+
+    def prefill_fixed_s(self) -> float:
+        return 0.0
+
+    def ssd_shared_queue(self) -> Optional[bool]:
+        return None
+
+    def prefill_iteration_s(self, load_layer_s: float, compute_layer_s: float, head_s: float,
+                            buffer_layers: int, layerwise: bool) -> float:
+        """Wall time of one prefill iteration, its first token included: the preload pipeline over
+        per-layer load and compute times (a gated layer pays the cross-stream wait on its compute
+        side), the heads, and the serving loop's fixed host time."""
+        if load_layer_s > 0.0 and layerwise:
+            compute_layer_s += self.preload_gate_s()
+        return (preload_pipeline_s(self.shape.layers, load_layer_s, compute_layer_s, buffer_layers, layerwise)
+                + head_s + self.prefill_fixed_s())
+
     def h2d_bw(self, chunk_bytes: float) -> float:
         return self._h2d
 
@@ -372,6 +404,15 @@ class ProfileCost(RooflineCost):
 
     def preload_layer_overhead_s(self) -> float:
         return self.m.preload_layer_overhead_ms * 1e-3
+
+    def preload_gate_s(self) -> float:
+        return self.m.preload_gate_layer_ms * 1e-3
+
+    def prefill_fixed_s(self) -> float:
+        return self.m.host_turn_ms * 1e-3
+
+    def ssd_shared_queue(self) -> Optional[bool]:
+        return self.profile.ssd_shared_queue
 
     def h2d_bw(self, chunk_bytes: float) -> float:
         return self.profile.links["h2d_pinned"](chunk_bytes) * GB

@@ -19,10 +19,9 @@ from itertools import islice
 
 import numpy as np
 
-from sim.costmodel import preload_pipeline_s
 from sim.errors import KvsimError
 from sim.eviction import victims
-from sim.tiers import Entry, Link, Tier
+from sim.tiers import Entry, Link, SharedQueueLink, Tier
 from sim.trace import BLOCK_TOKENS
 from sim.workload import reusable_block_keys
 
@@ -107,7 +106,11 @@ class Replica:
         self.tier_code = {"hbm": HBM, "dram": DRAM, "ssd": SSD}
         self.index = {}  # key -> Entry (one tier per entry)
         self.h2d, self.d2h = Link("h2d"), Link("d2h")
-        self.ssd_r, self.ssd_w = Link("ssd_read"), Link("ssd_write")
+        shared = cfg.ssd.shared_queue
+        if shared is None:
+            shared = bool(cost.ssd_shared_queue())
+        self.ssd_r, self.ssd_w = (SharedQueueLink.pair("ssd_read", "ssd_write") if shared
+                                  else (Link("ssd_read"), Link("ssd_write")))
         self.queue = deque()
         self.new_in_window = []  # arrivals inside the look-ahead window, fetched after admission
         self.queue_version = 0  # bumped on every enqueue/dequeue: keys the cached look-ahead map
@@ -413,7 +416,7 @@ class Replica:
             if self.ssd_r.free_at > start:
                 start = self.ssd_r.free_at
             self.ssd_r.transfer(start, ssd_bytes, cost.ssd_read_bw(ssd_bytes / L))
-        t = preload_pipeline_s(L, load_layer, compute_layer, self.buffer_layers, self.layerwise) + head
+        t = cost.prefill_iteration_s(load_layer, compute_layer, head, self.buffer_layers, self.layerwise)
         if load_layer:
             self.h2d.busy_s += load_layer * L
             self.h2d.bytes_moved += loaded
@@ -621,11 +624,14 @@ class Replica:
                 return new
         else:
             new = nbytes
+        # a history already on SSD is appended to there: only the turn's new KV is written
+        on_ssd = e is not None and e.tier is self.ssd and job.hit
         if self._store(job.sid, ctx, nbytes, self.dram, now, now):
             return new
         if self.ssd.capacity and self._store(job.sid, ctx, nbytes, self.ssd, now, now):
-            self.ssd_w.transfer(now, nbytes, self.cost.ssd_write_bw(nbytes / self.L))
-            return nbytes
+            written = (ctx - job.hit) * self.kv_tok if on_ssd else nbytes
+            self.ssd_w.transfer(now, written, self.cost.ssd_write_bw(written / self.L))
+            return written
         return 0.0
 
     def _keep_in_hbm(self, job, ctx, now):

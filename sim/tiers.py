@@ -3,6 +3,8 @@
 A link is a FIFO server with one transfer in flight at a time; since every transfer's size is
 known when it is issued, its end is closed-form (start = max(now, link free), end = start + bytes /
 bandwidth), which equals a SimPy `Resource(capacity=1)` queue without an event per transfer.
+An SSD's reads and writes can be two links that share one such queue (`SharedQueueLink`): a read issued
+behind queued writes waits for them, as measured on the lent GPU machine's disk (results/gpu).
 """
 from __future__ import annotations
 
@@ -26,6 +28,36 @@ class Link:
         self.busy_s += dur
         self.bytes_moved += nbytes
         return self.free_at
+
+
+class _Queue:
+    __slots__ = ("free_at",)
+
+    def __init__(self):
+        self.free_at = 0.0
+
+
+class SharedQueueLink(Link):
+    """One direction of a device whose directions are served by one FIFO queue (bytes and busy time
+    are counted per direction; `free_at` is the device's)."""
+    __slots__ = ("_q",)
+
+    def __init__(self, name: str, queue: _Queue):
+        self._q = queue
+        super().__init__(name)
+
+    @property
+    def free_at(self) -> float:
+        return self._q.free_at
+
+    @free_at.setter
+    def free_at(self, t: float) -> None:
+        self._q.free_at = t
+
+    @staticmethod
+    def pair(read_name: str, write_name: str) -> tuple["SharedQueueLink", "SharedQueueLink"]:
+        q = _Queue()
+        return SharedQueueLink(read_name, q), SharedQueueLink(write_name, q)
 
 
 class Entry:

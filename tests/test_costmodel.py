@@ -100,6 +100,9 @@ def test_config_naming_a_profile_uses_it(tmp_path):
      "prefill_padding.new_tokens: expected strictly ascending"),
     (lambda d: d.update(prefill_padding={"new_tokens": [32, 64], "context_multiple": 0}),
      "prefill_padding.context_multiple: expected an integer >= 1"),
+    (lambda d: d["models"]["llama2-7b"].update(host_turn_ms=-0.1), "llama2-7b.host_turn_ms: expected a number >= 0"),
+    (lambda d: d["models"]["llama2-7b"].update(preload_gate_layer_ms="x"), "preload_gate_layer_ms: expected a number"),
+    (lambda d: d["ssd"].update(shared_queue="yes"), "ssd.shared_queue: expected true or false"),
 ])
 def test_bad_profile_names_the_key(mutate, fragment):
     d = _profile()
@@ -133,3 +136,35 @@ def test_a_padded_profile_is_looked_up_at_the_padded_shape():
     assert pc.prefill_layer_s(11, 100) == pytest.approx(unpadded.prefill_layer_s(1000, 500))
     assert pc.prefill_layer_s(11, 100) > unpadded.prefill_layer_s(11, 100)
     assert pc.prefill_layer_s(5, 0) == pytest.approx(unpadded.prefill_layer_s(10, 0))
+
+
+def _cost(d):
+    return ProfileCost(MODELS["llama2-7b"], parse_profile(d), 1, prefill_mfu=0.5, decode_mbu=0.5, h2d_gbps=1,
+                       d2h_gbps=1, ssd_read_gbps=1, ssd_write_gbps=1)
+
+
+def test_host_time_per_turn_and_gating_per_loaded_layer_are_added_where_they_are_paid():
+    d = _profile()
+    d["models"]["llama2-7b"].update(host_turn_ms=0.8, preload_gate_layer_ms=0.01)
+    pc, bare = _cost(d), _cost(_profile())
+    L, c, head = 32, 0.3e-3, 0.5e-3
+    # no load: the turn's host time only
+    assert pc.prefill_iteration_s(0.0, c, head, 2, True) == pytest.approx(L * c + head + 0.8e-3)
+    # layer-wise preload, compute-bound: every gated layer pays the wait on its compute side
+    got = pc.prefill_iteration_s(0.1e-3, c, head, 2, True)
+    assert got == pytest.approx(bare.prefill_iteration_s(0.1e-3, c + 0.01e-3, head, 2, True) + 0.8e-3)
+    assert got == pytest.approx(0.1e-3 + L * (c + 0.01e-3) + head + 0.8e-3)
+    # load first, then compute: no gates
+    assert pc.prefill_iteration_s(0.1e-3, c, head, 2, False) == pytest.approx(L * (0.1e-3 + c) + head + 0.8e-3)
+    # the roofline has no host terms
+    assert bare.prefill_iteration_s(0.0, c, head, 2, True) == pytest.approx(L * c + head)
+
+
+def test_the_profile_says_whether_ssd_reads_queue_behind_writes(tmp_path):
+    from sim.costmodel import cost_model_for
+    d = _profile()
+    d["ssd"]["shared_queue"] = True
+    p = tmp_path / "h.yaml"
+    p.write_text(yaml.safe_dump(d))
+    assert cost_model_for(load_config({"model": "llama2-7b", "hardware_profile": str(p)})).ssd_shared_queue() is True
+    assert cost_model_for(load_config({"model": "llama2-7b"})).ssd_shared_queue() is None

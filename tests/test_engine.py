@@ -223,3 +223,56 @@ def test_hbm_prefix_evicts_by_recency_even_when_scheduler_aware_eviction_is_conf
              for ev in ("scheduler_aware", "lru")}
     assert tiers["lru"][("a", 1)] == "miss"  # the set-up really forces A's history out under LRU
     assert tiers["scheduler_aware"][("a", 1)] == "miss"
+
+
+def _ssd_only(shared: bool, **over):
+    # a's long turn 0 is written to SSD as it ends; b's turn 1 reads its history from SSD right after
+    df = pd.DataFrame([
+        dict(session_id="a", turn=0, arrival_s=0.0, think_s=np.nan, prompt_tokens=2000, output_tokens=10),
+        dict(session_id="b", turn=0, arrival_s=0.001, think_s=np.nan, prompt_tokens=50, output_tokens=3),
+        dict(session_id="b", turn=1, arrival_s=np.nan, think_s=0.0, prompt_tokens=20, output_tokens=3),
+    ])
+    return _run(df, **{"host.dram_bytes": 0, "ssd.shared_queue": shared, "scheduler.max_batch": 1,
+                       "policy.scheduler_aware_fetch": False, "ssd.write_gbps": 0.5, **over})
+
+
+def test_ssd_read_waits_behind_queued_writes_on_a_shared_device():
+    shared, cfg = _ssd_only(True)
+    split, _ = _ssd_only(False)
+    cm = cost_model_for(cfg)
+    t = shared.turns.set_index(["session_id", "turn"])
+    tok = cm.shape.kv_bytes_per_token_layer * cm.shape.layers
+    wa, wb = 2010 * tok, 53 * tok   # each turn's whole context: prompt + reply
+    write_end = max(t.loc[("a", 0), "finish_s"] + wa / cm.ssd_write_bw(wa / cm.shape.layers),
+                    t.loc[("b", 0), "finish_s"]) + wb / cm.ssd_write_bw(wb / cm.shape.layers)
+    b1 = t.loc[("b", 1)]
+    assert b1.hit_tier == "ssd"
+    assert b1.arrival_s + b1.queue_s + b1.fetch_wait_s == pytest.approx(write_end)
+    s1 = split.turns.set_index(["session_id", "turn"]).loc[("b", 1)]
+    assert s1.fetch_wait_s == 0.0
+    assert b1.ttft_s > s1.ttft_s + 0.5 * wa / cm.ssd_write_bw(wa / cm.shape.layers)
+    assert shared.summary["bytes_ssd_write"] == split.summary["bytes_ssd_write"]
+
+
+def test_a_history_on_ssd_is_appended_to_not_rewritten():
+    res, cfg = _ssd_only(True)
+    tok = cost_model_for(cfg).shape.kv_bytes_per_token_layer * cost_model_for(cfg).shape.layers
+    t = res.turns.set_index(["session_id", "turn"])
+    assert t.loc[("b", 1), "hit_tokens"] == 53
+    # b's turn 1 adds its prompt and reply (20 + 3 tokens) to the 53 already on SSD
+    assert t.loc[("b", 1), "bytes_saved"] == pytest.approx(23 * tok)
+    assert res.summary["bytes_ssd_write"] == pytest.approx((2010 + 53 + 23) * tok)
+
+
+def test_unset_ssd_queue_sharing_follows_the_hardware_profile(tmp_path):
+    from test_costmodel import _profile
+    import yaml
+    d = _profile()
+    d["ssd"]["shared_queue"] = True
+    p = tmp_path / "h.yaml"
+    p.write_text(yaml.safe_dump(d))
+    wait = {}
+    for shared in (None, True, False):
+        res, _ = _ssd_only(shared, hardware_profile=str(p))
+        wait[shared] = res.turns.set_index(["session_id", "turn"]).loc[("b", 1), "fetch_wait_s"]
+    assert wait[None] == wait[True] > 0.0 == wait[False]
