@@ -69,7 +69,9 @@ def main():
     (out / "env.json").write_text(json.dumps(info, indent=1))
     log(f"device {info['device']} torch {torch.__version__}")
 
-    if "calibrate" in stages and cuda:
+    def calibrate():
+        if not cuda:
+            return
         try:
             raw = measure(a.models.split(","), ssd_dir=a.ssd_dir, log=log,
                           command="PYTHONPATH=. python3 bench/gpu_device_run.py --out $OUT (kvsim gpu calibrate)")
@@ -79,11 +81,11 @@ def main():
             log("calibrate FAILED\n" + traceback.format_exc())
         torch.cuda.empty_cache()
 
-    names = a.models.split(",") if cuda else ["tiny"]
-    if "isolated" in stages:
+    def isolated():
+        names = a.models.split(",") if cuda else ["tiny"]
         frames = []
         for name in names:
-            if left(a.budget_s) < 200:
+            if left(a.budget_s) < 120:
                 log(f"isolated {name}: skipped, {left(a.budget_s):.0f} s left")
                 continue
             try:
@@ -102,7 +104,7 @@ def main():
             except Exception:
                 log(f"isolated {name} FAILED\n" + traceback.format_exc())
 
-    if "trace" in stages:
+    def trace_runs():
         trace = read_trace(a.trace)
         if a.sessions:
             trace = trace[trace.session_id.isin(list(dict.fromkeys(trace.session_id))[:a.sessions])].copy()
@@ -165,8 +167,16 @@ def main():
                 del ex
             except Exception:
                 log(f"trace {run} FAILED\n" + traceback.format_exc())
-    if "trace" in stages:
         arena.release()
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+
+    stage_fns = {"calibrate": calibrate, "isolated": isolated, "trace": trace_runs}
+    for st in stages:       # in the order given: the first stages get the budget first
+        if st not in stage_fns:
+            raise SystemExit(f"--stages: {st!r}, expected some of {', '.join(stage_fns)}")
+        stage_fns[st]()
     log("done")
 
 

@@ -199,6 +199,128 @@ def ssd_layer_reads(root, token_bytes: int, layers: int = 32, hist_tokens=(16, 6
             "token_bytes": token_bytes, "rows": rows}
 
 
+def ssd_read_under_write(root, token_bytes: int, layers: int = 32, read_tokens: int = 256,
+                         write_tokens: int = 1024, lead_s: float = 0.005, reps: int = 2) -> dict:
+    """Does a read wait behind writes in flight? The executor's pattern: a writer thread appends a
+    turn's KV (one O_DIRECT write per layer of `write_tokens` tokens) while the next turn reads its
+    history (one read per layer of `read_tokens` tokens), `lead_s` after the writes started.
+
+    Two models bracket the outcome: independent directions (the read takes as long as alone) and one
+    shared FIFO queue (the read ends after the writes still queued plus its own time). The profile's
+    `ssd.shared_queue` is the one nearer the measured read time.
+    """
+    import threading
+
+    from gpu.kvstore import DiskStore
+
+    store = DiskStore(Path(root) / "read_under_write", layers, token_bytes)
+    cap = max(read_tokens, write_tokens)
+    rbuf = aligned_host_bytes(read_tokens * token_bytes, pinned=torch.cuda.is_available())
+    wbuf = aligned_host_bytes(write_tokens * token_bytes, pinned=torch.cuda.is_available())
+    noise = torch.randint(0, 256, (ALIGN,), dtype=torch.uint8)
+    rbuf.view(-1, ALIGN).copy_(noise)
+    wbuf.view(-1, ALIGN).copy_(noise)
+
+    def write_all(f):
+        for i in range(layers):
+            store.write_layer(f, i, 0, wbuf)
+        store.finish_writes(f)
+
+    def read_all(f):
+        for i in range(layers):
+            store.read_layer(f, i, read_tokens, rbuf)
+
+    try:
+        hist = store.create("history", cap)
+        for i in range(layers):
+            store.write_layer(hist, i, 0, wbuf[:read_tokens * token_bytes])
+        os.fsync(hist.fd)
+        out = {"read_alone_s": [], "write_alone_s": [], "read_under_write_s": [], "write_under_read_s": []}
+        for r in range(reps):
+            t0 = time.perf_counter()
+            read_all(hist)
+            out["read_alone_s"].append(time.perf_counter() - t0)
+            f = store.create(f"w{r}", cap)
+            t0 = time.perf_counter()
+            write_all(f)
+            out["write_alone_s"].append(time.perf_counter() - t0)
+            f2 = store.create(f"x{r}", cap)
+            done = {}
+
+            def writer(f2=f2):
+                t = time.perf_counter()
+                write_all(f2)
+                done["w"] = time.perf_counter() - t
+            th = threading.Thread(target=writer)
+            th.start()
+            time.sleep(lead_s)
+            t0 = time.perf_counter()
+            read_all(hist)
+            out["read_under_write_s"].append(time.perf_counter() - t0)
+            th.join()
+            out["write_under_read_s"].append(done["w"])
+    finally:
+        store.close()
+        unpin(rbuf)
+        unpin(wbuf)
+    read, write, both = median(out["read_alone_s"]), median(out["write_alone_s"]), median(out["read_under_write_s"])
+    fifo = max(write - lead_s, 0.0) + read
+    out.update(layers=layers, token_bytes=token_bytes, read_tokens=read_tokens, write_tokens=write_tokens,
+               lead_s=lead_s, predicted_independent_s=read, predicted_shared_fifo_s=fifo,
+               shared_queue=bool(abs(both - fifo) < abs(both - read)))
+    return out
+
+
+def serving_overheads(shape: M.DecoderShape, new_tokens=(64, 384, 1536), hist_tokens: int = 256,
+                      reps: int = 7, idle_s: float = 0.03, seed: int = 3, device: str = "cuda") -> dict:
+    """The real executor's prefill on an idle GPU, for the host time the layer and head tables miss.
+
+    Recompute turns with no history (first token's wall time, start of the turn -> token on the
+    host) and DRAM turns with layer-wise preload of a short history (loading hides under compute,
+    so what is left over is the per-layer gating). `gpu.calibrate` reduces them against the tables
+    measured in the same call: host_turn_ms and preload_gate_layer_ms. The shapes are padding
+    buckets, so no interpolation enters the residual.
+    """
+    from gpu.executor import Executor, ServePlan, collector_off_turns, prompt_ids
+    from gpu.isolated import run_grid
+
+    max_pos = max(new_tokens) + hist_tokens + 4096
+    cuda = device == "cuda"
+    model = M.random_decoder(shape, max_pos, device, torch.bfloat16 if cuda else torch.float32, seed=seed)
+    rows = []
+    try:
+        ex = Executor(model, ServePlan("recompute"), max_ctx=max(new_tokens) + 8, max_new=max(new_tokens) + 8,
+                      decode="eager")
+        ex.open_session("s", max(new_tokens) + 8)
+        for n in new_tokens:
+            ex.prepare_shape("s", 0, n)
+            ids = prompt_ids("s", 0, n, shape.vocab)
+            with collector_off_turns():
+                for r in range(reps + 1):
+                    ex.sessions["s"].tokens = []
+                    if cuda:
+                        torch.cuda.synchronize()
+                    time.sleep(idle_s)
+                    clock0 = time.perf_counter()
+                    t = ex.run_turn("s", r, ids, 1, 0.0, clock0)
+                    if r:
+                        rows.append({"tier": "recompute", "overlap": False, "read_buffer_layers": 1,
+                                     "history_tokens": 0, "new_tokens": n,
+                                     "prefill_ms": (t.first_token_s - t.start_s) * 1e3})
+        ex.close()
+        del ex
+        grid = run_grid(model, [ServePlan("dram", overlap=True, read_buffer_layers=2)], [hist_tokens],
+                        list(new_tokens), reps=reps, log=lambda *_: None, idle_s=idle_s)
+        for g in grid.itertuples():
+            rows.append({"tier": "dram", "overlap": True, "read_buffer_layers": 2, "history_tokens": hist_tokens,
+                         "new_tokens": int(g.prompt_tokens), "prefill_ms": (g.first_token_s - g.start_s) * 1e3})
+    finally:
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    return {"rows": rows, "idle_s": idle_s, "method": "gpu.executor.Executor.run_turn, host clock"}
+
+
 # ------------------------------------------------------------------------ decoder layers
 def _stack_model(shape: M.DecoderShape, max_pos: int, seed: int = 0) -> M.Decoder:
     # One layer's weights suffice: they (hundreds of MB) are far larger than L2, so re-running the

@@ -9,12 +9,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import statistics
 import tempfile
 from pathlib import Path
 
 import yaml
 
 from gpu.prefill_graph import PADDING
+from statistics import median
 from sim.costmodel import SCHEMA, parse_profile
 
 PREFILL_NEW = list(PADDING.new_tokens)       # the executor only ever runs these (padded) sizes
@@ -80,7 +82,42 @@ def profile_from_raw(raw: dict) -> dict:
     }
     if raw.get("prefill_padding"):      # graph-captured prefill (absent from raw data of eager runs)
         prof["prefill_padding"] = raw["prefill_padding"]
+    if raw["ssd"].get("read_under_write"):
+        ssd["shared_queue"] = bool(raw["ssd"]["read_under_write"]["shared_queue"])
+    for name, m in raw["models"].items():
+        if m.get("serving"):
+            models[name].update(serving_terms(prof, name, m["serving"]["rows"]))
     return prof
+
+
+def serving_terms(prof: dict, model: str, rows: list[dict]) -> dict:
+    """host_turn_ms and preload_gate_layer_ms from the executor's own turns (`bench.serving_overheads`):
+    the medians of what the measured prefill takes beyond the cost model's prediction from the tables
+    of the same profile; recompute turns give the per-turn host time, then DRAM turns with layer-wise
+    preload the per-layer gating cost."""
+    from sim.costmodel import ProfileCost, preload_pipeline_s
+    from sim.models import MODELS
+
+    unit = dict(prefill_mfu=1.0, decode_mbu=1.0, h2d_gbps=1.0, d2h_gbps=1.0, ssd_read_gbps=1.0, ssd_write_gbps=1.0)
+    cost = ProfileCost(MODELS[model], parse_profile(prof, "<calibration>"), 1, **unit)
+    L = cost.shape.layers
+    turn = [r["prefill_ms"] - (L * cost.prefill_layer_s(r["new_tokens"], 0) + cost.prefill_head_s(r["new_tokens"])) * 1e3
+            for r in rows if r["tier"] == "recompute"]
+    host_turn = max(statistics.median(turn), 0.0) if turn else 0.0
+    gate = []
+    for r in rows:
+        if r["tier"] != "dram" or not r["overlap"]:
+            continue
+        n, h = r["new_tokens"], r["history_tokens"]
+        chunk = h * cost.shape.kv_bytes_per_token_layer
+        load = chunk / cost.h2d_bw(chunk) + cost.preload_layer_overhead_s()
+        pred = (preload_pipeline_s(L, load, cost.prefill_layer_s(n, h), r["read_buffer_layers"], True)
+                + cost.prefill_head_s(n)) * 1e3 + host_turn
+        gate.append((r["prefill_ms"] - pred) / L)
+    out = {"host_turn_ms": round(host_turn, 5)}
+    if gate:
+        out["preload_gate_layer_ms"] = round(max(statistics.median(gate), 0.0), 5)
+    return out
 
 
 def write_profile(raw: dict, out, raw_out=None) -> dict:
@@ -119,6 +156,12 @@ def measure(models=("llama2-7b", "llama2-13b"), ssd_dir="/tmp/kvsim_ssd", quick:
                                      min_bytes=(1 << 26) if quick else (1 << 28))
     raw["ssd"]["layer_reads"] = bench.ssd_layer_reads(ssd_dir, SHAPES[models[0]].kv_bytes_per_token_layer(2),
                                                       SHAPES[models[0]].layers)
+    raw["ssd"]["read_under_write"] = bench.ssd_read_under_write(
+        ssd_dir, SHAPES[models[0]].kv_bytes_per_token_layer(2), SHAPES[models[0]].layers)
+    rw = raw["ssd"]["read_under_write"]
+    log(f"  read under write: {median(rw['read_under_write_s']) * 1e3:.0f} ms (alone "
+        f"{rw['predicted_independent_s'] * 1e3:.0f}, behind the writes {rw['predicted_shared_fifo_s'] * 1e3:.0f}):"
+        f" shared_queue={rw['shared_queue']}")
     for k in ("write", "read"):
         log(f"  {k} ({raw['ssd']['method']}): " + " ".join(f"{r['chunk_bytes'] >> 20}M:{r['gbps']:.2f}"
                                                           for r in raw["ssd"][k]))
@@ -130,7 +173,8 @@ def measure(models=("llama2-7b", "llama2-13b"), ssd_dir="/tmp/kvsim_ssd", quick:
         log(f"{name} layers ...")
         m = {"prefill": bench.prefill_layer_grid(shape, g["prefill_new"], g["prefill_hist"]),
              "decode": bench.decode_layer_grid(shape, g["decode_batch"], g["decode_ctx"]),
-             "head": bench.head_times(shape, g["prefill_new"], g["decode_batch"])}
+             "head": bench.head_times(shape, g["prefill_new"], g["decode_batch"]),
+             "serving": bench.serving_overheads(shape, reps=3 if quick else 7)}
         raw["models"][name] = m
         torch.cuda.empty_cache()
         log(f"  prefill n=512 h=2048: {next(r['ms'] for r in m['prefill']['rows'] if r['new_tokens'] == 512 and r['history_tokens'] == 2048):.3f} ms/layer"

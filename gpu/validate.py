@@ -11,8 +11,8 @@ Two checks (issue 4, item 3):
   (closed-loop) replay is reported beside it (`*_think_time`): its means and percentiles are
   comparable, its per-turn errors less so.
 - Isolated turns: each grid point (model, history, new tokens, tier, sync/overlapped load) against the
-  cost model's single-turn formula (`sim.costmodel`: per-layer tables, link tables and the
-  `preload_pipeline_s` closed form), with no simulator queue in between.
+  cost model's single-turn formula (`sim.costmodel`: per-layer tables, link tables, the
+  pipeline closed form, `prefill_iteration_s`), with no simulator queue in between.
 
 Works offline from the committed measurements (results/gpu/*.csv); needs no GPU.
 """
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from sim.config import load_config
-from sim.costmodel import cost_model_for, preload_pipeline_s
+from sim.costmodel import cost_model_for
 from sim.errors import KvsimError
 
 # How each executor run is described to the simulator. `scheduler_aware_fetch` is off: the executor
@@ -152,7 +152,6 @@ def predict_isolated(iso: pd.DataFrame, profile) -> pd.DataFrame:
             costs[r.model] = cost_model_for(load_config({"model": r.model, "hardware_profile": str(profile),
                                                          "gpu": {"name": "h100-80gb"}}))
         c = costs[r.model]
-        L = c.shape.layers
         n, h = r.new_tokens, r.history_tokens
         compute = c.prefill_layer_s(n, h)
         load = 0.0
@@ -160,8 +159,8 @@ def predict_isolated(iso: pd.DataFrame, profile) -> pd.DataFrame:
             chunk = h * c.shape.kv_bytes_per_token_layer
             bw = c.h2d_bw(chunk) if r.tier == "dram" else min(c.ssd_read_bw(chunk), c.h2d_bw(chunk))
             load = chunk / bw + c.preload_layer_overhead_s()
-        t = preload_pipeline_s(L, load, compute, int(r.read_buffer_layers), bool(r.overlap)) + c.prefill_head_s(n)
-        out.append({"pred_ttft_s": t, "pred_load_s": load * L, "pred_compute_s": compute * L})
+        t = c.prefill_iteration_s(load, compute, c.prefill_head_s(n), int(r.read_buffer_layers), bool(r.overlap))
+        out.append({"pred_ttft_s": t, "pred_load_s": load * c.shape.layers, "pred_compute_s": compute * c.shape.layers})
     res = pd.concat([iso.reset_index(drop=True), pd.DataFrame(out)], axis=1)
     res["ttft_err"] = (res.pred_ttft_s - res.ttft_s) / res.ttft_s
     return res

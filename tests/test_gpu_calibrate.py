@@ -60,3 +60,57 @@ def test_table_rows_follow_new_tokens_and_columns_history():
     t = prof["models"]["llama2-7b"]["prefill_layer_ms"]
     assert len(t["ms"]) == len(t["new_tokens"]) and all(len(r) == len(t["history_tokens"]) for r in t["ms"])
     assert t["ms"][2][0] == pytest.approx(0.1 + 0.512)
+
+
+def test_host_terms_are_recovered_from_executor_turns_that_pay_them():
+    """A synthetic executor that pays 0.7 ms per turn and 0.012 ms per gated layer on top of the
+    tables: the reduction must give those two numbers back (noise-free rows, median of residuals)."""
+    from sim.costmodel import ProfileCost, parse_profile
+    from sim.models import MODELS
+
+    raw = _raw()
+    truth = profile_from_raw(raw)
+    truth["models"]["llama2-7b"].update(host_turn_ms=0.7, preload_gate_layer_ms=0.012)
+    unit = dict(prefill_mfu=1.0, decode_mbu=1.0, h2d_gbps=1.0, d2h_gbps=1.0, ssd_read_gbps=1.0, ssd_write_gbps=1.0)
+    pc = ProfileCost(MODELS["llama2-7b"], parse_profile(truth), 1, **unit)
+    rows = []
+    for n in (1, 64, 512):
+        rows.append({"tier": "recompute", "overlap": False, "read_buffer_layers": 1, "history_tokens": 0,
+                     "new_tokens": n, "prefill_ms": 1e3 * pc.prefill_iteration_s(
+                         0.0, pc.prefill_layer_s(n, 0), pc.prefill_head_s(n), 1, False)})
+        chunk = 256 * pc.shape.kv_bytes_per_token_layer
+        rows.append({"tier": "dram", "overlap": True, "read_buffer_layers": 2, "history_tokens": 256,
+                     "new_tokens": n, "prefill_ms": 1e3 * pc.prefill_iteration_s(
+                         chunk / pc.h2d_bw(chunk), pc.prefill_layer_s(n, 256), pc.prefill_head_s(n), 2, True)})
+    raw["models"]["llama2-7b"]["serving"] = {"rows": rows}
+    raw["ssd"]["read_under_write"] = {"shared_queue": True}
+    prof = profile_from_raw(raw)
+    m = prof["models"]["llama2-7b"]
+    assert m["host_turn_ms"] == pytest.approx(0.7, abs=1e-4)
+    assert m["preload_gate_layer_ms"] == pytest.approx(0.012, abs=1e-4)
+    assert prof["ssd"]["shared_queue"] is True
+    assert load_profile_text(prof).models["llama2-7b"].host_turn_ms == pytest.approx(0.7, abs=1e-4)
+
+
+def load_profile_text(prof):
+    from sim.costmodel import parse_profile
+    return parse_profile(prof, "p.yaml")
+
+
+def test_read_under_write_probe_reports_both_models_and_picks_one(tmp_path):
+    from gpu.bench import ssd_read_under_write
+
+    r = ssd_read_under_write(tmp_path, token_bytes=4096, layers=4, read_tokens=16, write_tokens=64, reps=1)
+    assert r["predicted_shared_fifo_s"] >= r["predicted_independent_s"] > 0
+    assert len(r["read_under_write_s"]) == 1 and isinstance(r["shared_queue"], bool)
+    assert not list((tmp_path / "read_under_write").iterdir())     # its files are removed
+
+
+def test_serving_overhead_turns_run_the_executor_on_both_paths():
+    from gpu.bench import serving_overheads
+    from gpu.model import SHAPES
+
+    r = serving_overheads(SHAPES["tiny"], new_tokens=(16, 32), hist_tokens=16, reps=2, idle_s=0.0, device="cpu")
+    got = {(x["tier"], x["new_tokens"]) for x in r["rows"]}
+    assert got == {("recompute", 16), ("recompute", 32), ("dram", 16), ("dram", 32)}
+    assert len(r["rows"]) == 8 and all(x["prefill_ms"] > 0 for x in r["rows"])
