@@ -48,6 +48,10 @@ def profile_from_raw(raw: dict) -> dict:
         rows = raw["ssd"]["layer_reads"]["rows"]
         ssd["read"] = {"chunk_bytes": [r["chunk_bytes"] for r in rows], "gbps": [round(r["gbps"], 4) for r in rows]}
         ssd["read_pattern"] = "per-layer history reads of a session file (gpu.kvstore.DiskStore)"
+    if raw["ssd"].get("layer_writes"):    # the executor's save pattern (bench.ssd_layer_writes)
+        rows = raw["ssd"]["layer_writes"]["rows"]
+        ssd["write"] = {"chunk_bytes": [r["chunk_bytes"] for r in rows], "gbps": [round(r["gbps"], 4) for r in rows]}
+        ssd["write_pattern"] = "per-layer appends of a turn's KV to a session file (gpu.kvstore.DiskStore)"
     models = {}
     for name, m in raw["models"].items():
         pf = m["prefill"]
@@ -83,7 +87,7 @@ def profile_from_raw(raw: dict) -> dict:
     if raw.get("prefill_padding"):      # graph-captured prefill (absent from raw data of eager runs)
         prof["prefill_padding"] = raw["prefill_padding"]
     if raw["ssd"].get("read_under_write"):
-        ssd["shared_queue"] = bool(raw["ssd"]["read_under_write"]["shared_queue"])
+        ssd["shared_bandwidth"] = bool(raw["ssd"]["read_under_write"]["shared_bandwidth"])
     for name, m in raw["models"].items():
         if m.get("serving"):
             models[name].update(serving_terms(prof, name, m["serving"]["rows"]))
@@ -156,17 +160,20 @@ def measure(models=("llama2-7b", "llama2-13b"), ssd_dir="/tmp/kvsim_ssd", quick:
                                      min_bytes=(1 << 26) if quick else (1 << 28))
     raw["ssd"]["layer_reads"] = bench.ssd_layer_reads(ssd_dir, SHAPES[models[0]].kv_bytes_per_token_layer(2),
                                                       SHAPES[models[0]].layers)
+    raw["ssd"]["layer_writes"] = bench.ssd_layer_writes(ssd_dir, SHAPES[models[0]].kv_bytes_per_token_layer(2),
+                                                        SHAPES[models[0]].layers)
     raw["ssd"]["read_under_write"] = bench.ssd_read_under_write(
         ssd_dir, SHAPES[models[0]].kv_bytes_per_token_layer(2), SHAPES[models[0]].layers)
     rw = raw["ssd"]["read_under_write"]
     log(f"  read under write: {median(rw['read_under_write_s']) * 1e3:.0f} ms (alone "
-        f"{rw['predicted_independent_s'] * 1e3:.0f}, behind the writes {rw['predicted_shared_fifo_s'] * 1e3:.0f}):"
-        f" shared_queue={rw['shared_queue']}")
+        f"{rw['predicted_independent_s'] * 1e3:.0f}, shared {rw['predicted_shared_s'] * 1e3:.0f}, "
+        f"behind the writes {rw['predicted_fifo_s'] * 1e3:.0f}):"
+        f" shared_bandwidth={rw['shared_bandwidth']}")
     for k in ("write", "read"):
         log(f"  {k} ({raw['ssd']['method']}): " + " ".join(f"{r['chunk_bytes'] >> 20}M:{r['gbps']:.2f}"
                                                           for r in raw["ssd"][k]))
-    log("  layer reads: " + " ".join(f"{r['chunk_bytes'] >> 10}K:{r['gbps']:.2f}"
-                                      for r in raw["ssd"]["layer_reads"]["rows"]))
+    for k in ("layer_reads", "layer_writes"):
+        log(f"  {k}: " + " ".join(f"{r['chunk_bytes'] >> 10}K:{r['gbps']:.2f}" for r in raw["ssd"][k]["rows"]))
     raw["models"] = {}
     for name in models:
         shape = SHAPES[name]

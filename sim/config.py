@@ -70,10 +70,10 @@ class SsdConfig:
     bytes: float = _bytes_field(2e12)
     read_gbps: float = 6.0
     write_gbps: float = 3.0
-    # true: reads and writes share the device's one queue (a read issued behind queued writes waits
-    # for them); false: two independent directions. Unset: what the hardware profile measured
-    # (`ssd.shared_queue`), else false.
-    shared_queue: Optional[bool] = None
+    # true: reads and writes share the device's bandwidth while both are busy (sim/tiers.py,
+    # FairShareLink); false: two independent directions. Unset: what the hardware profile measured
+    # (`ssd.shared_bandwidth`), else false.
+    shared_bandwidth: Optional[bool] = None
 
 
 @dataclass(frozen=True)

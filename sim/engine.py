@@ -21,7 +21,7 @@ import numpy as np
 
 from sim.errors import KvsimError
 from sim.eviction import victims
-from sim.tiers import Entry, Link, SharedQueueLink, Tier
+from sim.tiers import Entry, Link, FairShareLink, Tier
 from sim.trace import BLOCK_TOKENS
 from sim.workload import reusable_block_keys
 
@@ -106,10 +106,10 @@ class Replica:
         self.tier_code = {"hbm": HBM, "dram": DRAM, "ssd": SSD}
         self.index = {}  # key -> Entry (one tier per entry)
         self.h2d, self.d2h = Link("h2d"), Link("d2h")
-        shared = cfg.ssd.shared_queue
+        shared = cfg.ssd.shared_bandwidth
         if shared is None:
-            shared = bool(cost.ssd_shared_queue())
-        self.ssd_r, self.ssd_w = (SharedQueueLink.pair("ssd_read", "ssd_write") if shared
+            shared = bool(cost.ssd_shared_bandwidth())
+        self.ssd_r, self.ssd_w = (FairShareLink.pair("ssd_read", "ssd_write") if shared
                                   else (Link("ssd_read"), Link("ssd_write")))
         self.queue = deque()
         self.new_in_window = []  # arrivals inside the look-ahead window, fetched after admission
@@ -371,6 +371,7 @@ class Replica:
         load_layer = compute_layer = head = loaded = 0.0
         ready = now
         ssd_bytes = 0.0
+        ssd_jobs = []
         for job in batch:
             i = job.i
             dram_b = ssd_b = 0.0
@@ -398,24 +399,30 @@ class Replica:
                 chunk = dram_b / L
                 load_j = chunk / cost.h2d_bw(chunk)
             if ssd_b:
-                # SSD -> DRAM staging -> HBM, layer by layer: the slower of the two stages paces it
-                chunk = ssd_b / L
-                load_j += chunk / min(cost.ssd_read_bw(chunk), cost.h2d_bw(chunk))
+                # its load time is known once the SSD says how fast it reads now (below)
+                ssd_jobs.append((i, ssd_b / L, load_j))
                 ssd_bytes += ssd_b
-            if load_j:
+            elif load_j:
                 load_j += self.preload_overhead
                 load_layer += load_j
+                rec.load_s[i] = load_j * L
             compute_layer += cost.prefill_layer_s(job.computed, job.hit)
             head += cost.prefill_head_s(job.computed)
             rec.hit_tier[i] = code
-            rec.load_s[i] = load_j * L
             rec.bytes_loaded[i] = dram_b + ssd_b
             loaded += dram_b + ssd_b
         start = ready
         if ssd_bytes:  # direct SSD reads queue behind prefetches
             if self.ssd_r.free_at > start:
                 start = self.ssd_r.free_at
-            self.ssd_r.transfer(start, ssd_bytes, cost.ssd_read_bw(ssd_bytes / L))
+            bw = cost.ssd_read_bw(ssd_bytes / L)
+            # a device whose writes are in flight reads slower (shared bandwidth): stretch the stage
+            slow = (self.ssd_r.transfer(start, ssd_bytes, bw) - start) * bw / ssd_bytes
+            for i, chunk, load_j in ssd_jobs:
+                # SSD -> DRAM staging -> HBM, layer by layer: the slower of the two stages paces it
+                load_j += chunk / min(cost.ssd_read_bw(chunk) / slow, cost.h2d_bw(chunk)) + self.preload_overhead
+                load_layer += load_j
+                rec.load_s[i] = load_j * L
         t = cost.prefill_iteration_s(load_layer, compute_layer, head, self.buffer_layers, self.layerwise)
         if load_layer:
             self.h2d.busy_s += load_layer * L

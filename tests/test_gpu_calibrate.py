@@ -83,12 +83,12 @@ def test_host_terms_are_recovered_from_executor_turns_that_pay_them():
                      "new_tokens": n, "prefill_ms": 1e3 * pc.prefill_iteration_s(
                          chunk / pc.h2d_bw(chunk), pc.prefill_layer_s(n, 256), pc.prefill_head_s(n), 2, True)})
     raw["models"]["llama2-7b"]["serving"] = {"rows": rows}
-    raw["ssd"]["read_under_write"] = {"shared_queue": True}
+    raw["ssd"]["read_under_write"] = {"shared_bandwidth": True}
     prof = profile_from_raw(raw)
     m = prof["models"]["llama2-7b"]
     assert m["host_turn_ms"] == pytest.approx(0.7, abs=1e-4)
     assert m["preload_gate_layer_ms"] == pytest.approx(0.012, abs=1e-4)
-    assert prof["ssd"]["shared_queue"] is True
+    assert prof["ssd"]["shared_bandwidth"] is True
     assert load_profile_text(prof).models["llama2-7b"].host_turn_ms == pytest.approx(0.7, abs=1e-4)
 
 
@@ -101,8 +101,8 @@ def test_read_under_write_probe_reports_both_models_and_picks_one(tmp_path):
     from gpu.bench import ssd_read_under_write
 
     r = ssd_read_under_write(tmp_path, token_bytes=4096, layers=4, read_tokens=16, write_tokens=64, reps=1)
-    assert r["predicted_shared_fifo_s"] >= r["predicted_independent_s"] > 0
-    assert len(r["read_under_write_s"]) == 1 and isinstance(r["shared_queue"], bool)
+    assert r["predicted_fifo_s"] >= r["predicted_shared_s"] >= r["predicted_independent_s"] > 0
+    assert len(r["read_under_write_s"]) == 1 and isinstance(r["shared_bandwidth"], bool)
     assert not list((tmp_path / "read_under_write").iterdir())     # its files are removed
 
 
@@ -114,3 +114,16 @@ def test_serving_overhead_turns_run_the_executor_on_both_paths():
     got = {(x["tier"], x["new_tokens"]) for x in r["rows"]}
     assert got == {("recompute", 16), ("recompute", 32), ("dram", 16), ("dram", 32)}
     assert len(r["rows"]) == 8 and all(x["prefill_ms"] > 0 for x in r["rows"])
+
+
+def test_layer_writes_time_the_executors_save_pattern(tmp_path):
+    from gpu.bench import ssd_layer_writes
+
+    r = ssd_layer_writes(tmp_path, token_bytes=4096, layers=4, new_tokens=(16, 64), reps=1)
+    assert [x["chunk_bytes"] for x in r["rows"]] == [16 * 4096, 64 * 4096]
+    assert all(x["gbps"] > 0 and x["bytes"] == 4 * x["chunk_bytes"] for x in r["rows"])
+    raw = _raw()
+    raw["ssd"]["layer_writes"] = r
+    prof = profile_from_raw(raw)
+    assert prof["ssd"]["write"]["chunk_bytes"] == [16 * 4096, 64 * 4096]
+    assert load_profile_text(prof).ssd_write(64 * 4096) == pytest.approx(r["rows"][1]["gbps"], rel=1e-3)
