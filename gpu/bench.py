@@ -233,78 +233,91 @@ def ssd_layer_writes(root, token_bytes: int, layers: int = 32, new_tokens=(16, 6
             "token_bytes": token_bytes, "rows": rows}
 
 
-def ssd_read_under_write(root, token_bytes: int, layers: int = 32, read_tokens: int = 256,
-                         write_tokens: int = 1024, lead_s: float = 0.005, reps: int = 2) -> dict:
-    """Does a read wait behind writes in flight? The executor's pattern: a writer thread appends a
+def ssd_read_under_write(root, token_bytes: int, layers: int = 32, pairs=((256, 1024), (64, 2048), (1024, 256)),
+                         lead_s: float = 0.005, reps: int = 2) -> dict:
+    """How do reads and writes slow each other? The executor's pattern: a writer thread appends a
     turn's KV (one O_DIRECT write per layer of `write_tokens` tokens) while the next turn reads its
-    history (one read per layer of `read_tokens` tokens), `lead_s` after the writes started.
+    history (one read per layer of `read_tokens` tokens), `lead_s` after the writes started; for each
+    (read_tokens, write_tokens) in `pairs`: read alone, write alone, read under the write.
 
-    Two models of the device: independent directions (the read takes as long as alone), or one
-    bandwidth shared while both are busy (`sim.tiers.FairShareLink`: the read runs at half speed while
-    write work is left). The profile's `ssd.shared_bandwidth` is the one nearer the measured read time.
-    (A first-come-first-served queue, the read behind all the writes, was measured off by 40%+.)
+    Each contention model of `sim.costmodel.CONTENTION` predicts the read under the write from the
+    two alone times, with the simulator's own `sim.tiers.SharedDeviceLink`; the profile's
+    `ssd.contention` is the model with the least mean relative error over the pairs.
     """
     import threading
 
     from gpu.kvstore import DiskStore
+    from sim.tiers import SharedDeviceLink
 
     store = DiskStore(Path(root) / "read_under_write", layers, token_bytes)
-    cap = max(read_tokens, write_tokens)
-    rbuf = aligned_host_bytes(read_tokens * token_bytes, pinned=torch.cuda.is_available())
-    wbuf = aligned_host_bytes(write_tokens * token_bytes, pinned=torch.cuda.is_available())
+    cap = max(max(p) for p in pairs)
+    rbuf = aligned_host_bytes(cap * token_bytes, pinned=torch.cuda.is_available())
+    wbuf = aligned_host_bytes(cap * token_bytes, pinned=torch.cuda.is_available())
     noise = torch.randint(0, 256, (ALIGN,), dtype=torch.uint8)
     rbuf.view(-1, ALIGN).copy_(noise)
     wbuf.view(-1, ALIGN).copy_(noise)
 
-    def write_all(f):
+    def write_all(f, n):
         for i in range(layers):
-            store.write_layer(f, i, 0, wbuf)
+            store.write_layer(f, i, 0, wbuf[:n * token_bytes])
         store.finish_writes(f)
 
-    def read_all(f):
+    def read_all(f, n):
         for i in range(layers):
-            store.read_layer(f, i, read_tokens, rbuf)
+            store.read_layer(f, i, n, rbuf)
 
+    rows = []
     try:
         hist = store.create("history", cap)
         for i in range(layers):
-            store.write_layer(hist, i, 0, wbuf[:read_tokens * token_bytes])
+            store.write_layer(hist, i, 0, wbuf[:cap * token_bytes])
         os.fsync(hist.fd)
-        out = {"read_alone_s": [], "write_alone_s": [], "read_under_write_s": [], "write_under_read_s": []}
-        for r in range(reps):
-            t0 = time.perf_counter()
-            read_all(hist)
-            out["read_alone_s"].append(time.perf_counter() - t0)
-            f = store.create(f"w{r}", cap)
-            t0 = time.perf_counter()
-            write_all(f)
-            out["write_alone_s"].append(time.perf_counter() - t0)
-            f2 = store.create(f"x{r}", cap)
-            done = {}
+        k = 0
+        for rt, wt in pairs:
+            out = {"read_tokens": rt, "write_tokens": wt, "read_alone_s": [], "write_alone_s": [],
+                   "read_under_write_s": [], "write_under_read_s": []}
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                read_all(hist, rt)
+                out["read_alone_s"].append(time.perf_counter() - t0)
+                f = store.create(f"w{k}", cap)
+                k += 1
+                t0 = time.perf_counter()
+                write_all(f, wt)
+                out["write_alone_s"].append(time.perf_counter() - t0)
+                f2 = store.create(f"w{k}", cap)
+                k += 1
+                done = {}
 
-            def writer(f2=f2):
-                t = time.perf_counter()
-                write_all(f2)
-                done["w"] = time.perf_counter() - t
-            th = threading.Thread(target=writer)
-            th.start()
-            time.sleep(lead_s)
-            t0 = time.perf_counter()
-            read_all(hist)
-            out["read_under_write_s"].append(time.perf_counter() - t0)
-            th.join()
-            out["write_under_read_s"].append(done["w"])
+                def writer(f2=f2, wt=wt):
+                    t = time.perf_counter()
+                    write_all(f2, wt)
+                    done["w"] = time.perf_counter() - t
+                th = threading.Thread(target=writer)
+                th.start()
+                time.sleep(lead_s)
+                t0 = time.perf_counter()
+                read_all(hist, rt)
+                out["read_under_write_s"].append(time.perf_counter() - t0)
+                th.join()
+                out["write_under_read_s"].append(done["w"])
+            read, write = median(out["read_alone_s"]), median(out["write_alone_s"])
+            pred = {"none": read}
+            for mode in ("even_split", "interleaved"):
+                r_link, w_link = SharedDeviceLink.pair("read", "write", mode)   # seconds as bytes at 1 B/s
+                w_link.transfer(0.0, write, 1.0, layers)
+                pred[mode] = r_link.transfer(lead_s, read, 1.0, layers) - lead_s
+            out["predicted_s"] = pred
+            out["predicted_fifo_s"] = max(write - lead_s, 0.0) + read      # the read behind all the writes
+            rows.append(out)
     finally:
         store.close()
         unpin(rbuf)
         unpin(wbuf)
-    read, write, both = median(out["read_alone_s"]), median(out["write_alone_s"]), median(out["read_under_write_s"])
-    fair = read + min(read, max(write - lead_s, 0.0))
-    fifo = max(write - lead_s, 0.0) + read
-    out.update(layers=layers, token_bytes=token_bytes, read_tokens=read_tokens, write_tokens=write_tokens,
-               lead_s=lead_s, predicted_independent_s=read, predicted_shared_s=fair, predicted_fifo_s=fifo,
-               shared_bandwidth=bool(abs(both - fair) < abs(both - read)))
-    return out
+    err = {m: statistics.mean(abs(r["predicted_s"][m] - median(r["read_under_write_s"])) / median(r["read_under_write_s"])
+                              for r in rows) for m in ("none", "even_split", "interleaved")}
+    return {"rows": rows, "layers": layers, "token_bytes": token_bytes, "lead_s": lead_s,
+            "mean_rel_error": err, "contention": min(err, key=err.get)}
 
 
 def serving_overheads(shape: M.DecoderShape, new_tokens=(64, 384, 1536), hist_tokens: int = 256,

@@ -87,7 +87,7 @@ def profile_from_raw(raw: dict) -> dict:
     if raw.get("prefill_padding"):      # graph-captured prefill (absent from raw data of eager runs)
         prof["prefill_padding"] = raw["prefill_padding"]
     if raw["ssd"].get("read_under_write"):
-        ssd["shared_bandwidth"] = bool(raw["ssd"]["read_under_write"]["shared_bandwidth"])
+        ssd["contention"] = raw["ssd"]["read_under_write"]["contention"]
     for name, m in raw["models"].items():
         if m.get("serving"):
             models[name].update(serving_terms(prof, name, m["serving"]["rows"]))
@@ -165,10 +165,12 @@ def measure(models=("llama2-7b", "llama2-13b"), ssd_dir="/tmp/kvsim_ssd", quick:
     raw["ssd"]["read_under_write"] = bench.ssd_read_under_write(
         ssd_dir, SHAPES[models[0]].kv_bytes_per_token_layer(2), SHAPES[models[0]].layers)
     rw = raw["ssd"]["read_under_write"]
-    log(f"  read under write: {median(rw['read_under_write_s']) * 1e3:.0f} ms (alone "
-        f"{rw['predicted_independent_s'] * 1e3:.0f}, shared {rw['predicted_shared_s'] * 1e3:.0f}, "
-        f"behind the writes {rw['predicted_fifo_s'] * 1e3:.0f}):"
-        f" shared_bandwidth={rw['shared_bandwidth']}")
+    for r in rw["rows"]:
+        log(f"  read {r['read_tokens']} tok/layer under write {r['write_tokens']}: "
+            f"{median(r['read_under_write_s']) * 1e3:.0f} ms; predicted "
+            + ", ".join(f"{m} {v * 1e3:.0f}" for m, v in r["predicted_s"].items())
+            + f", behind the writes {r['predicted_fifo_s'] * 1e3:.0f}")
+    log(f"  contention: {rw['contention']} (mean error " + ", ".join(f"{m} {e:.0%}" for m, e in rw["mean_rel_error"].items()) + ")")
     for k in ("write", "read"):
         log(f"  {k} ({raw['ssd']['method']}): " + " ".join(f"{r['chunk_bytes'] >> 20}M:{r['gbps']:.2f}"
                                                           for r in raw["ssd"][k]))

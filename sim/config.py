@@ -14,6 +14,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from sim.errors import KvsimError, read_yaml
 from sim.models import GPUS, MODELS, GpuSpec, ModelShape
+from sim.costmodel import CONTENTION
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "PB": 1e15,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "PIB": 2**50}
@@ -70,10 +71,11 @@ class SsdConfig:
     bytes: float = _bytes_field(2e12)
     read_gbps: float = 6.0
     write_gbps: float = 3.0
-    # true: reads and writes share the device's bandwidth while both are busy (sim/tiers.py,
-    # FairShareLink); false: two independent directions. Unset: what the hardware profile measured
-    # (`ssd.shared_bandwidth`), else false.
-    shared_bandwidth: Optional[bool] = None
+    # How reads and writes slow each other (sim/tiers.py, SharedDeviceLink): none (independent
+    # directions), even_split (of the bandwidth while both are busy) or interleaved (each request
+    # waits for half the other side's request in service). Unset: the hardware profile's measured
+    # `ssd.contention`, else none.
+    contention: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,7 @@ POLICIES = ("recompute", "hbm_prefix", "attentionstore")
 _CHOICES = {  # `model` is checked against MODELS once we know whether model_shape defines it
     "gpu.name": GPUS,
     "policy.kind": POLICIES,
+    "ssd.contention": CONTENTION,
     "policy.eviction": ("scheduler_aware", "lru", "fifo"),
     "policy.truncation": ("decoupled_pe", "invalidate"),
     "workload.think_time_dist": ("exponential", "lognormal", "fixed"),

@@ -20,8 +20,9 @@ Hardware profile schema `kvsim-hardware-profile/1` (YAML):
     the load side); host_turn_ms (the serving loop's host time per prefill outside its GPU work: turn
     set-up before the first kernel, the wake-up after the first token); preload_gate_layer_ms (per
     layer, on the compute side: a layer gated on its load's event waits on another stream).
-  Optional: ssd.shared_bandwidth: true where reads and writes were measured to share the device's
-    bandwidth while both are busy (`gpu.bench.ssd_read_under_write`); absent: not measured.
+  Optional: ssd.contention: how the SSD's reads and writes slow each other, one of CONTENTION (the
+    model `gpu.bench.ssd_read_under_write` found nearest its measurements; sim/tiers.py); absent: not
+    measured.
   Optional: prefill_padding: {new_tokens: [buckets], context_multiple: M}: the executor runs prefill as
     CUDA graphs of fixed shapes, so a request of n new tokens after h cached ones runs as the padded
     shape `padded_prefill(n, h)` (n up to the next bucket; keys up to a multiple of M); the tables are
@@ -38,6 +39,9 @@ from sim.errors import KvsimError, read_yaml
 from sim.models import ModelShape
 
 SCHEMA = "kvsim-hardware-profile/1"
+# How an SSD's reads and writes slow each other (sim/tiers.py): not at all, an even split of the
+# bandwidth while both are busy, or requests interleaved (each waits for half the other's request).
+CONTENTION = ("none", "even_split", "interleaved")
 GB = 1e9
 
 
@@ -167,7 +171,7 @@ class HardwareProfile:
     models: dict  # model name -> ModelProfile
     path: str = ""
     prefill_padding: Optional[PrefillPadding] = None
-    ssd_shared_bandwidth: Optional[bool] = None
+    ssd_contention: Optional[str] = None
 
 
 def _num_list(v, key, path, ascending=False, positive=False) -> tuple:
@@ -276,9 +280,9 @@ def parse_profile(raw: dict, path: str = "<profile>") -> HardwareProfile:
         if not isinstance(mult, int) or isinstance(mult, bool) or mult < 1:
             raise KvsimError(f"{path}: {km}: expected an integer >= 1, got {mult!r}")
         padding = PrefillPadding(tuple(int(b) for b in buckets), mult)
-    shared = ssd.get("shared_bandwidth") if isinstance(ssd, dict) else None
-    if shared is not None and not isinstance(shared, bool):
-        raise KvsimError(f"{path}: ssd.shared_bandwidth: expected true or false, got {shared!r}")
+    shared = ssd.get("contention") if isinstance(ssd, dict) else None
+    if shared is not None and shared not in CONTENTION:
+        raise KvsimError(f"{path}: ssd.contention: expected one of {', '.join(CONTENTION)}, got {shared!r}")
     return HardwareProfile(str(raw.get("device", "")), str(raw.get("measured_at", "")), vals["hbm_bytes"],
                            vals["peak_bf16_flops"], vals["hbm_bw_gbps"], links, _link_table(r, path, kr),
                            _link_table(w, path, kw), models, path, padding, shared)
@@ -349,7 +353,7 @@ class RooflineCost:
     def prefill_fixed_s(self) -> float:
         return 0.0
 
-    def ssd_shared_bandwidth(self) -> Optional[bool]:
+    def ssd_contention(self) -> Optional[str]:
         return None
 
     def prefill_iteration_s(self, load_layer_s: float, compute_layer_s: float, head_s: float,
@@ -412,8 +416,8 @@ class ProfileCost(RooflineCost):
     def prefill_fixed_s(self) -> float:
         return self.m.host_turn_ms * 1e-3
 
-    def ssd_shared_bandwidth(self) -> Optional[bool]:
-        return self.profile.ssd_shared_bandwidth
+    def ssd_contention(self) -> Optional[str]:
+        return self.profile.ssd_contention
 
     def h2d_bw(self, chunk_bytes: float) -> float:
         return self.profile.links["h2d_pinned"](chunk_bytes) * GB

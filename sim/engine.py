@@ -21,7 +21,7 @@ import numpy as np
 
 from sim.errors import KvsimError
 from sim.eviction import victims
-from sim.tiers import Entry, Link, FairShareLink, Tier
+from sim.tiers import Entry, Link, SharedDeviceLink, Tier
 from sim.trace import BLOCK_TOKENS
 from sim.workload import reusable_block_keys
 
@@ -106,10 +106,8 @@ class Replica:
         self.tier_code = {"hbm": HBM, "dram": DRAM, "ssd": SSD}
         self.index = {}  # key -> Entry (one tier per entry)
         self.h2d, self.d2h = Link("h2d"), Link("d2h")
-        shared = cfg.ssd.shared_bandwidth
-        if shared is None:
-            shared = bool(cost.ssd_shared_bandwidth())
-        self.ssd_r, self.ssd_w = (FairShareLink.pair("ssd_read", "ssd_write") if shared
+        contention = cfg.ssd.contention or cost.ssd_contention() or "none"
+        self.ssd_r, self.ssd_w = (SharedDeviceLink.pair("ssd_read", "ssd_write", contention) if contention != "none"
                                   else (Link("ssd_read"), Link("ssd_write")))
         self.queue = deque()
         self.new_in_window = []  # arrivals inside the look-ahead window, fetched after admission
@@ -257,7 +255,7 @@ class Replica:
                 pos = prot.get(key, math.inf) if prot is not None else -1
                 if not self._make_room(self.dram, e.nbytes, now, pos, prot):
                     return
-                end = self.ssd_r.transfer(now, e.nbytes, self.cost.ssd_read_bw(e.nbytes / self.L))
+                end = self.ssd_r.transfer(now, e.nbytes, self.cost.ssd_read_bw(e.nbytes / self.L), self.L)
                 self.ssd.remove(e)
                 self.dram.add(e)
                 e.ready_at = end
@@ -290,7 +288,7 @@ class Replica:
             self.evictions[tier.name] += 1
             tier.remove(e)
             if tier is self.dram and self.ssd.capacity >= e.nbytes and self._make_room(self.ssd, e.nbytes, now):
-                self.ssd_w.transfer(now, e.nbytes, self.cost.ssd_write_bw(e.nbytes / self.L))
+                self.ssd_w.transfer(now, e.nbytes, self.cost.ssd_write_bw(e.nbytes / self.L), self.L)
                 self.ssd.add(e)
             else:
                 del self.index[e.key]
@@ -417,7 +415,7 @@ class Replica:
                 start = self.ssd_r.free_at
             bw = cost.ssd_read_bw(ssd_bytes / L)
             # a device whose writes are in flight reads slower (shared bandwidth): stretch the stage
-            slow = (self.ssd_r.transfer(start, ssd_bytes, bw) - start) * bw / ssd_bytes
+            slow = (self.ssd_r.transfer(start, ssd_bytes, bw, L) - start) * bw / ssd_bytes
             for i, chunk, load_j in ssd_jobs:
                 # SSD -> DRAM staging -> HBM, layer by layer: the slower of the two stages paces it
                 load_j += chunk / min(cost.ssd_read_bw(chunk) / slow, cost.h2d_bw(chunk)) + self.preload_overhead
@@ -637,7 +635,7 @@ class Replica:
             return new
         if self.ssd.capacity and self._store(job.sid, ctx, nbytes, self.ssd, now, now):
             written = (ctx - job.hit) * self.kv_tok if on_ssd else nbytes
-            self.ssd_w.transfer(now, written, self.cost.ssd_write_bw(written / self.L))
+            self.ssd_w.transfer(now, written, self.cost.ssd_write_bw(written / self.L), self.L)
             return written
         return 0.0
 

@@ -102,7 +102,7 @@ def test_config_naming_a_profile_uses_it(tmp_path):
      "prefill_padding.context_multiple: expected an integer >= 1"),
     (lambda d: d["models"]["llama2-7b"].update(host_turn_ms=-0.1), "llama2-7b.host_turn_ms: expected a number >= 0"),
     (lambda d: d["models"]["llama2-7b"].update(preload_gate_layer_ms="x"), "preload_gate_layer_ms: expected a number"),
-    (lambda d: d["ssd"].update(shared_bandwidth="yes"), "ssd.shared_bandwidth: expected true or false"),
+    (lambda d: d["ssd"].update(contention="yes"), "ssd.contention: expected one of none, even_split, interleaved"),
 ])
 def test_bad_profile_names_the_key(mutate, fragment):
     d = _profile()
@@ -163,8 +163,8 @@ def test_host_time_per_turn_and_gating_per_loaded_layer_are_added_where_they_are
 def test_the_profile_says_whether_ssd_reads_queue_behind_writes(tmp_path):
     from sim.costmodel import cost_model_for
     d = _profile()
-    d["ssd"]["shared_bandwidth"] = True
+    d["ssd"]["contention"] = "interleaved"
     p = tmp_path / "h.yaml"
     p.write_text(yaml.safe_dump(d))
-    assert cost_model_for(load_config({"model": "llama2-7b", "hardware_profile": str(p)})).ssd_shared_bandwidth() is True
-    assert cost_model_for(load_config({"model": "llama2-7b"})).ssd_shared_bandwidth() is None
+    assert cost_model_for(load_config({"model": "llama2-7b", "hardware_profile": str(p)})).ssd_contention() == "interleaved"
+    assert cost_model_for(load_config({"model": "llama2-7b"})).ssd_contention() is None

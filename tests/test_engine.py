@@ -225,51 +225,70 @@ def test_hbm_prefix_evicts_by_recency_even_when_scheduler_aware_eviction_is_conf
     assert tiers["scheduler_aware"][("a", 1)] == "miss"
 
 
-def _ssd_only(shared: bool, **over):
+def _ssd_only(shared, **over):
     # a's long turn 0 is written to SSD as it ends; b's turn 1 reads its history from SSD right after
     df = pd.DataFrame([
         dict(session_id="a", turn=0, arrival_s=0.0, think_s=np.nan, prompt_tokens=2000, output_tokens=10),
         dict(session_id="b", turn=0, arrival_s=0.001, think_s=np.nan, prompt_tokens=50, output_tokens=3),
         dict(session_id="b", turn=1, arrival_s=np.nan, think_s=0.0, prompt_tokens=20, output_tokens=3),
     ])
-    return _run(df, **{"host.dram_bytes": 0, "ssd.shared_bandwidth": shared, "scheduler.max_batch": 1,
+    return _run(df, **{"host.dram_bytes": 0, "ssd.contention": shared, "scheduler.max_batch": 1,
                        "policy.scheduler_aware_fetch": False, "ssd.write_gbps": 0.5, **over})
 
 
-def test_ssd_read_under_a_long_write_runs_at_half_speed_on_a_shared_device():
-    shared, cfg = _ssd_only(True)
-    split, _ = _ssd_only(False)
+def test_ssd_read_under_a_long_write_waits_for_half_a_write_request_per_layer():
+    shared, cfg = _ssd_only("interleaved")
+    split, _ = _ssd_only("none")
     cm = cost_model_for(cfg)
     t = shared.turns.set_index(["session_id", "turn"])
     s = split.turns.set_index(["session_id", "turn"])
     b1, s1 = t.loc[("b", 1)], s.loc[("b", 1)]
     assert b1.hit_tier == s1.hit_tier == "ssd"
-    # a's 2010-token write (0.5 GB/s) is still in flight when b's 53-token history is read: the read
-    # shares the device for all of its length, so it takes twice as long; nothing waits in a queue
-    tok = cm.shape.kv_bytes_per_token_layer * cm.shape.layers
-    assert t.loc[("a", 0), "finish_s"] + 2010 * tok / cm.ssd_write_bw(2010 * tok / cm.shape.layers) > b1.arrival_s
+    # a's 2010-token write (0.5 GB/s) is still in flight when b's 53-token history is read, a layer
+    # per request: each read request (q) also waits half a write request (p)
+    L, tok = cm.shape.layers, cm.shape.kv_bytes_per_token_layer
+    assert t.loc[("a", 0), "finish_s"] + 2010 * tok * L / cm.ssd_write_bw(2010 * tok) > b1.arrival_s + b1.ttft_s
+    q, p = 53 * tok / cm.ssd_read_bw(53 * tok), 2010 * tok / cm.ssd_write_bw(2010 * tok)
     assert b1.fetch_wait_s == s1.fetch_wait_s == 0.0
-    assert b1.load_s == pytest.approx(2 * s1.load_s)
-    assert b1.ttft_s > s1.ttft_s
+    assert b1.load_s == pytest.approx(s1.load_s * (1 + 0.5 * p / q))
     assert shared.summary["bytes_ssd_write"] == split.summary["bytes_ssd_write"]
 
 
-def test_fair_share_link_is_work_conserving_and_fifo_per_direction():
-    from sim.tiers import FairShareLink
-    r, w = FairShareLink.pair("r", "w")
-    assert w.transfer(0.0, 10.0, 1.0) == 10.0
-    assert r.transfer(1.0, 3.0, 1.0) == 7.0        # 3 s of work at half speed
-    assert w.free_at == 13.0                        # the write lost those 3 s: all 13 s of work end at 13
-    assert r.transfer(2.0, 1.0, 1.0) == 9.0         # behind the first read, still sharing
-    assert r.transfer(20.0, 2.0, 1.0) == 22.0       # the write is done: full speed
-    r2, w2 = FairShareLink.pair("r", "w")
-    w2.transfer(0.0, 1.0, 1.0)
-    assert r2.transfer(0.5, 3.0, 1.0) == 4.0        # shares 1 s (0.5 s of write left), then alone
-    assert w2.free_at == 1.5
+@pytest.mark.parametrize("n, q, backlog, p, dur, peer_delay", [
+    (4, 1.0, 100.0, 2.0, 4 * (1.0 + 1.0), 4.0),    # backlog outlasts us: every request waits p/2
+    (4, 1.0, 2.0, 2.0, 4.0 + 2.0, 2.0),            # backlog lasts 2B/p = 2 of our 4 requests
+    (4, 1.0, 0.0, 2.0, 4.0, 0.0),                  # idle device: alone
+    (2, 5.0, 50.0, 10.0, 2 * (5.0 + 5.0), 10.0),   # p = 2q: an even split of the bandwidth
+])
+def test_shared_device_interleaves_requests_and_conserves_work(n, q, backlog, p, dur, peer_delay):
+    from sim.tiers import SharedDeviceLink
+    r, w = SharedDeviceLink.pair("r", "w")
+    if backlog:
+        w.transfer(0.0, backlog, 1.0, round(backlog / p))
+    end_w = w.free_at
+    assert r.transfer(0.0, n * q, 1.0, n) == pytest.approx(dur)
+    assert w.free_at == pytest.approx(end_w + peer_delay)
+    # work-conserving: the device is busy until both are done, and never longer than all the work
+    assert max(r.free_at, w.free_at) == pytest.approx(n * q + backlog)
+
+
+def test_an_even_split_halves_a_read_under_a_long_write_whatever_its_requests():
+    from sim.tiers import SharedDeviceLink
+    r, w = SharedDeviceLink.pair("r", "w", "even_split")
+    w.transfer(0.0, 100.0, 1.0, 1)             # one huge request: interleaving would wait 50 per request
+    assert r.transfer(0.0, 4.0, 1.0, 4) == pytest.approx(8.0)
+    assert w.free_at == pytest.approx(104.0)
+
+
+def test_each_direction_of_a_shared_device_stays_first_come_first_served():
+    from sim.tiers import SharedDeviceLink
+    r, w = SharedDeviceLink.pair("r", "w")
+    assert r.transfer(0.0, 2.0, 1.0) == 2.0
+    assert r.transfer(1.0, 2.0, 1.0) == 4.0
 
 
 def test_a_history_on_ssd_is_appended_to_not_rewritten():
-    res, cfg = _ssd_only(True)
+    res, cfg = _ssd_only("interleaved")
     tok = cost_model_for(cfg).shape.kv_bytes_per_token_layer * cost_model_for(cfg).shape.layers
     t = res.turns.set_index(["session_id", "turn"])
     assert t.loc[("b", 1), "hit_tokens"] == 53
@@ -282,11 +301,12 @@ def test_unset_ssd_sharing_follows_the_hardware_profile(tmp_path):
     from test_costmodel import _profile
     import yaml
     d = _profile()
-    d["ssd"]["shared_bandwidth"] = True
+    d["ssd"]["contention"] = "even_split"
     p = tmp_path / "h.yaml"
     p.write_text(yaml.safe_dump(d))
     wait = {}
-    for shared in (None, True, False):
-        res, _ = _ssd_only(shared, hardware_profile=str(p))
-        wait[shared] = res.turns.set_index(["session_id", "turn"]).loc[("b", 1), "load_s"]
-    assert wait[None] == wait[True] > wait[False]
+    for mode in (None, "even_split", "interleaved", "none"):
+        res, _ = _ssd_only(mode, hardware_profile=str(p))
+        wait[mode] = res.turns.set_index(["session_id", "turn"]).loc[("b", 1), "load_s"]
+    assert wait[None] == wait["even_split"] > wait["none"]
+    assert wait["interleaved"] != wait["even_split"]

@@ -83,12 +83,12 @@ def test_host_terms_are_recovered_from_executor_turns_that_pay_them():
                      "new_tokens": n, "prefill_ms": 1e3 * pc.prefill_iteration_s(
                          chunk / pc.h2d_bw(chunk), pc.prefill_layer_s(n, 256), pc.prefill_head_s(n), 2, True)})
     raw["models"]["llama2-7b"]["serving"] = {"rows": rows}
-    raw["ssd"]["read_under_write"] = {"shared_bandwidth": True}
+    raw["ssd"]["read_under_write"] = {"contention": "even_split"}
     prof = profile_from_raw(raw)
     m = prof["models"]["llama2-7b"]
     assert m["host_turn_ms"] == pytest.approx(0.7, abs=1e-4)
     assert m["preload_gate_layer_ms"] == pytest.approx(0.012, abs=1e-4)
-    assert prof["ssd"]["shared_bandwidth"] is True
+    assert prof["ssd"]["contention"] == "even_split"
     assert load_profile_text(prof).models["llama2-7b"].host_turn_ms == pytest.approx(0.7, abs=1e-4)
 
 
@@ -100,9 +100,12 @@ def load_profile_text(prof):
 def test_read_under_write_probe_reports_both_models_and_picks_one(tmp_path):
     from gpu.bench import ssd_read_under_write
 
-    r = ssd_read_under_write(tmp_path, token_bytes=4096, layers=4, read_tokens=16, write_tokens=64, reps=1)
-    assert r["predicted_fifo_s"] >= r["predicted_shared_s"] >= r["predicted_independent_s"] > 0
-    assert len(r["read_under_write_s"]) == 1 and isinstance(r["shared_bandwidth"], bool)
+    r = ssd_read_under_write(tmp_path, token_bytes=4096, layers=4, pairs=((16, 64), (64, 16)), reps=1)
+    for row in r["rows"]:
+        p = row["predicted_s"]
+        assert row["predicted_fifo_s"] >= p["none"] > 0 and p["even_split"] >= p["none"] and p["interleaved"] >= p["none"]
+        assert len(row["read_under_write_s"]) == 1
+    assert r["contention"] == min(r["mean_rel_error"], key=r["mean_rel_error"].get)
     assert not list((tmp_path / "read_under_write").iterdir())     # its files are removed
 
 
