@@ -42,7 +42,8 @@ def left(budget):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--trace", default="results/gpu/trace_slice.parquet")
+    ap.add_argument("--trace", default="results/gpu/trace_slice.parquet",
+                    help="canonical trace(s), comma-separated; each after the first writes trace_runs_<name>.csv")
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--ssd-dir", default="/tmp/kvsim_ssd")
     ap.add_argument("--smoke", action="store_true")
@@ -105,7 +106,11 @@ def main():
                 log(f"isolated {name} FAILED\n" + traceback.format_exc())
 
     def trace_runs():
-        trace = read_trace(a.trace)
+        for k, path in enumerate(a.trace.split(",")):
+            trace_runs_of(path, "trace_runs.csv" if k == 0 else f"trace_runs_{Path(path).stem}.csv")
+
+    def trace_runs_of(path, csv_name):
+        trace = read_trace(path)
         if a.sessions:
             trace = trace[trace.session_id.isin(list(dict.fromkeys(trace.session_id))[:a.sessions])].copy()
         if not cuda:
@@ -162,7 +167,7 @@ def main():
                 busy_est = time.perf_counter() - t0
                 df["run"] = run
                 frames.append(df)
-                pd.concat(frames).to_csv(out / "trace_runs.csv", index=False)
+                pd.concat(frames).to_csv(out / csv_name, index=False)
                 log(f"trace {run}: {len(df)} turns in {busy_est:.1f} s, mean TTFT {df.ttft_s.mean() * 1e3:.1f} ms")
                 del ex
             except Exception:

@@ -159,8 +159,16 @@ def ssd_bandwidth(root, chunks=SSD_CHUNKS, min_bytes: int = 1 << 28) -> dict:
     return res
 
 
+def settle(seconds: float) -> None:
+    """Let the disk finish what earlier writes left behind before a read is timed: on the lent VMs
+    a guest's O_DIRECT writes can still be flushed below it (layer reads measured right after a
+    multi-GB write burst ran at half the speed the executor later got from the same disk, run 10)."""
+    os.sync()
+    time.sleep(seconds)
+
+
 def ssd_layer_reads(root, token_bytes: int, layers: int = 32, hist_tokens=(16, 64, 256, 1024, 4096),
-                    reps: int = 2) -> dict:
+                    reps: int = 2, settle_s: float = 3.0) -> dict:
     """Cold reads the way the executor's SSD tier reads (gpu.kvstore.DiskStore): one session file,
     layer l's tokens at l * stride, each layer's history [0, h) read by one O_DIRECT preadv into a
     pinned buffer, layer after layer. Per-layer chunk = h * token_bytes.
@@ -182,6 +190,7 @@ def ssd_layer_reads(root, token_bytes: int, layers: int = 32, hist_tokens=(16, 6
         for i in range(layers):
             store.write_layer(f, i, 0, buf[:cap * token_bytes])
         os.fsync(f.fd)
+        settle(settle_s)
         for h in hist_tokens:
             samples = []
             for _ in range(reps):
@@ -234,7 +243,7 @@ def ssd_layer_writes(root, token_bytes: int, layers: int = 32, new_tokens=(16, 6
 
 
 def ssd_read_under_write(root, token_bytes: int, layers: int = 32, pairs=((256, 1024), (64, 2048), (1024, 256)),
-                         lead_s: float = 0.005, reps: int = 2) -> dict:
+                         lead_s: float = 0.005, reps: int = 2, settle_s: float = 1.0) -> dict:
     """How do reads and writes slow each other? The executor's pattern: a writer thread appends a
     turn's KV (one O_DIRECT write per layer of `write_tokens` tokens) while the next turn reads its
     history (one read per layer of `read_tokens` tokens), `lead_s` after the writes started; for each
@@ -277,6 +286,7 @@ def ssd_read_under_write(root, token_bytes: int, layers: int = 32, pairs=((256, 
             out = {"read_tokens": rt, "write_tokens": wt, "read_alone_s": [], "write_alone_s": [],
                    "read_under_write_s": [], "write_under_read_s": []}
             for _ in range(reps):
+                settle(settle_s)
                 t0 = time.perf_counter()
                 read_all(hist, rt)
                 out["read_alone_s"].append(time.perf_counter() - t0)

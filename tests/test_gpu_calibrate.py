@@ -100,7 +100,7 @@ def load_profile_text(prof):
 def test_read_under_write_probe_reports_both_models_and_picks_one(tmp_path):
     from gpu.bench import ssd_read_under_write
 
-    r = ssd_read_under_write(tmp_path, token_bytes=4096, layers=4, pairs=((16, 64), (64, 16)), reps=1)
+    r = ssd_read_under_write(tmp_path, token_bytes=4096, layers=4, pairs=((16, 64), (64, 16)), reps=1, settle_s=0.0)
     for row in r["rows"]:
         p = row["predicted_s"]
         assert row["predicted_fifo_s"] >= p["none"] > 0 and p["even_split"] >= p["none"] and p["interleaved"] >= p["none"]
