@@ -29,12 +29,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_execute)
 
     p = sub.add_parser("validate", help="measured runs vs the simulator with the measured profile (CPU, offline)")
-    # defaults: device run 6, the last with calibration, isolated grid and trace runs on one machine
-    p.add_argument("--measured", type=Path, default=Path("results/gpu/run6_graph_prefill/trace_runs.csv"))
-    p.add_argument("--isolated", type=Path, default=Path("results/gpu/run6_graph_prefill/isolated.csv"))
-    p.add_argument("--trace", type=Path, default=Path("results/gpu/trace_slice.parquet"))
+    # defaults: device run 10, whose calibration (7B + 13B) is configs/hardware/h100.yaml and whose
+    # trace runs served the real ShareGPT slice on the same machine (no isolated grid in that call)
+    p.add_argument("--measured", type=Path, default=Path("results/gpu/run10_sharegpt/trace_runs.csv"))
+    p.add_argument("--isolated", type=Path, default=None, help="isolated-turn grid (.csv), e.g. "
+                   "results/gpu/run9_shared_ssd/isolated.csv with that run's profile")
+    p.add_argument("--trace", type=Path, default=Path("results/gpu/trace_slice_sharegpt.parquet"))
     p.add_argument("--profile", type=Path, default=Path("configs/hardware/h100.yaml"))
-    p.add_argument("--out", type=Path, default=Path("results/gpu/run6_graph_prefill"))
+    p.add_argument("--out", type=Path, default=Path("results/gpu/run10_sharegpt"))
     p.set_defaults(func=cmd_validate)
 
 
@@ -99,7 +101,7 @@ def cmd_execute(args) -> int:
 def cmd_validate(args) -> int:
     from gpu.validate import validate
 
-    iso = args.isolated if args.isolated and args.isolated.exists() else None
+    iso = None if args.isolated is None or str(args.isolated).lower() == "none" else args.isolated
     res = validate(args.measured, iso, args.trace, args.profile, args.out)
     for run, s in res["trace"].items():
         extra = (f", speed-up vs recompute measured {s['speedup_vs_recompute_meas']:.2f} simulated "
