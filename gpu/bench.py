@@ -335,9 +335,9 @@ def serving_overheads(shape: M.DecoderShape, new_tokens=(64, 384, 1536), hist_to
     """The real executor's prefill on an idle GPU, for the host time the layer and head tables miss.
 
     Recompute turns with no history (first token's wall time, start of the turn -> token on the
-    host) and DRAM turns with layer-wise preload of a short history (loading hides under compute,
-    so what is left over is the per-layer gating). `gpu.calibrate` reduces them against the tables
-    measured in the same call: host_turn_ms and preload_gate_layer_ms. The shapes are padding
+    host), DRAM turns that load a short history first (the per-layer copy's fixed cost) and the same
+    with layer-wise preload (loading hides under compute, so what is left over is the per-layer
+    gating). `gpu.calibrate.serving_terms` reduces them against the tables measured in the same call. The shapes are padding
     buckets, so no interpolation enters the residual.
     """
     from gpu.executor import Executor, ServePlan, collector_off_turns, prompt_ids
@@ -368,11 +368,12 @@ def serving_overheads(shape: M.DecoderShape, new_tokens=(64, 384, 1536), hist_to
                                      "prefill_ms": (t.first_token_s - t.start_s) * 1e3})
         ex.close()
         del ex
-        grid = run_grid(model, [ServePlan("dram", overlap=True, read_buffer_layers=2)], [hist_tokens],
-                        list(new_tokens), reps=reps, log=lambda *_: None, idle_s=idle_s)
+        grid = run_grid(model, [ServePlan("dram", overlap=False), ServePlan("dram", overlap=True, read_buffer_layers=2)],
+                        [hist_tokens], list(new_tokens), reps=reps, log=lambda *_: None, idle_s=idle_s)
         for g in grid.itertuples():
-            rows.append({"tier": "dram", "overlap": True, "read_buffer_layers": 2, "history_tokens": hist_tokens,
-                         "new_tokens": int(g.prompt_tokens), "prefill_ms": (g.first_token_s - g.start_s) * 1e3})
+            rows.append({"tier": "dram", "overlap": bool(g.overlap), "read_buffer_layers": int(g.read_buffer_layers),
+                         "history_tokens": hist_tokens, "new_tokens": int(g.prompt_tokens),
+                         "prefill_ms": (g.first_token_s - g.start_s) * 1e3})
     finally:
         del model
         if cuda:

@@ -95,32 +95,42 @@ def profile_from_raw(raw: dict) -> dict:
 
 
 def serving_terms(prof: dict, model: str, rows: list[dict]) -> dict:
-    """host_turn_ms and preload_gate_layer_ms from the executor's own turns (`bench.serving_overheads`):
-    the medians of what the measured prefill takes beyond the cost model's prediction from the tables
-    of the same profile; recompute turns give the per-turn host time, then DRAM turns with layer-wise
-    preload the per-layer gating cost."""
+    """The serving loop's host terms from the executor's own turns (`bench.serving_overheads`): the
+    medians of what each measured prefill takes beyond the cost model's prediction from the tables of
+    the same profile, one term at a time. Recompute turns give the host time per turn
+    (host_turn_ms); DRAM turns that load every layer first, the fixed cost of each layer's copy
+    (preload_layer_overhead_ms: issue and DMA set-up of a per-layer copy, which a one-transfer link
+    benchmark does not see); DRAM turns with layer-wise preload, compute-bound, the per-layer gating
+    (preload_gate_layer_ms)."""
     from sim.costmodel import ProfileCost, preload_pipeline_s
     from sim.models import MODELS
 
     unit = dict(prefill_mfu=1.0, decode_mbu=1.0, h2d_gbps=1.0, d2h_gbps=1.0, ssd_read_gbps=1.0, ssd_write_gbps=1.0)
     cost = ProfileCost(MODELS[model], parse_profile(prof, "<calibration>"), 1, **unit)
     L = cost.shape.layers
-    turn = [r["prefill_ms"] - (L * cost.prefill_layer_s(r["new_tokens"], 0) + cost.prefill_head_s(r["new_tokens"])) * 1e3
-            for r in rows if r["tier"] == "recompute"]
-    host_turn = max(statistics.median(turn), 0.0) if turn else 0.0
-    gate = []
-    for r in rows:
-        if r["tier"] != "dram" or not r["overlap"]:
-            continue
+
+    def base_ms(r, overhead_ms=0.0):
         n, h = r["new_tokens"], r["history_tokens"]
-        chunk = h * cost.shape.kv_bytes_per_token_layer
-        load = chunk / cost.h2d_bw(chunk) + cost.preload_layer_overhead_s()
-        pred = (preload_pipeline_s(L, load, cost.prefill_layer_s(n, h), r["read_buffer_layers"], True)
-                + cost.prefill_head_s(n)) * 1e3 + host_turn
-        gate.append((r["prefill_ms"] - pred) / L)
-    out = {"host_turn_ms": round(host_turn, 5)}
-    if gate:
-        out["preload_gate_layer_ms"] = round(max(statistics.median(gate), 0.0), 5)
+        load = 0.0
+        if r["tier"] == "dram" and h > 0:
+            chunk = h * cost.shape.kv_bytes_per_token_layer
+            load = chunk / cost.h2d_bw(chunk) + overhead_ms * 1e-3
+        return (preload_pipeline_s(L, load, cost.prefill_layer_s(n, h), r["read_buffer_layers"], r["overlap"])
+                + cost.prefill_head_s(n)) * 1e3
+
+    def median_of(residuals):
+        return round(max(statistics.median(residuals), 0.0), 5) if residuals else None
+
+    out = {"host_turn_ms": median_of([r["prefill_ms"] - base_ms(r) for r in rows if r["tier"] == "recompute"]) or 0.0}
+    turn = out["host_turn_ms"]
+    copy = median_of([(r["prefill_ms"] - turn - base_ms(r)) / L for r in rows
+                      if r["tier"] == "dram" and not r["overlap"] and r["history_tokens"] > 0])
+    if copy is not None:
+        out["preload_layer_overhead_ms"] = copy
+    gate = median_of([(r["prefill_ms"] - turn - base_ms(r, copy or 0.0)) / L for r in rows
+                      if r["tier"] == "dram" and r["overlap"]])
+    if gate is not None:
+        out["preload_gate_layer_ms"] = gate
     return out
 
 

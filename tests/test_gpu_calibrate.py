@@ -63,14 +63,14 @@ def test_table_rows_follow_new_tokens_and_columns_history():
 
 
 def test_host_terms_are_recovered_from_executor_turns_that_pay_them():
-    """A synthetic executor that pays 0.7 ms per turn and 0.012 ms per gated layer on top of the
-    tables: the reduction must give those two numbers back (noise-free rows, median of residuals)."""
+    """A synthetic executor that pays 0.7 ms per turn, 0.02 ms per layer copy and 0.012 ms per gated
+    layer on top of the tables: the reduction must give those numbers back (noise-free rows)."""
     from sim.costmodel import ProfileCost, parse_profile
     from sim.models import MODELS
 
     raw = _raw()
     truth = profile_from_raw(raw)
-    truth["models"]["llama2-7b"].update(host_turn_ms=0.7, preload_gate_layer_ms=0.012)
+    truth["models"]["llama2-7b"].update(host_turn_ms=0.7, preload_gate_layer_ms=0.012, preload_layer_overhead_ms=0.02)
     unit = dict(prefill_mfu=1.0, decode_mbu=1.0, h2d_gbps=1.0, d2h_gbps=1.0, ssd_read_gbps=1.0, ssd_write_gbps=1.0)
     pc = ProfileCost(MODELS["llama2-7b"], parse_profile(truth), 1, **unit)
     rows = []
@@ -79,15 +79,18 @@ def test_host_terms_are_recovered_from_executor_turns_that_pay_them():
                      "new_tokens": n, "prefill_ms": 1e3 * pc.prefill_iteration_s(
                          0.0, pc.prefill_layer_s(n, 0), pc.prefill_head_s(n), 1, False)})
         chunk = 256 * pc.shape.kv_bytes_per_token_layer
-        rows.append({"tier": "dram", "overlap": True, "read_buffer_layers": 2, "history_tokens": 256,
-                     "new_tokens": n, "prefill_ms": 1e3 * pc.prefill_iteration_s(
-                         chunk / pc.h2d_bw(chunk), pc.prefill_layer_s(n, 256), pc.prefill_head_s(n), 2, True)})
+        load = chunk / pc.h2d_bw(chunk) + pc.preload_layer_overhead_s()
+        for overlap in (False, True):
+            rows.append({"tier": "dram", "overlap": overlap, "read_buffer_layers": 2, "history_tokens": 256,
+                         "new_tokens": n, "prefill_ms": 1e3 * pc.prefill_iteration_s(
+                             load, pc.prefill_layer_s(n, 256), pc.prefill_head_s(n), 2, overlap)})
     raw["models"]["llama2-7b"]["serving"] = {"rows": rows}
     raw["ssd"]["read_under_write"] = {"contention": "even_split"}
     prof = profile_from_raw(raw)
     m = prof["models"]["llama2-7b"]
     assert m["host_turn_ms"] == pytest.approx(0.7, abs=1e-4)
     assert m["preload_gate_layer_ms"] == pytest.approx(0.012, abs=1e-4)
+    assert m["preload_layer_overhead_ms"] == pytest.approx(0.02, abs=1e-4)
     assert prof["ssd"]["contention"] == "even_split"
     assert load_profile_text(prof).models["llama2-7b"].host_turn_ms == pytest.approx(0.7, abs=1e-4)
 
@@ -114,9 +117,10 @@ def test_serving_overhead_turns_run_the_executor_on_both_paths():
     from gpu.model import SHAPES
 
     r = serving_overheads(SHAPES["tiny"], new_tokens=(16, 32), hist_tokens=16, reps=2, idle_s=0.0, device="cpu")
-    got = {(x["tier"], x["new_tokens"]) for x in r["rows"]}
-    assert got == {("recompute", 16), ("recompute", 32), ("dram", 16), ("dram", 32)}
-    assert len(r["rows"]) == 8 and all(x["prefill_ms"] > 0 for x in r["rows"])
+    got = {(x["tier"], x["overlap"], x["new_tokens"]) for x in r["rows"]}
+    assert got == {("recompute", False, 16), ("recompute", False, 32), ("dram", False, 16), ("dram", False, 32),
+                   ("dram", True, 16), ("dram", True, 32)}
+    assert len(r["rows"]) == 12 and all(x["prefill_ms"] > 0 for x in r["rows"])
 
 
 def test_layer_writes_time_the_executors_save_pattern(tmp_path):
