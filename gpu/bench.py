@@ -198,14 +198,17 @@ def ssd_layer_reads(root, token_bytes: int, layers: int = 32, hist_tokens=(16, 6
                 for i in range(layers):
                     store.read_layer(f, i, h, buf)
                 samples.append(time.perf_counter() - t0)
-            nbytes = layers * h * token_bytes
-            rows.append({"chunk_bytes": h * token_bytes, "bytes": nbytes, "s": samples,
-                         "gbps": nbytes / median(samples) / 1e9})
+            rows.append(_layer_rate(h * token_bytes, layers, samples))
     finally:
         store.close()
         unpin(buf)
     return {"method": "o_direct" if store.direct else "buffered+fadvise", "layers": layers,
             "token_bytes": token_bytes, "rows": rows}
+
+
+def _layer_rate(chunk: int, layers: int, samples: list[float]) -> dict:
+    """One row of a per-layer I/O table: `layers` requests of `chunk` bytes took `samples` seconds."""
+    return {"chunk_bytes": chunk, "bytes": layers * chunk, "s": samples, "gbps": layers * chunk / median(samples) / 1e9}
 
 
 def ssd_layer_writes(root, token_bytes: int, layers: int = 32, new_tokens=(16, 64, 256, 1024, 4096),
@@ -232,9 +235,7 @@ def ssd_layer_writes(root, token_bytes: int, layers: int = 32, new_tokens=(16, 6
                     store.write_layer(f, i, 0, buf[:n * token_bytes])
                 store.finish_writes(f)
                 samples.append(time.perf_counter() - t0)
-            nbytes = layers * n * token_bytes
-            rows.append({"chunk_bytes": n * token_bytes, "bytes": nbytes, "s": samples,
-                         "gbps": nbytes / median(samples) / 1e9})
+            rows.append(_layer_rate(n * token_bytes, layers, samples))
     finally:
         store.close()
         unpin(buf)
