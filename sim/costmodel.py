@@ -227,9 +227,32 @@ def _table1(d, path, key, xname) -> Table1D:
     return Table1D(xs, ys)
 
 
+# Keys a profile may hold, per section: a misspelt optional key is an error, not a silent 0.
+_KEYS = {"": ("schema", "device", "measured_at", "command", "gpu", "links", "ssd", "models", "prefill_padding"),
+         "gpu": ("hbm_bytes", "peak_bf16_flops", "hbm_bw_gbps"),
+         "links": ("h2d_pinned", "d2h_pinned", "h2d_pageable", "d2h_pageable"),
+         "ssd": ("read", "write", "method", "read_pattern", "write_pattern", "contention"),
+         "models.*": ("prefill_layer_ms", "decode_layer_ms", "head_ms", "preload_layer_overhead_ms", "host_turn_ms",
+                      "preload_gate_layer_ms")}
+
+
+def _known_keys(d, section: str, path: str, prefix: str):
+    if isinstance(d, dict):
+        unknown = sorted(set(d) - set(_KEYS[section]))
+        if unknown:
+            key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+            raise KvsimError(f"{path}: {key}: unknown key; expected one of {', '.join(_KEYS[section])}")
+
+
 def parse_profile(raw: dict, path: str = "<profile>") -> HardwareProfile:
     if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
         raise KvsimError(f"{path}: schema: expected {SCHEMA!r}, got {raw.get('schema') if isinstance(raw, dict) else raw!r}")
+    _known_keys(raw, "", path, "")
+    for section in ("gpu", "links", "ssd"):
+        _known_keys(raw.get(section), section, path, section)
+    if isinstance(raw.get("models"), dict):
+        for name, m in raw["models"].items():
+            _known_keys(m, "models.*", path, f"models.{name}")
     gpu, _ = _get(raw, "gpu", path, "")
     vals = {}
     for k in ("hbm_bytes", "peak_bf16_flops", "hbm_bw_gbps"):

@@ -103,6 +103,8 @@ def test_config_naming_a_profile_uses_it(tmp_path):
     (lambda d: d["models"]["llama2-7b"].update(host_turn_ms=-0.1), "llama2-7b.host_turn_ms: expected a number >= 0"),
     (lambda d: d["models"]["llama2-7b"].update(preload_gate_layer_ms="x"), "preload_gate_layer_ms: expected a number"),
     (lambda d: d["ssd"].update(contention="yes"), "ssd.contention: expected one of none, even_split, interleaved"),
+    (lambda d: d["models"]["llama2-7b"].update(host_turn_msx=0.5), "models.llama2-7b.host_turn_msx: unknown key"),
+    (lambda d: d.update(ssd_contention="none"), "ssd_contention: unknown key"),
 ])
 def test_bad_profile_names_the_key(mutate, fragment):
     d = _profile()
