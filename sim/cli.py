@@ -41,15 +41,24 @@ SUMMARY_ROWS = (
     ("hit rate HBM", "hit_rate_hbm", "{:.1%}"), ("hit rate DRAM", "hit_rate_dram", "{:.1%}"),
     ("hit rate SSD", "hit_rate_ssd", "{:.1%}"), ("miss rate", "miss_rate", "{:.1%}"),
     ("reused context", "reused_token_fraction", "{:.1%}"), ("GPU busy", "gpu_busy_s", "{:.1f} s"),
+    ("loaded to HBM", "bytes_h2d", "{:,.1f} GB", 1e-9), ("saved from HBM", "bytes_d2h", "{:,.1f} GB", 1e-9),
+    ("SSD read / written", ("bytes_ssd_read", "bytes_ssd_write"), "{:,.1f} / {:,.1f} GB", 1e-9),
+    ("peak KV in HBM", "peak_hbm_bytes", "{:,.2f} GB", 1e-9), ("peak KV in DRAM", "peak_dram_bytes", "{:,.1f} GB", 1e-9),
     ("makespan", "makespan_s", "{:.1f} s"), ("cost", "cost_usd", "${:.3f}"),
     ("cost / 1k turns", "cost_per_1k_turns_usd", "${:.4f}"),
 )
 
 
+def _cell(row, s) -> str:
+    keys = row[1] if isinstance(row[1], tuple) else (row[1],)
+    scale = row[3] if len(row) > 3 else 1
+    return row[2].format(*(s[k] * scale for k in keys))
+
+
 def format_summary(summaries: list) -> str:
     names = [f"{s['policy']}" for s in summaries]
     w0 = max(len(r[0]) for r in SUMMARY_ROWS)
-    cols = [[r[2].format(s[r[1]]) for r in SUMMARY_ROWS] for s in summaries]
+    cols = [[_cell(r, s) for r in SUMMARY_ROWS] for s in summaries]
     widths = [max(len(n), *(len(c) for c in col)) for n, col in zip(names, cols)]
     lines = [" " * w0 + "  " + "  ".join(n.rjust(w) for n, w in zip(names, widths))]
     for k, row in enumerate(SUMMARY_ROWS):

@@ -113,3 +113,17 @@ def test_bad_model_shape_names_key_and_expectation(shape, fragment):
 def test_named_models_key_sweep_points_as_before_model_shape_existed():
     from sim.config import config_to_dict
     assert "model_shape" not in config_to_dict(load_config({}))
+
+
+def test_printed_summary_shows_traffic_and_peak_memory_in_gb():
+    from sim.cli import format_summary
+    s = {"policy": "attentionstore", "turns": 3, "sessions": 1, "ttft_mean_s": 0.1, "ttft_p50_s": 0.1,
+         "ttft_p90_s": 0.1, "ttft_p99_s": 0.1, "prefill_tokens_per_s": 10.0, "hit_rate_hbm": 0.0,
+         "hit_rate_dram": 1.0, "hit_rate_ssd": 0.0, "miss_rate": 0.0, "reused_token_fraction": 0.5,
+         "gpu_busy_s": 1.0, "bytes_h2d": 2.5e9, "bytes_d2h": 1e9, "bytes_ssd_read": 3e9, "bytes_ssd_write": 4.3e9,
+         "peak_hbm_bytes": 5.13e9, "peak_dram_bytes": 6e9, "makespan_s": 2.0, "cost_usd": 1.0,
+         "cost_per_1k_turns_usd": 333.0}
+    rows = {line[:20].strip(): line[20:].strip() for line in format_summary([s]).splitlines()[1:]}
+    assert rows["loaded to HBM"] == "2.5 GB"
+    assert rows["SSD read / written"] == "3.0 / 4.3 GB"
+    assert rows["peak KV in HBM"] == "5.13 GB"
