@@ -403,7 +403,7 @@ class Replica:
             elif load_j:
                 load_j += self.preload_overhead
                 load_layer += load_j
-                rec.load_s[i] = load_j * L
+            rec.load_s[i] = load_j * L  # an SSD hit's is rewritten below
             compute_layer += cost.prefill_layer_s(job.computed, job.hit)
             head += cost.prefill_head_s(job.computed)
             rec.hit_tier[i] = code
@@ -414,7 +414,7 @@ class Replica:
             if self.ssd_r.free_at > start:
                 start = self.ssd_r.free_at
             bw = cost.ssd_read_bw(ssd_bytes / L)
-            # a device whose writes are in flight reads slower (shared bandwidth): stretch the stage
+            # a device whose writes are in flight reads slower (SharedDeviceLink): stretch the stage
             slow = (self.ssd_r.transfer(start, ssd_bytes, bw, L) - start) * bw / ssd_bytes
             for i, chunk, load_j in ssd_jobs:
                 # SSD -> DRAM staging -> HBM, layer by layer: the slower of the two stages paces it

@@ -310,3 +310,11 @@ def test_unset_ssd_sharing_follows_the_hardware_profile(tmp_path):
         wait[mode] = res.turns.set_index(["session_id", "turn"]).loc[("b", 1), "load_s"]
     assert wait[None] == wait["even_split"] > wait["none"]
     assert wait["interleaved"] != wait["even_split"]
+
+
+@pytest.mark.parametrize("policy", ["recompute", "attentionstore"])
+def test_a_turn_that_loads_nothing_records_zero_load_time(policy):
+    res, _ = _run(_two_turns(), **{"policy.kind": policy})
+    t = res.turns.set_index("turn")
+    assert t.loc[0, "load_s"] == 0.0
+    assert (t.loc[1, "load_s"] > 0.0) == (policy == "attentionstore")
