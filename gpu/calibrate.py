@@ -16,7 +16,6 @@ from pathlib import Path
 import yaml
 
 from gpu.prefill_graph import PADDING
-from statistics import median
 from sim.costmodel import SCHEMA, parse_profile
 
 PREFILL_NEW = list(PADDING.new_tokens)       # the executor only ever runs these (padded) sizes
@@ -44,14 +43,14 @@ def profile_from_raw(raw: dict) -> dict:
     ssd = {k: {"chunk_bytes": [r["chunk_bytes"] for r in raw["ssd"][k]],
                "gbps": [round(r["gbps"], 4) for r in raw["ssd"][k]]} for k in ("read", "write")}
     ssd["method"] = raw["ssd"]["method"]
-    if raw["ssd"].get("layer_reads"):     # the executor's read pattern, where measured (bench.ssd_layer_reads)
-        rows = raw["ssd"]["layer_reads"]["rows"]
-        ssd["read"] = {"chunk_bytes": [r["chunk_bytes"] for r in rows], "gbps": [round(r["gbps"], 4) for r in rows]}
-        ssd["read_pattern"] = "per-layer history reads of a session file (gpu.kvstore.DiskStore)"
-    if raw["ssd"].get("layer_writes"):    # the executor's save pattern (bench.ssd_layer_writes)
-        rows = raw["ssd"]["layer_writes"]["rows"]
-        ssd["write"] = {"chunk_bytes": [r["chunk_bytes"] for r in rows], "gbps": [round(r["gbps"], 4) for r in rows]}
-        ssd["write_pattern"] = "per-layer appends of a turn's KV to a session file (gpu.kvstore.DiskStore)"
+    # the executor's own I/O patterns, where measured (bench.ssd_layer_reads / ssd_layer_writes), replace
+    # the sequential tables
+    for k, measured, pattern in (("read", "layer_reads", "per-layer history reads of a session file"),
+                                 ("write", "layer_writes", "per-layer appends of a turn's KV to a session file")):
+        if raw["ssd"].get(measured):
+            rows = raw["ssd"][measured]["rows"]
+            ssd[k] = {"chunk_bytes": [r["chunk_bytes"] for r in rows], "gbps": [round(r["gbps"], 4) for r in rows]}
+            ssd[f"{k}_pattern"] = f"{pattern} (gpu.kvstore.DiskStore)"
     models = {}
     for name, m in raw["models"].items():
         pf = m["prefill"]
@@ -102,11 +101,14 @@ def serving_terms(prof: dict, model: str, rows: list[dict]) -> dict:
     (preload_layer_overhead_ms: issue and DMA set-up of a per-layer copy, which a one-transfer link
     benchmark does not see); DRAM turns with layer-wise preload, compute-bound, the per-layer gating
     (preload_gate_layer_ms)."""
-    from sim.costmodel import ProfileCost, preload_pipeline_s
+    from sim.costmodel import ProfileCost
     from sim.models import MODELS
 
     unit = dict(prefill_mfu=1.0, decode_mbu=1.0, h2d_gbps=1.0, d2h_gbps=1.0, ssd_read_gbps=1.0, ssd_write_gbps=1.0)
-    cost = ProfileCost(MODELS[model], parse_profile(prof, "<calibration>"), 1, **unit)
+    # the tables alone: the host terms are what is being found
+    terms = ("host_turn_ms", "preload_gate_layer_ms", "preload_layer_overhead_ms")
+    tables = {**prof, "models": {model: {k: v for k, v in prof["models"][model].items() if k not in terms}}}
+    cost = ProfileCost(MODELS[model], parse_profile(tables, "<calibration>"), 1, **unit)
     L = cost.shape.layers
 
     def base_ms(r, overhead_ms=0.0):
@@ -115,8 +117,8 @@ def serving_terms(prof: dict, model: str, rows: list[dict]) -> dict:
         if r["tier"] == "dram" and h > 0:
             chunk = h * cost.shape.kv_bytes_per_token_layer
             load = chunk / cost.h2d_bw(chunk) + overhead_ms * 1e-3
-        return (preload_pipeline_s(L, load, cost.prefill_layer_s(n, h), r["read_buffer_layers"], r["overlap"])
-                + cost.prefill_head_s(n)) * 1e3
+        return cost.prefill_iteration_s(load, cost.prefill_layer_s(n, h), cost.prefill_head_s(n),
+                                        r["read_buffer_layers"], r["overlap"]) * 1e3
 
     def median_of(residuals):
         return round(max(statistics.median(residuals), 0.0), 5) if residuals else None
@@ -179,7 +181,7 @@ def measure(models=("llama2-7b", "llama2-13b"), ssd_dir="/tmp/kvsim_ssd", quick:
     rw = raw["ssd"]["read_under_write"]
     for r in rw["rows"]:
         log(f"  read {r['read_tokens']} tok/layer under write {r['write_tokens']}: "
-            f"{median(r['read_under_write_s']) * 1e3:.0f} ms; predicted "
+            f"{statistics.median(r['read_under_write_s']) * 1e3:.0f} ms; predicted "
             + ", ".join(f"{m} {v * 1e3:.0f}" for m, v in r["predicted_s"].items())
             + f", behind the writes {r['predicted_fifo_s'] * 1e3:.0f}")
     log(f"  contention: {rw['contention']} (mean error " + ", ".join(f"{m} {e:.0%}" for m, e in rw["mean_rel_error"].items()) + ")")
