@@ -23,6 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 def _digest(item):
     name, source, overrides = item
+    import pandas as pd
+
     from sim.config import load_config
     from sim.runner import run_simulation
 
@@ -35,8 +37,10 @@ def _digest(item):
     for c in df.columns:
         col = df[c]
         h.update(c.encode())
-        h.update(col.astype(str).to_numpy().tobytes() if col.dtype == object or str(col.dtype) == "category"
-                 else col.to_numpy().tobytes())
+        if not (pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)):
+            h.update("\x1f".join(col.astype(str)).encode())
+        else:
+            h.update(col.to_numpy().tobytes())
     summ = {k: v for k, v in res.summary.items() if isinstance(v, (int, float))}
     h.update(json.dumps(summ, sort_keys=True).encode())
     return name, {"sha": h.hexdigest()[:20], "turns": len(df), "ttft_mean_s": res.summary["ttft_mean_s"]}

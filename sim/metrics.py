@@ -4,12 +4,34 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from sim.engine import TIER_CODES
+from sim.tiers import TIER_CODES
 
 
-def turn_table(replica) -> pd.DataFrame:
-    wl = replica.wl
-    c = replica.rec.arrays()
+class Recorder:
+    """Per-turn columns, filled by index (one row per turn). Python lists: scalar stores into
+    numpy arrays cost several times more, and this is the simulator's hottest path."""
+
+    COLS = ("arrival_s", "admit_s", "ttft_s", "prefill_start_s", "prefill_s", "load_s", "fetch_wait_s",
+            "finish_s", "history_tokens", "hit_tokens", "computed_tokens", "bytes_loaded", "bytes_saved",
+            "batch_size", "prompt_tokens", "output_tokens")
+
+    def __init__(self, n):
+        self.n = n
+        nan = float("nan")
+        for c in self.COLS:
+            setattr(self, c, [nan] * n)
+        self.hit_tier = [0] * n
+        self.truncated = [False] * n
+
+    def arrays(self) -> dict:
+        out = {c: np.asarray(getattr(self, c), dtype=float) for c in self.COLS}
+        out["hit_tier"] = np.asarray(self.hit_tier, dtype=np.int8)
+        out["truncated"] = np.asarray(self.truncated, dtype=bool)
+        return out
+
+
+def turn_table(rec: Recorder, wl) -> pd.DataFrame:
+    c = rec.arrays()
     first_token = c["prefill_start_s"] + c["prefill_s"]
     return pd.DataFrame({
         "session_id": wl.session,
@@ -43,16 +65,17 @@ def summarize(df: pd.DataFrame, replica, cfg) -> dict:
     counts = df.loc[eligible, "hit_tier"].value_counts()
     start = float(np.nanmin(df["arrival_s"])) if n else 0.0
     makespan = float(np.nanmax(df["finish_s"])) - start if n else 0.0
+    store = replica.store
     gpu_busy = replica.busy_prefill_s + replica.busy_decode_s + replica.stall_save_s
     ctx_tokens = float((df["history_tokens"] + df["prompt_tokens"]).sum())
     # Cost of the work: GPU, DRAM and SSD are bought together, so all of them are charged for the
     # GPU-busy hours this workload needs (what a saturated fleet pays per turn). The provisioned
     # cost charges the same hardware for the whole makespan, idle time included.
     p = cfg.prices
-    store = cfg.policy.kind == "attentionstore"
+    keeps_store = cfg.policy.kind == "attentionstore"
     gpu_per_h = cfg.gpu.count * p.gpu_per_hour_usd
     storage_per_h = ((cfg.host.dram_bytes / 1e9) * p.dram_per_gb_hour_usd
-                     + (cfg.ssd.bytes / 1e9) * p.ssd_per_gb_hour_usd) if store else 0.0
+                     + (cfg.ssd.bytes / 1e9) * p.ssd_per_gb_hour_usd) if keeps_store else 0.0
     busy_h = gpu_busy / 3600.0
     gpu_cost = gpu_per_h * busy_h
     storage_cost = storage_per_h * busy_h
@@ -83,16 +106,16 @@ def summarize(df: pd.DataFrame, replica, cfg) -> dict:
         "gpu_prefill_s": replica.busy_prefill_s,
         "gpu_decode_s": replica.busy_decode_s,
         "save_stall_s": replica.stall_save_s,
-        "bytes_h2d": replica.h2d.bytes_moved,
-        "bytes_d2h": replica.d2h.bytes_moved,
-        "bytes_ssd_read": replica.ssd_r.bytes_moved,
-        "bytes_ssd_write": replica.ssd_w.bytes_moved,
-        "peak_hbm_bytes": replica.hbm.peak,
-        "peak_dram_bytes": replica.dram.peak,
-        "peak_ssd_bytes": replica.ssd.peak,
-        "evictions_hbm": replica.evictions["hbm"],
-        "evictions_dram": replica.evictions["dram"],
-        "evictions_ssd": replica.evictions["ssd"],
+        "bytes_h2d": store.h2d.bytes_moved,
+        "bytes_d2h": store.d2h.bytes_moved,
+        "bytes_ssd_read": store.ssd_r.bytes_moved,
+        "bytes_ssd_write": store.ssd_w.bytes_moved,
+        "peak_hbm_bytes": store.hbm.peak,
+        "peak_dram_bytes": store.dram.peak,
+        "peak_ssd_bytes": store.ssd.peak,
+        "evictions_hbm": store.evictions["hbm"],
+        "evictions_dram": store.evictions["dram"],
+        "evictions_ssd": store.evictions["ssd"],
         "gpu_cost_usd": gpu_cost,
         "storage_cost_usd": storage_cost,
         "cost_usd": cost,

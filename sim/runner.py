@@ -14,7 +14,7 @@ from sim.costmodel import cost_model_for, hbm_kv_capacity_bytes
 from sim.engine import Replica
 from sim.errors import KvsimError
 from sim.metrics import summarize, turn_table
-from sim.workload import Workload, load_workload
+from sim.workload import Users, Workload, load_workload
 
 
 @dataclass
@@ -34,8 +34,10 @@ def run_simulation(cfg: Config, workload: Workload | None = None) -> SimResult:
     wl = workload if workload is not None else load_workload(cfg)
     env = simpy.Environment()
     replica = Replica(env, cfg, cost, wl, hbm_kv)
-    env.run(until=replica.proc)
-    df = turn_table(replica)
+    users = Users(env, wl, replica)
+    replica.attach(users)
+    env.run(until=users.all_done)
+    df = turn_table(replica.rec, wl)
     return SimResult(cfg, df, summarize(df, replica, cfg))
 
 

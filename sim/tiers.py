@@ -10,14 +10,18 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
+# Where a turn's reused KV came from (the per-turn `hit_tier`): 'none' = nothing to reuse, 'miss' =
+# there was a history but no tier held it. Stored as int8 codes in the recorder.
+TIER_CODES = ("none", "miss", "hbm", "dram", "ssd")
+NONE, MISS, HBM, DRAM, SSD = range(5)
+
 
 class Link:
-    __slots__ = ("name", "free_at", "busy_s", "bytes_moved")
+    __slots__ = ("name", "free_at", "bytes_moved")
 
     def __init__(self, name: str):
         self.name = name
         self.free_at = 0.0
-        self.busy_s = 0.0
         self.bytes_moved = 0.0
 
     def transfer(self, now: float, nbytes: float, bw_bytes_per_s: float, requests: int = 1) -> float:
@@ -25,9 +29,12 @@ class Link:
         start = now if now > self.free_at else self.free_at
         dur = nbytes / bw_bytes_per_s
         self.free_at = start + dur
-        self.busy_s += dur
         self.bytes_moved += nbytes
         return self.free_at
+
+    def charge(self, nbytes: float) -> None:
+        """Count bytes moved synchronously (the GPU waits for them; no queue to join)."""
+        self.bytes_moved += nbytes
 
 
 class SharedDeviceLink(Link):
@@ -78,7 +85,6 @@ class SharedDeviceLink(Link):
             self.peer.free_at += delay
         self.free_at = start + dur
         mine.append([self.free_at, q])
-        self.busy_s += own
         self.bytes_moved += nbytes
         return self.free_at
 

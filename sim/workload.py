@@ -1,4 +1,5 @@
-"""Sessions, turns and arrivals: a canonical trace (sim/trace.py) turned into flat per-turn arrays.
+"""Sessions, turns and arrivals: a canonical trace (sim/trace.py) turned into flat per-turn arrays,
+and the users who send them (`Users`, the simulation's source of arrivals).
 
 Turn 0 of a session arrives at its `arrival_s`; each later turn arrives `think_s` after the previous
 reply ended (or at its own `arrival_s` when the trace fixes it, as Mooncake's timestamps do).
@@ -6,14 +7,15 @@ reply ended (or at its own `arrival_s` when the trace fixes it, as Mooncake's ti
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from sim.errors import KvsimError
-from sim.trace import BLOCK_TOKENS, read_trace, validate_trace
+from sim import trace_synth
+from sim.trace import read_trace, validate_trace
 
 
 @dataclass
@@ -82,22 +84,70 @@ def build_workload(df: pd.DataFrame, seed: int, session_rate_per_s=None, think_t
 def load_workload(cfg, df: pd.DataFrame | None = None) -> Workload:
     """The config's workload: its trace file, the given trace rows, or the synthetic generator."""
     wl = cfg.workload
-    if df is not None:
-        pass
-    elif wl.trace:
+    if df is None and wl.trace:
         df = read_trace(wl.trace)
-    else:
-        try:
-            from sim import trace_synth
-        except ImportError:  # pragma: no cover - the generator ships with the package
-            raise KvsimError(f"{cfg.source}: workload.trace: no trace given and the synthetic generator is missing")
+    elif df is None:
         spec = dataclasses.replace(trace_synth.SynthSpec.default(), n_sessions=wl.synthetic.n_sessions)
         df = trace_synth.generate(spec, seed=cfg.seed)
     return build_workload(df, cfg.seed, wl.session_rate_per_s, wl.think_time_mean_s, wl.max_sessions,
                           wl.max_output_tokens, wl.think_time_dist, wl.think_time_sigma)
 
 
-def reusable_block_keys(hashes, input_tokens: int) -> list:
-    """Prefix blocks a request could reuse: whole blocks, leaving at least one token to compute."""
-    n = min(len(hashes), max(input_tokens - 1, 0) // BLOCK_TOKENS)
-    return hashes[:n]
+class Users:
+    """The users behind a workload: they send each session's first turn at its arrival time and the
+    next turn when they have read the reply (its end plus their think time, or the trace's own stamp).
+
+    Arrivals go to `target.submit(turn, arrival_s)` (a replica today, a router tomorrow). A target that
+    runs ahead of SimPy's clock (a replica advances a whole prefill or decode span at once) pulls what
+    is due by its own clock with `deliver_due(now)` and cuts its spans at `next_arrival_s()`, a lower
+    bound on its next submission. An idle target calls `listen()` and waits: the users set an alarm
+    at their next arrival, which submits it and so wakes the target (one event per idle period, none
+    for arrivals that find the target busy). The target reports each reply's end with `reply_done`.
+    """
+
+    def __init__(self, env, workload: Workload, target):
+        self.env, self.target = env, target
+        self.pending = []  # heap (arrival time, turn index)
+        self.remaining = len(workload)
+        self.all_done = env.event()
+        self.w_arrival = workload.arrival_s.tolist()
+        self.w_think = workload.think_s.tolist()
+        self.w_next = workload.next_turn.tolist()
+        for i in workload.first_turns.tolist():
+            heapq.heappush(self.pending, (self.w_arrival[i], i))
+        if not self.remaining:
+            self.all_done.succeed()
+
+    def next_arrival_s(self) -> float:
+        return self.pending[0][0] if self.pending else math.inf
+
+    def deliver_due(self, now: float) -> None:
+        pending = self.pending
+        while pending and pending[0][0] <= now:
+            t, i = heapq.heappop(pending)
+            self.target.submit(i, t)
+
+    def listen(self) -> None:
+        """The target waits for its next submission: ring at the next arrival (none left: the session
+        that is still running will report its reply, and the target is busy until then)."""
+        if self.pending:
+            t = self.pending[0][0]
+            ev = self.env.timeout(max(t - self.env.now, 0.0), t)
+            ev.callbacks.append(self._ring)
+
+    def _ring(self, ev) -> None:
+        self.deliver_due(ev.value)
+
+    def reply_done(self, i: int, end_s: float, ready_s: float) -> None:
+        """Turn `i`'s reply ended at `end_s` (the user can read it from `ready_s`, after a synchronous
+        save); its session's next turn is sent after the user's think time, never before `end_s`."""
+        self.remaining -= 1
+        if not self.remaining:
+            self.all_done.succeed()
+        nxt = self.w_next[i]
+        if nxt < 0:
+            return
+        t = self.w_arrival[nxt]
+        if t != t:  # NaN: the user thinks after reading the reply
+            t = ready_s + self.w_think[nxt]
+        heapq.heappush(self.pending, (t if t > end_s else end_s, nxt))
