@@ -17,6 +17,7 @@ import yaml
 
 from gpu.prefill_graph import PADDING
 from sim.costmodel import SCHEMA, parse_profile
+from sim.units import MS
 
 PREFILL_NEW = list(PADDING.new_tokens)       # the executor only ever runs these (padded) sizes
 PREFILL_HIST = [0, 256, 512, 1024, 2048, 4096, 8192]   # attention work is linear in keys between
@@ -104,21 +105,18 @@ def serving_terms(prof: dict, model: str, rows: list[dict]) -> dict:
     from sim.costmodel import ProfileCost
     from sim.models import MODELS
 
-    unit = dict(prefill_mfu=1.0, decode_mbu=1.0, h2d_gbps=1.0, d2h_gbps=1.0, ssd_read_gbps=1.0, ssd_write_gbps=1.0)
     # the tables alone: the host terms are what is being found
     terms = ("host_turn_ms", "preload_gate_layer_ms", "preload_layer_overhead_ms")
     tables = {**prof, "models": {model: {k: v for k, v in prof["models"][model].items() if k not in terms}}}
-    cost = ProfileCost(MODELS[model], parse_profile(tables, "<calibration>"), 1, **unit)
+    cost = ProfileCost(MODELS[model], parse_profile(tables, "<calibration>"))
     L = cost.shape.layers
 
     def base_ms(r, overhead_ms=0.0):
         n, h = r["new_tokens"], r["history_tokens"]
-        load = 0.0
-        if r["tier"] == "dram" and h > 0:
-            chunk = h * cost.shape.kv_bytes_per_token_layer
-            load = chunk / cost.h2d_bw(chunk) + overhead_ms * 1e-3
-        return cost.prefill_iteration_s(load, cost.prefill_layer_s(n, h), cost.prefill_head_s(n),
-                                        r["read_buffer_layers"], r["overlap"]) * 1e3
+        chunk = h * cost.shape.kv_bytes_per_token_layer if r["tier"] == "dram" else 0.0
+        load = cost.history_load_layer_s(chunk, overhead_s=overhead_ms * MS)
+        return cost.prefill_iteration(load, cost.prefill_layer_s(n, h), cost.prefill_head_s(n),
+                                      r["read_buffer_layers"], r["overlap"]).total_s / MS
 
     def median_of(residuals):
         return round(max(statistics.median(residuals), 0.0), 5) if residuals else None

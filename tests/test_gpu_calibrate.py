@@ -71,19 +71,18 @@ def test_host_terms_are_recovered_from_executor_turns_that_pay_them():
     raw = _raw()
     truth = profile_from_raw(raw)
     truth["models"]["llama2-7b"].update(host_turn_ms=0.7, preload_gate_layer_ms=0.012, preload_layer_overhead_ms=0.02)
-    unit = dict(prefill_mfu=1.0, decode_mbu=1.0, h2d_gbps=1.0, d2h_gbps=1.0, ssd_read_gbps=1.0, ssd_write_gbps=1.0)
-    pc = ProfileCost(MODELS["llama2-7b"], parse_profile(truth), 1, **unit)
+    pc = ProfileCost(MODELS["llama2-7b"], parse_profile(truth))
     rows = []
     for n in (1, 64, 512):
         rows.append({"tier": "recompute", "overlap": False, "read_buffer_layers": 1, "history_tokens": 0,
-                     "new_tokens": n, "prefill_ms": 1e3 * pc.prefill_iteration_s(
-                         0.0, pc.prefill_layer_s(n, 0), pc.prefill_head_s(n), 1, False)})
+                     "new_tokens": n, "prefill_ms": 1e3 * pc.prefill_iteration(
+                         0.0, pc.prefill_layer_s(n, 0), pc.prefill_head_s(n), 1, False).total_s})
         chunk = 256 * pc.shape.kv_bytes_per_token_layer
-        load = chunk / pc.h2d_bw(chunk) + pc.preload_layer_overhead_s()
+        load = chunk / pc.h2d_bw(chunk) + 0.02e-3
         for overlap in (False, True):
             rows.append({"tier": "dram", "overlap": overlap, "read_buffer_layers": 2, "history_tokens": 256,
-                         "new_tokens": n, "prefill_ms": 1e3 * pc.prefill_iteration_s(
-                             load, pc.prefill_layer_s(n, 256), pc.prefill_head_s(n), 2, overlap)})
+                         "new_tokens": n, "prefill_ms": 1e3 * pc.prefill_iteration(
+                             load, pc.prefill_layer_s(n, 256), pc.prefill_head_s(n), 2, overlap).total_s})
     raw["models"]["llama2-7b"]["serving"] = {"rows": rows}
     raw["ssd"]["read_under_write"] = {"contention": "even_split"}
     prof = profile_from_raw(raw)
