@@ -21,6 +21,7 @@ import torch
 
 from gpu import model as M
 from gpu.kvstore import ALIGN, _full_io, aligned_host_bytes, unpin
+from sim.units import GB, MS
 
 STACK = 8                                   # layers timed back to back per sample
 LINK_CHUNKS = [1 << k for k in range(18, 31)]      # 256 KiB .. 1 GiB
@@ -62,8 +63,8 @@ def gpu_peaks() -> dict:
     dst = torch.empty_like(src)
     cp = time_cuda_ms(lambda _: dst.copy_(src), warmup=3, reps=10)
     return {"matmul_ms": mm, "copy_ms": cp,
-            "peak_bf16_flops": 2 * n ** 3 / (median(mm) * 1e-3),
-            "hbm_bw_gbps": 2 * src.numel() * 2 / (median(cp) * 1e-3) / 1e9,
+            "peak_bf16_flops": 2 * n ** 3 / (median(mm) * MS),
+            "hbm_bw_gbps": 2 * src.numel() * 2 / (median(cp) * MS) / GB,
             "hbm_bytes": torch.cuda.get_device_properties(0).total_memory}
 
 
@@ -100,8 +101,8 @@ def link_bandwidth(chunks=LINK_CHUNKS) -> dict:
                     fn(None)
                     torch.cuda.synchronize()
                     if r >= 2:
-                        ms.append((time.perf_counter() - t0) * 1e3)
-            rows.append({"chunk_bytes": c, "ms": ms, "gbps": c / (median(ms) * 1e-3) / 1e9})
+                        ms.append((time.perf_counter() - t0) / MS)
+            rows.append({"chunk_bytes": c, "ms": ms, "gbps": c / (median(ms) * MS) / GB})
         out[name] = rows
     del dev, pinned, pageable
     return out
@@ -138,7 +139,7 @@ def ssd_bandwidth(root, chunks=SSD_CHUNKS, min_bytes: int = 1 << 28) -> dict:
                 _full_io(os.pwritev, fd, buf[:c], i * c)
             os.fsync(fd)
             dt = time.perf_counter() - t0
-            res["write"].append({"chunk_bytes": c, "bytes": n * c, "s": dt, "gbps": n * c / dt / 1e9})
+            res["write"].append({"chunk_bytes": c, "bytes": n * c, "s": dt, "gbps": n * c / dt / GB})
         for c in chunks:
             n = max(total // c, 1)
             samples = []
@@ -151,7 +152,7 @@ def ssd_bandwidth(root, chunks=SSD_CHUNKS, min_bytes: int = 1 << 28) -> dict:
                     _full_io(os.preadv, fd, buf[:c], i * c)
                 samples.append(time.perf_counter() - t0)
             dt = median(samples)
-            res["read"].append({"chunk_bytes": c, "bytes": n * c, "s": samples, "gbps": n * c / dt / 1e9})
+            res["read"].append({"chunk_bytes": c, "bytes": n * c, "s": samples, "gbps": n * c / dt / GB})
     finally:
         os.close(fd)
         path.unlink(missing_ok=True)
@@ -208,7 +209,7 @@ def ssd_layer_reads(root, token_bytes: int, layers: int = 32, hist_tokens=(16, 6
 
 def _layer_rate(chunk: int, layers: int, samples: list[float]) -> dict:
     """One row of a per-layer I/O table: `layers` requests of `chunk` bytes took `samples` seconds."""
-    return {"chunk_bytes": chunk, "bytes": layers * chunk, "s": samples, "gbps": layers * chunk / median(samples) / 1e9}
+    return {"chunk_bytes": chunk, "bytes": layers * chunk, "s": samples, "gbps": layers * chunk / median(samples) / GB}
 
 
 def ssd_layer_writes(root, token_bytes: int, layers: int = 32, new_tokens=(16, 64, 256, 1024, 4096),
@@ -250,14 +251,12 @@ def ssd_read_under_write(root, token_bytes: int, layers: int = 32, pairs=((256, 
     history (one read per layer of `read_tokens` tokens), `lead_s` after the writes started; for each
     (read_tokens, write_tokens) in `pairs`: read alone, write alone, read under the write.
 
-    Each contention model of `sim.costmodel.CONTENTION` predicts the read under the write from the
-    two alone times, with the simulator's own `sim.tiers.SharedDeviceLink`; the profile's
-    `ssd.contention` is the model with the least mean relative error over the pairs.
+    Raw samples only: `gpu.calibrate.ssd_contention_fit` reduces them to the profile's
+    `ssd.contention` (the model of `sim.costmodel.CONTENTION` nearest them).
     """
     import threading
 
     from gpu.kvstore import DiskStore
-    from sim.tiers import SharedDeviceLink
 
     store = DiskStore(Path(root) / "read_under_write", layers, token_bytes)
     cap = max(max(p) for p in pairs)
@@ -312,23 +311,12 @@ def ssd_read_under_write(root, token_bytes: int, layers: int = 32, pairs=((256, 
                 out["read_under_write_s"].append(time.perf_counter() - t0)
                 th.join()
                 out["write_under_read_s"].append(done["w"])
-            read, write = median(out["read_alone_s"]), median(out["write_alone_s"])
-            pred = {"none": read}
-            for mode in ("even_split", "interleaved"):
-                r_link, w_link = SharedDeviceLink.pair("read", "write", mode)   # seconds as bytes at 1 B/s
-                w_link.transfer(0.0, write, 1.0, layers)
-                pred[mode] = r_link.transfer(lead_s, read, 1.0, layers) - lead_s
-            out["predicted_s"] = pred
-            out["predicted_fifo_s"] = max(write - lead_s, 0.0) + read      # the read behind all the writes
             rows.append(out)
     finally:
         store.close()
         unpin(rbuf)
         unpin(wbuf)
-    err = {m: statistics.mean(abs(r["predicted_s"][m] - median(r["read_under_write_s"])) / median(r["read_under_write_s"])
-                              for r in rows) for m in ("none", "even_split", "interleaved")}
-    return {"rows": rows, "layers": layers, "token_bytes": token_bytes, "lead_s": lead_s,
-            "mean_rel_error": err, "contention": min(err, key=err.get)}
+    return {"rows": rows, "layers": layers, "token_bytes": token_bytes, "lead_s": lead_s}
 
 
 def serving_overheads(shape: M.DecoderShape, new_tokens=(64, 384, 1536), hist_tokens: int = 256,
@@ -366,7 +354,7 @@ def serving_overheads(shape: M.DecoderShape, new_tokens=(64, 384, 1536), hist_to
                     if r:
                         rows.append({"tier": "recompute", "overlap": False, "read_buffer_layers": 1,
                                      "history_tokens": 0, "new_tokens": n,
-                                     "prefill_ms": (t.first_token_s - t.start_s) * 1e3})
+                                     "prefill_ms": (t.first_token_s - t.start_s) / MS})
         ex.close()
         del ex
         grid = run_grid(model, [ServePlan("dram", overlap=False), ServePlan("dram", overlap=True, read_buffer_layers=2)],
@@ -374,7 +362,7 @@ def serving_overheads(shape: M.DecoderShape, new_tokens=(64, 384, 1536), hist_to
         for g in grid.itertuples():
             rows.append({"tier": "dram", "overlap": bool(g.overlap), "read_buffer_layers": int(g.read_buffer_layers),
                          "history_tokens": hist_tokens, "new_tokens": int(g.prompt_tokens),
-                         "prefill_ms": (g.first_token_s - g.start_s) * 1e3})
+                         "prefill_ms": (g.first_token_s - g.start_s) / MS})
     finally:
         del model
         if cuda:
@@ -482,7 +470,7 @@ def head_times(shape: M.DecoderShape, new_tokens: list[int], batch: list[int]) -
             pg.begin_shape(torch.tensor([ids], dtype=torch.long).to("cuda"), 0, cache, n, n)
             int(pg.end()[1].item())
             if r >= 3:
-                wall.append((time.perf_counter() - t0) * 1e3)
+                wall.append((time.perf_counter() - t0) / MS)
         gpu = time_cuda_ms(lambda ids, pg=pg, n=n: (pg.begin_shape(ids, 0, cache, n, n), pg.end()),
                            lambda: torch.randint(0, shape.vocab, (1, n), device="cuda"), warmup=2, reps=7)
         pre.append({"new_tokens": n, "samples_ms": wall, "ms": median(wall), "gpu_ms": median(gpu)})

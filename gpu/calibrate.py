@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 from gpu.prefill_graph import PADDING
-from sim.costmodel import SCHEMA, parse_profile
+from sim.costmodel import CONTENTION, SCHEMA, parse_profile
+from sim.units import MS, TFLOPS
 
 PREFILL_NEW = list(PADDING.new_tokens)       # the executor only ever runs these (padded) sizes
 PREFILL_HIST = [0, 256, 512, 1024, 2048, 4096, 8192]   # attention work is linear in keys between
@@ -86,7 +87,7 @@ def profile_from_raw(raw: dict) -> dict:
     if raw.get("prefill_padding"):      # graph-captured prefill (absent from raw data of eager runs)
         prof["prefill_padding"] = raw["prefill_padding"]
     if raw["ssd"].get("read_under_write"):
-        ssd["contention"] = raw["ssd"]["read_under_write"]["contention"]
+        ssd["contention"] = ssd_contention_fit(raw["ssd"]["read_under_write"])["contention"]
     for name, m in raw["models"].items():
         if m.get("serving"):
             models[name].update(serving_terms(prof, name, m["serving"]["rows"]))
@@ -104,21 +105,18 @@ def serving_terms(prof: dict, model: str, rows: list[dict]) -> dict:
     from sim.costmodel import ProfileCost
     from sim.models import MODELS
 
-    unit = dict(prefill_mfu=1.0, decode_mbu=1.0, h2d_gbps=1.0, d2h_gbps=1.0, ssd_read_gbps=1.0, ssd_write_gbps=1.0)
     # the tables alone: the host terms are what is being found
     terms = ("host_turn_ms", "preload_gate_layer_ms", "preload_layer_overhead_ms")
     tables = {**prof, "models": {model: {k: v for k, v in prof["models"][model].items() if k not in terms}}}
-    cost = ProfileCost(MODELS[model], parse_profile(tables, "<calibration>"), 1, **unit)
+    cost = ProfileCost(MODELS[model], parse_profile(tables, "<calibration>"))
     L = cost.shape.layers
 
     def base_ms(r, overhead_ms=0.0):
         n, h = r["new_tokens"], r["history_tokens"]
-        load = 0.0
-        if r["tier"] == "dram" and h > 0:
-            chunk = h * cost.shape.kv_bytes_per_token_layer
-            load = chunk / cost.h2d_bw(chunk) + overhead_ms * 1e-3
-        return cost.prefill_iteration_s(load, cost.prefill_layer_s(n, h), cost.prefill_head_s(n),
-                                        r["read_buffer_layers"], r["overlap"]) * 1e3
+        chunk = h * cost.shape.kv_bytes_per_token_layer if r["tier"] == "dram" else 0.0
+        load = cost.history_load_layer_s(chunk, overhead_s=overhead_ms * MS)
+        return cost.prefill_iteration(load, cost.prefill_layer_s(n, h), cost.prefill_head_s(n),
+                                      r["read_buffer_layers"], r["overlap"]).total_s / MS
 
     def median_of(residuals):
         return round(max(statistics.median(residuals), 0.0), 5) if residuals else None
@@ -134,6 +132,41 @@ def serving_terms(prof: dict, model: str, rows: list[dict]) -> dict:
     if gate is not None:
         out["preload_gate_layer_ms"] = gate
     return out
+
+
+def ssd_contention_fit(rw: dict) -> dict:
+    """Which contention model of `sim.costmodel.CONTENTION` the SSD follows, from the samples of
+    `gpu.bench.ssd_read_under_write`: each model predicts the read under the write from the median
+    read-alone and write-alone times with the simulator's own `sim.tiers.SharedDeviceLink` (seconds
+    as bytes at 1 B/s, one request per layer; the read starts `lead_s` after the writes); the nearest
+    model (least mean relative error over the request-size pairs) is the profile's `ssd.contention`.
+    """
+    from sim.errors import KvsimError
+    from sim.tiers import SharedDeviceLink
+
+    if "rows" not in rw:
+        # probes before the multi-pair one chose between other models; their choice is in their profile
+        raise KvsimError("calibration raw samples: ssd.read_under_write.rows: missing (an older single-pair "
+                         "probe); expected the samples of gpu.bench.ssd_read_under_write")
+    layers, lead, rows = rw["layers"], rw["lead_s"], rw["rows"]
+    predicted, fifo = [], []
+    for r in rows:
+        read, write = statistics.median(r["read_alone_s"]), statistics.median(r["write_alone_s"])
+        pred = {}
+        for mode in CONTENTION:
+            if mode == "none":
+                pred[mode] = read
+                continue
+            r_link, w_link = SharedDeviceLink.pair("read", "write", mode)
+            w_link.transfer(0.0, write, 1.0, layers)
+            pred[mode] = r_link.transfer(lead, read, 1.0, layers) - lead
+        predicted.append(pred)
+        fifo.append(max(write - lead, 0.0) + read)      # the read behind all the writes
+    err = {m: statistics.mean(abs(p[m] - statistics.median(r["read_under_write_s"]))
+                              / statistics.median(r["read_under_write_s"]) for r, p in zip(rows, predicted))
+           for m in CONTENTION}
+    return {"predicted_s": predicted, "predicted_fifo_s": fifo, "mean_rel_error": err,
+            "contention": min(err, key=err.get)}
 
 
 def write_profile(raw: dict, out, raw_out=None) -> dict:
@@ -162,7 +195,7 @@ def measure(models=("llama2-7b", "llama2-13b"), ssd_dir="/tmp/kvsim_ssd", quick:
            "prefill_padding": {"new_tokens": list(PADDING.new_tokens), "context_multiple": PADDING.context_multiple}}
     log("gpu peaks ...")
     raw["gpu"] = bench.gpu_peaks()
-    log(f"  {raw['gpu']['peak_bf16_flops'] / 1e12:.0f} TFLOP/s, {raw['gpu']['hbm_bw_gbps']:.0f} GB/s")
+    log(f"  {raw['gpu']['peak_bf16_flops'] / TFLOPS:.0f} TFLOP/s, {raw['gpu']['hbm_bw_gbps']:.0f} GB/s")
     log("host links ...")
     raw["links"] = bench.link_bandwidth(bench.LINK_CHUNKS[::4] if quick else bench.LINK_CHUNKS)
     for k, rows in raw["links"].items():
@@ -179,12 +212,13 @@ def measure(models=("llama2-7b", "llama2-13b"), ssd_dir="/tmp/kvsim_ssd", quick:
     raw["ssd"]["read_under_write"] = bench.ssd_read_under_write(
         ssd_dir, SHAPES[models[0]].kv_bytes_per_token_layer(2), SHAPES[models[0]].layers)
     rw = raw["ssd"]["read_under_write"]
-    for r in rw["rows"]:
+    fit = ssd_contention_fit(rw)
+    for r, pred, fifo in zip(rw["rows"], fit["predicted_s"], fit["predicted_fifo_s"]):
         log(f"  read {r['read_tokens']} tok/layer under write {r['write_tokens']}: "
-            f"{statistics.median(r['read_under_write_s']) * 1e3:.0f} ms; predicted "
-            + ", ".join(f"{m} {v * 1e3:.0f}" for m, v in r["predicted_s"].items())
-            + f", behind the writes {r['predicted_fifo_s'] * 1e3:.0f}")
-    log(f"  contention: {rw['contention']} (mean error " + ", ".join(f"{m} {e:.0%}" for m, e in rw["mean_rel_error"].items()) + ")")
+            f"{statistics.median(r['read_under_write_s']) / MS:.0f} ms; predicted "
+            + ", ".join(f"{m} {v / MS:.0f}" for m, v in pred.items())
+            + f", behind the writes {fifo / MS:.0f}")
+    log(f"  contention: {fit['contention']} (mean error " + ", ".join(f"{m} {e:.0%}" for m, e in fit["mean_rel_error"].items()) + ")")
     for k in ("write", "read"):
         log(f"  {k} ({raw['ssd']['method']}): " + " ".join(f"{r['chunk_bytes'] >> 20}M:{r['gbps']:.2f}"
                                                           for r in raw["ssd"][k]))

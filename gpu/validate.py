@@ -12,7 +12,7 @@ Two checks (issue 4, item 3):
   comparable, its per-turn errors less so.
 - Isolated turns: each grid point (model, history, new tokens, tier, sync/overlapped load) against the
   cost model's single-turn formula (`sim.costmodel`: per-layer tables, link tables, the
-  pipeline closed form, `prefill_iteration_s`), with no simulator queue in between.
+  pipeline closed form: `history_load_layer_s`, `prefill_iteration`), with no simulator queue in between.
 
 Works offline from the committed measurements (results/gpu/*.csv); needs no GPU.
 """
@@ -25,8 +25,9 @@ import numpy as np
 import pandas as pd
 
 from sim.config import load_config
-from sim.costmodel import cost_model_for
+from sim.costmodel import build_cost_model
 from sim.errors import KvsimError
+from sim.units import GB, MS
 
 # How each executor run is described to the simulator. `scheduler_aware_fetch` is off: the executor
 # does not prefetch from SSD ahead of a turn.
@@ -149,17 +150,15 @@ def predict_isolated(iso: pd.DataFrame, profile) -> pd.DataFrame:
     costs = {}
     for r in iso.itertuples():
         if r.model not in costs:
-            costs[r.model] = cost_model_for(load_config({"model": r.model, "hardware_profile": str(profile),
-                                                         "gpu": {"name": "h100-80gb"}}))
+            costs[r.model] = build_cost_model(load_config({"model": r.model, "hardware_profile": str(profile),
+                                                           "gpu": {"name": "h100-80gb"}}))
         c = costs[r.model]
         n, h = r.new_tokens, r.history_tokens
         compute = c.prefill_layer_s(n, h)
-        load = 0.0
-        if r.tier in ("dram", "ssd") and h > 0:
-            chunk = h * c.shape.kv_bytes_per_token_layer
-            bw = c.h2d_bw(chunk) if r.tier == "dram" else min(c.ssd_read_bw(chunk), c.h2d_bw(chunk))
-            load = chunk / bw + c.preload_layer_overhead_s()
-        t = c.prefill_iteration_s(load, compute, c.prefill_head_s(n), int(r.read_buffer_layers), bool(r.overlap))
+        chunk = h * c.shape.kv_bytes_per_token_layer
+        load = c.history_load_layer_s(chunk if r.tier == "dram" else 0.0, chunk if r.tier == "ssd" else 0.0)
+        t = c.prefill_iteration(load, compute, c.prefill_head_s(n), int(r.read_buffer_layers),
+                                bool(r.overlap)).total_s
         out.append({"pred_ttft_s": t, "pred_load_s": load * c.shape.layers, "pred_compute_s": compute * c.shape.layers})
     res = pd.concat([iso.reset_index(drop=True), pd.DataFrame(out)], axis=1)
     res["ttft_err"] = (res.pred_ttft_s - res.ttft_s) / res.ttft_s
@@ -176,7 +175,7 @@ def isolated_figures(iso: pd.DataFrame, profile) -> dict:
     bw = []
     for (model, tier, overlap, h, n), r in med.iterrows():
         if tier == "dram" and not overlap:
-            bw.append((h, r.kv_bytes_loaded / (r.load_busy_ms * 1e-3) / 1e9))
+            bw.append((h, r.kv_bytes_loaded / (r.load_busy_ms * MS) / GB))
     eff = []
     for (model, tier, overlap, h, n), r in med.iterrows():
         if tier != "dram" or not overlap:

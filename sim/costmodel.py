@@ -1,12 +1,15 @@
 """What each step costs: the single source of truth shared by the simulator and gpu/.
 
-Two interchangeable back ends answer the same questions (prefill time of one request, one decode
-step of a batch, bandwidth of each link at a transfer size):
+Two back ends implement one interface, `CostModel` (prefill time of one request, one decode step of
+a batch, bandwidth of each link at a transfer size, the serving loop's host terms):
   * `RooflineCost`: FLOPs and bytes over datasheet peaks times efficiency factors;
   * `ProfileCost`: tables measured on a real GPU by `kvsim gpu calibrate`, in the schema below,
     interpolated bilinearly (linear extrapolation past the grid; link tables in log(chunk size)).
-The layer-wise preload pipeline (CachedAttention §3.2) is a closed form over per-layer load and
-compute times, `preload_pipeline_s`, shared by both.
+The formulas over those quantities live once in `CostModel`: a history load per layer
+(`history_load_layer_s`) and a prefill iteration as named parts (`prefill_iteration`), whose
+layer-wise preload pipeline (CachedAttention §3.2) is the closed form `preload_pipeline_s`.
+`build_cost_model(cfg)` picks the back end and resolves the SSD contention mode and the HBM left
+for KV once.
 
 Hardware profile schema `kvsim-hardware-profile/1` (YAML):
   schema, device, measured_at, command            provenance
@@ -21,8 +24,8 @@ Hardware profile schema `kvsim-hardware-profile/1` (YAML):
     set-up before the first kernel, the wake-up after the first token); preload_gate_layer_ms (per
     layer, on the compute side: a layer gated on its load's event waits on another stream).
   Optional: ssd.contention: how the SSD's reads and writes slow each other, one of CONTENTION (the
-    model `gpu.bench.ssd_read_under_write` found nearest its measurements; sim/tiers.py); absent: not
-    measured.
+    model `gpu.calibrate.ssd_contention_fit` found nearest the samples of
+    `gpu.bench.ssd_read_under_write`; sim/tiers.py); absent: not measured.
   Optional: prefill_padding: {new_tokens: [buckets], context_multiple: M}: the executor runs prefill as
     CUDA graphs of fixed shapes, so a request of n new tokens after h cached ones runs as the padded
     shape `padded_prefill(n, h)` (n up to the next bucket; keys up to a multiple of M); the tables are
@@ -32,17 +35,18 @@ from __future__ import annotations
 
 import bisect
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from sim.errors import KvsimError, read_yaml
 from sim.models import ModelShape
+from sim.units import GB, MS
 
 SCHEMA = "kvsim-hardware-profile/1"
 # How an SSD's reads and writes slow each other (sim/tiers.py): not at all, an even split of the
 # bandwidth while both are busy, or requests interleaved (each waits for half the other's request).
 CONTENTION = ("none", "even_split", "interleaved")
-GB = 1e9
 
 
 def preload_pipeline_s(layers: int, load_layer_s: float, compute_layer_s: float, buffer_layers: int,
@@ -317,13 +321,113 @@ def load_profile(path) -> HardwareProfile:
 
 # --- the cost back ends ---------------------------------------------------------------------------
 
-class RooflineCost:
-    """Time = max(FLOPs / (peak x MFU), bytes / (bandwidth x MBU)) per layer, tensor-parallel over GPUs."""
+@dataclass(slots=True)  # not frozen: built once per simulated prefill, and freezing costs 3x
+class IterationCost:
+    """One prefill iteration's wall time as named parts, so a new term is a field (as Vidur's
+    `ExecutionTime` names its parts). `layers_s` is the layer-wise preload pipeline (it overlaps
+    `load_s` with `compute_s`, so those two are totals for reading, not summands of `total_s`)."""
+    layers_s: float    # preload pipeline over per-layer load and compute, per-layer gating included
+    compute_s: float   # layers x compute per layer (gating included)
+    load_s: float      # layers x load per layer
+    head_s: float      # LM head for the first token
+    host_s: float      # the serving loop's fixed host time per prefill
+    comm_s: float      # tensor-parallel communication (not modelled yet: 0)
+
+    @property
+    def total_s(self) -> float:
+        return self.layers_s + self.head_s + self.host_s + self.comm_s
+
+
+class CostModel(ABC):
+    """What each step costs. A back end supplies the measured quantities (the abstract lookups and the
+    host terms, required at construction, so a back end cannot silently leave one out); the formulas
+    that combine them (history loads, the prefill iteration) live here once.
+
+    Resolved once when built (`build_cost_model`): `ssd_contention` (the config's `ssd.contention`,
+    else the back end's measurement, else "none") and `hbm_kv_bytes` (HBM left for KV; None when
+    built without a config, as `gpu/` does for timings alone).
+    """
+
+    def __init__(self, shape: ModelShape, *, layer_copy_overhead_s: float, layer_gate_s: float,
+                 host_turn_s: float, measured_contention: Optional[str], ssd_contention: Optional[str] = None,
+                 hbm_kv_bytes: Optional[float] = None):
+        self.shape = shape
+        # a gated preload path's fixed cost per layer copy (issue and DMA set-up), on the load side
+        self.layer_copy_overhead_s = layer_copy_overhead_s
+        # a layer gated on its load's event waits on another stream: per layer, on the compute side
+        self.layer_gate_s = layer_gate_s
+        # the serving loop's host time per prefill outside its GPU work
+        self.host_turn_s = host_turn_s
+        mode = ssd_contention or measured_contention or "none"
+        if mode not in CONTENTION:
+            raise KvsimError(f"ssd.contention: expected one of {', '.join(CONTENTION)}, got {mode!r}")
+        self.ssd_contention = mode
+        self.hbm_kv_bytes = hbm_kv_bytes
+
+    # --- measured (or datasheet) quantities: every back end answers each one
+    @abstractmethod
+    def prefill_layer_s(self, new: float, hist: float) -> float: ...
+
+    @abstractmethod
+    def prefill_head_s(self, new: float) -> float: ...
+
+    @abstractmethod
+    def decode_step_s(self, batch: int, context_tokens: float) -> float: ...
+
+    @abstractmethod
+    def h2d_bw(self, chunk_bytes: float) -> float: ...
+
+    @abstractmethod
+    def d2h_bw(self, chunk_bytes: float) -> float: ...
+
+    @abstractmethod
+    def ssd_read_bw(self, chunk_bytes: float) -> float: ...
+
+    @abstractmethod
+    def ssd_write_bw(self, chunk_bytes: float) -> float: ...
+
+    # --- formulas over them, shared by the back ends
+    def history_load_layer_s(self, dram_chunk_bytes: float, ssd_chunk_bytes: float = 0.0,
+                             ssd_slowdown: float = 1.0, overhead_s: Optional[float] = None) -> float:
+        """Per-layer time to bring one request's history into HBM for layer-wise preload.
+
+        The DRAM part crosses H2D; the SSD part is staged SSD -> DRAM -> HBM layer by layer, so the
+        slower stage paces it (`ssd_slowdown` stretches the SSD stage while writes share the device,
+        `sim.tiers.SharedDeviceLink`). The fixed per-layer copy overhead (`overhead_s`, default the
+        back end's) is charged once if anything loads; nothing to load costs 0.
+        """
+        if overhead_s is None:
+            overhead_s = self.layer_copy_overhead_s
+        t = dram_chunk_bytes / self.h2d_bw(dram_chunk_bytes) if dram_chunk_bytes else 0.0
+        if ssd_chunk_bytes:
+            bw = min(self.ssd_read_bw(ssd_chunk_bytes) / ssd_slowdown, self.h2d_bw(ssd_chunk_bytes))
+            return t + (ssd_chunk_bytes / bw + overhead_s)
+        if t:
+            return t + overhead_s
+        return 0.0
+
+    def prefill_iteration(self, load_layer_s: float, compute_layer_s: float, head_s: float,
+                          buffer_layers: int, layerwise: bool) -> IterationCost:
+        """One prefill iteration, its first token included: the preload pipeline over per-layer load
+        and compute times (a gated layer pays the cross-stream wait on its compute side), the heads,
+        and the serving loop's fixed host time."""
+        if load_layer_s > 0.0 and layerwise:
+            compute_layer_s += self.layer_gate_s
+        L = self.shape.layers
+        return IterationCost(preload_pipeline_s(L, load_layer_s, compute_layer_s, buffer_layers, layerwise),
+                             L * compute_layer_s, L * load_layer_s, head_s, self.host_turn_s, 0.0)
+
+
+class RooflineCost(CostModel):
+    """Time = max(FLOPs / (peak x MFU), bytes / (bandwidth x MBU)) per layer, tensor-parallel over GPUs.
+    No host terms: a datasheet has none."""
 
     def __init__(self, shape: ModelShape, gpus: int, peak_flops: float, hbm_bw_gbps: float,
                  prefill_mfu: float, decode_mbu: float, h2d_gbps: float, d2h_gbps: float,
-                 ssd_read_gbps: float, ssd_write_gbps: float):
-        self.shape = shape
+                 ssd_read_gbps: float, ssd_write_gbps: float, *, ssd_contention: Optional[str] = None,
+                 hbm_kv_bytes: Optional[float] = None):
+        super().__init__(shape, layer_copy_overhead_s=0.0, layer_gate_s=0.0, host_turn_s=0.0,
+                         measured_contention=None, ssd_contention=ssd_contention, hbm_kv_bytes=hbm_kv_bytes)
         self.gpus = gpus
         self._flops = peak_flops * gpus
         self._mfu = prefill_mfu
@@ -367,28 +471,6 @@ class RooflineCost:
         head = self._d_head_c * batch
         return (comp if comp > mem else mem) + (head if head > self._d_head_m else self._d_head_m)
 
-    def preload_layer_overhead_s(self) -> float:
-        return 0.0
-
-    def preload_gate_s(self) -> float:
-        return 0.0
-
-    def prefill_fixed_s(self) -> float:
-        return 0.0
-
-    def ssd_contention(self) -> Optional[str]:
-        return None
-
-    def prefill_iteration_s(self, load_layer_s: float, compute_layer_s: float, head_s: float,
-                            buffer_layers: int, layerwise: bool) -> float:
-        """Wall time of one prefill iteration, its first token included: the preload pipeline over
-        per-layer load and compute times (a gated layer pays the cross-stream wait on its compute
-        side), the heads, and the serving loop's fixed host time."""
-        if load_layer_s > 0.0 and layerwise:
-            compute_layer_s += self.preload_gate_s()
-        return (preload_pipeline_s(self.shape.layers, load_layer_s, compute_layer_s, buffer_layers, layerwise)
-                + head_s + self.prefill_fixed_s())
-
     def h2d_bw(self, chunk_bytes: float) -> float:
         return self._h2d
 
@@ -402,45 +484,39 @@ class RooflineCost:
         return self._ssd_w
 
 
-class ProfileCost(RooflineCost):
+class ProfileCost(CostModel):
     """Measured tables in place of the roofline (per GPU: tensor parallelism is not profiled)."""
 
-    def __init__(self, shape: ModelShape, profile: HardwareProfile, gpus: int, **roofline_kw):
+    def __init__(self, shape: ModelShape, profile: HardwareProfile, gpus: int = 1, *,
+                 ssd_contention: Optional[str] = None, hbm_kv_bytes: Optional[float] = None):
         if shape.name not in profile.models:
             raise KvsimError(f"{profile.path}: models: no tables for model {shape.name!r}; "
                              f"profiled models are {', '.join(profile.models)}")
         if gpus != 1:
             raise KvsimError(f"{profile.path}: gpu.count: a measured profile is per GPU, expected gpu.count 1, got {gpus}")
-        super().__init__(shape, 1, profile.peak_bf16_flops, profile.hbm_bw_gbps, **roofline_kw)
+        m = profile.models[shape.name]
+        super().__init__(shape, layer_copy_overhead_s=m.preload_layer_overhead_ms * MS,
+                         layer_gate_s=m.preload_gate_layer_ms * MS, host_turn_s=m.host_turn_ms * MS,
+                         measured_contention=profile.ssd_contention, ssd_contention=ssd_contention,
+                         hbm_kv_bytes=hbm_kv_bytes)
+        self.gpus = 1
         self.profile = profile
-        self.m = profile.models[shape.name]
+        self.m = m
 
     def prefill_layer_s(self, new: float, hist: float) -> float:
         if self.profile.prefill_padding is not None:
             new, hist = self.profile.prefill_padding.padded(math.ceil(new), math.ceil(hist))
-        return max(self.m.prefill_layer_ms(new, hist), 0.0) * 1e-3
+        return max(self.m.prefill_layer_ms(new, hist), 0.0) * MS
 
     def prefill_head_s(self, new: float) -> float:
         if self.profile.prefill_padding is not None:
             new = self.profile.prefill_padding.new_bucket(max(math.ceil(new), 1))
-        return max(self.m.head_prefill_ms(new), 0.0) * 1e-3
+        return max(self.m.head_prefill_ms(new), 0.0) * MS
 
     def decode_step_s(self, batch: int, context_tokens: float) -> float:
         per_seq = context_tokens / batch
         layer = max(self.m.decode_layer_ms(batch, per_seq), 0.0)
-        return (self.shape.layers * layer + max(self.m.head_decode_ms(batch), 0.0)) * 1e-3
-
-    def preload_layer_overhead_s(self) -> float:
-        return self.m.preload_layer_overhead_ms * 1e-3
-
-    def preload_gate_s(self) -> float:
-        return self.m.preload_gate_layer_ms * 1e-3
-
-    def prefill_fixed_s(self) -> float:
-        return self.m.host_turn_ms * 1e-3
-
-    def ssd_contention(self) -> Optional[str]:
-        return self.profile.ssd_contention
+        return (self.shape.layers * layer + max(self.m.head_decode_ms(batch), 0.0)) * MS
 
     def h2d_bw(self, chunk_bytes: float) -> float:
         return self.profile.links["h2d_pinned"](chunk_bytes) * GB
@@ -455,19 +531,23 @@ class ProfileCost(RooflineCost):
         return self.profile.ssd_write(chunk_bytes) * GB
 
 
-def cost_model_for(cfg) -> RooflineCost:
-    """The back end a config asks for: its measured profile if it names one, else the roofline."""
+def build_cost_model(cfg) -> CostModel:
+    """The back end a config asks for (its measured profile if it names one, else the roofline), with
+    the SSD contention mode and the HBM left for KV (after weights and the reserved share:
+    activations, allocator slack) resolved once."""
     shape = cfg.shape()
     g = cfg.gpu.spec()
-    kw = dict(prefill_mfu=cfg.gpu.prefill_mfu, decode_mbu=cfg.gpu.decode_mbu, h2d_gbps=cfg.host.h2d_gbps,
-              d2h_gbps=cfg.host.d2h_gbps, ssd_read_gbps=cfg.ssd.read_gbps, ssd_write_gbps=cfg.ssd.write_gbps)
-    if cfg.hardware_profile:
-        return ProfileCost(shape, load_profile(cfg.hardware_profile), cfg.gpu.count, **kw)
-    return RooflineCost(shape, cfg.gpu.count, g.peak_flops, g.hbm_bw_gbps, **kw)
-
-
-def hbm_kv_capacity_bytes(cfg, profile: Optional[HardwareProfile] = None) -> float:
-    """HBM left for KV after weights and the reserved share (activations, allocator slack)."""
-    hbm = profile.hbm_bytes if profile else cfg.gpu.spec().hbm_bytes
-    total = hbm * cfg.gpu.count
-    return total * (1.0 - cfg.gpu.reserved_fraction) - cfg.shape().weight_bytes
+    profile = load_profile(cfg.hardware_profile) if cfg.hardware_profile else None
+    total = (profile.hbm_bytes if profile else g.hbm_bytes) * cfg.gpu.count
+    hbm_kv = total * (1.0 - cfg.gpu.reserved_fraction) - shape.weight_bytes
+    kw = dict(ssd_contention=cfg.ssd.contention, hbm_kv_bytes=hbm_kv)
+    if profile is not None:
+        cost = ProfileCost(shape, profile, cfg.gpu.count, **kw)
+    else:
+        cost = RooflineCost(shape, cfg.gpu.count, g.peak_flops, g.hbm_bw_gbps, cfg.gpu.prefill_mfu,
+                            cfg.gpu.decode_mbu, cfg.host.h2d_gbps, cfg.host.d2h_gbps, cfg.ssd.read_gbps,
+                            cfg.ssd.write_gbps, **kw)
+    if hbm_kv <= 0:
+        raise KvsimError(f"{cfg.source}: gpu.count: {cfg.model} weights ({shape.weight_bytes / GB:.0f} GB) "
+                         f"leave no HBM for KV on {cfg.gpu.count} x {cfg.gpu.name}; expected more GPUs")
+    return cost

@@ -24,7 +24,7 @@ from sim.tiers import SSD
 
 
 class Replica:
-    def __init__(self, env, cfg, cost, workload, hbm_kv_bytes: float):
+    def __init__(self, env, cfg, cost, workload):
         self.env, self.cfg, self.cost = env, cfg, cost
         pol = cfg.policy
         self.kind = pol.kind
@@ -32,16 +32,14 @@ class Replica:
         self.L = shape.layers
         self.kv_tok = shape.kv_bytes_per_token
         self.layerwise = pol.layerwise_preload
-        self.preload_overhead = cost.preload_layer_overhead_s()
         self.buffer_layers = pol.read_buffer_layers
         self.async_save = pol.async_save
         self.max_batch = cfg.scheduler.max_batch
         read_buffer = (self.buffer_layers * shape.max_context_tokens * shape.kv_bytes_per_token_layer
                        if self.kind == "attentionstore" and self.layerwise else 0.0)
-        contention = cfg.ssd.contention or cost.ssd_contention() or "none"
         self.sched = None  # set below: the store asks it for the look-ahead map only when evicting
-        self.store = KVStore(self.kind, hbm_kv_bytes, cfg.host.dram_bytes, cfg.ssd.bytes, shape, cost,
-                             eviction_for(pol.eviction, self.kind, cost), read_buffer, contention,
+        self.store = KVStore(self.kind, cost.hbm_kv_bytes, cfg.host.dram_bytes, cfg.ssd.bytes, shape, cost,
+                             eviction_for(pol.eviction, self.kind, cost), read_buffer, cost.ssd_contention,
                              pol.truncation == "decoupled_pe", lambda: self.sched.lookahead_keys())
         self.sched = PrefillFirstScheduler(cfg, shape, workload, self.store)
         self.ra_factor = self.sched.ra_factor
@@ -151,18 +149,15 @@ class Replica:
             code, dram_b, ssd_b, dram_ready = store.hit_sources(job, ra)
             if dram_ready > ready:
                 ready = dram_ready
-            load_j = 0.0
-            if dram_b:
-                chunk = dram_b / L
-                load_j = chunk / cost.h2d_bw(chunk)
             if ssd_b:
                 # its load time is known once the SSD says how fast it reads now (below)
-                ssd_jobs.append((i, ssd_b / L, load_j))
+                ssd_jobs.append((i, dram_b / L, ssd_b / L))
                 ssd_bytes += ssd_b
-            elif load_j:
-                load_j += self.preload_overhead
+                rec.load_s[i] = 0.0
+            else:
+                load_j = cost.history_load_layer_s(dram_b / L) if dram_b else 0.0
                 load_layer += load_j
-            rec.load_s[i] = load_j * L  # an SSD hit's is rewritten below
+                rec.load_s[i] = load_j * L
             compute_layer += cost.prefill_layer_s(job.computed, job.hit)
             head += cost.prefill_head_s(job.computed)
             rec.hit_tier[i] = code
@@ -176,12 +171,11 @@ class Replica:
             bw = cost.ssd_read_bw(ssd_bytes / L)
             # a device whose writes are in flight reads slower (SharedDeviceLink): stretch the stage
             slow = (ssd_r.transfer(start, ssd_bytes, bw, L) - start) * bw / ssd_bytes
-            for i, chunk, load_j in ssd_jobs:
-                # SSD -> DRAM staging -> HBM, layer by layer: the slower of the two stages paces it
-                load_j += chunk / min(cost.ssd_read_bw(chunk) / slow, cost.h2d_bw(chunk)) + self.preload_overhead
+            for i, dram_chunk, ssd_chunk in ssd_jobs:
+                load_j = cost.history_load_layer_s(dram_chunk, ssd_chunk, slow)
                 load_layer += load_j
                 rec.load_s[i] = load_j * L
-        t = cost.prefill_iteration_s(load_layer, compute_layer, head, self.buffer_layers, self.layerwise)
+        t = cost.prefill_iteration(load_layer, compute_layer, head, self.buffer_layers, self.layerwise).total_s
         if load_layer:
             store.h2d.charge(loaded)
         save = 0.0

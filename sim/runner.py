@@ -10,9 +10,8 @@ import pandas as pd
 import simpy
 
 from sim.config import Config, config_to_dict
-from sim.costmodel import cost_model_for, hbm_kv_capacity_bytes
+from sim.costmodel import build_cost_model
 from sim.engine import Replica
-from sim.errors import KvsimError
 from sim.metrics import summarize, turn_table
 from sim.workload import Users, Workload, load_workload
 
@@ -25,15 +24,10 @@ class SimResult:
 
 
 def run_simulation(cfg: Config, workload: Workload | None = None) -> SimResult:
-    cost = cost_model_for(cfg)
-    profile = getattr(cost, "profile", None)
-    hbm_kv = hbm_kv_capacity_bytes(cfg, profile)
-    if hbm_kv <= 0:
-        raise KvsimError(f"{cfg.source}: gpu.count: {cfg.model} weights ({cfg.shape().weight_bytes / 1e9:.0f} GB) "
-                         f"leave no HBM for KV on {cfg.gpu.count} x {cfg.gpu.name}; expected more GPUs")
+    cost = build_cost_model(cfg)
     wl = workload if workload is not None else load_workload(cfg)
     env = simpy.Environment()
-    replica = Replica(env, cfg, cost, wl, hbm_kv)
+    replica = Replica(env, cfg, cost, wl)
     users = Users(env, wl, replica)
     replica.attach(users)
     env.run(until=users.all_done)

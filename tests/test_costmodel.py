@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from sim.config import load_config
-from sim.costmodel import (PrefillPadding, ProfileCost, RooflineCost, interp2, parse_profile,
-                           preload_pipeline_s)
+from sim.costmodel import (CostModel, PrefillPadding, ProfileCost, RooflineCost, build_cost_model, interp2,
+                           parse_profile, preload_pipeline_s)
 from sim.errors import KvsimError
 from sim.models import MODELS
 
@@ -75,8 +75,7 @@ def _profile():
 
 def test_measured_profile_replaces_the_roofline():
     prof = parse_profile(_profile())
-    pc = ProfileCost(MODELS["llama2-7b"], prof, 1, prefill_mfu=0.5, decode_mbu=0.5, h2d_gbps=1, d2h_gbps=1,
-                     ssd_read_gbps=1, ssd_write_gbps=1)
+    pc = ProfileCost(MODELS["llama2-7b"], prof)
     assert pc.prefill_layer_s(1000, 1000) == pytest.approx(3.0e-3)
     assert pc.decode_step_s(8, 8 * 1000) == pytest.approx((32 * 0.9 + 0.6) * 1e-3)
     # links interpolate in log(chunk size): halfway in log space
@@ -86,9 +85,9 @@ def test_measured_profile_replaces_the_roofline():
 def test_config_naming_a_profile_uses_it(tmp_path):
     p = tmp_path / "h.yaml"
     p.write_text(yaml.safe_dump(_profile()))
-    from sim.costmodel import cost_model_for
-    cm = cost_model_for(load_config({"model": "llama2-7b", "hardware_profile": str(p)}))
+    cm = build_cost_model(load_config({"model": "llama2-7b", "hardware_profile": str(p)}))
     assert isinstance(cm, ProfileCost)
+    assert isinstance(build_cost_model(load_config({"model": "llama2-7b"})), RooflineCost)
 
 
 @pytest.mark.parametrize("mutate, fragment", [
@@ -130,10 +129,8 @@ def test_padding_rounds_new_tokens_to_a_bucket_and_keys_to_the_multiple():
 def test_a_padded_profile_is_looked_up_at_the_padded_shape():
     d = _profile()
     d["prefill_padding"] = {"new_tokens": [10, 1000], "context_multiple": 500}
-    pc = ProfileCost(MODELS["llama2-7b"], parse_profile(d), 1, prefill_mfu=0.5, decode_mbu=0.5, h2d_gbps=1,
-                     d2h_gbps=1, ssd_read_gbps=1, ssd_write_gbps=1)
-    unpadded = ProfileCost(MODELS["llama2-7b"], parse_profile(_profile()), 1, prefill_mfu=0.5, decode_mbu=0.5,
-                           h2d_gbps=1, d2h_gbps=1, ssd_read_gbps=1, ssd_write_gbps=1)
+    pc = ProfileCost(MODELS["llama2-7b"], parse_profile(d))
+    unpadded = ProfileCost(MODELS["llama2-7b"], parse_profile(_profile()))
     # 11 new tokens after 100 run as 1000 new tokens attending over 1500 keys (history 500)
     assert pc.prefill_layer_s(11, 100) == pytest.approx(unpadded.prefill_layer_s(1000, 500))
     assert pc.prefill_layer_s(11, 100) > unpadded.prefill_layer_s(11, 100)
@@ -141,8 +138,7 @@ def test_a_padded_profile_is_looked_up_at_the_padded_shape():
 
 
 def _cost(d):
-    return ProfileCost(MODELS["llama2-7b"], parse_profile(d), 1, prefill_mfu=0.5, decode_mbu=0.5, h2d_gbps=1,
-                       d2h_gbps=1, ssd_read_gbps=1, ssd_write_gbps=1)
+    return ProfileCost(MODELS["llama2-7b"], parse_profile(d))
 
 
 def test_host_time_per_turn_and_gating_per_loaded_layer_are_added_where_they_are_paid():
@@ -151,22 +147,113 @@ def test_host_time_per_turn_and_gating_per_loaded_layer_are_added_where_they_are
     pc, bare = _cost(d), _cost(_profile())
     L, c, head = 32, 0.3e-3, 0.5e-3
     # no load: the turn's host time only
-    assert pc.prefill_iteration_s(0.0, c, head, 2, True) == pytest.approx(L * c + head + 0.8e-3)
+    assert pc.prefill_iteration(0.0, c, head, 2, True).total_s == pytest.approx(L * c + head + 0.8e-3)
     # layer-wise preload, compute-bound: every gated layer pays the wait on its compute side
-    got = pc.prefill_iteration_s(0.1e-3, c, head, 2, True)
-    assert got == pytest.approx(bare.prefill_iteration_s(0.1e-3, c + 0.01e-3, head, 2, True) + 0.8e-3)
+    got = pc.prefill_iteration(0.1e-3, c, head, 2, True).total_s
+    assert got == pytest.approx(bare.prefill_iteration(0.1e-3, c + 0.01e-3, head, 2, True).total_s + 0.8e-3)
     assert got == pytest.approx(0.1e-3 + L * (c + 0.01e-3) + head + 0.8e-3)
     # load first, then compute: no gates
-    assert pc.prefill_iteration_s(0.1e-3, c, head, 2, False) == pytest.approx(L * (0.1e-3 + c) + head + 0.8e-3)
+    assert pc.prefill_iteration(0.1e-3, c, head, 2, False).total_s == pytest.approx(L * (0.1e-3 + c) + head + 0.8e-3)
     # the roofline has no host terms
-    assert bare.prefill_iteration_s(0.0, c, head, 2, True) == pytest.approx(L * c + head)
+    assert bare.prefill_iteration(0.0, c, head, 2, True).total_s == pytest.approx(L * c + head)
 
 
-def test_the_profile_says_whether_ssd_reads_queue_behind_writes(tmp_path):
-    from sim.costmodel import cost_model_for
+def _parts(it):
+    return (it.layers_s, it.compute_s, it.load_s, it.head_s, it.host_s, it.comm_s)
+
+
+@pytest.mark.parametrize("load, comp, n, layerwise, want", [
+    # load-bound, double buffer: 0.2 + 0.11 + 31 x 0.2 = 6.51 ms of layers; compute 32 x (0.1 + 0.01 gate)
+    (0.2e-3, 0.1e-3, 2, True, (6.51e-3, 3.52e-3, 6.4e-3)),
+    # compute-bound: 0.1 + 0.31 + 31 x 0.31 = 10.02 ms
+    (0.1e-3, 0.3e-3, 2, True, (10.02e-3, 9.92e-3, 3.2e-3)),
+    # one buffer slot: each load waits for the compute that frees it, 32 x (0.2 + 0.11)
+    (0.2e-3, 0.1e-3, 1, True, (9.92e-3, 3.52e-3, 6.4e-3)),
+    # everything loaded first: no gating, 32 x (0.2 + 0.1)
+    (0.2e-3, 0.1e-3, 2, False, (9.6e-3, 3.2e-3, 6.4e-3)),
+    # nothing to load: no gating either
+    (0.0, 0.1e-3, 2, True, (3.2e-3, 3.2e-3, 0.0)),
+])
+def test_prefill_iteration_names_its_parts(load, comp, n, layerwise, want):
+    d = _profile()
+    d["models"]["llama2-7b"].update(host_turn_ms=0.8, preload_gate_layer_ms=0.01)
+    it = _cost(d).prefill_iteration(load, comp, 0.5e-3, n, layerwise)
+    assert _parts(it) == pytest.approx(want + (0.5e-3, 0.8e-3, 0.0))
+    assert it.total_s == pytest.approx(want[0] + 0.5e-3 + 0.8e-3)
+    # the parts add up, bit for bit, to what one formula gave before they were named
+    gate = 0.01e-3 if load > 0.0 and layerwise else 0.0
+    assert it.total_s == preload_pipeline_s(32, load, comp + gate, n, layerwise) + 0.5e-3 + 0.8e-3
+
+
+def _roofline(h2d_gbps, ssd_read_gbps):
+    return RooflineCost(MODELS["llama2-7b"], 1, 100e12, 2000, 0.5, 0.5, h2d_gbps, 25, ssd_read_gbps, 3)
+
+
+def test_history_load_per_layer_crosses_the_slower_stage_and_pays_the_copy_overhead_once():
+    slow_ssd, fast_ssd = _roofline(25, 5), _roofline(25, 50)
+    # DRAM only: 50 MB over 25 GB/s
+    assert slow_ssd.history_load_layer_s(50e6) == pytest.approx(2e-3)
+    # SSD only, paced by the SSD (10 MB at 5 GB/s) or by H2D (50 MB at 25 GB/s, the SSD reads 50)
+    assert slow_ssd.history_load_layer_s(0.0, 10e6) == pytest.approx(2e-3)
+    assert fast_ssd.history_load_layer_s(0.0, 50e6) == pytest.approx(2e-3)
+    # writes sharing the SSD slow its reads 4x: 12.5 GB/s now paces the staging
+    assert fast_ssd.history_load_layer_s(0.0, 50e6, ssd_slowdown=4.0) == pytest.approx(4e-3)
+    # both tiers: 1 ms + 1 ms, and the per-layer copy overhead once
+    assert fast_ssd.history_load_layer_s(25e6, 25e6, overhead_s=0.5e-3) == pytest.approx(2.5e-3)
+    assert slow_ssd.history_load_layer_s(50e6, overhead_s=0.5e-3) == pytest.approx(2.5e-3)
+    assert slow_ssd.history_load_layer_s(0.0, 10e6, overhead_s=0.5e-3) == pytest.approx(2.5e-3)
+    # nothing to load costs nothing, overhead included
+    assert slow_ssd.history_load_layer_s(0.0, 0.0, overhead_s=0.5e-3) == 0.0
+    # the default overhead is the profile's measured one (0.02 ms); the roofline has none
+    d = _profile()
+    d["models"]["llama2-7b"]["preload_layer_overhead_ms"] = 0.02
+    # 1 MiB over the 25 GB/s end of the h2d table
+    assert _cost(d).history_load_layer_s(1048576) == pytest.approx(1048576 / 25e9 + 0.02e-3)
+    assert slow_ssd.history_load_layer_s(50e6) == 50e6 / 25e9
+
+
+def test_a_back_end_that_leaves_a_measured_quantity_out_cannot_be_built():
+    class NoSsdWrite(CostModel):
+        def prefill_layer_s(self, new, hist): return 0.0
+        def prefill_head_s(self, new): return 0.0
+        def decode_step_s(self, batch, context_tokens): return 0.0
+        def h2d_bw(self, chunk_bytes): return 1.0
+        def d2h_bw(self, chunk_bytes): return 1.0
+        def ssd_read_bw(self, chunk_bytes): return 1.0
+
+    with pytest.raises(TypeError, match="ssd_write_bw"):
+        NoSsdWrite(MODELS["llama2-7b"], layer_copy_overhead_s=0.0, layer_gate_s=0.0, host_turn_s=0.0,
+                   measured_contention=None)
+    # and the profile answers every question itself, none by falling back on the roofline's answer
+    assert not issubclass(ProfileCost, RooflineCost)
+
+
+def test_ssd_contention_is_the_configs_else_the_profiles_else_none(tmp_path):
     d = _profile()
     d["ssd"]["contention"] = "interleaved"
     p = tmp_path / "h.yaml"
     p.write_text(yaml.safe_dump(d))
-    assert cost_model_for(load_config({"model": "llama2-7b", "hardware_profile": str(p)})).ssd_contention() == "interleaved"
-    assert cost_model_for(load_config({"model": "llama2-7b"})).ssd_contention() is None
+    measured = {"model": "llama2-7b", "hardware_profile": str(p)}
+    assert build_cost_model(load_config(measured)).ssd_contention == "interleaved"
+    assert build_cost_model(load_config({**measured, "ssd": {"contention": "even_split"}})).ssd_contention == "even_split"
+    assert build_cost_model(load_config({**measured, "ssd": {"contention": "none"}})).ssd_contention == "none"
+    assert build_cost_model(load_config({"model": "llama2-7b"})).ssd_contention == "none"
+    assert build_cost_model(load_config({"model": "llama2-7b", "ssd": {"contention": "even_split"}})).ssd_contention == "even_split"
+
+
+def test_hbm_for_kv_is_what_weights_and_the_reserved_share_leave(tmp_path):
+    w7 = MODELS["llama2-7b"].weight_bytes
+    cfg = load_config({"model": "llama2-7b", "gpu": {"name": "h100-80gb", "hbm_bytes": "20GB", "reserved_fraction": 0.1}})
+    assert build_cost_model(cfg).hbm_kv_bytes == pytest.approx(20e9 * 0.9 - w7)
+    # two GPUs hold twice the HBM and one copy of the weights (tensor-parallel shards)
+    cfg = load_config({"model": "llama2-7b", "gpu": {"name": "h100-80gb", "count": 2, "hbm_bytes": "20GB",
+                                                     "reserved_fraction": 0.1}})
+    assert build_cost_model(cfg).hbm_kv_bytes == pytest.approx(40e9 * 0.9 - w7)
+    # a measured profile's HBM (80 GB) replaces the datasheet's
+    p = tmp_path / "h.yaml"
+    p.write_text(yaml.safe_dump(_profile()))
+    cfg = load_config({"model": "llama2-7b", "hardware_profile": str(p), "gpu": {"hbm_bytes": "20GB", "reserved_fraction": 0.1}})
+    assert build_cost_model(cfg).hbm_kv_bytes == pytest.approx(80e9 * 0.9 - w7)
+    with pytest.raises(KvsimError, match=r"gpu.count: llama2-70b weights \(138 GB\) leave no HBM for KV on 1 x h100-80gb; "
+                                         "expected more GPUs"):
+        build_cost_model(load_config({"model": "llama2-70b", "gpu": {"name": "h100-80gb"}}))

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from sim.config import load_config
-from sim.costmodel import cost_model_for, preload_pipeline_s
+from sim.costmodel import build_cost_model, preload_pipeline_s
 from sim.runner import run_simulation
 from sim.workload import load_workload
 from workloads import random_sessions
@@ -30,7 +30,7 @@ def _two_turns(p0=300, o0=20, p1=100, o1=10, think=50.0):
 def test_one_session_two_turns_ttft_matches_the_formula(policy, layerwise):
     df = _two_turns()
     res, cfg = _run(df, **{"policy.kind": policy, "policy.layerwise_preload": layerwise})
-    cm = cost_model_for(cfg)
+    cm = build_cost_model(cfg)
     L = cm.shape.layers
     t = res.turns.set_index("turn")
     assert t.loc[0, "ttft_s"] == pytest.approx(L * cm.prefill_layer_s(300, 0) + cm.prefill_head_s(300))
@@ -70,8 +70,7 @@ def test_every_turn_is_served_exactly_once_and_no_tier_overflows(busy_sessions, 
     assert (t["finish_s"] >= t["arrival_s"] + t["ttft_s"] - 1e-9).all()
     s = res.summary
     assert s["peak_dram_bytes"] <= 4e9 and s["peak_ssd_bytes"] <= 8e9
-    from sim.costmodel import hbm_kv_capacity_bytes
-    assert s["peak_hbm_bytes"] <= hbm_kv_capacity_bytes(cfg) + 1
+    assert s["peak_hbm_bytes"] <= build_cost_model(cfg).hbm_kv_bytes + 1
     # a session's next turn never starts before its previous reply ended
     for _, g in t.groupby("session_id"):
         g = g.sort_values("turn")
@@ -239,7 +238,7 @@ def _ssd_only(shared, **over):
 def test_ssd_read_under_a_long_write_waits_for_half_a_write_request_per_layer():
     shared, cfg = _ssd_only("interleaved")
     split, _ = _ssd_only("none")
-    cm = cost_model_for(cfg)
+    cm = build_cost_model(cfg)
     t = shared.turns.set_index(["session_id", "turn"])
     s = split.turns.set_index(["session_id", "turn"])
     b1, s1 = t.loc[("b", 1)], s.loc[("b", 1)]
@@ -289,7 +288,7 @@ def test_each_direction_of_a_shared_device_stays_first_come_first_served():
 
 def test_a_history_on_ssd_is_appended_to_not_rewritten():
     res, cfg = _ssd_only("interleaved")
-    tok = cost_model_for(cfg).shape.kv_bytes_per_token_layer * cost_model_for(cfg).shape.layers
+    tok = build_cost_model(cfg).shape.kv_bytes_per_token_layer * build_cost_model(cfg).shape.layers
     t = res.turns.set_index(["session_id", "turn"])
     assert t.loc[("b", 1), "hit_tokens"] == 53
     # b's turn 1 adds its prompt and reply (20 + 3 tokens) to the 53 already on SSD

@@ -4,7 +4,7 @@ import math
 import pytest
 import yaml
 
-from gpu.calibrate import profile_from_raw, write_profile
+from gpu.calibrate import profile_from_raw, ssd_contention_fit, write_profile
 from sim.costmodel import load_profile
 from sim.errors import KvsimError
 
@@ -71,27 +71,24 @@ def test_host_terms_are_recovered_from_executor_turns_that_pay_them():
     raw = _raw()
     truth = profile_from_raw(raw)
     truth["models"]["llama2-7b"].update(host_turn_ms=0.7, preload_gate_layer_ms=0.012, preload_layer_overhead_ms=0.02)
-    unit = dict(prefill_mfu=1.0, decode_mbu=1.0, h2d_gbps=1.0, d2h_gbps=1.0, ssd_read_gbps=1.0, ssd_write_gbps=1.0)
-    pc = ProfileCost(MODELS["llama2-7b"], parse_profile(truth), 1, **unit)
+    pc = ProfileCost(MODELS["llama2-7b"], parse_profile(truth))
     rows = []
     for n in (1, 64, 512):
         rows.append({"tier": "recompute", "overlap": False, "read_buffer_layers": 1, "history_tokens": 0,
-                     "new_tokens": n, "prefill_ms": 1e3 * pc.prefill_iteration_s(
-                         0.0, pc.prefill_layer_s(n, 0), pc.prefill_head_s(n), 1, False)})
+                     "new_tokens": n, "prefill_ms": 1e3 * pc.prefill_iteration(
+                         0.0, pc.prefill_layer_s(n, 0), pc.prefill_head_s(n), 1, False).total_s})
         chunk = 256 * pc.shape.kv_bytes_per_token_layer
-        load = chunk / pc.h2d_bw(chunk) + pc.preload_layer_overhead_s()
+        load = chunk / pc.h2d_bw(chunk) + 0.02e-3
         for overlap in (False, True):
             rows.append({"tier": "dram", "overlap": overlap, "read_buffer_layers": 2, "history_tokens": 256,
-                         "new_tokens": n, "prefill_ms": 1e3 * pc.prefill_iteration_s(
-                             load, pc.prefill_layer_s(n, 256), pc.prefill_head_s(n), 2, overlap)})
+                         "new_tokens": n, "prefill_ms": 1e3 * pc.prefill_iteration(
+                             load, pc.prefill_layer_s(n, 256), pc.prefill_head_s(n), 2, overlap).total_s})
     raw["models"]["llama2-7b"]["serving"] = {"rows": rows}
-    raw["ssd"]["read_under_write"] = {"contention": "even_split"}
     prof = profile_from_raw(raw)
     m = prof["models"]["llama2-7b"]
     assert m["host_turn_ms"] == pytest.approx(0.7, abs=1e-4)
     assert m["preload_gate_layer_ms"] == pytest.approx(0.012, abs=1e-4)
     assert m["preload_layer_overhead_ms"] == pytest.approx(0.02, abs=1e-4)
-    assert prof["ssd"]["contention"] == "even_split"
     assert load_profile_text(prof).models["llama2-7b"].host_turn_ms == pytest.approx(0.7, abs=1e-4)
 
 
@@ -100,16 +97,50 @@ def load_profile_text(prof):
     return parse_profile(prof, "p.yaml")
 
 
-def test_read_under_write_probe_reports_both_models_and_picks_one(tmp_path):
+def test_read_under_write_probe_measures_raw_samples_that_calibration_reduces(tmp_path):
     from gpu.bench import ssd_read_under_write
+    from gpu.calibrate import ssd_contention_fit
 
     r = ssd_read_under_write(tmp_path, token_bytes=4096, layers=4, pairs=((16, 64), (64, 16)), reps=1, settle_s=0.0)
+    assert [(row["read_tokens"], row["write_tokens"]) for row in r["rows"]] == [(16, 64), (64, 16)]
     for row in r["rows"]:
-        p = row["predicted_s"]
-        assert row["predicted_fifo_s"] >= p["none"] > 0 and p["even_split"] >= p["none"] and p["interleaved"] >= p["none"]
-        assert len(row["read_under_write_s"]) == 1
-    assert r["contention"] == min(r["mean_rel_error"], key=r["mean_rel_error"].get)
+        assert all(len(row[k]) == 1 and row[k][0] > 0 for k in ("read_alone_s", "write_alone_s",
+                                                                  "read_under_write_s", "write_under_read_s"))
+        assert "predicted_s" not in row     # the probe measures; the model choice is calibration's
     assert not list((tmp_path / "read_under_write").iterdir())     # its files are removed
+    fit = ssd_contention_fit(r)
+    for p, fifo in zip(fit["predicted_s"], fit["predicted_fifo_s"]):
+        assert fifo >= p["none"] > 0 and p["even_split"] >= p["none"] and p["interleaved"] >= p["none"]
+    assert fit["contention"] == min(fit["mean_rel_error"], key=fit["mean_rel_error"].get)
+
+
+def _read_under_write(read_s, write_s, under_s, layers=4, lead_s=0.0):
+    return {"layers": layers, "token_bytes": 4096, "lead_s": lead_s,
+            "rows": [{"read_tokens": 16, "write_tokens": 64, "read_alone_s": [read_s], "write_alone_s": [write_s],
+                      "read_under_write_s": [under_s], "write_under_read_s": [under_s]}]}
+
+
+@pytest.mark.parametrize("under_s, mode", [
+    (1.1, "none"),           # about as fast as alone: the directions do not touch
+    (2.2, "even_split"),     # each read request takes its own 0.25 s plus 0.25 s: half the disk
+    (4.5, "interleaved"),    # each read request also waits half the 2 s write request in service
+])
+def test_contention_fit_picks_the_model_nearest_the_measured_read(under_s, mode):
+    """Read alone 1 s (4 requests of 0.25 s), write alone 8 s (4 requests of 2 s), both at once: the
+    models predict 1 s, 4 x (0.25 + 0.25) = 2 s and 4 x (0.25 + 2 / 2) = 5 s for the read."""
+    fit = ssd_contention_fit(_read_under_write(1.0, 8.0, under_s))
+    assert fit["predicted_s"] == [pytest.approx({"none": 1.0, "even_split": 2.0, "interleaved": 5.0})]
+    assert fit["predicted_fifo_s"] == [pytest.approx(9.0)]     # behind all the writes
+    assert fit["contention"] == mode
+    raw = _raw()
+    raw["ssd"]["read_under_write"] = _read_under_write(1.0, 8.0, under_s)
+    assert profile_from_raw(raw)["ssd"]["contention"] == mode
+
+
+def test_samples_of_the_older_single_pair_probe_are_refused_not_refitted():
+    old = {"layers": 32, "lead_s": 0.005, "read_alone_s": [0.1], "write_alone_s": [0.3], "read_under_write_s": [0.2]}
+    with pytest.raises(KvsimError, match="ssd.read_under_write.rows: missing"):
+        ssd_contention_fit(old)
 
 
 def test_serving_overhead_turns_run_the_executor_on_both_paths():
