@@ -294,8 +294,9 @@ def test_every_key_set_to_any_bad_value_is_a_config_or_a_one_line_error():
                 outcomes["error"] += 1
                 continue
             outcomes["ok"] += 1
-            for leaf in _leaves(dataclasses.asdict(cfg)):  # whatever was accepted is finite
+            for leaf in _leaves(dataclasses.asdict(cfg)):  # whatever was accepted is finite and plausible
                 assert not (isinstance(leaf, float) and not math.isfinite(leaf)), (key, value)
+                assert isinstance(leaf, (bool, str)) or leaf is None or leaf not in (1e308, 2**64, -1), (key, value)
     assert outcomes["ok"] > 0 and outcomes["error"] > len(_fuzz_keys()) * 5, outcomes
 
 
