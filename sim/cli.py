@@ -50,8 +50,8 @@ def describe_run(cfg) -> list[str]:
     from pathlib import Path
 
     g, ssd, wl = cfg.gpu, cfg.ssd, cfg.workload
-    hw = (f"model {cfg.model} on {g.count} x {g.name}; DRAM {cfg.host.dram_bytes / 1e9:,.0f} GB; "
-          f"SSD {ssd.bytes / 1e12:,.2f} TB ({ssd.read_gbps:g} / {ssd.write_gbps:g} GB/s read / write)"
+    hw = (f"model {cfg.model} on {g.count} x {g.name}; DRAM {cfg.host.dram_bytes / 1e9:.4g} GB; "
+          f"SSD {ssd.bytes / 1e12:.4g} TB ({ssd.read_gbps:g} / {ssd.write_gbps:g} GB/s read / write)"
           + (f"; measured profile {Path(cfg.hardware_profile).name}" if cfg.hardware_profile else ""))
     work = f"trace {Path(wl.trace).name}" if wl.trace else f"synthetic, {wl.synthetic.n_sessions:,} sessions"
     if wl.max_sessions:

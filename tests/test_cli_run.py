@@ -127,7 +127,7 @@ def test_printed_summary_says_what_ran():
     cfg = load_config({"workload": {"trace": "traces/sharegpt_small.parquet", "max_sessions": 300,
                                     "session_rate_per_s": 0.5}, "ssd": {"bytes": "2.5TB"}})
     head = format_summary([_summary()], cfg).splitlines()[:2]
-    assert head[0] == "model llama2-13b on 1 x a100-80gb; DRAM 128 GB; SSD 2.50 TB (6 / 3 GB/s read / write)"
+    assert head[0] == "model llama2-13b on 1 x a100-80gb; DRAM 128 GB; SSD 2.5 TB (6 / 3 GB/s read / write)"
     assert head[1] == ("workload: trace sharegpt_small.parquet, first 300 sessions, Poisson arrivals at "
                        "0.5 sessions/s")
 
