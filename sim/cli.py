@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from sim.errors import KvsimError
+from sim.units import GB, TB
 
 # subcommand modules owned by their features; each exposes register(subparsers)
 _PLUGINS = ("sim.cli_trace", "sim.cli_sweep", "sim.cli_gpu", "sim.cli_roundattn")
@@ -27,9 +28,9 @@ SUMMARY_ROWS = (
     ("reused context", "reused_token_fraction", "{:.1%}"),
     ("truncated turns", ("truncated_turns", "truncated_fraction"), "{:.0f} ({:.1%})"),
     ("GPU busy", "gpu_busy_s", "{:.1f} s"),
-    ("loaded to HBM", "bytes_h2d", "{:,.1f} GB", 1e-9), ("saved from HBM", "bytes_d2h", "{:,.1f} GB", 1e-9),
-    ("SSD read / written", ("bytes_ssd_read", "bytes_ssd_write"), "{:,.1f} / {:,.1f} GB", 1e-9),
-    ("peak KV in HBM", "peak_hbm_bytes", "{:,.2f} GB", 1e-9), ("peak KV in DRAM", "peak_dram_bytes", "{:,.1f} GB", 1e-9),
+    ("loaded to HBM", "bytes_h2d", "{:,.1f} GB", 1 / GB), ("saved from HBM", "bytes_d2h", "{:,.1f} GB", 1 / GB),
+    ("SSD read / written", ("bytes_ssd_read", "bytes_ssd_write"), "{:,.1f} / {:,.1f} GB", 1 / GB),
+    ("peak KV in HBM", "peak_hbm_bytes", "{:,.2f} GB", 1 / GB), ("peak KV in DRAM", "peak_dram_bytes", "{:,.1f} GB", 1 / GB),
     ("makespan", "makespan_s", "{:.1f} s"), ("cost", "cost_usd", "${:.3f}"),
     ("cost / 1k turns", "cost_per_1k_turns_usd", "${:.4f}"),
 )
@@ -50,8 +51,8 @@ def describe_run(cfg) -> list[str]:
     from pathlib import Path
 
     g, ssd, wl = cfg.gpu, cfg.ssd, cfg.workload
-    hw = (f"model {cfg.model} on {g.count} x {g.name}; DRAM {cfg.host.dram_bytes / 1e9:.4g} GB; "
-          f"SSD {ssd.bytes / 1e12:.4g} TB ({ssd.read_gbps:g} / {ssd.write_gbps:g} GB/s read / write)"
+    hw = (f"model {cfg.model} on {g.count} x {g.name}; DRAM {cfg.host.dram_bytes / GB:.4g} GB; "
+          f"SSD {ssd.bytes / TB:.4g} TB ({ssd.read_gbps:g} / {ssd.write_gbps:g} GB/s read / write)"
           + (f"; measured profile {Path(cfg.hardware_profile).name}" if cfg.hardware_profile else ""))
     work = f"trace {Path(wl.trace).name}" if wl.trace else f"synthetic, {wl.synthetic.n_sessions:,} sessions"
     if wl.max_sessions:
@@ -69,7 +70,7 @@ def summary_warnings(summary: dict, turns=None) -> list[str]:
     out = []
     n, trunc = summary["turns"], summary["truncated_turns"]
     if n and trunc / n > TRUNCATED_WARN_FRACTION:
-        out.append(f"{trunc / n:.0%} of turns were truncated (context over the model's window): the figures "
+        out.append(f"{trunc / n:.0%} of turns were truncated (history over the context window): the figures "
                    f"measure truncation as much as reuse")
     if turns is not None and len(turns) >= 20:
         q = turns.sort_values("arrival_s", kind="stable")["queue_s"].to_numpy()
@@ -94,9 +95,10 @@ def format_summary(summaries: list, cfg=None, turns: list | None = None) -> str:
     lines.append(" " * w0 + "  " + "  ".join(n.rjust(w) for n, w in zip(names, widths)))
     for k, row in enumerate(SUMMARY_ROWS):
         lines.append(row[0].ljust(w0) + "  " + "  ".join(col[k].rjust(w) for col, w in zip(cols, widths)))
-    for i, s in enumerate(summaries):
-        for w in summary_warnings(s, turns[i] if turns else None):
-            lines.append(f"warning: {s['policy']}: {w}" if len(summaries) > 1 else f"warning: {w}")
+    warned = [summary_warnings(s, turns[i] if turns else None) for i, s in enumerate(summaries)]
+    for w in dict.fromkeys(w for ws in warned for w in ws):  # each once, in order
+        who = [s["policy"] for s, ws in zip(summaries, warned) if w in ws]
+        lines.append(f"warning: {w}" if len(who) == len(summaries) else f"warning: {', '.join(who)}: {w}")
     return "\n".join(lines)
 
 

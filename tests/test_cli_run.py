@@ -167,3 +167,14 @@ def test_run_help_points_to_config_keys(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     assert "kvsim config keys" in capsys.readouterr().out
+
+
+def test_a_warning_shared_by_every_policy_is_printed_once_and_others_name_theirs():
+    a = _summary(policy="recompute", turns=100, truncated_turns=20)
+    b = _summary(policy="attentionstore", turns=100, truncated_turns=20)
+    grow = _turns([0.5 * i for i in range(100)])
+    warnings = [ln for ln in format_summary([a, b], turns=[_turns([1.0] * 100), grow]).splitlines()
+                if ln.startswith("warning")]
+    assert warnings[0].startswith("warning: 20% of turns were truncated")
+    assert warnings[1].startswith("warning: attentionstore: the queue grows without bound")
+    assert len(warnings) == 2
