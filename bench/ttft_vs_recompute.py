@@ -9,8 +9,8 @@ The paper's numbers are maxima over its models and settings; this is one setting
 import argparse
 import sys
 
-from sim.cli import _parse_set
-from sim.config import load_config
+from sim.cli import format_summary
+from sim.config import load_config, parse_overrides
 from sim.errors import KvsimError
 from sim.runner import run_simulation
 from sim.workload import load_workload
@@ -21,19 +21,14 @@ def main():
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
-    over = _parse_set(args.set)
+    over = parse_overrides(args.set)
     base = load_config(args.config, over)
     wl = load_workload(base)
-    rows = {}
+    runs = {}
     for pol in ("recompute", "hbm_prefix", "attentionstore"):
-        cfg = load_config(args.config, {**over, "policy.kind": pol})
-        rows[pol] = run_simulation(cfg, wl).summary
-    print(f"{len(wl)} turns, model {base.model}, {base.gpu.count} x {base.gpu.name}, "
-          f"DRAM {base.host.dram_bytes / 1e9:.0f} GB, SSD {base.ssd.bytes / 1e12:.1f} TB")
-    print(f"{'policy':<16}{'TTFT mean s':>12}{'TTFT p99 s':>12}{'prefill tok/s':>15}{'cost/1k turns $':>17}{'reuse':>8}")
-    for pol, s in rows.items():
-        print(f"{pol:<16}{s['ttft_mean_s']:>12.3f}{s['ttft_p99_s']:>12.3f}{s['prefill_tokens_per_s']:>15,.0f}"
-              f"{s['cost_per_1k_turns_usd']:>17.4f}{s['reused_token_fraction']:>8.1%}")
+        runs[pol] = run_simulation(load_config(args.config, over.merged({"policy.kind": pol})), wl)
+    rows = {pol: r.summary for pol, r in runs.items()}
+    print(format_summary(list(rows.values()), base, [r.turns for r in runs.values()]))
     r, a = rows["recompute"], rows["attentionstore"]
     print(f"attentionstore vs recompute: TTFT mean {a['ttft_mean_s'] / r['ttft_mean_s'] - 1:+.0%}, "
           f"p99 {a['ttft_p99_s'] / r['ttft_p99_s'] - 1:+.0%}, prefill throughput "

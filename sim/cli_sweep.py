@@ -117,9 +117,9 @@ def _bytes(text: str, flag: str) -> float:
 
 
 def _overrides(items: list[str]) -> dict:
-    from sim.cli import _parse_set
+    from sim.config import parse_overrides
 
-    return _parse_set(items, example="policy.eviction=lru")
+    return parse_overrides(items, example="policy.eviction=lru")
 
 
 def cmd_plan(args) -> int:

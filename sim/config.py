@@ -1,7 +1,9 @@
 """Run configuration: YAML -> frozen dataclasses, validated once at the edge.
 
-Every error names the file, the dotted key and what was expected, so `kvsim` can print it on one
-line. The rest of the code trusts these objects. Units are in the field names.
+Every field carries its own help, unit, bounds and choices (`knob`'s metadata): the loader checks
+them, `kvsim config keys` lists them, and there is no second table. Every error names where the
+value came from (the file, or `--set KEY`), the dotted key and what was expected, so `kvsim` can
+print it on one line. The rest of the code trusts these objects. Units are in the field names.
 """
 from __future__ import annotations
 
@@ -10,48 +12,79 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
-from sim.errors import KvsimError, read_yaml
+from sim.errors import KvsimError, parse_yaml, read_yaml, show
 from sim.models import GPUS, MODELS, GpuSpec, ModelShape
 from sim.costmodel import CONTENTION
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "PB": 1e15,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "PIB": 2**50}
 _SIZE_RE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+
+def _size(value, loc: str) -> float:
+    if isinstance(value, bool):
+        raise KvsimError(f"{loc}: expected a byte size like 128GB, got {show(value)}")
+    try:
+        if isinstance(value, (int, float)):
+            num = float(value)
+        elif isinstance(value, str) and (m := _SIZE_RE.match(value)) and m.group(2).upper() in _SIZE_UNITS:
+            num = float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+        else:
+            raise KvsimError(f"{loc}: expected a byte size like 128GB or 2TiB, got {show(value)}")
+    except OverflowError:  # an integer with hundreds of digits
+        num = math.inf
+    if not math.isfinite(num):
+        raise KvsimError(f"{loc}: expected a finite byte size, got {show(value)}")
+    if num < 0:
+        raise KvsimError(f"{loc}: expected a byte size >= 0, got {show(value)}")
+    return num
 
 
 def parse_bytes(value, key="size", path=None) -> float:
     """Accept 128e9, 137438953472, '128GB', '1.5TiB' ('GB' is 1e9, 'GiB' is 2**30)."""
-    if isinstance(value, bool):
-        raise KvsimError(f"{path or '<config>'}: {key}: expected a byte size like 128GB, got {value!r}")
-    if isinstance(value, (int, float)):
-        num = float(value)
-    elif isinstance(value, str) and (m := _SIZE_RE.match(value)) and m.group(2).upper() in _SIZE_UNITS:
-        num = float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
-    else:
-        raise KvsimError(f"{path or '<config>'}: {key}: expected a byte size like 128GB or 2TiB, got {value!r}")
-    if not math.isfinite(num) or num < 0:
-        raise KvsimError(f"{path or '<config>'}: {key}: expected a byte size >= 0, got {value!r}")
-    return num
+    return _size(value, f"{path or '<config>'}: {key}")
 
 
-def _bytes_field(default):
-    return field(default=default, metadata={"bytes": True})
+def knob(default=dataclasses.MISSING, *, help: str, unit: str = "", lo=None, hi=None, why: str = "",
+         choices=None, size: bool = False, pattern: Optional[re.Pattern] = None):
+    """A config field and everything about it: `help`; `unit`; inclusive bounds `lo`..`hi` with
+    `why` they are where they are (every number has both: an unbounded one lets 1e308 through to
+    the clock); `choices`; `size` (accepts 128GB, 2TiB); `pattern` (a string's shape)."""
+    meta = {"help": help, "unit": unit, "lo": lo, "hi": hi, "why": why, "choices": choices, "size": size,
+            "pattern": pattern}
+    return field(default=default, metadata=meta)
+
+
+_COUNT_WHY = "more than any replica could hold"
+_BW = dict(unit="GB/s", lo=1e-3, hi=1e5, why="slower stalls a turn for hours; faster is beyond any link or "
+           "drive array (NVLink-C2C: ~0.5 TB/s)")
+_PRICE_GB_H = dict(unit="USD/(GB*h)", lo=0.0, hi=1.0, why="1 $/GB-hour is ~200x DRAM's rental price")
 
 
 @dataclass(frozen=True)
 class GpuConfig:
-    name: str = "a100-80gb"
-    count: int = 1
-    hbm_bytes: Optional[float] = _bytes_field(None)  # None: from the named GPU
-    peak_flops: Optional[float] = None
-    hbm_bw_gbps: Optional[float] = None
-    # fraction of peak a well-tuned engine reaches (roofline efficiency), Vidur-style defaults
-    prefill_mfu: float = 0.55
-    decode_mbu: float = 0.75
-    # activations, CUDA graphs and allocator slack: share of HBM that holds neither weights nor KV
-    reserved_fraction: float = 0.10
+    name: str = knob("a100-80gb", help="named GPU (sim/models.py): its HBM, peak FLOP/s and HBM bandwidth",
+                     choices=tuple(GPUS))
+    count: int = knob(1, help="GPUs of one replica (tensor parallel): their HBM holds the weights and KV",
+                      unit="GPUs", lo=1, hi=1024, why="more than any NVLink domain: NVL576 joins 576")
+    hbm_bytes: Optional[float] = knob(None, help="HBM per GPU; unset: the named GPU's", unit="bytes", size=True,
+                                      lo=1e9, hi=1e12, why="4x the largest HBM today, 256 GB")
+    peak_flops: Optional[float] = knob(None, help="dense bf16 peak per GPU; unset: the named GPU's",
+                                       unit="FLOP/s", lo=1e12, hi=1e17,
+                                       why="10x the fastest GPU's sparse FP4")
+    hbm_bw_gbps: Optional[float] = knob(None, help="HBM bandwidth per GPU; unset: the named GPU's", unit="GB/s",
+                                        lo=10.0, hi=1e5, why="10x the fastest HBM, 8 TB/s")
+    # Vidur-style defaults: the share of peak a well-tuned engine reaches (roofline efficiency)
+    prefill_mfu: float = knob(0.55, help="share of peak FLOP/s a prefill reaches (roofline efficiency)",
+                              unit="fraction", lo=0.01, hi=1.0, why="no engine runs below 1% of peak")
+    decode_mbu: float = knob(0.75, help="share of HBM bandwidth a decode step reaches", unit="fraction",
+                             lo=0.01, hi=1.0, why="no engine runs below 1% of peak")
+    reserved_fraction: float = knob(0.10, help="share of HBM that holds neither weights nor KV (activations, "
+                                    "CUDA graphs, allocator slack)", unit="fraction", lo=0.0, hi=0.9,
+                                    why="at 0.9 nothing is left for KV")
 
     def spec(self) -> GpuSpec:
         base = GPUS[self.name]
@@ -59,106 +92,149 @@ class GpuConfig:
                        self.hbm_bw_gbps or base.hbm_bw_gbps)
 
 
+_SIZE_WHY = "10 PB: far beyond any machine (the largest hosts hold ~32 TB), room for 'unlimited' what-ifs"
+
+
 @dataclass(frozen=True)
 class HostConfig:
-    dram_bytes: float = _bytes_field(128e9)  # host DRAM given to the KV store, per replica
-    h2d_gbps: float = 25.0  # PCIe 4.0 x16, pinned, measured-typical
-    d2h_gbps: float = 25.0
+    dram_bytes: float = knob(128e9, help="host DRAM given to the KV store, per replica", unit="bytes", size=True,
+                             lo=0.0, hi=1e16, why=_SIZE_WHY)
+    h2d_gbps: float = knob(25.0, help="host-to-GPU copy bandwidth (PCIe 4.0 x16, pinned, measured-typical)", **_BW)
+    d2h_gbps: float = knob(25.0, help="GPU-to-host copy bandwidth", **_BW)
 
 
 @dataclass(frozen=True)
 class SsdConfig:
-    bytes: float = _bytes_field(2e12)
-    read_gbps: float = 6.0
-    write_gbps: float = 3.0
-    # How reads and writes slow each other (sim/tiers.py, SharedDeviceLink): none (independent
-    # directions), even_split (of the bandwidth while both are busy) or interleaved (each request
-    # waits for half the other side's request in service). Unset: the hardware profile's measured
-    # `ssd.contention`, else none.
-    contention: Optional[str] = None
+    bytes: float = knob(2e12, help="SSD capacity given to the KV store, per replica; 0: no SSD tier",
+                        unit="bytes", size=True, lo=0.0, hi=1e16, why=_SIZE_WHY)
+    read_gbps: float = knob(6.0, help="SSD read bandwidth", **_BW)
+    write_gbps: float = knob(3.0, help="SSD write bandwidth", **_BW)
+    contention: Optional[str] = knob(
+        None, choices=CONTENTION,
+        help="how reads and writes slow each other (sim/tiers.py, SharedDeviceLink): none (independent "
+             "directions), even_split (of the bandwidth while both are busy) or interleaved (each request "
+             "waits for half the other side's request in service); unset: the hardware profile's "
+             "measured ssd.contention, else none")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_batch: int = 64  # running jobs (decode batch); 1 = strictly one turn at a time, FCFS
-    max_prefill_tokens: int = 8192  # new tokens computed in one prefill iteration
-    lookahead_jobs: int = 32  # queue window seen by scheduler-aware fetch and eviction
+    max_batch: int = knob(64, help="running jobs (decode batch); 1 = strictly one turn at a time, FCFS",
+                          unit="jobs", lo=1, hi=65536, why="vLLM's default is 256 sequences; 2**16 fits no HBM")
+    max_prefill_tokens: int = knob(8192, help="new tokens computed in one prefill iteration", unit="tokens",
+                                   lo=1, hi=10_000_000, why="a whole 10M-token context in one iteration")
+    lookahead_jobs: int = knob(32, help="queue window seen by scheduler-aware fetch and eviction", unit="jobs",
+                               lo=0, hi=1_000_000, why="more than any queue the simulator can hold")
 
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    n_sessions: int = 1000
+    n_sessions: int = knob(1000, help="sessions drawn by the built-in generator (when workload.trace is unset)",
+                           unit="sessions", lo=1, hi=10_000_000, why="10M sessions take hours to simulate")
+
+
+_TOKENS_WHY = "the longest context windows offered are ~10M tokens"
 
 
 @dataclass(frozen=True)
 class WorkloadConfig:
-    trace: Optional[str] = None  # canonical trace (sim/trace.py); None: built-in synthetic generator
-    synthetic: SyntheticConfig = SyntheticConfig()
-    session_rate_per_s: Optional[float] = None  # re-draw session arrivals as Poisson at this rate
-    think_time_mean_s: Optional[float] = None  # re-draw think times with this mean ...
-    think_time_dist: str = "exponential"  # ... from exponential | lognormal | fixed
-    think_time_sigma: float = 1.0  # shape of the lognormal (sigma of the log)
-    max_sessions: Optional[int] = None  # keep the first N sessions of the trace
-    max_output_tokens: Optional[int] = None  # cap replies (e.g. to match a GPU run's decode cap)
+    trace: Optional[str] = knob(None, help="canonical trace file (sim/trace.py), relative to the config; "
+                                "unset: the built-in synthetic generator", unit="path")
+    synthetic: SyntheticConfig = knob(SyntheticConfig(), help="the built-in generator")
+    session_rate_per_s: Optional[float] = knob(
+        None, help="re-draw session arrivals as Poisson at this rate; unset: the trace's arrivals",
+        unit="sessions/s", lo=1e-4, hi=1e5, why="one session per ~3 hours to 100k a second")
+    think_time_mean_s: Optional[float] = knob(
+        None, help="re-draw think times (reply to next turn) with this mean; unset: the trace's", unit="s",
+        lo=0.0, hi=86400.0, why="up to a day between two turns")
+    think_time_dist: str = knob("exponential", help="distribution of re-drawn think times",
+                                choices=("exponential", "lognormal", "fixed"))
+    think_time_sigma: float = knob(1.0, help="shape of the lognormal think times (sigma of the log)", lo=0.01,
+                                   hi=4.0, why="at 4 the median is 1/3000 of the mean")
+    max_sessions: Optional[int] = knob(None, help="keep the first N sessions of the trace; unset: all",
+                                       unit="sessions", lo=1, hi=1_000_000_000, why="larger than any trace")
+    max_output_tokens: Optional[int] = knob(None, help="cap replies (e.g. to match a GPU run's decode cap)",
+                                            unit="tokens", lo=1, hi=10_000_000, why=_TOKENS_WHY)
 
 
 @dataclass(frozen=True)
 class RoundAttentionConfig:
     """Round Attention (arXiv 2502.15294): above the watershed layer only the top-k rounds' KV is kept."""
-    enabled: bool = False
-    watershed_layer: int = 0
-    kept_fraction: float = 1.0
+    enabled: bool = knob(False, help="keep only the top-k rounds' KV above the watershed layer")
+    watershed_layer: int = knob(0, help="layers [0, watershed_layer) keep the whole history", unit="layers",
+                                lo=0, hi=1000, why="and below the model's layers")
+    kept_fraction: float = knob(1.0, help="mean share of history tokens kept above the watershed",
+                                unit="fraction", lo=0.0, hi=1.0, why="a share")
+
+
+POLICIES = ("recompute", "hbm_prefix", "attentionstore")
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    kind: str = "attentionstore"  # recompute | hbm_prefix | attentionstore
-    layerwise_preload: bool = True
-    read_buffer_layers: int = 2
-    async_save: bool = True
-    scheduler_aware_fetch: bool = True
-    eviction: str = "scheduler_aware"  # scheduler_aware | lru | fifo (hbm_prefix: scheduler_aware means lru)
-    truncation: str = "decoupled_pe"  # decoupled_pe | invalidate
-    round_attention: RoundAttentionConfig = RoundAttentionConfig()
+    kind: str = knob("attentionstore", choices=POLICIES,
+                     help="recompute (no reuse), hbm_prefix (reuse what stays in HBM) or attentionstore "
+                          "(HBM, DRAM and SSD tiers, CachedAttention)")
+    layerwise_preload: bool = knob(True, help="load a turn's KV layer by layer, overlapped with prefill")
+    read_buffer_layers: int = knob(2, help="layers of KV the preload may run ahead of prefill", unit="layers",
+                                   lo=1, hi=1000, why="and at most the model's layers")
+    async_save: bool = knob(True, help="save KV out of HBM while the GPU computes")
+    scheduler_aware_fetch: bool = knob(True, help="prefetch the KV of queued jobs (look-ahead window)")
+    eviction: str = knob("scheduler_aware", choices=("scheduler_aware", "lru", "fifo"),
+                         help="which KV leaves a full tier (hbm_prefix: scheduler_aware means lru)")
+    truncation: str = knob("decoupled_pe", choices=("decoupled_pe", "invalidate"),
+                           help="on context overflow: keep the saved KV (decoupled positional encoding) "
+                                "or invalidate it")
+    round_attention: RoundAttentionConfig = knob(RoundAttentionConfig(), help="Round Attention")
 
 
 @dataclass(frozen=True)
 class PricesConfig:
     # Defaults: on-demand cloud list prices, late 2024 (A100-80GB ~ $3.7/h; DRAM and NVMe amortised)
-    gpu_per_hour_usd: float = 3.67
-    dram_per_gb_hour_usd: float = 0.0044
-    ssd_per_gb_hour_usd: float = 0.00011
+    gpu_per_hour_usd: float = knob(3.67, help="one GPU for an hour", unit="USD/h", lo=0.0, hi=1000.0,
+                                   why="a whole 8-GPU node rents for ~$100/h")
+    dram_per_gb_hour_usd: float = knob(0.0044, help="one GB of host DRAM for an hour", **_PRICE_GB_H)
+    ssd_per_gb_hour_usd: float = knob(0.00011, help="one GB of SSD for an hour", **_PRICE_GB_H)
 
 
 @dataclass(frozen=True)
 class ModelShapeConfig:
     """A model not in the named table (sim/models.py): its shape, with `model` as its name."""
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    intermediate: int  # MLP width
-    vocab: int
-    max_context_tokens: int
-    dtype_bytes: int = 2  # bf16 / fp16
-    mlp_matrices: int = 3  # gated MLP (LLaMA) 3, plain MLP (Falcon) 2
+    layers: int = knob(help="decoder layers", unit="layers", lo=1, hi=1000, why="the deepest LLMs have ~126")
+    hidden: int = knob(help="hidden width", lo=1, hi=1_000_000, why="the widest LLMs have 16384")
+    heads: int = knob(help="attention (query) heads; divides hidden", lo=1, hi=100_000, why="at most hidden")
+    kv_heads: int = knob(help="key/value heads (grouped-query attention); divides heads", lo=1, hi=100_000,
+                         why="at most heads")
+    intermediate: int = knob(help="MLP width", lo=1, hi=10_000_000, why="the widest LLMs have ~53k")
+    vocab: int = knob(help="vocabulary size", unit="tokens", lo=1, hi=10_000_000,
+                      why="the largest vocabularies have ~256k")
+    max_context_tokens: int = knob(help="context window", unit="tokens", lo=2, hi=10_000_000, why=_TOKENS_WHY)
+    dtype_bytes: int = knob(2, help="bytes per weight and KV element (bf16 / fp16: 2)", unit="bytes", lo=1, hi=8,
+                            why="fp8 to fp64")
+    mlp_matrices: int = knob(3, help="MLP matrices: gated (LLaMA) 3, plain (Falcon) 2", lo=2, hi=3,
+                             why="plain or gated MLP")
 
 
 @dataclass(frozen=True)
 class Config:
-    name: str = "run"
-    seed: int = 0
-    model: str = "llama2-13b"  # a named shape (sim/models.py), or the name of model_shape
-    model_shape: Optional[ModelShapeConfig] = None  # None: `model` is a named shape
-    max_context_tokens: Optional[int] = None  # None: the model's own window
-    gpu: GpuConfig = GpuConfig()
-    hardware_profile: Optional[str] = None  # YAML written by `kvsim gpu calibrate`; replaces the roofline
-    host: HostConfig = HostConfig()
-    ssd: SsdConfig = SsdConfig()
-    scheduler: SchedulerConfig = SchedulerConfig()
-    workload: WorkloadConfig = WorkloadConfig()
-    policy: PolicyConfig = PolicyConfig()
-    prices: PricesConfig = PricesConfig()
+    name: str = knob("run", help="run name: results go to results/<name>/ ('/' nests folders)",
+                     pattern=_NAME_RE)
+    seed: int = knob(0, help="seed of every random draw (synthetic sessions, re-drawn arrivals and think times)",
+                     lo=0, hi=2**32 - 1, why="32 bits are plenty for any sweep")
+    model: str = knob("llama2-13b", help=f"a named shape ({', '.join(MODELS)}) or the name of model_shape")
+    model_shape: Optional[ModelShapeConfig] = knob(None, help="shape of a model not in the named table")
+    max_context_tokens: Optional[int] = knob(None, help="context window; unset: the model's own", unit="tokens",
+                                             lo=2, hi=10_000_000, why=_TOKENS_WHY)
+    gpu: GpuConfig = knob(GpuConfig(), help="the GPUs of one replica")
+    hardware_profile: Optional[str] = knob(
+        None, unit="path", help="YAML written by `kvsim gpu calibrate`, relative to the config; replaces the "
+                                "roofline costs")
+    host: HostConfig = knob(HostConfig(), help="host DRAM tier")
+    ssd: SsdConfig = knob(SsdConfig(), help="SSD tier")
+    scheduler: SchedulerConfig = knob(SchedulerConfig(), help="batching and look-ahead")
+    workload: WorkloadConfig = knob(WorkloadConfig(), help="which sessions arrive when")
+    policy: PolicyConfig = knob(PolicyConfig(), help="the KV-reuse policy and its mechanisms")
+    prices: PricesConfig = knob(PricesConfig(), help="prices behind the cost figures")
     source: Optional[str] = field(default=None, compare=False, metadata={"internal": True})
 
     def shape(self) -> ModelShape:
@@ -168,182 +244,253 @@ class Config:
         return m
 
 
-POLICIES = ("recompute", "hbm_prefix", "attentionstore")
-_CHOICES = {  # `model` is checked against MODELS once we know whether model_shape defines it
-    "gpu.name": GPUS,
-    "policy.kind": POLICIES,
-    "ssd.contention": CONTENTION,
-    "policy.eviction": ("scheduler_aware", "lru", "fifo"),
-    "policy.truncation": ("decoupled_pe", "invalidate"),
-    "workload.think_time_dist": ("exponential", "lognormal", "fixed"),
-}
-_MIN = {  # key: (lower bound, inclusive)
-    "gpu.count": (1, True), "gpu.prefill_mfu": (0, False), "gpu.decode_mbu": (0, False),
-    "gpu.hbm_bytes": (0, False), "gpu.peak_flops": (0, False), "gpu.hbm_bw_gbps": (0, False),
-    "gpu.reserved_fraction": (0, True), "host.dram_bytes": (0, True), "host.h2d_gbps": (0, False),
-    "host.d2h_gbps": (0, False), "ssd.bytes": (0, True), "ssd.read_gbps": (0, False),
-    "ssd.write_gbps": (0, False), "scheduler.max_batch": (1, True), "scheduler.max_prefill_tokens": (1, True),
-    "scheduler.lookahead_jobs": (0, True), "workload.synthetic.n_sessions": (1, True),
-    "workload.session_rate_per_s": (0, False), "workload.think_time_mean_s": (0, True),
-    "workload.think_time_sigma": (0, False),
-    "workload.max_sessions": (1, True), "workload.max_output_tokens": (1, True),
-    "policy.read_buffer_layers": (1, True), "policy.round_attention.watershed_layer": (0, True),
-    "policy.round_attention.kept_fraction": (0, True), "max_context_tokens": (2, True),
-    "prices.gpu_per_hour_usd": (0, True), "prices.dram_per_gb_hour_usd": (0, True),
-    "prices.ssd_per_gb_hour_usd": (0, True), "seed": (0, True),
-    "model_shape.layers": (1, True), "model_shape.hidden": (1, True), "model_shape.heads": (1, True),
-    "model_shape.kv_heads": (1, True), "model_shape.intermediate": (1, True), "model_shape.vocab": (1, True),
-    "model_shape.max_context_tokens": (2, True), "model_shape.dtype_bytes": (1, True),
-    "model_shape.mlp_matrices": (2, True),
-}
-_MAX = {"gpu.reserved_fraction": 0.9, "policy.round_attention.kept_fraction": 1.0,
-        "gpu.prefill_mfu": 1.0, "gpu.decode_mbu": 1.0}
+# ---------------------------------------------------------------- overrides (--set KEY=VALUE)
 
+class Overrides(dict):
+    """Dotted key -> value, remembering where each came from (`origins`, e.g. '--set'), so that an
+    error in an override names it, not the config file that does not contain it."""
+
+    def __init__(self, values=(), origin: Optional[str] = None):
+        super().__init__(values)
+        self.origins = {k: origin for k in self} if origin else {}
+
+    def merged(self, more: dict, origin: Optional[str] = None) -> "Overrides":
+        """These overrides plus `more` (which win), each keeping its origin."""
+        out = Overrides({**self, **more})
+        out.origins = {**{k: o for k, o in self.origins.items() if k not in more},
+                       **({k: origin for k in more} if origin else {})}
+        return out
+
+
+def parse_overrides(items, example: str = "host.dram_bytes=256GB", flag: str = "--set") -> Overrides:
+    """`--set KEY=VALUE` items -> Overrides, each value typed as YAML reads it (3, true, 128GB).
+
+    The one parser of overrides: `kvsim run`, `kvsim plan` and the bench scripts call it."""
+    out = Overrides()
+    for item in items or []:
+        k, sep, v = item.partition("=")
+        k = k.strip()
+        if not sep or not k:
+            raise KvsimError(f"{flag} {show(item)}: expected KEY=VALUE, e.g. {flag} {example}")
+        try:
+            value = parse_yaml(v)
+        except KvsimError as exc:
+            raise KvsimError(f"{flag} {show(item)}: the value is not valid YAML ({exc}); expected e.g. "
+                             f"{flag} {example}") from None
+        if k in out:
+            raise KvsimError(f"{flag} {k}: given twice ({show(out[k])} and {show(value)}); expected it once")
+        out[k] = value
+        out.origins[k] = flag
+    return out
+
+
+class _Where:
+    """Where a dotted key's value came from, as an error prefix: 'file: key', or '--set key' when an
+    override put it there (or put a mapping above it, or named a key below it the file lacks)."""
+
+    def __init__(self, path: str, file_raw: dict, overrides: dict):
+        self.path, self.file_raw = path, file_raw
+        self.origins = getattr(overrides, "origins", {})
+
+    def __call__(self, key: str) -> str:
+        for k, origin in self.origins.items():
+            if key == k or key.startswith(k + ".") or (k.startswith(key + ".") and not _has(self.file_raw, key)):
+                return f"{origin} {key}"
+        return f"{self.path}: {key}" if key else self.path
+
+
+def _has(raw, dotted: str) -> bool:
+    node = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+# ---------------------------------------------------------------- validation
 
 def _describe(tp) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
-def _build(cls, raw: Any, prefix: str, path: str):
+def _num(x) -> str:
+    return f"{x:,}" if isinstance(x, int) else f"{x:g}"
+
+
+def _bounds_text(meta) -> str:
+    lo, hi, unit = meta["lo"], meta["hi"], meta["unit"]
+    if meta["size"]:
+        return f"{_bytes_text(lo)} to {_bytes_text(hi)}"
+    return f"{_num(lo)} to {_num(hi)}{' ' + unit if unit and unit != 'fraction' else ''}"
+
+
+def _bytes_text(n: float) -> str:
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:g}{unit}"
+    return f"{n:g}"
+
+
+def _build(cls, raw: Any, prefix: str, where: _Where):
     if not isinstance(raw, dict):
-        raise KvsimError(f"{path}: {prefix or 'top level'}: expected a mapping, got {type(raw).__name__}")
+        raise KvsimError(f"{where(prefix) if prefix else where.path + ': top level'}: expected a mapping, "
+                         f"got {type(raw).__name__}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted((k for k in raw if k not in fields), key=str)  # YAML keys may be numbers or null
     if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise KvsimError(f"{path}: {key}: unknown key; expected one of {', '.join(sorted(fields))}")
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise KvsimError(f"{where(key)}: unknown key; expected one of {', '.join(sorted(fields))}")
     missing = [n for n, f in fields.items() if n not in raw and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
         key = f"{prefix}.{missing[0]}" if prefix else missing[0]
-        raise KvsimError(f"{path}: {key}: missing; expected {_describe(hints[missing[0]])}")
+        raise KvsimError(f"{where(key)}: missing; expected {_describe(hints[missing[0]])}")
     kwargs = {}
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _coerce(hints[name], value, key, path, fields[name])
+        kwargs[name] = _coerce(hints[name], value, key, where, fields[name].metadata)
     return cls(**kwargs)
 
 
-def _coerce(tp, value, key, path, fld):
+def _coerce(tp, value, key, where: _Where, meta):
     optional = get_origin(tp) is Union and type(None) in get_args(tp)
     if optional:
         if value is None:
             return None
         tp = next(a for a in get_args(tp) if a is not type(None))
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, key, path)
-    if fld.metadata.get("bytes"):
-        value = parse_bytes(value, key, path)
+        return _build(tp, value if value is not None else {}, key, where)
+    loc, given = where(key), value
+    what = "a byte size" if meta.get("size") else _describe(tp)
+    if meta.get("size"):
+        value = _size(value, loc)
     elif tp is bool:
         if not isinstance(value, bool):
-            raise KvsimError(f"{path}: {key}: expected true or false, got {value!r}")
+            raise KvsimError(f"{loc}: expected true or false, got {show(value)}")
     elif tp is int:
+        if isinstance(value, str):
+            try:  # YAML reads 1e6 without a dot as a string
+                value = int(value) if value.strip().lstrip("+-").isdigit() else float(value)
+            except ValueError:  # not a number, or more digits than Python converts
+                raise KvsimError(f"{loc}: expected an integer, got {show(value)}") from None
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise KvsimError(f"{path}: {key}: expected an integer, got {value!r}")
+            raise KvsimError(f"{loc}: expected an integer, got {show(value)}")
         value = int(value)
     elif tp is float:
         if isinstance(value, str):
             try:
                 value = float(value)  # YAML reads 1e9 without a dot as a string
             except ValueError:
-                raise KvsimError(f"{path}: {key}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise KvsimError(f"{path}: {key}: expected a number, got {value!r}")
-        value = float(value)
+                raise KvsimError(f"{loc}: expected a number, got {show(value)}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise KvsimError(f"{loc}: expected a number, got {show(value)}")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer with hundreds of digits
+            value = math.inf
+        if not math.isfinite(value):
+            raise KvsimError(f"{loc}: expected a finite number, got {show(value)}")
     elif tp is str:
         if not isinstance(value, str):
-            raise KvsimError(f"{path}: {key}: expected a string, got {value!r}")
-    if key in _CHOICES and value not in _CHOICES[key]:
-        raise KvsimError(f"{path}: {key}: expected one of {', '.join(_CHOICES[key])}, got {value!r}")
-    if key in _MIN and value is not None:
-        lo, inclusive = _MIN[key]
-        if value < lo or (value == lo and not inclusive):
-            raise KvsimError(f"{path}: {key}: expected a value {'>=' if inclusive else '>'} {lo}, got {value!r}")
-    if key in _MAX and value is not None and value > _MAX[key]:
-        raise KvsimError(f"{path}: {key}: expected a value <= {_MAX[key]}, got {value!r}")
+            raise KvsimError(f"{loc}: expected a string, got {show(value)}")
+    choices, pattern = meta.get("choices"), meta.get("pattern")
+    if choices is not None and value not in choices:
+        raise KvsimError(f"{loc}: expected one of {', '.join(choices)}, got {show(value)}")
+    if pattern is not None and not (pattern.match(value) and ".." not in value.split("/")):
+        raise KvsimError(f"{loc}: expected letters, digits, '_', '-', '.' (and '/' between them), got {show(value)}")
+    if meta.get("lo") is not None and not meta["lo"] <= value <= meta["hi"]:
+        why = f" ({meta['why']})" if meta.get("why") else ""
+        raise KvsimError(f"{loc}: expected {what} from {_bounds_text(meta)}{why}, got {show(given)}")
     return value
 
 
-def _set_dotted(raw: dict, dotted: str, value, path):
+def _set_dotted(raw: dict, dotted: str, value, where: _Where) -> dict:
+    """`raw` with `dotted` set to `value`: the mappings on the path are copied, never mutated (the
+    file's own mappings may be shared by YAML aliases, and a deep copy of an alias bomb explodes)."""
     parts = dotted.split(".")
-    node = raw
-    for p in parts[:-1]:
+    root = node = dict(raw)
+    for i, p in enumerate(parts[:-1]):
         nxt = node.get(p)
         if nxt is None:
-            nxt = node[p] = {}
+            nxt = {}
         if not isinstance(nxt, dict):
-            raise KvsimError(f"{path}: {dotted}: cannot set inside {p!r}, which is not a mapping")
+            raise KvsimError(f"{where(dotted)}: cannot set inside {'.'.join(parts[:i + 1])}, which is "
+                             f"{show(nxt)}, not a mapping")
+        node[p] = nxt = dict(nxt)
         node = nxt
     node[parts[-1]] = value
+    return root
 
 
 def load_config(source: Union[str, Path, dict], overrides: Optional[dict] = None) -> Config:
     """Read YAML (or take a dict), apply dotted-path overrides, validate, return a frozen Config.
 
     Relative paths inside the file (trace, hardware profile) resolve against the file's folder
-    first and the current directory second, so configs work from anywhere.
+    first and the current directory second, so configs work from anywhere. An error in an
+    override from `parse_overrides` names `--set KEY`; any other names the file and the key.
     """
     if isinstance(source, dict):
-        raw, path, base = dict(source), "<config>", Path.cwd()
+        raw, path, base = source, "<config>", Path.cwd()
     else:
         path = str(source)
         p = Path(source)
         raw = read_yaml(p, "config file")
-        raw = raw if raw is not None else {}
+        if raw is None:
+            raise KvsimError(f"{path}: the config file is empty; expected config keys (write {{}} for "
+                             f"every default)")
         base = p.resolve().parent
     if not isinstance(raw, dict):
-        raise KvsimError(f"{path}: top level: expected a mapping of config keys")
-    raw = _deepcopy(raw)
+        raise KvsimError(f"{path}: top level: expected a mapping of config keys, got {type(raw).__name__}")
+    where = _Where(path, raw, overrides or {})
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value, path)
-    cfg = _build(Config, raw, "", path)
+        raw = _set_dotted(raw, dotted, value, where)
+    cfg = _build(Config, raw, "", where)
     cfg = dataclasses.replace(cfg, source=path)
-    cfg = _resolve_paths(cfg, base, path)
-    _check_consistency(cfg, path)
+    cfg = _resolve_paths(cfg, base, where)
+    _check_consistency(cfg, where)
     return cfg
 
 
-def _deepcopy(x):
-    if isinstance(x, dict):
-        return {k: _deepcopy(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_deepcopy(v) for v in x]
-    return x
-
-
-def _resolve(p: Optional[str], base: Path, key: str, path: str) -> Optional[str]:
+def _resolve(p: Optional[str], base: Path, key: str, where: _Where) -> Optional[str]:
     if p is None:
         return None
+    if not p.strip():
+        raise KvsimError(f"{where(key)}: expected the path of a file, got {show(p)}")
     for cand in (base / p, Path.cwd() / p, Path(p)):
-        if cand.exists():
-            return str(cand.resolve())
-    raise KvsimError(f"{path}: {key}: file {p!r} not found (looked next to the config and in the current directory)")
+        try:
+            if cand.is_file():
+                return str(cand.resolve())
+        except (OSError, ValueError):  # a name too long for the filesystem, a NUL byte
+            raise KvsimError(f"{where(key)}: expected the path of a file, got {show(p)}") from None
+    raise KvsimError(f"{where(key)}: file {show(p, 200)} not found (looked next to the config and in the current directory)")
 
 
-def _resolve_paths(cfg: Config, base: Path, path: str) -> Config:
-    wl = dataclasses.replace(cfg.workload, trace=_resolve(cfg.workload.trace, base, "workload.trace", path))
-    prof = _resolve(cfg.hardware_profile, base, "hardware_profile", path)
+def _resolve_paths(cfg: Config, base: Path, where: _Where) -> Config:
+    wl = dataclasses.replace(cfg.workload, trace=_resolve(cfg.workload.trace, base, "workload.trace", where))
+    prof = _resolve(cfg.hardware_profile, base, "hardware_profile", where)
     return dataclasses.replace(cfg, workload=wl, hardware_profile=prof)
 
 
-def _check_consistency(cfg: Config, path: str) -> None:
+def _check_consistency(cfg: Config, where: _Where) -> None:
     ms = cfg.model_shape
     if ms is None and cfg.model not in MODELS:
-        raise KvsimError(f"{path}: model: expected one of {', '.join(MODELS)} (or a model_shape), got {cfg.model!r}")
+        raise KvsimError(f"{where('model')}: expected one of {', '.join(MODELS)} (or a model_shape), got {show(cfg.model)}")
     if ms is not None and ms.hidden % ms.heads:
-        raise KvsimError(f"{path}: model_shape.heads: expected a divisor of hidden ({ms.hidden}), got {ms.heads}")
+        raise KvsimError(f"{where('model_shape.heads')}: expected a divisor of hidden ({ms.hidden}), got {ms.heads}")
     if ms is not None and ms.heads % ms.kv_heads:
-        raise KvsimError(f"{path}: model_shape.kv_heads: expected a divisor of heads ({ms.heads}), got {ms.kv_heads}")
+        raise KvsimError(f"{where('model_shape.kv_heads')}: expected a divisor of heads ({ms.heads}), got {ms.kv_heads}")
     shape = cfg.shape()
     ra = cfg.policy.round_attention
     if ra.enabled and ra.watershed_layer >= shape.layers:
-        raise KvsimError(f"{path}: policy.round_attention.watershed_layer: expected < {shape.layers} "
+        raise KvsimError(f"{where('policy.round_attention.watershed_layer')}: expected < {shape.layers} "
                          f"(layers of {cfg.model}), got {ra.watershed_layer}")
     if ra.enabled and cfg.policy.kind != "attentionstore":
-        raise KvsimError(f"{path}: policy.round_attention.enabled: needs policy.kind attentionstore, got {cfg.policy.kind}")
+        raise KvsimError(f"{where('policy.round_attention.enabled')}: needs policy.kind attentionstore, "
+                         f"got {cfg.policy.kind}")
     if cfg.policy.read_buffer_layers > shape.layers:
-        raise KvsimError(f"{path}: policy.read_buffer_layers: expected <= {shape.layers} (layers of {cfg.model})")
+        raise KvsimError(f"{where('policy.read_buffer_layers')}: expected <= {shape.layers} (layers of {cfg.model})")
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -353,3 +500,76 @@ def config_to_dict(cfg: Config) -> dict:
     if d["model_shape"] is None:
         del d["model_shape"]  # a named model keys exactly as before model_shape existed
     return d
+
+
+# ---------------------------------------------------------------- every key, for `kvsim config keys`
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One dotted config key as `kvsim config keys` lists it, read from the field's metadata."""
+    key: str
+    type: str
+    default: str
+    unit: str
+    bounds: str
+    choices: str
+    help: str
+
+
+def _type_text(tp, meta) -> str:
+    optional = get_origin(tp) is Union and type(None) in get_args(tp)
+    if optional:
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    name = "size" if meta.get("size") else {int: "int", float: "float", str: "str", bool: "bool"}.get(tp, str(tp))
+    return f"{name} or null" if optional else name
+
+
+def _default_text(f, meta) -> str:
+    if f.default is dataclasses.MISSING:
+        return "(required)"
+    if f.default is None:
+        return "null"
+    if meta.get("size"):
+        return _bytes_text(f.default)
+    if isinstance(f.default, bool):
+        return str(f.default).lower()
+    return _num(f.default) if isinstance(f.default, (int, float)) else str(f.default)
+
+
+def config_keys(cls=Config, prefix: str = "") -> list[KeyDoc]:
+    """Every leaf key of the config (nested sections and model_shape included), with its metadata."""
+    out = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        key, tp, meta = f"{prefix}{f.name}", hints[f.name], f.metadata
+        inner = next((a for a in get_args(tp) if dataclasses.is_dataclass(a)), tp)
+        if dataclasses.is_dataclass(inner):
+            out += config_keys(inner, key + ".")
+            continue
+        bounds = _bounds_text(meta) + (f" ({meta['why']})" if meta.get("why") else "") if meta.get("lo") is not None else ""
+        out.append(KeyDoc(key, _type_text(tp, meta), _default_text(f, meta), meta.get("unit", ""), bounds,
+                          ", ".join(meta.get("choices") or ()), meta.get("help", "")))
+    return out
+
+
+def format_config_keys(fmt: str = "text") -> str:
+    """`kvsim config keys`: one entry per key (text), or one Markdown table (fmt 'markdown')."""
+    keys = config_keys()
+    if fmt == "markdown":
+        esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+        lines = ["| key | type | default | unit | bounds | choices | help |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| `{k.key}` | {k.type} | {esc(k.default)} | {esc(k.unit)} | {esc(k.bounds)} | {esc(k.choices)} "
+                  f"| {esc(k.help)} |" for k in keys]
+        return "\n".join(lines)
+    lines = []
+    for k in keys:
+        head = f"{k.key}  ({k.type}, default {k.default}{', ' + k.unit if k.unit else ''})"
+        lines.append(head)
+        lines.append(f"    {k.help}")
+        if k.bounds:
+            lines.append(f"    bounds: {k.bounds}")
+        if k.choices:
+            lines.append(f"    choices: {k.choices}")
+    return "\n".join(lines)
