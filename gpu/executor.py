@@ -36,25 +36,8 @@ import torch
 from gpu import model as M
 from gpu.decode_graph import DecodeGraphs
 from gpu.prefill_graph import PrefillGraphs
-from gpu.kvstore import DiskStore, HostArena, aligned_host_bytes, layer_view, unpin
-
-TIERS = ("recompute", "hbm", "dram", "ssd")
-
-
-@dataclass(frozen=True)
-class ServePlan:
-    """How every turn gets its history KV."""
-    tier: str                      # one of TIERS
-    overlap: bool = True           # layer-wise preload (True) or load all layers, then compute
-    read_buffer_layers: int = 4    # N: layers loaded ahead of the compute
-    async_save: bool = True        # False: the turn waits for its save before it ends
-
-    def __post_init__(self):
-        if self.tier not in TIERS:
-            raise ValueError(f"tier {self.tier!r}, expected one of {TIERS}")
-        if self.read_buffer_layers < 1:
-            raise ValueError("read_buffer_layers must be >= 1")
-
+from gpu.kvstore import ALIGN, DiskStore, HostArena, aligned_host_bytes, layer_view, unpin
+from gpu.plans import ServePlan
 
 @dataclass
 class Session:
@@ -129,7 +112,9 @@ class Executor:
         # inside the prefill. Trace runs turn them off; gating events are always recorded.
         self.detail = detail_events
         self.kv_shape = (s.kv_heads, s.head_dim)
-        self.token_bytes = s.kv_bytes_per_token_layer(model.dtype.itemsize)
+        if s.dtype_bytes != model.dtype.itemsize:
+            raise ValueError(f"{s.name}: shape says {s.dtype_bytes} bytes per element, the weights are {model.dtype}")
+        self.token_bytes = s.kv_bytes_per_token_layer
         # Prefill runs as graphs of padded shapes (gpu.prefill_graph): caches get room for the padding.
         self.pgraph = PrefillGraphs(model, max_ctx if plan.tier == "recompute" else max_new)
         self.ctx_alloc = -(-self.pgraph.cache_tokens(max_ctx) // graph_bucket) * graph_bucket
@@ -383,7 +368,7 @@ class Executor:
         end_s = time.perf_counter() - clock0
         decode_ms = (time.perf_counter() - t_dec) * 1e3
         if plan.tier in ("dram", "ssd") and not plan.async_save:
-            self._wait_saved(sess)
+            self.wait_saved(sess)
         sess.tokens = sess.tokens + list(prompt_ids) + out
         sess.kv_tokens = pos if plan.tier != "recompute" else 0
 
@@ -451,7 +436,8 @@ class Executor:
 
             threading.Thread(target=write, daemon=True).start()
 
-    def _wait_saved(self, sess: Session):
+    def wait_saved(self, sess: Session):
+        """Wait until the last save of `sess` has landed in its tier."""
         if isinstance(sess.saved, threading.Event):
             sess.saved.wait()
         elif sess.saved is not None:
@@ -460,7 +446,7 @@ class Executor:
     def drain(self):
         """Wait for every outstanding save (end of a run)."""
         for s in self.sessions.values():
-            self._wait_saved(s)
+            self.wait_saved(s)
         if self.cuda:
             torch.cuda.synchronize()
 
@@ -555,6 +541,48 @@ def turn_shapes(tier: str, prompt_tokens, output_tokens) -> list[tuple[int, int]
 def session_capacity(turns: pd.DataFrame) -> int:
     """Tokens of KV a session holds after its last turn (prompts plus replies), plus one of slack."""
     return int(turns["prompt_tokens"].sum() + turns["output_tokens"].sum()) + 1
+
+
+# RoPE positions a trace's decoder gets beyond its longest session: padded prefill shapes attend over
+# whole buckets past the last real token.
+PADDING_SLACK_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class TraceBounds:
+    """What an executor must hold to serve a trace: each session's KV and the longest turn."""
+    capacities: tuple[int, ...]    # tokens of KV per session (`session_capacity`)
+    max_new: int                   # tokens a turn prefills and decodes at most, plus slack
+
+    @classmethod
+    def of(cls, trace: pd.DataFrame) -> "TraceBounds":
+        return cls(tuple(session_capacity(g) for _, g in trace.groupby("session_id")),
+                   int((trace.prompt_tokens + trace.output_tokens).max()) + 8)
+
+    @property
+    def max_ctx(self) -> int:
+        return max(self.capacities) + 8
+
+    def host_bytes(self, token_bytes: int, extra_sessions: int = 0, extra_tokens: int = 0) -> int:
+        """Host memory for every session's KV (`token_bytes` per token, all layers), each reservation
+        rounded up to the O_DIRECT alignment."""
+        return ((sum(self.capacities) + extra_tokens) * token_bytes
+                + (len(self.capacities) + extra_sessions) * 2 * ALIGN)
+
+
+def decoder_for_trace(shape, trace: pd.DataFrame, device, dtype, seed: int = 2) -> M.Decoder:
+    """The random-weight decoder that serves `trace`: RoPE tables long enough for its padded prefills."""
+    return M.random_decoder(shape, TraceBounds.of(trace).max_ctx + PADDING_SLACK_TOKENS, device, dtype, seed=seed)
+
+
+def executor_for_trace(model: M.Decoder, plan: ServePlan, trace: pd.DataFrame, arena: HostArena | None = None,
+                       ssd_dir=None) -> Executor:
+    """An executor sized for `trace` (its own host arena unless one is passed), without the per-layer
+    detail events that cost host time inside a turn."""
+    b = TraceBounds.of(trace)
+    host = 0 if arena is not None else b.host_bytes(model.shape.kv_bytes_per_token)
+    return Executor(model, plan, max_ctx=b.max_ctx, max_new=b.max_new, host_bytes=host, arena=arena,
+                    ssd_dir=ssd_dir, detail_events=False)
 
 
 def serve_trace(ex: Executor, trace: pd.DataFrame, on_turn=None, sample_clock: bool = False) -> pd.DataFrame:

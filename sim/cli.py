@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 import yaml
 
 from sim.errors import KvsimError
-
-# subcommand modules owned by their features; each exposes register(subparsers)
-_PLUGINS = ("sim.cli_trace", "sim.cli_sweep", "sim.cli_gpu", "sim.cli_roundattn")
+from sim.plugins import register_commands
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,14 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key by dotted path")
     r.add_argument("--compare", metavar="POLICIES", help="comma list, e.g. recompute,hbm_prefix,attentionstore")
     r.set_defaults(func=cmd_run)
-    for mod in _PLUGINS:
-        try:
-            m = importlib.import_module(mod)
-        except ImportError as exc:
-            if exc.name != mod:  # the module exists but something it imports is missing
-                raise
-            continue
-        m.register(sub)
+    register_commands(sub)  # trace, sweep, ... and the entry points of other packages (gpu, roundattn)
     return p
 
 
