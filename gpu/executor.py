@@ -38,6 +38,7 @@ from gpu.decode_graph import DecodeGraphs
 from gpu.prefill_graph import PrefillGraphs
 from gpu.kvstore import ALIGN, DiskStore, HostArena, aligned_host_bytes, layer_view, unpin
 from gpu.plans import ServePlan
+from sim.units import MS
 
 @dataclass
 class Session:
@@ -318,7 +319,7 @@ class Executor:
                 ev.record(3 * L + i, main)
             if loads and plan.overlap:
                 pump(i + 1 + N, block=False)
-        issue_ms = (time.perf_counter() - clock0 - start_s) * 1e3
+        issue_ms = (time.perf_counter() - clock0 - start_s) / MS
         logits, tok = self.pgraph.end()
         ev.record(E_HEAD, main)
         self.last_logits = logits
@@ -366,7 +367,7 @@ class Executor:
         if toks is not None:
             out += toks.tolist()           # synchronises: the reply is complete
         end_s = time.perf_counter() - clock0
-        decode_ms = (time.perf_counter() - t_dec) * 1e3
+        decode_ms = (time.perf_counter() - t_dec) / MS
         if plan.tier in ("dram", "ssd") and not plan.async_save:
             self.wait_saved(sess)
         sess.tokens = sess.tokens + list(prompt_ids) + out
@@ -480,7 +481,7 @@ class _SsdReader:
                     ex.bounce_free[slot].synchronize()
                 t0 = time.perf_counter()
                 ex.disk.read_layer(self.sess.store, i, self.hist, ex.bounce[slot, :self.hist])
-                self.read_ms += (time.perf_counter() - t0) * 1e3
+                self.read_ms += (time.perf_counter() - t0) / MS
                 self.ready[i].set()
         except BaseException as exc:  # surface reader failures in the serving thread
             self.error = exc
@@ -597,7 +598,7 @@ def serve_trace(ex: Executor, trace: pd.DataFrame, on_turn=None, sample_clock: b
     into plain tuples (a pandas row lookup costs ~0.1 ms of host time between turns). Python's cyclic
     collector is kept out of the timed turns: objects made at set-up are frozen, and the collector runs
     only while the executor idles (a full collection over torch's and pandas' objects stalled a turn by
-    10-30 ms, runs 5-7 of results/gpu).
+    10-30 ms: results/gpu/README.md).
     """
     by_sid = {sid: g.sort_values("turn") for sid, g in trace.groupby("session_id", sort=False)}
     for sid, g in by_sid.items():
@@ -673,11 +674,11 @@ def timings_frame(rows: list[TurnTiming]) -> pd.DataFrame:
 def _wait_until(t: float, idle_work=None):
     """Return at time t (perf_counter). Sleep most of the way, spin the last millisecond (time.sleep
     overshoots by up to ~0.1 ms); `idle_work` runs once first if at least 20 ms are left."""
-    if idle_work is not None and t - time.perf_counter() > 20e-3:
+    if idle_work is not None and t - time.perf_counter() > 20 * MS:
         idle_work()
     while True:
         left = t - time.perf_counter()
         if left <= 0:
             return
-        if left > 2e-3:
-            time.sleep(left - 1e-3)
+        if left > 2 * MS:
+            time.sleep(left - MS)

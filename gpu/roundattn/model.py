@@ -128,14 +128,10 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of x [..., T, head_dim]: position enters the keys only here, at attention time, which is what
+    lets saved pre-RoPE keys be re-encoded at new positions (CachedAttention §3.4)."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
-
-
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """RoPE of x [..., T, head_dim] at ``positions`` [T]: position enters the keys only here, which is
-    what lets saved pre-RoPE keys be re-encoded at new positions (CachedAttention §3.4)."""
-    return apply_rope(x, *rope_tables(positions, x.shape[-1], theta))
 
 
 def _project(w: LlamaWeights, lw: LayerWeights, x: torch.Tensor):
