@@ -8,7 +8,6 @@ model (no calibration) to check the script itself.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -23,10 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu import model as M  # noqa: E402
 from gpu.calibrate import measure, write_profile  # noqa: E402
-from gpu.executor import Executor, ServePlan, serve_trace, session_capacity  # noqa: E402
-from gpu.isolated import PLANS, run_grid  # noqa: E402
+from gpu.executor import (Executor, TraceBounds, decoder_for_trace, executor_for_trace,  # noqa: E402
+                          serve_trace)
+from gpu.isolated import run_grid  # noqa: E402
 from gpu.kvstore import HostArena  # noqa: E402
+from gpu.plans import PLANS, TRACE_RUNS  # noqa: E402
+from sim.files import atomic_write, atomic_write_json  # noqa: E402
 from sim.trace import read_trace  # noqa: E402
+from sim.units import GB, MS  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -39,6 +42,10 @@ def left(budget):
     return budget - (time.perf_counter() - T0)
 
 
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -48,7 +55,7 @@ def main():
     ap.add_argument("--ssd-dir", default="/tmp/kvsim_ssd")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--stages", default="calibrate,isolated,trace")
-    ap.add_argument("--trace-runs", default="dram_overlap,recompute,ssd_overlap,dram_sync")
+    ap.add_argument("--trace-runs", default=",".join(TRACE_RUNS), help="run names of gpu/plans.py")
     ap.add_argument("--models", default="llama2-7b,llama2-13b", help="calibration and isolated-grid models")
     ap.add_argument("--sessions", type=int, default=0, help="serve only the first N sessions of the trace")
     a = ap.parse_args()
@@ -67,7 +74,7 @@ def main():
         info["meminfo"] = Path("/proc/meminfo").read_text()[:300]
     except Exception as exc:  # informational only
         info["env_error"] = repr(exc)
-    (out / "env.json").write_text(json.dumps(info, indent=1))
+    atomic_write_json(out / "env.json", info)
     log(f"device {info['device']} torch {torch.__version__}")
 
     def calibrate():
@@ -90,15 +97,15 @@ def main():
                 log(f"isolated {name}: skipped, {left(a.budget_s):.0f} s left")
                 continue
             try:
-                shape = M.SHAPES[name]
+                shape = M.SHAPES[name] if cuda else M.TINY
                 hists, news = ([512, 2048, 3968], [32, 512]) if cuda else ([16, 40], [4, 9])
                 model = M.random_decoder(shape, max(hists) + max(news) + 4096, dev, dtype, seed=1)   # + padding slack
-                plans = [p for p in PLANS if p.tier != "ssd"]
+                plans = [p for p in PLANS.values() if p.tier != "ssd"]
                 frames.append(run_grid(model, plans, hists, news, reps=3 if cuda else 1, ssd_dir=a.ssd_dir, log=log))
                 if name == names[0]:     # SSD reads take ~0.3 s/GB: two histories, first model only
-                    frames.append(run_grid(model, [p for p in PLANS if p.tier == "ssd"], hists[:2], news,
+                    frames.append(run_grid(model, [p for p in PLANS.values() if p.tier == "ssd"], hists[:2], news,
                                            reps=3 if cuda else 1, ssd_dir=a.ssd_dir, log=log))
-                pd.concat(frames).to_csv(out / "isolated.csv", index=False)
+                write_csv(pd.concat(frames), out / "isolated.csv")
                 del model
                 if cuda:
                     torch.cuda.empty_cache()
@@ -116,19 +123,13 @@ def main():
         if not cuda:
             trace = trace[trace.session_id.isin(sorted(trace.session_id.unique())[:3])].copy()
             trace["prompt_tokens"] = trace["prompt_tokens"].clip(upper=20)
-        shape = M.SHAPES["llama2-7b" if cuda else "tiny"]
-        caps = [session_capacity(g) for _, g in trace.groupby("session_id")]
-        max_ctx = max(caps) + 8
-        max_new = int((trace.prompt_tokens + trace.output_tokens).max()) + 8
-        model = M.random_decoder(shape, max_ctx + 4096, dev, dtype, seed=2)   # + padding slack
-        tok_bytes = shape.kv_bytes_per_token_layer(2 if cuda else 4) * shape.layers
-        runs = {"dram_overlap": ServePlan("dram", overlap=True, read_buffer_layers=2),
-                "recompute": ServePlan("recompute"),
-                "dram_sync": ServePlan("dram", overlap=False),
-                "ssd_overlap": ServePlan("ssd", overlap=True, read_buffer_layers=2)}
+        bounds = TraceBounds.of(trace)
+        max_ctx, max_new = bounds.max_ctx, bounds.max_new
+        model = decoder_for_trace(M.SHAPES["llama2-7b"] if cuda else M.TINY, trace, dev, dtype)
+        shape = model.shape
         try:   # graphed decode against eager decode on the real shapes: tokens (bf16: may flip late)
-            ex_g = Executor(model, ServePlan("recompute"), max_ctx=max_ctx, max_new=max_new, decode="graph")
-            ex_e = Executor(model, ServePlan("recompute"), max_ctx=max_ctx, max_new=max_new, decode="eager")
+            ex_g = Executor(model, PLANS["recompute"], max_ctx=max_ctx, max_new=max_new, decode="graph")
+            ex_e = Executor(model, PLANS["recompute"], max_ctx=max_ctx, max_new=max_new, decode="eager")
             for e in (ex_g, ex_e):
                 e.open_session("chk", max_ctx)
                 e.run_turn("chk", 0, [i % shape.vocab for i in range(1, min(300, max_ctx - 40))], 24, 0.0, 0.0)
@@ -140,8 +141,9 @@ def main():
         frames = []
         busy_est = None
         wp = min(64, max_new // 4)
-        arena = HostArena((sum(caps) + 4 * wp) * tok_bytes + (len(caps) + 1) * 8192, pinned=cuda)
-        log(f"host arena: {arena.raw.numel() / 1e9:.1f} GB, pinned={arena.raw.is_pinned() if cuda else False}")
+        # one arena for every run (pinning tens of GB once), with room for the warm-up session
+        arena = HostArena(bounds.host_bytes(shape.kv_bytes_per_token, extra_sessions=1, extra_tokens=4 * wp), pinned=cuda)
+        log(f"host arena: {arena.raw.numel() / GB:.1f} GB, pinned={arena.raw.is_pinned() if cuda else False}")
         ssd_sessions = sorted(trace.session_id.unique())[:15]
         for run in a.trace_runs.split(","):
             need = (0.5 if run.startswith("ssd") else 1.3) * busy_est if busy_est else 90
@@ -149,8 +151,7 @@ def main():
                 log(f"trace {run}: skipped, {left(a.budget_s):.0f} s left, needs ~{need:.0f}")
                 continue
             try:
-                ex = Executor(model, runs[run], max_ctx=max_ctx, max_new=max_new, arena=arena, ssd_dir=a.ssd_dir,
-                              detail_events=False)
+                ex = executor_for_trace(model, PLANS[run], trace, arena=arena, ssd_dir=a.ssd_dir)
                 # SSD reads cost seconds per turn at full slice size: that run serves the first 15 sessions
                 tr = trace[trace.session_id.isin(ssd_sessions)] if run.startswith("ssd") else trace
                 # warm-up turns on a throwaway session: kernel selection and allocator growth stay out
@@ -167,8 +168,8 @@ def main():
                 busy_est = time.perf_counter() - t0
                 df["run"] = run
                 frames.append(df)
-                pd.concat(frames).to_csv(out / csv_name, index=False)
-                log(f"trace {run}: {len(df)} turns in {busy_est:.1f} s, mean TTFT {df.ttft_s.mean() * 1e3:.1f} ms")
+                write_csv(pd.concat(frames), out / csv_name)
+                log(f"trace {run}: {len(df)} turns in {busy_est:.1f} s, mean TTFT {df.ttft_s.mean() / MS:.1f} ms")
                 del ex
             except Exception:
                 log(f"trace {run} FAILED\n" + traceback.format_exc())

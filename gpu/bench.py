@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from gpu import model as M
-from gpu.kvstore import ALIGN, _full_io, aligned_host_bytes, unpin
+from gpu.kvstore import ALIGN, aligned_host_bytes, full_io, unpin
+from sim.models import ModelShape
 from sim.units import GB, MS
 
 STACK = 8                                   # layers timed back to back per sample
@@ -126,7 +127,7 @@ def ssd_bandwidth(root, chunks=SSD_CHUNKS, min_bytes: int = 1 << 28) -> dict:
     method = "o_direct"
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
-        _full_io(os.pwritev, fd, buf[:ALIGN], 0)
+        full_io(os.pwritev, fd, buf[:ALIGN], 0)
     except OSError:
         method = "fadvise_dontneed"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -136,7 +137,7 @@ def ssd_bandwidth(root, chunks=SSD_CHUNKS, min_bytes: int = 1 << 28) -> dict:
             n = max(total // c, 1)
             t0 = time.perf_counter()
             for i in range(n):
-                _full_io(os.pwritev, fd, buf[:c], i * c)
+                full_io(os.pwritev, fd, buf[:c], i * c)
             os.fsync(fd)
             dt = time.perf_counter() - t0
             res["write"].append({"chunk_bytes": c, "bytes": n * c, "s": dt, "gbps": n * c / dt / GB})
@@ -149,7 +150,7 @@ def ssd_bandwidth(root, chunks=SSD_CHUNKS, min_bytes: int = 1 << 28) -> dict:
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 t0 = time.perf_counter()
                 for i in range(n):
-                    _full_io(os.preadv, fd, buf[:c], i * c)
+                    full_io(os.preadv, fd, buf[:c], i * c)
                 samples.append(time.perf_counter() - t0)
             dt = median(samples)
             res["read"].append({"chunk_bytes": c, "bytes": n * c, "s": samples, "gbps": n * c / dt / GB})
@@ -319,7 +320,7 @@ def ssd_read_under_write(root, token_bytes: int, layers: int = 32, pairs=((256, 
     return {"rows": rows, "layers": layers, "token_bytes": token_bytes, "lead_s": lead_s}
 
 
-def serving_overheads(shape: M.DecoderShape, new_tokens=(64, 384, 1536), hist_tokens: int = 256,
+def serving_overheads(shape: ModelShape, new_tokens=(64, 384, 1536), hist_tokens: int = 256,
                       reps: int = 7, idle_s: float = 0.03, seed: int = 3, device: str = "cuda") -> dict:
     """The real executor's prefill on an idle GPU, for the host time the layer and head tables miss.
 
@@ -371,13 +372,13 @@ def serving_overheads(shape: M.DecoderShape, new_tokens=(64, 384, 1536), hist_to
 
 
 # ------------------------------------------------------------------------ decoder layers
-def _stack_model(shape: M.DecoderShape, max_pos: int, seed: int = 0) -> M.Decoder:
+def _stack_model(shape: ModelShape, max_pos: int, seed: int = 0) -> M.Decoder:
     # One layer's weights suffice: they (hundreds of MB) are far larger than L2, so re-running the
     # same layer STACK times reads them from HBM every time, as distinct layers would.
     return M.random_decoder(shape, max_pos, "cuda", torch.bfloat16, seed=seed, layers=1)
 
 
-def prefill_layer_grid(shape: M.DecoderShape, new_tokens: list[int], history_tokens: list[int]) -> dict:
+def prefill_layer_grid(shape: ModelShape, new_tokens: list[int], history_tokens: list[int]) -> dict:
     """ms of one decoder layer prefilling n new tokens after h cached ones, batch 1, as the executor
     runs it: the per-layer CUDA graphs of `gpu.prefill_graph`, at shape (n, h + n) exactly.
 
@@ -408,7 +409,7 @@ def prefill_layer_grid(shape: M.DecoderShape, new_tokens: list[int], history_tok
     return {"rows": rows, "new_tokens": new_tokens, "history_tokens": history_tokens, "method": "cuda_graph"}
 
 
-def decode_layer_grid(shape: M.DecoderShape, batch: list[int], context_tokens: list[int],
+def decode_layer_grid(shape: ModelShape, batch: list[int], context_tokens: list[int],
                       mem_cap_bytes: float = 20e9) -> dict:
     """ms of one decoder layer in one decode step: B sequences, each attending over `ctx` tokens.
 
@@ -421,7 +422,7 @@ def decode_layer_grid(shape: M.DecoderShape, batch: list[int], context_tokens: l
 
     model = _stack_model(shape, max(context_tokens))
     rows, heads = [], {}
-    tok_bytes = shape.kv_bytes_per_token_layer(2)
+    tok_bytes = shape.kv_bytes_per_token_layer
     for b in batch:
         for c in context_tokens:
             if b * c * tok_bytes > mem_cap_bytes:
@@ -446,7 +447,7 @@ def decode_layer_grid(shape: M.DecoderShape, batch: list[int], context_tokens: l
             "method": "cuda_graph"}
 
 
-def head_times(shape: M.DecoderShape, new_tokens: list[int], batch: list[int]) -> dict:
+def head_times(shape: ModelShape, new_tokens: list[int], batch: list[int]) -> dict:
     """A prefill's cost outside its layers, for n new tokens and no history, as the executor pays it
     (gpu.prefill_graph): the host turns the token ids into a device tensor, replays the "begin" graph
     (positions, RoPE rows, embedding) and the "end" graph (final norm + lm_head on the last real token

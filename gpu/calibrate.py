@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import statistics
-import tempfile
-from pathlib import Path
 
 import yaml
 
 from gpu.prefill_graph import PADDING
 from sim.costmodel import CONTENTION, SCHEMA, parse_profile
+from sim.files import atomic_write_text
 from sim.units import MS, TFLOPS
 
 PREFILL_NEW = list(PADDING.new_tokens)       # the executor only ever runs these (padded) sizes
@@ -25,16 +23,6 @@ DECODE_BATCH = [1, 2, 4, 8, 16, 32, 64]
 DECODE_CTX = [256, 512, 1024, 2048, 3072, 4096, 6144, 8192]   # multiples of the graph bucket
 QUICK = dict(prefill_new=[16, 64, 512, 2048], prefill_hist=[0, 512, 2048], decode_batch=[1, 8],
              decode_ctx=[256, 2048])
-
-
-def atomic_write_text(path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    Path(tmp).replace(path)
-    return path
 
 
 def profile_from_raw(raw: dict) -> dict:
@@ -202,15 +190,15 @@ def measure(models=("llama2-7b", "llama2-13b"), ssd_dir="/tmp/kvsim_ssd", quick:
         log(f"  {k}: " + " ".join(f"{r['chunk_bytes'] >> 20}M:{r['gbps']:.1f}" for r in rows[::3]))
     log("ssd ...")
     # the executor-pattern reads first, before the sequential benchmark's GBs of writes (bench.settle)
-    layer_reads = bench.ssd_layer_reads(ssd_dir, SHAPES[models[0]].kv_bytes_per_token_layer(2),
+    layer_reads = bench.ssd_layer_reads(ssd_dir, SHAPES[models[0]].kv_bytes_per_token_layer,
                                         SHAPES[models[0]].layers)
     raw["ssd"] = bench.ssd_bandwidth(ssd_dir, bench.SSD_CHUNKS[::3] if quick else bench.SSD_CHUNKS,
                                      min_bytes=(1 << 26) if quick else (1 << 28))
     raw["ssd"]["layer_reads"] = layer_reads
-    raw["ssd"]["layer_writes"] = bench.ssd_layer_writes(ssd_dir, SHAPES[models[0]].kv_bytes_per_token_layer(2),
+    raw["ssd"]["layer_writes"] = bench.ssd_layer_writes(ssd_dir, SHAPES[models[0]].kv_bytes_per_token_layer,
                                                         SHAPES[models[0]].layers)
     raw["ssd"]["read_under_write"] = bench.ssd_read_under_write(
-        ssd_dir, SHAPES[models[0]].kv_bytes_per_token_layer(2), SHAPES[models[0]].layers)
+        ssd_dir, SHAPES[models[0]].kv_bytes_per_token_layer, SHAPES[models[0]].layers)
     rw = raw["ssd"]["read_under_write"]
     fit = ssd_contention_fit(rw)
     for r, pred, fifo in zip(rw["rows"], fit["predicted_s"], fit["predicted_fifo_s"]):

@@ -25,14 +25,14 @@ def decode_layer_static(model: M.Decoder, li: int, x, cache, pos_t, tb: int, mas
     w = model.layers[li]
     B = x.shape[0]
     qkv = (M.rms_norm(x, w.attn_norm) @ w.wqkv.T).view(B, 1, 3, s.heads, s.head_dim)
-    qk = M._rotate(qkv[:, :, :2], cos, sin)
+    qk = M.rotate_half(qkv[:, :, :2], cos, sin)
     cache.index_copy_(1, pos_t, torch.stack([qk[:, :, 1], qkv[:, :, 2]], dim=2))
     keys = cache[:, :tb, 0].transpose(1, 2)
     vals = cache[:, :tb, 1].transpose(1, 2)
     o = F.scaled_dot_product_attention(qk[:, :, 0].transpose(1, 2), keys, vals, attn_mask=mask)
-    x = M._residual_matmul(x, o.transpose(1, 2).reshape(B, 1, s.heads * s.head_dim), w.wo)
+    x = M.residual_matmul(x, o.transpose(1, 2).reshape(B, 1, s.heads * s.head_dim), w.wo)
     g, u = (M.rms_norm(x, w.mlp_norm) @ w.w13.T).chunk(2, dim=-1)
-    return M._residual_matmul(x, F.silu(g) * u, w.w2)
+    return M.residual_matmul(x, F.silu(g) * u, w.w2)
 
 
 class DecodeGraphs:

@@ -36,25 +36,9 @@ import torch
 from gpu import model as M
 from gpu.decode_graph import DecodeGraphs
 from gpu.prefill_graph import PrefillGraphs
-from gpu.kvstore import DiskStore, HostArena, aligned_host_bytes, layer_view, unpin
-
-TIERS = ("recompute", "hbm", "dram", "ssd")
-
-
-@dataclass(frozen=True)
-class ServePlan:
-    """How every turn gets its history KV."""
-    tier: str                      # one of TIERS
-    overlap: bool = True           # layer-wise preload (True) or load all layers, then compute
-    read_buffer_layers: int = 4    # N: layers loaded ahead of the compute
-    async_save: bool = True        # False: the turn waits for its save before it ends
-
-    def __post_init__(self):
-        if self.tier not in TIERS:
-            raise ValueError(f"tier {self.tier!r}, expected one of {TIERS}")
-        if self.read_buffer_layers < 1:
-            raise ValueError("read_buffer_layers must be >= 1")
-
+from gpu.kvstore import ALIGN, DiskStore, HostArena, aligned_host_bytes, layer_view, unpin
+from gpu.plans import ServePlan
+from sim.units import MS
 
 @dataclass
 class Session:
@@ -129,7 +113,9 @@ class Executor:
         # inside the prefill. Trace runs turn them off; gating events are always recorded.
         self.detail = detail_events
         self.kv_shape = (s.kv_heads, s.head_dim)
-        self.token_bytes = s.kv_bytes_per_token_layer(model.dtype.itemsize)
+        if s.dtype_bytes != model.dtype.itemsize:
+            raise ValueError(f"{s.name}: shape says {s.dtype_bytes} bytes per element, the weights are {model.dtype}")
+        self.token_bytes = s.kv_bytes_per_token_layer
         # Prefill runs as graphs of padded shapes (gpu.prefill_graph): caches get room for the padding.
         self.pgraph = PrefillGraphs(model, max_ctx if plan.tier == "recompute" else max_new)
         self.ctx_alloc = -(-self.pgraph.cache_tokens(max_ctx) // graph_bucket) * graph_bucket
@@ -333,7 +319,7 @@ class Executor:
                 ev.record(3 * L + i, main)
             if loads and plan.overlap:
                 pump(i + 1 + N, block=False)
-        issue_ms = (time.perf_counter() - clock0 - start_s) * 1e3
+        issue_ms = (time.perf_counter() - clock0 - start_s) / MS
         logits, tok = self.pgraph.end()
         ev.record(E_HEAD, main)
         self.last_logits = logits
@@ -381,9 +367,9 @@ class Executor:
         if toks is not None:
             out += toks.tolist()           # synchronises: the reply is complete
         end_s = time.perf_counter() - clock0
-        decode_ms = (time.perf_counter() - t_dec) * 1e3
+        decode_ms = (time.perf_counter() - t_dec) / MS
         if plan.tier in ("dram", "ssd") and not plan.async_save:
-            self._wait_saved(sess)
+            self.wait_saved(sess)
         sess.tokens = sess.tokens + list(prompt_ids) + out
         sess.kv_tokens = pos if plan.tier != "recompute" else 0
 
@@ -451,7 +437,8 @@ class Executor:
 
             threading.Thread(target=write, daemon=True).start()
 
-    def _wait_saved(self, sess: Session):
+    def wait_saved(self, sess: Session):
+        """Wait until the last save of `sess` has landed in its tier."""
         if isinstance(sess.saved, threading.Event):
             sess.saved.wait()
         elif sess.saved is not None:
@@ -460,7 +447,7 @@ class Executor:
     def drain(self):
         """Wait for every outstanding save (end of a run)."""
         for s in self.sessions.values():
-            self._wait_saved(s)
+            self.wait_saved(s)
         if self.cuda:
             torch.cuda.synchronize()
 
@@ -494,7 +481,7 @@ class _SsdReader:
                     ex.bounce_free[slot].synchronize()
                 t0 = time.perf_counter()
                 ex.disk.read_layer(self.sess.store, i, self.hist, ex.bounce[slot, :self.hist])
-                self.read_ms += (time.perf_counter() - t0) * 1e3
+                self.read_ms += (time.perf_counter() - t0) / MS
                 self.ready[i].set()
         except BaseException as exc:  # surface reader failures in the serving thread
             self.error = exc
@@ -557,6 +544,48 @@ def session_capacity(turns: pd.DataFrame) -> int:
     return int(turns["prompt_tokens"].sum() + turns["output_tokens"].sum()) + 1
 
 
+# RoPE positions a trace's decoder gets beyond its longest session: padded prefill shapes attend over
+# whole buckets past the last real token.
+PADDING_SLACK_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class TraceBounds:
+    """What an executor must hold to serve a trace: each session's KV and the longest turn."""
+    capacities: tuple[int, ...]    # tokens of KV per session (`session_capacity`)
+    max_new: int                   # tokens a turn prefills and decodes at most, plus slack
+
+    @classmethod
+    def of(cls, trace: pd.DataFrame) -> "TraceBounds":
+        return cls(tuple(session_capacity(g) for _, g in trace.groupby("session_id")),
+                   int((trace.prompt_tokens + trace.output_tokens).max()) + 8)
+
+    @property
+    def max_ctx(self) -> int:
+        return max(self.capacities) + 8
+
+    def host_bytes(self, token_bytes: int, extra_sessions: int = 0, extra_tokens: int = 0) -> int:
+        """Host memory for every session's KV (`token_bytes` per token, all layers), each reservation
+        rounded up to the O_DIRECT alignment."""
+        return ((sum(self.capacities) + extra_tokens) * token_bytes
+                + (len(self.capacities) + extra_sessions) * 2 * ALIGN)
+
+
+def decoder_for_trace(shape, trace: pd.DataFrame, device, dtype, seed: int = 2) -> M.Decoder:
+    """The random-weight decoder that serves `trace`: RoPE tables long enough for its padded prefills."""
+    return M.random_decoder(shape, TraceBounds.of(trace).max_ctx + PADDING_SLACK_TOKENS, device, dtype, seed=seed)
+
+
+def executor_for_trace(model: M.Decoder, plan: ServePlan, trace: pd.DataFrame, arena: HostArena | None = None,
+                       ssd_dir=None) -> Executor:
+    """An executor sized for `trace` (its own host arena unless one is passed), without the per-layer
+    detail events that cost host time inside a turn."""
+    b = TraceBounds.of(trace)
+    host = 0 if arena is not None else b.host_bytes(model.shape.kv_bytes_per_token)
+    return Executor(model, plan, max_ctx=b.max_ctx, max_new=b.max_new, host_bytes=host, arena=arena,
+                    ssd_dir=ssd_dir, detail_events=False)
+
+
 def serve_trace(ex: Executor, trace: pd.DataFrame, on_turn=None, sample_clock: bool = False) -> pd.DataFrame:
     """Replay a canonical trace through `ex`, FCFS, one turn at a time, in real time.
 
@@ -569,7 +598,7 @@ def serve_trace(ex: Executor, trace: pd.DataFrame, on_turn=None, sample_clock: b
     into plain tuples (a pandas row lookup costs ~0.1 ms of host time between turns). Python's cyclic
     collector is kept out of the timed turns: objects made at set-up are frozen, and the collector runs
     only while the executor idles (a full collection over torch's and pandas' objects stalled a turn by
-    10-30 ms, runs 5-7 of results/gpu).
+    10-30 ms: results/gpu/README.md).
     """
     by_sid = {sid: g.sort_values("turn") for sid, g in trace.groupby("session_id", sort=False)}
     for sid, g in by_sid.items():
@@ -645,11 +674,11 @@ def timings_frame(rows: list[TurnTiming]) -> pd.DataFrame:
 def _wait_until(t: float, idle_work=None):
     """Return at time t (perf_counter). Sleep most of the way, spin the last millisecond (time.sleep
     overshoots by up to ~0.1 ms); `idle_work` runs once first if at least 20 ms are left."""
-    if idle_work is not None and t - time.perf_counter() > 20e-3:
+    if idle_work is not None and t - time.perf_counter() > 20 * MS:
         idle_work()
     while True:
         left = t - time.perf_counter()
         if left <= 0:
             return
-        if left > 2e-3:
-            time.sleep(left - 1e-3)
+        if left > 2 * MS:
+            time.sleep(left - MS)

@@ -1,7 +1,7 @@
 """Isolated turns over a grid of (model, history, new tokens, tier, sync vs overlapped load).
 
 Each point serves one turn on an otherwise idle executor (no queue), so its measured TTFT can be held
-directly against the cost model's prediction for that single turn (issue 4, item 3), and its GPU event
+directly against the cost model's prediction for that single turn, and its GPU event
 spans give the achieved preload bandwidth and the overlap efficiency.
 """
 from __future__ import annotations
@@ -11,14 +11,11 @@ import time
 
 import pandas as pd
 
-from gpu.executor import Executor, ServePlan, collector_off_turns, prompt_ids
-
-PLANS = [ServePlan("recompute"), ServePlan("hbm"),
-         ServePlan("dram", overlap=False), ServePlan("dram", overlap=True, read_buffer_layers=2),
-         ServePlan("ssd", overlap=False), ServePlan("ssd", overlap=True, read_buffer_layers=2)]
+from gpu.executor import Executor, collector_off_turns, prompt_ids
+from gpu.plans import ServePlan
 
 
-def run_grid(model, plans, histories, news, reps: int = 3, ssd_dir="/tmp/kvsim_ssd", log=print,
+def run_grid(model, plans: list[ServePlan], histories, news, reps: int = 3, ssd_dir="/tmp/kvsim_ssd", log=print,
              idle_s: float = 0.02) -> pd.DataFrame:
     """Measure every (plan, history, new) point `reps` times after one unrecorded warm-up turn.
 
@@ -27,7 +24,7 @@ def run_grid(model, plans, histories, news, reps: int = 3, ssd_dir="/tmp/kvsim_s
     """
     rows = []
     max_ctx = max(histories) + max(news) + 8
-    tok_bytes = model.shape.kv_bytes_per_token_layer(model.dtype.itemsize) * model.shape.layers
+    tok_bytes = model.shape.kv_bytes_per_token
     for plan in plans:
         # Output of one token: no decode, so no decode graphs to capture.
         ex = Executor(model, plan, max_ctx=max_ctx, max_new=max(max(news), max(histories)) + 8,
@@ -50,7 +47,7 @@ def run_grid(model, plans, histories, news, reps: int = 3, ssd_dir="/tmp/kvsim_s
                         for r in range(reps + 1):
                             sess = ex.sessions[sid]
                             sess.tokens, sess.kv_tokens = list(base), (0 if plan.tier == "recompute" else h)
-                            ex._wait_saved(sess)
+                            ex.wait_saved(sess)
                             ex.drain()
                             time.sleep(idle_s)
                             clock0 = time.perf_counter()

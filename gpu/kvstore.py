@@ -124,7 +124,7 @@ class DiskStore:
 
     def write_layer(self, f: DiskFile, layer: int, first_token: int, buf: torch.Tensor) -> None:
         """Write `buf` (host, contiguous, whole tokens) at token `first_token` of `layer`."""
-        _full_io(os.pwritev, f.fd, buf, f.layer_stride_bytes * layer + first_token * f.token_bytes)
+        full_io(os.pwritev, f.fd, buf, f.layer_stride_bytes * layer + first_token * f.token_bytes)
 
     def finish_writes(self, f: DiskFile) -> None:
         if not f.direct:
@@ -133,7 +133,7 @@ class DiskStore:
 
     def read_layer(self, f: DiskFile, layer: int, tokens: int, buf: torch.Tensor) -> None:
         """Read tokens [0, tokens) of `layer` into `buf` (host, contiguous, >= tokens * token_bytes)."""
-        _full_io(os.preadv, f.fd, buf, f.layer_stride_bytes * layer, nbytes=tokens * f.token_bytes)
+        full_io(os.preadv, f.fd, buf, f.layer_stride_bytes * layer, nbytes=tokens * f.token_bytes)
 
     def close(self) -> None:
         for f in self.files.values():
@@ -142,7 +142,7 @@ class DiskStore:
         self.files.clear()
 
 
-def _full_io(op, fd: int, buf: torch.Tensor, offset: int, nbytes: int | None = None) -> None:
+def full_io(op, fd: int, buf: torch.Tensor, offset: int, nbytes: int | None = None) -> None:
     """pread/pwrite until all bytes moved (one syscall moves at most ~2 GiB)."""
     mv = memoryview(buf.reshape(-1).view(torch.uint8).numpy()).cast("B")
     if nbytes is not None:

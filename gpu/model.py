@@ -1,7 +1,8 @@
 """A LLaMA-shaped decoder with random weights: the compute the executor and the calibration both time.
 
-Timing needs the right shapes and kernels, not trained weights (issue 4: "random bf16 weights are fine
-for timing"), so weights are drawn at random. The attention kernel is
+Timing needs the right shapes and kernels, not trained weights, so weights are drawn at random. Shapes
+are the simulator's (`sim.models.ModelShape`), so the executor, the calibration and the simulator agree
+on what a layer computes and what a token's KV costs. The attention kernel is
 `torch.nn.functional.scaled_dot_product_attention`, in the executor and in `gpu.bench` alike: one
 function, `layer_forward`, runs a decoder layer for prefill (n new tokens after `start` cached ones) and
 for decode (n = 1), so a calibrated per-layer time is the time of exactly the code that serves turns.
@@ -12,6 +13,7 @@ a single copy (the chunk the link profile is indexed by) -- CachedAttention §3.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -19,32 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-
-@dataclass(frozen=True)
-class DecoderShape:
-    """Per-layer shapes of a LLaMA-family decoder (names as in the simulator's model table)."""
-    name: str
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    rope_theta: float = 10000.0
-
-    def kv_bytes_per_token_layer(self, dtype_bytes: int = 2) -> int:
-        """K and V of one token in one layer: 2 * kv_heads * head_dim * bytes per element."""
-        return 2 * self.kv_heads * self.head_dim * dtype_bytes
+from sim.models import MODELS, ModelShape
 
 
-SHAPES = {
-    # LLaMA-2 (Touvron et al. 2023, table of model sizes); no GQA at 7B/13B.
-    "llama2-7b": DecoderShape("llama2-7b", 32, 4096, 32, 32, 128, 11008, 32000),
-    "llama2-13b": DecoderShape("llama2-13b", 40, 5120, 40, 40, 128, 13824, 32000),
-    # CPU tests: small enough to run in milliseconds, same code paths.
-    "tiny": DecoderShape("tiny", 4, 64, 4, 4, 16, 128, 101),
-}
+# LLaMA-2 (Touvron et al. 2023, table of model sizes) has no GQA at 7B/13B: the shapes this decoder runs.
+SHAPES = {name: MODELS[name] for name in ("llama2-7b", "llama2-13b")}
+# CPU tests: small enough to run in milliseconds, same code paths.
+TINY = ModelShape("tiny", layers=4, hidden=64, heads=4, kv_heads=4, intermediate=128, vocab=101,
+                  max_context_tokens=4096)
+ROPE_THETA = 10000.0   # LLaMA-2's RoPE base
 
 
 @dataclass
@@ -59,7 +44,7 @@ class LayerWeights:
 
 @dataclass
 class Decoder:
-    shape: DecoderShape
+    shape: ModelShape
     embed: torch.Tensor       # [vocab, hidden]
     layers: list[LayerWeights]
     final_norm: torch.Tensor
@@ -81,7 +66,7 @@ def _rand(shape, fan_in, gen, device, dtype):
     return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) / math.sqrt(fan_in)).to(dtype)
 
 
-def random_layer(shape: DecoderShape, device, dtype, seed: int = 0) -> LayerWeights:
+def random_layer(shape: ModelShape, device, dtype, seed: int = 0) -> LayerWeights:
     if shape.kv_heads != shape.heads:
         raise ValueError(f"{shape.name}: grouped-query attention is not modelled (LLaMA-2 7B/13B have none)")
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -96,17 +81,22 @@ def random_layer(shape: DecoderShape, device, dtype, seed: int = 0) -> LayerWeig
     )
 
 
-def rope_tables(shape: DecoderShape, max_pos: int, device, dtype):
-    inv = 1.0 / (shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, device=device, dtype=torch.float32)
+def rope_tables(shape: ModelShape, max_pos: int, device, dtype):
+    inv = 1.0 / (ROPE_THETA ** (torch.arange(0, shape.head_dim, 2, device=device, dtype=torch.float32)
                                       / shape.head_dim))
     ang = torch.outer(torch.arange(max_pos, device=device, dtype=torch.float32), inv)
     ang = torch.cat([ang, ang], dim=-1)
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
-def random_decoder(shape: DecoderShape, max_pos: int, device, dtype, seed: int = 0,
+def random_decoder(shape: ModelShape, max_pos: int, device, dtype, seed: int = 0,
                    layers: int | None = None) -> Decoder:
-    """A decoder with random weights; `layers` < shape.layers builds a partial stack (calibration)."""
+    """A decoder with random weights; `layers` < shape.layers builds a partial stack (calibration).
+
+    Its `shape` carries the element size of `dtype`, so `shape.kv_bytes_per_token_layer` is what one
+    token's KV occupies in this decoder's caches (bf16 on the GPU, float32 in CPU tests).
+    """
+    shape = dataclasses.replace(shape, dtype_bytes=dtype.itemsize)
     gen = torch.Generator(device=device).manual_seed(seed)
     cos, sin = rope_tables(shape, max_pos, device, dtype)
     n = shape.layers if layers is None else layers
@@ -120,7 +110,7 @@ def random_decoder(shape: DecoderShape, max_pos: int, device, dtype, seed: int =
     )
 
 
-def new_kv_cache(shape: DecoderShape, layers: int, batch: int, ctx: int, device, dtype) -> torch.Tensor:
+def new_kv_cache(shape: ModelShape, layers: int, batch: int, ctx: int, device, dtype) -> torch.Tensor:
     """KV for `layers` layers: [layers, batch, ctx, 2, kv_heads, head_dim]."""
     return torch.empty((layers, batch, ctx, 2, shape.kv_heads, shape.head_dim), device=device, dtype=dtype)
 
@@ -130,13 +120,13 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tenso
     return F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
-def _rotate(x, cos, sin):
+def rotate_half(x, cos, sin):
     half = x.shape[-1] // 2
     rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return torch.addcmul(x * cos, rot, sin)
 
 
-def _residual_matmul(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def residual_matmul(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x + a @ w.T as one GEMM with beta = 1 (saves a launch per call)."""
     B, n, d = x.shape
     return torch.addmm(x.reshape(B * n, d), a.reshape(B * n, a.shape[-1]), w.T).view(B, n, d)
@@ -160,7 +150,7 @@ def layer_forward(model: Decoder, li: int, x: torch.Tensor, cache: torch.Tensor,
     qkv = (rms_norm(x, w.attn_norm) @ w.wqkv.T).view(B, n, 3, s.heads, s.head_dim)
     cos = model.rope_cos[start:start + n].view(1, n, 1, 1, s.head_dim)
     sin = model.rope_sin[start:start + n].view(1, n, 1, 1, s.head_dim)
-    qk = _rotate(qkv[:, :, :2], cos, sin)
+    qk = rotate_half(qkv[:, :, :2], cos, sin)
     cache[:, start:start + n, 0] = qk[:, :, 1]
     cache[:, start:start + n, 1] = qkv[:, :, 2]
     keys = cache[:, :start + n, 0].transpose(1, 2)       # [B, heads, T, D], strided view, no copy
@@ -172,9 +162,9 @@ def layer_forward(model: Decoder, li: int, x: torch.Tensor, cache: torch.Tensor,
         o = F.scaled_dot_product_attention(qh, keys, vals, is_causal=True)
     else:
         o = F.scaled_dot_product_attention(qh, keys, vals, attn_mask=causal_lower_right(n, start + n))
-    x = _residual_matmul(x, o.transpose(1, 2).reshape(B, n, s.heads * s.head_dim), w.wo)
+    x = residual_matmul(x, o.transpose(1, 2).reshape(B, n, s.heads * s.head_dim), w.wo)
     g, u = (rms_norm(x, w.mlp_norm) @ w.w13.T).chunk(2, dim=-1)
-    return _residual_matmul(x, F.silu(g) * u, w.w2)
+    return residual_matmul(x, F.silu(g) * u, w.w2)
 
 
 def embed(model: Decoder, token_ids: torch.Tensor) -> torch.Tensor:

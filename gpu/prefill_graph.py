@@ -2,8 +2,8 @@
 
 Why: run eagerly, a prefill layer is ~20 kernel launches; the lent machine's host issues one in
 25-60 us, so a 7B layer at n <= 512 took 0.5-1.2 ms of host time against 0.15-0.3 ms of GPU time, and
-that host time jittered 2x between runs and 3-4x after graph-replayed decode (results/gpu/README.md,
-runs 1-4). Such an executor measures its host, not the GPU, and no cost model predicts it within 5%.
+that host time jittered 2x between runs and 3-4x after graph-replayed decode (the first device runs,
+results/gpu/README.md). Such an executor measures its host, not the GPU, and no cost model predicts it within 5%.
 Serving engines capture graphs of padded shapes for the same reason (vLLM pads decode batches to its
 captured sizes); here prefill is padded too.
 
@@ -95,7 +95,7 @@ class PrefillGraphs:
         qkv = (M.rms_norm(x, w.attn_norm) @ w.wqkv.T).view(1, nb, 3, s.heads, s.head_dim)
         cos = self.cos[:nb].view(1, nb, 1, 1, s.head_dim)
         sin = self.sin[:nb].view(1, nb, 1, 1, s.head_dim)
-        qk = M._rotate(qkv[:, :, :2], cos, sin)
+        qk = M.rotate_half(qkv[:, :, :2], cos, sin)
         c.index_copy_(1, self.pos[:nb], torch.stack([qk[:, :, 1], qkv[:, :, 2]], dim=2))
         keys = c[:, :kb, 0].transpose(1, 2)
         vals = c[:, :kb, 1].transpose(1, 2)
@@ -104,7 +104,7 @@ class PrefillGraphs:
             o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=self.masks[(nb, kb)])
         else:
             o = F.scaled_dot_product_attention(q, keys, vals, is_causal=True)
-        h = M._residual_matmul(x, o.transpose(1, 2).reshape(1, nb, s.heads * s.head_dim), w.wo)
+        h = M.residual_matmul(x, o.transpose(1, 2).reshape(1, nb, s.heads * s.head_dim), w.wo)
         g, u = (M.rms_norm(h, w.mlp_norm) @ w.w13.T).chunk(2, dim=-1)
         torch.addmm(h.reshape(nb, s.hidden), (F.silu(g) * u).reshape(nb, -1), w.w2.T, out=out)
 

@@ -24,21 +24,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from gpu.plans import TRACE_RUNS, sim_overrides
 from sim.config import load_config
 from sim.costmodel import build_cost_model
 from sim.errors import KvsimError
+from sim.files import atomic_write, atomic_write_text
 from sim.units import GB, MS
 
-# How each executor run is described to the simulator. `scheduler_aware_fetch` is off: the executor
-# does not prefetch from SSD ahead of a turn.
-RUNS = {
-    "dram_overlap": {"policy.kind": "attentionstore", "policy.layerwise_preload": True,
-                     "policy.read_buffer_layers": 2},
-    "dram_sync": {"policy.kind": "attentionstore", "policy.layerwise_preload": False},
-    "recompute": {"policy.kind": "recompute"},
-    "ssd_overlap": {"policy.kind": "attentionstore", "policy.layerwise_preload": True,
-                    "policy.read_buffer_layers": 2, "host.dram_bytes": 0},
-}
+# How each executor run is described to the simulator: the run-plan table's (gpu/plans.py).
+RUNS = {run: sim_overrides(run) for run in TRACE_RUNS}
 
 
 def sim_config(run: str, trace, profile, model: str = "llama2-7b", n_sessions: int | None = None,
@@ -243,12 +237,9 @@ def plot_isolated(res: pd.DataFrame, path) -> Path:
 def _save(fig, path) -> Path:
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120)
+    # the temporary file's name ends in .tmp, so savefig is told the format
+    path = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:]))
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -276,13 +267,9 @@ def validate(measured, isolated, trace, profile, out_dir) -> dict:
                               "ttft_mape_by_tier": {f"{m}/{t}/{'overlap' if o else 'sync'}": v
                                                     for (m, t, o), v in by.items()},
                               **isolated_figures(iso, profile)}
-    tmp = out / "validation_summary.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out / "validation_summary.json")
+    atomic_write_text(out / "validation_summary.json", json.dumps(result, indent=1))
     return result
 
 
 def _write_csv(df, path):
-    tmp = Path(str(path) + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))

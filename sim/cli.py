@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from sim.errors import KvsimError
+from sim.plugins import register_commands
 from sim.units import GB, TB
-
-# subcommand modules owned by their features; each exposes register(subparsers)
-_PLUGINS = ("sim.cli_trace", "sim.cli_sweep", "sim.cli_gpu", "sim.cli_roundattn")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -200,14 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = c.add_parser("keys", help="every config key: type, default, unit, bounds, choices and help")
     k.add_argument("--format", choices=("text", "markdown"), default="text")
     k.set_defaults(func=cmd_config_keys)
-    for mod in _PLUGINS:
-        try:
-            m = importlib.import_module(mod)
-        except ImportError as exc:
-            if exc.name != mod:  # the module exists but something it imports is missing
-                raise
-            continue
-        m.register(sub)
+    register_commands(sub)  # trace, sweep, ... and the entry points of other packages (gpu, roundattn)
     return p
 
 

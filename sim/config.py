@@ -12,10 +12,10 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from sim.errors import KvsimError, parse_yaml, read_yaml, show
-from sim.models import GPUS, MODELS, GpuSpec, ModelShape
+from sim.models import GPUS, MODELS, READ_BUFFER_LAYERS, GpuSpec, ModelShape
 from sim.costmodel import CONTENTION
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "PB": 1e15,
@@ -176,7 +176,7 @@ class PolicyConfig:
                      help="recompute (no reuse), hbm_prefix (reuse what stays in HBM) or attentionstore "
                           "(HBM, DRAM and SSD tiers, CachedAttention)")
     layerwise_preload: bool = knob(True, help="load a turn's KV layer by layer, overlapped with prefill")
-    read_buffer_layers: int = knob(2, help="layers of KV the preload may run ahead of prefill", unit="layers",
+    read_buffer_layers: int = knob(READ_BUFFER_LAYERS, help="layers of KV the preload may run ahead of prefill", unit="layers",
                                    lo=1, hi=1000, why="and at most the model's layers")
     async_save: bool = knob(True, help="save KV out of HBM while the GPU computes")
     scheduler_aware_fetch: bool = knob(True, help="prefetch the KV of queued jobs (look-ahead window)")

@@ -20,7 +20,6 @@ from sim.eviction import eviction_for
 from sim.kvstore import KVStore
 from sim.metrics import Recorder
 from sim.scheduler import PrefillFirstScheduler
-from sim.tiers import SSD
 
 
 class Replica:

@@ -1,7 +1,17 @@
-"""Named model and GPU shapes: one table each, so configs say `model: llama2-13b` instead of numbers."""
+"""Named model and GPU shapes: one table each, so configs say `model: llama2-13b` instead of numbers.
+
+`ModelShape` is the one description of a model's shape for the simulator and for `gpu/` alike: the
+executor's random-weight decoder (`gpu/model.py`) and the Round Attention forward over SmolLM2
+(`gpu/roundattn/model.py`) are built from one, so the KV bytes a token costs are computed in one place.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# Read buffer of the layer-wise preload, in layers (CachedAttention §3.2: loads run this many layers
+# ahead of the compute). One default for the simulator's `policy.read_buffer_layers` and the GPU
+# executor's `ServePlan`: every committed GPU run that overlapped its loads used 2.
+READ_BUFFER_LAYERS = 2
 
 
 @dataclass(frozen=True)
@@ -23,7 +33,7 @@ class ModelShape:
 
     @property
     def kv_bytes_per_token_layer(self) -> int:
-        # K and V of one token in one layer
+        """K and V of one token in one layer: 2 * kv_heads * head_dim * dtype_bytes."""
         return 2 * self.kv_heads * self.head_dim * self.dtype_bytes
 
     @property

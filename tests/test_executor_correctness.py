@@ -1,4 +1,4 @@
-"""Reused KV gives the same outputs as recomputing it (issue 4, item 4), on CPU with tiny shapes.
+"""Reused KV gives the same outputs as recomputing it, on CPU with tiny shapes.
 
 Every reuse path (HBM hit, DRAM sync, DRAM layer-wise overlapped, SSD sync and overlapped) is run with
 poisoned buffers: working caches and the SSD bounce buffer are filled with NaN before each turn, so a
@@ -11,19 +11,16 @@ import pytest
 import torch
 
 from gpu import model as M
-from gpu.executor import Executor, ServePlan, prompt_ids, serve_trace, turn_shapes
+from gpu.executor import Executor, prompt_ids, serve_trace, turn_shapes
+from gpu.plans import PLANS as RUN_PLANS
+from gpu.plans import ServePlan
 from gpu.prefill_graph import PrefillGraphs
 
 TURNS = [(9, 5), (13, 4), (1, 6), (21, 3)]   # (prompt tokens, output tokens) of one session
-SHAPE = M.SHAPES["tiny"]
-PLANS = {
-    "hbm": ServePlan("hbm"),
-    "dram_sync": ServePlan("dram", overlap=False),
-    "dram_overlap": ServePlan("dram", overlap=True, read_buffer_layers=2),
-    "dram_overlap_n1": ServePlan("dram", overlap=True, read_buffer_layers=1),
-    "ssd_sync": ServePlan("ssd", overlap=False, read_buffer_layers=2),
-    "ssd_overlap": ServePlan("ssd", overlap=True, read_buffer_layers=2),
-}
+SHAPE = M.TINY
+# every reusing plan the device runs, and a read buffer of one layer (nothing overlaps)
+PLANS = {**{name: plan for name, plan in RUN_PLANS.items() if plan.tier != "recompute"},
+         "dram_overlap_n1": ServePlan("dram", overlap=True, read_buffer_layers=1)}
 
 
 @pytest.fixture(scope="module")

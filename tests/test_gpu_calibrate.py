@@ -8,31 +8,12 @@ from gpu.calibrate import profile_from_raw, ssd_contention_fit, write_profile
 from sim.costmodel import load_profile
 from sim.errors import KvsimError
 
-
-def _raw(prefill=lambda n, h: 0.1 + 0.001 * n + 1e-6 * n * h):
-    news, hists, batches, ctxs = [1, 64, 512], [0, 256, 1024], [1, 4], [256, 1024]
-    link = [{"chunk_bytes": c, "ms": [1.0], "gbps": g} for c, g in ((1 << 18, 10.0), (1 << 24, 40.0), (1 << 30, 50.0))]
-    return {
-        "device": "test", "measured_at": "2026-11-23T00:00:00Z", "command": "test",
-        "gpu": {"hbm_bytes": 80e9, "peak_bf16_flops": 7.5e14, "hbm_bw_gbps": 2900.0},
-        "links": {k: link for k in ("h2d_pinned", "d2h_pinned", "h2d_pageable", "d2h_pageable")},
-        "ssd": {"method": "o_direct",
-                "read": [{"chunk_bytes": 1 << 20, "gbps": 1.5}, {"chunk_bytes": 1 << 26, "gbps": 1.6}],
-                "write": [{"chunk_bytes": 1 << 20, "gbps": 2.4}, {"chunk_bytes": 1 << 26, "gbps": 2.6}]},
-        "models": {"llama2-7b": {
-            "prefill": {"new_tokens": news, "history_tokens": hists,
-                        "rows": [{"new_tokens": n, "history_tokens": h, "ms": prefill(n, h)} for n in news for h in hists]},
-            "decode": {"batch": batches, "context_tokens": ctxs,
-                       "rows": [{"batch": b, "context_tokens": c, "ms": 0.2 + 1e-5 * b * c} for b in batches for c in ctxs],
-                       "head": [{"batch": b, "ms": 0.15 + 0.01 * b} for b in batches]},
-            "head": {"prefill": [{"new_tokens": n, "ms": 0.3} for n in news]},
-        }},
-    }
+from calibration_samples import raw_samples
 
 
 def test_profile_round_trips_through_the_cost_models_loader(tmp_path):
     out = tmp_path / "p.yaml"
-    write_profile(_raw(), out, tmp_path / "raw.json")
+    write_profile(raw_samples(), out, tmp_path / "raw.json")
     prof = load_profile(out)
     m = prof.models["llama2-7b"]
     # grid cells come back exactly; between cells the loader interpolates bilinearly, which is exact
@@ -48,7 +29,7 @@ def test_profile_round_trips_through_the_cost_models_loader(tmp_path):
 
 
 def test_bad_measurement_is_refused_before_anything_is_written(tmp_path):
-    raw = _raw(prefill=lambda n, h: math.nan if n == 64 else 0.5)
+    raw = raw_samples(prefill=lambda n, h: math.nan if n == 64 else 0.5)
     out = tmp_path / "p.yaml"
     with pytest.raises(KvsimError, match="prefill_layer_ms"):
         write_profile(raw, out)
@@ -56,7 +37,7 @@ def test_bad_measurement_is_refused_before_anything_is_written(tmp_path):
 
 
 def test_table_rows_follow_new_tokens_and_columns_history():
-    prof = profile_from_raw(_raw())
+    prof = profile_from_raw(raw_samples())
     t = prof["models"]["llama2-7b"]["prefill_layer_ms"]
     assert len(t["ms"]) == len(t["new_tokens"]) and all(len(r) == len(t["history_tokens"]) for r in t["ms"])
     assert t["ms"][2][0] == pytest.approx(0.1 + 0.512)
@@ -68,7 +49,7 @@ def test_host_terms_are_recovered_from_executor_turns_that_pay_them():
     from sim.costmodel import ProfileCost, parse_profile
     from sim.models import MODELS
 
-    raw = _raw()
+    raw = raw_samples()
     truth = profile_from_raw(raw)
     truth["models"]["llama2-7b"].update(host_turn_ms=0.7, preload_gate_layer_ms=0.012, preload_layer_overhead_ms=0.02)
     pc = ProfileCost(MODELS["llama2-7b"], parse_profile(truth))
@@ -132,7 +113,7 @@ def test_contention_fit_picks_the_model_nearest_the_measured_read(under_s, mode)
     assert fit["predicted_s"] == [pytest.approx({"none": 1.0, "even_split": 2.0, "interleaved": 5.0})]
     assert fit["predicted_fifo_s"] == [pytest.approx(9.0)]     # behind all the writes
     assert fit["contention"] == mode
-    raw = _raw()
+    raw = raw_samples()
     raw["ssd"]["read_under_write"] = _read_under_write(1.0, 8.0, under_s)
     assert profile_from_raw(raw)["ssd"]["contention"] == mode
 
@@ -145,9 +126,9 @@ def test_samples_of_the_older_single_pair_probe_are_refused_not_refitted():
 
 def test_serving_overhead_turns_run_the_executor_on_both_paths():
     from gpu.bench import serving_overheads
-    from gpu.model import SHAPES
+    from gpu.model import TINY
 
-    r = serving_overheads(SHAPES["tiny"], new_tokens=(16, 32), hist_tokens=16, reps=2, idle_s=0.0, device="cpu")
+    r = serving_overheads(TINY, new_tokens=(16, 32), hist_tokens=16, reps=2, idle_s=0.0, device="cpu")
     got = {(x["tier"], x["overlap"], x["new_tokens"]) for x in r["rows"]}
     assert got == {("recompute", False, 16), ("recompute", False, 32), ("dram", False, 16), ("dram", False, 32),
                    ("dram", True, 16), ("dram", True, 32)}
@@ -160,7 +141,7 @@ def test_layer_writes_time_the_executors_save_pattern(tmp_path):
     r = ssd_layer_writes(tmp_path, token_bytes=4096, layers=4, new_tokens=(16, 64), reps=1)
     assert [x["chunk_bytes"] for x in r["rows"]] == [16 * 4096, 64 * 4096]
     assert all(x["gbps"] > 0 and x["bytes"] == 4 * x["chunk_bytes"] for x in r["rows"])
-    raw = _raw()
+    raw = raw_samples()
     raw["ssd"]["layer_writes"] = r
     prof = profile_from_raw(raw)
     assert prof["ssd"]["write"]["chunk_bytes"] == [16 * 4096, 64 * 4096]

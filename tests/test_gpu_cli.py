@@ -20,3 +20,63 @@ def test_validate_with_a_missing_measurement_file_is_one_line_exit_2(tmp_path):
 def test_calibrate_without_cuda_says_so_and_exits_2(tmp_path):
     r = _kvsim("calibrate", "--out", str(tmp_path / "x.yaml"))
     assert r.returncode == 2 and "CUDA" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_gpu_and_roundattn_are_registered_as_entry_points_of_the_kvsim_commands_group():
+    from sim.plugins import command_entry_points
+
+    found = command_entry_points()
+    assert found["gpu"] == "gpu.cli:register" and found["roundattn"] == "gpu.roundattn.cli:register"
+
+
+def _fake_entry_point(monkeypatch, tmp_path, module, source):
+    import importlib.metadata
+
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ep = importlib.metadata.EntryPoint("fake", f"{module}:register", "kvsim.commands")
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda **kw: [ep] if kw.get("group") == "kvsim.commands" else real(**kw))
+
+
+def test_a_plugin_declared_as_an_entry_point_adds_its_subcommand(monkeypatch, tmp_path, capsys):
+    from sim.cli import main
+
+    _fake_entry_point(monkeypatch, tmp_path, "kvsim_fake_plugin", (
+        "def register(sub):\n"
+        "    p = sub.add_parser('fake')\n"
+        "    p.set_defaults(func=lambda args: print('fake ran') or 0)\n"))
+    assert main(["fake"]) == 0
+    assert capsys.readouterr().out == "fake ran\n"
+
+
+def test_a_plugin_missing_a_dependency_leaves_run_working_and_says_so_when_called(monkeypatch, tmp_path, capsys):
+    from sim.cli import build_parser, main
+
+    _fake_entry_point(monkeypatch, tmp_path, "kvsim_fake_broken_plugin", "import kvsim_no_such_dependency\n\ndef register(sub):\n    pass\n")
+    args = build_parser().parse_args(["run", "configs/default.yaml"])
+    assert args.command == "run"
+    assert main(["fake", "--anything"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "kvsim fake: kvsim_fake_broken_plugin cannot be imported" in err and "kvsim_no_such_dependency" in err
+
+
+def test_sim_never_imports_gpu():
+    import ast
+    from pathlib import Path
+
+    offenders = []
+    for path in Path("sim").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path}: {n}" for n in names if n == "gpu" or n.startswith("gpu.")]
+    assert offenders == []
+
+
+def test_execute_names_the_bad_model_before_asking_for_a_gpu(tmp_path):
+    r = _kvsim("execute", "--model", "tiny", "--trace", "t.parquet", "--out", str(tmp_path / "o.csv"))
+    assert r.returncode == 2
+    assert r.stderr.strip() == "kvsim: error: --model: 'tiny', expected one of llama2-7b, llama2-13b"

@@ -12,7 +12,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @cuda
 def test_captured_decode_graph_replays_the_eager_static_step():
-    m = M.random_decoder(M.SHAPES["tiny"], 128, "cuda", torch.float32, seed=5)
+    m = M.random_decoder(M.TINY, 128, "cuda", torch.float32, seed=5)
     caches = [torch.randn(4, 1, 64, 2, 4, 16, device="cuda")]
     g = DecodeGraphs(m, caches, bucket=32, graphs=True)
     # the capture's warm-up runs write position 0 of the cache: the eager side starts from that state
@@ -26,7 +26,7 @@ def test_captured_decode_graph_replays_the_eager_static_step():
 
 @cuda
 def test_captured_prefill_graphs_replay_the_eager_bodies():
-    m = M.random_decoder(M.SHAPES["tiny"], 1024, "cuda", torch.float32, seed=6)
+    m = M.random_decoder(M.TINY, 1024, "cuda", torch.float32, seed=6)
     base = torch.randn(4, 1, 512, 2, 4, 16, device="cuda")
     outs = {}
     for graphs in (True, False):
@@ -57,7 +57,7 @@ def test_registered_host_memory_is_pinned():
 
 def test_graph_body_runs_a_layer_stack_on_cpu():
     # the calibration times a stack of one layer repeated; on CPU the same body runs eagerly
-    m = M.random_decoder(M.SHAPES["tiny"], 64, "cpu", torch.float32, seed=1, layers=1)
+    m = M.random_decoder(M.TINY, 64, "cpu", torch.float32, seed=1, layers=1)
     cache = torch.randn(1, 2, 64, 2, 4, 16)
     g = DecodeGraphs(m, [cache], batch=2, stack=[(0, 0)] * 3, buckets=[64])
     g.cur.copy_(torch.tensor([[1], [2]]))

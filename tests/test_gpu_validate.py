@@ -7,13 +7,14 @@ import pytest
 from gpu.calibrate import write_profile
 from gpu.validate import compare_trace, predict_isolated, simulate_run
 from sim.trace import write_trace
-from tests.test_gpu_calibrate import _raw
+
+from calibration_samples import raw_samples
 
 
 @pytest.fixture
 def profile(tmp_path):
     p = tmp_path / "h.yaml"
-    write_profile(_raw(), p)
+    write_profile(raw_samples(), p)
     return p
 
 

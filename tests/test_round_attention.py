@@ -10,13 +10,14 @@ import yaml
 from gpu.roundattn.conversations import ChatFormatter, Selection, dialogue, iter_elements
 from gpu.roundattn.measure import (Variant, choose_rounds, evaluate_variants, full_pass, measure,
                                    summarise)
-from gpu.roundattn.model import LlamaShape, extend, full_logits, prefill, random_weights
+from gpu.roundattn.model import extend, full_logits, prefill, random_weights
 from gpu.roundattn.rounds import Conversation, Round, history_positions, history_round_mass, round_of_token
 from gpu.roundattn.topk import (dynamic_k_rounds, last_k_rounds, layer_visibility, residency, top_k_rounds)
 from gpu.roundattn.watershed import adjacent_similarity, find_watershed, js_similarity
+from sim.models import ModelShape
 
-TINY = LlamaShape(n_layers=4, hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, intermediate=128, vocab=97,
-                  rope_theta=10000.0)
+TINY = ModelShape("tiny-gqa", layers=4, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=97,
+                  max_context_tokens=512)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_top_k_with_all_rounds_reproduces_full_attention_exactly(weights):
     ids = conv.ids()[conv.current.start:]
     pos = torch.arange(conv.current.start, len(conv.token_ids))
     lower = extend(weights, fp.cache, ids, pos, stop_after=1)
-    vis = layer_visibility(conv, TINY.n_layers, 1, tuple(range(n)))
+    vis = layer_visibility(conv, TINY.layers, 1, tuple(range(n)))
     resumed = extend(weights, fp.cache, ids, pos, vis, start_layer=2, hidden=lower.hidden)
     assert torch.equal(resumed.logits, extend(weights, fp.cache, ids, pos).logits)
 
@@ -89,7 +90,7 @@ def test_keeping_fewer_rounds_changes_only_the_layers_above_the_watershed(weight
     conv = make_conv()
     fp = full_pass(weights, conv)
     ids, pos = conv.ids()[conv.current.start:], torch.arange(conv.current.start, len(conv.token_ids))
-    vis = layer_visibility(conv, TINY.n_layers, 1, (1,))
+    vis = layer_visibility(conv, TINY.layers, 1, (1,))
     probe = {"all": slice(0, ids.numel())}
     full = extend(weights, fp.cache, ids, pos, probes=probe)
     restricted = extend(weights, fp.cache, ids, pos, vis, probes=probe)
@@ -140,14 +141,14 @@ def test_residency_counts_whole_history_up_to_the_watershed_and_kept_rounds_abov
 def test_measure_on_a_tiny_model_fixes_a_watershed_and_full_agrees_with_itself(weights):
     convs = [make_conv(seed=s, conv_id=f"c{s}") for s in range(3)]
     out = measure(weights, convs[:1], convs[1:], ks=(1, 3), shares=(0.9,), threshold=0.5)
-    assert 0 <= out.watershed < TINY.n_layers
+    assert 0 <= out.watershed < TINY.layers
     assert out.watershed == out.watershed_rows[0]["watershed_prompt"]
     summ = {r["variant"]: r for r in out.summary_rows}
     assert summ["full"]["top1_agreement_pct"] == 100.0 and summ["full"]["gpu_kv_saving_pct"] == 0.0
     assert summ["top3"]["reply_ppl"] == pytest.approx(summ["full"]["reply_ppl"], rel=1e-6)  # 3 = all rounds
     assert summ["top1"]["kept_fraction"] < 1.0 and summ["top1"]["gpu_kv_saving_pct"] > 0.0
     assert {"top_dyn90", "last_dyn90", "last1"} <= set(summ)
-    assert len(out.dist_rows) == 3 * TINY.n_layers * 3
+    assert len(out.dist_rows) == 3 * TINY.layers * 3
 
 
 def test_summary_pools_perplexity_over_reply_tokens():
@@ -215,23 +216,23 @@ def test_report_writes_tables_plots_and_simulator_parameters(weights, tmp_path):
     convs = [make_conv(seed=s, conv_id=f"c{s}") for s in range(3)]
     out = measure(weights, convs[:1], convs[1:], ks=(1,), shares=(0.9,), threshold=0.5)
     info = RunInfo("kvsim roundattn measure", "2026-01-01 00:00", 1.0, "tiny", "1 + 2")
-    write_measurement(out, tmp_path, info, TINY.n_layers)
+    write_measurement(out, tmp_path, info, TINY.layers)
     for f in ("summary.csv", "summary.md", "variants.csv", "watershed.csv", "layer_similarity.png",
               "round_distributions.png", "quality_vs_memory.png", "watershed_hist.png"):
         assert (tmp_path / f).stat().st_size > 0, f
     assert not list(tmp_path.glob(".*tmp*"))
     cfg_path = tmp_path / "cfg.yaml"
-    write_sim_config(out, cfg_path, info, "top1", TINY.n_layers, "tiny")
+    write_sim_config(out, cfg_path, info, "top1", TINY.layers, "tiny")
     doc = yaml.safe_load(cfg_path.read_text())
     ra = doc["policy"]["round_attention"]
     assert ra["watershed_layer"] == out.watershed + 1
     top1 = next(r for r in out.summary_rows if r["variant"] == "top1")
     assert ra["kept_fraction"] == pytest.approx(top1["kept_fraction"], abs=1e-4)
-    assert doc["measured"]["watershed_depth_fraction"] == pytest.approx((out.watershed + 1) / TINY.n_layers, abs=1e-4)
+    assert doc["measured"]["watershed_depth_fraction"] == pytest.approx((out.watershed + 1) / TINY.layers, abs=1e-4)
 
 
 def test_cli_rejects_a_bad_k_list_with_exit_code_2(capsys):
-    from sim.cli_roundattn import register
+    from gpu.roundattn.cli import register
     import argparse
 
     p = argparse.ArgumentParser(prog="kvsim")

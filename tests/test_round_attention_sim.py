@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sim.cli_roundattn import measured_round_attention
+from gpu.roundattn.simulate import measured_round_attention
 from sim.errors import KvsimError
 
 ROOT = Path(__file__).resolve().parents[1]

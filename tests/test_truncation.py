@@ -1,16 +1,19 @@
 """CachedAttention's decoupled truncation: reuse of pre-RoPE KV at new positions vs recomputation."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from gpu.roundattn.model import LlamaShape, prefill, random_weights
+from gpu.roundattn.model import prefill, random_weights
 from gpu.roundattn.rounds import Conversation, Round
 from gpu.roundattn.truncation import (recompute_kv, reuse_saved_kv, score_reply, summarise_truncation, truncate,
                                       truncation_rows)
+from sim.models import ModelShape
 
-DEEP = LlamaShape(n_layers=3, hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, intermediate=128, vocab=97)
-ONE_LAYER = LlamaShape(n_layers=1, hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, intermediate=128, vocab=97)
+DEEP = ModelShape("deep", layers=3, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=97, max_context_tokens=512)
+ONE_LAYER = dataclasses.replace(DEEP, name="one-layer", layers=1)
 
 
 def conversation(n_rounds=4, prompt=6, reply=5, prefix=3, seed=0) -> Conversation:

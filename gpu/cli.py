@@ -1,9 +1,13 @@
-"""`kvsim gpu calibrate | execute | validate`: the real-GPU side of kvsim (gpu/), on the lead's parser."""
+"""`kvsim gpu calibrate | execute | validate`: the real-GPU side of kvsim, registered on `kvsim`'s parser
+through the `kvsim.commands` entry point (pyproject.toml). Heavy imports happen inside the commands."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from sim.errors import KvsimError
+from sim.files import atomic_write
+from sim.models import READ_BUFFER_LAYERS
+from sim.units import MS
 
 
 def register(subparsers) -> None:
@@ -22,15 +26,16 @@ def register(subparsers) -> None:
     p.add_argument("--trace", type=Path, required=True, help="canonical trace, e.g. results/gpu/trace_slice.parquet")
     p.add_argument("--tier", choices=("recompute", "dram", "ssd"), default="dram")
     p.add_argument("--sync", action="store_true", help="load all layers before computing (no layer-wise preload)")
-    p.add_argument("--read-buffer-layers", type=int, default=2)
+    p.add_argument("--read-buffer-layers", type=int, default=READ_BUFFER_LAYERS,
+                   help=f"layers loaded ahead of the compute (default {READ_BUFFER_LAYERS})")
     p.add_argument("--model", default="llama2-7b")
     p.add_argument("--ssd-dir", type=Path, default=Path("/tmp/kvsim_ssd"))
     p.add_argument("--out", type=Path, required=True, help="per-turn measurements (.csv)")
     p.set_defaults(func=cmd_execute)
 
     p = sub.add_parser("validate", help="measured runs vs the simulator with the measured profile (CPU, offline)")
-    # defaults: device run 10, whose calibration (7B + 13B) is configs/hardware/h100.yaml and whose
-    # trace runs served the real ShareGPT slice on the same machine (no isolated grid in that call)
+    # defaults: the committed device run whose calibration (7B + 13B) is configs/hardware/h100.yaml and
+    # whose trace runs served the real ShareGPT slice on the same machine (results/gpu/README.md)
     p.add_argument("--measured", type=Path, default=Path("results/gpu/run10_sharegpt/trace_runs.csv"))
     p.add_argument("--isolated", type=Path, default=None, help="isolated-turn grid (.csv), e.g. "
                    "results/gpu/run9_shared_ssd/isolated.csv with that run's profile")
@@ -47,15 +52,23 @@ def _need_cuda(what: str):
         raise KvsimError(f"kvsim gpu {what}: no CUDA device visible; expected a machine with an NVIDIA GPU")
 
 
-def cmd_calibrate(args) -> int:
-    _need_cuda("calibrate")
-    from gpu.calibrate import measure, write_profile
+def _model_names(flag: str, text: str, most: int | None = None) -> list[str]:
+    """Names of shapes the executor runs (`gpu.model.SHAPES`), comma-separated."""
     from gpu.model import SHAPES
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in models if m not in SHAPES or m == "tiny"]
-    if bad:
-        raise KvsimError(f"--models: {bad[0]!r}, expected names from {', '.join(k for k in SHAPES if k != 'tiny')}")
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in SHAPES]
+    if bad or not names or (most is not None and len(names) > most):
+        what = repr(bad[0]) if bad else repr(text)
+        raise KvsimError(f"{flag}: {what}, expected {'one of' if most == 1 else 'names from'} {', '.join(SHAPES)}")
+    return names
+
+
+def cmd_calibrate(args) -> int:
+    models = _model_names("--models", args.models)
+    _need_cuda("calibrate")
+    from gpu.calibrate import measure, write_profile
+
     raw = measure(models, ssd_dir=args.ssd_dir, quick=args.quick,
                   command=f"kvsim gpu calibrate --out {args.out}")
     write_profile(raw, args.out, args.raw or args.out.with_suffix(".raw.json"))
@@ -64,37 +77,28 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_execute(args) -> int:
+    (model_name,) = _model_names("--model", args.model, most=1)
+    if args.read_buffer_layers < 1:
+        raise KvsimError(f"--read-buffer-layers: {args.read_buffer_layers}, expected an integer >= 1")
     _need_cuda("execute")
     import torch
 
-    from gpu import model as M
-    from gpu.executor import Executor, ServePlan, serve_trace, session_capacity
+    from gpu.executor import decoder_for_trace, executor_for_trace, serve_trace
+    from gpu.model import SHAPES
+    from gpu.plans import ServePlan, run_name
     from sim.trace import read_trace
 
-    if args.model not in M.SHAPES or args.model == "tiny":
-        raise KvsimError(f"--model: {args.model!r}, expected llama2-7b or llama2-13b")
-    if args.read_buffer_layers < 1:
-        raise KvsimError(f"--read-buffer-layers: {args.read_buffer_layers}, expected an integer >= 1")
     trace = read_trace(args.trace)
-    shape = M.SHAPES[args.model]
-    caps = [session_capacity(g) for _, g in trace.groupby("session_id")]
-    max_ctx = max(caps) + 8
-    max_new = int((trace.prompt_tokens + trace.output_tokens).max()) + 8
-    model = M.random_decoder(shape, max_ctx + 4096, "cuda", torch.bfloat16, seed=2)   # + padding slack
     plan = ServePlan(args.tier, overlap=not args.sync, read_buffer_layers=args.read_buffer_layers)
-    ex = Executor(model, plan, max_ctx=max_ctx, max_new=max_new,
-                  host_bytes=sum(caps) * shape.kv_bytes_per_token_layer(2) * shape.layers + len(caps) * 8192,
-                  ssd_dir=args.ssd_dir, detail_events=False)
+    model = decoder_for_trace(SHAPES[model_name], trace, "cuda", torch.bfloat16)
+    ex = executor_for_trace(model, plan, trace, ssd_dir=args.ssd_dir)
     try:
         df = serve_trace(ex, trace)
     finally:
         ex.close()
-    df["run"] = f"{args.tier}_{'sync' if args.sync else 'overlap'}" if args.tier != "recompute" else "recompute"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(args.out)
-    print(f"{len(df)} turns, mean TTFT {df.ttft_s.mean() * 1e3:.1f} ms -> {args.out}")
+    df["run"] = run_name(plan)
+    atomic_write(args.out, lambda tmp: df.to_csv(tmp, index=False))
+    print(f"{len(df)} turns, mean TTFT {df.ttft_s.mean() / MS:.1f} ms -> {args.out}")
     return 0
 
 
