@@ -124,7 +124,11 @@ class KVStore:
                 if prot is None:
                     prot = self.lookahead()
                 pos = prot.get(key, math.inf) if prot is not None else -1
-                if not self.make_room(self.dram, e.nbytes, now, pos, prot):
+                # pinned: DRAM victims moving to SSD must not push out the very entry being fetched
+                e.users += 1
+                fits = self.make_room(self.dram, e.nbytes, now, pos, prot)
+                e.users -= 1
+                if not fits:
                     return
                 end = self.ssd_r.transfer(now, e.nbytes, self.cost.ssd_read_bw(e.nbytes / self.L), self.L)
                 self.ssd.remove(e)

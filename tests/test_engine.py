@@ -318,3 +318,15 @@ def test_a_turn_that_loads_nothing_records_zero_load_time(policy):
     t = res.turns.set_index("turn")
     assert t.loc[0, "load_s"] == 0.0
     assert (t.loc[1, "load_s"] > 0.0) == (policy == "attentionstore")
+
+
+def test_a_prefetch_that_spills_dram_to_ssd_keeps_the_entry_it_fetches():
+    """Making room in DRAM for a prefetch moves DRAM victims to SSD; the SSD then made room by evicting
+    the very entry being fetched, which was then removed from SSD twice (KeyError). Reproduced on the
+    default trace: FIFO eviction, 8 GB DRAM, 250 GB SSD, scheduler-aware fetch."""
+    from pathlib import Path
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "default.yaml",
+                      {"policy.eviction": "fifo", "host.dram_bytes": "8GB", "ssd.bytes": "250GB"})
+    res = run_simulation(cfg)
+    assert res.turns.ttft_s.notna().all()
+    assert res.summary["hit_rate_ssd"] > 0 and res.summary["evictions_dram"] > 0
