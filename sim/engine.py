@@ -88,6 +88,7 @@ class Replica:
                 store.take_releases(now)
             batch = sched.next_batch(now, self.n_running) if queue else None
             if batch:
+                began = now
                 dt = self._prefill(batch, now)
                 t1 = now + dt
                 stall = self._after_prefill(batch, t1)
@@ -100,14 +101,21 @@ class Replica:
                     now = t1
                 if stall > 0:
                     now = now + stall
+                # every step takes time: a clock that does not move (times too far from the origin for
+                # their float resolution) or is NaN/inf (a cost out of any physical range) is an error
+                if not began < now < math.inf:
+                    self._clock_error(now, "a prefill")
                 yield env.timeout(now - env.now if now > env.now else 0.0)
                 continue
             if self.n_running:
+                began = now
                 dt, k = self._decode_span(now)
                 now = now + dt
                 stall = self._after_decode(k, now)
                 if stall > 0:
                     now = now + stall
+                if not began < now < math.inf:
+                    self._clock_error(now, "a decode span")
                 yield env.timeout(now - env.now if now > env.now else 0.0)
                 continue
             if queue:
@@ -117,6 +125,8 @@ class Replica:
                 if release == math.inf:
                     self._never_fits()
                 nxt = min(release, source.next_arrival_s())
+                if not now + (nxt - now) > now:  # too far from the origin to resolve the step
+                    self._clock_error(nxt, "waiting for HBM")
                 now = now + (nxt - now)
                 yield env.timeout(now - env.now if now > env.now else 0.0)
                 continue
@@ -126,6 +136,12 @@ class Replica:
             t = yield self._inbox
             if t > now:
                 now = now + (t - now)
+
+    def _clock_error(self, t, doing):
+        raise KvsimError(
+            f"{self.cfg.source}: the simulated clock stopped advancing ({t!r} s after {doing}, "
+            f"{sum(f == f for f in self.rec.finish_s)} of {self.rec.n} turns done); expected finite costs and times: check the "
+            f"config's bandwidths and sizes and the trace's times (arrivals relative to the first one)")
 
     def _never_fits(self):
         job = self.sched.queue[0]

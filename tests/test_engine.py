@@ -330,3 +330,12 @@ def test_a_prefetch_that_spills_dram_to_ssd_keeps_the_entry_it_fetches():
     res = run_simulation(cfg)
     assert res.turns.ttft_s.notna().all()
     assert res.summary["hit_rate_ssd"] > 0 and res.summary["evictions_dram"] > 0
+
+
+def test_a_clock_too_far_from_the_origin_to_advance_is_an_error_not_zero_ttft():
+    """At 1e20 s a 10 ms prefill is below the clock's float resolution: every TTFT came out 0."""
+    from sim.errors import KvsimError
+    df = _two_turns()
+    df["arrival_s"] = df["arrival_s"] + 1e20
+    with pytest.raises(KvsimError, match="clock stopped advancing"):
+        _run(df)
