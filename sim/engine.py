@@ -219,7 +219,8 @@ class Replica:
             rec.computed_tokens[i] = job.computed
             rec.prompt_tokens[i] = job.prompt
             rec.output_tokens[i] = job.output
-            rec.truncated[i] = job.truncated
+            rec.truncated[i] = job.truncated or job.clipped > 0
+            rec.clipped_tokens[i] = job.clipped
             rec.batch_size[i] = size
         return wait + t + save
 

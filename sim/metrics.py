@@ -22,11 +22,13 @@ class Recorder:
             setattr(self, c, [nan] * n)
         self.hit_tier = [0] * n
         self.truncated = [False] * n
+        self.clipped_tokens = [0] * n
 
     def arrays(self) -> dict:
         out = {c: np.asarray(getattr(self, c), dtype=float) for c in self.COLS}
         out["hit_tier"] = np.asarray(self.hit_tier, dtype=np.int8)
         out["truncated"] = np.asarray(self.truncated, dtype=bool)
+        out["clipped_tokens"] = np.asarray(self.clipped_tokens, dtype=np.int64)
         return out
 
 
@@ -50,7 +52,8 @@ def turn_table(rec: Recorder, wl) -> pd.DataFrame:
         "output_tokens": c["output_tokens"].astype(np.int64),
         "hit_tokens": c["hit_tokens"].astype(np.int64),
         "computed_tokens": c["computed_tokens"].astype(np.int64),
-        "truncated": c["truncated"],
+        "truncated": c["truncated"],  # history dropped or prompt/reply clipped to fit the window
+        "clipped_tokens": c["clipped_tokens"],
         "bytes_loaded": c["bytes_loaded"],
         "bytes_saved": c["bytes_saved"],
         "batch_size": c["batch_size"].astype(np.int64),
@@ -102,6 +105,7 @@ def summarize(df: pd.DataFrame, replica, cfg) -> dict:
         # share of the context (history + prompt) whose KV was reused instead of computed
         "reused_token_fraction": float(df["hit_tokens"].sum()) / ctx_tokens if ctx_tokens else 0.0,
         "truncated_turns": int(df["truncated"].sum()),
+        "clipped_turns": int((df["clipped_tokens"] > 0).sum()),
         "gpu_busy_s": gpu_busy,
         "gpu_prefill_s": replica.busy_prefill_s,
         "gpu_decode_s": replica.busy_decode_s,

@@ -22,7 +22,7 @@ class Job:
     """One turn being served: its history, what it reuses, what it computes and holds in HBM."""
     __slots__ = ("i", "sid", "arrival", "keys", "hist", "prompt", "output", "ctx_in", "hit", "hit_entries",
                  "computed", "res_bytes", "done_iter", "ctx", "save_end", "truncated", "saved_prompt_bytes",
-                 "admitted", "blocks")
+                 "admitted", "blocks", "clipped")
 
     def __init__(self, i, sid, arrival, keys, hist, prompt, output, truncated, blocks=False):
         self.i, self.sid, self.arrival, self.keys = i, sid, arrival, keys
@@ -34,6 +34,7 @@ class Job:
         self.saved_prompt_bytes = 0.0
         self.save_end = 0.0
         self.admitted = False
+        self.clipped = 0  # prompt and reply tokens cut so that the turn fits the context window
 
 
 def reusable_block_keys(hashes, input_tokens: int) -> list:
@@ -75,19 +76,22 @@ class PrefillFirstScheduler:
         output = self.w_output[i]
         hashes = self.w_hashes[i]
         W = self.context_window
+        # a turn longer than the window keeps its reply (up to W - 1 tokens) and as much of its prompt
+        # as fits; the cut is counted (clipped_tokens) and the turn marked truncated, never silent
+        asked = prompt + output
         output = min(output, W - 1)
+        prompt = min(prompt, W - output)
         if hashes is not None:
             # Mooncake-style request: reuse is of the input's own leading blocks, from any request
-            truncated = prompt + output > W
-            prompt = min(prompt, W - output)
-            return Job(i, sid, t, reusable_block_keys(hashes, prompt), 0, prompt, output,
-                       truncated, blocks=True)
-        hist = self.session_context.get(sid, 0)
-        prompt = min(prompt, W - output)
-        kept = min(hist, W - prompt - output)
-        # history overflowing the window: drop the oldest tokens (CachedAttention §3.5);
-        # a history truncated to nothing has nothing to reuse
-        return Job(i, sid, t, (sid,) if kept else (), kept, prompt, output, kept < hist)
+            job = Job(i, sid, t, reusable_block_keys(hashes, prompt), 0, prompt, output, asked > W, blocks=True)
+        else:
+            hist = self.session_context.get(sid, 0)
+            kept = min(hist, W - prompt - output)
+            # history overflowing the window: drop the oldest tokens (CachedAttention §3.5);
+            # a history truncated to nothing has nothing to reuse
+            job = Job(i, sid, t, (sid,) if kept else (), kept, prompt, output, kept < hist)
+        job.clipped = asked - prompt - output
+        return job
 
     def enqueue(self, job: Job) -> None:
         self.queue.append(job)

@@ -339,3 +339,15 @@ def test_a_clock_too_far_from_the_origin_to_advance_is_an_error_not_zero_ttft():
     df["arrival_s"] = df["arrival_s"] + 1e20
     with pytest.raises(KvsimError, match="clock stopped advancing"):
         _run(df)
+
+
+def test_a_prompt_longer_than_the_window_is_clipped_counted_and_marked_truncated():
+    """A 1,400-token prompt with a 200-token reply in a 1,024-token window: the reply is kept, the prompt
+    cut to 824 tokens, and the 576 tokens cut are reported instead of silently dropped."""
+    df = _two_turns(p0=1400, o0=200, p1=10, o1=5)
+    res, _ = _run(df, **{"max_context_tokens": 1024})
+    t = res.turns.set_index("turn")
+    assert t.loc[0, "prompt_tokens"] == 824 and t.loc[0, "output_tokens"] == 200
+    assert t.loc[0, "clipped_tokens"] == 576 and t.loc[0, "truncated"]
+    assert t.loc[1, "clipped_tokens"] == 0
+    assert res.summary["clipped_turns"] == 1
