@@ -26,7 +26,7 @@ class Replica:
     def __init__(self, env, cfg, cost, workload):
         self.env, self.cfg, self.cost = env, cfg, cost
         pol = cfg.policy
-        self.kind = pol.kind
+        self.policy = pol.kind  # recompute | hbm_prefix | attentionstore
         self.shape = shape = cost.shape
         self.L = shape.layers
         self.kv_tok = shape.kv_bytes_per_token
@@ -35,10 +35,10 @@ class Replica:
         self.async_save = pol.async_save
         self.max_batch = cfg.scheduler.max_batch
         read_buffer = (self.buffer_layers * shape.max_context_tokens * shape.kv_bytes_per_token_layer
-                       if self.kind == "attentionstore" and self.layerwise else 0.0)
+                       if self.policy == "attentionstore" and self.layerwise else 0.0)
         self.sched = None  # set below: the store asks it for the look-ahead map only when evicting
-        self.store = KVStore(self.kind, cost.hbm_kv_bytes, cfg.host.dram_bytes, cfg.ssd.bytes, shape, cost,
-                             eviction_for(pol.eviction, self.kind, cost), read_buffer, cost.ssd_contention,
+        self.store = KVStore(self.policy, cost.hbm_kv_bytes, cfg.host.dram_bytes, cfg.ssd.bytes, shape, cost,
+                             eviction_for(pol.eviction, self.policy, cost), read_buffer, cost.ssd_contention,
                              pol.truncation == "decoupled_pe", lambda: self.sched.lookahead_keys())
         self.sched = PrefillFirstScheduler(cfg, shape, workload, self.store)
         self.ra_factor = self.sched.ra_factor
@@ -229,9 +229,9 @@ class Replica:
         for job in batch:
             if self.store.on_host and self.async_save:
                 # asynchronous saving (§3.3): the prompt KV drains through D2H while decoding goes on
-                nb = job.computed * self.kv_tok
-                job.save_end = self.store.d2h.transfer(now, nb, self.cost.d2h_bw(nb / self.L))
-                job.saved_prompt_bytes = nb
+                prompt_bytes = job.computed * self.kv_tok
+                job.save_end = self.store.d2h.transfer(now, prompt_bytes, self.cost.d2h_bw(prompt_bytes / self.L))
+                job.saved_prompt_bytes = prompt_bytes
             job.ctx = job.ctx_in + 1
             rem = job.output - 1
             if rem <= 0:
@@ -319,7 +319,7 @@ class Replica:
             store.release(job.res_bytes, release_at, now)
         else:
             store.hbm.reserved -= job.res_bytes
-            if self.kind == "hbm_prefix":
+            if self.policy == "hbm_prefix":
                 store.keep_in_hbm(job, ctx, now, self.w_hashes[i])
             rec.bytes_saved[i] = 0.0
         self.sched.finished(job, ctx)

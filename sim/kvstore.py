@@ -24,7 +24,7 @@ class KVStore:
     def __init__(self, kind: str, hbm_kv_bytes: float, dram_bytes: float, ssd_bytes: float, shape, cost,
                  eviction: Eviction, read_buffer_bytes: float, ssd_contention: str, decoupled_pe: bool,
                  lookahead: Callable[[], Optional[dict]]):
-        self.kind = kind
+        self.policy = kind
         self.on_host = kind == "attentionstore"  # a host store (DRAM, SSD) behind HBM
         self.reuse = kind != "recompute"
         self.cost = cost
@@ -208,15 +208,15 @@ class KVStore:
         """Write the turn's new KV to DRAM (spilling to SSD if DRAM cannot hold it); return bytes written."""
         if job.blocks:  # prefix blocks of the input
             written = 0.0
-            nb = BLOCK_TOKENS * self.kv_tok
+            block_bytes = BLOCK_TOKENS * self.kv_tok
             for key in hashes[: job.prompt // BLOCK_TOKENS]:
                 e = self.index.get(key)
                 if e is not None:
                     e.tier.touch(e)
                     continue
-                if self._put(key, BLOCK_TOKENS, nb, self.dram, now, now) or \
-                        self._put(key, BLOCK_TOKENS, nb, self.ssd, now, now):
-                    written += nb
+                if self._put(key, BLOCK_TOKENS, block_bytes, self.dram, now, now) or \
+                        self._put(key, BLOCK_TOKENS, block_bytes, self.ssd, now, now):
+                    written += block_bytes
             return written
         e = self.index.get(job.sid)
         nbytes = ctx * self.kv_tok
@@ -244,12 +244,12 @@ class KVStore:
     def keep_in_hbm(self, job, ctx, now, hashes) -> None:
         """Prefix caching in spare HBM (vLLM/SGLang-like): the finished KV stays, LRU-evicted."""
         if job.blocks:
-            nb = BLOCK_TOKENS * self.kv_tok
+            block_bytes = BLOCK_TOKENS * self.kv_tok
             for key in hashes[: job.prompt // BLOCK_TOKENS]:
                 e = self.index.get(key)
                 if e is not None:
                     e.tier.touch(e)
                 else:
-                    self._put(key, BLOCK_TOKENS, nb, self.hbm, now, now)
+                    self._put(key, BLOCK_TOKENS, block_bytes, self.hbm, now, now)
             return
         self._put(job.sid, ctx, ctx * self.kv_tok, self.hbm, now, now)

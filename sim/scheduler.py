@@ -75,18 +75,18 @@ class PrefillFirstScheduler:
         prompt = self.w_prompt[i]
         output = self.w_output[i]
         hashes = self.w_hashes[i]
-        W = self.context_window
-        # a turn longer than the window keeps its reply (up to W - 1 tokens) and as much of its prompt
+        window = self.context_window
+        # a turn longer than the window keeps its reply (up to window - 1 tokens) and as much of its prompt
         # as fits; the cut is counted (clipped_tokens) and the turn marked truncated, never silent
         asked = prompt + output
-        output = min(output, W - 1)
-        prompt = min(prompt, W - output)
+        output = min(output, window - 1)
+        prompt = min(prompt, window - output)
         if hashes is not None:
             # Mooncake-style request: reuse is of the input's own leading blocks, from any request
-            job = Job(i, sid, t, reusable_block_keys(hashes, prompt), 0, prompt, output, asked > W, blocks=True)
+            job = Job(i, sid, t, reusable_block_keys(hashes, prompt), 0, prompt, output, asked > window, blocks=True)
         else:
             hist = self.session_context.get(sid, 0)
-            kept = min(hist, W - prompt - output)
+            kept = min(hist, window - prompt - output)
             # history overflowing the window: drop the oldest tokens (CachedAttention §3.5);
             # a history truncated to nothing has nothing to reuse
             job = Job(i, sid, t, (sid,) if kept else (), kept, prompt, output, kept < hist)
@@ -140,7 +140,7 @@ class PrefillFirstScheduler:
             store = self.store
             room = self.max_batch - running
             tokens = 0
-            W = self.window_jobs
+            last = self.window_jobs - 1  # the look-ahead window's last position
             while q and room > 0:
                 job = q[0]
                 self.plan(job)
@@ -154,8 +154,8 @@ class PrefillFirstScheduler:
                 batch.append(job)
                 tokens += job.computed
                 room -= 1
-                if self.prefetch and len(q) >= W > 0:
-                    store.prefetch(q[W - 1], now)
+                if self.prefetch and len(q) > last >= 0:
+                    store.prefetch(q[last], now)
         if self.entered_window:
             # fetch only for jobs that really wait: one admitted now loads layer-wise from SSD
             for job in self.entered_window:

@@ -110,11 +110,11 @@ class Users:
         self.pending = []  # heap (arrival time, turn index)
         self.remaining = len(workload)
         self.all_done = env.event()
-        self.w_arrival = workload.arrival_s.tolist()
-        self.w_think = workload.think_s.tolist()
-        self.w_next = workload.next_turn.tolist()
+        self.arrival_s = workload.arrival_s.tolist()
+        self.think_s = workload.think_s.tolist()
+        self.next_turn = workload.next_turn.tolist()
         for i in workload.first_turns.tolist():
-            heapq.heappush(self.pending, (self.w_arrival[i], i))
+            heapq.heappush(self.pending, (self.arrival_s[i], i))
         if not self.remaining:
             self.all_done.succeed()
 
@@ -144,10 +144,10 @@ class Users:
         self.remaining -= 1
         if not self.remaining:
             self.all_done.succeed()
-        nxt = self.w_next[i]
+        nxt = self.next_turn[i]
         if nxt < 0:
             return
-        t = self.w_arrival[nxt]
+        t = self.arrival_s[nxt]
         if t != t:  # NaN: the user thinks after reading the reply
-            t = ready_s + self.w_think[nxt]
+            t = ready_s + self.think_s[nxt]
         heapq.heappush(self.pending, (t if t > end_s else end_s, nxt))
