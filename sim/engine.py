@@ -81,9 +81,11 @@ class Replica:
         """
         env, sched, store, source = self.env, self.sched, self.store, self.source
         queue = sched.queue
+        pending = source.pending  # the source's heap of (arrival time, turn): read to skip a call
         now = env.now
         while True:
-            source.deliver_due(now)
+            if pending and pending[0][0] <= now:
+                source.deliver_due(now)
             if store.releases and store.releases[0][0] <= now:
                 store.take_releases(now)
             batch = sched.next_batch(now, self.n_running) if queue else None

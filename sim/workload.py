@@ -107,7 +107,7 @@ class Users:
 
     def __init__(self, env, workload: Workload, target):
         self.env, self.target = env, target
-        self.pending = []  # heap (arrival time, turn index)
+        self.pending = []  # heap (arrival time, turn index); a target may peek at its head
         self.remaining = len(workload)
         self.all_done = env.event()
         self.arrival_s = workload.arrival_s.tolist()
