@@ -386,6 +386,11 @@ class CostModel(ABC):
     @abstractmethod
     def ssd_write_bw(self, chunk_bytes: float) -> float: ...
 
+    def decode_next_kink(self, batch: int, context_tokens: float) -> float:
+        """The smallest total context > `context_tokens` at which `decode_step_s(batch, .)` changes slope
+        (inf if it is linear from here on). `decode_span` sums exactly between two kinks."""
+        return math.inf
+
     # --- formulas over them, shared by the back ends
     def history_load_layer_s(self, dram_chunk_bytes: float, ssd_chunk_bytes: float = 0.0,
                              ssd_slowdown: float = 1.0, overhead_s: Optional[float] = None) -> float:
@@ -416,6 +421,49 @@ class CostModel(ABC):
         L = self.shape.layers
         return IterationCost(preload_pipeline_s(L, load_layer_s, compute_layer_s, buffer_layers, layerwise),
                              L * compute_layer_s, L * load_layer_s, head_s, self.host_turn_s, 0.0)
+
+
+    def decode_span(self, batch: int, context_tokens: float, kmax: int, budget_s: float = math.inf) -> tuple:
+        """(seconds, k): the next k decode iterations of `batch` sequences holding `context_tokens` tokens
+        in all (each iteration adds one token per sequence), where k is `kmax`, or the fewest iterations
+        whose summed time reaches `budget_s` (an arrival that can join at the end of an iteration).
+
+        The step time is piecewise linear in the context (a roofline's compute/memory kink, a measured
+        table's grid columns): between two kinks the iterations' times form an arithmetic series, so a
+        span costs one evaluation per end of each linear piece, not one per iteration.
+        """
+        step = self.decode_step_s
+        done, total = 0, 0.0
+        while True:
+            start = context_tokens + batch * done
+            n = kmax - done
+            kink = self.decode_next_kink(batch, start)
+            if kink < start + batch * (n - 1):
+                n = int((kink - start) // batch) + 1  # iterations whose context is <= the kink
+            a = step(batch, start)
+            # t_j = a + d j inside the piece
+            d = (step(batch, start + batch * (n - 1)) - a) / (n - 1) if n > 1 else 0.0
+            piece = n * a + d * n * (n - 1) * 0.5
+            cut = budget_s - total if done else budget_s
+            if cut < piece:
+                if cut < 0.0:
+                    cut = 0.0
+                # fewest iterations whose summed time reaches the cut: k a + d k(k-1)/2 >= cut
+                if d > 1e-15:
+                    b = a - d * 0.5
+                    k = int(math.ceil((math.sqrt(b * b + 2.0 * d * cut) - b) / d))
+                else:
+                    k = int(math.ceil(cut / a)) if a > 0 else 1
+                if k < 1:
+                    k = 1
+                elif k > n:
+                    k = n
+                piece = k * a + d * k * (k - 1) * 0.5
+                return (total + piece if done else piece), done + k
+            total = total + piece if done else piece
+            done += n
+            if done >= kmax:
+                return total, kmax
 
 
 class RooflineCost(CostModel):
@@ -471,6 +519,13 @@ class RooflineCost(CostModel):
         head = self._d_head_c * batch
         return (comp if comp > mem else mem) + (head if head > self._d_head_m else self._d_head_m)
 
+    def decode_next_kink(self, batch: int, context_tokens: float) -> float:
+        # compute (d_lin B + d_att C) and memory (d_w + d_kv C) cross once, if their slopes differ
+        if self._d_att == self._d_kv:
+            return math.inf
+        crossing = (self._d_w - self._d_lin * batch) / (self._d_att - self._d_kv)
+        return crossing if crossing > context_tokens else math.inf
+
     def h2d_bw(self, chunk_bytes: float) -> float:
         return self._h2d
 
@@ -517,6 +572,17 @@ class ProfileCost(CostModel):
         per_seq = context_tokens / batch
         layer = max(self.m.decode_layer_ms(batch, per_seq), 0.0)
         return (self.shape.layers * layer + max(self.m.head_decode_ms(batch), 0.0)) * MS
+
+    def decode_next_kink(self, batch: int, context_tokens: float) -> float:
+        # bilinear in (batch, context per sequence): for a fixed batch, linear between the table's
+        # interior context columns (the end segments extrapolate linearly)
+        cols = self.m.decode_layer_ms.ys
+        i = bisect.bisect_right(cols, context_tokens / batch)
+        while i < len(cols) - 1:
+            if cols[i] * batch > context_tokens:
+                return cols[i] * batch
+            i += 1
+        return math.inf
 
     def h2d_bw(self, chunk_bytes: float) -> float:
         return self.profile.links["h2d_pinned"](chunk_bytes) * GB

@@ -249,36 +249,16 @@ class Replica:
     # ---- decode spans -------------------------------------------------------------------
     def _decode_span(self, now):
         B = self.n_running
-        S = self.ctx_sum
-        kmax = self.running[0][0] - self.iter_count
-        step = self.cost.decode_step_s
-        a = step(B, S)
-        # iteration times grow linearly with context inside a span: t_j = a + d j
-        d = (step(B, S + B * (kmax - 1)) - a) / (kmax - 1) if kmax > 1 else 0.0
-        k = kmax
-        total = kmax * a + d * kmax * (kmax - 1) * 0.5
+        kmax = self.running[0][0] - self.iter_count  # the span ends at the first finish at the latest
         # an arrival changes the batch only if it can be admitted at once: not while the batch is
-        # full, nor behind a queued job (FCFS); it is then taken at the span's end, at its own time
+        # full, nor behind a queued job (FCFS); it is then taken at the end of the iteration in flight
         queued = self.sched.queue
         cut = self.source.next_arrival_s() - now if not queued and B < self.max_batch else math.inf
         if queued and self.store.releases:
             r = self.store.releases[0][0] - now
             if r < cut:
                 cut = r
-        if cut < total:
-            if cut < 0.0:
-                cut = 0.0
-            # fewest iterations whose summed time reaches the cut: k a + d k(k-1)/2 >= cut
-            if d > 1e-15:
-                b = a - d * 0.5
-                k = int(math.ceil((math.sqrt(b * b + 2.0 * d * cut) - b) / d))
-            else:
-                k = int(math.ceil(cut / a)) if a > 0 else 1
-            if k < 1:
-                k = 1
-            elif k > kmax:
-                k = kmax
-            total = k * a + d * k * (k - 1) * 0.5
+        total, k = self.cost.decode_span(B, self.ctx_sum, kmax, cut)
         self.busy_decode_s += total
         return total, k
 
