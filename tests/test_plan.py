@@ -136,12 +136,14 @@ def test_plan_end_to_end_on_the_simulator_meets_the_slo_it_prints(tmp_path, caps
     assert hi < lo  # the store helps on this workload, so there is something to plan
     slo = (lo + hi) / 2
     rc = main(["plan", "--config", str(tmp_path / "base.yaml"), "--slo", f"ttft_p99_ms<={slo}", "--rate", "0.5",
-               "--dram-max", "64GB", "--dram-step", "4GB", "--ssd", "0", "--jobs", "1", "--out", str(tmp_path / "plan")])
+               "--dram-max", "64GB", "--dram-step", "4GB", "--ssd", "0", "--jobs", "1", "--replications", "2",
+               "--out", str(tmp_path / "plan")])
     out = capsys.readouterr().out
     assert rc == 0 and "cheapest configuration meeting" in out
+    assert "2 runs per candidate (seeds 0..1 redraw Poisson session arrivals" in out
     table = pd.read_csv(tmp_path / "plan" / "plan.csv")
     best = table[table["cheapest"]].iloc[0]
-    assert best["meets_slo"] and 0 < best["dram_bytes"] <= 64e9
+    assert best["meets_slo"] and 0 < best["dram_bytes"] <= 64e9 and (table["runs"] == 2).all()
     # the answer is the least evaluated DRAM that meets the SLO, and the ladder step below it was seen to miss
     below = table[table["dram_bytes"] < best["dram_bytes"]]
     assert not below["meets_slo"].any() and (best["dram_bytes"] - 4e9) in set(below["dram_bytes"])
@@ -152,4 +154,5 @@ def test_plan_end_to_end_on_the_simulator_meets_the_slo_it_prints(tmp_path, caps
                "--dram-step", "32GB", "--ssd", "0", "--jobs", "1"])
     out = capsys.readouterr().out
     assert rc == 1 and "NO configuration in the searched range meets ttft_p99_ms<=0" in out
-    assert "evaluated points (1 simulations)" in out
+    # no --rate: the trace's arrivals are replayed, the seed redraws nothing, one run per candidate is exact
+    assert "evaluated points (1 candidates, 1 simulations)" in out and "one run per candidate is exact" in out
