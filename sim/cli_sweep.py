@@ -47,8 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--ssd", default=None, help="SSD sizes to try, e.g. 0,2TB,8TB (default: 0 and --ssd-max/16, /4, /1)")
     p.add_argument("--ssd-max", default="16TB", help="largest SSD size of the default ladder (default 16TB)")
     p.add_argument("--cost", default="provisioned_usd_per_hour",
-                   help="what to minimise: provisioned_usd_per_hour (GPUs + DRAM + SSD at the config's prices, "
-                        "the default) or any summary metric, e.g. cost_per_1k_turns_usd")
+                   help="what to minimise: provisioned_usd_per_hour (sim/pricing.py: GPUs, plus DRAM + SSD when the "
+                        "policy keeps a store, at the config's prices; the default) or any summary metric, averaged "
+                        "over the runs, e.g. cost_per_1k_turns_usd")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--replications", "-r", type=int, default=5,
                    help="runs per candidate, seeds redrawing the config's random draws (default 5; 1 where the "

@@ -174,3 +174,108 @@ def test_manifest_records_spec_and_base_relative_to_the_working_directory(tmp_pa
     run_sweep(load_sweep_spec(spec_path), jobs=1, progress=False)
     manifest = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert (manifest["spec"], manifest["base"]) == ("spec.yaml", "base.yaml")
+
+
+# ---------------------------------------------------------------- checked before any point runs
+
+def test_a_spec_of_a_hundred_million_points_is_refused_at_once(tmp_path):
+    # 8 axes of 10 values: 10^8 points, refused from the lengths alone (expanding them takes minutes and GBs)
+    grid = {f"scheduler.{k}": list(range(1, 11)) for k in ("max_batch", "max_prefill_tokens", "lookahead_jobs")}
+    grid.update({"host.dram_bytes": [f"{g}GB" for g in range(1, 11)], "ssd.bytes": [f"{g}GB" for g in range(1, 11)],
+                 "gpu.count": list(range(1, 11)), "workload.max_sessions": list(range(1, 11)),
+                 "host.h2d_gbps": list(range(1, 11))})
+    t0 = time.perf_counter()
+    with pytest.raises(KvsimError, match=r"spec.yaml: grid: 100,000,000 points .*expected at most 10,000"):
+        load_sweep_spec(_setup(tmp_path, {"grid": grid}))
+    assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.parametrize("grid, match", [
+    ({"policy.eviction": ["lru", "bogus"]}, "grid.policy.eviction: expected one of scheduler_aware, lru, fifo, got 'bogus'"),
+    ({"policy.evicton": ["lru"]}, "grid.policy.evicton: unknown key"),
+    ({"host.dram_bytes": ["8GB", "lots"]}, "grid.host.dram_bytes: expected a byte size"),
+])
+def test_an_invalid_axis_value_stops_the_sweep_before_any_point_runs(tmp_path, capsys, grid, match):
+    spec_path = _setup(tmp_path, {"grid": grid})
+    assert main(["sweep", str(spec_path), "--no-progress", "--jobs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"spec.yaml: {match}" in err
+    assert not (tmp_path / "out").exists()  # nothing was run or written
+
+
+def test_a_bad_value_in_a_variant_names_the_variant(tmp_path):
+    spec_path = _setup(tmp_path, {"variants": {"full": {}, "odd": {"policy.layerwise_preload": "sometimes"}}})
+    with pytest.raises(KvsimError, match=r"spec.yaml: variants.odd.policy.layerwise_preload: expected true or false"):
+        run_sweep(load_sweep_spec(spec_path), jobs=1, progress=False)
+
+
+def test_seeds_are_refused_where_the_seed_redraws_nothing(tmp_path):
+    # the fixture trace is replayed with its own arrivals and think times: both seeds would give one run
+    spec_path = _setup(tmp_path, {"grid": {"policy.kind": ["recompute"]}, "seeds": [0, 1]})
+    with pytest.raises(KvsimError, match=r"spec.yaml: seeds: 2 seeds, but at policy.kind=recompute the seed "
+                                         r"redraws nothing.*workload.session_rate_per_s"):
+        run_sweep(load_sweep_spec(spec_path), jobs=1, progress=False)
+    with pytest.raises(KvsimError, match="seeds: seed 1 is listed twice"):
+        load_sweep_spec(_setup(tmp_path, {"overrides": {"workload.session_rate_per_s": 0.5}, "seeds": [0, 1, 1]}))
+
+
+def test_committed_sweep_specs_have_seeds_that_redraw_something():
+    from sim.sweep import resolve_points, seed_redraws
+
+    root = Path(__file__).resolve().parent.parent
+    specs = sorted((root / "configs/sweeps").glob("*.yaml")) + sorted((root / "configs/paper/sweeps").glob("*.yaml"))
+    assert len(specs) >= 10
+    for path in specs:  # resolve_points refuses seeds that redraw nothing
+        resolved = resolve_points(load_sweep_spec(path))
+        if len({rp.point.seed for rp in resolved}) > 1:
+            assert all(seed_redraws(rp.config) for rp in resolved), path
+
+
+@pytest.mark.parametrize("where", ["flag", "spec"])
+def test_out_naming_a_file_is_one_line_and_exit_2_before_any_point_runs(tmp_path, capsys, where):
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("not a folder")
+    if where == "flag":
+        spec_path = _setup(tmp_path, {"grid": {"policy.kind": ["recompute"]}})
+        argv = ["sweep", str(spec_path), "--out", str(blocker), "--no-progress"]
+    else:  # a parent of the spec's out is a file
+        spec_path = _setup(tmp_path, {"grid": {"policy.kind": ["recompute"]}})
+        spec = yaml.safe_load(spec_path.read_text())
+        spec_path.write_text(yaml.safe_dump({**spec, "out": str(blocker / "sub")}))
+        argv = ["sweep", str(spec_path), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "results.txt" in err
+    assert ("is a file" in err) if where == "flag" else ("cannot write results there" in err)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_truncated_run_log_line_is_dropped_on_resume_and_named_by_the_report_reader(tmp_path):
+    from sim.sweep import read_run_log
+
+    spec_path = _setup(tmp_path, {"grid": {"policy.kind": ["recompute"]}})
+    run_sweep(load_sweep_spec(spec_path), jobs=1, progress=False)
+    log = tmp_path / "out" / "runs.jsonl"
+    log.write_text(log.read_text() + '{"finished_at": "2026-01-01T00:00:00Z", "wall_s": 1.2')  # a copy cut short
+    with pytest.raises(KvsimError, match=r"runs.jsonl: line 2: expected one JSON record per line"):
+        read_run_log(tmp_path / "out")
+    run_sweep(load_sweep_spec(spec_path), jobs=1, progress=False)  # resume: appends its own record
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2 and all(isinstance(json.loads(line), dict) for line in lines)
+    assert [r["ran"] for r in read_run_log(tmp_path / "out")] == [1, 0]
+
+
+def test_point_keys_are_the_same_for_two_checkouts_in_different_folders(tmp_path):
+    from sim.sweep import resolve_points
+
+    keys = []
+    for folder in ("checkout_a", "deeper/checkout_b"):
+        root = tmp_path / folder
+        root.mkdir(parents=True)
+        keys.append([rp.key for rp in resolve_points(load_sweep_spec(
+            _setup(root, {"grid": {"host.dram_bytes": ["4GB", "16GB"]}})))])
+    assert keys[0] == keys[1] and len(set(keys[0])) == 2
+    # the trace enters the key by its content: a different trace at the same path is a different point
+    _write_trace(tmp_path / "checkout_a" / "trace.parquet", 20, seed=1)
+    moved = [rp.key for rp in resolve_points(load_sweep_spec(tmp_path / "checkout_a" / "spec.yaml"))]
+    assert set(moved).isdisjoint(keys[0])
