@@ -327,7 +327,7 @@ def _blame(spec: SweepSpec, point: SweepPoint, message: str) -> str:
             where = f"overrides.{dotted}"
         return f"{spec.path}: {where}: {detail[len(key) + 1:].strip()} (checked against {spec.base.name})"
     params = ", ".join(f"{k}={v!r}" for k, v in point.overrides.items())
-    return f"{spec.path}: point {point.index} ({params}): {detail}"
+    return f"{spec.path}: point {point.index} ({params or 'no overrides'}): {message}"
 
 
 def get_dotted(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
