@@ -34,7 +34,9 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("plan", help="cheapest DRAM/SSD (and GPU count) meeting an SLO, by bisection",
                               description="Search DRAM by bisection for each SSD size on a ladder (and each GPU "
-                                          "count), assuming the SLO metric improves monotonically with capacity.")
+                                          "count); each candidate runs over several seeds and is feasible when the "
+                                          "one-sided 95%% confidence bound on its mean meets the SLO; the answer is "
+                                          "the cheapest feasible candidate evaluated (sim/plan.py).")
     p.add_argument("--config", type=Path, default=Path("configs/default.yaml"), help="base config YAML")
     p.add_argument("--slo", required=True, help='e.g. "ttft_p99_ms<=500" (any summary metric; _ms reads _s keys)')
     p.add_argument("--rate", type=float, help="session arrival rate (sessions/s) to plan for")
@@ -45,18 +47,22 @@ def register(subparsers) -> None:
     p.add_argument("--ssd", default=None, help="SSD sizes to try, e.g. 0,2TB,8TB (default: 0 and --ssd-max/16, /4, /1)")
     p.add_argument("--ssd-max", default="16TB", help="largest SSD size of the default ladder (default 16TB)")
     p.add_argument("--cost", default="provisioned_usd_per_hour",
-                   help="what to minimise: provisioned_usd_per_hour (GPUs + DRAM + SSD at the config's prices, "
-                        "the default) or any summary metric, e.g. cost_per_1k_turns_usd")
+                   help="what to minimise: provisioned_usd_per_hour (sim/pricing.py: GPUs, plus DRAM + SSD when the "
+                        "policy keeps a store, at the config's prices; the default) or any summary metric, averaged "
+                        "over the runs, e.g. cost_per_1k_turns_usd")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--replications", "-r", type=int, default=5,
+                   help="runs per candidate, seeds redrawing the config's random draws (default 5; 1 where the "
+                        "seed redraws nothing)")
     p.add_argument("--jobs", "-j", type=int, default=None, help="simulations at once (default: all CPU cores)")
-    p.add_argument("--out", type=Path, help="also write plan.csv (every simulation) and plan.png/.pdf here")
+    p.add_argument("--out", type=Path, help="also write plan.csv (every candidate) and plan.png/.pdf here")
     p.set_defaults(func=cmd_plan)
 
 
 # ---------------------------------------------------------------- sweep / plot / report
 
 def cmd_sweep(args) -> int:
-    from sim.sweep import load_sweep_spec, run_sweep
+    from sim.sweep import default_out_dir, load_sweep_spec, prepare_out_dir, resolve_points, run_sweep
 
     if args.jobs is not None and args.jobs < 1:
         raise KvsimError(f"--jobs: expected an integer >= 1, got {args.jobs}")
@@ -68,6 +74,10 @@ def cmd_sweep(args) -> int:
     specs = [load_sweep_spec(s) for s in paths]  # all specs validated before anything runs
     if args.out and len(specs) > 1:
         raise KvsimError("--out: expected a single spec when --out is given")
+    for spec in specs:  # every point of every spec, and every output folder, before the first point runs
+        resolve_points(spec)
+        prepare_out_dir(args.out or default_out_dir(spec),
+                        "--out" if args.out else f"{spec.path}: {'out' if spec.out else 'name'} (output folder)")
     any_failed = False
     for spec in specs:
         res = run_sweep(spec, out_dir=args.out, jobs=args.jobs, ray_address=args.ray,
@@ -89,7 +99,11 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from sim.plot import plot_sweep
+    from sim.plot import plot_sweep, sweep_dirs
+    from sim.sweep import prepare_out_dir
+
+    for d in sweep_dirs(args.results):  # every figure folder checked before the first figure is drawn
+        prepare_out_dir(d / "plots", "kvsim plot:")
 
     paths = plot_sweep(args.results)
     for path in paths:
@@ -103,7 +117,7 @@ def cmd_plot(args) -> int:
 def cmd_report(args) -> int:
     from sim.report import write_report
 
-    path = write_report(args.results, draw=not args.no_plot)
+    path = write_report(args.results, draw=not args.no_plot)  # checks its folders before writing
     print(f"wrote {path}")
     return 0
 
@@ -123,13 +137,25 @@ def _overrides(items: list[str]) -> dict:
 
 
 def cmd_plan(args) -> int:
+    import math
+    import re
+
     from sim.config import load_config
-    from sim.plan import capacity_ladder, format_plan, parse_slo, plan_capacity, simulator_evaluator, write_plan
+    from sim.plan import (MAX_REPLICATIONS, PROVISIONED, SimulatorEvaluator, capacity_ladder, format_plan, parse_slo,
+                          plan_capacity, write_plan)
+    from sim.sweep import prepare_out_dir
 
     slo = parse_slo(args.slo)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", args.cost or ""):
+        raise KvsimError(f"--cost {args.cost!r}: expected {PROVISIONED} or a summary metric name, "
+                         f"e.g. cost_per_1k_turns_usd")
+    if args.jobs is not None and args.jobs < 1:
+        raise KvsimError(f"--jobs: expected an integer >= 1, got {args.jobs}")
+    if not 1 <= args.replications <= MAX_REPLICATIONS:
+        raise KvsimError(f"--replications: expected an integer from 1 to {MAX_REPLICATIONS}, got {args.replications}")
     overrides = _overrides(args.set)
     if args.rate is not None:
-        if args.rate <= 0:
+        if not (math.isfinite(args.rate) and args.rate > 0):
             raise KvsimError(f"--rate: expected sessions/s > 0, got {args.rate}")
         overrides["workload.session_rate_per_s"] = args.rate
     base = load_config(args.config, overrides)  # validates the config and the overrides up front
@@ -137,7 +163,7 @@ def cmd_plan(args) -> int:
         gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else [base.gpu.count]
     except ValueError:
         raise KvsimError(f"--gpus: expected comma-separated integers like 1,2,4, got {args.gpus!r}") from None
-    if any(g < 1 for g in gpus):
+    if not gpus or any(g < 1 for g in gpus):
         raise KvsimError(f"--gpus: expected counts >= 1, got {args.gpus!r}")
     dram = capacity_ladder(_bytes(args.dram_min, "--dram-min"), _bytes(args.dram_max, "--dram-max"),
                            _bytes(args.dram_step, "--dram-step"))
@@ -146,12 +172,16 @@ def cmd_plan(args) -> int:
     else:
         top = _bytes(args.ssd_max, "--ssd-max")
         ssd = [0.0, top / 16, top / 4, top]
+    if args.out:
+        prepare_out_dir(args.out, "--out")  # before the first simulation, not after the last
     jobs = max(1, args.jobs or os.cpu_count() or 1)
-    evaluate_many, close = simulator_evaluator(args.config, overrides, slo, args.cost, jobs=jobs)
+    evaluate = SimulatorEvaluator(args.config, overrides, slo, args.cost, jobs=jobs, replications=args.replications)
     try:
-        plan = plan_capacity(evaluate_many, slo, gpus, ssd, dram, width=jobs)
+        # a batch of `jobs` simulations: as many candidates as fill it with their replications
+        plan = plan_capacity(evaluate, slo, gpus, ssd, dram, width=max(1, jobs // len(evaluate.seeds)),
+                             method=evaluate.method)
     finally:
-        close()
+        evaluate.close()
     print(f"plan for {args.config} with {overrides or 'no overrides'}")
     print(format_plan(plan, args.cost))
     if args.out:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from sim.pricing import hourly_rate
 from sim.tiers import TIER_CODES
 
 
@@ -74,11 +75,8 @@ def summarize(df: pd.DataFrame, replica, cfg) -> dict:
     # Cost of the work: GPU, DRAM and SSD are bought together, so all of them are charged for the
     # GPU-busy hours this workload needs (what a saturated fleet pays per turn). The provisioned
     # cost charges the same hardware for the whole makespan, idle time included.
-    p = cfg.prices
-    keeps_store = cfg.policy.kind == "attentionstore"
-    gpu_per_h = cfg.gpu.count * p.gpu_per_hour_usd
-    storage_per_h = ((cfg.host.dram_bytes / 1e9) * p.dram_per_gb_hour_usd
-                     + (cfg.ssd.bytes / 1e9) * p.ssd_per_gb_hour_usd) if keeps_store else 0.0
+    rate = hourly_rate(cfg)  # sim/pricing.py: a policy without a store does not buy DRAM/SSD
+    gpu_per_h, storage_per_h = rate.gpu_usd, rate.store_usd
     busy_h = gpu_busy / 3600.0
     gpu_cost = gpu_per_h * busy_h
     storage_cost = storage_per_h * busy_h

@@ -7,7 +7,12 @@
   ablation                       TTFT and prefill throughput per named variant (layer-wise preload, ...)
   eviction                       hit rate and TTFT per eviction policy (scheduler-aware, LRU, FIFO)
 
-Points that share everything but the seed are averaged; the error bars span the seeds' min..max.
+Points that share everything but the seed are averaged; where a configuration ran several seeds,
+its error bars span their min..max (the title says how many seeds; a single seed draws no bars).
+A configuration with a failed or unfinished point has no value: its line breaks there, an x at the
+foot of the axes marks it, and its bar is labelled "no result" rather than left blank.  Capacity and
+rate ladders that grow geometrically (8-256 GB, 0-2.5 TB) are drawn on log axes (symlog when 0 is
+among them), ticked at the values the sweep ran.
 Every figure is written as PNG and PDF under <sweep>/plots/.
 """
 from __future__ import annotations
@@ -19,12 +24,17 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
+from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from sim.errors import KvsimError  # noqa: E402
+from sim.files import atomic_write  # noqa: E402
 from sim.sweep import POINTS_FILE, read_points  # noqa: E402
+from sim.units import GB  # noqa: E402
 
-GB = 1e9
+NO_RESULT = "no result (failed or not run)"
 TIERS = [("hit_rate_hbm", "HBM"), ("hit_rate_dram", "DRAM"), ("hit_rate_ssd", "SSD"), ("miss_rate", "recomputed")]
 PRETTY = {"policy.kind": "policy", "policy.eviction": "eviction", "host.dram_bytes": "DRAM",
           "ssd.bytes": "SSD", "gpu.count": "GPUs", "gpu.name": "GPU", "workload.session_rate_per_s": "rate"}
@@ -90,56 +100,118 @@ def _ok(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == "ok"].copy() if "status" in df else df.copy()
 
 
+def _failed(df: pd.DataFrame) -> pd.Series:
+    """True for the rows without a result (failed, or not run yet)."""
+    return df["status"] != "ok" if "status" in df else pd.Series(False, index=df.index)
+
+
+def _seeds(df: pd.DataFrame) -> int:
+    """Most seeds any configuration of the table ran (1 when the table has no seed column)."""
+    if "seed" not in df or df.empty:
+        return 1
+    keys = [c for c in param_columns(df) if c in df]
+    if not keys:
+        return int(df["seed"].nunique())
+    return int(df.groupby([df[k].astype(str) for k in keys], dropna=False)["seed"].nunique().max())
+
+
 def _per_gpu(df: pd.DataFrame, col: str) -> pd.Series:
     gpus = df["gpu.count"].fillna(1) if "gpu.count" in df else 1
     return df[col].astype(float) / GB / gpus
 
 
 def _seed_mean(df: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataFrame:
-    """Mean, min and max of each metric over seeds for every distinct configuration in `keys`."""
-    g = df.groupby(keys, dropna=False, sort=True)[metrics]
-    out = g.mean()
-    lo, hi = g.min().add_suffix("_min"), g.max().add_suffix("_max")
-    return pd.concat([out, lo, hi], axis=1).reset_index()
+    """Mean, min and max of each metric over seeds for every distinct configuration in `keys`; a
+    configuration with any point lacking a result gets NaN (a mean over the surviving seeds would pass
+    for the whole set) and `_failed` True; `_n` counts its seeds."""
+    df = df.assign(_failed=_failed(df))
+    g = df.groupby(keys, dropna=False, sort=True)
+    vals = g[metrics]
+    out = pd.concat([vals.mean(), vals.min().add_suffix("_min"), vals.max().add_suffix("_max"),
+                     g["_failed"].any(), g.size().rename("_n")], axis=1)
+    cols = metrics + [f"{m}_min" for m in metrics] + [f"{m}_max" for m in metrics]
+    out.loc[out["_failed"], cols] = np.nan
+    return out.reset_index()
 
 
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    paths = []
-    for ext in ("png", "pdf"):
-        p = out_dir / f"{name}.{ext}"
-        tmp = out_dir / f".{name}.tmp.{ext}"
-        fig.savefig(tmp, dpi=130, bbox_inches="tight")
-        tmp.replace(p)
-        paths.append(p)
+    paths = [atomic_write(out_dir / f"{name}.{ext}",
+                          lambda p, ext=ext: fig.savefig(p, format=ext, dpi=130, bbox_inches="tight"))
+             for ext in ("png", "pdf")]
     plt.close(fig)
     return paths
 
 
+def _mark_no_result(ax, xs, color) -> None:
+    """An x at the foot of the axes at each x without a result (the value is unknown, so no y)."""
+    if len(xs):
+        ax.plot(list(xs), [0.02] * len(xs), "x", color=color, ms=8, mew=2, clip_on=False,
+                transform=blended_transform_factory(ax.transData, ax.transAxes))
+
+
 def _lines(ax, df: pd.DataFrame, x: str, y: str, series: list[str], scale: float = 1.0, style: str = "-o",
            suffix: str = "") -> None:
-    agg = _seed_mean(df, series + [x], [y]) if series else _seed_mean(df, [x], [y])
+    """One line per series, mean over seeds; a configuration without a result breaks its line and is
+    marked with an x."""
+    agg = _seed_mean(df, series + [x], [y])
     groups = agg.groupby(series, dropna=False, sort=True) if series else [((), agg)]
-    for key, g in groups:
+    any_failed = False
+    for i, (key, g) in enumerate(groups):
         key = key if isinstance(key, tuple) else (key,)
         g = g.sort_values(x)
         label = _label(dict(zip(series, key)), series) + suffix
-        yerr = [(g[y] - g[f"{y}_min"]) * scale, (g[f"{y}_max"] - g[y]) * scale]
-        ax.errorbar(g[x], g[y] * scale, yerr=yerr, fmt=style, capsize=2, label=label, markersize=4)
+        color = f"C{i % 10}"
+        several = (g["_n"] > 1) & ~g["_failed"]
+        yerr = ([((g[y] - g[f"{y}_min"]) * scale).where(several, 0), ((g[f"{y}_max"] - g[y]) * scale).where(several, 0)]
+                if several.any() else None)
+        ax.errorbar(g[x], g[y] * scale, yerr=yerr, fmt=style, capsize=2, label=label, markersize=4, color=color)
+        _mark_no_result(ax, g.loc[g["_failed"], x], color)
+        any_failed |= bool(g["_failed"].any())
+    if any_failed:
+        ax.plot([], [], "x", color="k", ms=8, mew=2, label=NO_RESULT)
+    _scale_axis(ax, agg[x])
+
+
+def _geometric(values) -> bool:
+    """True when the positive values span 8x or more and grow by a roughly constant factor (a doubling
+    ladder), not by a constant step."""
+    v = np.unique(np.asarray([float(x) for x in values if pd.notna(x)], dtype=float))
+    pos = v[v > 0]
+    if len(pos) < 3 or pos[-1] / pos[0] < 8:
+        return False
+    return float(np.median(pos[1:] / pos[:-1])) >= 1.5
+
+
+def _scale_axis(ax, values, axis: str = "x") -> None:
+    """Log scale for a geometric ladder (symlog, linear below its smallest positive value, when it has 0),
+    ticked at the ladder's own values."""
+    if not _geometric(values):
+        return
+    v = np.unique(np.asarray([float(x) for x in values if pd.notna(x)], dtype=float))
+    pos = v[v > 0]
+    set_scale, set_ticks = (ax.set_xscale, ax.set_xticks) if axis == "x" else (ax.set_yscale, ax.set_yticks)
+    if (v <= 0).any():
+        set_scale("symlog", linthresh=float(pos[0]))
+    else:
+        set_scale("log")
+    set_ticks(v, [f"{x:g}" for x in v])
+    (ax.xaxis if axis == "x" else ax.yaxis).set_minor_locator(NullLocator())
 
 
 def _title(df: pd.DataFrame, what: str) -> str:
     fixed = [c for c in ("model", "gpu.name") if c in df and df[c].nunique() == 1]
     suffix = " — " + ", ".join(str(df[c].iloc[0]) for c in fixed) if fixed else ""
     sweep = f" [{df['sweep'].iloc[0]}]" if "sweep" in df and len(df) else ""
-    return f"{what}{suffix}{sweep}"
+    n = _seeds(df)
+    seeds = f"\nmean of {n} seeds, bars min–max" if n > 1 else ""
+    return f"{what}{suffix}{sweep}{seeds}"
 
 
 # ---------------------------------------------------------------- the figures
 
 def plot_ttft_vs_capacity(df: pd.DataFrame, out_dir: Path, cap: str) -> list[Path]:
-    if not _sweeps_x(df, cap) or "ttft_p99_s" not in df:
+    if not _sweeps_x(df, cap) or "ttft_p99_s" not in df or df["ttft_p99_s"].isna().all():
         return []
     tier = PRETTY[cap]
     series = series_for(df, cap)
@@ -190,9 +262,29 @@ def plot_prefill_vs_rate(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     return _save(fig, out_dir, "prefill_vs_rate")
 
 
-def _bars(ax, labels: list[str], values: pd.Series, lo: pd.Series, hi: pd.Series, color=None) -> None:
-    ax.bar(range(len(labels)), values, yerr=[values - lo, hi - values], capsize=2, color=color)
-    ax.set_xticks(range(len(labels)))
+def _bar_errors(g: pd.DataFrame, m: str, scale: float = 1.0):
+    """min..max error bars of metric m where a configuration ran several seeds; None when none did."""
+    several = (g["_n"] > 1) & ~g["_failed"]
+    if not several.any():
+        return None
+    return [((g[m] - g[f"{m}_min"]) * scale).where(several, 0).fillna(0),
+            ((g[f"{m}_max"] - g[m]) * scale).where(several, 0).fillna(0)]
+
+
+def _label_no_result(ax, xs, failed) -> None:
+    """Write "no result" where a bar is missing because its configuration failed, so a gap is explained."""
+    trans = blended_transform_factory(ax.transData, ax.transAxes)
+    for x, f in zip(xs, failed):
+        if f:
+            ax.text(x, 0.02, "no result", rotation=90, ha="center", va="bottom", fontsize=7, color="C3",
+                    transform=trans)
+
+
+def _bars(ax, labels: list[str], agg: pd.DataFrame, m: str, color=None) -> None:
+    xs = list(range(len(labels)))
+    ax.bar(xs, agg[m].fillna(0), yerr=_bar_errors(agg, m), capsize=2, color=color)
+    _label_no_result(ax, xs, agg["_failed"])
+    ax.set_xticks(xs)
     ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=7)
     ax.grid(axis="y", alpha=0.3)
 
@@ -209,7 +301,7 @@ def plot_cost_per_config(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     # one colour per value of the first label column (e.g. the policy), so families read at a glance
     first = agg[series[0]].astype(str) if series else pd.Series(["all"] * len(agg))
     palette = {v: f"C{i % 10}" for i, v in enumerate(dict.fromkeys(first))}
-    _bars(ax, labels, agg[m], agg[f"{m}_min"], agg[f"{m}_max"], color=[palette[v] for v in first])
+    _bars(ax, labels, agg, m, color=[palette[v] for v in first])
     ax.set_ylabel("cost per 1,000 turns (USD)")
     ax.set_title(_title(df, "Serving cost per 1,000 turns by configuration"))
     return _save(fig, out_dir, "cost_per_config")
@@ -232,9 +324,12 @@ def _grouped_panels(df: pd.DataFrame, by: str, out_dir: Path, name: str, what: s
         for gi, (key, g) in enumerate(groups):
             key = key if isinstance(key, tuple) else (key,)
             g = g.set_index(by).reindex(order)
+            g["_failed"] = g["_failed"].fillna(False).astype(bool)
+            g["_n"] = g["_n"].fillna(0)
             xs = [i + (gi - (len(groups) - 1) / 2) * width for i in range(len(order))]
-            ax.bar(xs, g[m] * s, width, yerr=[(g[m] - g[f"{m}_min"]) * s, (g[f"{m}_max"] - g[m]) * s], capsize=2,
+            ax.bar(xs, (g[m] * s).fillna(0), width, yerr=_bar_errors(g, m, s), capsize=2,
                    label=_label(dict(zip(series, key)), series) if series else None)
+            _label_no_result(ax, xs, g["_failed"])
         ax.set_xticks(range(len(order)))
         ax.set_xticklabels([str(o) for o in order], rotation=35, ha="right", fontsize=7)
         ax.set_ylabel(lab)
@@ -279,9 +374,9 @@ FIGURES: list[Callable[[pd.DataFrame, Path], list[Path]]] = [
 
 
 def plot_points(df: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Every figure the table supports, into out_dir; an empty list when no point succeeded."""
-    df = _ok(df)
-    if df.empty:
+    """Every figure the table supports, into out_dir; an empty list when no point succeeded. Points
+    without a result stay in the table, so the figures can mark them."""
+    if _ok(df).empty:
         return []
     paths: list[Path] = []
     for fig in FIGURES:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from sim.errors import KvsimError
-from sim.sweep import POINTS_FILE, atomic_write_text, read_points
+from sim.files import atomic_write_text
+from sim.sweep import POINTS_FILE, prepare_out_dir, read_points, read_run_log
 
 PARTS = ("models", "rate", "dram", "ssd", "ablation", "eviction")
 
@@ -135,35 +136,46 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _wall_times(root: Path) -> tuple[list[list[str]], float, int | None]:
     rows, total, cores = [], 0.0, None
     for p in PARTS:
-        log = root / p / "runs.jsonl"
-        if not log.is_file():
+        runs = read_run_log(root / p)
+        if not runs:
             continue
-        runs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        full = [r for r in runs if r["ran"] == r["total"]]  # a run that computed every point
+        full = [r for r in runs if r.get("ran") == r.get("total")]  # a run that computed every point
         r = full[-1] if full else runs[-1]
         cores = r.get("cpu_count", cores)
         total += r["wall_s"]
-        rows.append([f"paper/{p}", str(r["total"]), str(r["ran"]), f"{r['wall_s']:.1f} s", str(r.get("jobs")),
-                     str(r.get("cpu_count")), r["backend"], f"`{r.get('code', 'unknown')}`"])
+        rows.append([f"paper/{p}", str(r.get("total")), str(r.get("ran")), f"{r['wall_s']:.1f} s", str(r.get("jobs")),
+                     str(r.get("cpu_count")), str(r.get("backend")), f"`{r.get('code', 'unknown')}`"])
     return rows, total, cores
 
 
 def write_report(root, draw: bool = True) -> Path:
-    """Draw the figures (unless draw=False) and write <root>/REPORT.md; returns its path."""
+    """Draw the figures (unless draw=False) and write <root>/REPORT.md; returns its path. Every folder it
+    writes into is checked before the first file is written."""
     root = Path(root)
     parts = _load(root)
     if not parts:
         raise KvsimError(f"{root}: no paper sweep results ({', '.join(PARTS)}); "
                          f"run `kvsim sweep configs/paper/sweeps` first")
+    if (root / "REPORT.md").is_dir():
+        raise KvsimError(f"{root / 'REPORT.md'}: is a folder; expected the report file (or nothing) there")
+    prepare_out_dir(root, "kvsim report:")
     if draw:
         from sim.plot import plot_sweep
 
         for p in parts:
+            prepare_out_dir(root / p / "plots", "kvsim report:")
+        for p in parts:
             plot_sweep(root / p)
-    md = _render(root, parts)
     out = root / "REPORT.md"
-    atomic_write_text(out, md)
+    atomic_write_text(out, render_report(root, parts))
     return out
+
+
+def render_report(root, parts: dict[str, pd.DataFrame] | None = None) -> str:
+    """The text of REPORT.md for the results under `root`, written nowhere (a test compares it with
+    the committed file)."""
+    root = Path(root)
+    return _render(root, _load(root) if parts is None else parts)
 
 
 def _render(root: Path, parts: dict[str, pd.DataFrame]) -> str:
@@ -351,9 +363,10 @@ def _differences_section(parts: dict[str, pd.DataFrame], cfg: dict) -> list[str]
         "DRAM + SSD store; which models ran on how many GPUs, and the exact DRAM/SSD sizes, are taken as marked "
         "in `configs/paper/base.yaml` and `configs/paper/sweeps/models.yaml` ([assumed] where not checked "
         "against the paper). The store scales with the replica's GPUs (128 GB DRAM + 2.5 TB SSD per GPU).",
-        "**Cost model.** `cost_per_1k_turns_usd` is kvsim's cost of the work (`sim/metrics.py` defines which "
-        "hours the GPUs and the store are charged for); the prices are assumed cloud list prices, not the "
-        "paper's. Whether reuse pays for its store then depends on how much of the GPU time prefill takes and "
+        "**Cost model.** `cost_per_1k_turns_usd` is kvsim's cost of the work: the replica's hourly price "
+        "(`sim/pricing.py`: GPUs, plus DRAM and SSD only for a policy that keeps a store, so recompute and "
+        "HBM-only prefix caching do not pay for one) charged for its GPU-busy hours (`sim/metrics.py`); the "
+        "prices are assumed cloud list prices, not the paper's. Whether reuse pays for its store then depends on how much of the GPU time prefill takes and "
         "on the price of DRAM and SSD next to a GPU hour (numbers below when the claim is not reproduced).",
         "**Prefill throughput** is counted as context tokens (history + new prompt) per second of GPU prefill "
         "time — how we read the paper's prefilling throughput — not tokens actually computed.",

@@ -10,11 +10,17 @@ A sweep spec (documented in configs/sweeps/README.md) is a base config plus axes
     zip:       {gpu.count: [1, 2], host.dram_bytes: [...]}                  # lists of one length
     seeds:     [0, 1]
 
-Points = variants x grid (cartesian) x zip (walked together) x seeds.  Each point is keyed by a hash
-of its *resolved* config, so resuming a sweep skips every point whose result is already on disk, a
-changed spec reuses the points it still shares with the old one, and two spellings of one config
-("128GB" and 128e9) run once.  A point's files land in results/<name>/points/<key>/ and its
-point.json is written last: its presence is the commit mark that resume trusts.
+Points = variants x grid (cartesian) x zip (walked together) x seeds, at most MAX_POINTS of them.
+Every point is resolved and validated against the config schema before any runs: a bad axis value
+is an error naming the spec file and the key, not a column of failed points.  Several seeds are
+accepted only where the seed redraws something (`seed_redraws`), so replications are never copies.
+
+Each point is keyed by a hash of its *resolved* config, so resuming a sweep skips every point whose
+result is already on disk, a changed spec reuses the points it still shares with the old one, and
+two spellings of one config ("128GB" and 128e9) run once.  Files a config names (trace, hardware
+profile) enter the key by their content, not their path, so a key is the same in every checkout.
+A point's files land in results/<name>/points/<key>/ and its point.json is written last: its
+presence is the commit mark that resume trusts.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 
 from sim.errors import KvsimError, read_yaml
+from sim.files import atomic_write_parquet, atomic_write_text
 
 POINTS_FILE = "points.parquet"
 SPEC_KEYS = {"name", "base", "overrides", "variants", "grid", "zip", "seeds", "description", "out"}
@@ -45,6 +52,12 @@ DESCRIPTOR_KEYS = (
     "policy.async_save", "policy.scheduler_aware_fetch", "policy.truncation",
 )
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+# Every point is resolved and validated up front (a few ms each) and kept in memory with its config,
+# so a spec is refused past this many points: split a larger study into several specs.
+MAX_POINTS = 10_000
+# Config keys that name files: a point's key hashes their content, so it does not depend on where
+# the checkout lives (and a trace edited in place does not reuse results of the old one).
+FILE_KEYS = ("workload.trace", "hardware_profile")
 
 
 @dataclass(frozen=True)
@@ -79,11 +92,10 @@ class SweepPoint:
 
 @dataclass(frozen=True)
 class ResolvedPoint:
-    """A point with its resolved config (or the error that stopped resolution) and its key."""
+    """A point with its resolved, validated config and its key."""
     point: SweepPoint
     key: str
-    config: dict[str, Any] | None
-    error: str | None = None
+    config: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -149,12 +161,33 @@ def parse_sweep_spec(raw: Any, path: Path) -> SweepSpec:
         raise KvsimError(f"{path}: seeds: expected a non-empty list of integers, got {seeds_raw!r}")
     if seeds and ("seed" in grid or "seed" in zipped or "seed" in overrides):
         raise KvsimError(f"{path}: seeds: seed is also set by grid/zip/overrides; set it in one place")
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dup:
+        raise KvsimError(f"{path}: seeds: seed {dup[0]} is listed twice; expected distinct seeds")
     out = raw.get("out")
     if out is not None and not isinstance(out, str):
         raise KvsimError(f"{path}: out: expected a directory path")
-    return SweepSpec(name=name, path=path, base=base_path, overrides=overrides, variants=variants, grid=grid,
+    spec = SweepSpec(name=name, path=path, base=base_path, overrides=overrides, variants=variants, grid=grid,
                      zipped=zipped, seeds=seeds, description=str(raw.get("description") or ""),
                      out=Path(out) if out else None)
+    n = count_points(spec)
+    if n > MAX_POINTS:
+        sizes = " x ".join(f"{len(v)} {k}" for k, v in ((("variants", spec.variants), *spec.grid.items(),
+                                                           *(list(spec.zipped.items())[:1]), ("seeds", spec.seeds)))
+                          if len(v) > 0)
+        raise KvsimError(f"{path}: grid: {n:,} points ({sizes}); expected at most {MAX_POINTS:,} per spec: "
+                         f"split the study into several specs")
+    return spec
+
+
+def count_points(spec: SweepSpec) -> int:
+    """variants x grid x zip x seeds, counted without expanding them."""
+    n = max(1, len(spec.variants)) * max(1, len(spec.seeds))
+    for values in spec.grid.values():
+        n *= len(values)
+    if spec.zipped:
+        n *= len(next(iter(spec.zipped.values())))
+    return n
 
 
 def _mapping(value: Any, path: Path, key: str) -> dict[str, Any]:
@@ -173,6 +206,8 @@ def _values(value: Any, path: Path, key: str) -> list[Any]:
 
 def expand_points(spec: SweepSpec) -> list[SweepPoint]:
     """variants x grid x zip x seeds, in that nesting order, numbered from 0."""
+    if count_points(spec) > MAX_POINTS:
+        raise KvsimError(f"{spec.path}: {count_points(spec):,} points; expected at most {MAX_POINTS:,} per spec")
     variants = list(spec.variants.items()) or [(None, {})]
     grid_keys = list(spec.grid)
     grid_combos = list(itertools.product(*(spec.grid[k] for k in grid_keys))) if grid_keys else [()]
@@ -190,22 +225,109 @@ def expand_points(spec: SweepSpec) -> list[SweepPoint]:
 
 
 def config_key(config: dict[str, Any]) -> str:
-    """Stable key of a resolved config: the first 16 hex digits of sha256 over canonical JSON."""
-    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    """Stable key of a resolved config: the first 16 hex digits of sha256 over canonical JSON, with
+    each file the config names (FILE_KEYS) replaced by the digest of its content."""
+    keyed = config
+    for dotted in FILE_KEYS:
+        value = get_dotted(config, dotted)
+        if isinstance(value, str):
+            keyed = _with_dotted(keyed, dotted, "sha256:" + file_digest(value))
+    blob = json.dumps(keyed, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes, remembered per (path, size, mtime) so a sweep reads each file once."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if memo not in _DIGESTS:
+            h = hashlib.sha256()
+            with p.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            _DIGESTS[memo] = h.hexdigest()
+    except OSError as exc:
+        raise KvsimError(f"{path}: cannot read the file to key the sweep point ({exc.strerror or exc})") from None
+    return _DIGESTS[memo]
+
+
+def _with_dotted(config: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A copy of `config` with one dotted key replaced (the dicts along its path copied, the rest shared)."""
+    head, _, rest = dotted.partition(".")
+    out = dict(config)
+    out[head] = _with_dotted(config[head], rest, value) if rest else value
+    return out
+
+
+def seed_redraws(config: dict[str, Any]) -> list[str]:
+    """What the seed of a resolved config redraws (sim/workload.py draws from it and nothing else does):
+    an empty list means every seed gives the same run."""
+    wl = config.get("workload") or {}
+    out = []
+    if not wl.get("trace"):
+        out.append("the synthetic trace")
+    if wl.get("session_rate_per_s") is not None:
+        out.append("Poisson session arrivals")
+    if wl.get("think_time_mean_s") and wl.get("think_time_dist") != "fixed":
+        out.append("think times")
+    return out
+
+
 def resolve_point(spec: SweepSpec, point: SweepPoint) -> ResolvedPoint:
-    """Apply the point's overrides to the base config and validate; a bad point is kept, with its error,
-    keyed by its overrides so that it shows up in points.parquet instead of stopping the sweep."""
+    """Apply the point's overrides to the base config and validate it against the config schema; a
+    bad value raises a KvsimError naming the spec file and the spec key that set it."""
     from sim.config import config_to_dict, load_config
 
     try:
         cfg = config_to_dict(load_config(spec.base, dict(point.overrides)))
     except KvsimError as exc:
-        return ResolvedPoint(point, "invalid-" + config_key({"base": str(spec.base), **point.overrides}),
-                             None, str(exc))
+        raise KvsimError(_blame(spec, point, str(exc))) from None
     return ResolvedPoint(point, config_key(cfg), cfg)
+
+
+def resolve_points(spec: SweepSpec) -> list[ResolvedPoint]:
+    """Every point of the spec, resolved and validated before any runs; refuses seeds that redraw nothing."""
+    resolved = [resolve_point(spec, p) for p in expand_points(spec)]
+    seeds = sorted({rp.point.overrides.get("seed") for rp in resolved} - {None})
+    if len(seeds) > 1:
+        for rp in resolved:
+            if not seed_redraws(rp.config):
+                where = "seeds" if spec.seeds else ("grid.seed" if "seed" in spec.grid else "zip.seed")
+                params = ", ".join(f"{k}={v}" for k, v in rp.point.params) or "every point"
+                raise KvsimError(
+                    f"{spec.path}: {where}: {len(seeds)} seeds, but at {params} the seed redraws nothing (the trace's "
+                    f"own arrivals and think times are replayed), so every seed would repeat the same run; set "
+                    f"workload.session_rate_per_s (the seed then redraws Poisson session arrivals) or "
+                    f"workload.think_time_mean_s, or give one seed")
+    return resolved
+
+
+def _blame(spec: SweepSpec, point: SweepPoint, message: str) -> str:
+    """Rewrite a config error about the base file into one about the spec key that set the bad value."""
+    prefix = f"{spec.base}: "
+    detail = message[len(prefix):] if message.startswith(prefix) else message
+    key = detail.split(":", 1)[0].strip()
+    params = dict(point.params)
+    variant = spec.variants.get(point.variant or "", {})
+    for dotted in sorted(point.overrides, key=len, reverse=True):  # the most specific key that covers the error
+        if key != dotted and not key.startswith(dotted + "."):
+            continue
+        if dotted in params:
+            where = ("grid." if dotted in spec.grid else "zip.") + dotted
+        elif dotted in variant:
+            where = f"variants.{point.variant}.{dotted}"
+        elif dotted == "seed" and point.seed is not None:
+            where = "seeds"
+        else:
+            where = f"overrides.{dotted}"
+        return f"{spec.path}: {where}: {detail[len(key) + 1:].strip()} (checked against {spec.base.name})"
+    params = ", ".join(f"{k}={v!r}" for k, v in point.overrides.items())
+    return f"{spec.path}: point {point.index} ({params or 'no overrides'}): {message}"
 
 
 def get_dotted(config: dict[str, Any], dotted: str, default: Any = None) -> Any:
@@ -255,22 +377,20 @@ def _one_line(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------- files
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(path)
+def prepare_out_dir(path, what: str) -> Path:
+    """Create the output folder `path` and prove it writable, before anything runs; a file in the way,
+    a parent that is a file or a read-only folder is one KvsimError naming `what` (the flag or key)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise KvsimError(f"{what} {path}: is a file; expected a folder to write results into")
+    probe = path / f".kvsim-write-check.{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise KvsimError(f"{what} {path}: cannot write results there ({exc.strerror or exc})") from None
+    return path
 
 
 def point_dir(out_dir: Path, key: str) -> Path:
@@ -328,13 +448,11 @@ def points_table(spec: SweepSpec, resolved: list[ResolvedPoint], records: dict[s
         row: dict[str, Any] = {"sweep": spec.name, "point": rp.point.index, "key": rp.key,
                                "variant": rp.point.variant}
         for key, value in rp.point.params:
-            row[key] = get_dotted(rp.config, key, value) if rp.config else value
+            row[key] = get_dotted(rp.config, key, value)
         for key in DESCRIPTOR_KEYS:
             if key not in row:
-                row[key] = get_dotted(rp.config, key) if rp.config else rp.point.overrides.get(key)
-        if rp.error is not None:
-            row.update(status="error", error=rp.error, wall_s=0.0)
-        elif rec is None:
+                row[key] = get_dotted(rp.config, key)
+        if rec is None:
             row.update(status="pending", error=None, wall_s=None)
         else:
             row.update(status=rec["status"], error=rec.get("error"), wall_s=rec.get("wall_s"))
@@ -366,7 +484,10 @@ def read_points(path) -> pd.DataFrame:
     f = path / POINTS_FILE if path.is_dir() else path
     if not f.is_file():
         raise KvsimError(f"{path}: no {POINTS_FILE} found; run `kvsim sweep <spec>` first")
-    return pd.read_parquet(f)
+    try:
+        return pd.read_parquet(f)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise KvsimError(f"{f}: not a readable points table ({type(exc).__name__}); rerun `kvsim sweep`") from None
 
 
 # ---------------------------------------------------------------- the sweep driver
@@ -384,13 +505,12 @@ def run_sweep(spec: SweepSpec, out_dir: Path | None = None, jobs: int | None = N
     Points run in `jobs` worker processes (1: in this process), or as Ray tasks on `ray_address`.
     """
     t0 = time.perf_counter()
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(spec)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resolved = [resolve_point(spec, p) for p in expand_points(spec)]
+    resolved = resolve_points(spec)  # every point validated before anything is written or run
+    out_dir = prepare_out_dir(out_dir if out_dir is not None else default_out_dir(spec), "output folder")
     records: dict[str, dict] = {}
     todo: dict[str, ResolvedPoint] = {}  # by key: points that resolve to one config run once
     for rp in resolved:
-        if rp.error is not None or rp.key in todo or rp.key in records:
+        if rp.key in todo or rp.key in records:
             continue
         rec = None if force else read_point_record(out_dir, rp.key)
         if rec is not None and (rec["status"] == "ok" or not retry_failed):
@@ -439,15 +559,47 @@ def code_version() -> str:
     return (head + ("+dirty" if dirty else "")) if head else "unknown"
 
 
+RUN_LOG = "runs.jsonl"
+
+
+def read_run_log(out_dir: Path, repair: bool = False) -> list[dict]:
+    """The records of runs.jsonl. A line that is not a JSON object (a copy cut short, a hand edit) is a
+    KvsimError naming the file and line, or, with `repair`, dropped: the log is bookkeeping, the points
+    are the results."""
+    log = Path(out_dir) / RUN_LOG
+    if not log.is_file():
+        return []
+    try:
+        lines = log.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        if repair:
+            return []
+        raise KvsimError(f"{log}: cannot read the run log ({exc})") from None
+    runs = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict) and isinstance(rec.get("wall_s"), (int, float)):
+            runs.append(rec)
+        elif not repair:
+            raise KvsimError(f"{log}: line {n}: expected one JSON record per line with wall_s, got {line[:40]!r}; "
+                             f"a resumed `kvsim sweep` drops unreadable lines")
+    return runs
+
+
 def _log_run(out_dir: Path, o: SweepOutcome, jobs: int | None, ray_address: str | None) -> None:
-    """One line per invocation in runs.jsonl: how long the sweep took, where, and how much it reran."""
-    log = out_dir / "runs.jsonl"
-    line = json.dumps({"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": round(o.wall_s, 3),
-                       "total": o.total, "ran": o.ran, "skipped": o.skipped, "failed": o.failed,
-                       "backend": f"ray:{ray_address}" if ray_address else "processes",
-                       "jobs": jobs or os.cpu_count(), "cpu_count": os.cpu_count(), "code": code_version()})
-    old = log.read_text() if log.is_file() else ""
-    atomic_write_text(log, old + line + "\n")
+    """One line per invocation in runs.jsonl: how long the sweep took, where, and how much it reran.
+    The log is rewritten whole (atomically), keeping only the readable records of the old one."""
+    line = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": round(o.wall_s, 3),
+            "total": o.total, "ran": o.ran, "skipped": o.skipped, "failed": o.failed,
+            "backend": f"ray:{ray_address}" if ray_address else "processes",
+            "jobs": jobs or os.cpu_count(), "cpu_count": os.cpu_count(), "code": code_version()}
+    runs = read_run_log(out_dir, repair=True) + [line]
+    atomic_write_text(out_dir / RUN_LOG, "".join(json.dumps(r) + "\n" for r in runs))
 
 
 def _shown(path: Path) -> str:

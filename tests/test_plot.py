@@ -39,7 +39,7 @@ def _row(i, **kw):
 def test_capacity_sweep_draws_ttft_hit_rate_and_cost_figures_as_png_and_pdf(tmp_path):
     rows = [_row(i, **{"host.dram_bytes": d * GB, "policy.kind": k, "seed": s})
             for i, (d, k, s) in enumerate(itertools.product([32, 64, 128, 256], ["recompute", "attentionstore"], [0, 1]))]
-    rows.append(_row(99, status="error", error="boom", ttft_p99_s=None))  # failed points are left out
+    rows.append(_row(99, status="error", error="boom", ttft_p99_s=None, **{"host.dram_bytes": 512 * GB}))
     d = _fixture_points(tmp_path / "cap", rows)
     paths = plot_sweep(d)
     names = {p.name for p in paths}
@@ -101,3 +101,97 @@ def test_report_puts_reproduced_numbers_beside_the_papers_claims(tmp_path):
     assert (tmp_path / "models" / "plots" / "policy_by_model.png").is_file()
     assert "−45%** (llama2-7b) | −45% … −45% | same direction, smaller |" in report
     assert "**TTFT (mean), vs recompute: kvsim's best is −45% (llama2-7b), the paper's up to −87%.**" in report
+
+
+# ---------------------------------------------------------------- figures that never mislead
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures plot_sweep draws, by name, kept open instead of saved."""
+    import sim.plot
+
+    drawn = {}
+
+    def keep(fig, out_dir, name):
+        drawn[name] = fig
+        return []
+    monkeypatch.setattr(sim.plot, "_save", keep)
+    yield drawn
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def _capacity_rows(drams, seeds=(0,), failed=()):
+    rows = []
+    for i, (d, k, s) in enumerate(itertools.product(drams, ["recompute", "attentionstore"], seeds)):
+        r = _row(i, **{"host.dram_bytes": d * GB, "policy.kind": k, "seed": s, "gpu.count": 1})
+        if (d, k) in failed:
+            r.update(status="error", error="worker process died",
+                     **{m: None for m in ("ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "cost_per_1k_turns_usd")})
+        rows.append(r)
+    return rows
+
+
+def test_a_failed_point_breaks_its_line_and_is_marked(tmp_path, figures):
+    d = _fixture_points(tmp_path / "cap", _capacity_rows([8, 16, 32, 64], failed={(32, "attentionstore")}))
+    plot_sweep(d)
+    ax = figures["ttft_vs_dram"].axes[1]  # TTFT p99
+    store = next(c for c in ax.containers if c.get_label() == "attentionstore")
+    x, y = store.lines[0].get_data()
+    assert list(x) == [8, 16, 32, 64] and pd.isna(y[2])
+    assert not pd.isna(y[[0, 1, 3]]).any()  # the line stops at 32 GB instead of running across it
+    marks = [ln for ln in ax.lines if ln.get_marker() == "x" and len(ln.get_xdata())]
+    assert [list(m.get_xdata()) for m in marks] == [[32]]
+    assert "no result (failed or not run)" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_a_failed_configuration_bar_says_no_result_instead_of_a_blank(tmp_path, figures):
+    d = _fixture_points(tmp_path / "cap", _capacity_rows([8, 16], failed={(16, "recompute")}))
+    plot_sweep(d)
+    ax = figures["cost_per_config"].axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    texts = [(t.get_text(), t.get_position()[0]) for t in ax.texts]
+    assert texts == [("no result", labels.index("DRAM 16 GB, recompute"))]
+
+
+def test_geometric_ladders_are_drawn_on_log_axes_and_linear_steps_are_not(tmp_path, figures):
+    plot_sweep(_fixture_points(tmp_path / "dram", _capacity_rows([8, 16, 32, 64, 128, 256])))
+    ax = figures["ttft_vs_dram"].axes[0]
+    assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["8", "16", "32", "64", "128", "256"]
+    ssd = [_row(i, **{"ssd.bytes": s * GB, "gpu.count": 1}) for i, s in enumerate([0, 50, 100, 250, 500, 2500])]
+    plot_sweep(_fixture_points(tmp_path / "ssd", ssd))
+    assert figures["ttft_vs_ssd"].axes[0].get_xscale() == "symlog"  # 0 is on the ladder
+    plot_sweep(_fixture_points(tmp_path / "lin", _capacity_rows(list(range(16, 257, 16)))))
+    assert figures["ttft_vs_dram"].axes[0].get_xscale() == "linear"
+
+
+def test_error_bars_span_seeds_only_where_there_are_several(tmp_path, figures):
+    plot_sweep(_fixture_points(tmp_path / "one", _capacity_rows([8, 64])))
+    ax = figures["ttft_vs_dram"].axes[0]
+    assert all(len(c.lines[2]) == 0 for c in ax.containers)  # no zero-width min-max bars
+    assert "seeds" not in figures["ttft_vs_dram"]._suptitle.get_text()
+    plot_sweep(_fixture_points(tmp_path / "two", _capacity_rows([8, 64], seeds=(0, 1))))
+    ax = figures["ttft_vs_dram"].axes[0]
+    assert all(len(c.lines[2]) == 1 for c in ax.containers)
+    assert "mean of 2 seeds, bars min–max" in figures["ttft_vs_dram"]._suptitle.get_text()
+
+
+def test_committed_report_is_what_kvsim_report_makes_from_the_committed_points():
+    from pathlib import Path
+
+    from sim.report import render_report
+
+    root = Path(__file__).resolve().parent.parent / "results" / "paper"
+    assert render_report(root) == (root / "REPORT.md").read_text()
+
+
+def test_report_and_plot_refuse_an_unwritable_output_before_writing(tmp_path, capsys):
+    from sim.cli import main
+
+    d = _fixture_points(tmp_path / "cap", _capacity_rows([8, 64]))
+    (d / "plots").write_text("a file where the figures go")
+    assert main(["plot", str(d)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "plots: is a file" in err
