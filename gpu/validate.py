@@ -136,11 +136,11 @@ def _compare_trace(measured, trace, profile, model, tmp: Path) -> tuple[pd.DataF
     return per_turn, summary
 
 
-def _host_gap_ms(m: pd.DataFrame) -> float:
-    x = m.sort_values("start_s")
-    gap = (x.start_s - x.end_s.shift(1)) * 1e3
-    queued = x.queue_s > 0.005
-    return float(gap[queued].median()) if queued.any() else float("nan")
+def _host_gap_ms(meas: pd.DataFrame) -> float:
+    by_start = meas.sort_values("start_s")
+    gap_ms = (by_start.start_s - by_start.end_s.shift(1)) * 1e3
+    queued = by_start.queue_s > 0.005
+    return float(gap_ms[queued].median()) if queued.any() else float("nan")
 
 
 def predict_isolated(iso: pd.DataFrame, profile) -> pd.DataFrame:
@@ -196,15 +196,15 @@ def isolated_figures(iso: pd.DataFrame, profile) -> dict:
             "overlap_efficiency_all_median": float(eff.efficiency.median()) if len(eff) else None}
 
 
-def plot_title(run_name: str, profile, models) -> str:
+def plot_title(device_run: str, profile, models) -> str:
     """What a validation plot shows: the device run, the model(s) and the GPU (the profile's `device`)."""
     from sim.costmodel import load_profile
 
     device = load_profile(profile).device or "a GPU its profile does not name"
-    return f"{run_name}: {', '.join(dict.fromkeys(models))} on {device}"
+    return f"{device_run}: {', '.join(dict.fromkeys(models))} on {device}"
 
 
-def run_name(measurements) -> str:
+def device_run_name(measurements) -> str:
     """A device run's name: the folder holding its measurements, under results/gpu/ where it is there
     (results/gpu/run11_ssd/sharegpt/trace_runs.csv -> run11_ssd/sharegpt)."""
     folder = Path(measurements).resolve().parent
@@ -275,7 +275,7 @@ def validate(measured, isolated, trace, profile, out_dir) -> dict:
     per_turn, summary = compare_trace(meas, trace, profile)
     _write_csv(per_turn, out / "validation_trace_turns.csv")
     plot_trace(per_turn, out / "validation_trace_scatter.png",
-               plot_title(run_name(measured), profile, [TRACE_MODEL]))
+               plot_title(device_run_name(measured), profile, [TRACE_MODEL]))
     result = {"trace": summary}
     if isolated is not None:
         if not Path(isolated).is_file():
@@ -284,7 +284,7 @@ def validate(measured, isolated, trace, profile, out_dir) -> dict:
         res = predict_isolated(iso, profile)
         _write_csv(res, out / "validation_isolated.csv")
         plot_isolated(res, out / "validation_isolated_scatter.png",
-                      plot_title(run_name(isolated), profile, iso.model))
+                      plot_title(device_run_name(isolated), profile, iso.model))
         by = res.groupby(["model", "tier", "overlap"]).ttft_err.apply(lambda e: float(e.abs().mean()))
         result["isolated"] = {"ttft_mape": float(res.ttft_err.abs().mean()),
                               "ttft_mape_by_tier": {f"{m}/{t}/{'overlap' if o else 'sync'}": v
