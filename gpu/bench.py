@@ -1,11 +1,11 @@
 """Microbenchmarks of the costs the simulator needs: host links, local SSD, and decoder-layer compute.
 
-Method (issue 4, item 1; /work/.library/device/METHOD.md): warm up first, time the GPU with CUDA
+Method (/work/.library/device/METHOD.md): warm up first, time the GPU with CUDA
 events, repeat and take medians, fresh random inputs before every timed repeat (never zeros: they can
 run faster than real data). Layer times run the executor's own code, CUDA-graph replays of the same
 bodies (`gpu.prefill_graph`, `gpu.decode_graph`), over a stack of `STACK` layers and divide, because
-a serving step runs layers back to back. (The first device runs timed eager layers and measured the
-host's launch rate, not the GPU: results/gpu/README.md.)
+a serving step runs layers back to back. (Eager layers would time the host's kernel-launch rate, not
+the GPU: measurements in results/gpu/README.md.)
 
 Every function returns plain dicts/lists (the raw samples) so `gpu.calibrate` can both keep them and
 reduce them to the profile's tables.
@@ -163,8 +163,9 @@ def ssd_bandwidth(root, chunks=SSD_CHUNKS, min_bytes: int = 1 << 28) -> dict:
 
 def settle(seconds: float) -> None:
     """Let the disk finish what earlier writes left behind before a read is timed: on the lent VMs
-    a guest's O_DIRECT writes can still be flushed below it (layer reads measured right after a
-    multi-GB write burst ran at half the speed the executor later got from the same disk, run 10)."""
+    a guest's O_DIRECT writes can still be flushed below it (layer reads timed right after a multi-GB
+    write burst ran at two thirds of the speed the executor later got from the same disk:
+    results/gpu/README.md)."""
     os.sync()
     time.sleep(seconds)
 
@@ -217,8 +218,8 @@ def ssd_layer_writes(root, token_bytes: int, layers: int = 32, new_tokens=(16, 6
                      reps: int = 2) -> dict:
     """Writes the way the executor saves a turn (gpu.executor, SSD tier): one O_DIRECT write per
     layer of the turn's new tokens into the session's file (layer l at l * stride, a region never
-    written before). The first device runs with the SSD tier found the executor's per-layer writes
-    ~2x slower than `ssd_bandwidth`'s sequential ones, so the profile's write table comes from this.
+    written before). The executor's per-layer writes measured 1.3-2.4x slower than `ssd_bandwidth`'s
+    sequential ones of the same size (results/gpu/README.md), so the profile's write table comes from this.
     """
     from gpu.kvstore import DiskStore
 

@@ -122,7 +122,7 @@ def serving_terms(prof: dict, model: str, rows: list[dict]) -> dict:
     return out
 
 
-def ssd_contention_fit(rw: dict) -> dict:
+def ssd_contention_fit(read_under_write: dict) -> dict:
     """Which contention model of `sim.costmodel.CONTENTION` the SSD follows, from the samples of
     `gpu.bench.ssd_read_under_write`: each model predicts the read under the write from the median
     read-alone and write-alone times with the simulator's own `sim.tiers.SharedDeviceLink` (seconds
@@ -132,11 +132,11 @@ def ssd_contention_fit(rw: dict) -> dict:
     from sim.errors import KvsimError
     from sim.tiers import SharedDeviceLink
 
-    if "rows" not in rw:
-        # probes before the multi-pair one chose between other models; their choice is in their profile
+    if "rows" not in read_under_write:
+        # one request-size pair cannot tell the contention models apart: such samples are not reduced
         raise KvsimError("calibration raw samples: ssd.read_under_write.rows: missing (an older single-pair "
                          "probe); expected the samples of gpu.bench.ssd_read_under_write")
-    layers, lead, rows = rw["layers"], rw["lead_s"], rw["rows"]
+    layers, lead, rows = read_under_write["layers"], read_under_write["lead_s"], read_under_write["rows"]
     predicted, fifo = [], []
     for r in rows:
         read, write = statistics.median(r["read_alone_s"]), statistics.median(r["write_alone_s"])

@@ -41,8 +41,32 @@ def register(subparsers) -> None:
                    "results/gpu/run9_shared_ssd/isolated.csv with that run's profile")
     p.add_argument("--trace", type=Path, default=Path("results/gpu/trace_slice_sharegpt.parquet"))
     p.add_argument("--profile", type=Path, default=Path("configs/hardware/h100.yaml"))
-    p.add_argument("--out", type=Path, default=Path("results/gpu/run10_sharegpt"))
+    p.add_argument("--out", type=Path, default=Path("results/gpu/run10_sharegpt"),
+                   help="folder for the per-turn tables, scatter plots and validation_summary.json (default "
+                        "results/gpu/run10_sharegpt: with the other defaults this reproduces the committed "
+                        "run-10 validation, and writes over it)")
     p.set_defaults(func=cmd_validate)
+
+
+def check_writable_file(path: Path, flag: str) -> None:
+    """Fail before any work if a result file cannot be written at `path` (atomically: a temporary file
+    beside it, then a rename): one line naming it. `sim.cli.check_writable_dir` is the same for folders."""
+    import tempfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise KvsimError(f"{flag} {path}: is a folder; expected the path of a file to write")
+    probe = path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise KvsimError(f"{flag} {path}: {probe} is a file, not a folder; expected a path in a writable folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise KvsimError(f"{flag} {path}: cannot write in {probe} ({exc.strerror or exc}); expected a path in a "
+                         f"writable folder") from None
 
 
 def _need_cuda(what: str):
@@ -66,12 +90,15 @@ def _model_names(flag: str, text: str, most: int | None = None) -> list[str]:
 
 def cmd_calibrate(args) -> int:
     models = _model_names("--models", args.models)
+    raw_out = args.raw or args.out.with_suffix(".raw.json")
+    check_writable_file(args.out, "--out")
+    check_writable_file(raw_out, "--raw" if args.raw else "raw samples (<out>.raw.json)")
     _need_cuda("calibrate")
     from gpu.calibrate import measure, write_profile
 
     raw = measure(models, ssd_dir=args.ssd_dir, quick=args.quick,
                   command=f"kvsim gpu calibrate --out {args.out}")
-    write_profile(raw, args.out, args.raw or args.out.with_suffix(".raw.json"))
+    write_profile(raw, args.out, raw_out)
     print(f"profile: {args.out}")
     return 0
 
@@ -80,6 +107,7 @@ def cmd_execute(args) -> int:
     (model_name,) = _model_names("--model", args.model, most=1)
     if args.read_buffer_layers < 1:
         raise KvsimError(f"--read-buffer-layers: {args.read_buffer_layers}, expected an integer >= 1")
+    check_writable_file(args.out, "--out")
     _need_cuda("execute")
     import torch
 
@@ -104,7 +132,9 @@ def cmd_execute(args) -> int:
 
 def cmd_validate(args) -> int:
     from gpu.validate import validate
+    from sim.cli import check_writable_dir
 
+    check_writable_dir(args.out, "--out")
     iso = None if args.isolated is None or str(args.isolated).lower() == "none" else args.isolated
     res = validate(args.measured, iso, args.trace, args.profile, args.out)
     for run, s in res["trace"].items():

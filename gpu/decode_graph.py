@@ -2,7 +2,7 @@
 
 Why: in eager PyTorch a decode step of a 7B model is ~30 kernel launches per layer; on the lent
 machine's host each launch costs tens of microseconds, so an eager step (~1 ms per layer) measures the
-host, and its jitter, not the GPU (first device run, results/gpu/README.md). Real serving engines
+host, and its jitter, not the GPU (measurements in results/gpu/README.md). Real serving engines
 (vLLM, SGLang, gpt-fast) capture decode in CUDA graphs for the same reason.
 
 A graph has fixed shapes, but the context grows by one token per step. So the position lives in a

@@ -2,7 +2,7 @@
 
 Why: run eagerly, a prefill layer is ~20 kernel launches; the lent machine's host issues one in
 25-60 us, so a 7B layer at n <= 512 took 0.5-1.2 ms of host time against 0.15-0.3 ms of GPU time, and
-that host time jittered 2x between runs and 3-4x after graph-replayed decode (the first device runs,
+that host time jittered 2x between runs and 3-4x after graph-replayed decode (measurements in
 results/gpu/README.md). Such an executor measures its host, not the GPU, and no cost model predicts it within 5%.
 Serving engines capture graphs of padded shapes for the same reason (vLLM pads decode batches to its
 captured sizes); here prefill is padded too.

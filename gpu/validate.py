@@ -1,6 +1,6 @@
 """`kvsim gpu validate`: the measured GPU runs against the simulator fed with the measured profile.
 
-Two checks (issue 4, item 3):
+Two checks:
 - Trace slice: the same canonical trace, scheduler settings (`scheduler.max_batch: 1`, FCFS) and
   policy as each executor run, through `sim.runner.run_simulation` with `hardware_profile` set; per-turn
   TTFT error, MAPE, and the error of the reuse-vs-recompute speed-up (mean TTFT ratio).
@@ -32,10 +32,12 @@ from sim.files import atomic_write, atomic_write_text
 from sim.units import GB, MS
 
 # How each executor run is described to the simulator: the run-plan table's (gpu/plans.py).
-RUNS = {run: sim_overrides(run) for run in TRACE_RUNS}
+SIM_OVERRIDES_BY_RUN = {run: sim_overrides(run) for run in TRACE_RUNS}
+# The model the executor serves traces with (`kvsim gpu execute --model`, bench/gpu_device_run.py).
+TRACE_MODEL = "llama2-7b"
 
 
-def sim_config(run: str, trace, profile, model: str = "llama2-7b", n_sessions: int | None = None,
+def sim_config(run: str, trace, profile, model: str = TRACE_MODEL, n_sessions: int | None = None,
                output_cap: int | None = None):
     base = {"name": f"gpu-validate-{run}", "model": model, "hardware_profile": str(profile),
             "gpu": {"name": "h100-80gb", "count": 1},
@@ -43,7 +45,7 @@ def sim_config(run: str, trace, profile, model: str = "llama2-7b", n_sessions: i
             "scheduler": {"max_batch": 1, "max_prefill_tokens": 1 << 20, "lookahead_jobs": 0},
             "workload": {"trace": str(trace)},
             "policy": {"async_save": True, "scheduler_aware_fetch": False}}
-    over = dict(RUNS[run])
+    over = dict(SIM_OVERRIDES_BY_RUN[run])
     if n_sessions is not None:
         over["workload.max_sessions"] = n_sessions
     if output_cap is not None:
@@ -51,7 +53,7 @@ def sim_config(run: str, trace, profile, model: str = "llama2-7b", n_sessions: i
     return load_config(base, overrides=over)
 
 
-def simulate_run(run: str, trace, profile, n_sessions=None, model="llama2-7b") -> pd.DataFrame:
+def simulate_run(run: str, trace, profile, n_sessions=None, model=TRACE_MODEL) -> pd.DataFrame:
     from sim.runner import run_simulation
 
     return run_simulation(sim_config(run, trace, profile, model, n_sessions)).turns
@@ -72,10 +74,10 @@ def realized_trace(trace, measured: pd.DataFrame, out) -> Path:
     return Path(out)
 
 
-def compare_trace(measured: pd.DataFrame, trace, profile, model="llama2-7b") -> tuple[pd.DataFrame, dict]:
+def compare_trace(measured: pd.DataFrame, trace, profile, model=TRACE_MODEL) -> tuple[pd.DataFrame, dict]:
     """Per-turn measured vs simulated TTFT for every run in `measured` (column `run`)."""
     if "run" not in measured.columns:
-        raise KvsimError("measured trace runs: run: missing column, expected one of " + ", ".join(RUNS))
+        raise KvsimError("measured trace runs: run: missing column, expected one of " + ", ".join(SIM_OVERRIDES_BY_RUN))
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="kvsim_validate_") as tmp:
@@ -84,58 +86,61 @@ def compare_trace(measured: pd.DataFrame, trace, profile, model="llama2-7b") -> 
 
 def _compare_trace(measured, trace, profile, model, tmp: Path) -> tuple[pd.DataFrame, dict]:
     rows, summary = [], {}
-    for run, m in measured.groupby("run", sort=False):
-        if run not in RUNS:
-            raise KvsimError(f"measured trace runs: run: {run!r}, expected one of {', '.join(RUNS)}")
-        m = m.assign(session_id=m.session_id.astype(str))
-        sim = simulate_run(run, realized_trace(trace, m, tmp / f"{run}.parquet"), profile, model=model)
-        sim = sim.assign(session_id=sim.session_id.astype(str))
-        closed = simulate_run(run, trace, profile, n_sessions=m.session_id.nunique(), model=model)
-        closed = closed.assign(session_id=closed.session_id.astype(str))[["session_id", "turn", "ttft_s"]]
-        j = m.merge(sim[["session_id", "turn", "ttft_s", "queue_s", "load_s", "prefill_s"]],
-                    on=["session_id", "turn"], suffixes=("_meas", "_sim"), how="inner")
-        j = j.merge(closed.rename(columns={"ttft_s": "ttft_s_sim_think_time"}), on=["session_id", "turn"],
-                    how="left")
-        if len(j) != len(m):
-            raise KvsimError(f"measured trace runs: run {run}: {len(m) - len(j)} turns have no simulated match")
-        j["run"] = run
-        j["ttft_err"] = (j.ttft_s_sim - j.ttft_s_meas) / j.ttft_s_meas
+    for run, meas in measured.groupby("run", sort=False):
+        if run not in SIM_OVERRIDES_BY_RUN:
+            raise KvsimError(f"measured trace runs: run: {run!r}, expected one of "
+                             f"{', '.join(SIM_OVERRIDES_BY_RUN)}")
+        meas = meas.assign(session_id=meas.session_id.astype(str))
+        sim_turns = simulate_run(run, realized_trace(trace, meas, tmp / f"{run}.parquet"), profile, model=model)
+        sim_turns = sim_turns.assign(session_id=sim_turns.session_id.astype(str))
+        closed_loop = simulate_run(run, trace, profile, n_sessions=meas.session_id.nunique(), model=model)
+        closed_loop = closed_loop.assign(session_id=closed_loop.session_id.astype(str))
+        turns = meas.merge(sim_turns[["session_id", "turn", "ttft_s", "queue_s", "load_s", "prefill_s"]],
+                           on=["session_id", "turn"], suffixes=("_meas", "_sim"), how="inner")
+        turns = turns.merge(closed_loop[["session_id", "turn", "ttft_s"]].rename(
+            columns={"ttft_s": "ttft_s_sim_think_time"}), on=["session_id", "turn"], how="left")
+        if len(turns) != len(meas):
+            raise KvsimError(f"measured trace runs: run {run}: {len(meas) - len(turns)} turns have no simulated match")
+        turns["run"] = run
+        turns["ttft_err"] = (turns.ttft_s_sim - turns.ttft_s_meas) / turns.ttft_s_meas
         # prefill alone (no queue): executor start -> first token, against the simulator's prefill
-        j["prefill_s_meas"] = j.first_token_s - j.start_s
-        j["prefill_err"] = (j.prefill_s - j.prefill_s_meas) / j.prefill_s_meas
-        j["ttft_err_think_time"] = (j.ttft_s_sim_think_time - j.ttft_s_meas) / j.ttft_s_meas
-        rows.append(j)
-        summary[run] = {"turns": len(j), "ttft_mape": float(j.ttft_err.abs().mean()),
-                        "ttft_mean_meas_s": float(j.ttft_s_meas.mean()), "ttft_mean_sim_s": float(j.ttft_s_sim.mean()),
-                        "ttft_p50_meas_s": float(j.ttft_s_meas.median()), "ttft_p50_sim_s": float(j.ttft_s_sim.median()),
-                        "ttft_p99_meas_s": float(j.ttft_s_meas.quantile(0.99)),
-                        "ttft_p99_sim_s": float(j.ttft_s_sim.quantile(0.99)),
-                        "ttft_mape_think_time": float(j.ttft_err_think_time.abs().mean()),
-                        "ttft_mean_sim_think_time_s": float(j.ttft_s_sim_think_time.mean()),
-                        "ttft_p50_sim_think_time_s": float(j.ttft_s_sim_think_time.median()),
-                        "prefill_mape": float(j.prefill_err.abs().mean()),
-                        "service_mean_meas_s": float((j.end_s - j.start_s).mean()),
+        turns["prefill_s_meas"] = turns.first_token_s - turns.start_s
+        turns["prefill_err"] = (turns.prefill_s - turns.prefill_s_meas) / turns.prefill_s_meas
+        turns["ttft_err_think_time"] = (turns.ttft_s_sim_think_time - turns.ttft_s_meas) / turns.ttft_s_meas
+        rows.append(turns)
+        summary[run] = {"turns": len(turns), "ttft_mape": float(turns.ttft_err.abs().mean()),
+                        "ttft_mean_meas_s": float(turns.ttft_s_meas.mean()),
+                        "ttft_mean_sim_s": float(turns.ttft_s_sim.mean()),
+                        "ttft_p50_meas_s": float(turns.ttft_s_meas.median()),
+                        "ttft_p50_sim_s": float(turns.ttft_s_sim.median()),
+                        "ttft_p99_meas_s": float(turns.ttft_s_meas.quantile(0.99)),
+                        "ttft_p99_sim_s": float(turns.ttft_s_sim.quantile(0.99)),
+                        "ttft_mape_think_time": float(turns.ttft_err_think_time.abs().mean()),
+                        "ttft_mean_sim_think_time_s": float(turns.ttft_s_sim_think_time.mean()),
+                        "ttft_p50_sim_think_time_s": float(turns.ttft_s_sim_think_time.median()),
+                        "prefill_mape": float(turns.prefill_err.abs().mean()),
+                        "service_mean_meas_s": float((turns.end_s - turns.start_s).mean()),
                         # host time between one turn's end and the next queued turn's start (saves
                         # issued, timings read): service time the simulator does not model
-                        "host_gap_ms_median_queued": _host_gap_ms(m)}
-    df = pd.concat(rows, ignore_index=True)
+                        "host_gap_ms_median_queued": _host_gap_ms(meas)}
+    per_turn = pd.concat(rows, ignore_index=True)
     if "recompute" in summary:
         for run in summary:
             if run == "recompute" or run.startswith("ssd"):
                 continue   # the SSD run serves a smaller slice: no like-for-like recompute baseline
-            meas = summary["recompute"]["ttft_mean_meas_s"] / summary[run]["ttft_mean_meas_s"]
-            sim = summary["recompute"]["ttft_mean_sim_s"] / summary[run]["ttft_mean_sim_s"]
-            summary[run]["speedup_vs_recompute_meas"] = meas
-            summary[run]["speedup_vs_recompute_sim"] = sim
-            summary[run]["speedup_err"] = (sim - meas) / meas
-    return df, summary
+            speedup_meas = summary["recompute"]["ttft_mean_meas_s"] / summary[run]["ttft_mean_meas_s"]
+            speedup_sim = summary["recompute"]["ttft_mean_sim_s"] / summary[run]["ttft_mean_sim_s"]
+            summary[run]["speedup_vs_recompute_meas"] = speedup_meas
+            summary[run]["speedup_vs_recompute_sim"] = speedup_sim
+            summary[run]["speedup_err"] = (speedup_sim - speedup_meas) / speedup_meas
+    return per_turn, summary
 
 
-def _host_gap_ms(m: pd.DataFrame) -> float:
-    x = m.sort_values("start_s")
-    gap = (x.start_s - x.end_s.shift(1)) * 1e3
-    queued = x.queue_s > 0.005
-    return float(gap[queued].median()) if queued.any() else float("nan")
+def _host_gap_ms(meas: pd.DataFrame) -> float:
+    by_start = meas.sort_values("start_s")
+    gap_ms = (by_start.start_s - by_start.end_s.shift(1)) * 1e3
+    queued = by_start.queue_s > 0.005
+    return float(gap_ms[queued].median()) if queued.any() else float("nan")
 
 
 def predict_isolated(iso: pd.DataFrame, profile) -> pd.DataFrame:
@@ -191,15 +196,32 @@ def isolated_figures(iso: pd.DataFrame, profile) -> dict:
             "overlap_efficiency_all_median": float(eff.efficiency.median()) if len(eff) else None}
 
 
-def plot_trace(df: pd.DataFrame, path) -> Path:
+def plot_title(device_run: str, profile, models) -> str:
+    """What a validation plot shows: the device run, the model(s) and the GPU (the profile's `device`)."""
+    from sim.costmodel import load_profile
+
+    device = load_profile(profile).device or "a GPU its profile does not name"
+    return f"{device_run}: {', '.join(dict.fromkeys(models))} on {device}"
+
+
+def device_run_name(measurements) -> str:
+    """A device run's name: the folder holding its measurements, under results/gpu/ where it is there
+    (results/gpu/run11_ssd/sharegpt/trace_runs.csv -> run11_ssd/sharegpt)."""
+    folder = Path(measurements).resolve().parent
+    gpu_results = Path("results/gpu").resolve()
+    return str(folder.relative_to(gpu_results)) if gpu_results in folder.parents else folder.name
+
+
+def plot_trace(per_turn: pd.DataFrame, path, title: str) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = list(dict.fromkeys(df.run))
+    runs = list(dict.fromkeys(per_turn.run))
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4.0), squeeze=False)
+    fig.suptitle(title)
     for ax, run in zip(axes[0], runs):
-        d = df[df.run == run]
+        d = per_turn[per_turn.run == run]
         ax.scatter(d.ttft_s_meas * 1e3, d.ttft_s_sim * 1e3, s=10, alpha=0.7)
         lo = max(min(d.ttft_s_meas.min(), d.ttft_s_sim.min()) * 1e3 * 0.8, 1.0)
         hi = max(d.ttft_s_meas.max(), d.ttft_s_sim.max()) * 1e3 * 1.2
@@ -213,7 +235,7 @@ def plot_trace(df: pd.DataFrame, path) -> Path:
     return _save(fig, path)
 
 
-def plot_isolated(res: pd.DataFrame, path) -> Path:
+def plot_isolated(res: pd.DataFrame, path, title: str) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -228,7 +250,7 @@ def plot_isolated(res: pd.DataFrame, path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("measured TTFT (ms)")
     ax.set_ylabel("cost model TTFT (ms)")
-    ax.set_title(f"isolated turns: MAPE {res.ttft_err.abs().mean() * 100:.1f}%")
+    ax.set_title(f"{title}\nisolated turns: MAPE {res.ttft_err.abs().mean() * 100:.1f}%", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
@@ -246,14 +268,14 @@ def _save(fig, path) -> Path:
 def validate(measured, isolated, trace, profile, out_dir) -> dict:
     """Run both checks, write per-turn tables, plots and a summary JSON under `out_dir`."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for p, what in ((measured, "--measured"), (trace, "--trace"), (profile, "--profile")):
         if not Path(p).is_file():
             raise KvsimError(f"{p}: {what}: file not found")
     meas = pd.read_csv(measured)
     per_turn, summary = compare_trace(meas, trace, profile)
     _write_csv(per_turn, out / "validation_trace_turns.csv")
-    plot_trace(per_turn, out / "validation_trace_scatter.png")
+    plot_trace(per_turn, out / "validation_trace_scatter.png",
+               plot_title(device_run_name(measured), profile, [TRACE_MODEL]))
     result = {"trace": summary}
     if isolated is not None:
         if not Path(isolated).is_file():
@@ -261,7 +283,8 @@ def validate(measured, isolated, trace, profile, out_dir) -> dict:
         iso = pd.read_csv(isolated)
         res = predict_isolated(iso, profile)
         _write_csv(res, out / "validation_isolated.csv")
-        plot_isolated(res, out / "validation_isolated_scatter.png")
+        plot_isolated(res, out / "validation_isolated_scatter.png",
+                      plot_title(device_run_name(isolated), profile, iso.model))
         by = res.groupby(["model", "tier", "overlap"]).ttft_err.apply(lambda e: float(e.abs().mean()))
         result["isolated"] = {"ttft_mape": float(res.ttft_err.abs().mean()),
                               "ttft_mape_by_tier": {f"{m}/{t}/{'overlap' if o else 'sync'}": v

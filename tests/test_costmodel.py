@@ -9,6 +9,8 @@ from sim.costmodel import (CostModel, PrefillPadding, ProfileCost, RooflineCost,
 from sim.errors import KvsimError
 from sim.models import MODELS
 
+from profiles import small_profile
+
 
 def test_preload_pipeline_is_paced_by_the_slower_stage():
     # 4 layers, load 2 ms, compute 1 ms, double buffer: 2 + 1 + 3*2 = 9 ms
@@ -58,23 +60,8 @@ def test_bilinear_interpolation_is_exact_on_planes_and_extrapolates():
     assert interp2(xs, ys, z, 20, 0) == pytest.approx(1 + 4)
 
 
-def _profile():
-    return {
-        "schema": "kvsim-hardware-profile/1", "device": "test", "measured_at": "now",
-        "gpu": {"hbm_bytes": 80e9, "peak_bf16_flops": 1e15, "hbm_bw_gbps": 3000},
-        "links": {"h2d_pinned": {"chunk_bytes": [1024, 1048576], "gbps": [5.0, 25.0]},
-                  "d2h_pinned": {"chunk_bytes": [1024, 1048576], "gbps": [5.0, 25.0]}},
-        "ssd": {"read": {"chunk_bytes": [4096], "gbps": [3.0]}, "write": {"chunk_bytes": [4096], "gbps": [2.0]}},
-        "models": {"llama2-7b": {
-            "prefill_layer_ms": {"new_tokens": [1, 1000], "history_tokens": [0, 1000], "ms": [[0.1, 0.2], [2.0, 3.0]]},
-            "decode_layer_ms": {"batch": [1, 8], "context_tokens": [100, 1000], "ms": [[0.3, 0.4], [0.5, 0.9]]},
-            "head_ms": {"prefill": {"new_tokens": [1, 1000], "ms": [0.5, 0.5]},
-                        "decode": {"batch": [1, 8], "ms": [0.4, 0.6]}}}},
-    }
-
-
 def test_measured_profile_replaces_the_roofline():
-    prof = parse_profile(_profile())
+    prof = parse_profile(small_profile())
     pc = ProfileCost(MODELS["llama2-7b"], prof)
     assert pc.prefill_layer_s(1000, 1000) == pytest.approx(3.0e-3)
     assert pc.decode_step_s(8, 8 * 1000) == pytest.approx((32 * 0.9 + 0.6) * 1e-3)
@@ -84,7 +71,7 @@ def test_measured_profile_replaces_the_roofline():
 
 def test_config_naming_a_profile_uses_it(tmp_path):
     p = tmp_path / "h.yaml"
-    p.write_text(yaml.safe_dump(_profile()))
+    p.write_text(yaml.safe_dump(small_profile()))
     cm = build_cost_model(load_config({"model": "llama2-7b", "hardware_profile": str(p)}))
     assert isinstance(cm, ProfileCost)
     assert isinstance(build_cost_model(load_config({"model": "llama2-7b"})), RooflineCost)
@@ -106,7 +93,7 @@ def test_config_naming_a_profile_uses_it(tmp_path):
     (lambda d: d.update(ssd_contention="none"), "ssd_contention: unknown key"),
 ])
 def test_bad_profile_names_the_key(mutate, fragment):
-    d = _profile()
+    d = small_profile()
     mutate(d)
     with pytest.raises(KvsimError, match=fragment):
         parse_profile(d, "h.yaml")
@@ -127,10 +114,10 @@ def test_padding_rounds_new_tokens_to_a_bucket_and_keys_to_the_multiple():
 
 
 def test_a_padded_profile_is_looked_up_at_the_padded_shape():
-    d = _profile()
+    d = small_profile()
     d["prefill_padding"] = {"new_tokens": [10, 1000], "context_multiple": 500}
     pc = ProfileCost(MODELS["llama2-7b"], parse_profile(d))
-    unpadded = ProfileCost(MODELS["llama2-7b"], parse_profile(_profile()))
+    unpadded = ProfileCost(MODELS["llama2-7b"], parse_profile(small_profile()))
     # 11 new tokens after 100 run as 1000 new tokens attending over 1500 keys (history 500)
     assert pc.prefill_layer_s(11, 100) == pytest.approx(unpadded.prefill_layer_s(1000, 500))
     assert pc.prefill_layer_s(11, 100) > unpadded.prefill_layer_s(11, 100)
@@ -142,9 +129,9 @@ def _cost(d):
 
 
 def test_host_time_per_turn_and_gating_per_loaded_layer_are_added_where_they_are_paid():
-    d = _profile()
+    d = small_profile()
     d["models"]["llama2-7b"].update(host_turn_ms=0.8, preload_gate_layer_ms=0.01)
-    pc, bare = _cost(d), _cost(_profile())
+    pc, bare = _cost(d), _cost(small_profile())
     L, c, head = 32, 0.3e-3, 0.5e-3
     # no load: the turn's host time only
     assert pc.prefill_iteration(0.0, c, head, 2, True).total_s == pytest.approx(L * c + head + 0.8e-3)
@@ -175,7 +162,7 @@ def _parts(it):
     (0.0, 0.1e-3, 2, True, (3.2e-3, 3.2e-3, 0.0)),
 ])
 def test_prefill_iteration_names_its_parts(load, comp, n, layerwise, want):
-    d = _profile()
+    d = small_profile()
     d["models"]["llama2-7b"].update(host_turn_ms=0.8, preload_gate_layer_ms=0.01)
     it = _cost(d).prefill_iteration(load, comp, 0.5e-3, n, layerwise)
     assert _parts(it) == pytest.approx(want + (0.5e-3, 0.8e-3, 0.0))
@@ -205,7 +192,7 @@ def test_history_load_per_layer_crosses_the_slower_stage_and_pays_the_copy_overh
     # nothing to load costs nothing, overhead included
     assert slow_ssd.history_load_layer_s(0.0, 0.0, overhead_s=0.5e-3) == 0.0
     # the default overhead is the profile's measured one (0.02 ms); the roofline has none
-    d = _profile()
+    d = small_profile()
     d["models"]["llama2-7b"]["preload_layer_overhead_ms"] = 0.02
     # 1 MiB over the 25 GB/s end of the h2d table
     assert _cost(d).history_load_layer_s(1048576) == pytest.approx(1048576 / 25e9 + 0.02e-3)
@@ -229,7 +216,7 @@ def test_a_back_end_that_leaves_a_measured_quantity_out_cannot_be_built():
 
 
 def test_ssd_contention_is_the_configs_else_the_profiles_else_none(tmp_path):
-    d = _profile()
+    d = small_profile()
     d["ssd"]["contention"] = "interleaved"
     p = tmp_path / "h.yaml"
     p.write_text(yaml.safe_dump(d))
@@ -251,7 +238,7 @@ def test_hbm_for_kv_is_what_weights_and_the_reserved_share_leave(tmp_path):
     assert build_cost_model(cfg).hbm_kv_bytes == pytest.approx(40e9 * 0.9 - w7)
     # a measured profile's HBM (80 GB) replaces the datasheet's
     p = tmp_path / "h.yaml"
-    p.write_text(yaml.safe_dump(_profile()))
+    p.write_text(yaml.safe_dump(small_profile()))
     cfg = load_config({"model": "llama2-7b", "hardware_profile": str(p), "gpu": {"hbm_bytes": "20GB", "reserved_fraction": 0.1}})
     assert build_cost_model(cfg).hbm_kv_bytes == pytest.approx(80e9 * 0.9 - w7)
     with pytest.raises(KvsimError, match=r"gpu.count: llama2-70b weights \(138 GB\) leave no HBM for KV on 1 x h100-80gb; "

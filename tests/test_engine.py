@@ -298,9 +298,10 @@ def test_a_history_on_ssd_is_appended_to_not_rewritten():
 
 
 def test_unset_ssd_sharing_follows_the_hardware_profile(tmp_path):
-    from test_costmodel import _profile
     import yaml
-    d = _profile()
+
+    from profiles import small_profile
+    d = small_profile()
     d["ssd"]["contention"] = "even_split"
     p = tmp_path / "h.yaml"
     p.write_text(yaml.safe_dump(d))

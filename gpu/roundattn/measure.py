@@ -9,7 +9,7 @@ forced) is then run over that cache:
 - once per selection, where the layers above the watershed see only the prefix and the selected rounds.
   The layers up to the watershed are the same in every selection, so they run once and are resumed from.
 Selection uses the *prompt's* queries at the watershed (a server chooses before the reply exists); the
-whole round's queries give the second round distribution of item 1.
+whole round's queries give a second round distribution (`FullPass.dist_round`).
 """
 from __future__ import annotations
 

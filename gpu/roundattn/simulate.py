@@ -7,10 +7,13 @@ KV above it (Round Attention, arXiv 2502.15294, §3); here they become the simul
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from sim.config import Overrides, load_config
 from sim.errors import KvsimError
 from sim.files import atomic_write_text
+from sim.runner import SimResult, run_simulation, write_results
 
 
 def measured_round_attention(params_path, n_layers: int, variant: str | None = None) -> tuple[dict, str]:
@@ -40,27 +43,31 @@ def measured_round_attention(params_path, n_layers: int, variant: str | None = N
             f"{how}; kept_fraction {float(kept):.4f} ({label}) from {params_path}")
 
 
-def compare_with_and_without(config, overrides: dict, params, variant: str | None = None, out=None,
-                             set_items=()) -> dict:
-    """Simulate `config` (as `attentionstore`) without and with Round Attention, its parameters from the
-    measurement file `params`. Returns the comparison (what `comparison.json` holds: the block used, where
-    its numbers came from, both runs' summaries plus the bytes loaded to HBM); with `out`, writes both
-    runs' results and comparison.json there."""
-    from sim.config import load_config
-    from sim.runner import run_simulation, write_results
+@dataclass(frozen=True)
+class Comparison:
+    """One config simulated without and with Round Attention."""
+    doc: dict            # what comparison.json holds: the block used, where its numbers came from, both summaries
+    without: SimResult
+    with_ra: SimResult
 
-    overrides = {**overrides, "policy.kind": "attentionstore"}
+
+def compare_with_and_without(config, overrides: Overrides, params, variant: str | None = None, out=None,
+                             set_items=()) -> Comparison:
+    """Simulate `config` (as `attentionstore`) without and with Round Attention, its parameters from the
+    measurement file `params`. The comparison's summaries add the bytes loaded to HBM from DRAM and SSD
+    (`bytes_loaded`, summed over turns); with `out`, both runs' results and comparison.json are written there."""
+    overrides = overrides.merged({"policy.kind": "attentionstore"})
     base = load_config(config, overrides)
     ra, how = measured_round_attention(params, base.shape().layers, variant)
-    results = {}
+    results, summaries = {}, {}
     for name, extra in (("without", {"policy.round_attention.enabled": False}),
                         ("with", {f"policy.round_attention.{k}": v for k, v in ra.items()})):
-        res = run_simulation(load_config(config, {**overrides, **extra}))
-        results[name] = {**res.summary, "bytes_loaded": float(res.turns["bytes_loaded"].sum())}
+        res = results[name] = run_simulation(load_config(config, overrides.merged(extra)))
+        summaries[name] = {**res.summary, "bytes_loaded": float(res.turns["bytes_loaded"].sum())}
         if out:
             write_results(res, Path(out) / name)
     doc = {"config": str(config), "set": list(set_items), "round_attention": ra, "source": how,
-           "without": results["without"], "with": results["with"]}
+           "without": summaries["without"], "with": summaries["with"]}
     if out:
         atomic_write_text(Path(out) / "comparison.json", json.dumps(doc, indent=2))
-    return doc
+    return Comparison(doc, results["without"], results["with"])
