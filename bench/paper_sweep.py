@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sim.report import CLAIMS, _load, best_gains
+from sim.report import CLAIMS, best_gains, load_parts
 from sim.sweep import load_sweep_spec, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ def main() -> int:
         print(f"  {spec.name:<16} {res.total:3d} points  {res.failed} failed  {res.wall_s:6.1f} s")
     total = time.perf_counter() - t0
     print(f"total: {points} points in {total:.1f} s wall")
-    parts = _load(out)
+    parts = load_parts(out)
     for c, (val, where) in zip(CLAIMS, best_gains(parts)):
         print(f"  {c.what:<38} paper {c.paper:<12} kvsim best {c.fmt(val):>7}  ({where})")
     return 0

@@ -15,13 +15,6 @@ class KvsimError(Exception):
     """Bad input (config, trace, CLI argument). The message names the file, the key and what was expected."""
 
 
-def where(path, key):
-    """'file: key' prefix used by every input error so the user knows exactly what to fix."""
-    if path and key:
-        return f"{path}: {key}"
-    return str(path or key or "<input>")
-
-
 def show(value, limit: int = 60) -> str:
     """repr of a bad value for a one-line message: newlines escaped (repr does), long ones cut."""
     text = repr(value)

@@ -49,7 +49,7 @@ CLAIMS = (
 )
 
 
-def _load(root: Path) -> dict[str, pd.DataFrame]:
+def load_parts(root: Path) -> dict[str, pd.DataFrame]:
     """Each part's successful points, averaged over seeds (tables quote means, never a lucky seed)."""
     parts = {}
     for p in PARTS:
@@ -152,7 +152,7 @@ def write_report(root, draw: bool = True) -> Path:
     """Draw the figures (unless draw=False) and write <root>/REPORT.md; returns its path. Every folder it
     writes into is checked before the first file is written."""
     root = Path(root)
-    parts = _load(root)
+    parts = load_parts(root)
     if not parts:
         raise KvsimError(f"{root}: no paper sweep results ({', '.join(PARTS)}); "
                          f"run `kvsim sweep configs/paper/sweeps` first")
@@ -175,7 +175,7 @@ def render_report(root, parts: dict[str, pd.DataFrame] | None = None) -> str:
     """The text of REPORT.md for the results under `root`, written nowhere (a test compares it with
     the committed file)."""
     root = Path(root)
-    return _render(root, _load(root) if parts is None else parts)
+    return _render(root, load_parts(root) if parts is None else parts)
 
 
 def _render(root: Path, parts: dict[str, pd.DataFrame]) -> str:
@@ -441,12 +441,6 @@ def _beyond_paper(c: Claim, best: float, where: str) -> str:
             f"simulation is also optimistic about the reuse path: copies run at the configured link bandwidth "
             f"with the overlap the closed-form pipeline allows, and no per-copy software overhead is charged. "
             f"Read the excess as a property of the simulation, not as evidence that the paper's system would reach it.")
-
-
-def paper_claims_table() -> list[dict]:
-    """The paper's headline claims as data (for the bench script and tests)."""
-    return [{"what": c.what, "paper": c.paper, "value": c.paper_value, "metric": c.metric, "kind": c.kind}
-            for c in CLAIMS]
 
 
 if __name__ == "__main__":  # pragma: no cover
