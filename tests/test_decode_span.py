@@ -24,8 +24,9 @@ import pytest
 import yaml
 
 from sim.config import load_config
-from sim.costmodel import build_cost_model
+from sim.costmodel import CostModel, build_cost_model
 from sim.engine import Replica
+from sim.models import MODELS
 
 PROFILE = Path(__file__).resolve().parent.parent / "configs" / "hardware" / "h100.yaml"
 ROOFLINES = [(m, g) for m in ("llama2-7b", "llama2-13b") for g in ("a100-80gb", "h100-80gb")]
@@ -213,11 +214,21 @@ def test_a_cut_span_is_the_fewest_iterations_whose_time_reaches_the_cut():
         assert busy == total
 
 
-class LinearStep:
-    """A decode step of 1 s + 1 ms per context token: hand-computable spans."""
+class LinearStep(CostModel):
+    """A decode step of 1 s + 1 ms per context token: hand-computable spans. A CostModel, so that
+    whatever the engine asks of a cost model beyond the step comes from the real base class."""
+
+    def __init__(self):
+        super().__init__(MODELS["llama2-7b"], layer_copy_overhead_s=0.0, layer_gate_s=0.0, host_turn_s=0.0,
+                         measured_contention=None)
 
     def decode_step_s(self, batch, context_tokens):
         return 1.0 + 1e-3 * context_tokens
+
+    def _unused(self, *args):
+        raise AssertionError("a decode span needs only the decode step")
+
+    prefill_layer_s = prefill_head_s = h2d_bw = d2h_bw = ssd_read_bw = ssd_write_bw = _unused
 
 
 # B = 2, S = 100, 10 iterations: t_j = 1.1 + 0.002 j; cumulative 1.1, 2.202, 3.306, ...; all 11.09
