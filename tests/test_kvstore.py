@@ -203,11 +203,6 @@ def test_prefetch_never_evicts_kv_of_a_job_ahead_of_it(queued_pos, moved):
     _consistent(st)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "KVStore.prefetch: make_room(dram) demotes the DRAM victim v to SSD through make_room(ssd), "
-    "whose LRU victim is the very entry being prefetched (not pinned: users == 0); it is dropped "
-    "from SSD and the index, then prefetch calls self.ssd.remove(e) again -> KeyError. "
-    "Fix: pin e (e.users += 1) around make_room in prefetch"))
 def test_making_room_for_a_prefetch_never_evicts_the_entry_being_prefetched():
     """Guards the double removal: DRAM (1 MB) holds v, SSD (1 MB) holds s; prefetching s must demote
     or drop v, never s. With s pinned during make_room, v cannot go to the full SSD and is dropped;
