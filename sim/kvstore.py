@@ -214,8 +214,11 @@ class KVStore:
                 if e is not None:
                     e.tier.touch(e)
                     continue
-                if self._put(key, BLOCK_TOKENS, block_bytes, self.dram, now, now) or \
-                        self._put(key, BLOCK_TOKENS, block_bytes, self.ssd, now, now):
+                if self._put(key, BLOCK_TOKENS, block_bytes, self.dram, now, now):
+                    written += block_bytes
+                elif self._put(key, BLOCK_TOKENS, block_bytes, self.ssd, now, now):
+                    # a block spilled to SSD is written through the SSD's write link like a history
+                    self.ssd_w.transfer(now, block_bytes, self.cost.ssd_write_bw(block_bytes / self.L), self.L)
                     written += block_bytes
             return written
         e = self.index.get(job.sid)
