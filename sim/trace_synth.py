@@ -27,6 +27,7 @@ import pandas as pd
 import yaml
 
 from sim.errors import KvsimError
+from sim.files import atomic_write_text
 from sim.trace import COLUMNS
 
 # Finer steps in the upper tail, where p99 latency comes from.
@@ -208,10 +209,6 @@ def load_spec(path) -> SynthSpec:
 
 def save_spec(spec: SynthSpec, path) -> Path:
     """Write a SynthSpec as YAML atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("# Fitted by sim/trace_synth.py:fit; see traces/README.md\n" + yaml.safe_dump(data, sort_keys=False, width=120))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, "# Fitted by sim/trace_synth.py:fit; see traces/README.md\n"
+                             + yaml.safe_dump(data, sort_keys=False, width=120))
