@@ -15,6 +15,7 @@ Columns (see traces/README.md):
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -182,7 +183,8 @@ def _csv_hashes(cell: str):
 
 def _read_csv(path: Path) -> tuple[pd.DataFrame, list[int]]:
     """Every cell is read as text and converted here, so that a typo is named rather than guessed
-    (pandas would read a column of 'true' as booleans)."""
+    (pandas would read a column of 'true' as booleans, pad a short row and drop a long row's extra
+    field). Rows are named by their file line, quoted newlines included."""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -191,17 +193,35 @@ def _read_csv(path: Path) -> tuple[pd.DataFrame, list[int]]:
         raise KvsimError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}), expected a CSV trace") from None
     if not text.strip():
         raise KvsimError(f"{path}: trace has no rows (empty file)")
-    df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
-    _check_columns(df.columns, path)
-    df = df.astype(object)
-    for col in df.columns:
+    if not text.endswith(("\n", "\r")):
+        # CSV has no end marker: a file cut inside its last number would read as a smaller number
+        raise KvsimError(f"{path}:{text.count(chr(10)) + 1}: the last line has no line end (truncated file?), "
+                         "expected every CSV row to end with a newline")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows, lines = [], []
+    try:
+        header = next(reader)
+        _check_columns(header, path)
+        for fields in reader:
+            if not fields:
+                continue  # a blank line
+            if len(fields) != len(header):
+                raise KvsimError(f"{path}:{reader.line_num}: {len(fields)} fields, expected {len(header)} "
+                                 "as in the header (an empty field for a missing value)")
+            rows.append(fields)
+            lines.append(reader.line_num)
+    except csv.Error as exc:
+        raise KvsimError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
+    columns = {}
+    for k, col in enumerate(header):
+        cells = [r[k] for r in rows]
         if col == "prefix_hashes":
-            df[col] = [_csv_hashes(c) for c in df[col]]
-        elif col != "session_id":
-            df[col] = [_csv_number(c) for c in df[col]]
+            columns[col] = [_csv_hashes(c) for c in cells]
+        elif col == "session_id":
+            columns[col] = [c if c.strip() else None for c in cells]
         else:
-            df[col] = [c if c.strip() else None for c in df[col]]
-    return df, list(range(2, len(df) + 2))  # after the header; quoted newlines would shift this
+            columns[col] = [_csv_number(c) for c in cells]
+    return pd.DataFrame({c: pd.Series(v, dtype=object) for c, v in columns.items()}), lines
 
 
 def _show(v) -> str:
@@ -245,7 +265,8 @@ def _ints(df, col, lo, hi, at) -> np.ndarray:
         bad |= missing | ~np.isfinite(v) | (v < lo) | (v > hi) | (v != np.floor(v))
     if bad.any():
         row = int(bad.nonzero()[0][0])
-        raise KvsimError(f"{at(row)}: {col}={_show(df[col].iloc[row])}, expected an integer >= {lo} and <= {hi:,}")
+        got = "is missing" if missing[row] else f"={_show(df[col].iloc[row])}"
+        raise KvsimError(f"{at(row)}: {col}{got}, expected an integer >= {lo} and <= {hi:,}")
     return v.astype(np.int64)
 
 
@@ -394,7 +415,7 @@ def _check_sessions(df: pd.DataFrame, at) -> None:
         if pinned:
             if arrival[i] < earliest:
                 raise KvsimError(f"{where} turn {turn[i]}: arrival_s={_show(arrival[i])} is before turn "
-                                 f"{turn[i] - 1} arrives ({earliest!r} s or later), expected a later time")
+                                 f"{turn[i] - 1} arrives ({_show(earliest)} s or later), expected a later time")
             earliest = arrival[i]
         else:
             earliest = earliest + think[i]
