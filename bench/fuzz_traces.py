@@ -1,5 +1,6 @@
 """Fuzz the canonical trace reader: every column of every row mutated, in .jsonl, .csv and .parquet, plus
-whole-file cases (empty, binary, non-UTF-8, truncated, parquet footers that claim absurd sizes).
+whole-file cases (empty, binary, non-UTF-8, truncated, parquet footers that claim absurd sizes), and every
+key of every line of a Mooncake JSONL (sim/trace_mooncake.py: a bad line is skipped and counted).
 
     python bench/fuzz_traces.py [--quick] [--timeout 30] [--mem-gb 6]
 
@@ -8,7 +9,8 @@ process with a memory limit; a case that runs past --timeout twice (the second t
 is a hang, a worker that dies is a crash.
 The outcome of every case is one of:
   clean error   a one-line KvsimError that names the file
-  accepted      read, and every cell equals what was written (a valid value, or a valid trace)
+  accepted      read, and every cell equals what was written (a valid value, or a valid trace); for
+                Mooncake, a bad line skipped and counted while strict mode stops at it
   bad accepted  read although a cell was invalid, or read back as another value (silent acceptance)
   traceback     any other exception, or a KvsimError of several lines or without the file name
   hang / crash  past the timeout, or the worker died (memory limit, segfault)
@@ -342,6 +344,87 @@ def _parquet_nested_hashes(path):
     return {}
 
 
+# ---------------------------------------------------------------- Mooncake JSONL (sim/trace_mooncake.py)
+
+MOONCAKE_BASE = [{"timestamp": 0, "input_length": 600, "output_length": 20, "hash_ids": [1, 2]},
+                 {"timestamp": 1500, "input_length": 700, "output_length": 10, "hash_ids": [1, 3]},
+                 {"timestamp": 3000, "input_length": 300, "output_length": 5, "hash_ids": [4]}]
+
+
+def mooncake_expected(key: str, v):
+    """The canonical value a used line gets for a mutated key, or BAD when the line must be skipped."""
+    if v is ABSENT:
+        return BAD
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if key == "timestamp":
+        return v / 1000.0 if number and math.isfinite(v) and 0 <= v <= MAX_TIME_S * 1000 else BAD
+    if key == "hash_ids":
+        ok = (isinstance(v, list) and v and all(isinstance(h, int) and not isinstance(h, bool) and -(2**63) <= h < 2**63
+                                                for h in v))
+        return list(v) if ok else BAD
+    ok = number and math.isfinite(v) and float(v).is_integer() and 1 <= v <= MAX_TOKENS
+    return int(v) if ok else BAD
+
+
+def mooncake_cases() -> list[Case]:
+    out = []
+    for i in range(len(MOONCAKE_BASE)):
+        for key in MOONCAKE_BASE[0]:
+            for label, v in VALUES + (HASH_VALUES if key == "hash_ids" else []):
+                rows = copy.deepcopy(MOONCAKE_BASE)
+                rows[i][key] = v
+                text = "".join(json.dumps({k: x for k, x in r.items() if x is not ABSENT}) + "\n" for r in rows)
+                out.append(Case(f"mooncake line {i + 1} {key}={label}", ".jsonl",
+                                lambda path, text=text: path.write_text(text) and {},
+                                cell=(i, key, v), extra={"mooncake": True}))
+    return out
+
+
+def judge_mooncake(case: Case, path: Path) -> tuple[str, str]:
+    """Non-strict import then the canonical validation, as `kvsim trace mooncake` does: a bad line is
+    skipped and counted, a good one is read exactly; strict mode stops at the bad line."""
+    from sim.errors import KvsimError
+    from sim.trace import validate_trace
+    from sim.trace_mooncake import read_mooncake
+    from sim.trace_stats import trace_stats
+
+    case.write(path)
+    i, key, v = case.cell
+    want = mooncake_expected(key, v)
+    try:
+        if want is BAD:  # strict mode stops at the bad line; the default skips it (checked below)
+            try:
+                read_mooncake(path, strict=True)
+                return "bad accepted", f"strict mode read {key}={v!r}"
+            except KvsimError as exc:
+                if f"{path}:{i + 1}: " not in str(exc):
+                    return "traceback", f"strict error does not name line {i + 1}: {exc}"
+        df, report = read_mooncake(path)
+        df = validate_trace(df, path)
+        trace_stats(df)
+    except KvsimError as exc:
+        msg = str(exc)
+        if "\n" in msg or str(path) not in msg:
+            return "traceback", f"error not one line naming the file: {msg!r}"
+        return "clean error", msg
+    except Exception as exc:  # noqa: BLE001
+        return "traceback", f"{type(exc).__name__}: {exc}"
+    used = len(MOONCAKE_BASE) - (want is BAD)
+    if len(df) != used or report.rows_used != used or sum(report.skipped.values()) != (want is BAD):
+        return "bad accepted", f"{key}={v!r}: {len(df)} rows used, {dict(report.skipped)} skipped"
+    col = {"timestamp": "arrival_s", "input_length": "prompt_tokens", "output_length": "output_tokens",
+           "hash_ids": "prefix_hashes"}
+    for r, line in zip(df.sort_values("session_id").to_dict("records"),
+                       [j for j in range(len(MOONCAKE_BASE)) if not (j == i and want is BAD)]):
+        src = {**MOONCAKE_BASE[line], **({key: want} if line == i else {})}
+        src["timestamp"] = src["timestamp"] / 1000.0 if not (line == i and key == "timestamp") else src["timestamp"]
+        for k, c in col.items():
+            got = list(r[c]) if c == "prefix_hashes" else r[c]
+            if got != src[k]:
+                return "bad accepted", f"{key}={v!r}: line {line + 1} {c}={got!r}, expected {src[k]!r}"
+    return "accepted", f"{key}={v!r}"
+
+
 # ---------------------------------------------------------------- judging one case
 
 def judge(case: Case, path: Path) -> tuple[str, str]:
@@ -350,6 +433,8 @@ def judge(case: Case, path: Path) -> tuple[str, str]:
     from sim.trace import read_trace
     from sim.trace_stats import format_stats, trace_stats
 
+    if case.extra.get("mooncake"):
+        return judge_mooncake(case, path)
     written = case.write(path) or {}
     try:
         df = read_trace(path)
@@ -517,7 +602,7 @@ class ThriftCompact:
 # ---------------------------------------------------------------- running with a hang and memory guard
 
 def all_cases(wide: bool) -> list[Case]:
-    return cell_cases() + file_cases(wide) + footer_cases(all_fields=wide)
+    return cell_cases() + file_cases(wide) + footer_cases(all_fields=wide) + mooncake_cases()
 
 
 def _worker(conn, mem_bytes: int, wide: bool):

@@ -93,10 +93,11 @@ def _check_outputs(args) -> None:
         out_folder(args.cache_dir, "--cache-dir")
 
 
-def _finish(df, out: Path, title: str, t0: float, png: Path | None) -> int:
+def _finish(df, out: Path, title: str, t0: float, png: Path | None, source) -> int:
+    """Validate the built rows (errors name `source`, the input they came from), write, describe."""
     from sim.trace_stats import format_stats, plot_stats, trace_stats
 
-    df = validate_trace(df, out)
+    df = validate_trace(df, source)
     write_trace(df, out)
     print(f"wrote {out} ({len(df):,} rows) in {time.perf_counter() - t0:.1f} s")
     print(format_stats(trace_stats(df), title))
@@ -130,7 +131,7 @@ def cmd_sharegpt(args) -> int:
           f"{'' if cache.path is None else f' {cache.path}'})")
     print(f"sessions: Poisson arrivals {args.session_rate} /s, exponential think time mean {args.think_mean} s, "
           f"seed {args.seed}, {len(convs):,} conversations")
-    return _finish(df, Path(args.out), f"ShareGPT ({tokenizer.name})", t0, args.png)
+    return _finish(df, Path(args.out), f"ShareGPT ({tokenizer.name})", t0, args.png, f"{src} (converted)")
 
 
 def cmd_mooncake(args) -> int:
@@ -148,7 +149,7 @@ def cmd_mooncake(args) -> int:
               f"{info['prefix_but_too_short']:,} extend an earlier prefix but are too short to hold its reply "
               f"(kept as new sessions)")
         title += " (chained sessions)"
-    return _finish(df, Path(args.out), title, t0, args.png)
+    return _finish(df, Path(args.out), title, t0, args.png, f"{args.input} (converted)")
 
 
 def cmd_synth(args) -> int:
@@ -166,11 +167,16 @@ def cmd_synth(args) -> int:
     overrides = {k: v for k, v in (("n_sessions", args.sessions), ("session_rate_per_s", args.rate),
                                    ("think_time_mean_s", args.think_mean), ("prompt_scale", args.prompt_scale),
                                    ("output_scale", args.output_scale)) if v is not None}
-    spec = dataclasses.replace(spec, **overrides)
+    try:
+        spec = dataclasses.replace(spec, **overrides)
+    except KvsimError as exc:  # the spec checks itself under a placeholder name
+        raise KvsimError(str(exc).replace("<SynthSpec>", f"{args.spec or args.fit or 'the default spec'} with "
+                                          "the command-line overrides")) from None
     if args.out is None:
         return 0
     df = ts.generate(spec, args.seed)
-    return _finish(df, Path(args.out), f"synthetic (fitted to {spec.source or 'a trace'}, seed {args.seed})", t0, args.png)
+    return _finish(df, Path(args.out), f"synthetic (fitted to {spec.source or 'a trace'}, seed {args.seed})", t0,
+                   args.png, "synthetic trace")
 
 
 def cmd_stats(args) -> int:

@@ -377,7 +377,8 @@ def validate_trace(df: pd.DataFrame, path="<trace>", lines=None) -> pd.DataFrame
     pinned = ~np.isnan(arrival)
     first, last = int(np.argmin(np.where(pinned, arrival, np.inf))), int(np.argmax(np.where(pinned, arrival, -np.inf)))
     if arrival[last] - arrival[first] > MAX_SPAN_S:
-        raise KvsimError(f"{at(int(out['_row'].iloc[last]))}: arrival_s={_show(arrival[last])} is "
+        raise KvsimError(f"{at(int(out['_row'].iloc[last]))}: session {out['session_id'].iloc[last]!r}: "
+                         f"arrival_s={_show(arrival[last])} is "
                          f"{(arrival[last] - arrival[first]) / (24 * HOUR):,.0f} days after the first arrival "
                          f"({_show(arrival[first])}), expected a trace spanning at most a year")
     origin = math.floor(arrival[first] / TIME_ORIGIN_STEP_S) * TIME_ORIGIN_STEP_S

@@ -60,6 +60,12 @@ def test_empty_binary_non_utf8_truncated_and_huge_claimed_files_are_clean_errors
     assert counts["clean error"] > 80
 
 
+def test_every_mutated_mooncake_key_is_skipped_and_counted_or_read_exactly():
+    failures, counts = _fuzz([c for c in fz.mooncake_cases() if c.name.startswith("mooncake line 2 ")])
+    assert failures == []
+    assert counts["accepted"] > 90
+
+
 def test_the_fuzz_oracle_catches_a_silently_accepted_bad_value(monkeypatch):
     # the oracle must fail a reader that turns JSON true into one token
     import sim.trace as trace
@@ -156,7 +162,7 @@ def test_per_turn_ttft_of_an_epoch_trace_equals_the_same_trace_near_zero():
 
 @pytest.mark.parametrize("arrivals, message", [
     ([0.0, 1e20], r"row 1: arrival_s=1e\+20, expected a finite number of seconds >= 0 and at most 8\.796e\+12"),
-    ([0.0, 400 * 86400.0], r"row 1: arrival_s=34560000\.0 is 400 days after the first arrival \(0\.0\), "
+    ([0.0, 400 * 86400.0], r"row 1: session 'b': arrival_s=34560000\.0 is 400 days after the first arrival \(0\.0\), "
                            "expected a trace spanning at most a year"),
     ([0.0, math.inf], r"row 1: arrival_s=inf, expected a finite number"),
 ])
