@@ -305,14 +305,12 @@ def _hash_list(v):
     if isinstance(v, np.ndarray):
         if v.ndim != 1:
             raise ValueError
-        if v.dtype.kind == "i":
-            items = v.tolist()
-        elif v.dtype.kind == "u":
+        if v.dtype.kind in "iu":
             items = v.tolist()
         elif v.dtype == object:
             items = list(v)
         else:
-            raise ValueError
+            raise ValueError  # floats, bools, strings
     elif isinstance(v, (list, tuple)):
         items = v
     else:
