@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import tempfile
 import time
 from pathlib import Path
 
 from sim.errors import KvsimError
+from sim.files import atomic_write_json
 from sim.trace import read_trace, validate_trace, write_trace
+
+DEFAULT_STATS_DIR = Path("results") / "trace_stats"
+TRACE_OUT_SUFFIXES = (".parquet", ".jsonl", ".json")
 
 
 def _positive_int(text: str) -> int:
@@ -41,10 +45,59 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
-def _finish(df, out: Path, title: str, t0: float, png: Path | None) -> int:
+def _writable_folder(folder: Path, flag: str, given: Path) -> None:
+    """`folder` (created when missing) can take new files: its nearest existing ancestor is a folder
+    and a file can be made there. Checked before any work, so a long build never fails at its end."""
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise KvsimError(f"{flag} {given}: {probe} is a file, expected a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise KvsimError(f"{flag} {given}: folder {probe} is not writable ({exc.strerror or exc})") from None
+
+
+def out_folder(path, flag: str) -> Path:
+    """An output folder argument, checked: not an existing file, writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise KvsimError(f"{flag} {path}: is an existing file, expected a folder")
+    _writable_folder(path, flag, path)
+    return path
+
+
+def out_file(path, flag: str, suffixes: tuple[str, ...]) -> Path:
+    """An output file argument, checked: one of `suffixes`, not a folder, its folder writable."""
+    path = Path(path)
+    if path.suffix not in suffixes:
+        has = f"extension {path.suffix!r}" if path.suffix else "no extension"
+        raise KvsimError(f"{flag} {path}: {has}, expected {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise KvsimError(f"{flag} {path}: is a folder, expected a file path")
+    _writable_folder(path.parent, flag, path)
+    return path
+
+
+def _check_outputs(args) -> None:
+    """Every file a `kvsim trace` command will write, checked before it reads or builds anything."""
+    if getattr(args, "out", None) is not None:
+        out_file(args.out, "--out", TRACE_OUT_SUFFIXES)
+    if getattr(args, "png", None) is not None:
+        out_file(args.png, "--png", (".png",))
+    if getattr(args, "save_spec", None) is not None:
+        out_file(args.save_spec, "--save-spec", (".yaml", ".yml"))
+    if getattr(args, "cache_dir", None) is not None and not getattr(args, "no_cache", False):
+        out_folder(args.cache_dir, "--cache-dir")
+
+
+def _finish(df, out: Path, title: str, t0: float, png: Path | None, source) -> int:
+    """Validate the built rows (errors name `source`, the input they came from), write, describe."""
     from sim.trace_stats import format_stats, plot_stats, trace_stats
 
-    df = validate_trace(df, out)
+    df = validate_trace(df, source)
     write_trace(df, out)
     print(f"wrote {out} ({len(df):,} rows) in {time.perf_counter() - t0:.1f} s")
     print(format_stats(trace_stats(df), title))
@@ -56,6 +109,7 @@ def _finish(df, out: Path, title: str, t0: float, png: Path | None) -> int:
 def cmd_sharegpt(args) -> int:
     from sim import trace_sharegpt as sg
 
+    _check_outputs(args)
     t0 = time.perf_counter()
     src = Path(args.input) if args.input else sg.default_dataset_path()
     convs, report = sg.parse_sharegpt(sg.read_text(src), src, join_splits=args.join_splits)
@@ -77,12 +131,13 @@ def cmd_sharegpt(args) -> int:
           f"{'' if cache.path is None else f' {cache.path}'})")
     print(f"sessions: Poisson arrivals {args.session_rate} /s, exponential think time mean {args.think_mean} s, "
           f"seed {args.seed}, {len(convs):,} conversations")
-    return _finish(df, Path(args.out), f"ShareGPT ({tokenizer.name})", t0, args.png)
+    return _finish(df, Path(args.out), f"ShareGPT ({tokenizer.name})", t0, args.png, f"{src} (converted)")
 
 
 def cmd_mooncake(args) -> int:
     from sim.trace_mooncake import chain_sessions, read_mooncake
 
+    _check_outputs(args)
     t0 = time.perf_counter()
     df, report = read_mooncake(args.input, strict=args.strict)
     print("\n".join(report.lines()))
@@ -94,12 +149,13 @@ def cmd_mooncake(args) -> int:
               f"{info['prefix_but_too_short']:,} extend an earlier prefix but are too short to hold its reply "
               f"(kept as new sessions)")
         title += " (chained sessions)"
-    return _finish(df, Path(args.out), title, t0, args.png)
+    return _finish(df, Path(args.out), title, t0, args.png, f"{args.input} (converted)")
 
 
 def cmd_synth(args) -> int:
     from sim import trace_synth as ts
 
+    _check_outputs(args)
     t0 = time.perf_counter()
     if args.fit:
         spec = ts.fit(read_trace(args.fit), source=str(args.fit))
@@ -111,26 +167,33 @@ def cmd_synth(args) -> int:
     overrides = {k: v for k, v in (("n_sessions", args.sessions), ("session_rate_per_s", args.rate),
                                    ("think_time_mean_s", args.think_mean), ("prompt_scale", args.prompt_scale),
                                    ("output_scale", args.output_scale)) if v is not None}
-    spec = dataclasses.replace(spec, **overrides)
+    try:
+        spec = dataclasses.replace(spec, **overrides)
+    except KvsimError as exc:  # the spec checks itself under a placeholder name
+        raise KvsimError(str(exc).replace("<SynthSpec>", f"{args.spec or args.fit or 'the default spec'} with "
+                                          "the command-line overrides")) from None
     if args.out is None:
         return 0
     df = ts.generate(spec, args.seed)
-    return _finish(df, Path(args.out), f"synthetic (fitted to {spec.source or 'a trace'}, seed {args.seed})", t0, args.png)
+    return _finish(df, Path(args.out), f"synthetic (fitted to {spec.source or 'a trace'}, seed {args.seed})", t0,
+                   args.png, "synthetic trace")
 
 
 def cmd_stats(args) -> int:
     from sim.trace_stats import format_stats, plot_stats, trace_stats
 
+    if args.png is not None:
+        png = out_file(args.png, "--png", (".png",))
+    else:
+        png = out_folder(args.out, "--out") / f"{Path(args.file).stem}.stats.png"
+    if args.json is not None:
+        out_file(args.json, "--json", (".json",))
     df = read_trace(args.file)
     stats = trace_stats(df)
     print(format_stats(stats, str(args.file)))
-    png = args.png if args.png is not None else Path(args.file).with_suffix(".stats.png")
     print(f"wrote {plot_stats(df, png, Path(args.file).name)}")
-    if args.json:
-        tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
-        tmp.write_text(json.dumps(stats, indent=2))
-        tmp.replace(args.json)
-        print(f"wrote {args.json}")
+    if args.json is not None:
+        print(f"wrote {atomic_write_json(args.json, stats)}")
     return 0
 
 
@@ -187,6 +250,8 @@ def register(subparsers) -> None:
 
     p = tsub.add_parser("stats", help="print a trace's distributions and draw them")
     p.add_argument("file", help="canonical trace (.parquet, .jsonl or .csv)")
-    p.add_argument("--png", type=Path, help="figure path (default FILE with .stats.png)")
-    p.add_argument("--json", help="also write the numbers as JSON here")
+    p.add_argument("--out", type=Path, default=DEFAULT_STATS_DIR,
+                   help=f"folder for the figure, FILE's name with .stats.png (default {DEFAULT_STATS_DIR})")
+    p.add_argument("--png", type=Path, help="figure path instead (a .png anywhere)")
+    p.add_argument("--json", type=Path, help="also write the numbers as JSON here")
     p.set_defaults(func=cmd_stats)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from sim.errors import KvsimError
-from sim.trace import BLOCK_TOKENS, COLUMNS
+from sim.trace import BLOCK_TOKENS, COLUMNS, MAX_LINE_BYTES, MAX_TIME_S, MAX_TOKENS
 
 
 @dataclass
@@ -50,9 +50,15 @@ class ImportReport:
 
 def _int_field(row: dict, key: str, lowest: int) -> int:
     v = row.get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()) or v < lowest:
-        raise ValueError(f"{key}={v!r}, expected an integer >= {lowest}")
+    if (isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer())
+            or not lowest <= v <= MAX_TOKENS):
+        raise ValueError(f"{key}={_short(v)}, expected an integer >= {lowest} and <= {MAX_TOKENS:,}")
     return int(v)
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def parse_row(text: str) -> tuple[float, int, int, list[int]]:
@@ -61,22 +67,42 @@ def parse_row(text: str) -> tuple[float, int, int, list[int]]:
         row = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:  # a number of > 4300 digits, deep nesting
+        raise ValueError(f"not readable JSON ({str(exc).splitlines()[0][:100]})") from None
     if not isinstance(row, dict):
         raise ValueError("expected a JSON object")
     missing = [k for k in ("timestamp", "input_length", "output_length", "hash_ids") if k not in row]
     if missing:
         raise ValueError(f"missing key(s) {', '.join(missing)}")
     ts = row["timestamp"]
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts < 0:
-        raise ValueError(f"timestamp={ts!r}, expected milliseconds >= 0")
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not 0 <= ts <= MAX_TIME_S * 1000:
+        raise ValueError(f"timestamp={_short(ts)}, expected milliseconds >= 0 and <= {MAX_TIME_S * 1000:.4g}")
     n_in = _int_field(row, "input_length", 1)
     n_out = _int_field(row, "output_length", 1)
     hashes = row["hash_ids"]
-    if not isinstance(hashes, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in hashes):
-        raise ValueError("hash_ids, expected a list of integers")
+    if not isinstance(hashes, list) or not all(isinstance(h, int) and not isinstance(h, bool)
+                                               and -(2**63) <= h < 2**63 for h in hashes):
+        raise ValueError("hash_ids, expected a list of 64-bit integers")
     if not hashes:
         raise ValueError("hash_ids is empty, expected one id per 512-token block of the input")
     return ts / 1000.0, n_in, n_out, hashes
+
+
+def _lines(path: Path):
+    """(line number, text or None, why not) of each line, read with a length limit and UTF-8 checked,
+    so that a binary file is a counted bad line, not a traceback or a line that fills the memory."""
+    with path.open("rb") as fh:
+        line_no = 0
+        while raw := fh.readline(MAX_LINE_BYTES + 1):
+            line_no += 1
+            if len(raw) > MAX_LINE_BYTES:
+                yield line_no, None, f"line longer than {MAX_LINE_BYTES >> 20} MiB"
+                fh.readline()  # the rest of it, if it ever ends
+                continue
+            try:
+                yield line_no, raw.decode("utf-8-sig" if line_no == 1 else "utf-8"), ""
+            except UnicodeDecodeError as exc:
+                yield line_no, None, f"not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})"
 
 
 def read_mooncake(path, strict: bool = False) -> tuple[pd.DataFrame, ImportReport]:
@@ -85,33 +111,34 @@ def read_mooncake(path, strict: bool = False) -> tuple[pd.DataFrame, ImportRepor
     A bad line is skipped and counted with its file:line and reason; ``strict`` raises on the first one.
     """
     path = Path(path)
-    if not path.exists():
-        raise KvsimError(f"{path}: file not found")
+    if not path.is_file():
+        raise KvsimError(f"{path}: {'is not a file' if path.exists() else 'file not found'}, expected a Mooncake JSONL trace")
     report = ImportReport(str(path))
     lines, arrival, n_in, n_out, hashes = [], [], [], [], []
     last_ts = -math.inf
-    with path.open(encoding="utf-8") as fh:
-        for line_no, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            report.rows_read += 1
-            try:
-                ts, i, o, h = parse_row(text)
-            except ValueError as exc:
-                if strict:
-                    raise KvsimError(f"{path}:{line_no}: {exc}") from None
-                report.skip(line_no, str(exc))
-                continue
-            if len(h) != math.ceil(i / BLOCK_TOKENS):
-                report.warnings[f"hash_ids count differs from ceil(input_length/{BLOCK_TOKENS})"] += 1
-            if ts < last_ts:
-                report.warnings["timestamp earlier than the line before (replayed in time order)"] += 1
-            last_ts = max(last_ts, ts)
-            lines.append(line_no)
-            arrival.append(ts)
-            n_in.append(i)
-            n_out.append(o)
-            hashes.append(h)
+    for line_no, text, unreadable in _lines(path):
+        if text is not None and not text.strip():
+            continue
+        report.rows_read += 1
+        try:
+            if text is None:
+                raise ValueError(unreadable)
+            ts, i, o, h = parse_row(text)
+        except ValueError as exc:
+            if strict:
+                raise KvsimError(f"{path}:{line_no}: {exc}") from None
+            report.skip(line_no, str(exc))
+            continue
+        if len(h) != math.ceil(i / BLOCK_TOKENS):
+            report.warnings[f"hash_ids count differs from ceil(input_length/{BLOCK_TOKENS})"] += 1
+        if ts < last_ts:
+            report.warnings["timestamp earlier than the line before (replayed in time order)"] += 1
+        last_ts = max(last_ts, ts)
+        lines.append(line_no)
+        arrival.append(ts)
+        n_in.append(i)
+        n_out.append(o)
+        hashes.append(h)
     report.rows_used = len(lines)
     if not lines:
         first = f"; first: {report.examples[0]}" if report.examples else ""

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from sim.errors import KvsimError
+from sim.files import atomic_write_json, atomic_write_parquet
 from sim.trace import COLUMNS
 
 USER_ROLES = {"human", "user"}
@@ -394,10 +395,7 @@ class TokenCache:
             return stored
         ov = self.tokenizer.overhead
         if self.overhead_path is not None:
-            self.overhead_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.overhead_path.with_name(self.overhead_path.name + ".tmp")
-            tmp.write_text(json.dumps({"fingerprint": self.tokenizer.fingerprint(), **ov.__dict__}))
-            tmp.replace(self.overhead_path)
+            atomic_write_json(self.overhead_path, {"fingerprint": self.tokenizer.fingerprint(), **ov.__dict__})
         return ov
 
     def count(self, texts: list[str]) -> np.ndarray:
@@ -413,11 +411,8 @@ class TokenCache:
     def _save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        pd.DataFrame({"hash": np.fromiter(self.counts.keys(), dtype=np.int64),
-                      "tokens": np.fromiter(self.counts.values(), dtype=np.int64)}).to_parquet(tmp, index=False)
-        tmp.replace(self.path)
+        atomic_write_parquet(pd.DataFrame({"hash": np.fromiter(self.counts.keys(), dtype=np.int64),
+                                           "tokens": np.fromiter(self.counts.values(), dtype=np.int64)}), self.path)
 
 
 # ---------------------------------------------------------------- trace building

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sim.files import atomic_write
 from sim.trace_mooncake import reusable_prefix_tokens
 
 
@@ -118,10 +119,7 @@ def plot_stats(df: pd.DataFrame, png, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(png.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    tmp.replace(png)
-    return png
+    try:
+        return atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)

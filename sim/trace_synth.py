@@ -27,7 +27,8 @@ import pandas as pd
 import yaml
 
 from sim.errors import KvsimError
-from sim.trace import COLUMNS
+from sim.files import atomic_write_text
+from sim.trace import COLUMNS, MAX_TOKENS
 
 # Finer steps in the upper tail, where p99 latency comes from.
 QUANTILE_PROBS: tuple[float, ...] = tuple(
@@ -90,6 +91,10 @@ def _check_spec(spec: SynthSpec, path) -> None:
             bad(key, f"expected {len(qp)} quantiles (one per quantile_probs entry), got {len(q)}")
         if q[0] < 0 or any(b < a for a, b in zip(q, q[1:])):
             bad(key, "expected non-decreasing token counts >= 0")
+        scale = spec.output_scale if key == "output_q" else spec.prompt_scale
+        if not q[-1] * scale <= MAX_TOKENS:  # also catches an infinite or NaN top quantile
+            bad(key, f"the longest draw would be {q[-1]} x {scale:g} = {q[-1] * scale:.4g} tokens, "
+                     f"expected at most {MAX_TOKENS:,} (sim.trace.MAX_TOKENS)")
 
 
 def _quantiles(values: np.ndarray) -> tuple[float, ...]:
@@ -208,10 +213,6 @@ def load_spec(path) -> SynthSpec:
 
 def save_spec(spec: SynthSpec, path) -> Path:
     """Write a SynthSpec as YAML atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("# Fitted by sim/trace_synth.py:fit; see traces/README.md\n" + yaml.safe_dump(data, sort_keys=False, width=120))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, "# Fitted by sim/trace_synth.py:fit; see traces/README.md\n"
+                             + yaml.safe_dump(data, sort_keys=False, width=120))

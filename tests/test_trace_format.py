@@ -30,7 +30,7 @@ def _jsonl(tmp_path, *lines, name="t.jsonl"):
     ([{**ROW0, "session_id": "z"}, {**ROW0, "arrival_s": None}],
      r"t\.jsonl:2: session 'a': turn 0 has no arrival_s"),
     ([ROW0, {**ROW0, "turn": 1, "arrival_s": None}], r"t\.jsonl:2: session 'a' turn 1: needs arrival_s or think_s"),
-    ([{**ROW0, "arrival_s": "soon"}], r"t\.jsonl:1: arrival_s='soon', expected a finite number >= 0"),
+    ([{**ROW0, "arrival_s": "soon"}], r"t\.jsonl:1: arrival_s='soon', expected a finite number of seconds >= 0"),
 ])
 def test_bad_jsonl_row_is_named_by_its_file_line_and_reason(tmp_path, lines, message):
     with pytest.raises(KvsimError, match=message):
@@ -41,7 +41,7 @@ def test_bad_csv_row_is_named_by_its_file_line(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("session_id,turn,arrival_s,think_s,prompt_tokens,output_tokens\n"
                     "b,0,1,,5,3\na,0,0,,5,3\na,1,,oops,5,3\n")
-    with pytest.raises(KvsimError, match=r"t\.csv:4: think_s='oops', expected a finite number >= 0"):
+    with pytest.raises(KvsimError, match=r"t\.csv:4: think_s='oops', expected a finite number of seconds >= 0"):
         read_trace(path)
 
 

@@ -60,10 +60,10 @@ def test_bad_lines_are_skipped_and_counted_with_file_and_line(tmp_path):
     assert len(df) == 2 and rep.rows_read == 8 and sum(rep.skipped.values()) == 6
     assert rep.examples[0] == f"{path}:2: not valid JSON (Expecting property name enclosed in double quotes)"
     assert rep.examples[1] == f"{path}:3: missing key(s) output_length"
-    assert rep.examples[2] == f"{path}:4: output_length=0, expected an integer >= 1"
-    assert rep.examples[3] == f"{path}:5: hash_ids, expected a list of integers"
-    assert rep.examples[4] == f"{path}:7: timestamp=-1, expected milliseconds >= 0"
-    assert rep.examples[5] == f"{path}:8: input_length=600.5, expected an integer >= 1"
+    assert rep.examples[2] == f"{path}:4: output_length=0, expected an integer >= 1 and <= 1,000,000,000"
+    assert rep.examples[3] == f"{path}:5: hash_ids, expected a list of 64-bit integers"
+    assert rep.examples[4] == f"{path}:7: timestamp=-1, expected milliseconds >= 0 and <= 8.796e+15"
+    assert rep.examples[5] == f"{path}:8: input_length=600.5, expected an integer >= 1 and <= 1,000,000,000"
     assert rep.warnings["hash_ids count differs from ceil(input_length/512)"] == 1
     with pytest.raises(KvsimError, match=r"mc\.jsonl:2: not valid JSON"):
         read_mooncake(path, strict=True)

@@ -93,3 +93,13 @@ def test_bad_spec_file_names_file_and_key(tmp_path):
 def test_default_spec_is_fitted_to_the_committed_sharegpt_slice():
     slice_path = DEFAULT_SPEC_PATH.parent / "sharegpt_small.parquet"
     assert SynthSpec.default() == fit(read_trace(slice_path), source=SynthSpec.default().source)
+
+
+def test_a_scale_that_would_draw_more_than_a_billion_tokens_is_refused():
+    from sim.trace import MAX_TOKENS
+
+    spec = SynthSpec.default()
+    top = spec.prompt_first_q[-1]
+    with pytest.raises(KvsimError, match=r"prompt_first_q: the longest draw would be .* expected at most 1,000,000,000"):
+        dataclasses.replace(spec, prompt_scale=2 * MAX_TOKENS / top)
+    dataclasses.replace(spec, prompt_scale=MAX_TOKENS / max(spec.prompt_first_q[-1], spec.prompt_later_q[-1]) / 2)
