@@ -8,6 +8,7 @@ print it on one line. The rest of the code trusts these objects. Units are in th
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -82,14 +83,27 @@ class GpuConfig:
                               unit="fraction", lo=0.01, hi=1.0, why="no engine runs below 1% of peak")
     decode_mbu: float = knob(0.75, help="share of HBM bandwidth a decode step reaches", unit="fraction",
                              lo=0.01, hi=1.0, why="no engine runs below 1% of peak")
+    allreduce: str = knob("none", choices=("none", "ring", "table"),
+                          help="tensor-parallel communication when count > 1: none (not charged), ring (two "
+                               "all-reduces per layer over gpu.nvlink_gbps, sim/collectives.py) or table "
+                               "(measured NCCL timings, gpu.allreduce_table)")
+    nvlink_gbps: Optional[float] = knob(None, help="GPU-to-GPU link per direction; unset: the named GPU's",
+                                        unit="GB/s", **{k: v for k, v in _BW.items() if k != "unit"})
+    allreduce_latency_us: float = knob(0.0, help="fixed time of one ring all-reduce call (0 until measured: "
+                                       "a measured gpu.allreduce_table replaces the ring)", unit="us",
+                                       lo=0.0, hi=1e4, why="10 ms is 1000x NCCL's small-message time")
+    allreduce_table: Optional[str] = knob(None, unit="path", help="all-reduce timings per GPU count "
+                                          "(schema in sim/collectives.py), relative to the config")
     reserved_fraction: float = knob(0.10, help="share of HBM that holds neither weights nor KV (activations, "
                                     "CUDA graphs, allocator slack)", unit="fraction", lo=0.0, hi=0.9,
                                     why="at 0.9 nothing is left for KV")
 
     def spec(self) -> GpuSpec:
         base = GPUS[self.name]
-        return GpuSpec(self.name, self.hbm_bytes or base.hbm_bytes, self.peak_flops or base.peak_flops,
-                       self.hbm_bw_gbps or base.hbm_bw_gbps)
+        return dataclasses.replace(base, hbm_bytes=self.hbm_bytes or base.hbm_bytes,
+                                   peak_flops=self.peak_flops or base.peak_flops,
+                                   hbm_bw_gbps=self.hbm_bw_gbps or base.hbm_bw_gbps,
+                                   nvlink_gbps=self.nvlink_gbps or base.nvlink_gbps)
 
 
 _SIZE_WHY = "10 PB: far beyond any machine (the largest hosts hold ~32 TB), room for 'unlimited' what-ifs"
@@ -213,6 +227,40 @@ class ModelShapeConfig:
                             why="fp8 to fp64")
     mlp_matrices: int = knob(3, help="MLP matrices: gated (LLaMA) 3, plain (Falcon) 2", lo=2, hi=3,
                              why="plain or gated MLP")
+    # optional, as in sim/models.py ModelShape (unset / 0: a LLaMA-2-style dense, full-attention shape)
+    head_dim: Optional[int] = knob(None, help="per-head width as the config states it; unset: hidden / heads",
+                                   lo=1, hi=100_000, why="at most hidden")
+    attention: Optional[str] = knob(None, choices=("mha", "gqa", "mla"),
+                                    help="attention kind; unset: mha if kv_heads == heads else gqa (mla when "
+                                         "kv_lora_rank is set)")
+    kv_lora_rank: int = knob(0, help="MLA: latent width cached per token per layer", lo=0, hi=100_000,
+                             why="at most hidden")
+    qk_rope_head_dim: int = knob(0, help="MLA: decoupled RoPE key width cached with the latent", lo=0,
+                                 hi=100_000, why="at most hidden")
+    qk_nope_head_dim: int = knob(0, help="MLA: per-head query/key width without RoPE", lo=0, hi=100_000,
+                                 why="at most hidden")
+    v_head_dim: int = knob(0, help="MLA: per-head value width", lo=0, hi=100_000, why="at most hidden")
+    q_lora_rank: int = knob(0, help="MLA: query latent width; 0: queries projected directly", lo=0,
+                            hi=100_000, why="at most hidden")
+    sliding_window: int = knob(0, help="tokens a sliding-window layer attends and keeps; 0: none",
+                               unit="tokens", lo=0, hi=10_000_000, why=_TOKENS_WHY)
+    full_attention_interval: int = knob(0, help="every N-th layer attends the whole context, the others "
+                                        "slide; 0: every layer slides (with sliding_window)", lo=0, hi=1000,
+                                        why="at most the layers")
+    experts: int = knob(0, help="routed experts per MoE layer; 0: dense MLP", lo=0, hi=100_000,
+                        why="the largest MoEs route over a few hundred")
+    experts_per_token: int = knob(0, help="routed experts each token uses (top-k)", lo=0, hi=100_000,
+                                  why="at most experts")
+    shared_experts: int = knob(0, help="experts every token uses", lo=0, hi=1000, why="a handful at most")
+    expert_intermediate: int = knob(0, help="one expert's MLP width", lo=0, hi=10_000_000,
+                                    why="the widest MLPs have ~53k")
+    dense_layers: int = knob(0, help="first layers with a dense MLP in a MoE model", unit="layers", lo=0,
+                             hi=1000, why="at most the layers")
+    kv_dtype_bytes: Optional[int] = knob(None, help="bytes per KV element (fp8 KV: 1); unset: dtype_bytes",
+                                         unit="bytes", lo=1, hi=8, why="fp8 to fp64")
+    expert_dtype_bytes: Optional[float] = knob(None, help="bytes per routed-expert weight (MXFP4: 0.53125); "
+                                               "unset: dtype_bytes", unit="bytes", lo=0.25, hi=8,
+                                               why="2-bit to fp64")
 
 
 @dataclass(frozen=True)
@@ -341,7 +389,13 @@ def _build(cls, raw: Any, prefix: str, where: _Where):
     unknown = sorted((k for k in raw if k not in fields), key=str)  # YAML keys may be numbers or null
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise KvsimError(f"{where(key)}: unknown key; expected one of {', '.join(sorted(fields))}")
+        names = sorted(fields)
+        if len(names) <= 16:
+            raise KvsimError(f"{where(key)}: unknown key; expected one of {', '.join(names)}")
+        # a long list would not fit one line: the nearest names, and where all of them are listed
+        near = difflib.get_close_matches(str(unknown[0]), names, n=3)
+        raise KvsimError(f"{where(key)}: unknown key; expected a key of {prefix or 'the config'} "
+                         f"(`kvsim config keys` lists them){'; nearest: ' + ', '.join(near) if near else ''}")
     missing = [n for n, f in fields.items() if n not in raw and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -470,14 +524,16 @@ def _resolve(p: Optional[str], base: Path, key: str, where: _Where) -> Optional[
 def _resolve_paths(cfg: Config, base: Path, where: _Where) -> Config:
     wl = dataclasses.replace(cfg.workload, trace=_resolve(cfg.workload.trace, base, "workload.trace", where))
     prof = _resolve(cfg.hardware_profile, base, "hardware_profile", where)
-    return dataclasses.replace(cfg, workload=wl, hardware_profile=prof)
+    gpu = dataclasses.replace(cfg.gpu, allreduce_table=_resolve(cfg.gpu.allreduce_table, base,
+                                                                "gpu.allreduce_table", where))
+    return dataclasses.replace(cfg, workload=wl, hardware_profile=prof, gpu=gpu)
 
 
 def _check_consistency(cfg: Config, where: _Where) -> None:
     ms = cfg.model_shape
     if ms is None and cfg.model not in MODELS:
         raise KvsimError(f"{where('model')}: expected one of {', '.join(MODELS)} (or a model_shape), got {show(cfg.model)}")
-    if ms is not None and ms.hidden % ms.heads:
+    if ms is not None and ms.head_dim is None and ms.hidden % ms.heads:
         raise KvsimError(f"{where('model_shape.heads')}: expected a divisor of hidden ({ms.hidden}), got {ms.heads}")
     if ms is not None and ms.heads % ms.kv_heads:
         raise KvsimError(f"{where('model_shape.kv_heads')}: expected a divisor of heads ({ms.heads}), got {ms.kv_heads}")
@@ -489,8 +545,25 @@ def _check_consistency(cfg: Config, where: _Where) -> None:
     if ra.enabled and cfg.policy.kind != "attentionstore":
         raise KvsimError(f"{where('policy.round_attention.enabled')}: needs policy.kind attentionstore, "
                          f"got {cfg.policy.kind}")
+    if cfg.gpu.allreduce == "table" and not cfg.gpu.allreduce_table:
+        raise KvsimError(f"{where('gpu.allreduce_table')}: gpu.allreduce table needs the table's path")
+    if cfg.gpu.allreduce == "ring" and not cfg.gpu.spec().nvlink_gbps:
+        raise KvsimError(f"{where('gpu.nvlink_gbps')}: gpu.allreduce ring needs the link's GB/s ({cfg.gpu.name} "
+                         f"states none)")
+    if ms is not None and ms.experts and not (0 < ms.experts_per_token <= ms.experts and ms.expert_intermediate):
+        raise KvsimError(f"{where('model_shape.experts_per_token')}: a MoE shape needs 1 <= experts_per_token "
+                         f"<= experts ({ms.experts}) and expert_intermediate > 0")
+    if ms is not None and (ms.attention == "mla" or ms.kv_lora_rank) and not (ms.kv_lora_rank and ms.qk_rope_head_dim):
+        raise KvsimError(f"{where('model_shape.kv_lora_rank')}: mla needs kv_lora_rank and qk_rope_head_dim > 0")
     if cfg.policy.read_buffer_layers > shape.layers:
         raise KvsimError(f"{where('policy.read_buffer_layers')}: expected <= {shape.layers} (layers of {cfg.model})")
+
+
+_KEYED_WHEN_SET = frozenset((
+    "allreduce", "nvlink_gbps", "allreduce_latency_us", "allreduce_table", "head_dim", "attention", "kv_lora_rank",
+    "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "q_lora_rank", "sliding_window",
+    "full_attention_interval", "experts", "experts_per_token", "shared_experts", "expert_intermediate",
+    "dense_layers", "kv_dtype_bytes", "expert_dtype_bytes"))
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -499,6 +572,11 @@ def config_to_dict(cfg: Config) -> dict:
     d.pop("source", None)
     if d["model_shape"] is None:
         del d["model_shape"]  # a named model keys exactly as before model_shape existed
+    # keys added later key a config that leaves them at their defaults exactly as before they existed
+    for section, cls in (("gpu", GpuConfig), ("model_shape", ModelShapeConfig)):
+        for f in dataclasses.fields(cls):
+            if f.name in _KEYED_WHEN_SET and section in d and d[section].get(f.name) == f.default:
+                del d[section][f.name]
     return d
 
 

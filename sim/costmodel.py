@@ -39,9 +39,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from sim.collectives import (ALLREDUCES_PER_LAYER, AllReduceCost, RingAllReduce, allreduce_bytes_per_layer,
+                             load_allreduce_table)
 from sim.errors import KvsimError, read_yaml
 from sim.models import ModelShape
-from sim.units import GB, MS
+from sim.units import GB, MS, US
 
 SCHEMA = "kvsim-hardware-profile/1"
 # How an SSD's reads and writes slow each other (sim/tiers.py): not at all, an even split of the
@@ -466,14 +468,46 @@ class CostModel(ABC):
                 return total, kmax
 
 
+def kv_shards(shape: ModelShape, gpus: int) -> int:
+    """GPUs the KV cache is split over under tensor parallelism: by KV heads, as vLLM shards the KV
+    projections; with fewer KV heads than GPUs each head is replicated on gpus / kv_heads of them, and
+    MLA's one latent per token is replicated on every GPU."""
+    if shape.attention == "mla":
+        return 1
+    return min(shape.kv_heads, gpus)
+
+
+def sliding_pairs(new: float, hist: float, window: int) -> float:
+    """(query, key) pairs of `new` queries after `hist` cached tokens when each attends at most the
+    last `window` positions (itself included): the sum of min(p, window) for p = hist+1 .. hist+new."""
+    a, b = hist + 1.0, hist + new
+    if b <= window:
+        return (a + b) * new / 2.0
+    if a > window:
+        return new * window
+    return (a + window) * (window - a + 1.0) / 2.0 + (b - window) * window
+
+
 class RooflineCost(CostModel):
     """Time = max(FLOPs / (peak x MFU), bytes / (bandwidth x MBU)) per layer, tensor-parallel over GPUs.
-    No host terms: a datasheet has none."""
+    No host terms: a datasheet has none.
+
+    FLOPs come from the parameters a token is multiplied by (a MoE layer's router, shared and top-k
+    experts); HBM holds every weight (`ModelShape.weight_bytes`) but a step reads only the experts its
+    tokens touch (`ModelShape.experts_touched`). Attention work per (query, key) pair follows the
+    attention kind: 4 x heads x head_dim for MHA/GQA (QK^T and PV); for MLA, attention in the latent
+    as DeepSeek's absorbed form (and FlashMLA) runs it, 2 x heads x (kv_lora_rank + rope dim) for the
+    scores plus 2 x heads x kv_lora_rank for the values. A sliding-window layer attends and reads at
+    most its window. With `allreduce` given and gpus > 1, each layer pays two all-reduces of its
+    tokens' activations (`sim.collectives`) inside its per-layer time (they run on the compute
+    stream, so the layer-wise preload overlaps them like compute). KV is split by KV heads
+    (`kv_shards`): replicated copies cost HBM, reads and host-link traffic.
+    """
 
     def __init__(self, shape: ModelShape, gpus: int, peak_flops: float, hbm_bw_gbps: float,
                  prefill_mfu: float, decode_mbu: float, h2d_gbps: float, d2h_gbps: float,
                  ssd_read_gbps: float, ssd_write_gbps: float, *, ssd_contention: Optional[str] = None,
-                 hbm_kv_bytes: Optional[float] = None):
+                 hbm_kv_bytes: Optional[float] = None, allreduce: Optional[AllReduceCost] = None):
         super().__init__(shape, layer_copy_overhead_s=0.0, layer_gate_s=0.0, host_turn_s=0.0,
                          measured_contention=None, ssd_contention=ssd_contention, hbm_kv_bytes=hbm_kv_bytes)
         self.gpus = gpus
@@ -481,18 +515,37 @@ class RooflineCost(CostModel):
         self._mfu = prefill_mfu
         self._bw = hbm_bw_gbps * GB * gpus
         self._mbu = decode_mbu
-        # each GPU has its own PCIe link and moves its own shard of the KV
-        self._h2d = h2d_gbps * GB * gpus
+        s = shape
+        self.kv_shards = kv_shards(s, gpus)
+        # each GPU has its own PCIe link and moves its own shard of the KV; replicated heads travel
+        # once per copy, so a load goes at the speed of the links of one copy
+        self._h2d = h2d_gbps * GB * (gpus if self.kv_shards == gpus else self.kv_shards)
         self._d2h = d2h_gbps * GB * gpus
         self._ssd_r = ssd_read_gbps * GB
         self._ssd_w = ssd_write_gbps * GB
-        s = shape
+        self._allreduce = allreduce if gpus > 1 else None
         self._w_layer_bytes = s.params_per_layer * s.dtype_bytes
         self._lin_flops_tok = 2.0 * s.params_per_layer
         self._attn_flops = 4.0 * s.heads * s.head_dim  # QK^T and PV, per (query, key) pair
         self._kv_tok = s.kv_bytes_per_token_layer
         self._head_bytes = s.vocab * s.hidden * s.dtype_bytes
         self._head_flops = 2.0 * s.vocab * s.hidden
+        # the closed forms below are the whole model for a dense, full-attention shape whose KV is
+        # split evenly; anything else takes the general per-layer path
+        self._plain = (not s.experts and not s.sliding_layers and s.attention != "mla"
+                       and self._allreduce is None and self.kv_shards == gpus)
+        if not self._plain:
+            L = s.layers
+            kv_copies = gpus / self.kv_shards
+            self._kv_tok = s.kv_bytes_per_token_layer * kv_copies
+            if s.attention == "mla":
+                self._attn_flops = 2.0 * s.heads * (2 * s.kv_lora_rank + s.qk_rope_head_dim)
+            self._lin_flops_tok = 2.0 * s.active_layer_params / L
+            # per layer, as the mean over layers: weights every step reads, and one routed expert
+            routed = s.routed_expert_params
+            self._w_layer_bytes = (s.layer_params - routed) * s.dtype_bytes / L
+            self._w_expert_bytes = s.moe_layers * s.expert_params * s.expert_element_bytes / L
+            self._slide = s.sliding_layers
         # decode_step_s is called twice per decode span: fold its constants once
         F, BW, L = self._flops * self._mfu, self._bw * self._mbu, s.layers
         self._d_lin = L * self._lin_flops_tok / F  # per sequence, compute side
@@ -502,10 +555,33 @@ class RooflineCost(CostModel):
         self._d_head_c = self._head_flops / F
         self._d_head_m = self._head_bytes / BW
 
+    def comm_layer_s(self, tokens: float) -> float:
+        """Tensor-parallel communication of one layer over `tokens` tokens: its two all-reduces."""
+        if self._allreduce is None or tokens <= 0:
+            return 0.0
+        return ALLREDUCES_PER_LAYER * self._allreduce(allreduce_bytes_per_layer(self.shape, tokens), self.gpus)
+
+    def _weights_read(self, tokens: float) -> float:
+        """Weight bytes one layer reads (mean over layers) for a step over `tokens` tokens."""
+        if not self.shape.experts:
+            return self._w_layer_bytes
+        return self._w_layer_bytes + self._w_expert_bytes * self.shape.experts_touched(tokens)
+
     def prefill_layer_s(self, new: float, hist: float) -> float:
-        flops = self._lin_flops_tok * new + self._attn_flops * new * (hist + (new + 1) / 2.0)
-        byts = self._w_layer_bytes + self._kv_tok * (hist + 2.0 * new)
-        return max(flops / (self._flops * self._mfu), byts / (self._bw * self._mbu))
+        if self._plain:
+            flops = self._lin_flops_tok * new + self._attn_flops * new * (hist + (new + 1) / 2.0)
+            byts = self._w_layer_bytes + self._kv_tok * (hist + 2.0 * new)
+            return max(flops / (self._flops * self._mfu), byts / (self._bw * self._mbu))
+        F, BW = self._flops * self._mfu, self._bw * self._mbu
+        lin, w = self._lin_flops_tok * new, self._weights_read(new)
+        L, slide = self.shape.layers, self._slide
+        t = (L - slide) * max((lin + self._attn_flops * new * (hist + (new + 1) / 2.0)) / F,
+                              (w + self._kv_tok * (hist + 2.0 * new)) / BW)
+        if slide:
+            W = self.shape.sliding_window
+            t += slide * max((lin + self._attn_flops * sliding_pairs(new, hist, W)) / F,
+                             (w + self._kv_tok * (min(hist, W) + 2.0 * new)) / BW)
+        return t / L + self.comm_layer_s(new)
 
     def prefill_head_s(self, new: float) -> float:
         # only the last position's logits are needed to emit the first token
@@ -513,18 +589,45 @@ class RooflineCost(CostModel):
 
     def decode_step_s(self, batch: int, context_tokens: float) -> float:
         """One iteration for `batch` sequences holding `context_tokens` tokens in total:
-        per layer max(FLOPs / (peak x MFU), bytes / (bandwidth x MBU)), plus the LM head."""
-        comp = self._d_lin * batch + self._d_att * context_tokens
-        mem = self._d_w + self._d_kv * context_tokens
+        per layer max(FLOPs / (peak x MFU), bytes / (bandwidth x MBU)), plus the LM head. Sliding-window
+        layers see each sequence's mean context, capped at the window; the all-reduces are `comm_s`."""
         head = self._d_head_c * batch
-        return (comp if comp > mem else mem) + (head if head > self._d_head_m else self._d_head_m)
+        head = head if head > self._d_head_m else self._d_head_m
+        if self._plain:
+            comp = self._d_lin * batch + self._d_att * context_tokens
+            mem = self._d_w + self._d_kv * context_tokens
+            return (comp if comp > mem else mem) + head
+        return self.decode_parts(batch, context_tokens)[0] + head
+
+    def decode_parts(self, batch: int, context_tokens: float) -> tuple[float, float]:
+        """(the decode step's layers with their communication, that communication `comm_s`)."""
+        L, slide = self.shape.layers, self._slide
+        F, BW = self._flops * self._mfu, self._bw * self._mbu
+        lin, w = self._lin_flops_tok * batch, self._weights_read(batch)
+        t = (L - slide) * max((lin + self._attn_flops * context_tokens) / F,
+                              (w + self._kv_tok * context_tokens) / BW)
+        if slide:
+            seen = batch * min(context_tokens / batch, self.shape.sliding_window)
+            t += slide * max((lin + self._attn_flops * seen) / F, (w + self._kv_tok * seen) / BW)
+        comm = L * self.comm_layer_s(batch)
+        return t + comm, comm
 
     def decode_next_kink(self, batch: int, context_tokens: float) -> float:
-        # compute (d_lin B + d_att C) and memory (d_w + d_kv C) cross once, if their slopes differ
-        if self._d_att == self._d_kv:
-            return math.inf
-        crossing = (self._d_w - self._d_lin * batch) / (self._d_att - self._d_kv)
-        return crossing if crossing > context_tokens else math.inf
+        # a layer's compute (lin + att C) and memory (w + kv C) sides cross once, if their slopes
+        # differ; a sliding-window layer's context stops growing at batch x window
+        kinks = []
+        if self._plain:
+            if self._d_att != self._d_kv:
+                kinks.append((self._d_w - self._d_lin * batch) / (self._d_att - self._d_kv))
+        else:
+            F, BW = self._flops * self._mfu, self._bw * self._mbu
+            slope = self._attn_flops / F - self._kv_tok / BW
+            if slope:
+                kinks.append((self._weights_read(batch) / BW - self._lin_flops_tok * batch / F) / slope)
+            if self._slide:
+                kinks.append(batch * self.shape.sliding_window)
+        later = [k for k in kinks if k > context_tokens]
+        return min(later) if later else math.inf
 
     def h2d_bw(self, chunk_bytes: float) -> float:
         return self._h2d
@@ -606,13 +709,21 @@ def build_cost_model(cfg) -> CostModel:
     profile = load_profile(cfg.hardware_profile) if cfg.hardware_profile else None
     total = (profile.hbm_bytes if profile else g.hbm_bytes) * cfg.gpu.count
     hbm_kv = total * (1.0 - cfg.gpu.reserved_fraction) - shape.weight_bytes
-    kw = dict(ssd_contention=cfg.ssd.contention, hbm_kv_bytes=hbm_kv)
+    shards = kv_shards(shape, cfg.gpu.count)
+    # replicated KV heads hold the same tokens several times: HBM for KV counts one copy
+    kv_room = hbm_kv if shards == cfg.gpu.count else hbm_kv * shards / cfg.gpu.count
+    kw = dict(ssd_contention=cfg.ssd.contention, hbm_kv_bytes=kv_room)
     if profile is not None:
         cost = ProfileCost(shape, profile, cfg.gpu.count, **kw)
     else:
+        allreduce = None
+        if cfg.gpu.allreduce == "ring":
+            allreduce = RingAllReduce(g.nvlink_gbps, cfg.gpu.allreduce_latency_us * US)
+        elif cfg.gpu.allreduce == "table":
+            allreduce = load_allreduce_table(cfg.gpu.allreduce_table)
         cost = RooflineCost(shape, cfg.gpu.count, g.peak_flops, g.hbm_bw_gbps, cfg.gpu.prefill_mfu,
                             cfg.gpu.decode_mbu, cfg.host.h2d_gbps, cfg.host.d2h_gbps, cfg.ssd.read_gbps,
-                            cfg.ssd.write_gbps, **kw)
+                            cfg.ssd.write_gbps, allreduce=allreduce, **kw)
     if hbm_kv <= 0:
         raise KvsimError(f"{cfg.source}: gpu.count: {cfg.model} weights ({shape.weight_bytes / GB:.0f} GB) "
                          f"leave no HBM for KV on {cfg.gpu.count} x {cfg.gpu.name}; expected more GPUs")

@@ -244,3 +244,108 @@ def test_hbm_for_kv_is_what_weights_and_the_reserved_share_leave(tmp_path):
     with pytest.raises(KvsimError, match=r"gpu.count: llama2-70b weights \(138 GB\) leave no HBM for KV on 1 x h100-80gb; "
                                          "expected more GPUs"):
         build_cost_model(load_config({"model": "llama2-70b", "gpu": {"name": "h100-80gb"}}))
+
+
+# --- today's shapes: MoE, MLA, sliding windows, tensor parallelism ------------------------------------
+
+from sim.collectives import AllReduceTable, RingAllReduce, allreduce_bytes_per_layer, parse_allreduce_table  # noqa: E402
+from sim.costmodel import kv_shards, sliding_pairs  # noqa: E402
+
+
+def _roof(model, gpus=1, allreduce=None):
+    # 100 TF/s at 50%, 2000 GB/s at 50%: 50e12 FLOP/s and 1e12 B/s effective per GPU
+    return RooflineCost(MODELS[model], gpus, 100e12, 2000, 0.5, 0.5, 25, 25, 6, 3, allreduce=allreduce)
+
+
+def test_moe_decode_reads_the_dense_weights_and_only_the_experts_the_batch_touches():
+    m = MODELS["mixtral-8x7b"]
+    non_routed = 32 * (4096 * 4096 * 2 + 2 * 4096 * 1024 + 4096 * 8)   # attention and routers
+    expert_bytes = 3 * 4096 * 14336 * 2
+    head = 32000 * 4096 * 2 / 1e12                                    # LM head, memory-bound
+    # one sequence, no context: its top-2 experts in each of 32 layers
+    assert _roof("mixtral-8x7b").decode_step_s(1, 0) == pytest.approx(
+        (non_routed * 2 + 32 * 2 * expert_bytes) / 1e12 + head, rel=1e-12)
+    # 4 sequences touch 8 (1 - 0.75^4) = 5.47 experts per layer, not 4 x 2
+    touched = 8 * (1 - 0.75 ** 4)
+    assert _roof("mixtral-8x7b").decode_step_s(4, 0) == pytest.approx(
+        (non_routed * 2 + 32 * touched * expert_bytes) / 1e12 + head, rel=1e-12)
+    assert m.weight_bytes == (non_routed + 32 * 8 * 3 * 4096 * 14336 + 2 * 32000 * 4096) * 2
+
+
+def test_moe_prefill_flops_come_from_the_active_parameters():
+    # 8192 new tokens, compute-bound: 2 x active layer params per token, attention over the causal half
+    m = MODELS["mixtral-8x7b"]
+    active_per_layer = m.active_layer_params / 32
+    flops = 2 * active_per_layer * 8192 + 4 * 32 * 128 * 8192 * (0 + 8193 / 2)
+    assert _roof("mixtral-8x7b").prefill_layer_s(8192, 0) == pytest.approx(flops / 50e12, rel=1e-12)
+
+
+def test_mla_attends_in_the_latent():
+    c = _roof("deepseek-v3")
+    # scores over 512 + 64 and values over 512, for 128 heads: 2 x 128 x (2 x 512 + 64) per pair
+    assert c._attn_flops == 2 * 128 * (2 * 512 + 64) == 278528
+    assert kv_shards(MODELS["deepseek-v3"], 8) == 1
+
+
+def test_a_sliding_window_bounds_the_attended_pairs():
+    assert sliding_pairs(10, 0, 128) == 55                       # all inside: 1 + ... + 10
+    assert sliding_pairs(100, 200, 128) == 100 * 128             # all past the window
+    assert sliding_pairs(100, 100, 128) == (101 + 128) * 28 / 2 + 72 * 128 == 12422
+    # gpt-oss decode at 10,000 tokens of context: half its layers read 128 tokens' KV
+    c = _roof("gpt-oss-120b")
+    full = _roof("gpt-oss-120b")
+    full._slide = 0
+    assert c.decode_step_s(1, 10_000) < full.decode_step_s(1, 10_000)
+
+
+def test_tp_allreduce_moves_each_tokens_hidden_state_twice_per_layer():
+    m = MODELS["llama2-70b"]
+    # 64 decoding sequences: 64 x 8192 x 2 bytes per all-reduce
+    assert allreduce_bytes_per_layer(m, 64) == 1048576
+    ring = RingAllReduce(450.0)
+    # ring over 4 GPUs: 2 x 3/4 of the message over each 450 GB/s link
+    one = 2 * 3 / 4 * 1048576 / 450e9
+    assert ring(1048576, 4) == pytest.approx(one)
+    c = _roof("llama2-70b", 4, ring)
+    assert c.comm_layer_s(64) == pytest.approx(2 * one)
+    total, comm = c.decode_parts(64, 64_000)
+    assert comm == pytest.approx(80 * 2 * one)
+    plain = _roof("llama2-70b", 4)
+    assert c.decode_step_s(64, 64_000) == pytest.approx(plain.decode_step_s(64, 64_000) + comm, rel=1e-12)
+    assert c.prefill_layer_s(512, 0) == pytest.approx(plain.prefill_layer_s(512, 0) + 2 * ring(512 * 16384, 4))
+    assert ring(1048576, 1) == 0.0
+
+
+def test_allreduce_table_interpolates_measured_timings_per_tp_degree():
+    t = parse_allreduce_table({"schema": "kvsim-allreduce-table/1",
+                               "tp": {2: {"bytes": [1000, 3000], "us": [10, 30]}}}, "t.yaml")
+    assert t(2000, 2) == pytest.approx(20e-6)
+    assert t(100, 2) == pytest.approx(10e-6)           # below the smallest size: its time (latency)
+    assert t(5000, 2) == pytest.approx(50e-6)          # past the largest: the last segment's slope
+    with pytest.raises(KvsimError, match="t.yaml: tp: no all-reduce timings for 4 GPUs"):
+        t(2000, 4)
+    with pytest.raises(KvsimError, match="t.yaml: tp.2.bytes: expected strictly ascending"):
+        parse_allreduce_table({"schema": "kvsim-allreduce-table/1", "tp": {2: {"bytes": [3, 1], "us": [1, 2]}}},
+                              "t.yaml")
+
+
+def test_kv_heads_fewer_than_gpus_are_replicated():
+    m = MODELS["qwen3-235b-a22b"]        # 4 KV heads
+    assert kv_shards(m, 8) == 4 and kv_shards(m, 2) == 2
+    c = RooflineCost(m, 8, 100e12, 2000, 0.5, 0.5, 25, 25, 6, 3)
+    assert c.h2d_bw(1) == 4 * 25e9                       # one copy's links carry a load
+    cfg = load_config({"model": "qwen3-235b-a22b", "gpu": {"name": "h200", "count": 8}})
+    built = build_cost_model(cfg)
+    room = 8 * 141e9 * 0.9 - m.weight_bytes
+    assert built.hbm_kv_bytes == pytest.approx(room / 2)
+
+
+def test_tp_comm_stays_off_unless_a_config_asks_for_it():
+    base = {"model": "llama2-70b", "gpu": {"count": 4}}
+    off = build_cost_model(load_config(base))
+    on = build_cost_model(load_config({**base, "gpu": {"count": 4, "allreduce": "ring"}}))
+    assert off.decode_step_s(8, 8000) == RooflineCost(
+        MODELS["llama2-70b"], 4, 312e12, 2039.0, 0.55, 0.75, 25, 25, 6, 3).decode_step_s(8, 8000)
+    # a100 NVLink 3: 300 GB/s per direction
+    assert on.decode_step_s(8, 8000) - off.decode_step_s(8, 8000) == pytest.approx(
+        80 * 2 * (2 * 3 / 4 * 8 * 8192 * 2 / 300e9), rel=1e-9)
