@@ -377,6 +377,10 @@ class CostModel(ABC):
     def decode_step_s(self, batch: int, context_tokens: float) -> float: ...
 
     @abstractmethod
+    def decode_head_s(self, batch: int) -> float:
+        """The LM head over `batch` sequences' last positions (part of `decode_step_s`)."""
+
+    @abstractmethod
     def h2d_bw(self, chunk_bytes: float) -> float: ...
 
     @abstractmethod
@@ -424,6 +428,41 @@ class CostModel(ABC):
         return IterationCost(preload_pipeline_s(L, load_layer_s, compute_layer_s, buffer_layers, layerwise),
                              L * compute_layer_s, L * load_layer_s, head_s, self.host_turn_s, 0.0)
 
+
+    def mixed_layer_s(self, chunks, batch: int, context_tokens: float) -> float:
+        """One layer of an iteration that runs prefill chunks `[(new tokens, cached tokens), ...]` together
+        with `batch` decoding sequences holding `context_tokens` tokens in all (vLLM V1 and Sarathi batch
+        them into one forward pass). A back end without a mixed measurement composes its two tables:
+        the prefill table at all the iteration's new tokens (the decodes' included: the linear layers run
+        once over every token), at the cached length that gives the chunks' attention work, plus the
+        decodes' attention over their context (their decode-table time beyond the table's shortest
+        context). That composition is an extrapolation until mixed iterations are measured."""
+        new = sum(n for n, _ in chunks)
+        tokens = new + batch
+        if tokens <= 0:
+            return 0.0
+        # cached length h of one chunk of `new` tokens doing the chunks' attention work:
+        # new * (h + (new + 1) / 2) = sum n (h_i + (n + 1) / 2)
+        work = sum(n * (h + (n + 1) / 2.0) for n, h in chunks)
+        hist = max(work / new - (new + 1) / 2.0, 0.0) if new else 0.0
+        t = self.prefill_layer_s(tokens, hist)
+        if batch:
+            t += max(self.decode_attention_layer_s(batch, context_tokens), 0.0)
+        return t
+
+    def decode_attention_layer_s(self, batch: int, context_tokens: float) -> float:
+        """Per layer, what attending over `context_tokens` adds to a decode step of `batch` sequences."""
+        return (self.decode_step_s(batch, context_tokens) - self.decode_step_s(batch, 0.0)) / self.shape.layers
+
+    def iteration(self, chunks, batch: int, context_tokens: float, load_layer_s: float = 0.0,
+                  buffer_layers: int = 2, layerwise: bool = True) -> IterationCost:
+        """One iteration of a chunked-prefill engine: prefill chunks and decodes in one batch, the
+        history loads of the chunks' reused KV overlapped layer by layer (CachedAttention §3.2), the LM
+        head for every scheduled sequence (its last position), and the serving loop's host time."""
+        layer = self.mixed_layer_s(chunks, batch, context_tokens)
+        heads = len(chunks) + batch
+        head = self.decode_head_s(heads) if heads else 0.0
+        return self.prefill_iteration(load_layer_s, layer, head, buffer_layers, layerwise)
 
     def decode_span(self, batch: int, context_tokens: float, kmax: int, budget_s: float = math.inf) -> tuple:
         """(seconds, k): the next k decode iterations of `batch` sequences holding `context_tokens` tokens
@@ -587,6 +626,33 @@ class RooflineCost(CostModel):
         # only the last position's logits are needed to emit the first token
         return max(self._head_flops / (self._flops * self._mfu), self._head_bytes / (self._bw * self._mbu))
 
+    def decode_head_s(self, batch: int) -> float:
+        head = self._d_head_c * batch
+        return head if head > self._d_head_m else self._d_head_m
+
+    def mixed_layer_s(self, chunks, batch: int, context_tokens: float) -> float:
+        """One layer over prefill chunks `[(new, cached), ...]` and `batch` decodes over `context_tokens`
+        tokens in all, as one forward pass: the weights are read once and the linear layers run over
+        every token; attention is each chunk's (new x (cached + causal half)) plus each decode's context;
+        KV reads are every cached and decode token, writes every new token."""
+        new = sum(n for n, _ in chunks)
+        tokens = new + batch
+        if tokens <= 0:
+            return 0.0
+        F, BW = self._flops * self._mfu, self._bw * self._mbu
+        lin, w = self._lin_flops_tok * tokens, self._weights_read(tokens)
+        pairs = sum(n * (h + (n + 1) / 2.0) for n, h in chunks) + context_tokens
+        kv = sum(h + 2.0 * n for n, h in chunks) + context_tokens
+        L, slide = self.shape.layers, (self._slide if not self._plain else 0)
+        t = (L - slide) * max((lin + self._attn_flops * pairs) / F, (w + self._kv_tok * kv) / BW)
+        if slide:
+            W = self.shape.sliding_window
+            pairs_w = sum(sliding_pairs(n, h, W) for n, h in chunks) + batch * min(context_tokens / batch, W) \
+                if batch else sum(sliding_pairs(n, h, W) for n, h in chunks)
+            kv_w = sum(min(h, W) + 2.0 * n for n, h in chunks) + (batch * min(context_tokens / batch, W) if batch else 0.0)
+            t += slide * max((lin + self._attn_flops * pairs_w) / F, (w + self._kv_tok * kv_w) / BW)
+        return t / L + self.comm_layer_s(tokens)
+
     def decode_step_s(self, batch: int, context_tokens: float) -> float:
         """One iteration for `batch` sequences holding `context_tokens` tokens in total:
         per layer max(FLOPs / (peak x MFU), bytes / (bandwidth x MBU)), plus the LM head. Sliding-window
@@ -670,6 +736,9 @@ class ProfileCost(CostModel):
         if self.profile.prefill_padding is not None:
             new = self.profile.prefill_padding.new_bucket(max(math.ceil(new), 1))
         return max(self.m.head_prefill_ms(new), 0.0) * MS
+
+    def decode_head_s(self, batch: int) -> float:
+        return max(self.m.head_decode_ms(batch), 0.0) * MS
 
     def decode_step_s(self, batch: int, context_tokens: float) -> float:
         per_seq = context_tokens / batch

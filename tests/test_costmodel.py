@@ -349,3 +349,24 @@ def test_tp_comm_stays_off_unless_a_config_asks_for_it():
     # a100 NVLink 3: 300 GB/s per direction
     assert on.decode_step_s(8, 8000) - off.decode_step_s(8, 8000) == pytest.approx(
         80 * 2 * (2 * 3 / 4 * 8 * 8192 * 2 / 300e9), rel=1e-9)
+
+
+def test_a_mixed_iteration_reads_the_weights_once_for_prefill_chunks_and_decodes():
+    """LLaMA-2-7B on an A100 roofline: one layer over a 512-token chunk after 1,000 cached tokens plus 32
+    decodes holding 48,000 tokens is one forward pass: FLOPs 2 P (512 + 32) + 4 H d (512 (1000 + 256.5)
+    + 48000), bytes P x 2 + kv (1000 + 1024 + 48000); the layer time is the larger over peak x efficiency.
+    Alone, the chunk and the decodes each reproduce the prefill and decode formulas."""
+    from sim.config import load_config
+    from sim.costmodel import build_cost_model
+    cm = build_cost_model(load_config({}, {"model": "llama2-7b"}))
+    s = cm.shape
+    P, Hd, kv = s.params_per_layer, s.heads * s.head_dim, s.kv_bytes_per_token_layer
+    flops = 2 * P * (512 + 32) + 4 * Hd * (512 * (1000 + 256.5) + 48000)
+    byts = 2 * P + kv * (1000 + 2 * 512 + 48000)
+    F, BW = 312e12 * 0.55, 2039e9 * 0.75
+    assert cm.mixed_layer_s([(512, 1000)], 32, 48000) == pytest.approx(max(flops / F, byts / BW), rel=1e-12)
+    assert cm.mixed_layer_s([(512, 1000)], 0, 0.0) == pytest.approx(cm.prefill_layer_s(512, 1000), rel=1e-12)
+    assert (cm.mixed_layer_s([], 32, 48000) * s.layers + cm.decode_head_s(32)
+            == pytest.approx(cm.decode_step_s(32, 48000), rel=1e-12))
+    it = cm.iteration([(512, 1000)], 32, 48000)
+    assert it.total_s == pytest.approx(s.layers * max(flops / F, byts / BW) + cm.decode_head_s(33), rel=1e-12)
