@@ -279,10 +279,9 @@ class StepPlan:
 @dataclass
 class PreemptionStats:
     preemptions: int = 0
-    # tokens whose KV was dropped by recompute preemptions (what the prefix cache does not give
-    # back on resumption is computed again)
+    # tokens whose KV was dropped by recompute preemptions
     dropped_tokens: int = 0
-    # prefill tokens computed by resumed requests (their recompute, less their prefix hits)
+    # dropped tokens computed again after resumption: what the prefix cache did not give back
     recomputed_tokens: int = 0
 
 
@@ -318,7 +317,8 @@ class ChunkedScheduler:
         self.running: list[SeqRequest] = []
         self.stats = PreemptionStats()
         self._planned: StepPlan | None = None
-        self._resumed: set = set()  # preempted requests not yet back to the end of their recompute
+        # preempted request -> tokens it had computed: those it computes again are recompute
+        self._dropped: dict[SeqRequest, int] = {}
 
     @property
     def free_blocks(self) -> int:
@@ -398,8 +398,6 @@ class ChunkedScheduler:
                 admitted[req] = hit
                 scheduled.append(Scheduled(req, n, req.num_output_tokens > 0 and hit == total - 1))
                 budget -= n
-                if req in self._resumed:
-                    self.stats.recomputed_tokens += n
 
         plan = StepPlan(scheduled, preempted, admitted, pool.num_free,
                         cfg.max_num_batched_tokens - budget)
@@ -414,14 +412,18 @@ class ChunkedScheduler:
         self._planned = None
         finished = []
         max_len = self.cfg.max_model_len
-        resumed = self._resumed
+        dropped = self._dropped
         for req, n, _ in plan.scheduled:
-            if req in resumed and req not in plan.admitted:
-                self.stats.recomputed_tokens += n
+            before = req.num_computed_tokens
             req.num_computed_tokens += n
+            if req in dropped:
+                lost = dropped[req]
+                if before < lost:
+                    self.stats.recomputed_tokens += min(before + n, lost) - before
+                if req.num_computed_tokens >= lost:
+                    del dropped[req]
             if req.num_computed_tokens >= req.num_tokens:
                 # the step's logits for the last known token: one sampled token
-                resumed.discard(req)
                 req.num_output_tokens += 1
                 if req.num_output_tokens >= req.max_tokens or (max_len is not None and req.num_tokens >= max_len):
                     req.finished = True
@@ -456,10 +458,10 @@ class ChunkedScheduler:
         the progress, requeue at the front."""
         self.stats.preemptions += 1
         self.stats.dropped_tokens += req.num_computed_tokens
+        self._dropped[req] = max(self._dropped.get(req, 0), req.num_computed_tokens)
         req.num_preemptions += 1
         self.pool.free_blocks(reversed(req.blocks))
         req.blocks = []
         req.num_cached_blocks = 0
         req.num_computed_tokens = 0
-        self._resumed.add(req)
         self.waiting.appendleft(req)
