@@ -9,12 +9,21 @@ and `prefetch` on it.
 `PrefillFirstScheduler` is the engine CachedAttention was built on (and Orca/early vLLM): FCFS, a
 prefill iteration admits whole turns up to a token budget and pauses decoding, and each admitted
 job holds HBM for its whole context plus its reply from admission to its end.
+
+`ChunkedScheduler` is vLLM V1's: one token budget per step shared by decodes and prefill chunks,
+paged KV allocated as tokens are scheduled (`sim.blocks`), a prefix cache of whole blocks, and
+recompute preemption when blocks run out. It decides steps only (`schedule` / `update`), with no
+clock and no store, so a comparison with vLLM and the engine drive the same object.
 """
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from itertools import islice
+from typing import NamedTuple
 
+from sim.blocks import BlockPool
+from sim.errors import KvsimError
 from sim.trace import BLOCK_TOKENS
 
 
@@ -168,3 +177,291 @@ class PrefillFirstScheduler:
         """HBM the job at the head of the queue needs (for the error when it can never fit)."""
         self.plan(self.queue[0])
         return self.queue[0].res_bytes
+
+
+# ---- chunked prefill over paged KV (vLLM V1) ------------------------------------------------
+
+# vLLM's defaults for an OpenAI-compatible server on a GPU with >= 70 GiB that is not an A100
+# (H100/H200): EngineArgs.get_batch_defaults, vllm/engine/arg_utils.py (0.32.0).
+VLLM_GPU_MAX_NUM_BATCHED_TOKENS = 8192
+VLLM_GPU_MAX_NUM_SEQS = 1024
+VLLM_BLOCK_TOKENS = 16  # CacheConfig's default block size on CUDA
+PREEMPTION_MODES = ("recompute",)
+
+
+@dataclass(frozen=True)
+class ChunkedConfig:
+    """Settings of `ChunkedScheduler`; defaults are vLLM 0.32.0's for a GPU server (above),
+    `long_prefill_token_threshold` 0 (off) and `watermark` 0.0 (off) as `SchedulerConfig`'s."""
+    num_blocks: int  # usable KV blocks in HBM (vLLM's num_gpu_blocks less its null block)
+    max_num_batched_tokens: int = VLLM_GPU_MAX_NUM_BATCHED_TOKENS  # token budget of one step
+    max_num_seqs: int = VLLM_GPU_MAX_NUM_SEQS  # running requests at most
+    block_tokens: int = VLLM_BLOCK_TOKENS
+    long_prefill_token_threshold: int = 0  # cap on one request's tokens per step; 0 = off
+    watermark: float = 0.0  # share of blocks an admission must leave free; 0 = off
+    preemption: str = "recompute"
+    max_model_len: int | None = None  # a request stops when prompt + output reaches it
+
+    def __post_init__(self):
+        for name in ("num_blocks", "max_num_batched_tokens", "max_num_seqs", "block_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise KvsimError(f"scheduler.{name}: expected an integer >= 1, got {v!r}")
+        if not isinstance(self.long_prefill_token_threshold, int) or self.long_prefill_token_threshold < 0:
+            raise KvsimError(f"scheduler.long_prefill_token_threshold: expected an integer >= 0 (0 = off), "
+                             f"got {self.long_prefill_token_threshold!r}")
+        if not 0.0 <= self.watermark < 1.0:
+            raise KvsimError(f"scheduler.watermark: expected a share of the blocks in [0, 1), got {self.watermark!r}")
+        if self.preemption not in PREEMPTION_MODES:
+            raise KvsimError(f"scheduler.preemption: expected one of {PREEMPTION_MODES} "
+                             f"(swap is not modelled yet), got {self.preemption!r}")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
+            raise KvsimError(f"scheduler.max_model_len: expected an integer >= 2 or none, got {self.max_model_len!r}")
+
+    @property
+    def watermark_blocks(self) -> int:
+        # vLLM: int(watermark * num_gpu_blocks), the null block included
+        return int(self.watermark * (self.num_blocks + 1))
+
+
+class SeqRequest:
+    """One request as the chunked scheduler sees it: a prompt, a reply of at most `max_tokens`
+    (its real length is not known in advance: the caller stops it through `max_tokens`), and the
+    key of every block of its token sequence (prompt then reply), as `block_key(i)` or a list.
+
+    `num_computed_tokens` is how many tokens have KV in HBM; `num_tokens` = prompt + output so far.
+    """
+    __slots__ = ("id", "prompt_tokens", "max_tokens", "block_key", "num_computed_tokens",
+                 "num_output_tokens", "blocks", "num_cached_blocks", "num_preemptions", "finished")
+
+    def __init__(self, id, prompt_tokens: int, max_tokens: int, block_key):
+        if prompt_tokens < 1 or max_tokens < 1:
+            raise ValueError(f"request {id!r}: prompt_tokens and max_tokens must be >= 1")
+        self.id = id
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.block_key = block_key if callable(block_key) else block_key.__getitem__
+        self.num_computed_tokens = 0
+        self.num_output_tokens = 0
+        self.blocks: list[int] = []  # block ids, in token order
+        self.num_cached_blocks = 0  # leading blocks already in the prefix cache
+        self.num_preemptions = 0
+        self.finished = False
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_tokens + self.num_output_tokens
+
+    def __repr__(self):
+        return (f"SeqRequest({self.id!r}, computed={self.num_computed_tokens}/{self.num_tokens}, "
+                f"out={self.num_output_tokens}/{self.max_tokens})")
+
+
+class Scheduled(NamedTuple):
+    req: SeqRequest
+    num_new_tokens: int
+    # the request has output and only its last sampled token is left to compute (a resumed
+    # request whose prefix hit leaves exactly that token counts too)
+    is_decode: bool
+
+
+@dataclass
+class StepPlan:
+    """One step's decisions. Until `update`, each scheduled request's `num_computed_tokens` is
+    still the count before this step (its history for the chunk)."""
+    scheduled: list[Scheduled]  # running requests in queue order, then admissions
+    preempted: list[SeqRequest]  # in preemption order
+    admitted: dict  # SeqRequest -> prefix-cache hit tokens, in admission order
+    free_blocks: int  # after this step's allocations and preemptions, before its finishes
+    num_scheduled_tokens: int = 0
+
+
+@dataclass
+class PreemptionStats:
+    preemptions: int = 0
+    # tokens whose KV was dropped by recompute preemptions
+    dropped_tokens: int = 0
+    # dropped tokens computed again after resumption: what the prefix cache did not give back
+    recomputed_tokens: int = 0
+
+
+class ChunkedScheduler:
+    """Chunked prefill over paged KV with a prefix cache, as vLLM V1's `Scheduler` does it
+    (vllm/v1/core/sched/scheduler.py `schedule`, 0.32.0, FCFS, synchronous; rules and line
+    references in bench/vllm_scheduler/README.md):
+
+    * one token budget per step; running requests first, in queue order, each taking
+      `num_tokens - num_computed_tokens` tokens (1 for a decode), capped by the threshold and
+      the budget left; there are no prefill or decode phases, so a step mixes decodes and chunks;
+    * a running request that cannot get its blocks preempts the last running request (the most
+      recently admitted) and retries, until it fits or is itself the victim (then the running
+      loop ends); a preempted request frees its blocks, forgets its progress and goes to the
+      front of the waiting queue, to recompute prompt + output after a fresh prefix lookup;
+    * waiting requests are admitted only in a step that preempted none, in strict FCFS order
+      while budget and `max_num_seqs` allow: the first that does not fit ends the scan. Its
+      prefix hit is whole cached blocks from the start, at most `num_tokens - 1` tokens, and it
+      is admitted only if its whole current sequence fits in the free blocks (hit blocks waiting
+      in the free queue counted as needed): a check, not a reservation;
+    * blocks are allocated as tokens are scheduled and enter the prefix cache once scheduled to
+      be full (`sim.blocks.BlockPool`); a finished request frees its blocks at once.
+
+    The decisions need no clock: `schedule()` plans a step, `update(plan)` applies it (computed
+    tokens advance, a request whose computed tokens reach its known tokens samples one token,
+    a request stops at `max_tokens`). A caller prices the step between the two.
+    """
+
+    def __init__(self, cfg: ChunkedConfig):
+        self.cfg = cfg
+        self.pool = BlockPool(cfg.num_blocks)
+        self.waiting: deque[SeqRequest] = deque()
+        self.running: list[SeqRequest] = []
+        self.stats = PreemptionStats()
+        self._planned: StepPlan | None = None
+        # preempted request -> tokens it had computed: those it computes again are recompute
+        self._dropped: dict[SeqRequest, int] = {}
+
+    @property
+    def free_blocks(self) -> int:
+        return self.pool.num_free
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add_request(self, req: SeqRequest) -> None:
+        self.waiting.append(req)
+
+    # ---- one step ------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        if self._planned is not None:
+            raise RuntimeError("schedule() called twice without update()")
+        cfg, pool, bt = self.cfg, self.pool, self.cfg.block_tokens
+        budget = cfg.max_num_batched_tokens
+        # the threshold keeps a long prefill from starving others: with no others it is off
+        threshold = cfg.long_prefill_token_threshold if len(self.running) + len(self.waiting) > 1 else 0
+        max_len = cfg.max_model_len
+        scheduled: list[Scheduled] = []
+        preempted: list[SeqRequest] = []
+        running = self.running
+
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            computed, total = req.num_computed_tokens, req.num_tokens
+            n = total - computed
+            if 0 < threshold < n:
+                n = threshold
+            n = min(n, budget)
+            if max_len is not None:
+                n = min(n, max_len - computed - 1)
+            if n <= 0:
+                i += 1
+                continue
+            fits = True
+            while not self._allocate_running(req, n):
+                # under FCFS the victim comes after `req` in the queue: it was not scheduled yet
+                victim = running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    fits = False
+                    break
+            if not fits:
+                break
+            scheduled.append(Scheduled(req, n, req.num_output_tokens > 0 and computed == total - 1))
+            budget -= n
+            i += 1
+
+        admitted = {}
+        if not preempted:
+            waiting = self.waiting
+            watermark = cfg.watermark_blocks if running else 0
+            while budget > 0 and waiting and len(running) < cfg.max_num_seqs:
+                req = waiting[0]
+                total = req.num_tokens
+                hit_blocks = pool.lookup(req.block_key, (total - 1) // bt)
+                hit = len(hit_blocks) * bt
+                n = total - hit
+                if 0 < threshold < n:
+                    n = threshold
+                n = min(n, budget)
+                full = total if max_len is None else min(total, max_len)
+                need = max(-(-full // bt) - len(hit_blocks), 0) + pool.num_evictable(hit_blocks)
+                if need + watermark > pool.num_free:
+                    break  # strict FCFS: nobody behind it is tried
+                pool.touch(hit_blocks)
+                req.blocks = hit_blocks
+                req.num_cached_blocks = len(hit_blocks)
+                self._allocate(req, hit, n)
+                waiting.popleft()
+                running.append(req)
+                req.num_computed_tokens = hit
+                admitted[req] = hit
+                scheduled.append(Scheduled(req, n, req.num_output_tokens > 0 and hit == total - 1))
+                budget -= n
+
+        plan = StepPlan(scheduled, preempted, admitted, pool.num_free,
+                        cfg.max_num_batched_tokens - budget)
+        self._planned = plan
+        return plan
+
+    def update(self, plan: StepPlan) -> list[SeqRequest]:
+        """Apply a planned step; returns the requests it finished, in scheduling order (their
+        blocks are freed, tail first, in that order)."""
+        if plan is not self._planned:
+            raise RuntimeError("update() expects the plan of the last schedule()")
+        self._planned = None
+        finished = []
+        max_len = self.cfg.max_model_len
+        dropped = self._dropped
+        for req, n, _ in plan.scheduled:
+            before = req.num_computed_tokens
+            req.num_computed_tokens += n
+            if req in dropped:
+                lost = dropped[req]
+                if before < lost:
+                    self.stats.recomputed_tokens += min(before + n, lost) - before
+                if req.num_computed_tokens >= lost:
+                    del dropped[req]
+            if req.num_computed_tokens >= req.num_tokens:
+                # the step's logits for the last known token: one sampled token
+                req.num_output_tokens += 1
+                if req.num_output_tokens >= req.max_tokens or (max_len is not None and req.num_tokens >= max_len):
+                    req.finished = True
+                    self.pool.free_blocks(reversed(req.blocks))
+                    req.blocks = []
+                    req.num_cached_blocks = 0
+                    finished.append(req)
+        if finished:
+            self.running = [r for r in self.running if not r.finished]
+        return finished
+
+    # ---- blocks --------------------------------------------------------------------------
+    def _allocate_running(self, req: SeqRequest, n: int) -> bool:
+        need = -(-(req.num_computed_tokens + n) // self.cfg.block_tokens) - len(req.blocks)
+        if need > self.pool.num_free:
+            return False
+        self._allocate(req, req.num_computed_tokens, n)
+        return True
+
+    def _allocate(self, req: SeqRequest, computed: int, n: int) -> None:
+        """Blocks for `computed + n` tokens, then cache the blocks full after them: vLLM caches at
+        schedule time, so a request admitted later in the same step already hits them."""
+        bt, pool = self.cfg.block_tokens, self.pool
+        need = -(-(computed + n) // bt) - len(req.blocks)
+        if need > 0:
+            req.blocks.extend(pool.allocate(need))
+        full = min(computed + n, req.num_tokens) // bt
+        req.num_cached_blocks = pool.cache_full_blocks(req.blocks, req.num_cached_blocks, full, req.block_key)
+
+    def _preempt(self, req: SeqRequest) -> None:
+        """Recompute preemption (vLLM's `_preempt_request`): free the blocks tail first, forget
+        the progress, requeue at the front."""
+        self.stats.preemptions += 1
+        self.stats.dropped_tokens += req.num_computed_tokens
+        self._dropped[req] = max(self._dropped.get(req, 0), req.num_computed_tokens)
+        req.num_preemptions += 1
+        self.pool.free_blocks(reversed(req.blocks))
+        req.blocks = []
+        req.num_cached_blocks = 0
+        req.num_computed_tokens = 0
+        self.waiting.appendleft(req)
