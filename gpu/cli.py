@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sim.errors import KvsimError
-from sim.files import atomic_write
+from sim.files import atomic_write, check_out_file
 from sim.models import READ_BUFFER_LAYERS
 from sim.units import MS
 
@@ -49,24 +49,8 @@ def register(subparsers) -> None:
 
 
 def check_writable_file(path: Path, flag: str) -> None:
-    """Fail before any work if a result file cannot be written at `path` (atomically: a temporary file
-    beside it, then a rename): one line naming it. `sim.cli.check_writable_dir` is the same for folders."""
-    import tempfile
-
-    path = Path(path)
-    if path.is_dir():
-        raise KvsimError(f"{flag} {path}: is a folder; expected the path of a file to write")
-    probe = path.parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise KvsimError(f"{flag} {path}: {probe} is a file, not a folder; expected a path in a writable folder")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as exc:
-        raise KvsimError(f"{flag} {path}: cannot write in {probe} ({exc.strerror or exc}); expected a path in a "
-                         f"writable folder") from None
+    """Fail before any work if a result file cannot be written at `path` (sim.files.check_out_file)."""
+    check_out_file(path, flag)
 
 
 def _need_cuda(what: str):

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tempfile
 import time
 from pathlib import Path
 
 from sim.errors import KvsimError
-from sim.files import atomic_write_json
+from sim.files import atomic_write_json, check_out_dir, check_out_file
 from sim.trace import read_trace, validate_trace, write_trace
 
 DEFAULT_STATS_DIR = Path("results") / "trace_stats"
@@ -45,40 +44,14 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
-def _writable_folder(folder: Path, flag: str, given: Path) -> None:
-    """`folder` (created when missing) can take new files: its nearest existing ancestor is a folder
-    and a file can be made there. Checked before any work, so a long build never fails at its end."""
-    probe = folder
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise KvsimError(f"{flag} {given}: {probe} is a file, expected a folder")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as exc:
-        raise KvsimError(f"{flag} {given}: folder {probe} is not writable ({exc.strerror or exc})") from None
-
-
 def out_folder(path, flag: str) -> Path:
     """An output folder argument, checked: not an existing file, writable."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise KvsimError(f"{flag} {path}: is an existing file, expected a folder")
-    _writable_folder(path, flag, path)
-    return path
+    return check_out_dir(path, flag)
 
 
 def out_file(path, flag: str, suffixes: tuple[str, ...]) -> Path:
     """An output file argument, checked: one of `suffixes`, not a folder, its folder writable."""
-    path = Path(path)
-    if path.suffix not in suffixes:
-        has = f"extension {path.suffix!r}" if path.suffix else "no extension"
-        raise KvsimError(f"{flag} {path}: {has}, expected {' or '.join(suffixes)}")
-    if path.is_dir():
-        raise KvsimError(f"{flag} {path}: is a folder, expected a file path")
-    _writable_folder(path.parent, flag, path)
-    return path
+    return check_out_file(path, flag, suffixes)
 
 
 def _check_outputs(args) -> None:

@@ -39,3 +39,56 @@ def atomic_write_json(path, obj: Any, **kw) -> Path:
 
 def atomic_write_parquet(df, path) -> Path:
     return atomic_write(path, lambda p: df.to_parquet(p, index=False))
+
+
+# --- output paths, checked before any work: a long run never fails at its end on a bad --out --------
+
+def _writable_ancestor(path: Path, flag: str, given) -> None:
+    """The nearest existing ancestor of `path` is a folder where a file can be made."""
+    import tempfile
+
+    from sim.errors import KvsimError
+
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise KvsimError(f"{flag} {given}: {probe} is a file, not a folder; expected a path in a writable folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise KvsimError(f"{flag} {given}: cannot write in {probe} ({exc.strerror or exc}); expected a writable "
+                         f"folder") from None
+
+
+def check_out_dir(path, flag: str, create: bool = False) -> Path:
+    """An output folder (`flag` names where it came from): not an existing file, and writable (created
+    first when `create`). One KvsimError line otherwise."""
+    from sim.errors import KvsimError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise KvsimError(f"{flag} {path}: exists and is not a folder; expected a folder for the results")
+    _writable_ancestor(path, flag, path)
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KvsimError(f"{flag} {path}: cannot create it ({exc.strerror or exc})") from None
+    return path
+
+
+def check_out_file(path, flag: str, suffixes: tuple = ()) -> Path:
+    """An output file (written atomically: a temporary file beside it, then a rename): one of `suffixes`
+    when given, not a folder, and its folder writable. One KvsimError line otherwise."""
+    from sim.errors import KvsimError
+
+    path = Path(path)
+    if suffixes and path.suffix not in suffixes:
+        has = f"extension {path.suffix!r}" if path.suffix else "no extension"
+        raise KvsimError(f"{flag} {path}: {has}, expected {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise KvsimError(f"{flag} {path}: is a folder; expected the path of a file to write")
+    _writable_ancestor(path.parent, flag, path)
+    return path

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 
 from sim.errors import KvsimError, read_yaml
-from sim.files import atomic_write_parquet, atomic_write_text
+from sim.files import atomic_write_parquet, atomic_write_text, check_out_dir
 
 POINTS_FILE = "points.parquet"
 SPEC_KEYS = {"name", "base", "overrides", "variants", "grid", "zip", "seeds", "description", "out"}
@@ -380,17 +380,7 @@ def _one_line(exc: BaseException) -> str:
 def prepare_out_dir(path, what: str) -> Path:
     """Create the output folder `path` and prove it writable, before anything runs; a file in the way,
     a parent that is a file or a read-only folder is one KvsimError naming `what` (the flag or key)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise KvsimError(f"{what} {path}: is a file; expected a folder to write results into")
-    probe = path / f".kvsim-write-check.{os.getpid()}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise KvsimError(f"{what} {path}: cannot write results there ({exc.strerror or exc})") from None
-    return path
+    return check_out_dir(path, what, create=True)
 
 
 def point_dir(out_dir: Path, key: str) -> Path:

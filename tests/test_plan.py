@@ -231,7 +231,7 @@ def test_plan_out_naming_a_file_is_refused_before_the_first_simulation(tiny_conf
     assert main(["plan", "--config", str(tiny_config), "--slo", "ttft_p99_ms<=500", "--ssd", "0", "--jobs", "1",
                  "--out", str(blocker)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "--out" in err and "is a file" in err and ran == []
+    assert "--out" in err and "is not a folder" in err and ran == []
 
 
 # ---------------------------------------------------------------- non-monotone metrics and replications

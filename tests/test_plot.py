@@ -194,4 +194,4 @@ def test_report_and_plot_refuse_an_unwritable_output_before_writing(tmp_path, ca
     (d / "plots").write_text("a file where the figures go")
     assert main(["plot", str(d)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "plots: is a file" in err
+    assert "\n" not in err and "plots: exists and is not a folder" in err

@@ -246,7 +246,7 @@ def test_out_naming_a_file_is_one_line_and_exit_2_before_any_point_runs(tmp_path
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "results.txt" in err
-    assert ("is a file" in err) if where == "flag" else ("cannot write results there" in err)
+    assert ("exists and is not a folder" in err) if where == "flag" else ("is a file, not a folder" in err)
     assert blocker.read_text() == "not a folder"
 
 

@@ -239,9 +239,9 @@ def test_trace_stats_writes_its_figure_under_results_not_beside_the_trace(tmp_pa
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--out", "afile"], "--out afile: is an existing file, expected a folder"),
-    (["--out", "afile/sub"], "--out afile/sub: afile is a file, expected a folder"),
-    (["--out", "/proc/kvsim_stats"], "--out /proc/kvsim_stats: folder /proc is not writable"),
+    (["--out", "afile"], "--out afile: exists and is not a folder"),
+    (["--out", "afile/sub"], "--out afile/sub: afile is a file, not a folder"),
+    (["--out", "/proc/kvsim_stats"], "--out /proc/kvsim_stats: cannot write in /proc"),
     (["--png", "fig.pdf"], "--png fig.pdf: extension '.pdf', expected .png"),
     (["--json", "afile"], "--json afile: no extension, expected .json"),
 ])
@@ -256,8 +256,8 @@ def test_trace_stats_output_errors_are_one_line_and_come_before_reading(tmp_path
 def test_trace_builders_check_their_outputs_before_building(tmp_path, monkeypatch, capsys):
     (tmp_path / "afile").write_text("")
     for args, message in [(["synth", "--out", "x.csv"], "--out x.csv: extension '.csv', expected .parquet or .jsonl"),
-                          (["synth", "--out", "afile/x.parquet"], "afile is a file, expected a folder"),
-                          (["synth", "--out", "x.parquet", "--save-spec", "/proc/s.yaml"], "folder /proc is not writable"),
+                          (["synth", "--out", "afile/x.parquet"], "afile is a file, not a folder"),
+                          (["synth", "--out", "x.parquet", "--save-spec", "/proc/s.yaml"], "cannot write in /proc"),
                           (["mooncake", "in.jsonl", "--out", "x.parquet", "--png", "afile"], "--png afile: no extension")]:
         rc, err = _cli(*args, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
         assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err, (args, err)
