@@ -474,6 +474,14 @@ class CostModel(ABC):
         span costs one evaluation per end of each linear piece, not one per iteration.
         """
         step = self.decode_step_s
+        end = context_tokens + batch * (kmax - 1)
+        if self.decode_next_kink(batch, context_tokens) >= end:
+            # one linear piece (the common case), written out: this is the simulator's hottest call
+            a = step(batch, context_tokens)
+            d = (step(batch, end) - a) / (kmax - 1) if kmax > 1 else 0.0
+            total = kmax * a + d * kmax * (kmax - 1) * 0.5
+            if budget_s >= total:
+                return total, kmax
         done, total = 0, 0.0
         while True:
             start = context_tokens + batch * done
@@ -681,17 +689,18 @@ class RooflineCost(CostModel):
     def decode_next_kink(self, batch: int, context_tokens: float) -> float:
         # a layer's compute (lin + att C) and memory (w + kv C) sides cross once, if their slopes
         # differ; a sliding-window layer's context stops growing at batch x window
-        kinks = []
         if self._plain:
-            if self._d_att != self._d_kv:
-                kinks.append((self._d_w - self._d_lin * batch) / (self._d_att - self._d_kv))
-        else:
-            F, BW = self._flops * self._mfu, self._bw * self._mbu
-            slope = self._attn_flops / F - self._kv_tok / BW
-            if slope:
-                kinks.append((self._weights_read(batch) / BW - self._lin_flops_tok * batch / F) / slope)
-            if self._slide:
-                kinks.append(batch * self.shape.sliding_window)
+            if self._d_att == self._d_kv:
+                return math.inf
+            crossing = (self._d_w - self._d_lin * batch) / (self._d_att - self._d_kv)
+            return crossing if crossing > context_tokens else math.inf
+        kinks = []
+        F, BW = self._flops * self._mfu, self._bw * self._mbu
+        slope = self._attn_flops / F - self._kv_tok / BW
+        if slope:
+            kinks.append((self._weights_read(batch) / BW - self._lin_flops_tok * batch / F) / slope)
+        if self._slide:
+            kinks.append(batch * self.shape.sliding_window)
         later = [k for k in kinks if k > context_tokens]
         return min(later) if later else math.inf
 

@@ -201,7 +201,7 @@ class LinearStep(CostModel):
     def _unused(self, *args):
         raise AssertionError("a decode span needs only the decode step")
 
-    prefill_layer_s = prefill_head_s = h2d_bw = d2h_bw = ssd_read_bw = ssd_write_bw = _unused
+    prefill_layer_s = prefill_head_s = decode_head_s = h2d_bw = d2h_bw = ssd_read_bw = ssd_write_bw = _unused
 
 
 # B = 2, S = 100, 10 iterations: t_j = 1.1 + 0.002 j; cumulative 1.1, 2.202, 3.306, ...; all 11.09
