@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sim.errors import KvsimError
+from sim.errors import KvsimError, show
 from sim.plugins import register_commands
 from sim.units import GB, TB
 
@@ -116,11 +116,18 @@ def check_writable_dir(out, flag: str) -> None:
     """Fail before simulating if the results cannot land in `out`: one line naming the folder."""
     import tempfile
 
-    if out.exists() and not out.is_dir():
-        raise KvsimError(f"{flag} {out}: exists and is not a folder; expected a folder for the results")
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    try:  # parquet writers take UTF-8 paths only: a name with undecodable bytes would fail after the run
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:
+        raise KvsimError(f"{flag} {show(str(out))}: not valid UTF-8; expected a folder name in UTF-8") from None
+    try:
+        if out.exists() and not out.is_dir():
+            raise KvsimError(f"{flag} {out}: exists and is not a folder; expected a folder for the results")
+        probe = out
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+    except OSError as exc:  # a name longer than the filesystem allows, a loop of links
+        raise KvsimError(f"{flag} {show(str(out))}: {exc.strerror or exc}; expected a folder for the results") from None
     if not probe.is_dir():
         raise KvsimError(f"{flag} {out}: {probe} is a file, not a folder; expected a folder for the results")
     try:
@@ -151,11 +158,15 @@ def cmd_run(args) -> int:
 
     overrides = parse_overrides(args.set)
     cfg = load_config(args.config, overrides)
-    policies = [p.strip() for p in args.compare.split(",")] if args.compare else [cfg.policy.kind]
+    policies = [p.strip() for p in args.compare.split(",")] if args.compare is not None else [cfg.policy.kind]
     for pol in policies:  # every policy checked before the first one runs
         if pol not in POLICIES:
-            raise KvsimError(f"--compare {args.compare}: {pol!r}: expected policies from {', '.join(POLICIES)}")
-    out_root = Path(args.out) if args.out else default_out_dir(cfg, overrides)
+            raise KvsimError(f"--compare {show(args.compare)}: {pol!r}: expected policies from {', '.join(POLICIES)}")
+    if len(set(policies)) < len(policies):  # both would write the same folder
+        raise KvsimError(f"--compare {show(args.compare)}: a policy given twice; expected each once")
+    if args.out is not None and not args.out.strip():
+        raise KvsimError("--out '': expected a folder for the results (omit --out for the default)")
+    out_root = Path(args.out) if args.out is not None else default_out_dir(cfg, overrides)
     check_writable_dir(out_root, "--out" if args.out else "output folder")
     results = []
     for pol in policies:
@@ -206,7 +217,8 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except KvsimError as exc:
-        print(f"kvsim: error: {exc}", file=sys.stderr)
+        # a path from argv may hold bytes that are not UTF-8 (surrogates): escaped, never an encoding error
+        print(f"kvsim: error: {exc}".encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kvsim: interrupted", file=sys.stderr)
