@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from sim.errors import KvsimError, show
+from sim.files import check_out_dir
 from sim.plugins import register_commands
 from sim.units import GB, TB
 
@@ -114,28 +115,7 @@ def default_out_dir(cfg, overrides: dict):
 
 def check_writable_dir(out, flag: str) -> None:
     """Fail before simulating if the results cannot land in `out`: one line naming the folder."""
-    import tempfile
-
-    try:  # parquet writers take UTF-8 paths only: a name with undecodable bytes would fail after the run
-        str(out).encode("utf-8")
-    except UnicodeEncodeError:
-        raise KvsimError(f"{flag} {show(str(out))}: not valid UTF-8; expected a folder name in UTF-8") from None
-    try:
-        if out.exists() and not out.is_dir():
-            raise KvsimError(f"{flag} {out}: exists and is not a folder; expected a folder for the results")
-        probe = out
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-    except OSError as exc:  # a name longer than the filesystem allows, a loop of links
-        raise KvsimError(f"{flag} {show(str(out))}: {exc.strerror or exc}; expected a folder for the results") from None
-    if not probe.is_dir():
-        raise KvsimError(f"{flag} {out}: {probe} is a file, not a folder; expected a folder for the results")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as exc:
-        raise KvsimError(f"{flag} {out}: cannot write in {probe} ({exc.strerror or exc}); expected a writable "
-                         f"folder") from None
+    check_out_dir(out, flag)
 
 
 def _replaces_other_config(out, cfg) -> bool:

@@ -147,7 +147,8 @@ class Replica:
 
     def _never_fits(self):
         job = self.sched.queue[0]
-        need = self.sched.head_need_bytes()
+        # what it holds in HBM: the reservation plus the hits already there (pinned while it runs)
+        need = self.sched.head_need_bytes() + sum(e.nbytes for e in job.hit_entries if e.tier is self.store.hbm)
         raise KvsimError(
             f"{self.cfg.source}: gpu: turn {job.i} (session {job.sid}) needs "
             f"{need / 1e9:.2f} GB of KV in HBM but only {self.store.hbm.capacity / 1e9:.2f} GB "
