@@ -471,17 +471,10 @@ class CostModel(ABC):
 
         The step time is piecewise linear in the context (a roofline's compute/memory kink, a measured
         table's grid columns): between two kinks the iterations' times form an arithmetic series, so a
-        span costs one evaluation per end of each linear piece, not one per iteration.
+        span costs one evaluation per end of each linear piece, not one per iteration. This is the
+        simulator's hottest call: one piece (the common case) takes two step evaluations.
         """
         step = self.decode_step_s
-        end = context_tokens + batch * (kmax - 1)
-        if self.decode_next_kink(batch, context_tokens) >= end:
-            # one linear piece (the common case), written out: this is the simulator's hottest call
-            a = step(batch, context_tokens)
-            d = (step(batch, end) - a) / (kmax - 1) if kmax > 1 else 0.0
-            total = kmax * a + d * kmax * (kmax - 1) * 0.5
-            if budget_s >= total:
-                return total, kmax
         done, total = 0, 0.0
         while True:
             start = context_tokens + batch * done

@@ -44,7 +44,6 @@ class Replica:
         self.ra_factor = self.sched.ra_factor
         self.w_hashes = workload.prefix_hashes
         self.source = None  # who submits turns (sim.workload.Users); set by attach()
-        self._inbox = None  # the event an idle replica waits on
         self.running = []  # heap (done_iter, seq, job)
         self.n_running = 0
         self.iter_count = 0
@@ -62,11 +61,8 @@ class Replica:
         self.proc = self.env.process(self.serve())
 
     def submit(self, i: int, arrival_s: float) -> None:
-        """A turn arrives: it joins the scheduler's queue; an idle replica wakes."""
+        """A turn arrives: it joins the scheduler's queue (an idle replica is woken by its source)."""
         self.sched.enqueue(self.sched.make_job(i, arrival_s))
-        if self._inbox is not None:
-            ev, self._inbox = self._inbox, None
-            ev.succeed(arrival_s)
 
     # ---- the serving loop ------------------------------------------------------------------
     def serve(self):
@@ -94,7 +90,7 @@ class Replica:
                 dt = self._prefill(batch, now)
                 t1 = now + dt
                 stall = self._after_prefill(batch, t1)
-                if stall == 0.0 and self.n_running and not queue and not source.next_arrival_s() <= t1:
+                if stall == 0.0 and self.n_running and not queue and not (pending and pending[0][0] <= t1):
                     # nothing can join before decoding starts: the first decode span joins the prefill
                     span, k = self._decode_span(t1)
                     now = now + (dt + span)
@@ -132,10 +128,8 @@ class Replica:
                 now = now + (nxt - now)
                 yield env.timeout(now - env.now if now > env.now else 0.0)
                 continue
-            # idle: wait on the inbox for the next submission
-            self._inbox = env.event()
-            source.listen()
-            t = yield self._inbox
+            # idle: wait for the next submission
+            t = yield source.listen()
             if t > now:
                 now = now + (t - now)
 
@@ -254,7 +248,8 @@ class Replica:
         # an arrival changes the batch only if it can be admitted at once: not while the batch is
         # full, nor behind a queued job (FCFS); it is then taken at the end of the iteration in flight
         queued = self.sched.queue
-        cut = self.source.next_arrival_s() - now if not queued and B < self.max_batch else math.inf
+        pending = self.source.pending  # heap of (arrival time, turn): its head is the next arrival
+        cut = pending[0][0] - now if pending and not queued and B < self.max_batch else math.inf
         if queued and self.store.releases:
             r = self.store.releases[0][0] - now
             if r < cut:
