@@ -1,6 +1,6 @@
 """Simulated turns per wall-clock second on a 100k-turn synthetic workload, one core.
 
-    python bench/sim_speed.py [--turns 100000] [--policy attentionstore]
+    python bench/sim_speed.py [--turns 100000] [--policy attentionstore] [--scheduler chunked]
 
 The workload is drawn from the synthetic generator fitted to ShareGPT (sim/trace_synth.py), sized
 to about --turns turns; the timing covers the simulation itself (replica + per-turn table +
@@ -18,6 +18,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--turns", type=int, default=100_000)
     ap.add_argument("--policy", default="attentionstore")
+    ap.add_argument("--scheduler", default="prefill_first", choices=("prefill_first", "chunked"),
+                    help="scheduler.kind")
     ap.add_argument("--rate", type=float, default=0.04,
                     help="session arrivals per second (one A100 sustains about 0.045 on ShareGPT lengths)")
     args = ap.parse_args()
@@ -27,7 +29,7 @@ def main():
     n_sessions = int(args.turns / mean_turns)
     cfg = load_config({"model": "llama2-13b", "workload": {"synthetic": {"n_sessions": n_sessions},
                                                            "session_rate_per_s": args.rate},
-                       "policy": {"kind": args.policy}})
+                       "policy": {"kind": args.policy}, "scheduler": {"kind": args.scheduler}})
     t0 = time.perf_counter()
     wl = load_workload(cfg)
     t1 = time.perf_counter()
@@ -38,7 +40,7 @@ def main():
     n = res.summary["turns"]
     print(f"workload: {n} turns in {n_sessions} sessions at {args.rate} sessions/s (built in {t1 - t0:.2f} s)")
     # CPU time is the figure: wall time also counts whatever else shares the core
-    print(f"policy {args.policy}: simulated {n} turns in {c2 - c1:.2f} s CPU ({t2 - t1:.2f} s wall) "
+    print(f"policy {args.policy}, scheduler {args.scheduler}: simulated {n} turns in {c2 - c1:.2f} s CPU ({t2 - t1:.2f} s wall) "
           f"-> {n / (c2 - c1):,.0f} turns/s")
     print(f"simulated time {res.summary['makespan_s']:.0f} s, TTFT mean {res.summary['ttft_mean_s']:.3f} s, "
           f"p99 {res.summary['ttft_p99_s']:.3f} s")

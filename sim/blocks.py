@@ -76,13 +76,18 @@ class BlockPool:
         """Pop `n` blocks from the head of the free queue, evicting their cached keys."""
         if n > len(self.free):
             raise ValueError(f"cannot allocate {n} blocks: {len(self.free)} free")
-        free, ref, key = self.free, self.ref, self.key
+        free, ref, key, cached = self.free, self.ref, self.key, self.cached
+        pop = free.popitem
         out = []
         for _ in range(n):
-            b, _ = free.popitem(last=False)
+            b = pop(False)[0]
             k = key[b]
-            if k is not None:
-                self._uncache(b, k)
+            if k is not None:  # evict its key (`_uncache`, inlined: the simulator's hottest loop)
+                ids = cached[k]
+                del ids[b]
+                if not ids:
+                    del cached[k]
+                key[b] = None
             ref[b] = 1
             out.append(b)
         return out

@@ -18,6 +18,8 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 from sim.errors import KvsimError, parse_yaml, read_yaml, show
 from sim.models import GPUS, MODELS, READ_BUFFER_LAYERS, GpuSpec, ModelShape
 from sim.costmodel import CONTENTION
+from sim.scheduler import (PREEMPTION_MODES, SCHEDULER_KINDS, VLLM_BLOCK_TOKENS, VLLM_GPU_MAX_NUM_BATCHED_TOKENS,
+                           VLLM_GPU_MAX_NUM_SEQS)
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "PB": 1e15,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "PIB": 2**50}
@@ -139,6 +141,31 @@ class SchedulerConfig:
                                    lo=1, hi=10_000_000, why="a whole 10M-token context in one iteration")
     lookahead_jobs: int = knob(32, help="queue window seen by scheduler-aware fetch and eviction", unit="jobs",
                                lo=0, hi=1_000_000, why="more than any queue the simulator can hold")
+    # the chunked scheduler's settings: vLLM 0.32.0's defaults for a GPU server (sim/scheduler.py ChunkedConfig)
+    kind: str = knob("prefill_first", choices=SCHEDULER_KINDS,
+                     help="prefill_first (whole-turn prefill iterations that pause decoding, each turn holding "
+                          "HBM for its whole context and reply: CachedAttention's engine) or chunked (vLLM V1: "
+                          "one token budget per step shared by decodes and prefill chunks, paged KV, recompute "
+                          "preemption; sim/scheduler.py ChunkedScheduler)")
+    max_num_batched_tokens: int = knob(VLLM_GPU_MAX_NUM_BATCHED_TOKENS, unit="tokens", lo=1, hi=10_000_000,
+                                       why="a whole 10M-token context in one step",
+                                       help="chunked: tokens one step computes, decodes and chunks together "
+                                            "(vLLM's max_num_batched_tokens)")
+    max_num_seqs: int = knob(VLLM_GPU_MAX_NUM_SEQS, unit="requests", lo=1, hi=65536,
+                             why="2**16 sequences fit no HBM", help="chunked: running requests at most "
+                             "(vLLM's max_num_seqs)")
+    block_tokens: int = knob(VLLM_BLOCK_TOKENS, unit="tokens", lo=1, hi=4096,
+                             why="vLLM's block sizes go up to a few hundred tokens",
+                             help="chunked: tokens per paged KV block (vLLM's block_size)")
+    long_prefill_token_threshold: int = knob(0, unit="tokens", lo=0, hi=10_000_000,
+                                             why="the longest context windows offered are ~10M tokens",
+                                             help="chunked: one request's tokens per step at most while others "
+                                                  "run or wait; 0 = off (vLLM's default)")
+    watermark: float = knob(0.0, unit="fraction", lo=0.0, hi=0.99, why="a share of the blocks",
+                            help="chunked: share of the KV blocks an admission must leave free; 0 = off")
+    preemption: str = knob("recompute", choices=PREEMPTION_MODES,
+                           help="chunked: what a preempted request loses (recompute: all its KV, computed "
+                                "again when it resumes, after a fresh prefix lookup)")
 
 
 @dataclass(frozen=True)
@@ -169,6 +196,11 @@ class WorkloadConfig:
                                        unit="sessions", lo=1, hi=1_000_000_000, why="larger than any trace")
     max_output_tokens: Optional[int] = knob(None, help="cap replies (e.g. to match a GPU run's decode cap)",
                                             unit="tokens", lo=1, hi=10_000_000, why=_TOKENS_WHY)
+    shared_prefix_tokens: int = knob(0, unit="tokens", lo=0, hi=10_000_000, why=_TOKENS_WHY,
+                                     help="chunked: leading tokens every session's input shares (a chat "
+                                          "template's system prompt): their whole blocks are one prefix-cache "
+                                          "entry for all sessions; 0 = none. Part of each turn's prompt "
+                                          "(of the first turn's, then of the history), not added to it")
 
 
 @dataclass(frozen=True)
@@ -559,11 +591,16 @@ def _check_consistency(cfg: Config, where: _Where) -> None:
         raise KvsimError(f"{where('policy.read_buffer_layers')}: expected <= {shape.layers} (layers of {cfg.model})")
 
 
-_KEYED_WHEN_SET = frozenset((
-    "allreduce", "nvlink_gbps", "allreduce_latency_us", "allreduce_table", "head_dim", "attention", "kv_lora_rank",
-    "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "q_lora_rank", "sliding_window",
-    "full_attention_interval", "experts", "experts_per_token", "shared_experts", "expert_intermediate",
-    "dense_layers", "kv_dtype_bytes", "expert_dtype_bytes"))
+# dotted keys added after sweeps were keyed: left at their defaults, they stay out of the resolved config
+_KEYED_WHEN_SET = frozenset(
+    [f"gpu.{k}" for k in ("allreduce", "nvlink_gbps", "allreduce_latency_us", "allreduce_table")]
+    + [f"model_shape.{k}" for k in (
+        "head_dim", "attention", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "q_lora_rank",
+        "sliding_window", "full_attention_interval", "experts", "experts_per_token", "shared_experts",
+        "expert_intermediate", "dense_layers", "kv_dtype_bytes", "expert_dtype_bytes")]
+    + [f"scheduler.{k}" for k in ("kind", "max_num_batched_tokens", "max_num_seqs", "block_tokens",
+                                  "long_prefill_token_threshold", "watermark", "preemption")]
+    + ["workload.shared_prefix_tokens"])
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -573,9 +610,10 @@ def config_to_dict(cfg: Config) -> dict:
     if d["model_shape"] is None:
         del d["model_shape"]  # a named model keys exactly as before model_shape existed
     # keys added later key a config that leaves them at their defaults exactly as before they existed
-    for section, cls in (("gpu", GpuConfig), ("model_shape", ModelShapeConfig)):
+    for section, cls in (("gpu", GpuConfig), ("model_shape", ModelShapeConfig), ("scheduler", SchedulerConfig),
+                         ("workload", WorkloadConfig)):
         for f in dataclasses.fields(cls):
-            if f.name in _KEYED_WHEN_SET and section in d and d[section].get(f.name) == f.default:
+            if f"{section}.{f.name}" in _KEYED_WHEN_SET and section in d and d[section].get(f.name) == f.default:
                 del d[section][f.name]
     return d
 

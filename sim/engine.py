@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import heapq
 import math
+from itertools import islice
 
 from sim.errors import KvsimError
 from sim.eviction import eviction_for
 from sim.kvstore import KVStore
 from sim.metrics import Recorder
-from sim.scheduler import PrefillFirstScheduler
+from sim.scheduler import ChunkedConfig, ChunkedScheduler, PrefillFirstScheduler, SeqRequest
+from sim.tiers import DRAM, HBM, MISS, NONE, SSD
+from sim.trace import BLOCK_TOKENS
 
 
 class Replica:
@@ -301,5 +304,353 @@ class Replica:
                 store.keep_in_hbm(job, ctx, now, self.w_hashes[i])
             rec.bytes_saved[i] = 0.0
         self.sched.finished(job, ctx)
+        self.source.reply_done(i, now, now + stall)
+        return stall
+
+
+# ---- chunked prefill over paged KV (vLLM V1) ----------------------------------------------------
+
+_NO_LIMIT = 1 << 62  # decode steps in a row when nothing else bounds them
+
+
+class ChunkedReplica:
+    """One replica serving with vLLM V1's scheduler (`sim.scheduler.ChunkedScheduler`): every step
+    runs the decodes and prefill chunks it plans as one iteration (`cost.iteration`), KV lives in
+    paged HBM blocks with a prefix cache, and a request that runs out of blocks is preempted and
+    recomputed. Same surface as `Replica` (`attach`, `submit`, the recorder and the busy times).
+
+    A turn is one request: its input is the kept history plus the new prompt (truncated to the
+    window as `PrefillFirstScheduler.make_job` does) and its reply stops it at its length. Its
+    blocks' prefix-cache keys: `("system", i)` inside `workload.shared_prefix_tokens` (a chat
+    template's system prompt, shared by every session), else `(session, epoch, i)` (the epoch moves
+    when the history is truncated: the remaining tokens sit at other block offsets), or for a
+    Mooncake request its 512-token `prefix_hashes` split into blocks, `(hash[i // m], i % m)`.
+
+    Policies: recompute runs with prefix caching off; hbm_prefix with vLLM's automatic prefix
+    caching (freed blocks stay cached until their block is reused); attentionstore adds the host
+    store as vLLM's KV connector does: at admission the session's saved history (DRAM, else SSD)
+    supplies the whole blocks after the HBM hit, loaded layer by layer during the admitting step
+    (CachedAttention §3.2), and a finished turn's KV is saved to the host (§3.3).
+
+    Events stay O(1) per turn: a step with prefill work is one timeout, and a stretch of pure
+    decode steps with nothing changing is one timeout priced in closed form (`cost.decode_span`),
+    cut at the first finish, the first block the free queue cannot give, or the next arrival
+    that could start at once.
+    """
+
+    def __init__(self, env, cfg, cost, workload):
+        self.env, self.cfg, self.cost = env, cfg, cost
+        pol, sch = cfg.policy, cfg.scheduler
+        self.policy = pol.kind
+        self.shape = shape = cost.shape
+        self.L = shape.layers
+        self.kv_tok = shape.kv_bytes_per_token
+        self.layerwise = pol.layerwise_preload
+        self.buffer_layers = pol.read_buffer_layers
+        self.async_save = pol.async_save
+        if pol.round_attention.enabled:
+            raise KvsimError(f"{cfg.source}: policy.round_attention: not modelled with scheduler.kind chunked; "
+                             f"expected enabled false or scheduler.kind prefill_first")
+        bt = self.block_tokens = sch.block_tokens
+        self.w_hashes = workload.prefix_hashes
+        if any(h is not None for h in self.w_hashes) and BLOCK_TOKENS % bt:
+            raise KvsimError(f"{cfg.source}: scheduler.block_tokens: expected a divisor of the trace's "
+                             f"{BLOCK_TOKENS}-token prefix-hash blocks, got {bt}")
+        read_buffer = (self.buffer_layers * shape.max_context_tokens * shape.kv_bytes_per_token_layer
+                       if self.policy == "attentionstore" and self.layerwise else 0.0)
+        self.store = KVStore(self.policy, cost.hbm_kv_bytes, cfg.host.dram_bytes, cfg.ssd.bytes, shape, cost,
+                             eviction_for(pol.eviction, self.policy, cost), read_buffer, cost.ssd_contention,
+                             pol.truncation == "decoupled_pe", self._lookahead_keys)
+        # turns become jobs (truncation to the window, the session's context) as under prefill-first
+        self.turns = PrefillFirstScheduler(cfg, shape, workload, self.store)
+        num_blocks = int((cost.hbm_kv_bytes - read_buffer) // (bt * self.kv_tok))
+        if num_blocks < 1:
+            raise KvsimError(f"{cfg.source}: gpu: no HBM is left for one KV block after the weights; expected a "
+                             f"larger GPU or more gpu.count")
+        self.sched = ChunkedScheduler(
+            ChunkedConfig(num_blocks, sch.max_num_batched_tokens, sch.max_num_seqs, bt,
+                          sch.long_prefill_token_threshold, sch.watermark, sch.preemption,
+                          shape.max_context_tokens, prefix_caching=self.policy != "recompute"),
+            external_hit=self._external_hit if self.store.on_host else None)
+        self.shared_blocks = cfg.workload.shared_prefix_tokens // bt
+        self.lookahead_jobs = sch.lookahead_jobs
+        self.jobs = {}  # turn -> Job while it is served
+        self.epoch = {}  # session -> truncations so far (its blocks' key offset)
+        self.source = None
+        self._inbox = None
+        self.rec = Recorder(len(workload))
+        self.turn_preemptions = [0] * len(workload)  # times each turn was preempted
+        self.busy_prefill_s = 0.0  # steps with prefill work (decodes riding along included)
+        self.busy_decode_s = 0.0  # pure decode steps
+        self.stall_save_s = 0.0
+        self.proc = None
+
+    @property
+    def preemptions(self) -> int:
+        return self.sched.stats.preemptions
+
+    @property
+    def preempted_tokens_recomputed(self) -> int:
+        return self.sched.stats.recomputed_tokens
+
+    def attach(self, source) -> None:
+        self.source = source
+        self.proc = self.env.process(self.serve())
+
+    def submit(self, i: int, arrival_s: float) -> None:
+        """A turn arrives: it becomes a request at the tail of the waiting queue; an idle replica wakes."""
+        job = self.turns.make_job(i, arrival_s)
+        self.jobs[i] = job
+        self.sched.add_request(SeqRequest(i, job.ctx_in, job.output, self._block_key(job)))
+        if self._inbox is not None:
+            ev, self._inbox = self._inbox, None
+            ev.succeed(arrival_s)
+
+    def _block_key(self, job):
+        """The prefix-cache key of the request's i-th block (see the class docstring)."""
+        if job.blocks:
+            hashes, per = self.w_hashes[job.i], BLOCK_TOKENS // self.block_tokens
+            # a block inside the prompt's hashed part holds the tokens its 512-token block's hash names
+            n = min(len(hashes) * per, job.prompt // self.block_tokens)
+            i_turn = job.i
+            return lambda i: (hashes[i // per], i % per) if i < n else ("turn", i_turn, i)
+        sid = job.sid
+        ep = self.epoch.get(sid, 0)
+        if job.truncated:
+            ep += 1  # the history lost its oldest tokens: every block now holds other tokens
+            self.epoch[sid] = ep
+        nsys = self.shared_blocks if ep == 0 else 0
+        if nsys:
+            return lambda i: ("system", i) if i < nsys else (sid, ep, i)
+        return lambda i: (sid, ep, i)
+
+    def _lookahead_keys(self):
+        """Store keys the first waiting requests will read -> queue position (scheduler-aware eviction)."""
+        keys = {}
+        jobs = self.jobs
+        for pos, req in enumerate(islice(self.sched.waiting, self.lookahead_jobs)):
+            for key in jobs[req.id].keys:
+                keys.setdefault(key, pos)
+        return keys
+
+    def _external_hit(self, req, hit: int) -> int:
+        """Tokens the host store holds beyond the HBM hit (vLLM's `get_num_new_matched_tokens`)."""
+        job = self.jobs[req.id]
+        if not job.keys:
+            return 0
+        h, entries = self.store.lookup(job)
+        job.hit, job.hit_entries = h, entries
+        return h - hit if h > hit else 0
+
+    # ---- the serving loop ------------------------------------------------------------------
+    def serve(self):
+        """As `Replica.serve`: the replica's own clock `now` runs the loop and SimPy's catches up at
+        each yield. A pure-decode stretch is cut where an arrival could start at once (the waiting
+        queue is empty and a seat is free); arrivals behind a blocked queue head wait for the stretch's
+        end, where they would change nothing."""
+        env, sched, source, cost = self.env, self.sched, self.source, self.cost
+        pending = source.pending
+        waiting = sched.waiting
+        max_seqs = sched.cfg.max_num_seqs
+        now = env.now
+        while True:
+            if pending and pending[0][0] <= now:
+                source.deliver_due(now)
+            if sched.running or waiting:
+                began = now
+                k = sched.decode_run_limit(_NO_LIMIT)
+                if k:
+                    running = sched.running
+                    B = len(running)
+                    ctx = 0
+                    for r in running:
+                        ctx += r.prompt_tokens + r.num_output_tokens
+                    cut = source.next_arrival_s() - now if not waiting and B < max_seqs else math.inf
+                    dt, k = cost.decode_span(B, ctx, k, cut)
+                    self.busy_decode_s += dt
+                    now = now + dt
+                    finished = sched.apply_decodes(k)
+                    what = "a decode span"
+                else:
+                    plan = sched.schedule()
+                    if not plan.scheduled and not sched.running:
+                        self._never_fits()
+                    now = now + self._step(plan, now)
+                    finished = sched.update(plan)
+                    self._first_tokens(plan, now)
+                    what = "a step"
+                stall = 0.0
+                for r in finished:
+                    stall += self._finish(r, now + stall)
+                if stall > 0:
+                    now = now + stall
+                if not began < now < math.inf:
+                    self._clock_error(now, what)
+                yield env.timeout(now - env.now if now > env.now else 0.0)
+                continue
+            self._inbox = env.event()
+            source.listen()
+            t = yield self._inbox
+            if t > now:
+                now = now + (t - now)
+
+    _clock_error = Replica._clock_error
+
+    def _never_fits(self):
+        req = self.sched.waiting[0]
+        job = self.jobs[req.id]
+        bt = self.block_tokens
+        raise KvsimError(
+            f"{self.cfg.source}: gpu: turn {job.i} (session {job.sid}) needs {-(-req.num_tokens // bt)} KV blocks "
+            f"of {bt} tokens but HBM holds {self.sched.cfg.num_blocks} after the weights; expected a larger GPU, "
+            f"more gpu.count or a smaller max_context_tokens")
+
+    # ---- one step with prefill work: chunks, decodes and the admitted requests' loads ----------
+    def _step(self, plan, now) -> float:
+        """Price a planned step (before `update`: each chunk's cached context is the request's
+        computed tokens so far); record admissions; return the time to the step's end."""
+        cost, L, rec = self.cost, self.L, self.rec
+        chunks = []
+        B = 0
+        ctx = 0
+        for r, n, dec in plan.scheduled:
+            if dec:
+                B += 1
+                ctx += r.prompt_tokens + r.num_output_tokens
+            else:
+                chunks.append((n, r.num_computed_tokens))
+        load_layer = 0.0
+        start = now
+        if plan.admitted:
+            load_layer, start = self._admit(plan, now)
+        if chunks or load_layer:
+            t = cost.iteration(chunks, B, ctx, load_layer, self.buffer_layers, self.layerwise).total_s
+            self.busy_prefill_s += t
+        else:
+            t = cost.decode_span(B, ctx, 1)[0]
+            self.busy_decode_s += t
+        end = start + t
+        self._step_end, self._step_size = end, len(plan.scheduled)
+        return end - now
+
+    def _admit(self, plan, now):
+        """Record each request's first admission and price the external hits' loads: (load per layer,
+        when the step can start: a DRAM copy still being written, the SSD's queue)."""
+        rec, store, cost, L = self.rec, self.store, self.cost, self.L
+        jobs, ext = self.jobs, plan.external
+        load_layer = 0.0
+        ready = now
+        ssd_bytes = loaded = 0.0
+        ssd_loads = []
+        firsts = []
+        for r, hit in plan.admitted.items():
+            i = r.id
+            job = jobs[i]
+            e = ext.get(r, 0)
+            first = rec.admit_s[i] != rec.admit_s[i]  # NaN: its first admission (else it resumes)
+            dram_b = ssd_b = 0.0
+            load_j = 0.0
+            if e:
+                dram_b, ssd_b, dram_ready = self._external_bytes(job, hit, e)
+                if dram_ready > ready:
+                    ready = dram_ready
+                loaded += dram_b + ssd_b
+                if ssd_b:  # priced below, once the SSD says how fast it reads now
+                    ssd_loads.append((i if first else -1, dram_b / L, ssd_b / L))
+                    ssd_bytes += ssd_b
+                else:
+                    load_j = cost.history_load_layer_s(dram_b / L)
+                    load_layer += load_j
+            if not first:
+                continue
+            firsts.append(i)
+            rec.arrival_s[i] = job.arrival
+            rec.admit_s[i] = now
+            rec.prefill_start_s[i] = now
+            rec.load_s[i] = load_j * L
+            rec.history_tokens[i] = job.hist
+            rec.hit_tokens[i] = hit + e
+            rec.computed_tokens[i] = job.ctx_in - hit - e
+            rec.prompt_tokens[i] = job.prompt
+            rec.output_tokens[i] = job.output
+            rec.truncated[i] = job.truncated or job.clipped > 0
+            rec.clipped_tokens[i] = job.clipped
+            rec.bytes_loaded[i] = dram_b + ssd_b
+            rec.hit_tier[i] = SSD if ssd_b else DRAM if dram_b else HBM if hit else MISS if job.keys else NONE
+        start = ready
+        if ssd_bytes:  # direct SSD reads queue behind whatever the SSD is already reading
+            ssd_r = store.ssd_r
+            if ssd_r.free_at > start:
+                start = ssd_r.free_at
+            bw = cost.ssd_read_bw(ssd_bytes / L)
+            # a device whose writes are in flight reads slower (SharedDeviceLink): stretch the stage
+            slow = (ssd_r.transfer(start, ssd_bytes, bw, L) - start) * bw / ssd_bytes
+            for i, dram_chunk, ssd_chunk in ssd_loads:
+                load_j = cost.history_load_layer_s(dram_chunk, ssd_chunk, slow)
+                load_layer += load_j
+                if i >= 0:
+                    rec.load_s[i] = load_j * L
+        if loaded:
+            store.h2d.charge(loaded)
+        for i in firsts:
+            rec.fetch_wait_s[i] = start - now
+        return load_layer, start
+
+    def _external_bytes(self, job, hit: int, ext: int):
+        """(DRAM bytes, SSD bytes, when the DRAM copy is ready) of the `ext` tokens after `hit`."""
+        dram, kv = self.store.dram, self.kv_tok
+        entries = job.hit_entries
+        if not job.blocks:
+            e = entries[0]
+            if e.tier is dram:
+                return ext * kv, 0.0, e.ready_at
+            return 0.0, ext * kv, 0.0
+        dram_b = ssd_b = ready = 0.0
+        # the store's entries are 512-token blocks: charge each the part of [hit, hit + ext) it holds
+        for j in range(hit // BLOCK_TOKENS, -(-(hit + ext) // BLOCK_TOKENS)):
+            e = entries[j]
+            lo, hi = max(hit, j * BLOCK_TOKENS), min(hit + ext, (j + 1) * BLOCK_TOKENS)
+            if e.tier is dram:
+                dram_b += (hi - lo) * kv
+                if e.ready_at > ready:
+                    ready = e.ready_at
+            elif e.tier is not self.store.hbm:
+                ssd_b += (hi - lo) * kv
+        return dram_b, ssd_b, ready
+
+    def _first_tokens(self, plan, now) -> None:
+        """Requests whose prompt's last chunk ran in this step sampled their first token at its end."""
+        rec = self.rec
+        for r, n, dec in plan.scheduled:
+            if not dec and r.num_output_tokens == 1:
+                i = r.id
+                if rec.ttft_s[i] != rec.ttft_s[i]:
+                    rec.ttft_s[i] = now - rec.arrival_s[i]
+                    rec.prefill_s[i] = now - rec.prefill_start_s[i]
+                    rec.batch_size[i] = self._step_size
+
+    # ---- the end of a turn: save to the host (§3.3) ------------------------------------------
+    def _finish(self, req, now) -> float:
+        i = req.id
+        job = self.jobs.pop(i)
+        rec, store = self.rec, self.store
+        rec.finish_s[i] = now
+        self.turn_preemptions[i] = req.num_preemptions
+        ctx = job.ctx_in + job.output
+        stall = 0.0
+        saved = 0.0
+        if store.on_host:
+            saved = store.save_to_host(job, ctx, now, self.w_hashes[i])
+            if saved:
+                bw = self.cost.d2h_bw(saved / self.L)
+                if self.async_save:
+                    # the write-back drains through D2H while the next steps run
+                    store.d2h.transfer(now, saved, bw)
+                else:
+                    stall = saved / bw
+                    self.stall_save_s += stall
+                    store.d2h.charge(saved)
+        rec.bytes_saved[i] = saved
+        self.turns.finished(job, ctx)
         self.source.reply_done(i, now, now + stall)
         return stall

@@ -11,7 +11,7 @@ import simpy
 
 from sim.config import Config, config_to_dict
 from sim.costmodel import build_cost_model
-from sim.engine import Replica
+from sim.engine import ChunkedReplica, Replica
 from sim.metrics import summarize, turn_table
 from sim.workload import Users, Workload, load_workload
 
@@ -27,7 +27,7 @@ def run_simulation(cfg: Config, workload: Workload | None = None) -> SimResult:
     cost = build_cost_model(cfg)
     wl = workload if workload is not None else load_workload(cfg)
     env = simpy.Environment()
-    replica = Replica(env, cfg, cost, wl)
+    replica = (ChunkedReplica if cfg.scheduler.kind == "chunked" else Replica)(env, cfg, cost, wl)
     users = Users(env, wl, replica)
     replica.attach(users)
     env.run(until=users.all_done)

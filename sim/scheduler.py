@@ -18,7 +18,7 @@ clock and no store, so a comparison with vLLM and the engine drive the same obje
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import NamedTuple
 
@@ -187,6 +187,7 @@ VLLM_GPU_MAX_NUM_BATCHED_TOKENS = 8192
 VLLM_GPU_MAX_NUM_SEQS = 1024
 VLLM_BLOCK_TOKENS = 16  # CacheConfig's default block size on CUDA
 PREEMPTION_MODES = ("recompute",)
+SCHEDULER_KINDS = ("prefill_first", "chunked")
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,7 @@ class ChunkedConfig:
     watermark: float = 0.0  # share of blocks an admission must leave free; 0 = off
     preemption: str = "recompute"
     max_model_len: int | None = None  # a request stops when prompt + output reaches it
+    prefix_caching: bool = True  # vLLM's enable_prefix_caching: off, no block is ever looked up or cached
 
     def __post_init__(self):
         for name in ("num_blocks", "max_num_batched_tokens", "max_num_seqs", "block_tokens"):
@@ -274,6 +276,8 @@ class StepPlan:
     admitted: dict  # SeqRequest -> prefix-cache hit tokens, in admission order
     free_blocks: int  # after this step's allocations and preemptions, before its finishes
     num_scheduled_tokens: int = 0
+    # admitted request -> tokens an external store supplied beyond its prefix-cache hit (`external_hit`)
+    external: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -308,17 +312,31 @@ class ChunkedScheduler:
     The decisions need no clock: `schedule()` plans a step, `update(plan)` applies it (computed
     tokens advance, a request whose computed tokens reach its known tokens samples one token,
     a request stops at `max_tokens`). A caller prices the step between the two.
+
+    Pure-decode stretches need not be stepped one by one: `decode_run_limit()` says how many
+    steps in a row will schedule exactly one decode token for every running request and nothing
+    else, and `apply_decodes(k)` applies k of them at once with the same block allocations
+    (step-major, in running order) and the same prefix-cache entries as k schedule/update pairs.
+
+    `external_hit(req, hit_tokens)`, when given, is a KV store behind HBM (vLLM's KV connector,
+    `get_num_new_matched_tokens`): at admission, after the prefix-cache hit, it returns how many
+    further tokens (whole blocks) it supplies; they count as computed, get blocks like the hit's
+    tail, and the caller loads them during the admitting step (`StepPlan.external`).
     """
 
-    def __init__(self, cfg: ChunkedConfig):
+    def __init__(self, cfg: ChunkedConfig, external_hit=None):
         self.cfg = cfg
         self.pool = BlockPool(cfg.num_blocks)
         self.waiting: deque[SeqRequest] = deque()
         self.running: list[SeqRequest] = []
         self.stats = PreemptionStats()
+        self.external_hit = external_hit
         self._planned: StepPlan | None = None
         # preempted request -> tokens it had computed: those it computes again are recompute
         self._dropped: dict[SeqRequest, int] = {}
+        # the last step found the waiting queue empty or its head unable to start, and nothing has
+        # changed that since (no finish, no preemption, no arrival at an empty queue)
+        self._blocked = False
 
     @property
     def free_blocks(self) -> int:
@@ -328,6 +346,8 @@ class ChunkedScheduler:
         return bool(self.waiting or self.running)
 
     def add_request(self, req: SeqRequest) -> None:
+        if not self.waiting:
+            self._blocked = False  # a new head of the queue: it may start at once
         self.waiting.append(req)
 
     # ---- one step ------------------------------------------------------------------------
@@ -372,35 +392,52 @@ class ChunkedScheduler:
             i += 1
 
         admitted = {}
+        external = {}
+        self._blocked = False
         if not preempted:
             waiting = self.waiting
             watermark = cfg.watermark_blocks if running else 0
+            caching = cfg.prefix_caching
             while budget > 0 and waiting and len(running) < cfg.max_num_seqs:
                 req = waiting[0]
                 total = req.num_tokens
-                hit_blocks = pool.lookup(req.block_key, (total - 1) // bt)
+                hit_blocks = pool.lookup(req.block_key, (total - 1) // bt) if caching else []
                 hit = len(hit_blocks) * bt
-                n = total - hit
+                ext = 0
+                if self.external_hit is not None:
+                    # whole blocks after the hit, leaving at least one token to compute
+                    ext = min(self.external_hit(req, hit), (total - 1) // bt * bt - hit) // bt * bt
+                    if ext < 0:
+                        ext = 0
+                n = total - hit - ext
                 if 0 < threshold < n:
                     n = threshold
                 n = min(n, budget)
                 full = total if max_len is None else min(total, max_len)
                 need = max(-(-full // bt) - len(hit_blocks), 0) + pool.num_evictable(hit_blocks)
                 if need + watermark > pool.num_free:
+                    self._blocked = True
                     break  # strict FCFS: nobody behind it is tried
                 pool.touch(hit_blocks)
                 req.blocks = hit_blocks
                 req.num_cached_blocks = len(hit_blocks)
-                self._allocate(req, hit, n)
+                computed = hit + ext
+                self._allocate(req, computed, n)
                 waiting.popleft()
                 running.append(req)
-                req.num_computed_tokens = hit
+                req.num_computed_tokens = computed
                 admitted[req] = hit
-                scheduled.append(Scheduled(req, n, req.num_output_tokens > 0 and hit == total - 1))
+                if ext:
+                    external[req] = ext
+                scheduled.append(Scheduled(req, n, req.num_output_tokens > 0 and computed == total - 1))
                 budget -= n
+            # what stops the scan (no one waits, no seat, the head does not fit) stays true through
+            # pure-decode steps: their allocations only shrink the free queue and the head's hit
+            if not waiting or len(running) >= cfg.max_num_seqs:
+                self._blocked = True
 
         plan = StepPlan(scheduled, preempted, admitted, pool.num_free,
-                        cfg.max_num_batched_tokens - budget)
+                        cfg.max_num_batched_tokens - budget, external)
         self._planned = plan
         return plan
 
@@ -433,6 +470,108 @@ class ChunkedScheduler:
                     finished.append(req)
         if finished:
             self.running = [r for r in self.running if not r.finished]
+            self._blocked = False  # freed blocks and a free seat may let the queue's head in
+        return finished
+
+    # ---- pure-decode stretches at once -----------------------------------------------------
+    def decode_run_limit(self, kmax: int) -> int:
+        """How many of the next steps (at most `kmax`) are pure decode steps that nothing changes:
+        0 unless every running request is decoding (one token left to compute) within the budget
+        and the waiting queue is empty or blocked; then up to the first finish, and only as long as
+        every block those steps allocate comes from the free queue (one more would preempt).
+
+        Assumes the blocks a reply fills are not the prefix a waiting request looks up (the engine's
+        keys: a session's next turn arrives after its reply ends)."""
+        running = self.running
+        B = len(running)
+        if not B or self._planned is not None or not self._blocked or B > self.cfg.max_num_batched_tokens:
+            return 0
+        bt = self.cfg.block_tokens
+        max_len = self.cfg.max_model_len
+        k = kmax
+        # the first step at which each request needs a new block (1-based), for the block limit
+        firsts = []
+        for r in running:
+            total = r.prompt_tokens + r.num_output_tokens
+            c = r.num_computed_tokens
+            if c != total - 1 or not r.num_output_tokens:
+                return 0
+            left = r.max_tokens - r.num_output_tokens  # the step that samples its last token
+            if max_len is not None and max_len - total < left:
+                left = max_len - total
+            if left < k:
+                k = left
+            firsts.append(len(r.blocks) * bt - c + 1)
+        if k < 1:
+            return 0  # a request already at its end (cannot happen after update): step it
+        free = self.pool.num_free
+        if self._allocations(firsts, k, bt) <= free:
+            return k
+        lo, hi = 0, k  # the last k whose allocations fit: allocations grow with k
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._allocations(firsts, mid, bt) <= free:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    @staticmethod
+    def _allocations(firsts, k: int, bt: int) -> int:
+        n = 0
+        for j in firsts:
+            if j <= k:
+                n += (k - j) // bt + 1
+        return n
+
+    def apply_decodes(self, k: int) -> list[SeqRequest]:
+        """Apply k pure decode steps (k <= `decode_run_limit`) as k schedule/update pairs would:
+        each step allocates the blocks its tokens need, step-major in running order, and caches the
+        blocks its tokens fill; each request gains k tokens. Returns the requests that finish at the
+        k-th step, as `update` does."""
+        if k < 1:
+            return []
+        bt, pool = self.cfg.block_tokens, self.pool
+        running = self.running
+        caching = self.cfg.prefix_caching
+        events = []
+        for idx, r in enumerate(running):
+            j = len(r.blocks) * bt - r.num_computed_tokens + 1
+            while j <= k:
+                events.append((j, idx))
+                j += bt
+        if events:
+            if len(events) > 1:
+                events.sort()
+            blocks = pool.allocate(len(events))
+            for (_, idx), b in zip(events, blocks):
+                running[idx].blocks.append(b)
+        max_len = self.cfg.max_model_len
+        dropped = self._dropped
+        finished = []
+        for r in running:
+            before = r.num_computed_tokens
+            if caching:
+                # the k-th step schedules the token at position before + k - 1: blocks full up to it
+                r.num_cached_blocks = pool.cache_full_blocks(r.blocks, r.num_cached_blocks, (before + k) // bt,
+                                                             r.block_key)
+            r.num_computed_tokens = before + k
+            r.num_output_tokens += k
+            if dropped and r in dropped:
+                lost = dropped[r]
+                if before < lost:
+                    self.stats.recomputed_tokens += min(before + k, lost) - before
+                if before + k >= lost:
+                    del dropped[r]
+            if r.num_output_tokens >= r.max_tokens or (max_len is not None and r.num_tokens >= max_len):
+                r.finished = True
+                pool.free_blocks(reversed(r.blocks))
+                r.blocks = []
+                r.num_cached_blocks = 0
+                finished.append(r)
+        if finished:
+            self.running = [r for r in running if not r.finished]
+            self._blocked = False
         return finished
 
     # ---- blocks --------------------------------------------------------------------------
@@ -450,6 +589,8 @@ class ChunkedScheduler:
         need = -(-(computed + n) // bt) - len(req.blocks)
         if need > 0:
             req.blocks.extend(pool.allocate(need))
+        if not self.cfg.prefix_caching:
+            return
         full = min(computed + n, req.num_tokens) // bt
         req.num_cached_blocks = pool.cache_full_blocks(req.blocks, req.num_cached_blocks, full, req.block_key)
 

@@ -1,0 +1,178 @@
+"""Serving with the chunked scheduler (scheduler.kind chunked, sim/engine.py ChunkedReplica): hand-computed
+TTFTs, preemption, invariants on random workloads, and the pure-decode fast path against stepping."""
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sim.config import load_config
+from sim.costmodel import build_cost_model
+from sim.runner import run_simulation
+from sim.scheduler import ChunkedConfig, ChunkedScheduler, SeqRequest
+from sim.workload import load_workload
+from workloads import random_sessions
+
+POLICIES = ["recompute", "hbm_prefix", "attentionstore"]
+
+
+def _run(df, **over):
+    cfg = load_config({}, {"model": "llama2-7b", "scheduler.kind": "chunked", **over})
+    return run_simulation(cfg, load_workload(cfg, df)), cfg
+
+
+def _two_turns(p0=300, o0=20, p1=100, o1=10, think=50.0):
+    return pd.DataFrame([
+        dict(session_id="a", turn=0, arrival_s=1.0, think_s=np.nan, prompt_tokens=p0, output_tokens=o0),
+        dict(session_id="a", turn=1, arrival_s=np.nan, think_s=think, prompt_tokens=p1, output_tokens=o1),
+    ])
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_two_turns_ttft_is_one_iteration_over_what_the_prefix_cache_and_the_store_leave(policy):
+    res, cfg = _run(_two_turns(), **{"policy.kind": policy})
+    cm = build_cost_model(cfg)
+    t = res.turns.set_index("turn")
+    assert t.loc[0, "ttft_s"] == pytest.approx(cm.iteration([(300, 0)], 0, 0.0).total_s)
+    # turn 0 computed 319 of its 320 tokens (the last sampled token is never fed back): 19 whole
+    # blocks of 16 = 304 tokens stay cached in HBM; turn 1's input is 320 + 100 = 420 tokens
+    if policy == "recompute":
+        want, hit, tier = cm.iteration([(420, 0)], 0, 0.0).total_s, 0, "miss"
+    elif policy == "hbm_prefix":
+        want, hit, tier = cm.iteration([(116, 304)], 0, 0.0).total_s, 304, "hbm"
+    else:
+        # the host store holds all 320 history tokens: it adds the 20th block (16 tokens) from DRAM,
+        # loaded layer by layer during the step
+        layer_bytes = 16 * cm.shape.kv_bytes_per_token_layer
+        load = cm.history_load_layer_s(layer_bytes)
+        want, hit, tier = cm.iteration([(100, 320)], 0, 0.0, load, 2, True).total_s, 320, "dram"
+    assert t.loc[1, "ttft_s"] == pytest.approx(want)
+    assert t.loc[1, "hit_tokens"] == hit
+    assert t.loc[1, "hit_tier"] == tier
+    assert t.loc[1, "history_tokens"] == 320
+
+
+def test_a_long_prompt_is_chunked_over_three_iterations():
+    df = _two_turns(p0=2500, o0=5).iloc[:1]
+    res, cfg = _run(df, **{"scheduler.max_num_batched_tokens": 1000, "policy.kind": "recompute"})
+    cm = build_cost_model(cfg)
+    want = sum(cm.iteration([(n, h)], 0, 0.0).total_s for n, h in ((1000, 0), (1000, 1000), (500, 2000)))
+    assert res.turns.ttft_s[0] == pytest.approx(want)
+    assert res.turns.prefill_s[0] == pytest.approx(want)
+
+
+def test_shared_system_prompt_blocks_are_hit_by_every_later_session():
+    df = pd.DataFrame([dict(session_id=s, turn=0, arrival_s=10.0 * k, think_s=np.nan, prompt_tokens=300,
+                            output_tokens=5) for k, s in enumerate("abc")])
+    res, cfg = _run(df, **{"policy.kind": "hbm_prefix", "workload.shared_prefix_tokens": 120})
+    # 120 tokens: 7 whole blocks of 16 = 112 tokens shared
+    assert res.turns.hit_tokens.tolist() == [0, 112, 112]
+    cm = build_cost_model(cfg)
+    assert res.turns.ttft_s[1] == pytest.approx(cm.iteration([(188, 112)], 0, 0.0).total_s)
+
+
+def _tiny_hbm(blocks):
+    """Overrides giving llama2-7b on an A100 about `blocks` KV blocks of 16 tokens."""
+    cfg = load_config({}, {"model": "llama2-7b"})
+    cm = build_cost_model(cfg)
+    weights = cfg.gpu.spec().hbm_bytes * (1 - cfg.gpu.reserved_fraction) - cm.hbm_kv_bytes
+    return {"gpu.hbm_bytes": weights + blocks * 16 * cm.shape.kv_bytes_per_token + 1.0, "gpu.reserved_fraction": 0.0}
+
+
+def test_preemption_under_a_tiny_hbm_recomputes_and_still_serves_every_turn():
+    df = random_sessions(20, seed=1, rate_per_s=5.0, prompt_mean=150, output_mean=150, think_mean_s=1.0,
+                         mean_turns=2)
+    res, cfg = _run(df, **{"policy.kind": "hbm_prefix", **_tiny_hbm(120)})
+    t = res.turns
+    assert t.finish_s.notna().all() and (t.ttft_s > 0).all()
+    # the replica counts preemptions and what they cost
+    import simpy
+    from sim.engine import ChunkedReplica
+    from sim.workload import Users
+    env = simpy.Environment()
+    rep = ChunkedReplica(env, cfg, build_cost_model(cfg), load_workload(cfg, df))
+    assert rep.sched.cfg.num_blocks == 120
+    users = Users(env, load_workload(cfg, df), rep)
+    rep.attach(users)
+    env.run(until=users.all_done)
+    assert rep.preemptions > 0 and rep.preempted_tokens_recomputed > 0
+    assert sum(rep.turn_preemptions) == rep.preemptions
+
+
+@pytest.fixture(scope="module")
+def busy_sessions():
+    return random_sessions(60, seed=3, rate_per_s=0.5, prompt_mean=300, output_mean=120, think_mean_s=20)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_turn_is_served_exactly_once_after_it_arrives(busy_sessions, policy):
+    res, _ = _run(busy_sessions, **{"policy.kind": policy})
+    t = res.turns
+    assert len(t) == len(busy_sessions)
+    assert t.finish_s.notna().all() and (t.ttft_s > 0).all()
+    assert (t.finish_s >= t.arrival_s + t.ttft_s - 1e-9).all()
+    assert (t.hit_tokens + t.computed_tokens == t.history_tokens + t.prompt_tokens).all()
+    if policy == "recompute":
+        assert (t.hit_tokens == 0).all()
+
+
+def test_same_config_and_seed_give_identical_results(busy_sessions):
+    a, _ = _run(busy_sessions, **{"policy.kind": "attentionstore", "scheduler.max_num_batched_tokens": 512})
+    b, _ = _run(busy_sessions, **{"policy.kind": "attentionstore", "scheduler.max_num_batched_tokens": 512})
+    pd.testing.assert_frame_equal(a.turns, b.turns)
+
+
+# ---- the pure-decode fast path gives the scheduler's own step-by-step state ---------------------
+
+def _state(s):
+    pool = s.pool
+    return ([(r.id, r.num_computed_tokens, r.num_output_tokens, list(r.blocks), r.num_cached_blocks)
+             for r in s.running], [r.id for r in s.waiting], list(pool.free), list(pool.ref), list(pool.key),
+            {k: list(v) for k, v in pool.cached.items()}, s.stats.preemptions, s.stats.recomputed_tokens)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_decode_fast_path_matches_stepping_one_by_one(seed):
+    rng = random.Random(seed)
+    cfg = ChunkedConfig(num_blocks=rng.choice([60, 120, 400]), max_num_batched_tokens=rng.choice([64, 256, 2048]),
+                        max_num_seqs=rng.choice([3, 8, 64]), max_model_len=rng.choice([None, 900]))
+    arrivals = {}
+    for k in range(40):
+        sess = rng.randrange(6)
+        arrivals.setdefault(rng.randrange(3000), []).append(
+            (k, rng.randrange(1, 600), rng.randrange(1, 300), sess))
+
+    def make(k, p, o, sess):
+        return SeqRequest(k, p, o, lambda i, s=sess, k=k: ("sys", i) if i < 3 else (s, k, i))
+
+    slow, fast = ChunkedScheduler(cfg), ChunkedScheduler(cfg)
+    done_slow, done_fast = [], []
+    t_slow = t_fast = 0
+    horizon = 6000
+    fast_steps = 0
+    while t_slow < horizon:
+        for a in arrivals.get(t_slow, ()):
+            slow.add_request(make(*a))
+        done_slow += [r.id for r in slow.update(slow.schedule())]
+        t_slow += 1
+        # the fast one catches up: whole stretches where it can, cut at the next arrival
+        while t_fast < t_slow:
+            for a in arrivals.get(t_fast, ()):
+                fast.add_request(make(*a))
+            nxt = min((s for s in arrivals if s > t_fast), default=horizon + 1) - t_fast
+            k = fast.decode_run_limit(min(nxt, t_slow + 50 - t_fast))
+            if k:
+                done_fast += [r.id for r in fast.apply_decodes(k)]
+                fast_steps += k
+                t_fast += k
+            else:
+                done_fast += [r.id for r in fast.update(fast.schedule())]
+                t_fast += 1
+        while t_slow < t_fast:
+            for a in arrivals.get(t_slow, ()):
+                slow.add_request(make(*a))
+            done_slow += [r.id for r in slow.update(slow.schedule())]
+            t_slow += 1
+        assert _state(fast) == _state(slow), t_slow
+        assert done_fast == done_slow
+    assert len(done_slow) == 40 and fast_steps > 1000
