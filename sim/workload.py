@@ -100,9 +100,9 @@ class Users:
     Arrivals go to `target.submit(turn, arrival_s)` (a replica today, a router tomorrow). A target that
     runs ahead of SimPy's clock (a replica advances a whole prefill or decode span at once) pulls what
     is due by its own clock with `deliver_due(now)` and cuts its spans at `next_arrival_s()`, a lower
-    bound on its next submission. An idle target calls `listen()` and waits: the users set an alarm
-    at their next arrival, which submits it and so wakes the target (one event per idle period, none
-    for arrivals that find the target busy). The target reports each reply's end with `reply_done`.
+    bound on its next submission. An idle target waits on `listen()`: an alarm at the users' next
+    arrival, which submits it and then wakes the target (one event per idle period, none for
+    arrivals that find the target busy). The target reports each reply's end with `reply_done`.
     """
 
     def __init__(self, env, workload: Workload, target):
@@ -127,13 +127,17 @@ class Users:
             t, i = heapq.heappop(pending)
             self.target.submit(i, t)
 
-    def listen(self) -> None:
-        """The target waits for its next submission: ring at the next arrival (none left: the session
-        that is still running will report its reply, and the target is busy until then)."""
-        if self.pending:
-            t = self.pending[0][0]
-            ev = self.env.timeout(max(t - self.env.now, 0.0), t)
-            ev.callbacks.append(self._ring)
+    def listen(self):
+        """An event that fires once the target's next submission has been made (its value: the
+        arrival time), for a target that waits idle. With no arrival pending the target cannot be idle
+        for long: a session of its own is still running and will report its reply."""
+        if not self.pending:
+            return self.env.event()
+        t = self.pending[0][0]
+        ev = self.env.timeout(max(t - self.env.now, 0.0), t)
+        # runs before the waiting target resumes (callbacks run in the order they were added)
+        ev.callbacks.append(self._ring)
+        return ev
 
     def _ring(self, ev) -> None:
         self.deliver_due(ev.value)
