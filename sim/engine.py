@@ -377,7 +377,6 @@ class ChunkedReplica:
         self.jobs = {}  # turn -> Job while it is served
         self.epoch = {}  # session -> truncations so far (its blocks' key offset)
         self.source = None
-        self._inbox = None
         self.rec = Recorder(len(workload))
         self.turn_preemptions = [0] * len(workload)  # times each turn was preempted
         self.busy_prefill_s = 0.0  # steps with prefill work (decodes riding along included)
@@ -398,13 +397,11 @@ class ChunkedReplica:
         self.proc = self.env.process(self.serve())
 
     def submit(self, i: int, arrival_s: float) -> None:
-        """A turn arrives: it becomes a request at the tail of the waiting queue; an idle replica wakes."""
+        """A turn arrives: it becomes a request at the tail of the waiting queue (an idle replica is woken
+        by its source)."""
         job = self.turns.make_job(i, arrival_s)
         self.jobs[i] = job
         self.sched.add_request(SeqRequest(i, job.ctx_in, job.output, self._block_key(job)))
-        if self._inbox is not None:
-            ev, self._inbox = self._inbox, None
-            ev.succeed(arrival_s)
 
     def _block_key(self, job):
         """The prefix-cache key of the request's i-th block (see the class docstring)."""
@@ -488,9 +485,7 @@ class ChunkedReplica:
                     self._clock_error(now, what)
                 yield env.timeout(now - env.now if now > env.now else 0.0)
                 continue
-            self._inbox = env.event()
-            source.listen()
-            t = yield self._inbox
+            t = yield source.listen()  # idle: wait for the next submission
             if t > now:
                 now = now + (t - now)
 
@@ -509,7 +504,7 @@ class ChunkedReplica:
     def _step(self, plan, now) -> float:
         """Price a planned step (before `update`: each chunk's cached context is the request's
         computed tokens so far); record admissions; return the time to the step's end."""
-        cost, L, rec = self.cost, self.L, self.rec
+        cost = self.cost
         chunks = []
         B = 0
         ctx = 0

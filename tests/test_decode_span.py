@@ -40,7 +40,7 @@ def _span(cost, B, S, kmax, *, now=10.0, arrival=math.inf, queued=False, release
     h = SimpleNamespace(
         n_running=B, ctx_sum=S, running=[(iter_count + kmax, 0, None)], iter_count=iter_count, cost=cost,
         sched=SimpleNamespace(queue=deque(["waiting job"] if queued else [])),
-        source=SimpleNamespace(next_arrival_s=lambda: arrival),
+        source=SimpleNamespace(pending=[(arrival, 0)] if arrival != math.inf else []),  # the heap head is the next arrival
         max_batch=B + 1 if max_batch is None else max_batch,
         store=SimpleNamespace(releases=[(release, 0, 0.0)] if release is not None else []),
         busy_decode_s=0.0)
