@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sim.files import atomic_write_text  # noqa: E402
 from sim.trace import read_trace  # noqa: E402
 from sim.trace_stats import trace_stats  # noqa: E402
 
@@ -119,10 +120,8 @@ def main() -> int:
     print(text)
     if args.write:
         path = Path(args.write)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("# Trace statistics as built\n\nProduced by `python bench/trace_build.py --write traces/STATS.md`; "
-                       "see traces/README.md for what each column means.\n\n" + text)
-        tmp.replace(path)
+        atomic_write_text(path, "# Trace statistics as built\n\nProduced by `python bench/trace_build.py --write "
+                          "traces/STATS.md`; see traces/README.md for what each column means.\n\n" + text)
         print(f"wrote {path}")
     return 0
 

@@ -23,6 +23,7 @@ from sim.metrics import Recorder
 from sim.scheduler import ChunkedConfig, ChunkedScheduler, PrefillFirstScheduler, SeqRequest
 from sim.tiers import DRAM, HBM, MISS, NONE, SSD
 from sim.trace import BLOCK_TOKENS
+from sim.units import GB
 
 
 class Replica:
@@ -148,7 +149,7 @@ class Replica:
         need = self.sched.head_need_bytes() + sum(e.nbytes for e in job.hit_entries if e.tier is self.store.hbm)
         raise KvsimError(
             f"{self.cfg.source}: gpu: turn {job.i} (session {job.sid}) needs "
-            f"{need / 1e9:.2f} GB of KV in HBM but only {self.store.hbm.capacity / 1e9:.2f} GB "
+            f"{need / GB:.2f} GB of KV in HBM but only {self.store.hbm.capacity / GB:.2f} GB "
             f"is left after the weights; expected a larger GPU, more gpu.count or a smaller max_context_tokens")
 
     # ---- a prefill iteration: layer-wise preload pipeline (§3.2) ----------------------------

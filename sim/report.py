@@ -17,6 +17,7 @@ import pandas as pd
 
 from sim.errors import KvsimError
 from sim.files import atomic_write_text
+from sim.units import GB, TB
 from sim.sweep import POINTS_FILE, prepare_out_dir, read_points, read_run_log
 
 PARTS = ("models", "rate", "dram", "ssd", "ablation", "eviction")
@@ -119,7 +120,7 @@ def _ms(x: float) -> str:
 
 
 def _gb(x: float) -> str:
-    return f"{x / 1e9:,.0f} GB" if x < 1e12 else f"{x / 1e12:g} TB"
+    return f"{x / GB:,.0f} GB" if x < TB else f"{x / TB:g} TB"
 
 
 def _img(root: Path, part: str, name: str) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
+from sim.costmodel import CONTENTION
+
 # Where a turn's reused KV came from (the per-turn `hit_tier`): 'none' = nothing to reuse, 'miss' =
 # there was a history but no tier held it. Stored as int8 codes in the recorder.
 TIER_CODES = ("none", "miss", "hbm", "dram", "ssd")
@@ -47,14 +49,15 @@ class SharedDeviceLink(Link):
     seconds made of requests of p seconds, takes n (q + p/2) while the backlog lasts (it lasts 2B/p of
     our requests), and the backlog ends n q later. Work-conserving. Mode "even_split" takes p = 2q
     whatever the other side's requests: the two directions split the bandwidth evenly. Which mode a
-    disk follows is measured (`gpu.bench.ssd_read_under_write`); on the lent GPU machines' virtual
+    disk follows is measured (`gpu.bench.ssd_read_under_write`, reduced by
+    `gpu.calibrate.ssd_contention_fit`); on the lent GPU machines' virtual
     disk "interleaved" was nearest (26% mean error over three request-size pairs; results/gpu).
     """
     __slots__ = ("peer", "pending", "even")
 
     def __init__(self, name: str, mode: str = "interleaved"):
-        if mode not in ("interleaved", "even_split"):
-            raise ValueError(f"shared device mode {mode!r}")
+        if mode not in CONTENTION or mode == "none":
+            raise ValueError(f"shared device mode {mode!r}: expected one of {CONTENTION[1:]}")
         super().__init__(name)
         self.peer = None
         self.pending = deque()   # [end, request length] of this direction's transfers not yet done
