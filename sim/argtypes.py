@@ -37,9 +37,12 @@ def _type(fn: Callable, name: str) -> Callable:
     return fn
 
 
-def bounded_float(lo: float, hi: float, why: str, *, lo_open: bool = False, unit: str = "") -> Callable[[str], float]:
-    """A finite number in [lo, hi] (or (lo, hi] with `lo_open`); `why` says where the bounds come from."""
+def bounded_float(lo: float, hi: float, why: str, *, lo_open: bool = False, unit: str = "",
+                  least_nonzero: float = 0.0) -> Callable[[str], float]:
+    """A finite number in [lo, hi] (or (lo, hi] with `lo_open`); `why` says where the bounds come from.
+    `least_nonzero`: a value of (0, least_nonzero) is refused too (0 itself is allowed)."""
     low = f"> {_fmt(lo)}" if lo_open else f">= {_fmt(lo)}"
+    low += f" (0 or at least {_fmt(least_nonzero)})" if least_nonzero else ""
     expect = f"a finite number {low} and <= {_fmt(hi)}{' ' + unit if unit else ''} ({why})"
 
     def parse(text: str) -> float:
@@ -47,7 +50,7 @@ def bounded_float(lo: float, hi: float, why: str, *, lo_open: bool = False, unit
             v = float(text)
         except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"expected {expect}, got {text!r}") from None
-        if not math.isfinite(v) or v > hi or v < lo or (lo_open and v == lo):
+        if not math.isfinite(v) or v > hi or v < lo or (lo_open and v == lo) or 0 < v < least_nonzero:
             raise argparse.ArgumentTypeError(f"expected {expect}, got {text!r}")
         return v + 0.0  # -0 -> 0
 
@@ -129,9 +132,11 @@ def knob_meta(cls, name: str) -> dict:
     return next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
 
 
-def from_knob(cls, name: str, *, lo=None, lo_open: bool = False) -> Callable[[str], float | int]:
+def from_knob(cls, name: str, *, lo=None, lo_open: bool = False,
+              least_nonzero: float = 0.0) -> Callable[[str], float | int]:
     """The argparse type of an option that sets config field `cls.name`: that field's type and bounds
-    (`lo` raises the lower bound where the option needs more than the field, e.g. a step > 0)."""
+    (`lo` raises the lower bound where the option needs more than the field, e.g. a step > 0;
+    `least_nonzero` refuses the values between 0 and it)."""
     meta = knob_meta(cls, name)
     low = meta["lo"] if lo is None else lo
     tp = next(f.type for f in dataclasses.fields(cls) if f.name == name)
@@ -139,7 +144,7 @@ def from_knob(cls, name: str, *, lo=None, lo_open: bool = False) -> Callable[[st
         return byte_size(low, meta["hi"], meta["why"])
     if tp in (int, "int", "Optional[int]"):
         return bounded_int(int(low), int(meta["hi"]), meta["why"], unit=meta["unit"])
-    return bounded_float(low, meta["hi"], meta["why"], lo_open=lo_open, unit=meta["unit"])
+    return bounded_float(low, meta["hi"], meta["why"], lo_open=lo_open, unit=meta["unit"], least_nonzero=least_nonzero)
 
 
 def jobs() -> Callable[[str], int]:

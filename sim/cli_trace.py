@@ -11,13 +11,16 @@ from sim.errors import KvsimError
 from sim.files import atomic_write_json, check_out_dir, check_out_file
 from sim.config import SyntheticConfig, WorkloadConfig
 from sim.trace import BLOCK_TOKENS, MAX_TOKENS, read_trace, validate_trace, write_trace
+from sim.units import MS
 
 DEFAULT_STATS_DIR = Path("results") / "trace_stats"
 TRACE_OUT_SUFFIXES = (".parquet", ".jsonl", ".json")
 
 # Options that set what a config field holds take that field's bounds (sim/argtypes.py).
 SESSION_RATE = at.from_knob(WorkloadConfig, "session_rate_per_s")
-THINK_MEAN = at.from_knob(WorkloadConfig, "think_time_mean_s")
+# A mean think time of 1e-300 s is none: below a millisecond (the float64 clock's resolution late in a long
+# trace, sim.trace.MAX_TIME_S) a think time vanishes in the arrival it is added to; 0 says so plainly.
+THINK_MEAN = at.from_knob(WorkloadConfig, "think_time_mean_s", least_nonzero=MS)
 SESSIONS_KEPT = at.from_knob(WorkloadConfig, "max_sessions")
 SCALE = at.bounded_float(*at.SCALE_RANGE, at.SCALE_WHY)
 MIN_BLOCKS = at.bounded_int(1, MAX_TOKENS // BLOCK_TOKENS, f"a longer prefix than a {MAX_TOKENS:.0e}-token prompt "
