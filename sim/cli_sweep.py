@@ -8,14 +8,18 @@ from sim import argtypes as at
 from sim.config import GpuConfig, HostConfig, SsdConfig, WorkloadConfig
 from sim.errors import KvsimError
 from sim.plan import MAX_REPLICATIONS
+from sim.units import GB, TB
 
-# The planner's sizes take the config fields' bounds; a DRAM step must be more than 0 (a ladder of
-# 0-byte steps never ends) and at least a byte. 64 SSD sizes each bisect DRAM: more is a day of runs.
+# The planner's sizes take the config fields' bounds; a DRAM step must be at least a byte (a ladder of
+# 0-byte steps never ends; sim.plan.capacity_ladder bounds how many sizes a step makes).
 DRAM_SIZE = at.from_knob(HostConfig, "dram_bytes")
 DRAM_STEP = at.from_knob(HostConfig, "dram_bytes", lo=1.0)
 SSD_SIZE = at.from_knob(SsdConfig, "bytes")
+# Every SSD size x GPU count bisects DRAM over several seeds: 64 of either is already a day of runs.
 MAX_SSD_SIZES = 64
 MAX_GPU_COUNTS = 64
+GPU_COUNTS = at.listed(at.from_knob(GpuConfig, "count"), MAX_GPU_COUNTS, "1,2,4")
+SSD_SIZES = at.listed(SSD_SIZE, MAX_SSD_SIZES, "0,2TB,8TB")
 REPLICATIONS = at.bounded_int(1, MAX_REPLICATIONS, "the 95% bound narrows little beyond 100 runs")
 # Fields the planner sets on every candidate: an override of them would be silently replaced.
 PLANNER_OWNS = {"host.dram_bytes": "--dram-min/--dram-max/--dram-step", "ssd.bytes": "--ssd/--ssd-max"}
@@ -28,8 +32,9 @@ def register(subparsers) -> None:
     p.add_argument("specs", nargs="+", type=Path, help="sweep spec YAML file(s), or folders of them")
     p.add_argument("--out", type=Path, help="output directory (default results/<name>; only with one spec)")
     p.add_argument("--jobs", "-j", type=at.jobs(), default=None, help="worker processes (default: all CPU cores)")
-    p.add_argument("--ray", metavar="ADDRESS", type=at.non_empty("a Ray address"), help="run points as Ray tasks on this cluster ('auto', "
-                                                    "'ray://host:10001', or 'local' for a local instance)")
+    p.add_argument("--ray", metavar="ADDRESS", type=at.non_empty("a Ray address"),
+                   help="run points as Ray tasks on this cluster ('auto', 'ray://host:10001', or 'local' for a "
+                        "local instance)")
     p.add_argument("--retry-failed", action="store_true", help="rerun points recorded as failed")
     p.add_argument("--force", action="store_true", help="rerun every point, finished or not")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -52,14 +57,19 @@ def register(subparsers) -> None:
                                           "one-sided 95%% confidence bound on its mean meets the SLO; the answer is "
                                           "the cheapest feasible candidate evaluated (sim/plan.py).")
     p.add_argument("--config", type=Path, default=Path("configs/default.yaml"), help="base config YAML")
-    p.add_argument("--slo", required=True, type=at.non_empty("METRIC<=VALUE"), help='e.g. "ttft_p99_ms<=500" (any summary metric; _ms reads _s keys)')
-    p.add_argument("--rate", type=at.from_knob(WorkloadConfig, "session_rate_per_s"), help="session arrival rate (sessions/s) to plan for")
-    p.add_argument("--gpus", type=at.listed(at.from_knob(GpuConfig, "count"), MAX_GPU_COUNTS, "1,2,4"), default=None, help="GPU counts to consider, e.g. 1,2,4 (default: the config's)")
+    p.add_argument("--slo", required=True, type=at.non_empty("METRIC<=VALUE"),
+                   help='e.g. "ttft_p99_ms<=500" (any summary metric; _ms reads _s keys)')
+    p.add_argument("--rate", type=at.from_knob(WorkloadConfig, "session_rate_per_s"),
+                   help="session arrival rate (sessions/s) to plan for")
+    p.add_argument("--gpus", type=GPU_COUNTS, default=None,
+                   help="GPU counts to consider, e.g. 1,2,4 (default: the config's)")
     p.add_argument("--dram-min", type=DRAM_SIZE, default=0.0, help="least DRAM per replica to consider (default 0)")
-    p.add_argument("--dram-max", type=DRAM_SIZE, default=1e12, help="most DRAM per replica to consider (default 1TB)")
-    p.add_argument("--dram-step", type=DRAM_STEP, default=16e9, help="DRAM granularity of the answer (default 16GB)")
-    p.add_argument("--ssd", type=at.listed(SSD_SIZE, MAX_SSD_SIZES, "0,2TB,8TB"), default=None, help="SSD sizes to try, e.g. 0,2TB,8TB (default: 0 and --ssd-max/16, /4, /1)")
-    p.add_argument("--ssd-max", type=SSD_SIZE, default=16e12, help="largest SSD size of the default ladder (default 16TB)")
+    p.add_argument("--dram-max", type=DRAM_SIZE, default=1 * TB, help="most DRAM per replica to consider (default 1TB)")
+    p.add_argument("--dram-step", type=DRAM_STEP, default=16 * GB, help="DRAM granularity of the answer (default 16GB)")
+    p.add_argument("--ssd", type=SSD_SIZES, default=None,
+                   help="SSD sizes to try, e.g. 0,2TB,8TB (default: 0 and --ssd-max/16, /4, /1)")
+    p.add_argument("--ssd-max", type=SSD_SIZE, default=16 * TB,
+                   help="largest SSD size of the default ladder (default 16TB)")
     p.add_argument("--cost", default="provisioned_usd_per_hour",
                    help="what to minimise: provisioned_usd_per_hour (sim/pricing.py: GPUs, plus DRAM + SSD when the "
                         "policy keeps a store, at the config's prices; the default) or any summary metric, averaged "

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 from sim import argtypes as at
+from sim.config import SyntheticConfig, WorkloadConfig
 from sim.errors import KvsimError
 from sim.files import atomic_write_json, check_out_dir, check_out_file
-from sim.config import SyntheticConfig, WorkloadConfig
 from sim.trace import BLOCK_TOKENS, MAX_TOKENS, read_trace, validate_trace, write_trace
 from sim.units import MS
 
@@ -192,10 +192,14 @@ def register(subparsers) -> None:
     p = tsub.add_parser("synth", help="synthetic sessions with distributions fitted to a real trace")
     p.add_argument("--out", help="output trace (.parquet or .jsonl); omit to only fit/save a spec")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--spec", type=at.non_empty("a SynthSpec YAML file"), help="SynthSpec YAML (default traces/synth_default.yaml)")
-    src.add_argument("--fit", type=at.non_empty("a canonical trace file"), help="fit the spec to this canonical trace instead")
-    p.add_argument("--save-spec", type=at.non_empty("a .yaml file to write"), help="write the (fitted) spec to this YAML")
-    p.add_argument("--sessions", type=at.from_knob(SyntheticConfig, "n_sessions"), help="number of sessions (default: as fitted)")
+    src.add_argument("--spec", type=at.non_empty("a SynthSpec YAML file"),
+                     help="SynthSpec YAML (default traces/synth_default.yaml)")
+    src.add_argument("--fit", type=at.non_empty("a canonical trace file"),
+                     help="fit the spec to this canonical trace instead")
+    p.add_argument("--save-spec", type=at.non_empty("a .yaml file to write"),
+                   help="write the (fitted) spec to this YAML")
+    p.add_argument("--sessions", type=at.from_knob(SyntheticConfig, "n_sessions"),
+                   help="number of sessions (default: as fitted)")
     p.add_argument("--rate", type=SESSION_RATE, help="session arrival rate, sessions/s")
     p.add_argument("--think-mean", type=THINK_MEAN, help="mean think time, s")
     p.add_argument("--prompt-scale", type=SCALE, help="multiply prompt lengths (length sweeps)")

@@ -158,8 +158,9 @@ def capacity_ladder(lo: float, hi: float, step: float, flags: tuple[str, str, st
         raise KvsimError(f"{flags[0]}: {lo / GB:g} GB is above {flags[1]} {hi / GB:g} GB; expected min <= max")
     steps = (hi - lo) / step  # a float: a tiny step makes it inf, which int() cannot take
     if not steps + 1 <= MAX_LADDER:
-        raise KvsimError(f"{flags[2]}: {step:g} bytes makes {steps + 1:,.0f} sizes from {lo / GB:g} GB to {hi / GB:g} GB; "
-                         f"expected at most {MAX_LADDER:,} (a step of at least {(hi - lo) / (MAX_LADDER - 1) / GB:.3g} GB)")
+        raise KvsimError(f"{flags[2]}: {step:g} bytes makes {steps + 1:,.0f} sizes from {lo / GB:g} GB to "
+                         f"{hi / GB:g} GB; expected at most {MAX_LADDER:,} (a step of at least "
+                         f"{(hi - lo) / (MAX_LADDER - 1) / GB:.3g} GB)")
     n = int(math.floor(steps + 1e-9))
     vals = [lo + k * step for k in range(n + 1)]
     if vals[-1] < hi:
