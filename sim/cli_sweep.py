@@ -4,7 +4,25 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sim import argtypes as at
+from sim.config import GpuConfig, HostConfig, SsdConfig, WorkloadConfig
 from sim.errors import KvsimError
+from sim.plan import MAX_REPLICATIONS
+from sim.units import GB, TB
+
+# The planner's sizes take the config fields' bounds; a DRAM step must be at least a byte (a ladder of
+# 0-byte steps never ends; sim.plan.capacity_ladder bounds how many sizes a step makes).
+DRAM_SIZE = at.from_knob(HostConfig, "dram_bytes")
+DRAM_STEP = at.from_knob(HostConfig, "dram_bytes", lo=1.0)
+SSD_SIZE = at.from_knob(SsdConfig, "bytes")
+# Every SSD size x GPU count bisects DRAM over several seeds: 64 of either is already a day of runs.
+MAX_SSD_SIZES = 64
+MAX_GPU_COUNTS = 64
+GPU_COUNTS = at.listed(at.from_knob(GpuConfig, "count"), MAX_GPU_COUNTS, "1,2,4")
+SSD_SIZES = at.listed(SSD_SIZE, MAX_SSD_SIZES, "0,2TB,8TB")
+REPLICATIONS = at.bounded_int(1, MAX_REPLICATIONS, "the 95% bound narrows little beyond 100 runs")
+# Fields the planner sets on every candidate: an override of them would be silently replaced.
+PLANNER_OWNS = {"host.dram_bytes": "--dram-min/--dram-max/--dram-step", "ssd.bytes": "--ssd/--ssd-max"}
 
 
 def register(subparsers) -> None:
@@ -13,9 +31,10 @@ def register(subparsers) -> None:
                                           "finished points are skipped, failing points are recorded.")
     p.add_argument("specs", nargs="+", type=Path, help="sweep spec YAML file(s), or folders of them")
     p.add_argument("--out", type=Path, help="output directory (default results/<name>; only with one spec)")
-    p.add_argument("--jobs", "-j", type=int, default=None, help="worker processes (default: all CPU cores)")
-    p.add_argument("--ray", metavar="ADDRESS", help="run points as Ray tasks on this cluster ('auto', "
-                                                    "'ray://host:10001', or 'local' for a local instance)")
+    p.add_argument("--jobs", "-j", type=at.jobs(), default=None, help="worker processes (default: all CPU cores)")
+    p.add_argument("--ray", metavar="ADDRESS", type=at.non_empty("a Ray address"),
+                   help="run points as Ray tasks on this cluster ('auto', 'ray://host:10001', or 'local' for a "
+                        "local instance)")
     p.add_argument("--retry-failed", action="store_true", help="rerun points recorded as failed")
     p.add_argument("--force", action="store_true", help="rerun every point, finished or not")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -38,23 +57,28 @@ def register(subparsers) -> None:
                                           "one-sided 95%% confidence bound on its mean meets the SLO; the answer is "
                                           "the cheapest feasible candidate evaluated (sim/plan.py).")
     p.add_argument("--config", type=Path, default=Path("configs/default.yaml"), help="base config YAML")
-    p.add_argument("--slo", required=True, help='e.g. "ttft_p99_ms<=500" (any summary metric; _ms reads _s keys)')
-    p.add_argument("--rate", type=float, help="session arrival rate (sessions/s) to plan for")
-    p.add_argument("--gpus", default=None, help="GPU counts to consider, e.g. 1,2,4 (default: the config's)")
-    p.add_argument("--dram-min", default="0", help="least DRAM per replica to consider (default 0)")
-    p.add_argument("--dram-max", default="1TB", help="most DRAM per replica to consider (default 1TB)")
-    p.add_argument("--dram-step", default="16GB", help="DRAM granularity of the answer (default 16GB)")
-    p.add_argument("--ssd", default=None, help="SSD sizes to try, e.g. 0,2TB,8TB (default: 0 and --ssd-max/16, /4, /1)")
-    p.add_argument("--ssd-max", default="16TB", help="largest SSD size of the default ladder (default 16TB)")
+    p.add_argument("--slo", required=True, type=at.non_empty("METRIC<=VALUE"),
+                   help='e.g. "ttft_p99_ms<=500" (any summary metric; _ms reads _s keys)')
+    p.add_argument("--rate", type=at.from_knob(WorkloadConfig, "session_rate_per_s"),
+                   help="session arrival rate (sessions/s) to plan for")
+    p.add_argument("--gpus", type=GPU_COUNTS, default=None,
+                   help="GPU counts to consider, e.g. 1,2,4 (default: the config's)")
+    p.add_argument("--dram-min", type=DRAM_SIZE, default=0.0, help="least DRAM per replica to consider (default 0)")
+    p.add_argument("--dram-max", type=DRAM_SIZE, default=1 * TB, help="most DRAM per replica to consider (default 1TB)")
+    p.add_argument("--dram-step", type=DRAM_STEP, default=16 * GB, help="DRAM granularity of the answer (default 16GB)")
+    p.add_argument("--ssd", type=SSD_SIZES, default=None,
+                   help="SSD sizes to try, e.g. 0,2TB,8TB (default: 0 and --ssd-max/16, /4, /1)")
+    p.add_argument("--ssd-max", type=SSD_SIZE, default=16 * TB,
+                   help="largest SSD size of the default ladder (default 16TB)")
     p.add_argument("--cost", default="provisioned_usd_per_hour",
                    help="what to minimise: provisioned_usd_per_hour (sim/pricing.py: GPUs, plus DRAM + SSD when the "
                         "policy keeps a store, at the config's prices; the default) or any summary metric, averaged "
                         "over the runs, e.g. cost_per_1k_turns_usd")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
-    p.add_argument("--replications", "-r", type=int, default=5,
+    p.add_argument("--replications", "-r", type=REPLICATIONS, default=5,
                    help="runs per candidate, seeds redrawing the config's random draws (default 5; 1 where the "
                         "seed redraws nothing)")
-    p.add_argument("--jobs", "-j", type=int, default=None, help="simulations at once (default: all CPU cores)")
+    p.add_argument("--jobs", "-j", type=at.jobs(), default=None, help="simulations at once (default: all CPU cores)")
     p.add_argument("--out", type=Path, help="also write plan.csv (every candidate) and plan.png/.pdf here")
     p.set_defaults(func=cmd_plan)
 
@@ -64,8 +88,6 @@ def register(subparsers) -> None:
 def cmd_sweep(args) -> int:
     from sim.sweep import default_out_dir, load_sweep_spec, prepare_out_dir, resolve_points, run_sweep
 
-    if args.jobs is not None and args.jobs < 1:
-        raise KvsimError(f"--jobs: expected an integer >= 1, got {args.jobs}")
     paths = []
     for s in args.specs:  # a folder stands for its *.yaml specs, in name order
         paths += sorted(s.glob("*.yaml")) if s.is_dir() else [s]
@@ -106,11 +128,11 @@ def cmd_plot(args) -> int:
         prepare_out_dir(d / "plots", "kvsim plot:")
 
     paths = plot_sweep(args.results)
+    if not paths:  # bad input, as a folder of no sweep is: one line on stderr, exit 2
+        raise KvsimError(f"{args.results}: no successful points to plot; expected a sweep with at least one "
+                         f"point of status ok")
     for path in paths:
         print(f"wrote {path}")
-    if not paths:
-        print(f"{args.results}: no successful points to plot")
-        return 1
     return 0
 
 
@@ -124,12 +146,6 @@ def cmd_report(args) -> int:
 
 # ---------------------------------------------------------------- plan
 
-def _bytes(text: str, flag: str) -> float:
-    from sim.config import parse_bytes
-
-    return parse_bytes(text, flag, "kvsim plan")
-
-
 def _overrides(items: list[str]) -> dict:
     from sim.config import parse_overrides
 
@@ -137,11 +153,10 @@ def _overrides(items: list[str]) -> dict:
 
 
 def cmd_plan(args) -> int:
-    import math
     import re
 
     from sim.config import load_config
-    from sim.plan import (MAX_REPLICATIONS, PROVISIONED, SimulatorEvaluator, capacity_ladder, format_plan, parse_slo,
+    from sim.plan import (PROVISIONED, SimulatorEvaluator, capacity_ladder, format_plan, parse_slo,
                           plan_capacity, write_plan)
     from sim.sweep import prepare_out_dir
 
@@ -149,29 +164,17 @@ def cmd_plan(args) -> int:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", args.cost or ""):
         raise KvsimError(f"--cost {args.cost!r}: expected {PROVISIONED} or a summary metric name, "
                          f"e.g. cost_per_1k_turns_usd")
-    if args.jobs is not None and args.jobs < 1:
-        raise KvsimError(f"--jobs: expected an integer >= 1, got {args.jobs}")
-    if not 1 <= args.replications <= MAX_REPLICATIONS:
-        raise KvsimError(f"--replications: expected an integer from 1 to {MAX_REPLICATIONS}, got {args.replications}")
     overrides = _overrides(args.set)
+    for key, flags in PLANNER_OWNS.items():
+        section, field = key.split(".")
+        if key in overrides or field in (overrides.get(section) if isinstance(overrides.get(section), dict) else ()):
+            raise KvsimError(f"--set {key}: the planner chooses it (searched over {flags}); expected no override")
     if args.rate is not None:
-        if not (math.isfinite(args.rate) and args.rate > 0):
-            raise KvsimError(f"--rate: expected sessions/s > 0, got {args.rate}")
         overrides["workload.session_rate_per_s"] = args.rate
     base = load_config(args.config, overrides)  # validates the config and the overrides up front
-    try:
-        gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else [base.gpu.count]
-    except ValueError:
-        raise KvsimError(f"--gpus: expected comma-separated integers like 1,2,4, got {args.gpus!r}") from None
-    if not gpus or any(g < 1 for g in gpus):
-        raise KvsimError(f"--gpus: expected counts >= 1, got {args.gpus!r}")
-    dram = capacity_ladder(_bytes(args.dram_min, "--dram-min"), _bytes(args.dram_max, "--dram-max"),
-                           _bytes(args.dram_step, "--dram-step"))
-    if args.ssd:
-        ssd = [_bytes(s.strip(), "--ssd") for s in args.ssd.split(",")]
-    else:
-        top = _bytes(args.ssd_max, "--ssd-max")
-        ssd = [0.0, top / 16, top / 4, top]
+    gpus = args.gpus if args.gpus is not None else [base.gpu.count]
+    dram = capacity_ladder(args.dram_min, args.dram_max, args.dram_step)
+    ssd = args.ssd if args.ssd is not None else [0.0, args.ssd_max / 16, args.ssd_max / 4, args.ssd_max]
     if args.out:
         prepare_out_dir(args.out, "--out")  # before the first simulation, not after the last
     jobs = max(1, args.jobs or os.cpu_count() or 1)

