@@ -355,14 +355,14 @@ def summarize(rows: TurnRows, replica, cfg, slo: GoodputSlo = DEFAULT_SLO) -> di
     arrival, finish = c["arrival_s"], c["finish_s"]
     codes = c["hit_tier"]
     by_tier = np.bincount(codes, minlength=len(TIER_CODES)) if n else np.zeros(len(TIER_CODES), np.int64)
-    hit_tok = c["hit_tokens"].astype(np.int64)
-    hit_by_tier = np.bincount(codes, weights=hit_tok, minlength=len(TIER_CODES)) if n else by_tier * 0.0
+    # token columns hold whole numbers (< 2^53): their float sums are exact
+    hit_by_tier = np.bincount(codes, weights=c["hit_tokens"], minlength=len(TIER_CODES)) if n else by_tier * 0.0
     n_el = int(n - by_tier[TIER_CODES.index("none")])  # turns with a history to reuse
     start = float(np.nanmin(arrival)) if n else 0.0
     makespan = float(np.nanmax(finish)) - start if n else 0.0
     store = replica.store
     gpu_busy = replica.busy_prefill_s + replica.busy_decode_s + replica.stall_save_s
-    ctx_tokens = float((c["history_tokens"].astype(np.int64) + c["prompt_tokens"].astype(np.int64)).sum())
+    ctx_tokens = float(c["history_tokens"].sum() + c["prompt_tokens"].sum())
     # Cost of the work: GPU, DRAM and SSD are bought together, so all of them are charged for the
     # GPU-busy hours this workload needs (what a saturated fleet pays per turn). The provisioned
     # cost charges the same hardware for the whole makespan, idle time included.
@@ -372,20 +372,31 @@ def summarize(rows: TurnRows, replica, cfg, slo: GoodputSlo = DEFAULT_SLO) -> di
     gpu_cost = gpu_per_h * busy_h
     storage_cost = storage_per_h * busy_h
     cost = gpu_cost + storage_cost
-    # vLLM's per-request latencies (benchmark_serving.py calculate_metrics)
+    # vLLM's per-request latencies (benchmark_serving.py calculate_metrics), one column at a time: a
+    # long run holds a few temporaries of 8 bytes a turn, never all of them
     out_tok = c["output_tokens"]
-    decode = finish - (c["prefill_start_s"] + c["prefill_s"])
     with np.errstate(invalid="ignore", divide="ignore"):
-        tpot = np.where(out_tok > 1, decode / (out_tok - 1.0), np.nan)
-    e2e = finish - arrival
-    queue = c["admit_s"] - arrival
+        tpot = (finish - (c["prefill_start_s"] + c["prefill_s"])) / (out_tok - 1.0)
+    tpot[out_tok <= 1] = np.nan
     good = np.ones(n, dtype=bool)
     if slo.ttft_s is not None:
         good &= ttft <= slo.ttft_s
     if slo.tpot_s is not None:
-        good &= np.isnan(tpot) | (tpot <= slo.tpot_s)  # a one-token reply meets any TPOT bound, as in vLLM
+        good &= ~(tpot > slo.tpot_s)  # a one-token reply (NaN) meets any TPOT bound, as in vLLM
+    lat = {"tpot_mean_s": float(np.nanmean(tpot)) if (out_tok > 1).any() else float("nan")}
+    lat.update({f"tpot_p{q}_s": _pct(tpot, q) for q in (50, 90, 99)})
+    del tpot
+    e2e = finish - arrival
     if slo.e2e_s is not None:
         good &= e2e <= slo.e2e_s
+    lat["e2e_mean_s"] = float(np.mean(e2e)) if n else float("nan")
+    lat.update({f"e2e_p{q}_s": _pct(e2e, q) for q in (50, 90, 99)})
+    del e2e
+    n_good = int(good.sum())
+    del good
+    queue = c["admit_s"] - arrival
+    queue_mean, queue_p99 = float(pd.Series(queue).mean()), _pct(queue, 99)
+    del queue
     itl = replica.rec.itl
     el = {name: by_tier[TIER_CODES.index(name)] for name in ("hbm", "dram", "ssd", "miss")}
     out = {
@@ -399,16 +410,16 @@ def summarize(rows: TurnRows, replica, cfg, slo: GoodputSlo = DEFAULT_SLO) -> di
         "ttft_p50_s": float(np.percentile(ttft, 50)),
         "ttft_p90_s": float(np.percentile(ttft, 90)),
         "ttft_p99_s": float(np.percentile(ttft, 99)),
-        "queue_mean_s": float(pd.Series(queue).mean()),
+        "queue_mean_s": queue_mean,
         "prefill_tokens_per_s": ctx_tokens / replica.busy_prefill_s if replica.busy_prefill_s else 0.0,
-        "computed_tokens": int(c["computed_tokens"].astype(np.int64).sum()),
+        "computed_tokens": int(c["computed_tokens"].sum()),
         "throughput_turns_per_s": n / makespan if makespan > 0 else 0.0,
         "hit_rate_hbm": el["hbm"] / n_el if n_el else 0.0,
         "hit_rate_dram": el["dram"] / n_el if n_el else 0.0,
         "hit_rate_ssd": el["ssd"] / n_el if n_el else 0.0,
         "miss_rate": el["miss"] / n_el if n_el else 0.0,
         # share of the context (history + prompt) whose KV was reused instead of computed
-        "reused_token_fraction": float(hit_tok.sum()) / ctx_tokens if ctx_tokens else 0.0,
+        "reused_token_fraction": float(c["hit_tokens"].sum()) / ctx_tokens if ctx_tokens else 0.0,
         "truncated_turns": int(c["truncated"].sum()),
         "clipped_turns": int((c["clipped_tokens"] > 0).sum()),
         "gpu_busy_s": gpu_busy,
@@ -430,26 +441,19 @@ def summarize(rows: TurnRows, replica, cfg, slo: GoodputSlo = DEFAULT_SLO) -> di
         "cost_usd": cost,
         "cost_per_1k_turns_usd": 1000.0 * cost / n if n else 0.0,
         "provisioned_cost_usd": (gpu_per_h + storage_per_h) * makespan / HOUR,
-        "tpot_mean_s": float(np.nanmean(tpot)) if (~np.isnan(tpot)).any() else float("nan"),
-        "tpot_p50_s": _pct(tpot, 50),
-        "tpot_p90_s": _pct(tpot, 90),
-        "tpot_p99_s": _pct(tpot, 99),
+        **lat,
         "itl_mean_s": itl.mean(),
         "itl_p50_s": itl.percentile(50),
         "itl_p90_s": itl.percentile(90),
         "itl_p99_s": itl.percentile(99),
-        "e2e_mean_s": float(np.mean(e2e)) if n else float("nan"),
-        "e2e_p50_s": _pct(e2e, 50),
-        "e2e_p90_s": _pct(e2e, 90),
-        "e2e_p99_s": _pct(e2e, 99),
-        "queue_p99_s": _pct(queue, 99),
+        "queue_p99_s": queue_p99,
         "preemptions": int(c["preemptions"].sum()),
         # context tokens reused, by the tier the turn's reused KV came from (its farthest one, for a
         # turn whose prefix blocks sat in several tiers)
         "hit_tokens_hbm": int(hit_by_tier[TIER_CODES.index("hbm")]),
         "hit_tokens_dram": int(hit_by_tier[TIER_CODES.index("dram")]),
         "hit_tokens_ssd": int(hit_by_tier[TIER_CODES.index("ssd")]),
-        "goodput_turns_per_s": int(good.sum()) / makespan if makespan > 0 else 0.0,
+        "goodput_turns_per_s": n_good / makespan if makespan > 0 else 0.0,
     }
     # the bounds that goodput applied
     for name in ("ttft", "tpot", "e2e"):

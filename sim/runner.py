@@ -20,7 +20,7 @@ from sim.workload import Users, Workload, load_workload
 
 # rows of turns.parquet built and written at a time (one parquet row group each): a 10-million-turn
 # run never holds its table twice
-TURN_CHUNK_ROWS = 1 << 20
+TURN_CHUNK_ROWS = 1 << 18
 
 
 @dataclass
