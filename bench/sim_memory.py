@@ -106,7 +106,7 @@ def main():
             b = float(sum(getattr(wl, k).itemsize for k in ("turn", "arrival_s", "think_s", "prompt_tokens",
                                                             "output_tokens", "next_turn")))
         elif name == "recorder columns":
-            b = float(sum(getattr(rec, c).itemsize for c in rec.COLS)
+            b = float(sum(getattr(rec, c).itemsize for c in rec.COLS + rec.INT_COLS)
                       + sum(getattr(rec, c).itemsize for c in ("hit_tier", "truncated", "clipped_tokens",
                                                                "preemptions")))
         else:

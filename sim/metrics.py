@@ -182,19 +182,23 @@ _SPAN_FLUSH = GapHistogram.FLUSH
 
 
 class Recorder:
-    """Per-turn columns filled by index (one row per turn), in `array.array`s: a float costs 8 bytes
-    (a Python list holds a pointer and a 24-byte float object), and the finished columns become numpy
-    arrays without a copy. Plus the ITL histogram and the HBM series, fed by the engine's hooks."""
+    """Per-turn columns filled by index (one row per turn), in `array.array`s: a float costs 8 bytes and
+    a count 4 (a Python list holds a pointer and a 24-byte float object), and the finished columns
+    become numpy arrays without a copy. Plus the ITL histogram and the HBM series, fed by the engine's
+    hooks."""
 
     COLS = ("arrival_s", "admit_s", "ttft_s", "prefill_start_s", "prefill_s", "load_s", "fetch_wait_s",
-            "finish_s", "history_tokens", "hit_tokens", "computed_tokens", "bytes_loaded", "bytes_saved",
-            "batch_size", "prompt_tokens", "output_tokens")
+            "finish_s", "bytes_loaded", "bytes_saved")
+    # token counts and batch sizes: whole numbers below 2^31 (a turn fits the context window), 4 bytes
+    INT_COLS = ("history_tokens", "hit_tokens", "computed_tokens", "batch_size", "prompt_tokens", "output_tokens")
 
     def __init__(self, n, hbm_interval_s: float = 1.0, hbm_max_points: int = 4096):
         self.n = n
         nan = array("d", [float("nan")])
         for c in self.COLS:
             setattr(self, c, nan * n)
+        for c in self.INT_COLS:
+            setattr(self, c, array("i", [0]) * n)
         self.hit_tier = array("b", [0]) * n
         self.truncated = array("b", [0]) * n
         self.clipped_tokens = array("q", [0]) * n
@@ -275,6 +279,7 @@ class Recorder:
     def arrays(self) -> dict:
         """The columns as numpy arrays sharing the recorder's memory (no copy)."""
         out = {c: np.frombuffer(getattr(self, c), dtype=np.float64) for c in self.COLS}
+        out.update({c: np.frombuffer(getattr(self, c), dtype=np.int32) for c in self.INT_COLS})
         out["hit_tier"] = np.frombuffer(self.hit_tier, dtype=np.int8)
         out["truncated"] = np.frombuffer(self.truncated, dtype=np.int8).astype(bool)
         out["clipped_tokens"] = np.frombuffer(self.clipped_tokens, dtype=np.int64)
@@ -355,7 +360,6 @@ def summarize(rows: TurnRows, replica, cfg, slo: GoodputSlo = DEFAULT_SLO) -> di
     arrival, finish = c["arrival_s"], c["finish_s"]
     codes = c["hit_tier"]
     by_tier = np.bincount(codes, minlength=len(TIER_CODES)) if n else np.zeros(len(TIER_CODES), np.int64)
-    # token columns hold whole numbers (< 2^53): their float sums are exact
     hit_by_tier = np.bincount(codes, weights=c["hit_tokens"], minlength=len(TIER_CODES)) if n else by_tier * 0.0
     n_el = int(n - by_tier[TIER_CODES.index("none")])  # turns with a history to reuse
     start = float(np.nanmin(arrival)) if n else 0.0
