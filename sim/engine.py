@@ -155,6 +155,8 @@ class Replica:
     # ---- a prefill iteration: layer-wise preload pipeline (§3.2) ----------------------------
     def _prefill(self, batch, now):
         cost, L, rec, store = self.cost, self.L, self.rec, self.store
+        if now >= rec.hbm_next_s:
+            rec.sample_hbm(now, store.hbm)
         load_layer = compute_layer = head = loaded = 0.0
         ready = now
         ssd_bytes = 0.0
@@ -223,6 +225,7 @@ class Replica:
             rec.truncated[i] = job.truncated or job.clipped > 0
             rec.clipped_tokens[i] = job.clipped
             rec.batch_size[i] = size
+        rec.prefill_stall(self.n_running, wait + t + save, save)
         return wait + t + save
 
     def _after_prefill(self, batch, now):
@@ -243,6 +246,8 @@ class Replica:
             heapq.heappush(self.running, (job.done_iter, self.seq, job))
             self.n_running += 1
             self.ctx_sum += job.ctx
+        if stall:
+            self.rec.decode_stall(self.n_running, stall)
         return stall
 
     # ---- decode spans -------------------------------------------------------------------
@@ -260,6 +265,8 @@ class Replica:
                 cut = r
         total, k = self.cost.decode_span(B, self.ctx_sum, kmax, cut)
         self.busy_decode_s += total
+        # ITL: the span's iterations at their mean length (the cost model does not report its first)
+        self.rec.decode_span(B, k, total / k, 0.0)
         return total, k
 
     def _after_decode(self, k, now):
@@ -273,6 +280,8 @@ class Replica:
             job.ctx = job.ctx_in + job.output
             self.ctx_sum -= job.ctx
             stall += self._finish(job, now)
+        if stall:
+            self.rec.decode_stall(self.n_running, stall)
         return stall
 
     # ---- the end of a turn: save (§3.3) and free HBM --------------------------------------
@@ -632,6 +641,7 @@ class ChunkedReplica:
         rec, store = self.rec, self.store
         rec.finish_s[i] = now
         self.turn_preemptions[i] = req.num_preemptions
+        rec.preemptions[i] = req.num_preemptions
         ctx = job.ctx_in + job.output
         stall = 0.0
         saved = 0.0

@@ -1,77 +1,372 @@
-"""One row per turn, and the summary a capacity planner reads (TTFT percentiles, hit rates, cost)."""
+"""One row per turn, and the summary a capacity planner reads: the latency metrics as vLLM's serving
+benchmark reports them (TTFT, TPOT, ITL, E2E, goodput at SLOs), hit rates, HBM use and cost.
+
+The definitions follow vLLM's `benchmarks/benchmark_serving.py` (`calculate_metrics`): a turn's TPOT
+is (E2E - TTFT) / (output tokens - 1), only for replies of more than one token; ITL is every gap
+between two consecutive tokens of a reply, its percentiles taken over all gaps of all turns; goodput
+is the turns per second that meet every SLO (a one-token reply meets any TPOT bound).
+
+Memory: a run keeps its per-turn columns in `array.array`s (8 bytes a value, against ~32 for a float
+in a Python list), and the per-token gaps are never stored: decode spans feed a log-binned histogram.
+"""
 from __future__ import annotations
+
+import math
+from array import array
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import numpy as np
 import pandas as pd
 
 from sim.pricing import hourly_rate
 from sim.tiers import TIER_CODES
+from sim.units import HOUR
+
+
+@dataclass(frozen=True)
+class GoodputSlo:
+    """Per-turn bounds a turn must all meet to count towards goodput (None: not applied).
+
+    The defaults are MLPerf Inference's server-scenario latency bounds for LLaMA-2-70B
+    (mlcommons/inference `loadgen/mlperf.conf`: `llama2-70b.Server.ttft_latency = 2000`,
+    `tpot_latency = 200`, in ms), the LLaMA-2 family kvsim models. MLPerf applies them to the p99;
+    here, as in vLLM's `--goodput ttft:2000,tpot:200`, each turn is judged on its own values."""
+    ttft_s: Optional[float] = 2.0
+    tpot_s: Optional[float] = 0.2
+    e2e_s: Optional[float] = None
+
+
+DEFAULT_SLO = GoodputSlo()
+
+
+class GapHistogram:
+    """Inter-token gaps (ITL) in fixed log-spaced bins: `RATIO` = 1.005, so each bin is 0.5% wide,
+    from `LOW_S` (1 us; smaller gaps share the first bin) to 10^4 s (larger ones share the last).
+
+    A decode span adds `batch` gaps of each of its k iterations, whose lengths grow linearly
+    (a + d j): the k iterations are spread over the bins they cover (O(bins covered), a few for a
+    span). Spans are buffered in plain lists (the engine's hot path pays two list extends) and binned
+    in numpy batches small enough for the temporaries to stay in cache. Each bin also sums its gaps,
+    so the mean is exact and a percentile is the mean of the gaps in the bin holding its rank: exact
+    where that bin holds one distinct length, within the bin's 0.5% otherwise."""
+
+    RATIO = 1.005
+    LOW_S = 1e-6
+    HIGH_S = 1e4
+    NBINS = int(math.ceil(math.log(HIGH_S / LOW_S) / math.log(RATIO))) + 1
+    FLUSH = 2 << 12  # buffered span counts (two a span) binned at once: temporaries stay in cache
+
+    def __init__(self):
+        self.counts = np.zeros(self.NBINS, dtype=np.float64)  # whole numbers (< 2^53), float for bincount
+        self.sums = np.zeros(self.NBINS, dtype=np.float64)
+        # buffered spans, flat and split by type (numpy converts a list of one type fastest):
+        # (batch, k, ...) and (first_s, growth_s, ...)
+        self.span_counts, self.span_times = [], []
+        self._edges = self.LOW_S * np.power(self.RATIO, np.arange(self.NBINS + 1, dtype=float))
+        self._log_ratio = math.log(self.RATIO)
+
+    def add_span(self, batch: int, k: int, first_s: float, growth_s: float) -> None:
+        """k iterations of `batch` sequences, iteration j lasting first_s + growth_s * j."""
+        self.span_counts += (batch, k)
+        self.span_times += (first_s, growth_s)
+        if len(self.span_counts) >= self.FLUSH:
+            self.flush()
+
+    def add_gaps(self, seconds: float, count: int) -> None:
+        """`count` gaps of `seconds` each."""
+        self.add_span(count, 1, seconds, 0.0)
+
+    def bin_of(self, x: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            b = np.floor(np.log(np.maximum(x, self.LOW_S) / self.LOW_S) / self._log_ratio)
+        return np.clip(b, 0, self.NBINS - 1).astype(np.int64)
+
+    def flush(self) -> None:
+        """Bin the buffered spans: each span's iterations over the bins from its first length's to its last's."""
+        if not self.span_counts:
+            return
+        counts = np.asarray(self.span_counts, dtype=np.int64).reshape(-1, 2)
+        times = np.asarray(self.span_times, dtype=np.float64).reshape(-1, 2)
+        self.span_counts.clear()  # the same lists: the recorder appends to them directly
+        self.span_times.clear()
+        B, k = counts[:, 0].astype(np.float64), counts[:, 1].astype(np.float64)
+        a, d = times[:, 0].copy(), times[:, 1].copy()
+        # a shrinking series holds the same lengths as the growing one from its last term
+        neg = d < 0.0
+        if neg.any():
+            a = np.where(neg, a + d * (k - 1.0), a)
+            d = np.abs(d)
+        lo = self.bin_of(a)
+        m = self.bin_of(a + d * (k - 1.0)) - lo + 1  # bins each span covers
+        n = self.NBINS
+        if (m == 1).all():  # the common case: every span inside one bin
+            w = B * k
+            self.counts += np.bincount(lo, weights=w, minlength=n)
+            self.sums += np.bincount(lo, weights=w * (a + d * (k - 1.0) * 0.5), minlength=n)
+            return
+        ends = np.cumsum(m) - 1
+        starts = ends - (m - 1)
+        span = np.repeat(np.arange(len(m)), m)  # one entry per (span, bin covered)
+        bins = lo[span] + (np.arange(len(span)) - starts[span])
+        sa, sd, sk = a[span], d[span], k[span]
+        # iterations below a bin's upper edge: a + d j < E  <=>  j < (E - a) / d; a span's last bin takes
+        # the rest (a span inside one bin, d = 0 included, is all last bin)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            below = np.clip(np.ceil((self._edges[bins + 1] - sa) / sd), 0.0, sk)
+        below[ends] = sk[ends]
+        before = np.empty_like(below)
+        before[1:] = below[:-1]
+        before[starts] = 0.0
+        cnt = below - before  # iterations j = before .. below-1 fall in this bin
+        w = B[span] * cnt
+        self.counts += np.bincount(bins, weights=w, minlength=n)
+        self.sums += np.bincount(bins, weights=w * (sa + sd * (before + below - 1.0) * 0.5), minlength=n)
+
+    @property
+    def n(self) -> int:
+        self.flush()
+        return int(self.counts.sum())
+
+    def mean(self) -> float:
+        self.flush()
+        total = self.counts.sum()
+        return float(self.sums.sum() / total) if total else float("nan")
+
+    def percentile(self, q: float) -> float:
+        """The nearest-rank q-th percentile (the smallest gap with at least q% of gaps at or below it),
+        as the mean of the gaps in its bin."""
+        self.flush()
+        cum = np.cumsum(self.counts)
+        total = cum[-1] if len(cum) else 0.0
+        if not total:
+            return float("nan")
+        rank = max(math.ceil(q / 100.0 * total), 1)
+        b = int(np.searchsorted(cum, rank))
+        return float(self.sums[b] / self.counts[b])
+
+
+class HbmSeries:
+    """HBM held over simulated time, as snapshots (vLLM logs its KV-cache usage the same way, at an
+    interval): one point at most every `interval_s`, the bytes reserved by running turns and the bytes
+    cached (reusable KV) at that moment. When `max_points` are held, every other point goes and the
+    interval doubles, so a run of any length keeps between max_points/2 and max_points points."""
+
+    def __init__(self, interval_s: float = 1.0, max_points: int = 4096):
+        self.interval_s = interval_s
+        self.max_points = max(2, max_points)
+        self.next_s = -math.inf
+        self.t, self.reserved, self.cached = [], [], []
+
+    def sample(self, now: float, reserved: float, cached: float) -> None:
+        if now < self.next_s:
+            return
+        self.t.append(now)
+        self.reserved.append(reserved)
+        self.cached.append(cached)
+        self.next_s = now + self.interval_s
+        if len(self.t) >= self.max_points:
+            # keep the newest point and every other one before it
+            first = (len(self.t) - 1) % 2
+            self.t, self.reserved, self.cached = self.t[first::2], self.reserved[first::2], self.cached[first::2]
+            self.interval_s *= 2.0
+            self.next_s = self.t[-1] + self.interval_s
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame({"time_s": np.asarray(self.t, dtype=float),
+                             "reserved_bytes": np.asarray(self.reserved, dtype=float),
+                             "cached_bytes": np.asarray(self.cached, dtype=float)})
+
+
+_SPAN_FLUSH = GapHistogram.FLUSH
 
 
 class Recorder:
-    """Per-turn columns, filled by index (one row per turn). Python lists: scalar stores into
-    numpy arrays cost several times more, and this is the simulator's hottest path."""
+    """Per-turn columns filled by index (one row per turn), in `array.array`s: a float costs 8 bytes and
+    a count 4 (a Python list holds a pointer and a 24-byte float object), and the finished columns
+    become numpy arrays without a copy. Plus the ITL histogram and the HBM series, fed by the engine's
+    hooks."""
 
     COLS = ("arrival_s", "admit_s", "ttft_s", "prefill_start_s", "prefill_s", "load_s", "fetch_wait_s",
-            "finish_s", "history_tokens", "hit_tokens", "computed_tokens", "bytes_loaded", "bytes_saved",
-            "batch_size", "prompt_tokens", "output_tokens")
+            "finish_s", "bytes_loaded", "bytes_saved")
+    # token counts and batch sizes: whole numbers below 2^31 (a turn fits the context window), 4 bytes
+    INT_COLS = ("history_tokens", "hit_tokens", "computed_tokens", "batch_size", "prompt_tokens", "output_tokens")
 
-    def __init__(self, n):
+    def __init__(self, n, hbm_interval_s: float = 1.0, hbm_max_points: int = 4096):
         self.n = n
-        nan = float("nan")
+        nan = array("d", [float("nan")])
         for c in self.COLS:
-            setattr(self, c, [nan] * n)
-        self.hit_tier = [0] * n
-        self.truncated = [False] * n
-        self.clipped_tokens = [0] * n
+            setattr(self, c, nan * n)
+        for c in self.INT_COLS:
+            setattr(self, c, array("i", [0]) * n)
+        self.hit_tier = array("b", [0]) * n
+        self.truncated = array("b", [0]) * n
+        self.clipped_tokens = array("q", [0]) * n
+        self.preemptions = array("q", [0]) * n  # times the turn was preempted (its KV dropped or swapped)
+        self.itl = GapHistogram()
+        self._span_counts, self._span_times = self.itl.span_counts, self.itl.span_times  # spans go straight in
+        self.hbm = HbmSeries(hbm_interval_s, hbm_max_points)
+        self.hbm_next_s = -math.inf
+        # decode stalls not yet followed by a decode iteration: [sequences, extra seconds] groups of the
+        # running batch (the first `_covered` of it), and the wait of sequences about to join it
+        self._groups = []
+        self._covered = 0
+        self._joining_s = 0.0
+        self._stalled = False  # groups or a joining wait pending: the next span's first iteration differs
+
+    # ---- inter-token gaps --------------------------------------------------------------------
+    def decode_span(self, batch: int, k: int, first_s: float, growth_s: float) -> None:
+        """k decode iterations of `batch` sequences, iteration j lasting first_s + growth_s * j: each
+        sequence gets one token per iteration, so the span adds `batch` gaps of each iteration's length;
+        the first iteration's gap of a stalled sequence also holds its stall."""
+        counts, times = self._span_counts, self._span_times  # the histogram's buffers
+        if self._stalled:
+            self._stalled = False
+            if batch > self._covered:  # joined since the last stall: they waited the joining time only
+                counts += (batch - self._covered, 1)
+                times += (first_s + self._joining_s, 0.0)
+            for count, extra in self._groups:
+                counts += (count, 1)
+                times += (first_s + extra, 0.0)
+            self._groups.clear()
+            self._covered = 0
+            self._joining_s = 0.0
+            if k == 1:
+                return
+            k -= 1
+            first_s += growth_s
+        counts += (batch, k)
+        times += (first_s, growth_s)
+
+    def decode_stall(self, running: int, seconds: float) -> None:
+        """The `running` sequences of the batch wait `seconds` before their next token (a synchronous
+        save, a prefill iteration), those that joined since the last decode iteration included."""
+        if running:
+            if running > self._covered:  # they joined after waiting the joining time
+                self._groups.append([running - self._covered, self._joining_s])
+                self._covered = running
+                self._joining_s = 0.0
+            for g in self._groups:
+                g[1] += seconds
+            self._stalled = True
+        if len(self._span_counts) >= _SPAN_FLUSH:  # here rather than per span: once per turn is enough
+            self.itl.flush()
+
+    def prefill_stall(self, running: int, seconds: float, joining_s: float = 0.0) -> None:
+        """A prefill iteration stalls the `running` decoding sequences for `seconds` (its fetch wait,
+        compute and any synchronous save); the sequences it admits emit their first token, then wait
+        `joining_s` (the synchronous save) before their first decode iteration."""
+        if running:
+            if running > self._covered:
+                self._groups.append([running - self._covered, self._joining_s])
+                self._covered = running
+            for g in self._groups:
+                g[1] += seconds
+            self._stalled = True
+        self._joining_s = joining_s
+        if joining_s:
+            self._stalled = True
+        if len(self._span_counts) >= _SPAN_FLUSH:
+            self.itl.flush()
+
+    # ---- HBM over time -----------------------------------------------------------------------
+    def sample_hbm(self, now: float, hbm) -> None:
+        """HBM's occupancy at `now` (a `sim.tiers.Tier`: bytes reserved by running turns, bytes cached).
+        The engine calls it once `now` reaches `hbm_next_s`."""
+        self.hbm.sample(now, hbm.reserved, hbm.used)
+        self.hbm_next_s = self.hbm.next_s
 
     def arrays(self) -> dict:
-        out = {c: np.asarray(getattr(self, c), dtype=float) for c in self.COLS}
-        out["hit_tier"] = np.asarray(self.hit_tier, dtype=np.int8)
-        out["truncated"] = np.asarray(self.truncated, dtype=bool)
-        out["clipped_tokens"] = np.asarray(self.clipped_tokens, dtype=np.int64)
+        """The columns as numpy arrays sharing the recorder's memory (no copy)."""
+        out = {c: np.frombuffer(getattr(self, c), dtype=np.float64) for c in self.COLS}
+        out.update({c: np.frombuffer(getattr(self, c), dtype=np.int32) for c in self.INT_COLS})
+        out["hit_tier"] = np.frombuffer(self.hit_tier, dtype=np.int8)
+        out["truncated"] = np.frombuffer(self.truncated, dtype=np.int8).astype(bool)
+        out["clipped_tokens"] = np.frombuffer(self.clipped_tokens, dtype=np.int64)
+        out["preemptions"] = np.frombuffer(self.preemptions, dtype=np.int64)
         return out
 
 
+class TurnRows:
+    """A finished run's per-turn columns (trace order), turned into DataFrames a range of rows at a time
+    so that a long run never holds the whole table twice."""
+
+    def __init__(self, rec: Recorder, wl):
+        self.cols = rec.arrays()
+        self.session = wl.session
+        self.turn = np.asarray(wl.turn)
+
+    def __len__(self) -> int:
+        return len(self.turn)
+
+    def table(self, start: int = 0, stop: Optional[int] = None) -> pd.DataFrame:
+        stop = len(self) if stop is None else stop
+        c = {k: v[start:stop] for k, v in self.cols.items()}
+        whole = start == 0 and stop == len(self)
+        first_token = c["prefill_start_s"] + c["prefill_s"]
+        decode = c["finish_s"] - first_token
+        out = c["output_tokens"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tpot = np.where(out > 1, decode / (out - 1.0), np.nan)
+        return pd.DataFrame({
+            "session_id": self.session if whole else self.session[start:stop],
+            "turn": self.turn[start:stop],
+            "arrival_s": c["arrival_s"],
+            "queue_s": c["admit_s"] - c["arrival_s"],
+            "fetch_wait_s": c["fetch_wait_s"],
+            "load_s": c["load_s"],
+            "prefill_s": c["prefill_s"],
+            "ttft_s": c["ttft_s"],
+            "decode_s": decode,
+            "finish_s": c["finish_s"],
+            "hit_tier": pd.Categorical.from_codes(c["hit_tier"], TIER_CODES),
+            "history_tokens": c["history_tokens"].astype(np.int64),
+            "prompt_tokens": c["prompt_tokens"].astype(np.int64),
+            "output_tokens": out.astype(np.int64),
+            "hit_tokens": c["hit_tokens"].astype(np.int64),
+            "computed_tokens": c["computed_tokens"].astype(np.int64),
+            "truncated": c["truncated"],  # history dropped or prompt/reply clipped to fit the window
+            "clipped_tokens": c["clipped_tokens"],
+            "bytes_loaded": c["bytes_loaded"],
+            "bytes_saved": c["bytes_saved"],
+            "batch_size": c["batch_size"].astype(np.int64),
+            # vLLM's per-request metrics: TPOT = (E2E - TTFT) / (output tokens - 1), NaN for one token
+            "tpot_s": tpot,
+            "e2e_s": c["finish_s"] - c["arrival_s"],
+            "preemptions": c["preemptions"],
+        })
+
+    def chunks(self, rows: int) -> Iterator[pd.DataFrame]:
+        """The table in trace order, `rows` rows at a time (one empty table for an empty run)."""
+        n = len(self)
+        for start in range(0, max(n, 1), rows):
+            yield self.table(start, min(start + rows, n))
+
+
 def turn_table(rec: Recorder, wl) -> pd.DataFrame:
-    c = rec.arrays()
-    first_token = c["prefill_start_s"] + c["prefill_s"]
-    return pd.DataFrame({
-        "session_id": wl.session,
-        "turn": wl.turn,
-        "arrival_s": c["arrival_s"],
-        "queue_s": c["admit_s"] - c["arrival_s"],
-        "fetch_wait_s": c["fetch_wait_s"],
-        "load_s": c["load_s"],
-        "prefill_s": c["prefill_s"],
-        "ttft_s": c["ttft_s"],
-        "decode_s": c["finish_s"] - first_token,
-        "finish_s": c["finish_s"],
-        "hit_tier": pd.Categorical.from_codes(c["hit_tier"], TIER_CODES),
-        "history_tokens": c["history_tokens"].astype(np.int64),
-        "prompt_tokens": c["prompt_tokens"].astype(np.int64),
-        "output_tokens": c["output_tokens"].astype(np.int64),
-        "hit_tokens": c["hit_tokens"].astype(np.int64),
-        "computed_tokens": c["computed_tokens"].astype(np.int64),
-        "truncated": c["truncated"],  # history dropped or prompt/reply clipped to fit the window
-        "clipped_tokens": c["clipped_tokens"],
-        "bytes_loaded": c["bytes_loaded"],
-        "bytes_saved": c["bytes_saved"],
-        "batch_size": c["batch_size"].astype(np.int64),
-    })
+    return TurnRows(rec, wl).table()
 
 
-def summarize(df: pd.DataFrame, replica, cfg) -> dict:
-    ttft = df["ttft_s"].to_numpy()
-    n = len(df)
-    eligible = df["hit_tier"] != "none"
-    n_el = int(eligible.sum())
-    counts = df.loc[eligible, "hit_tier"].value_counts()
-    start = float(np.nanmin(df["arrival_s"])) if n else 0.0
-    makespan = float(np.nanmax(df["finish_s"])) - start if n else 0.0
+def _pct(x: np.ndarray, q: float) -> float:
+    """np.percentile (linear, as vLLM's benchmark) over the values that exist (TPOT: NaN for one token)."""
+    x = x[~np.isnan(x)] if x.dtype.kind == "f" else x
+    return float(np.percentile(x, q)) if len(x) else float("nan")
+
+
+def summarize(rows: TurnRows, replica, cfg, slo: GoodputSlo = DEFAULT_SLO) -> dict:
+    c = rows.cols
+    n = len(rows)
+    ttft = c["ttft_s"]
+    arrival, finish = c["arrival_s"], c["finish_s"]
+    codes = c["hit_tier"]
+    by_tier = np.bincount(codes, minlength=len(TIER_CODES)) if n else np.zeros(len(TIER_CODES), np.int64)
+    hit_by_tier = np.bincount(codes, weights=c["hit_tokens"], minlength=len(TIER_CODES)) if n else by_tier * 0.0
+    n_el = int(n - by_tier[TIER_CODES.index("none")])  # turns with a history to reuse
+    start = float(np.nanmin(arrival)) if n else 0.0
+    makespan = float(np.nanmax(finish)) - start if n else 0.0
     store = replica.store
     gpu_busy = replica.busy_prefill_s + replica.busy_decode_s + replica.stall_save_s
-    ctx_tokens = float((df["history_tokens"] + df["prompt_tokens"]).sum())
+    ctx_tokens = float(c["history_tokens"].sum() + c["prompt_tokens"].sum())
     # Cost of the work: GPU, DRAM and SSD are bought together, so all of them are charged for the
     # GPU-busy hours this workload needs (what a saturated fleet pays per turn). The provisioned
     # cost charges the same hardware for the whole makespan, idle time included.
@@ -81,29 +376,56 @@ def summarize(df: pd.DataFrame, replica, cfg) -> dict:
     gpu_cost = gpu_per_h * busy_h
     storage_cost = storage_per_h * busy_h
     cost = gpu_cost + storage_cost
+    # vLLM's per-request latencies (benchmark_serving.py calculate_metrics), one column at a time: a
+    # long run holds a few temporaries of 8 bytes a turn, never all of them
+    out_tok = c["output_tokens"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpot = (finish - (c["prefill_start_s"] + c["prefill_s"])) / (out_tok - 1.0)
+    tpot[out_tok <= 1] = np.nan
+    good = np.ones(n, dtype=bool)
+    if slo.ttft_s is not None:
+        good &= ttft <= slo.ttft_s
+    if slo.tpot_s is not None:
+        good &= ~(tpot > slo.tpot_s)  # a one-token reply (NaN) meets any TPOT bound, as in vLLM
+    lat = {"tpot_mean_s": float(np.nanmean(tpot)) if (out_tok > 1).any() else float("nan")}
+    lat.update({f"tpot_p{q}_s": _pct(tpot, q) for q in (50, 90, 99)})
+    del tpot
+    e2e = finish - arrival
+    if slo.e2e_s is not None:
+        good &= e2e <= slo.e2e_s
+    lat["e2e_mean_s"] = float(np.mean(e2e)) if n else float("nan")
+    lat.update({f"e2e_p{q}_s": _pct(e2e, q) for q in (50, 90, 99)})
+    del e2e
+    n_good = int(good.sum())
+    del good
+    queue = c["admit_s"] - arrival
+    queue_mean, queue_p99 = float(pd.Series(queue).mean()), _pct(queue, 99)
+    del queue
+    itl = replica.rec.itl
+    el = {name: by_tier[TIER_CODES.index(name)] for name in ("hbm", "dram", "ssd", "miss")}
     out = {
         "name": cfg.name,
         "policy": cfg.policy.kind,
         "model": cfg.model,
         "turns": n,
-        "sessions": int(df["session_id"].nunique()),
+        "sessions": len(set(rows.session)),
         "makespan_s": makespan,
         "ttft_mean_s": float(np.mean(ttft)),
         "ttft_p50_s": float(np.percentile(ttft, 50)),
         "ttft_p90_s": float(np.percentile(ttft, 90)),
         "ttft_p99_s": float(np.percentile(ttft, 99)),
-        "queue_mean_s": float(df["queue_s"].mean()),
+        "queue_mean_s": queue_mean,
         "prefill_tokens_per_s": ctx_tokens / replica.busy_prefill_s if replica.busy_prefill_s else 0.0,
-        "computed_tokens": int(df["computed_tokens"].sum()),
+        "computed_tokens": int(c["computed_tokens"].sum()),
         "throughput_turns_per_s": n / makespan if makespan > 0 else 0.0,
-        "hit_rate_hbm": counts.get("hbm", 0) / n_el if n_el else 0.0,
-        "hit_rate_dram": counts.get("dram", 0) / n_el if n_el else 0.0,
-        "hit_rate_ssd": counts.get("ssd", 0) / n_el if n_el else 0.0,
-        "miss_rate": counts.get("miss", 0) / n_el if n_el else 0.0,
+        "hit_rate_hbm": el["hbm"] / n_el if n_el else 0.0,
+        "hit_rate_dram": el["dram"] / n_el if n_el else 0.0,
+        "hit_rate_ssd": el["ssd"] / n_el if n_el else 0.0,
+        "miss_rate": el["miss"] / n_el if n_el else 0.0,
         # share of the context (history + prompt) whose KV was reused instead of computed
-        "reused_token_fraction": float(df["hit_tokens"].sum()) / ctx_tokens if ctx_tokens else 0.0,
-        "truncated_turns": int(df["truncated"].sum()),
-        "clipped_turns": int((df["clipped_tokens"] > 0).sum()),
+        "reused_token_fraction": float(c["hit_tokens"].sum()) / ctx_tokens if ctx_tokens else 0.0,
+        "truncated_turns": int(c["truncated"].sum()),
+        "clipped_turns": int((c["clipped_tokens"] > 0).sum()),
         "gpu_busy_s": gpu_busy,
         "gpu_prefill_s": replica.busy_prefill_s,
         "gpu_decode_s": replica.busy_decode_s,
@@ -122,6 +444,24 @@ def summarize(df: pd.DataFrame, replica, cfg) -> dict:
         "storage_cost_usd": storage_cost,
         "cost_usd": cost,
         "cost_per_1k_turns_usd": 1000.0 * cost / n if n else 0.0,
-        "provisioned_cost_usd": (gpu_per_h + storage_per_h) * makespan / 3600.0,
+        "provisioned_cost_usd": (gpu_per_h + storage_per_h) * makespan / HOUR,
+        **lat,
+        "itl_mean_s": itl.mean(),
+        "itl_p50_s": itl.percentile(50),
+        "itl_p90_s": itl.percentile(90),
+        "itl_p99_s": itl.percentile(99),
+        "queue_p99_s": queue_p99,
+        "preemptions": int(c["preemptions"].sum()),
+        # context tokens reused, by the tier the turn's reused KV came from (its farthest one, for a
+        # turn whose prefix blocks sat in several tiers)
+        "hit_tokens_hbm": int(hit_by_tier[TIER_CODES.index("hbm")]),
+        "hit_tokens_dram": int(hit_by_tier[TIER_CODES.index("dram")]),
+        "hit_tokens_ssd": int(hit_by_tier[TIER_CODES.index("ssd")]),
+        "goodput_turns_per_s": n_good / makespan if makespan > 0 else 0.0,
     }
+    # the bounds that goodput applied
+    for name in ("ttft", "tpot", "e2e"):
+        bound = getattr(slo, f"{name}_s")
+        if bound is not None:
+            out[f"goodput_slo_{name}_s"] = float(bound)
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in out.items()}

@@ -2,28 +2,42 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import simpy
 
 from sim.config import Config, config_to_dict
 from sim.costmodel import build_cost_model
 from sim.engine import ChunkedReplica, Replica
-from sim.metrics import summarize, turn_table
+from sim.files import atomic_write, atomic_write_parquet, atomic_write_text
+from sim.metrics import DEFAULT_SLO, GoodputSlo, TurnRows, summarize
 from sim.workload import Users, Workload, load_workload
+
+# rows of turns.parquet built and written at a time (one parquet row group each): a 10-million-turn
+# run never holds its table twice
+TURN_CHUNK_ROWS = 1 << 18
 
 
 @dataclass
 class SimResult:
     config: Config
-    turns: pd.DataFrame
+    rows: TurnRows  # the per-turn columns, compact
     summary: dict
+    hbm_usage: pd.DataFrame  # time_s, reserved_bytes, cached_bytes, peak_bytes (sim.metrics.HbmSeries)
+
+    @cached_property
+    def turns(self) -> pd.DataFrame:
+        """The whole per-turn table (built on first use: a long run writes it in chunks instead)."""
+        return self.rows.table()
 
 
-def run_simulation(cfg: Config, workload: Workload | None = None) -> SimResult:
+def run_simulation(cfg: Config, workload: Workload | None = None, slo: GoodputSlo = DEFAULT_SLO) -> SimResult:
+    """`slo`: the per-turn bounds behind `goodput_turns_per_s` (default TTFT <= 2 s, TPOT <= 200 ms)."""
     cost = build_cost_model(cfg)
     wl = workload if workload is not None else load_workload(cfg)
     env = simpy.Environment()
@@ -31,21 +45,32 @@ def run_simulation(cfg: Config, workload: Workload | None = None) -> SimResult:
     users = Users(env, wl, replica)
     replica.attach(users)
     env.run(until=users.all_done)
-    df = turn_table(replica.rec, wl)
-    return SimResult(cfg, df, summarize(df, replica, cfg))
+    rows = TurnRows(replica.rec, wl)
+    return SimResult(cfg, rows, summarize(rows, replica, cfg, slo), replica.rec.hbm.table())
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    tmp.replace(path)
+def write_turns_parquet(rows: TurnRows, path, chunk_rows: int = TURN_CHUNK_ROWS) -> Path:
+    """turns.parquet in trace order, `chunk_rows` rows per row group, written atomically."""
+    def write(tmp):
+        writer = None
+        try:
+            for df in rows.chunks(chunk_rows):
+                t = pa.Table.from_pandas(df, preserve_index=False)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, t.schema)
+                writer.write_table(t)
+        finally:
+            if writer is not None:
+                writer.close()
+    return atomic_write(path, write)
 
 
 def write_results(result: SimResult, out_dir) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "turns.parquet", lambda p: result.turns.to_parquet(p, index=False))
-    _atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(result.summary, indent=2)))
-    _atomic_write(out / "summary.csv", lambda p: pd.DataFrame([result.summary]).to_csv(p, index=False))
-    _atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config_to_dict(result.config), indent=2)))
+    write_turns_parquet(result.rows, out / "turns.parquet")
+    atomic_write_parquet(result.hbm_usage, out / "hbm_usage.parquet")
+    atomic_write_text(out / "summary.json", json.dumps(result.summary, indent=2))
+    atomic_write(out / "summary.csv", lambda p: pd.DataFrame([result.summary]).to_csv(p, index=False))
+    atomic_write_text(out / "config.json", json.dumps(config_to_dict(result.config), indent=2))
     return out

@@ -26,6 +26,7 @@ import yaml
 from sim.config import load_config
 from sim.costmodel import CostModel, build_cost_model
 from sim.engine import Replica
+from sim.metrics import Recorder
 from sim.models import MODELS
 
 PROFILE = Path(__file__).resolve().parent.parent / "configs" / "hardware" / "h100.yaml"
@@ -43,7 +44,7 @@ def _span(cost, B, S, kmax, *, now=10.0, arrival=math.inf, queued=False, release
         source=SimpleNamespace(pending=[(arrival, 0)] if arrival != math.inf else []),  # the heap head is the next arrival
         max_batch=B + 1 if max_batch is None else max_batch,
         store=SimpleNamespace(releases=[(release, 0, 0.0)] if release is not None else []),
-        busy_decode_s=0.0)
+        busy_decode_s=0.0, rec=Recorder(0))
     total, k = Replica._decode_span(h, now)
     return total, k, h.busy_decode_s
 
