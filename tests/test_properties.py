@@ -19,7 +19,7 @@ import simpy
 from sim.config import load_config
 from sim.costmodel import build_cost_model
 from sim.engine import Replica
-from sim.metrics import summarize, turn_table
+from sim.metrics import TurnRows, summarize
 from sim.units import GB, MB
 from sim.workload import Users, load_workload
 from workloads import random_sessions
@@ -83,8 +83,8 @@ def simulate(over: dict, wl_args: dict):
     users = Users(env, wl, replica)
     replica.attach(users)
     env.run(until=users.all_done)
-    turns = turn_table(replica.rec, wl)
-    return turns, summarize(turns, replica, cfg), replica, wl
+    rows = TurnRows(replica.rec, wl)
+    return rows.table(), summarize(rows, replica, cfg), replica, wl
 
 
 # Failures found in the engine/store, keyed by config number; each reason names the cause so that a
