@@ -364,6 +364,9 @@ class CostModel(ABC):
         if mode not in CONTENTION:
             raise KvsimError(f"ssd.contention: expected one of {', '.join(CONTENTION)}, got {mode!r}")
         self.ssd_contention = mode
+        # batch -> the decode step's one kink, for back ends whose step has at most one, independent of
+        # the context it starts from (a dense roofline): decode_span then looks it up instead of a call
+        self._kinks_by_batch = None
         self.hbm_kv_bytes = hbm_kv_bytes
 
     # --- measured (or datasheet) quantities: every back end answers each one
@@ -479,7 +482,14 @@ class CostModel(ABC):
         while True:
             start = context_tokens + batch * done
             n = kmax - done
-            kink = self.decode_next_kink(batch, start)
+            if self._kinks_by_batch is not None:  # a back end whose kinks do not move with the context
+                kink = self._kinks_by_batch.get(batch)
+                if kink is None:
+                    kink = self._kinks_by_batch[batch] = self.decode_next_kink(batch, -math.inf)
+                if kink <= start:
+                    kink = math.inf
+            else:
+                kink = self.decode_next_kink(batch, start)
             if kink < start + batch * (n - 1):
                 n = int((kink - start) // batch) + 1  # iterations whose context is <= the kink
             a = step(batch, start)
@@ -574,6 +584,8 @@ class RooflineCost(CostModel):
         # split evenly; anything else takes the general per-layer path
         self._plain = (not s.experts and not s.sliding_layers and s.attention != "mla"
                        and self._allreduce is None and self.kv_shards == gpus)
+        if self._plain:
+            self._kinks_by_batch = {}  # one compute/memory crossing per batch size
         if not self._plain:
             L = s.layers
             kv_copies = gpus / self.kv_shards

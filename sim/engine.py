@@ -266,7 +266,12 @@ class Replica:
         total, k = self.cost.decode_span(B, self.ctx_sum, kmax, cut)
         self.busy_decode_s += total
         # ITL: the span's iterations at their mean length (the cost model does not report its first)
-        self.rec.decode_span(B, k, total / k, 0.0)
+        rec = self.rec
+        if rec.stalled:  # the span's first iteration also ends a stall: the recorder splits it
+            rec.decode_span(B, k, total / k, 0.0)
+        else:  # the hot path: k iterations of B gaps of the span's mean step, straight into the buffers
+            rec.span_counts += (B, k)
+            rec.span_times += (total / k, 0.0)
         return total, k
 
     def _after_decode(self, k, now):
@@ -313,7 +318,8 @@ class Replica:
             if self.policy == "hbm_prefix":
                 store.keep_in_hbm(job, ctx, now, self.w_hashes[i])
             rec.bytes_saved[i] = 0.0
-        self.sched.finished(job, ctx)
+        if not job.blocks:  # the session's context after this turn, for its next turn's history
+            self.sched.session_context[job.sid] = ctx
         self.source.reply_done(i, now, now + stall)
         return stall
 

@@ -55,7 +55,7 @@ class GapHistogram:
     LOW_S = 1e-6
     HIGH_S = 1e4
     NBINS = int(math.ceil(math.log(HIGH_S / LOW_S) / math.log(RATIO))) + 1
-    FLUSH = 2 << 12  # buffered span counts (two a span) binned at once: temporaries stay in cache
+    FLUSH = 2 << 16  # buffered span counts (two a span) binned at once: per-flush set-up amortised
 
     def __init__(self):
         self.counts = np.zeros(self.NBINS, dtype=np.float64)  # whole numbers (< 2^53), float for bincount
@@ -204,7 +204,8 @@ class Recorder:
         self.clipped_tokens = array("q", [0]) * n
         self.preemptions = array("q", [0]) * n  # times the turn was preempted (its KV dropped or swapped)
         self.itl = GapHistogram()
-        self._span_counts, self._span_times = self.itl.span_counts, self.itl.span_times  # spans go straight in
+        # the histogram's span buffers: the engine appends a span that follows no stall straight to them
+        self.span_counts, self.span_times = self.itl.span_counts, self.itl.span_times
         self.hbm = HbmSeries(hbm_interval_s, hbm_max_points)
         self.hbm_next_s = -math.inf
         # decode stalls not yet followed by a decode iteration: [sequences, extra seconds] groups of the
@@ -212,16 +213,16 @@ class Recorder:
         self._groups = []
         self._covered = 0
         self._joining_s = 0.0
-        self._stalled = False  # groups or a joining wait pending: the next span's first iteration differs
+        self.stalled = False  # groups or a joining wait pending: the next span's first iteration differs
 
     # ---- inter-token gaps --------------------------------------------------------------------
     def decode_span(self, batch: int, k: int, first_s: float, growth_s: float) -> None:
         """k decode iterations of `batch` sequences, iteration j lasting first_s + growth_s * j: each
         sequence gets one token per iteration, so the span adds `batch` gaps of each iteration's length;
         the first iteration's gap of a stalled sequence also holds its stall."""
-        counts, times = self._span_counts, self._span_times  # the histogram's buffers
-        if self._stalled:
-            self._stalled = False
+        counts, times = self.span_counts, self.span_times  # the histogram's buffers
+        if self.stalled:
+            self.stalled = False
             if batch > self._covered:  # joined since the last stall: they waited the joining time only
                 counts += (batch - self._covered, 1)
                 times += (first_s + self._joining_s, 0.0)
@@ -248,8 +249,8 @@ class Recorder:
                 self._joining_s = 0.0
             for g in self._groups:
                 g[1] += seconds
-            self._stalled = True
-        if len(self._span_counts) >= _SPAN_FLUSH:  # here rather than per span: once per turn is enough
+            self.stalled = True
+        if len(self.span_counts) >= _SPAN_FLUSH:  # here rather than per span: once per turn is enough
             self.itl.flush()
 
     def prefill_stall(self, running: int, seconds: float, joining_s: float = 0.0) -> None:
@@ -262,11 +263,11 @@ class Recorder:
                 self._covered = running
             for g in self._groups:
                 g[1] += seconds
-            self._stalled = True
+            self.stalled = True
         self._joining_s = joining_s
         if joining_s:
-            self._stalled = True
-        if len(self._span_counts) >= _SPAN_FLUSH:
+            self.stalled = True
+        if len(self.span_counts) >= _SPAN_FLUSH:
             self.itl.flush()
 
     # ---- HBM over time -----------------------------------------------------------------------
