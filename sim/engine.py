@@ -225,7 +225,8 @@ class Replica:
             rec.truncated[i] = job.truncated or job.clipped > 0
             rec.clipped_tokens[i] = job.clipped
             rec.batch_size[i] = size
-        rec.prefill_stall(self.n_running, wait + t + save, save)
+        if self.n_running or save or rec.stalled:  # nobody decoding and no save: no gap to stretch
+            rec.prefill_stall(self.n_running, wait + t + save, save)
         return wait + t + save
 
     def _after_prefill(self, batch, now):
