@@ -183,12 +183,7 @@ class Replica:
             loaded += dram_b + ssd_b
         start = ready
         if ssd_bytes:  # direct SSD reads queue behind prefetches
-            ssd_r = store.ssd_r
-            if ssd_r.free_at > start:
-                start = ssd_r.free_at
-            bw = cost.ssd_read_bw(ssd_bytes / L)
-            # a device whose writes are in flight reads slower (SharedDeviceLink): stretch the stage
-            slow = (ssd_r.transfer(start, ssd_bytes, bw, L) - start) * bw / ssd_bytes
+            start, slow = store.read_ssd_stage(ready, ssd_bytes)
             for i, dram_chunk, ssd_chunk in ssd_jobs:
                 load_j = cost.history_load_layer_s(dram_chunk, ssd_chunk, slow)
                 load_layer += load_j
@@ -591,12 +586,7 @@ class ChunkedReplica:
             rec.hit_tier[i] = SSD if ssd_b else DRAM if dram_b else HBM if hit else MISS if job.keys else NONE
         start = ready
         if ssd_bytes:  # direct SSD reads queue behind whatever the SSD is already reading
-            ssd_r = store.ssd_r
-            if ssd_r.free_at > start:
-                start = ssd_r.free_at
-            bw = cost.ssd_read_bw(ssd_bytes / L)
-            # a device whose writes are in flight reads slower (SharedDeviceLink): stretch the stage
-            slow = (ssd_r.transfer(start, ssd_bytes, bw, L) - start) * bw / ssd_bytes
+            start, slow = store.read_ssd_stage(ready, ssd_bytes)
             for i, dram_chunk, ssd_chunk in ssd_loads:
                 load_j = cost.history_load_layer_s(dram_chunk, ssd_chunk, slow)
                 load_layer += load_j

@@ -111,6 +111,16 @@ class KVStore:
                 code = SSD
         return code, dram_b, ssd_b, ready
 
+    def read_ssd_stage(self, ready: float, ssd_bytes: float) -> tuple:
+        """A prefill's direct SSD reads (`ssd_bytes`, a request per layer) join the SSD's read queue no
+        earlier than `ready`: (when they start, how much slower than alone they read). A device whose
+        writes are in flight reads slower (SharedDeviceLink): the stage is stretched by that factor."""
+        ssd_r = self.ssd_r
+        start = ssd_r.free_at if ssd_r.free_at > ready else ready
+        bw = self.cost.ssd_read_bw(ssd_bytes / self.L)
+        slow = (ssd_r.transfer(start, ssd_bytes, bw, self.L) - start) * bw / ssd_bytes
+        return start, slow
+
     # ---- scheduler-aware fetching (§3.4) ------------------------------------------------------
     def prefetch(self, job, now) -> None:
         """Stage `job`'s SSD-resident KV into DRAM ahead of its turn, without pushing out KV that a job
