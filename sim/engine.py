@@ -58,6 +58,7 @@ class Replica:
         self.busy_decode_s = 0.0
         self.stall_save_s = 0.0
         self.proc = None
+        self.horizon_s = math.inf  # the replica yields to SimPy when its clock reaches this (or idles)
 
     def attach(self, source) -> None:
         """Start serving the turns `source` submits (it provides next_arrival_s, deliver_due, reply_done)."""
@@ -78,6 +79,11 @@ class Replica:
         advances exactly as chained timeouts would (now + delay), so results do not depend on how
         steps are grouped. A decode span is cut where a waiting job could be admitted: at the next
         arrival (when the queue is empty and the batch has room) or the next write-back end.
+
+        The replica pulls its own arrivals (`deliver_due`), so while it is busy nothing outside it
+        can act before `horizon_s`: it yields to SimPy only when its clock reaches that horizon, or
+        when it goes idle (one SimPy event per idle period instead of one per step). A router that
+        can submit to it from outside lowers the horizon to its own next decision.
         """
         env, sched, store, source = self.env, self.sched, self.store, self.source
         queue = sched.queue
@@ -107,7 +113,8 @@ class Replica:
                 # their float resolution) or is NaN/inf (a cost out of any physical range) is an error
                 if not began < now < math.inf:
                     self._clock_error(now, "a prefill")
-                yield env.timeout(now - env.now if now > env.now else 0.0)
+                if now >= self.horizon_s:
+                    yield env.timeout(now - env.now if now > env.now else 0.0)
                 continue
             if self.n_running:
                 began = now
@@ -118,7 +125,8 @@ class Replica:
                     now = now + stall
                 if not began < now < math.inf:
                     self._clock_error(now, "a decode span")
-                yield env.timeout(now - env.now if now > env.now else 0.0)
+                if now >= self.horizon_s:
+                    yield env.timeout(now - env.now if now > env.now else 0.0)
                 continue
             if queue:
                 # the head waits for HBM: only a write-back ending can free it (arrivals are taken as
@@ -130,7 +138,8 @@ class Replica:
                 if not now + (nxt - now) > now:  # too far from the origin to resolve the step
                     self._clock_error(nxt, "waiting for HBM")
                 now = now + (nxt - now)
-                yield env.timeout(now - env.now if now > env.now else 0.0)
+                if now >= self.horizon_s:
+                    yield env.timeout(now - env.now if now > env.now else 0.0)
                 continue
             # idle: wait for the next submission
             t = yield source.listen()
