@@ -19,6 +19,9 @@ SUMMARY_ROWS = (
     ("turns", "turns", "{:.0f}"), ("sessions", "sessions", "{:.0f}"),
     ("TTFT mean", "ttft_mean_s", "{:.3f} s"), ("TTFT p50", "ttft_p50_s", "{:.3f} s"),
     ("TTFT p90", "ttft_p90_s", "{:.3f} s"), ("TTFT p99", "ttft_p99_s", "{:.3f} s"),
+    ("TPOT mean", "tpot_mean_s", "{:.4f} s"), ("TPOT p99", "tpot_p99_s", "{:.4f} s"),
+    ("ITL p99", "itl_p99_s", "{:.4f} s"), ("E2E p99", "e2e_p99_s", "{:.2f} s"),
+    ("goodput", "goodput_turns_per_s", "{:.3f} turns/s"),
     ("queue wait mean", "queue_mean_s", "{:.3f} s"),
     ("prefill throughput", "prefill_tokens_per_s", "{:,.0f} tok/s"),
     ("hit rate HBM", "hit_rate_hbm", "{:.1%}"), ("hit rate DRAM", "hit_rate_dram", "{:.1%}"),
@@ -41,6 +44,8 @@ QUEUE_GROWTH_RATIO, QUEUE_GROWTH_MIN_S = 5.0, 10.0
 def _cell(row, s) -> str:
     keys = row[1] if isinstance(row[1], tuple) else (row[1],)
     scale = row[3] if len(row) > 3 else 1
+    if any(k not in s or s[k] != s[k] for k in keys):  # not in this summary, or NaN (no 2-token reply)
+        return "-"
     return row[2].format(*(s[k] * scale for k in keys))
 
 
