@@ -17,10 +17,13 @@ clock and no store, so a comparison with vLLM and the engine drive the same obje
 """
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import NamedTuple
+
+import numpy as np
 
 from sim.blocks import BlockPool
 from sim.errors import KvsimError
@@ -73,9 +76,10 @@ class PrefillFirstScheduler:
         self._lookahead, self._lookahead_version = None, -1
         self.session_context = {}  # session -> context tokens after its last turn (post truncation)
         # plain lists: numpy scalars read one at a time are slow and would leak into the clock
-        self.w_session = list(workload.session)
-        self.w_prompt = workload.prompt_tokens.tolist()
-        self.w_output = workload.output_tokens.tolist()
+        self.w_session = workload.session  # shared, not copied
+        # typed arrays (8 bytes a turn) read as plain Python ints: numpy scalars would leak into the clock
+        self.w_prompt = array("q", workload.prompt_tokens.astype(np.int64).tobytes())
+        self.w_output = array("q", workload.output_tokens.astype(np.int64).tobytes())
         self.w_hashes = workload.prefix_hashes
 
     # ---- a turn becomes a job: truncation and reuse keys ----------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from array import array
 import math
 from dataclasses import dataclass
 
@@ -71,7 +72,10 @@ def build_workload(df: pd.DataFrame, seed: int, session_rate_per_s=None, think_t
     if max_output_tokens is not None:
         np.minimum(output, max_output_tokens, out=output)
     n = len(df)
-    sess = df["session_id"].tolist()
+    # one string object per session, shared by its turns (a per-turn copy costs ~60 bytes a turn)
+    codes, uniques = pd.factorize(df["session_id"], sort=False)
+    uniques = list(uniques)
+    sess = [uniques[c] for c in codes.tolist()]
     nxt = np.full(n, -1, dtype=np.int64)
     same = np.array(sess[1:], dtype=object) == np.array(sess[:-1], dtype=object) if n > 1 else np.zeros(0, bool)
     nxt[:-1][same] = np.arange(1, n)[same]
@@ -110,9 +114,10 @@ class Users:
         self.pending = []  # heap (arrival time, turn index); a target may peek at its head
         self.remaining = len(workload)
         self.all_done = env.event()
-        self.arrival_s = workload.arrival_s.tolist()
-        self.think_s = workload.think_s.tolist()
-        self.next_turn = workload.next_turn.tolist()
+        # typed arrays: 8 bytes a turn each (a list of floats holds 32), read as plain Python numbers
+        self.arrival_s = array("d", workload.arrival_s.astype(float).tobytes())
+        self.think_s = array("d", workload.think_s.astype(float).tobytes())
+        self.next_turn = array("q", workload.next_turn.astype(np.int64).tobytes())
         for i in workload.first_turns.tolist():
             heapq.heappush(self.pending, (self.arrival_s[i], i))
         if not self.remaining:
