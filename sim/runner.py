@@ -36,15 +36,21 @@ class SimResult:
         return self.rows.table()
 
 
-def run_simulation(cfg: Config, workload: Workload | None = None, slo: GoodputSlo = DEFAULT_SLO) -> SimResult:
-    """`slo`: the per-turn bounds behind `goodput_turns_per_s` (default TTFT <= 2 s, TPOT <= 200 ms)."""
+def serve(cfg: Config, workload: Workload):
+    """One replica (the config's scheduler kind) serving the workload's users to the last reply; the replica."""
     cost = build_cost_model(cfg)
-    wl = workload if workload is not None else load_workload(cfg)
     env = simpy.Environment()
-    replica = (ChunkedReplica if cfg.scheduler.kind == "chunked" else Replica)(env, cfg, cost, wl)
-    users = Users(env, wl, replica)
+    replica = (ChunkedReplica if cfg.scheduler.kind == "chunked" else Replica)(env, cfg, cost, workload)
+    users = Users(env, workload, replica)
     replica.attach(users)
     env.run(until=users.all_done)
+    return replica
+
+
+def run_simulation(cfg: Config, workload: Workload | None = None, slo: GoodputSlo = DEFAULT_SLO) -> SimResult:
+    """`slo`: the per-turn bounds behind `goodput_turns_per_s` (default TTFT <= 2 s, TPOT <= 200 ms)."""
+    wl = workload if workload is not None else load_workload(cfg)
+    replica = serve(cfg, wl)
     rows = TurnRows(replica.rec, wl)
     return SimResult(cfg, rows, summarize(rows, replica, cfg, slo), replica.rec.hbm.table())
 

@@ -14,14 +14,12 @@ import random
 import numpy as np
 import pandas as pd
 import pytest
-import simpy
 
 from sim.config import load_config
-from sim.costmodel import build_cost_model
-from sim.engine import Replica
 from sim.metrics import TurnRows, summarize
 from sim.units import GB, MB
-from sim.workload import Users, load_workload
+from sim.runner import serve
+from sim.workload import load_workload
 from workloads import random_sessions
 
 N_CONFIGS = 500
@@ -78,11 +76,7 @@ def simulate(over: dict, wl_args: dict):
     """(per-turn table, summary, replica) of one run; the replica is kept to read the tiers' peaks."""
     cfg = load_config({}, over)
     wl = load_workload(cfg, random_sessions(**wl_args))
-    env = simpy.Environment()
-    replica = Replica(env, cfg, build_cost_model(cfg), wl)
-    users = Users(env, wl, replica)
-    replica.attach(users)
-    env.run(until=users.all_done)
+    replica = serve(cfg, wl)
     rows = TurnRows(replica.rec, wl)
     return rows.table(), summarize(rows, replica, cfg), replica, wl
 
