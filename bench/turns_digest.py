@@ -5,6 +5,9 @@ A refactor that must not move any number runs this before and after and compares
     python bench/turns_digest.py --out /tmp/before.json          # on the old commit
     python bench/turns_digest.py --out /tmp/after.json --against /tmp/before.json
 
+`--set scheduler.kind=chunked` (repeatable) applies a key to every point (a point's own key wins);
+`--no-sweeps` leaves the sweeps' points out.
+
 Each entry is a sha256 over the point's turns table (every column, exact float bits) plus the
 summary, or the one-line error the point ended with. Points run in parallel processes.
 """
@@ -46,13 +49,22 @@ def _digest(item):
     return name, {"sha": h.hexdigest()[:20], "turns": len(df), "ttft_mean_s": res.summary["ttft_mean_s"]}
 
 
-def items() -> list:
+def items(extra: dict | None = None, sweeps: bool = True) -> list:
+    out = _items(sweeps)
+    if extra:
+        out = [(name, src, {**extra, **ov}) for name, src, ov in out]
+    return out
+
+
+def _items(sweeps: bool) -> list:
     from sim.sweep import expand_points, load_sweep_spec
 
     out = []
     for cfg in sorted(ROOT.glob("configs/**/*.yaml")):
         rel = cfg.relative_to(ROOT).as_posix()
         if "sweeps" in cfg.parts:
+            if not sweeps:
+                continue
             spec = load_sweep_spec(cfg)
             for p in expand_points(spec):
                 out.append((f"{rel}#{p.index}", str(spec.base), dict(p.overrides)))
@@ -73,8 +85,12 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--against", help="an earlier digest file to compare with")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config key applied to every point")
+    ap.add_argument("--no-sweeps", action="store_true", help="leave the sweeps' points out")
     a = ap.parse_args()
-    work = items()
+    from sim.config import parse_overrides
+    work = items(parse_overrides(a.set), sweeps=not a.no_sweeps)
     with ProcessPoolExecutor(a.jobs) as ex:
         got = dict(ex.map(_digest, work, chunksize=1))
     Path(a.out).write_text(json.dumps(got, indent=1, sort_keys=True))

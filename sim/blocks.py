@@ -133,3 +133,404 @@ class BlockPool:
         if not ids:
             del self.cached[k]
         self.key[b] = None
+
+
+# ---- the pools as the scheduler uses them: per request ------------------------------------------
+#
+# A request (`sim.scheduler.SeqRequest`) carries `blocks` (the pool's record of its blocks in token
+# order), `num_blocks` and `num_cached_blocks`; the pools below keep them. Its block keys come as
+# *segments*: `(first block, chain, position of that block)` in block order, the last one open-ended,
+# so that block i of a segment has key `(chain, position + i - first block)` (a session's history is
+# one chain, a shared system prompt another, each 512-token hash of a Mooncake trace another). A
+# request with a plain `block_key(i)` is one segment per block: `(i, block_key(i), 0)`.
+
+def key_of(segments, i: int):
+    """The key of block i under `segments` (the exact pool's keys; the run pool never builds them)."""
+    for j in range(len(segments) - 1, -1, -1):
+        start, chain, pos = segments[j]
+        if start <= i:
+            return chain, pos + i - start
+    raise IndexError(i)
+
+
+def _segments(req, lo: int, hi: int):
+    """(first block, end block, chain, position of first block) of the segments covering blocks [lo, hi)."""
+    segs = req.segments
+    if segs is None:  # a plain key function: a segment per block
+        key = req.block_key
+        return [(i, i + 1, key(i), 0) for i in range(lo, hi)]
+    out = []
+    n = len(segs)
+    for j in range(n):
+        start, chain, pos = segs[j]
+        end = segs[j + 1][0] if j + 1 < n else hi
+        if end <= lo:
+            continue
+        if start >= hi:
+            break
+        a = lo if lo > start else start
+        b = hi if hi < end else end
+        out.append((a, b, chain, pos + a - start))
+    return out
+
+
+class ExactPool:
+    """`BlockPool` behind the per-request interface: block ids as vLLM hands them out, one block at
+    a time. The reference `RunPool` is tested against, and what a real executor needs (block tables)."""
+
+    def __init__(self, num_blocks: int):
+        self.pool = BlockPool(num_blocks)
+        self.num_blocks = num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self.pool.free)
+
+    @staticmethod
+    def _key(req):
+        if req.segments is None:
+            return req.block_key
+        segs = req.segments
+        return lambda i: key_of(segs, i)
+
+    def lookup(self, req, max_blocks: int):
+        """(hit handle, hit blocks, of them blocks waiting in the free queue)."""
+        hit = self.pool.lookup(self._key(req), max_blocks)
+        return hit, len(hit), self.pool.num_evictable(hit)
+
+    def touch(self, req, hit) -> None:
+        self.pool.touch(hit)
+        req.blocks = list(hit)
+        req.num_blocks = req.num_cached_blocks = len(hit)
+
+    def allocate(self, req, n: int) -> None:
+        req.blocks.extend(self.pool.allocate(n))
+        req.num_blocks += n
+
+    def allocate_decodes(self, running, k: int, bt: int) -> None:
+        """The blocks k pure decode steps allocate: step-major, in running order."""
+        events = []
+        for idx, r in enumerate(running):
+            j = r.num_blocks * bt - r.num_computed_tokens + 1
+            while j <= k:
+                events.append((j, idx))
+                j += bt
+        if events:
+            events.sort()
+            for (_, idx), b in zip(events, self.pool.allocate(len(events))):
+                running[idx].blocks.append(b)
+                running[idx].num_blocks += 1
+
+    def cache(self, req, num_full: int) -> None:
+        req.num_cached_blocks = self.pool.cache_full_blocks(req.blocks, req.num_cached_blocks, num_full,
+                                                            self._key(req))
+
+    def free(self, req) -> None:
+        self.pool.free_blocks(reversed(req.blocks))
+        req.blocks = []
+        req.num_blocks = req.num_cached_blocks = 0
+
+    def block_table(self, req) -> list[int]:
+        return list(req.blocks)
+
+    # what a test compares between the pools
+    def queue_keys(self) -> list:
+        key = self.pool.key
+        return [key[b] for b in self.pool.free]
+
+    def request_keys(self, req) -> list:
+        key = self.pool.key
+        return [key[b] for b in req.blocks]
+
+    def request_refs(self, req) -> list[int]:
+        return [self.pool.ref[b] for b in req.blocks]
+
+
+class Run:
+    """Blocks that behave as one: keyed, one chain's positions [lo, lo + n) with the same holders
+    (the requests referencing them), or a request's unkeyed tail. A keyed run with no holder sits in
+    the free queue (prev/next)."""
+    __slots__ = ("chain", "lo", "n", "holders", "prev", "next")
+
+    def __init__(self, chain, lo: int, n: int, holders):
+        self.chain, self.lo, self.n, self.holders = chain, lo, n, holders
+        self.prev = self.next = None
+
+    def __repr__(self):
+        return f"Run({self.chain!r}, {self.lo}..{self.lo + self.n}, holders={len(self.holders)})"
+
+
+class RunPool:
+    """vLLM's block pool kept as runs of blocks instead of blocks: the same decisions as `BlockPool`
+    (free counts, prefix hits, which cached keys each allocation evicts) at a cost per run, not per
+    16-token block. Block ids are not kept: no decision depends on them (`ExactPool` has them).
+
+    Why runs suffice (vLLM's free queue, `BlockPool`'s docstring):
+    * A free block without a key only ever enters the queue at its head and a keyed one at its tail,
+      and a key is lost only when its block is popped: so the queue is all keyless blocks, then the
+      keyed ones in the order they were freed. Keyless blocks are interchangeable: a count.
+    * A request frees its blocks tail first, so a freed keyed run enters the queue deepest position
+      first, and popping evicts it from its deep end: what stays cached is still [lo, lo + n').
+    * A hit is a prefix of the request's chains; it takes the matching positions out of a run,
+      splitting it where the hit ends (or begins, when another run holds the earlier positions).
+    * Several runs may hold one key (two requests computed a block before either was cached): a
+      lookup takes, position by position, the earliest-cached run holding it (`get_one_block`). Each
+      chain lists its runs in caching order; a run grows at its end only while it is its chain's
+      last, so a run's place in the list is every one of its positions' place.
+    """
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.num_free = num_blocks
+        self.keyless = num_blocks  # free blocks without a key: the head of the queue
+        self.cached: dict = {}  # chain -> [Run] in caching order
+        q = self._q = Run(None, 0, 0, None)  # sentinel of the keyed free queue
+        q.prev = q.next = q
+
+    # ---- the queue of free keyed runs ---------------------------------------------------------
+    def _append(self, r: Run) -> None:
+        q = self._q
+        last = q.prev
+        r.prev, r.next = last, q
+        last.next = q.prev = r
+
+    @staticmethod
+    def _unlink(r: Run) -> None:
+        r.prev.next = r.next
+        r.next.prev = r.prev
+        r.prev = r.next = None
+
+    def _uncache(self, r: Run) -> None:
+        runs = self.cached[r.chain]
+        runs.remove(r)
+        if not runs:
+            del self.cached[r.chain]
+
+    def _split(self, r: Run, q: int) -> Run:
+        """Cut keyed run r at position q: r keeps [lo, q); the returned run holds [q, hi), next to r
+        in its chain's list and its holders' block lists, and before r in the free queue (popped
+        first, being deeper)."""
+        x = Run(r.chain, q, r.lo + r.n - q, list(r.holders))
+        r.n = q - r.lo
+        runs = self.cached[r.chain]
+        runs.insert(runs.index(r) + 1, x)
+        if r.holders:
+            for h in r.holders:
+                blocks = h.blocks
+                blocks.insert(blocks.index(r) + 1, x)
+        else:
+            p = r.prev
+            x.prev, x.next = p, r
+            p.next = r.prev = x
+        return x
+
+    @staticmethod
+    def _winner(runs, p: int):
+        """The earliest-cached run holding position p, and where its lead ends (its end, or where an
+        earlier-cached run begins). (None, p) when no run holds p."""
+        for idx, r in enumerate(runs):
+            lo = r.lo
+            if lo <= p < lo + r.n:
+                end = lo + r.n
+                for e in runs[:idx]:
+                    if p < e.lo < end:
+                        end = e.lo
+                return r, end
+        return None, p
+
+    # ---- the scheduler's interface --------------------------------------------------------------
+    def lookup(self, req, max_blocks: int):
+        """(hit blocks, hit blocks, of them free ones): vLLM's `find_longest_cache_hit`."""
+        hit = free = 0
+        cached = self.cached
+        for a, b, chain, p in _segments(req, 0, max_blocks):
+            runs = cached.get(chain)
+            if runs is None:
+                break
+            pe = p + b - a
+            if len(runs) == 1:  # the common case: one run holds this chain
+                r = runs[0]
+                if not r.lo <= p < r.lo + r.n:
+                    break
+                end = r.lo + r.n
+                if end > pe:
+                    end = pe
+                hit += end - p
+                if not r.holders:
+                    free += end - p
+                if end < pe:
+                    break
+                continue
+            while p < pe:
+                r, end = self._winner(runs, p)
+                if r is None:
+                    break
+                if end > pe:
+                    end = pe
+                hit += end - p
+                if not r.holders:
+                    free += end - p
+                p = end
+            if p < pe:
+                break
+        return hit, hit, free
+
+    def touch(self, req, hit: int) -> None:
+        """Take the first `hit` blocks of the request's chains (as `lookup` found them)."""
+        req.blocks = blocks = []
+        req.num_blocks = req.num_cached_blocks = hit
+        if not hit:
+            return
+        cached = self.cached
+        for a, b, chain, p in _segments(req, 0, hit):
+            runs = cached[chain]
+            pe = p + b - a
+            while p < pe:
+                r, end = self._winner(runs, p)
+                if end > pe:
+                    end = pe
+                if end < r.lo + r.n:
+                    self._split(r, end)
+                if p > r.lo:
+                    r = self._split(r, p)
+                if not r.holders:
+                    self._unlink(r)
+                    self.num_free -= r.n
+                r.holders.append(req)
+                blocks.append(r)
+                p = end
+
+    def _pop(self, n: int) -> None:
+        if n > self.num_free:
+            raise ValueError(f"cannot allocate {n} blocks: {self.num_free} free")
+        self.num_free -= n
+        k = self.keyless
+        if k >= n:
+            self.keyless = k - n
+            return
+        self.keyless = 0
+        n -= k
+        q = self._q
+        while n:
+            r = q.next
+            if r.n <= n:
+                n -= r.n
+                self._unlink(r)
+                self._uncache(r)
+            else:
+                r.n -= n  # its deepest positions are evicted
+                n = 0
+
+    def allocate(self, req, n: int) -> None:
+        self._pop(n)
+        blocks = req.blocks
+        if blocks and blocks[-1].chain is None:
+            blocks[-1].n += n
+        else:
+            blocks.append(Run(None, 0, n, None))
+        req.num_blocks += n
+
+    def allocate_decodes(self, running, k: int, bt: int) -> None:
+        total = 0
+        counts = []
+        for r in running:
+            j = r.num_blocks * bt - r.num_computed_tokens + 1
+            c = (k - j) // bt + 1 if j <= k else 0
+            counts.append(c)
+            total += c
+        if not total:
+            return
+        self._pop(total)
+        for r, c in zip(running, counts):
+            if c:
+                blocks = r.blocks
+                if blocks and blocks[-1].chain is None:
+                    blocks[-1].n += c
+                else:
+                    blocks.append(Run(None, 0, c, None))
+                r.num_blocks += c
+
+    def cache(self, req, num_full: int) -> None:
+        """Blocks [num_cached, num_full) of the request, keyless until now, take their keys."""
+        nc = req.num_cached_blocks
+        if num_full <= nc:
+            return
+        blocks = req.blocks
+        tail = blocks.pop()
+        tail.n -= num_full - nc
+        cached = self.cached
+        segs = req.segments
+        if segs is not None and len(blocks) and nc >= segs[-1][0]:
+            # the common case (a decode filling blocks): the request's newest run grows
+            last = blocks[-1]
+            start, chain, pos = segs[-1]
+            p = pos + nc - start
+            if last.lo + last.n == p and len(last.holders) == 1 and cached[last.chain][-1] is last \
+                    and last.chain == chain:
+                last.n += num_full - nc
+                if tail.n:
+                    blocks.append(tail)
+                req.num_cached_blocks = num_full
+                return
+        for a, b, chain, p in _segments(req, nc, num_full):
+            m = b - a
+            last = blocks[-1] if blocks else None
+            runs = cached.get(chain)
+            if (last is not None and last.lo + last.n == p and len(last.holders) == 1
+                    and runs is not None and runs[-1] is last and last.chain == chain):
+                last.n += m  # the chain's newest run grows: its new positions are the newest cached
+            else:
+                r = Run(chain, p, m, [req])
+                blocks.append(r)
+                if runs is None:
+                    cached[chain] = [r]
+                else:
+                    runs.append(r)
+        if tail.n:
+            blocks.append(tail)
+        req.num_cached_blocks = num_full
+
+    def free(self, req) -> None:
+        """Drop the request's blocks, tail first: keyless ones to the head, keyed runs to the tail."""
+        for r in reversed(req.blocks):
+            if r.chain is None:
+                self.keyless += r.n
+                self.num_free += r.n
+                continue
+            h = r.holders
+            h.remove(req)
+            if not h:
+                self._append(r)
+                self.num_free += r.n
+        req.blocks = []
+        req.num_blocks = req.num_cached_blocks = 0
+
+    # what a test compares between the pools
+    def queue_keys(self) -> list:
+        out = [None] * self.keyless
+        q = self._q
+        r = q.next
+        while r is not q:
+            out.extend((r.chain, p) for p in range(r.lo + r.n - 1, r.lo - 1, -1))
+            r = r.next
+        return out
+
+    def request_keys(self, req) -> list:
+        out = []
+        for r in req.blocks:
+            if r.chain is None:
+                out.extend([None] * r.n)
+            else:
+                out.extend((r.chain, p) for p in range(r.lo, r.lo + r.n))
+        return out
+
+    def request_refs(self, req) -> list[int]:
+        out = []
+        for r in req.blocks:
+            out.extend([1 if r.chain is None else len(r.holders)] * r.n)
+        return out
+
+
+POOLS = {"runs": RunPool, "exact": ExactPool}

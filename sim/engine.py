@@ -404,6 +404,7 @@ class ChunkedReplica:
         self.busy_decode_s = 0.0  # pure decode steps
         self.stall_save_s = 0.0
         self.proc = None
+        self.horizon_s = math.inf  # as `Replica.horizon_s`
 
     @property
     def preemptions(self) -> int:
@@ -422,16 +423,26 @@ class ChunkedReplica:
         by its source)."""
         job = self.turns.make_job(i, arrival_s)
         self.jobs[i] = job
-        self.sched.add_request(SeqRequest(i, job.ctx_in, job.output, self._block_key(job)))
+        self.sched.add_request(SeqRequest(i, job.ctx_in, job.output, segments=self._key_segments(job)))
 
-    def _block_key(self, job):
-        """The prefix-cache key of the request's i-th block (see the class docstring)."""
+    def _key_segments(self, job):
+        """The request's prefix-cache keys as chains (`sim.blocks`; see the class docstring)."""
         if job.blocks:
             hashes, per = self.w_hashes[job.i], BLOCK_TOKENS // self.block_tokens
             # a block inside the prompt's hashed part holds the tokens its 512-token block's hash names
             n = min(len(hashes) * per, job.prompt // self.block_tokens)
-            i_turn = job.i
-            return lambda i: (hashes[i // per], i % per) if i < n else ("turn", i_turn, i)
+            if len(set(hashes)) < len(hashes):
+                # chained hashes never repeat inside a request (a block's hash names its whole prefix);
+                # a trace that repeats one is reused only up to the repeat
+                first = len(dict.fromkeys(hashes))
+                for j, h in enumerate(hashes):
+                    if h in hashes[:j]:
+                        first = j
+                        break
+                n = min(n, first * per)
+            segs = [(j * per, hashes[j], 0) for j in range(-(-n // per))]
+            segs.append((n, ("turn", job.i), n))
+            return segs
         sid = job.sid
         ep = self.epoch.get(sid, 0)
         if job.truncated:
@@ -439,8 +450,8 @@ class ChunkedReplica:
             self.epoch[sid] = ep
         nsys = self.shared_blocks if ep == 0 else 0
         if nsys:
-            return lambda i: ("system", i) if i < nsys else (sid, ep, i)
-        return lambda i: (sid, ep, i)
+            return [(0, "system", 0), (nsys, (sid, ep), nsys)]
+        return [(0, (sid, ep), 0)]
 
     def _lookahead_keys(self):
         """Store keys the first waiting requests will read -> queue position (scheduler-aware eviction)."""
@@ -504,7 +515,8 @@ class ChunkedReplica:
                     now = now + stall
                 if not began < now < math.inf:
                     self._clock_error(now, what)
-                yield env.timeout(now - env.now if now > env.now else 0.0)
+                if now >= self.horizon_s:
+                    yield env.timeout(now - env.now if now > env.now else 0.0)
                 continue
             t = yield source.listen()  # idle: wait for the next submission
             if t > now:

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from sim.blocks import BlockPool
+from sim.blocks import POOLS
 from sim.errors import KvsimError
 from sim.trace import BLOCK_TOKENS
 
@@ -207,6 +207,9 @@ class ChunkedConfig:
     preemption: str = "recompute"
     max_model_len: int | None = None  # a request stops when prompt + output reaches it
     prefix_caching: bool = True  # vLLM's enable_prefix_caching: off, no block is ever looked up or cached
+    # `sim.blocks.RunPool` (runs of blocks: the simulator's) or `ExactPool` (block ids: an executor's);
+    # the same decisions, checked by tests/test_block_pools.py
+    pool: str = "runs"
 
     def __post_init__(self):
         for name in ("num_blocks", "max_num_batched_tokens", "max_num_seqs", "block_tokens"):
@@ -218,6 +221,8 @@ class ChunkedConfig:
                              f"got {self.long_prefill_token_threshold!r}")
         if not 0.0 <= self.watermark < 1.0:
             raise KvsimError(f"scheduler.watermark: expected a share of the blocks in [0, 1), got {self.watermark!r}")
+        if self.pool not in POOLS:
+            raise KvsimError(f"scheduler.pool: expected one of {tuple(POOLS)}, got {self.pool!r}")
         if self.preemption not in PREEMPTION_MODES:
             raise KvsimError(f"scheduler.preemption: expected one of {PREEMPTION_MODES} "
                              f"(swap is not modelled yet), got {self.preemption!r}")
@@ -237,19 +242,24 @@ class SeqRequest:
 
     `num_computed_tokens` is how many tokens have KV in HBM; `num_tokens` = prompt + output so far.
     """
-    __slots__ = ("id", "prompt_tokens", "max_tokens", "block_key", "num_computed_tokens",
-                 "num_output_tokens", "blocks", "num_cached_blocks", "num_preemptions", "finished")
+    __slots__ = ("id", "prompt_tokens", "max_tokens", "block_key", "segments", "num_computed_tokens",
+                 "num_output_tokens", "blocks", "num_blocks", "num_cached_blocks", "num_preemptions", "finished")
 
-    def __init__(self, id, prompt_tokens: int, max_tokens: int, block_key):
+    def __init__(self, id, prompt_tokens: int, max_tokens: int, block_key=None, segments=None):
         if prompt_tokens < 1 or max_tokens < 1:
             raise ValueError(f"request {id!r}: prompt_tokens and max_tokens must be >= 1")
+        if (block_key is None) == (segments is None):
+            raise ValueError(f"request {id!r}: give block_key or segments")
         self.id = id
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
-        self.block_key = block_key if callable(block_key) else block_key.__getitem__
+        self.block_key = block_key if block_key is None or callable(block_key) else block_key.__getitem__
+        # the keys as chains (`sim.blocks`): [(first block, chain, its position)], the last open-ended
+        self.segments = segments
         self.num_computed_tokens = 0
         self.num_output_tokens = 0
-        self.blocks: list[int] = []  # block ids, in token order
+        self.blocks: list = []  # the pool's record of its blocks, in token order
+        self.num_blocks = 0
         self.num_cached_blocks = 0  # leading blocks already in the prefix cache
         self.num_preemptions = 0
         self.finished = False
@@ -330,7 +340,7 @@ class ChunkedScheduler:
 
     def __init__(self, cfg: ChunkedConfig, external_hit=None):
         self.cfg = cfg
-        self.pool = BlockPool(cfg.num_blocks)
+        self.pool = POOLS[cfg.pool](cfg.num_blocks)
         self.waiting: deque[SeqRequest] = deque()
         self.running: list[SeqRequest] = []
         self.stats = PreemptionStats()
@@ -405,8 +415,8 @@ class ChunkedScheduler:
             while budget > 0 and waiting and len(running) < cfg.max_num_seqs:
                 req = waiting[0]
                 total = req.num_tokens
-                hit_blocks = pool.lookup(req.block_key, (total - 1) // bt) if caching else []
-                hit = len(hit_blocks) * bt
+                hit_handle, hit_blocks, evictable = pool.lookup(req, (total - 1) // bt if caching else 0)
+                hit = hit_blocks * bt
                 ext = 0
                 if self.external_hit is not None:
                     # whole blocks after the hit, leaving at least one token to compute
@@ -418,13 +428,11 @@ class ChunkedScheduler:
                     n = threshold
                 n = min(n, budget)
                 full = total if max_len is None else min(total, max_len)
-                need = max(-(-full // bt) - len(hit_blocks), 0) + pool.num_evictable(hit_blocks)
+                need = max(-(-full // bt) - hit_blocks, 0) + evictable
                 if need + watermark > pool.num_free:
                     self._blocked = True
                     break  # strict FCFS: nobody behind it is tried
-                pool.touch(hit_blocks)
-                req.blocks = hit_blocks
-                req.num_cached_blocks = len(hit_blocks)
+                pool.touch(req, hit_handle)
                 computed = hit + ext
                 self._allocate(req, computed, n)
                 waiting.popleft()
@@ -468,13 +476,12 @@ class ChunkedScheduler:
                 req.num_output_tokens += 1
                 if req.num_output_tokens >= req.max_tokens or (max_len is not None and req.num_tokens >= max_len):
                     req.finished = True
-                    self.pool.free_blocks(reversed(req.blocks))
-                    req.blocks = []
-                    req.num_cached_blocks = 0
+                    self.pool.free(req)
                     finished.append(req)
         if finished:
             self.running = [r for r in self.running if not r.finished]
-            self._blocked = False  # freed blocks and a free seat may let the queue's head in
+            if self.waiting:
+                self._blocked = False  # freed blocks and a free seat may let the queue's head in
         return finished
 
     # ---- pure-decode stretches at once -----------------------------------------------------
@@ -505,7 +512,7 @@ class ChunkedScheduler:
                 left = max_len - total
             if left < k:
                 k = left
-            firsts.append(len(r.blocks) * bt - c + 1)
+            firsts.append(r.num_blocks * bt - c + 1)
         if k < 1:
             return 0  # a request already at its end (cannot happen after update): step it
         free = self.pool.num_free
@@ -538,18 +545,7 @@ class ChunkedScheduler:
         bt, pool = self.cfg.block_tokens, self.pool
         running = self.running
         caching = self.cfg.prefix_caching
-        events = []
-        for idx, r in enumerate(running):
-            j = len(r.blocks) * bt - r.num_computed_tokens + 1
-            while j <= k:
-                events.append((j, idx))
-                j += bt
-        if events:
-            if len(events) > 1:
-                events.sort()
-            blocks = pool.allocate(len(events))
-            for (_, idx), b in zip(events, blocks):
-                running[idx].blocks.append(b)
+        pool.allocate_decodes(running, k, bt)
         max_len = self.cfg.max_model_len
         dropped = self._dropped
         finished = []
@@ -557,8 +553,7 @@ class ChunkedScheduler:
             before = r.num_computed_tokens
             if caching:
                 # the k-th step schedules the token at position before + k - 1: blocks full up to it
-                r.num_cached_blocks = pool.cache_full_blocks(r.blocks, r.num_cached_blocks, (before + k) // bt,
-                                                             r.block_key)
+                pool.cache(r, (before + k) // bt)
             r.num_computed_tokens = before + k
             r.num_output_tokens += k
             if dropped and r in dropped:
@@ -569,18 +564,17 @@ class ChunkedScheduler:
                     del dropped[r]
             if r.num_output_tokens >= r.max_tokens or (max_len is not None and r.num_tokens >= max_len):
                 r.finished = True
-                pool.free_blocks(reversed(r.blocks))
-                r.blocks = []
-                r.num_cached_blocks = 0
+                pool.free(r)
                 finished.append(r)
         if finished:
             self.running = [r for r in running if not r.finished]
-            self._blocked = False
+            if self.waiting:
+                self._blocked = False
         return finished
 
     # ---- blocks --------------------------------------------------------------------------
     def _allocate_running(self, req: SeqRequest, n: int) -> bool:
-        need = -(-(req.num_computed_tokens + n) // self.cfg.block_tokens) - len(req.blocks)
+        need = -(-(req.num_computed_tokens + n) // self.cfg.block_tokens) - req.num_blocks
         if need > self.pool.num_free:
             return False
         self._allocate(req, req.num_computed_tokens, n)
@@ -590,13 +584,12 @@ class ChunkedScheduler:
         """Blocks for `computed + n` tokens, then cache the blocks full after them: vLLM caches at
         schedule time, so a request admitted later in the same step already hits them."""
         bt, pool = self.cfg.block_tokens, self.pool
-        need = -(-(computed + n) // bt) - len(req.blocks)
+        need = -(-(computed + n) // bt) - req.num_blocks
         if need > 0:
-            req.blocks.extend(pool.allocate(need))
+            pool.allocate(req, need)
         if not self.cfg.prefix_caching:
             return
-        full = min(computed + n, req.num_tokens) // bt
-        req.num_cached_blocks = pool.cache_full_blocks(req.blocks, req.num_cached_blocks, full, req.block_key)
+        pool.cache(req, min(computed + n, req.num_tokens) // bt)
 
     def _preempt(self, req: SeqRequest) -> None:
         """Recompute preemption (vLLM's `_preempt_request`): free the blocks tail first, forget
@@ -605,8 +598,6 @@ class ChunkedScheduler:
         self.stats.dropped_tokens += req.num_computed_tokens
         self._dropped[req] = max(self._dropped.get(req, 0), req.num_computed_tokens)
         req.num_preemptions += 1
-        self.pool.free_blocks(reversed(req.blocks))
-        req.blocks = []
-        req.num_cached_blocks = 0
+        self.pool.free(req)
         req.num_computed_tokens = 0
         self.waiting.appendleft(req)

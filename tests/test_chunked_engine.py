@@ -126,16 +126,19 @@ def test_same_config_and_seed_give_identical_results(busy_sessions):
 
 def _state(s):
     pool = s.pool
-    return ([(r.id, r.num_computed_tokens, r.num_output_tokens, list(r.blocks), r.num_cached_blocks)
-             for r in s.running], [r.id for r in s.waiting], list(pool.free), list(pool.ref), list(pool.key),
-            {k: list(v) for k, v in pool.cached.items()}, s.stats.preemptions, s.stats.recomputed_tokens)
+    exact = pool.block_table if hasattr(pool, "block_table") else (lambda r: None)  # ids: the exact pool only
+    return ([(r.id, r.num_computed_tokens, r.num_output_tokens, r.num_blocks, r.num_cached_blocks,
+              pool.request_keys(r), pool.request_refs(r), exact(r)) for r in s.running],
+            [r.id for r in s.waiting], pool.num_free, pool.queue_keys(), s.stats.preemptions,
+            s.stats.recomputed_tokens)
 
 
+@pytest.mark.parametrize("pool", ["runs", "exact"])
 @pytest.mark.parametrize("seed", range(6))
-def test_decode_fast_path_matches_stepping_one_by_one(seed):
+def test_decode_fast_path_matches_stepping_one_by_one(seed, pool):
     rng = random.Random(seed)
     cfg = ChunkedConfig(num_blocks=rng.choice([60, 120, 400]), max_num_batched_tokens=rng.choice([64, 256, 2048]),
-                        max_num_seqs=rng.choice([3, 8, 64]), max_model_len=rng.choice([None, 900]))
+                        max_num_seqs=rng.choice([3, 8, 64]), max_model_len=rng.choice([None, 900]), pool=pool)
     arrivals = {}
     for k in range(40):
         sess = rng.randrange(6)

@@ -1,5 +1,6 @@
 """kvsim's chunked scheduler (vLLM V1 semantics) and its paged KV pool: a replay of vLLM's own
 decisions (the committed fixture, bench/vllm_scheduler/README.md) and small hand-computed cases."""
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -35,10 +36,12 @@ def rows(plan):
 
 # ---- vLLM's decisions, replayed ---------------------------------------------------------------
 
-def test_replay_of_vllm_fixture_is_identical_at_every_step():
+@pytest.mark.parametrize("pool,segments", [("runs", True), ("runs", False), ("exact", True), ("exact", False)])
+def test_replay_of_vllm_fixture_is_identical_at_every_step(pool, segments):
     header, reqs = st.read_stream(DATA / "vllm_stream_small.jsonl")
     config, vllm_rows = compare.read_steps(DATA / "vllm_steps_small.jsonl")
-    kv_rows, sched = compare.drive(header, reqs, compare.config_from_vllm(config))
+    cfg = dataclasses.replace(compare.config_from_vllm(config), pool=pool)
+    kv_rows, sched = compare.drive(header, reqs, cfg, segments=segments)
     result = compare.compare(vllm_rows, kv_rows)
     assert result["first_difference"] is None, json.dumps(result["first_difference"])
     assert result["identical"] == result["steps"] == 698

@@ -43,8 +43,10 @@ def config_from_vllm(vllm_config: dict) -> ChunkedConfig:
 
 
 def drive(header: st.StreamHeader, requests: list[st.StreamRequest], cfg: ChunkedConfig,
-          max_steps: int = 2_000_000) -> tuple[list[dict], ChunkedScheduler]:
-    """One row per non-idle step, as drive_vllm.py writes them."""
+          max_steps: int = 2_000_000, segments: bool = True) -> tuple[list[dict], ChunkedScheduler]:
+    """One row per non-idle step, as drive_vllm.py writes them. Keys go to the scheduler as chains
+    (`segments`: the system prompt's whole blocks, then the session), as the simulator gives them,
+    or as `stream.block_key` one block at a time."""
     sched = ChunkedScheduler(cfg)
     releases = st.Releases(requests)
     bs, n_sys = header.block_size, header.system_prompt_tokens
@@ -58,8 +60,13 @@ def drive(header: st.StreamHeader, requests: list[st.StreamRequest], cfg: Chunke
             step = max(step, nxt)
         arrived = []
         for r in releases.due(step):
-            sched.add_request(SeqRequest(r.id, r.prompt_tokens, r.max_tokens,
-                                         lambda i, s=r.session: st.block_key(s, i, bs, n_sys)))
+            if segments:
+                nsys = n_sys // bs  # blocks wholly inside the system prompt (`stream.block_key`)
+                segs = [(0, "system", 0), (nsys, r.session, nsys)] if nsys else [(0, r.session, 0)]
+                sched.add_request(SeqRequest(r.id, r.prompt_tokens, r.max_tokens, segments=segs))
+            else:
+                sched.add_request(SeqRequest(r.id, r.prompt_tokens, r.max_tokens,
+                                             lambda i, s=r.session: st.block_key(s, i, bs, n_sys)))
             arrived.append(r.id)
             live += 1
         plan = sched.schedule()
