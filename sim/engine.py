@@ -489,11 +489,8 @@ class ChunkedReplica:
                 began = now
                 k = sched.decode_run_limit(_NO_LIMIT)
                 if k:
-                    running = sched.running
-                    B = len(running)
-                    ctx = 0
-                    for r in running:
-                        ctx += r.prompt_tokens + r.num_output_tokens
+                    B = len(sched.running)
+                    ctx = sched.decode_context_tokens
                     cut = source.next_arrival_s() - now if not waiting and B < max_seqs else math.inf
                     dt, k = cost.decode_span(B, ctx, k, cut)
                     self.busy_decode_s += dt

@@ -351,6 +351,10 @@ class ChunkedScheduler:
         # the last step found the waiting queue empty or its head unable to start, and nothing has
         # changed that since (no finish, no preemption, no arrival at an empty queue)
         self._blocked = False
+        # pure-decode stretches have filled blocks not yet given their keys (`apply_decodes`)
+        self._lazy = False
+        # the running requests' context tokens, as `decode_run_limit` last found them
+        self.decode_context_tokens = 0
 
     @property
     def free_blocks(self) -> int:
@@ -376,6 +380,7 @@ class ChunkedScheduler:
         scheduled: list[Scheduled] = []
         preempted: list[SeqRequest] = []
         running = self.running
+        caching = cfg.prefix_caching
 
         i = 0
         while i < len(running) and budget > 0:
@@ -388,6 +393,19 @@ class ChunkedScheduler:
             if max_len is not None:
                 n = min(n, max_len - computed - 1)
             if n <= 0:
+                i += 1
+                continue
+            # a decode's block (at most one) and its newly full blocks, inline: the simulator's hottest loop
+            need = -(-(computed + n) // bt) - req.num_blocks
+            if need <= pool.num_free:
+                if need > 0:
+                    pool.allocate(req, need)
+                if caching:
+                    full = (computed + n if computed + n < total else total) // bt
+                    if full > req.num_cached_blocks:
+                        pool.cache(req, full)
+                scheduled.append(Scheduled(req, n, req.num_output_tokens > 0 and computed == total - 1))
+                budget -= n
                 i += 1
                 continue
             fits = True
@@ -408,10 +426,16 @@ class ChunkedScheduler:
         admitted = {}
         external = {}
         self._blocked = False
+        if self._lazy:
+            # blocks filled by pure-decode stretches enter the prefix cache before anyone looks up
+            for r in running:
+                full = r.num_computed_tokens // bt
+                if full > r.num_cached_blocks:
+                    pool.cache(r, full)
+            self._lazy = False
         if not preempted:
             waiting = self.waiting
             watermark = cfg.watermark_blocks if running else 0
-            caching = cfg.prefix_caching
             while budget > 0 and waiting and len(running) < cfg.max_num_seqs:
                 req = waiting[0]
                 total = req.num_tokens
@@ -476,7 +500,7 @@ class ChunkedScheduler:
                 req.num_output_tokens += 1
                 if req.num_output_tokens >= req.max_tokens or (max_len is not None and req.num_tokens >= max_len):
                     req.finished = True
-                    self.pool.free(req)
+                    self._release(req)
                     finished.append(req)
         if finished:
             self.running = [r for r in self.running if not r.finished]
@@ -502,8 +526,10 @@ class ChunkedScheduler:
         k = kmax
         # the first step at which each request needs a new block (1-based), for the block limit
         firsts = []
+        ctx = 0
         for r in running:
             total = r.prompt_tokens + r.num_output_tokens
+            ctx += total
             c = r.num_computed_tokens
             if c != total - 1 or not r.num_output_tokens:
                 return 0
@@ -515,6 +541,7 @@ class ChunkedScheduler:
             firsts.append(r.num_blocks * bt - c + 1)
         if k < 1:
             return 0  # a request already at its end (cannot happen after update): step it
+        self.decode_context_tokens = ctx
         free = self.pool.num_free
         if self._allocations(firsts, k, bt) <= free:
             return k
@@ -549,11 +576,11 @@ class ChunkedScheduler:
         max_len = self.cfg.max_model_len
         dropped = self._dropped
         finished = []
+        # the blocks these steps fill take their keys lazily (`_release`, or before the next lookup):
+        # the same keys in the same order, since no one looks up a reply's blocks while it is decoded
+        self._lazy = caching
         for r in running:
             before = r.num_computed_tokens
-            if caching:
-                # the k-th step schedules the token at position before + k - 1: blocks full up to it
-                pool.cache(r, (before + k) // bt)
             r.num_computed_tokens = before + k
             r.num_output_tokens += k
             if dropped and r in dropped:
@@ -564,7 +591,7 @@ class ChunkedScheduler:
                     del dropped[r]
             if r.num_output_tokens >= r.max_tokens or (max_len is not None and r.num_tokens >= max_len):
                 r.finished = True
-                pool.free(r)
+                self._release(r)
                 finished.append(r)
         if finished:
             self.running = [r for r in running if not r.finished]
@@ -573,6 +600,25 @@ class ChunkedScheduler:
         return finished
 
     # ---- blocks --------------------------------------------------------------------------
+    def _release(self, req: SeqRequest) -> None:
+        """Free a request's blocks, tail first, once the blocks its computed tokens fill have their
+        keys (a full block enters the queue's tail, a keyless one its head)."""
+        if self.cfg.prefix_caching:
+            full = req.num_computed_tokens // self.cfg.block_tokens
+            if full > req.num_cached_blocks:
+                self.pool.cache(req, full)
+        self.pool.free(req)
+
+    def settle(self) -> None:
+        """Give lazily cached blocks their keys now (for a caller that inspects the pool)."""
+        if self._lazy:
+            bt = self.cfg.block_tokens
+            for r in self.running:
+                full = r.num_computed_tokens // bt
+                if full > r.num_cached_blocks:
+                    self.pool.cache(r, full)
+            self._lazy = False
+
     def _allocate_running(self, req: SeqRequest, n: int) -> bool:
         need = -(-(req.num_computed_tokens + n) // self.cfg.block_tokens) - req.num_blocks
         if need > self.pool.num_free:
@@ -598,6 +644,6 @@ class ChunkedScheduler:
         self.stats.dropped_tokens += req.num_computed_tokens
         self._dropped[req] = max(self._dropped.get(req, 0), req.num_computed_tokens)
         req.num_preemptions += 1
-        self.pool.free(req)
+        self._release(req)
         req.num_computed_tokens = 0
         self.waiting.appendleft(req)

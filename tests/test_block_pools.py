@@ -18,6 +18,7 @@ def _plan(p):
 
 
 def _state(s):
+    s.settle()
     pool = s.pool
     return ([(r.id, r.num_computed_tokens, r.num_output_tokens, r.num_blocks, r.num_cached_blocks,
               pool.request_keys(r), pool.request_refs(r)) for r in s.running],

@@ -125,6 +125,7 @@ def test_same_config_and_seed_give_identical_results(busy_sessions):
 # ---- the pure-decode fast path gives the scheduler's own step-by-step state ---------------------
 
 def _state(s):
+    s.settle()
     pool = s.pool
     exact = pool.block_table if hasattr(pool, "block_table") else (lambda r: None)  # ids: the exact pool only
     return ([(r.id, r.num_computed_tokens, r.num_output_tokens, r.num_blocks, r.num_cached_blocks,
