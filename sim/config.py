@@ -80,11 +80,15 @@ class GpuConfig:
                                        why="10x the fastest GPU's sparse FP4")
     hbm_bw_gbps: Optional[float] = knob(None, help="HBM bandwidth per GPU; unset: the named GPU's", unit="GB/s",
                                         lo=10.0, hi=1e5, why="10x the fastest HBM, 8 TB/s")
+    efficiency: str = knob("measured", choices=("measured", "constant"),
+                           help="the roofline's share of the peaks: measured (per kernel and GEMM shape, from "
+                                "H100 measurements, sim/efficiency.py; other GPUs use the same shares of their "
+                                "peaks) or constant (gpu.prefill_mfu and gpu.decode_mbu for every shape)")
     # Vidur-style defaults: the share of peak a well-tuned engine reaches (roofline efficiency)
-    prefill_mfu: float = knob(0.55, help="share of peak FLOP/s a prefill reaches (roofline efficiency)",
+    prefill_mfu: float = knob(0.55, help="gpu.efficiency constant: share of peak FLOP/s every step reaches",
                               unit="fraction", lo=0.01, hi=1.0, why="no engine runs below 1% of peak")
-    decode_mbu: float = knob(0.75, help="share of HBM bandwidth a decode step reaches", unit="fraction",
-                             lo=0.01, hi=1.0, why="no engine runs below 1% of peak")
+    decode_mbu: float = knob(0.75, help="gpu.efficiency constant: share of HBM bandwidth every step reaches",
+                             unit="fraction", lo=0.01, hi=1.0, why="no engine runs below 1% of peak")
     allreduce: str = knob("none", choices=("none", "ring", "table"),
                           help="tensor-parallel communication when count > 1: none (not charged), ring (two "
                                "all-reduces per layer over gpu.nvlink_gbps, sim/collectives.py) or table "

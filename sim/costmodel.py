@@ -41,6 +41,7 @@ from typing import Optional, Sequence
 
 from sim.collectives import (ALLREDUCES_PER_LAYER, AllReduceCost, RingAllReduce, allreduce_bytes_per_layer,
                              load_allreduce_table)
+from sim.efficiency import H100 as H100_EFFICIENCY, RooflineEfficiency
 from sim.errors import KvsimError, read_yaml
 from sim.models import ModelShape
 from sim.units import GB, MS, US
@@ -329,15 +330,16 @@ class IterationCost:
     `ExecutionTime` names its parts). `layers_s` is the layer-wise preload pipeline (it overlaps
     `load_s` with `compute_s`, so those two are totals for reading, not summands of `total_s`)."""
     layers_s: float    # preload pipeline over per-layer load and compute, per-layer gating included
-    compute_s: float   # layers x compute per layer (gating included)
+    compute_s: float   # layers x compute per layer (gating and communication included)
     load_s: float      # layers x load per layer
     head_s: float      # LM head for the first token
     host_s: float      # the serving loop's fixed host time per prefill
-    comm_s: float      # tensor-parallel communication (not modelled yet: 0)
+    comm_s: float      # layers x tensor-parallel all-reduces per layer (part of compute_s and layers_s:
+                       # they run on the compute stream between a layer's kernels)
 
     @property
     def total_s(self) -> float:
-        return self.layers_s + self.head_s + self.host_s + self.comm_s
+        return self.layers_s + self.head_s + self.host_s
 
 
 class CostModel(ABC):
@@ -395,6 +397,15 @@ class CostModel(ABC):
     @abstractmethod
     def ssd_write_bw(self, chunk_bytes: float) -> float: ...
 
+    def comm_layer_s(self, tokens: float) -> float:
+        """Tensor-parallel communication of one layer over `tokens` tokens (none for a back end without it)."""
+        return 0.0
+
+    def prefill_compute_layer_s(self, new: float, hist: float) -> float:
+        """`prefill_layer_s` without the layer's communication: a batched iteration pays that once over
+        all its tokens (`prefill_iteration`'s comm_layer_s), not once per request."""
+        return self.prefill_layer_s(new, hist)
+
     def decode_next_kink(self, batch: int, context_tokens: float) -> float:
         """The smallest total context > `context_tokens` at which `decode_step_s(batch, .)` changes slope
         (inf if it is linear from here on). `decode_span` sums exactly between two kinks."""
@@ -421,15 +432,18 @@ class CostModel(ABC):
         return 0.0
 
     def prefill_iteration(self, load_layer_s: float, compute_layer_s: float, head_s: float,
-                          buffer_layers: int, layerwise: bool) -> IterationCost:
+                          buffer_layers: int, layerwise: bool, comm_layer_s: float = 0.0) -> IterationCost:
         """One prefill iteration, its first token included: the preload pipeline over per-layer load
         and compute times (a gated layer pays the cross-stream wait on its compute side), the heads,
-        and the serving loop's fixed host time."""
+        and the serving loop's fixed host time. `comm_layer_s`, the iteration's all-reduces per layer
+        (once over all its tokens: Megatron's two per layer), runs on the compute stream, so it joins
+        each layer's compute inside the pipeline."""
         if load_layer_s > 0.0 and layerwise:
             compute_layer_s += self.layer_gate_s
+        compute_layer_s += comm_layer_s
         L = self.shape.layers
         return IterationCost(preload_pipeline_s(L, load_layer_s, compute_layer_s, buffer_layers, layerwise),
-                             L * compute_layer_s, L * load_layer_s, head_s, self.host_turn_s, 0.0)
+                             L * compute_layer_s, L * load_layer_s, head_s, self.host_turn_s, L * comm_layer_s)
 
 
     def mixed_layer_s(self, chunks, batch: int, context_tokens: float) -> float:
@@ -557,7 +571,8 @@ class RooflineCost(CostModel):
     def __init__(self, shape: ModelShape, gpus: int, peak_flops: float, hbm_bw_gbps: float,
                  prefill_mfu: float, decode_mbu: float, h2d_gbps: float, d2h_gbps: float,
                  ssd_read_gbps: float, ssd_write_gbps: float, *, ssd_contention: Optional[str] = None,
-                 hbm_kv_bytes: Optional[float] = None, allreduce: Optional[AllReduceCost] = None):
+                 hbm_kv_bytes: Optional[float] = None, allreduce: Optional[AllReduceCost] = None,
+                 efficiency: Optional[RooflineEfficiency] = None):
         super().__init__(shape, layer_copy_overhead_s=0.0, layer_gate_s=0.0, host_turn_s=0.0,
                          measured_contention=None, ssd_contention=ssd_contention, hbm_kv_bytes=hbm_kv_bytes)
         self.gpus = gpus
@@ -582,8 +597,10 @@ class RooflineCost(CostModel):
         self._head_flops = 2.0 * s.vocab * s.hidden
         # the closed forms below are the whole model for a dense, full-attention shape whose KV is
         # split evenly; anything else takes the general per-layer path
+        self._eff = efficiency
         self._plain = (not s.experts and not s.sliding_layers and s.attention != "mla"
-                       and self._allreduce is None and self.kv_shards == gpus)
+                       and self._allreduce is None and self.kv_shards == gpus and efficiency is None)
+        self._slide = s.sliding_layers
         if self._plain:
             self._kinks_by_batch = {}  # one compute/memory crossing per batch size
         if not self._plain:
@@ -597,7 +614,19 @@ class RooflineCost(CostModel):
             routed = s.routed_expert_params
             self._w_layer_bytes = (s.layer_params - routed) * s.dtype_bytes / L
             self._w_expert_bytes = s.moe_layers * s.expert_params * s.expert_element_bytes / L
-            self._slide = s.sliding_layers
+        if efficiency is not None:
+            # per kernel, against its measured share of the peaks (sim/efficiency.py)
+            L = s.layers
+            routed_tok = 2.0 * s.moe_layers * s.experts_per_token * s.expert_params / L
+            self._lin_dense_tok = self._lin_flops_tok - routed_tok  # runs over every token
+            self._lin_routed_tok = routed_tok  # each routed expert sees only the tokens that chose it
+            self._attn_F = self._flops * efficiency.attention_flops
+            self._kv_BW = self._bw * efficiency.kv_bw
+            self._act_tok_s = efficiency.act_bytes_per_token(s, gpus) / (hbm_bw_gbps * GB)
+            # with attention priced apart from the GEMMs, a decode step is linear in the context for a
+            # fixed batch: its only kink is a sliding window filling up (batch x window)
+            self._kinks_by_batch = {}
+            self._decode_fixed = {}  # batch -> the step's GEMMs, other kernels and communication
         # decode_step_s is called twice per decode span: fold its constants once
         F, BW, L = self._flops * self._mfu, self._bw * self._mbu, s.layers
         self._d_lin = L * self._lin_flops_tok / F  # per sequence, compute side
@@ -613,6 +642,28 @@ class RooflineCost(CostModel):
             return 0.0
         return ALLREDUCES_PER_LAYER * self._allreduce(allreduce_bytes_per_layer(self.shape, tokens), self.gpus)
 
+    def _gemms_s(self, tokens: float) -> float:
+        """Measured efficiencies: one layer's GEMMs over `tokens` tokens (mean over layers), each routed
+        expert over the tokens that chose it, plus the layer's other kernels (norms, RoPE, activations)."""
+        e, s = self._eff, self.shape
+        t = e.gemm_s(self._lin_dense_tok * tokens, self._w_layer_bytes, tokens, self._flops, self._bw)
+        if s.experts and tokens > 0:
+            touched = s.experts_touched(tokens)
+            t += e.gemm_s(self._lin_routed_tok * tokens, self._w_expert_bytes * touched,
+                          tokens * s.experts_per_token / touched, self._flops, self._bw)
+        return t + e.layer_fixed_s + tokens * self._act_tok_s
+
+    def _attention_s(self, pairs: float, kv: float, pairs_w: float = 0.0, kv_w: float = 0.0) -> float:
+        """Measured efficiencies: attention of one layer (mean over layers) over `pairs` (query, key)
+        pairs reading/writing `kv` tokens of KV; a sliding-window layer over `pairs_w` and `kv_w`."""
+        L, slide, a, kv_tok = self.shape.layers, self._slide, self._attn_flops, self._kv_tok
+        c, m = a * pairs / self._attn_F, kv_tok * kv / self._kv_BW
+        t = (L - slide) * (c if c > m else m)
+        if slide:
+            c, m = a * pairs_w / self._attn_F, kv_tok * kv_w / self._kv_BW
+            t += slide * (c if c > m else m)
+        return t / L
+
     def _weights_read(self, tokens: float) -> float:
         """Weight bytes one layer reads (mean over layers) for a step over `tokens` tokens."""
         if not self.shape.experts:
@@ -620,10 +671,17 @@ class RooflineCost(CostModel):
         return self._w_layer_bytes + self._w_expert_bytes * self.shape.experts_touched(tokens)
 
     def prefill_layer_s(self, new: float, hist: float) -> float:
+        return self.prefill_compute_layer_s(new, hist) + self.comm_layer_s(new)
+
+    def prefill_compute_layer_s(self, new: float, hist: float) -> float:
         if self._plain:
             flops = self._lin_flops_tok * new + self._attn_flops * new * (hist + (new + 1) / 2.0)
             byts = self._w_layer_bytes + self._kv_tok * (hist + 2.0 * new)
             return max(flops / (self._flops * self._mfu), byts / (self._bw * self._mbu))
+        if self._eff is not None:
+            W = self.shape.sliding_window
+            pw, kw = (sliding_pairs(new, hist, W), min(hist, W) + 2.0 * new) if self._slide else (0.0, 0.0)
+            return self._gemms_s(new) + self._attention_s(new * (hist + (new + 1) / 2.0), hist + 2.0 * new, pw, kw)
         F, BW = self._flops * self._mfu, self._bw * self._mbu
         lin, w = self._lin_flops_tok * new, self._weights_read(new)
         L, slide = self.shape.layers, self._slide
@@ -633,13 +691,17 @@ class RooflineCost(CostModel):
             W = self.shape.sliding_window
             t += slide * max((lin + self._attn_flops * sliding_pairs(new, hist, W)) / F,
                              (w + self._kv_tok * (min(hist, W) + 2.0 * new)) / BW)
-        return t / L + self.comm_layer_s(new)
+        return t / L
 
     def prefill_head_s(self, new: float) -> float:
         # only the last position's logits are needed to emit the first token
+        if self._eff is not None:
+            return self._eff.gemm_s(self._head_flops, self._head_bytes, 1, self._flops, self._bw)
         return max(self._head_flops / (self._flops * self._mfu), self._head_bytes / (self._bw * self._mbu))
 
     def decode_head_s(self, batch: int) -> float:
+        if self._eff is not None:
+            return self._eff.gemm_s(self._head_flops * batch, self._head_bytes, batch, self._flops, self._bw)
         head = self._d_head_c * batch
         return head if head > self._d_head_m else self._d_head_m
 
@@ -652,10 +714,18 @@ class RooflineCost(CostModel):
         tokens = new + batch
         if tokens <= 0:
             return 0.0
-        F, BW = self._flops * self._mfu, self._bw * self._mbu
-        lin, w = self._lin_flops_tok * tokens, self._weights_read(tokens)
         pairs = sum(n * (h + (n + 1) / 2.0) for n, h in chunks) + context_tokens
         kv = sum(h + 2.0 * n for n, h in chunks) + context_tokens
+        if self._eff is not None:
+            pw = kw = 0.0
+            if self._slide:
+                W = self.shape.sliding_window
+                seen = batch * min(context_tokens / batch, W) if batch else 0.0
+                pw = sum(sliding_pairs(n, h, W) for n, h in chunks) + seen
+                kw = sum(min(h, W) + 2.0 * n for n, h in chunks) + seen
+            return self._gemms_s(tokens) + self._attention_s(pairs, kv, pw, kw) + self.comm_layer_s(tokens)
+        F, BW = self._flops * self._mfu, self._bw * self._mbu
+        lin, w = self._lin_flops_tok * tokens, self._weights_read(tokens)
         L, slide = self.shape.layers, (self._slide if not self._plain else 0)
         t = (L - slide) * max((lin + self._attn_flops * pairs) / F, (w + self._kv_tok * kv) / BW)
         if slide:
@@ -670,6 +740,8 @@ class RooflineCost(CostModel):
         """One iteration for `batch` sequences holding `context_tokens` tokens in total:
         per layer max(FLOPs / (peak x MFU), bytes / (bandwidth x MBU)), plus the LM head. Sliding-window
         layers see each sequence's mean context, capped at the window; the all-reduces are `comm_s`."""
+        if self._eff is not None:
+            return self.decode_parts(batch, context_tokens)[0] + self._decode_fixed[batch][1]
         head = self._d_head_c * batch
         head = head if head > self._d_head_m else self._d_head_m
         if self._plain:
@@ -681,6 +753,13 @@ class RooflineCost(CostModel):
     def decode_parts(self, batch: int, context_tokens: float) -> tuple[float, float]:
         """(the decode step's layers with their communication, that communication `comm_s`)."""
         L, slide = self.shape.layers, self._slide
+        if self._eff is not None:
+            fixed = self._decode_fixed.get(batch)
+            if fixed is None:  # what does not move with the context, once per batch size
+                comm = L * self.comm_layer_s(batch)
+                fixed = self._decode_fixed[batch] = (L * self._gemms_s(batch) + comm, self.decode_head_s(batch), comm)
+            seen = batch * min(context_tokens / batch, self.shape.sliding_window) if slide else 0.0
+            return fixed[0] + L * self._attention_s(context_tokens, context_tokens, seen, seen), fixed[2]
         F, BW = self._flops * self._mfu, self._bw * self._mbu
         lin, w = self._lin_flops_tok * batch, self._weights_read(batch)
         t = (L - slide) * max((lin + self._attn_flops * context_tokens) / F,
@@ -699,6 +778,9 @@ class RooflineCost(CostModel):
                 return math.inf
             crossing = (self._d_w - self._d_lin * batch) / (self._d_att - self._d_kv)
             return crossing if crossing > context_tokens else math.inf
+        if self._eff is not None:
+            k = batch * self.shape.sliding_window if self._slide else math.inf
+            return k if k > context_tokens else math.inf
         kinks = []
         F, BW = self._flops * self._mfu, self._bw * self._mbu
         slope = self._attn_flops / F - self._kv_tok / BW
@@ -806,7 +888,8 @@ def build_cost_model(cfg) -> CostModel:
             allreduce = load_allreduce_table(cfg.gpu.allreduce_table)
         cost = RooflineCost(shape, cfg.gpu.count, g.peak_flops, g.hbm_bw_gbps, cfg.gpu.prefill_mfu,
                             cfg.gpu.decode_mbu, cfg.host.h2d_gbps, cfg.host.d2h_gbps, cfg.ssd.read_gbps,
-                            cfg.ssd.write_gbps, allreduce=allreduce, **kw)
+                            cfg.ssd.write_gbps, allreduce=allreduce,
+                            efficiency=H100_EFFICIENCY if cfg.gpu.efficiency == "measured" else None, **kw)
     if hbm_kv <= 0:
         raise KvsimError(f"{cfg.source}: gpu.count: {cfg.model} weights ({shape.weight_bytes / GB:.0f} GB) "
                          f"leave no HBM for KV on {cfg.gpu.count} x {cfg.gpu.name}; expected more GPUs")

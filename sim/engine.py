@@ -167,6 +167,7 @@ class Replica:
         if now >= rec.hbm_next_s:
             rec.sample_hbm(now, store.hbm)
         load_layer = compute_layer = head = loaded = 0.0
+        tokens = 0
         ready = now
         ssd_bytes = 0.0
         ssd_jobs = []
@@ -185,7 +186,8 @@ class Replica:
                 load_j = cost.history_load_layer_s(dram_b / L) if dram_b else 0.0
                 load_layer += load_j
                 rec.load_s[i] = load_j * L
-            compute_layer += cost.prefill_layer_s(job.computed, job.hit)
+            compute_layer += cost.prefill_compute_layer_s(job.computed, job.hit)
+            tokens += job.computed
             head += cost.prefill_head_s(job.computed)
             rec.hit_tier[i] = code
             rec.bytes_loaded[i] = dram_b + ssd_b
@@ -197,17 +199,19 @@ class Replica:
                 load_j = cost.history_load_layer_s(dram_chunk, ssd_chunk, slow)
                 load_layer += load_j
                 rec.load_s[i] = load_j * L
-        t = cost.prefill_iteration(load_layer, compute_layer, head, self.buffer_layers, self.layerwise).total_s
+        # one batched forward pass: its all-reduces run once per layer over all the batch's new tokens
+        t = cost.prefill_iteration(load_layer, compute_layer, head, self.buffer_layers, self.layerwise,
+                                   cost.comm_layer_s(tokens)).total_s
         if load_layer:
             store.h2d.charge(loaded)
         save = 0.0
         if store.on_host and not self.async_save:
             # synchronous saving: the new prompt KV is written back before decoding resumes
-            prompt_bytes = sum(j.computed for j in batch) * self.kv_tok
+            for j in batch:  # a sliding-window layer saves at most its window (ModelShape.kv_bytes)
+                j.saved_prompt_bytes = self.shape.kv_bytes(j.computed)
+            prompt_bytes = sum(j.saved_prompt_bytes for j in batch)
             save = prompt_bytes / cost.d2h_bw(prompt_bytes / L)
             self.stall_save_s += save
-            for j in batch:
-                j.saved_prompt_bytes = j.computed * self.kv_tok
             store.d2h.charge(prompt_bytes)
         wait = start - now
         self.busy_prefill_s += t
@@ -238,7 +242,7 @@ class Replica:
         for job in batch:
             if self.store.on_host and self.async_save:
                 # asynchronous saving (§3.3): the prompt KV drains through D2H while decoding goes on
-                prompt_bytes = job.computed * self.kv_tok
+                prompt_bytes = self.shape.kv_bytes(job.computed)
                 job.save_end = self.store.d2h.transfer(now, prompt_bytes, self.cost.d2h_bw(prompt_bytes / self.L))
                 job.saved_prompt_bytes = prompt_bytes
             job.ctx = job.ctx_in + 1

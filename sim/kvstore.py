@@ -30,6 +30,9 @@ class KVStore:
         self.cost = cost
         self.L = shape.layers
         self.kv_tok = shape.kv_bytes_per_token
+        # a session's KV is `shape.kv_bytes(tokens)`: bounded by the window on sliding-window layers
+        self.kv_bytes = shape.kv_bytes
+        self.sliding = bool(shape.sliding_layers)
         self.eviction = eviction
         self.decoupled = decoupled_pe  # KV saved without positions stays valid when truncated (§3.5)
         self.lookahead = lookahead if eviction.uses_lookahead else (lambda: None)
@@ -97,7 +100,12 @@ class KVStore:
                 if code < HBM:
                     code = HBM
                 continue
-            b = e.nbytes if job.blocks else e.nbytes * (job.hit / e.tokens)
+            if job.blocks:
+                b = e.nbytes
+            elif self.sliding:  # sliding-window layers load only the last window of the hit
+                b = self.kv_bytes(job.hit)
+            else:
+                b = e.nbytes * (job.hit / e.tokens)
             if ra_factor != 1.0:
                 b *= ra_factor
             if t is dram:
@@ -232,9 +240,10 @@ class KVStore:
                     written += block_bytes
             return written
         e = self.index.get(job.sid)
-        nbytes = ctx * self.kv_tok
+        nbytes = self.kv_bytes(ctx)
         if e is not None and e.tier is self.dram and job.hit:
-            new = (ctx - job.hit) * self.kv_tok  # the reused part is already on the host
+            # the reused part is already on the host (a sliding-window layer writes at most its window)
+            new = self.kv_bytes(ctx - job.hit)
             dram = self.dram
             if dram.free >= nbytes - e.nbytes:
                 dram.grow(e, ctx, nbytes)
@@ -249,7 +258,7 @@ class KVStore:
         if self._put(job.sid, ctx, nbytes, self.dram, now, now):
             return new
         if self.ssd.capacity and self._put(job.sid, ctx, nbytes, self.ssd, now, now):
-            written = (ctx - job.hit) * self.kv_tok if on_ssd else nbytes
+            written = self.kv_bytes(ctx - job.hit) if on_ssd else nbytes
             self.ssd_w.transfer(now, written, self.cost.ssd_write_bw(written / self.L), self.L)
             return written
         return 0.0
@@ -265,4 +274,4 @@ class KVStore:
                 else:
                     self._put(key, BLOCK_TOKENS, block_bytes, self.hbm, now, now)
             return
-        self._put(job.sid, ctx, ctx * self.kv_tok, self.hbm, now, now)
+        self._put(job.sid, ctx, self.kv_bytes(ctx), self.hbm, now, now)

@@ -225,7 +225,11 @@ def _setup_section(root: Path, parts: dict[str, pd.DataFrame], cfg: dict) -> lis
         rows = [["workload", f"`{trace}`, first {wl.get('max_sessions')} sessions ({turns}), Poisson session "
                              f"arrivals at {wl.get('session_rate_per_s')}/s, the trace's think times"],
                 ["GPU", f"{cfg['gpu']['name']} (roofline: peak × MFU {cfg['gpu']['prefill_mfu']}, "
-                        f"HBM bandwidth × MBU {cfg['gpu']['decode_mbu']})"],
+                        f"HBM bandwidth × MBU {cfg['gpu']['decode_mbu']})"
+                        # a config resolved before gpu.efficiency existed ran the constant roofline
+                        if cfg["gpu"].get("efficiency", "constant") == "constant" else
+                        f"{cfg['gpu']['name']} (roofline: each kernel at its share of peak FLOP/s and HBM "
+                        f"bandwidth measured on an H100, sim/efficiency.py)"],
                 ["store per GPU", f"DRAM {_gb(cfg['host']['dram_bytes'])}, SSD {_gb(cfg['ssd']['bytes'])}; "
                                   f"PCIe {cfg['host']['h2d_gbps']} GB/s, SSD read/write "
                                   f"{cfg['ssd']['read_gbps']}/{cfg['ssd']['write_gbps']} GB/s"],

@@ -64,6 +64,8 @@ class PrefillFirstScheduler:
         self.store = store
         self.context_window = shape.max_context_tokens
         self.kv_tok = shape.kv_bytes_per_token
+        # a job's KV: bounded by the window on sliding-window layers (ModelShape.kv_bytes)
+        self.kv_bytes = shape.kv_bytes
         # scheduler-aware fetching stages SSD-resident KV of queued jobs into DRAM (§3.4)
         self.prefetch = pol.scheduler_aware_fetch and pol.kind == "attentionstore"
         ra = pol.round_attention
@@ -138,9 +140,9 @@ class PrefillFirstScheduler:
         for e in entries:
             if e.tier is hbm:
                 in_hbm += e.nbytes
-        full = (job.ctx_in + job.output) * self.kv_tok
+        full = self.kv_bytes(job.ctx_in + job.output)
         if self.ra_factor != 1.0 and hit:
-            full -= hit * self.kv_tok * (1.0 - self.ra_factor)
+            full -= self.kv_bytes(hit) * (1.0 - self.ra_factor)
         job.res_bytes = full - in_hbm
 
     def next_batch(self, now, running: int) -> list:

@@ -262,7 +262,8 @@ def test_metadata_leaves_the_resolved_config_as_it_was():
     d = config_to_dict(load_config({}))
     assert d["host"] == {"dram_bytes": 128e9, "h2d_gbps": 25.0, "d2h_gbps": 25.0}
     assert d["gpu"] == {"name": "a100-80gb", "count": 1, "hbm_bytes": None, "peak_flops": None, "hbm_bw_gbps": None,
-                        "prefill_mfu": 0.55, "decode_mbu": 0.75, "reserved_fraction": 0.10}
+                        "efficiency": "measured", "prefill_mfu": 0.55, "decode_mbu": 0.75,
+                        "reserved_fraction": 0.10}
     assert list(d) == ["name", "seed", "model", "max_context_tokens", "gpu", "hardware_profile", "host", "ssd",
                        "scheduler", "workload", "policy", "prices"]
 

@@ -172,6 +172,15 @@ def test_prefill_iteration_names_its_parts(load, comp, n, layerwise, want):
     assert it.total_s == preload_pipeline_s(32, load, comp + gate, n, layerwise) + 0.5e-3 + 0.8e-3
 
 
+def test_an_iterations_all_reduces_join_each_layers_compute_inside_the_pipeline():
+    """Guards adding communication on top of the overlapped layers (or leaving it out): 32 layers,
+    load 0.2 ms, compute 0.1 ms + 0.05 ms of all-reduces per layer, double buffer: still load-bound,
+    0.2 + 0.15 + 31 x 0.2 = 6.55 ms; comm_s reads 32 x 0.05 = 1.6 ms of it."""
+    it = _cost(small_profile()).prefill_iteration(0.2e-3, 0.1e-3, 0.5e-3, 2, True, 0.05e-3)
+    assert _parts(it) == pytest.approx((6.55e-3, 4.8e-3, 6.4e-3, 0.5e-3, 0.0, 1.6e-3))
+    assert it.total_s == pytest.approx(6.55e-3 + 0.5e-3)
+
+
 def _roofline(h2d_gbps, ssd_read_gbps):
     return RooflineCost(MODELS["llama2-7b"], 1, 100e12, 2000, 0.5, 0.5, h2d_gbps, 25, ssd_read_gbps, 3)
 
@@ -341,9 +350,10 @@ def test_kv_heads_fewer_than_gpus_are_replicated():
 
 
 def test_tp_comm_stays_off_unless_a_config_asks_for_it():
-    base = {"model": "llama2-70b", "gpu": {"count": 4}}
+    # gpu.efficiency constant: compared with the hand-built constant-efficiency roofline below
+    base = {"model": "llama2-70b", "gpu": {"count": 4, "efficiency": "constant"}}
     off = build_cost_model(load_config(base))
-    on = build_cost_model(load_config({**base, "gpu": {"count": 4, "allreduce": "ring"}}))
+    on = build_cost_model(load_config({**base, "gpu": {"count": 4, "efficiency": "constant", "allreduce": "ring"}}))
     assert off.decode_step_s(8, 8000) == RooflineCost(
         MODELS["llama2-70b"], 4, 312e12, 2039.0, 0.55, 0.75, 25, 25, 6, 3).decode_step_s(8, 8000)
     # a100 NVLink 3: 300 GB/s per direction
@@ -358,7 +368,7 @@ def test_a_mixed_iteration_reads_the_weights_once_for_prefill_chunks_and_decodes
     Alone, the chunk and the decodes each reproduce the prefill and decode formulas."""
     from sim.config import load_config
     from sim.costmodel import build_cost_model
-    cm = build_cost_model(load_config({}, {"model": "llama2-7b"}))
+    cm = build_cost_model(load_config({}, {"model": "llama2-7b", "gpu.efficiency": "constant"}))
     s = cm.shape
     P, Hd, kv = s.params_per_layer, s.heads * s.head_dim, s.kv_bytes_per_token_layer
     flops = 2 * P * (512 + 32) + 4 * Hd * (512 * (1000 + 256.5) + 48000)

@@ -8,7 +8,7 @@ holding only the replica state it reads (no SimPy, no workload), so the referenc
 over the cost model's public `decode_step_s`.
 
 Where the step is linear in context the closed form is exact. Both back ends have kinks: the
-roofline's max(compute, memory) turns from compute- to memory-bound (with batches above ~110 on an
+constant-efficiency roofline's max(compute, memory) turns from compute- to memory-bound (with batches above ~110 on an
 A100, ~220 on an H100, at a few tens to a couple of hundred tokens per sequence), and a measured
 profile interpolates between its context grid points. `test_print_worst_errors` prints the figures
 (`pytest tests/test_decode_span.py -s`).
@@ -81,7 +81,15 @@ def _cases():
     rng = random.Random(20240607)
     out = []  # (label, cost, B, S, kmax, crosses a kink)
     for m, g in ROOFLINES:
-        cost = build_cost_model(load_config({}, {"model": m, "gpu.name": g}))
+        # gpu.efficiency constant: the roofline whose one max(compute, memory) per layer has the kink
+        cost = build_cost_model(load_config({}, {"model": m, "gpu.name": g, "gpu.efficiency": "constant"}))
+        # measured efficiencies price attention apart from the GEMMs: linear in the context, no kink
+        measured = build_cost_model(load_config({}, {"model": m, "gpu.name": g}))
+        for _ in range(10):
+            B = rng.randint(1, 512)
+            c0 = rng.uniform(1, MAX_CTX - 2)
+            kmax = rng.randint(1, min(1000, int(MAX_CTX - c0)))
+            out.append((f"{m}/{g}/measured", measured, B, int(B * c0), kmax, False))
         for _ in range(30):
             B = rng.randint(1, 512)
             c0 = rng.uniform(1, MAX_CTX - 2)

@@ -354,3 +354,20 @@ def test_a_prompt_longer_than_the_window_is_clipped_counted_and_marked_truncated
     assert t.loc[0, "clipped_tokens"] == 576 and t.loc[0, "truncated"]
     assert t.loc[1, "clipped_tokens"] == 0
     assert res.summary["clipped_turns"] == 1
+
+
+def test_a_batched_tp_prefill_pays_its_all_reduces_once_per_layer_over_all_its_tokens():
+    """Guards charging the all-reduces' fixed time once per request: two 300-token prompts in one
+    iteration of LLaMA-2-70B on 4 A100s (ring over 300 GB/s NVLink, 10 us a call) pay per layer two
+    all-reduces of 600 tokens x 8,192 x 2 bytes, each 10 us + 2 x 3/4 x 9.83 MB / 300 GB/s."""
+    df = pd.DataFrame([dict(session_id=s, turn=0, arrival_s=1.0, think_s=np.nan, prompt_tokens=300,
+                            output_tokens=5) for s in "ab"])
+    res, cfg = _run(df, **{"model": "llama2-70b", "gpu.count": 4, "gpu.allreduce": "ring",
+                           "gpu.allreduce_latency_us": 10.0, "policy.kind": "recompute"})
+    cm = build_cost_model(cfg)
+    comm = 2 * (10e-6 + 2 * 3 / 4 * 600 * 8192 * 2 / 300e9)
+    assert cm.comm_layer_s(600) == pytest.approx(comm)
+    t = res.turns
+    assert list(t.batch_size) == [2, 2]
+    want = 80 * (2 * cm.prefill_compute_layer_s(300, 0) + comm) + 2 * cm.prefill_head_s(300)
+    assert list(t.ttft_s) == pytest.approx([want, want], rel=1e-12)

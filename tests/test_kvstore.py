@@ -425,3 +425,40 @@ def test_release_frees_hbm_now_or_when_the_write_back_ends():
     assert st.hbm.reserved == 3 * MB and st.next_release_s() == 3.0
     st.take_releases(10.0)
     assert st.hbm.reserved == 1 * MB and st.next_release_s() == math.inf
+
+
+# ---- sliding-window layers ------------------------------------------------------------------------
+
+# 4 layers of 200 bytes a token, every second one sliding over the last 100 tokens: a context of n
+# tokens holds 200 x (2 n + 2 min(n, 100)) bytes
+SLIDING = ModelShape("toy-sliding", layers=4, hidden=50, heads=5, kv_heads=5, intermediate=100, vocab=100,
+                     max_context_tokens=4096, sliding_window=100, full_attention_interval=2)
+
+
+def _sliding_store(dram=100 * MB):
+    cost = RooflineCost(SLIDING, 1, 1e12, 1000.0, 1.0, 1.0, 10.0, 10.0, 2.0, 1.0)
+    return KVStore("attentionstore", 100 * MB, dram, 0.0, SLIDING, cost, Lru(), 0.0, "none", True, lambda: {})
+
+
+def test_a_sliding_window_bounds_a_saved_history_and_its_growth():
+    """Guards the store sizing a gpt-oss-like history as per-token bytes x tokens: 1,000 tokens hold
+    200 x (2,000 + 200) = 440,000 bytes, not 800,000; a next turn to 1,500 tokens writes its 500 new
+    tokens on the full layers and a window's worth on the sliding ones, 200 x (1,000 + 200)."""
+    st = _sliding_store()
+    assert st.save_to_host(_job("s", prompt=1000), 1000, 0.0, None) == 440_000
+    assert st.index["s"].nbytes == 440_000
+    e = st.index["s"]
+    j = _job("s", hist=1000, prompt=500, hit=1000, entries=[e])
+    assert st.save_to_host(j, 1500, 1.0, None) == 240_000
+    assert e.nbytes == 200 * (3000 + 200) == 640_000
+    _consistent(st)
+
+
+def test_a_sliding_window_bounds_what_a_hit_loads():
+    """Guards loading the whole context's bytes for sliding layers: a 1,000-token hit from DRAM loads
+    440,000 bytes."""
+    st = _sliding_store()
+    e = _place(st, "s", 1000, st.dram)
+    e.nbytes = st.dram.used = SLIDING.kv_bytes(1000)
+    code, dram_b, ssd_b, _ = st.hit_sources(_job("s", hist=1000, hit=1000, entries=[e]), 1.0)
+    assert (code, dram_b, ssd_b) == (DRAM, 440_000, 0.0)

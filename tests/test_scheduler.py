@@ -262,3 +262,18 @@ def test_no_prefetch_without_scheduler_aware_fetch_on_a_host_store(over):
     _enqueue(s, [0, 1, 2])
     s.next_batch(5.0, 0)
     assert store.prefetched == []
+
+
+def test_a_sliding_window_bounds_the_hbm_a_job_holds():
+    """Guards sizing a job's HBM as per-token bytes x tokens for a model with sliding-window layers:
+    4 layers of 200 bytes a token, two of them sliding over 100 tokens; a 1,000-token prompt with a
+    200-token reply holds 200 x (2 x 1,200 + 2 x 100) = 520,000 bytes, not 960,000."""
+    shape = ModelShape("toy-sliding", layers=4, hidden=50, heads=5, kv_heads=5, intermediate=100, vocab=100,
+                       max_context_tokens=4096, sliding_window=100, full_attention_interval=2)
+    cfg = load_config({}, {"model": "llama2-7b"})
+    wl = SimpleNamespace(session=["a"], prompt_tokens=np.array([1000]), output_tokens=np.array([200]),
+                         prefix_hashes=[None])
+    s = PrefillFirstScheduler(cfg, shape, wl, StubStore())
+    job = s.make_job(0, 0.0)
+    s.plan(job)
+    assert job.res_bytes == 520_000

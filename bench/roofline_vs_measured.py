@@ -1,0 +1,203 @@
+"""The roofline alone against measured per-layer times on an H100: constant MFU/MBU vs measured efficiencies.
+
+    python bench/roofline_vs_measured.py            # error table, both efficiency modes
+    python bench/roofline_vs_measured.py --points   # and every point
+    python bench/roofline_vs_measured.py --fit [--write]   # derive sim/efficiency.py's H100 table
+
+Measured per-layer times (no LM head, no communication), 1 to 4,096 new tokens / decode sequences:
+  * Llama-3.1-70B, one GPU: results/gpu/run13_tp/call3_tp_layer.csv (tp 1), prefill after 0 / 2,048 /
+    8,192 tokens of history, decode of 1..256 sequences x 256..8,192 tokens; the TP 2 / TP 4 shards'
+    rows without all-reduces are listed too (the roofline splits FLOPs and bytes over the GPUs);
+  * LLaMA-2-7B, one GPU: configs/hardware/h100.yaml (kvsim gpu calibrate on another H100, 2026-11-23),
+    prefill at its padded shapes (16..4,096 new tokens x 0..8,192 history), decode of 1..64 x 256..8,192.
+The roofline uses the H100 datasheet peaks (989 TFLOP/s bf16, 3.35 TB/s).
+
+`--fit` derives the table: the GEMM shares per M from results/gpu/run13_tp/call3_gemm.csv (see
+`gemm_table`), then the attention / other-kernel terms fitted (coordinate search on the squared log
+error) to the Llama-3.1-70B TP 1 layer times only, so LLaMA-2-7B and the TP shards are out of sample.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sim.costmodel import RooflineCost  # noqa: E402
+from sim.efficiency import H100, RooflineEfficiency  # noqa: E402
+from sim.models import GPUS, MODELS  # noqa: E402
+
+RUN13 = ROOT / "results/gpu/run13_tp"
+PROFILE = ROOT / "configs/hardware/h100.yaml"
+GPU = GPUS["h100-80gb"]
+MAX_TOKENS = 4096
+
+
+def gemm_table(csv=RUN13 / "call3_gemm.csv") -> dict:
+    """Shares of peak FLOP/s and bandwidth a layer's GEMMs reach at each M (rows = tokens).
+
+    Per measured shape (model, TP degree) the four matrices' times, FLOPs and bytes are summed; the share
+    at M is the median over the shapes. Each M is charged on the side that binds there: at and above the
+    ridge M* = peak x f_inf / (bandwidth x b_inf) (f_inf: the compute share at M >= 1,024; b_inf: the
+    bandwidth share at M <= 64) `gemm_flops` is the measured FLOP/s share and `gemm_bw` is b_inf; below
+    it `gemm_bw` is the measured bandwidth share and `gemm_flops` is f_inf. So max(compute, memory)
+    gives the measured time at every M of the sweep, the knee's dip included.
+    """
+    g = pd.read_csv(csv)
+    per = g.groupby(["model", "tp", "tokens"]).agg(ms=("ms", "sum"), flops=("flops", "sum"),
+                                                   nbytes=("bytes", "sum")).reset_index()
+    per["f"] = per.flops / (per.ms * 1e-3) / GPU.peak_flops
+    per["b"] = per.nbytes / (per.ms * 1e-3) / (GPU.hbm_bw_gbps * 1e9)
+    med = per.groupby("tokens")[["f", "b"]].median()
+    f_inf = float(med.f[med.index >= 1024].median())
+    b_inf = float(med.b[med.index <= 64].median())
+    ridge = GPU.peak_flops * f_inf / (GPU.hbm_bw_gbps * 1e9 * b_inf)
+    tokens = [int(m) for m in med.index]
+    flops = [round(float(med.f[m]) if m >= ridge else f_inf, 3) for m in tokens]
+    bw = [round(b_inf if m >= ridge else float(med.b[m]), 3) for m in tokens]
+    return dict(tokens=tuple(tokens), gemm_flops=tuple(flops), gemm_bw=tuple(bw))
+
+
+def layer_floor_s() -> float:
+    """The layer's non-GEMM floor: Llama-3.1-70B's one-token layer (call3_tp_layer.csv, TP 1, prefill of 1
+    token, no history) less its four GEMMs at one token (call3_gemm.csv), rounded to 0.1 us."""
+    d = pd.read_csv(RUN13 / "call3_tp_layer.csv")
+    layer = d[(d.tp == 1) & (d.phase == "prefill") & (d.new_tokens == 1) & (d.history == 0) & ~d.comm.astype(bool)]
+    g = pd.read_csv(RUN13 / "call3_gemm.csv")
+    gemms = g[(g.model == "llama3.1-70b") & (g.tp == 1) & (g.tokens == 1)].ms.sum()
+    return round((float(layer.ms.iloc[0]) - float(gemms)) * 1e-3, 7)
+
+
+def measured_points() -> pd.DataFrame:
+    """One row per measured layer time: model, tp, phase, tokens (new or batch), history / context, ms."""
+    rows = []
+    d = pd.read_csv(RUN13 / "call3_tp_layer.csv")
+    d = d[~d.comm.astype(bool)]
+    for r in d.itertuples():
+        tokens = int(r.new_tokens if r.phase == "prefill" else r.batch)
+        rows.append(("llama3.1-70b", int(r.tp), r.phase, tokens, int(r.history), float(r.ms), "call3_tp_layer.csv"))
+    prof = yaml.safe_load(PROFILE.read_text())["models"]["llama2-7b"]
+    p = prof["prefill_layer_ms"]
+    for i, n in enumerate(p["new_tokens"]):
+        for j, h in enumerate(p["history_tokens"]):
+            rows.append(("llama2-7b", 1, "prefill", int(n), int(h), float(p["ms"][i][j]), "h100.yaml"))
+    q = prof["decode_layer_ms"]
+    for i, b in enumerate(q["batch"]):
+        for j, c in enumerate(q["context_tokens"]):
+            rows.append(("llama2-7b", 1, "decode", int(b), int(c), float(q["ms"][i][j]), "h100.yaml"))
+    pts = pd.DataFrame(rows, columns=["model", "tp", "phase", "tokens", "history", "ms", "source"])
+    return pts[pts.tokens <= MAX_TOKENS].reset_index(drop=True)
+
+
+def roofline(model: str, tp: int, eff) -> RooflineCost:
+    """The roofline at the H100 datasheet peaks; `eff` None: constant MFU 0.55 / MBU 0.75 (the config defaults)."""
+    return RooflineCost(MODELS[model], tp, GPU.peak_flops, GPU.hbm_bw_gbps, 0.55, 0.75, 25, 25, 6, 3, efficiency=eff)
+
+
+def predict(pts: pd.DataFrame, eff) -> np.ndarray:
+    out, costs = [], {}
+    for r in pts.itertuples():
+        c = costs.get((r.model, r.tp))
+        if c is None:
+            c = costs[(r.model, r.tp)] = roofline(r.model, r.tp, eff)
+        if r.phase == "prefill":
+            s = c.prefill_layer_s(r.tokens, r.history)
+        else:
+            b = r.tokens
+            s = (c.decode_step_s(b, b * r.history) - c.decode_head_s(b)) / c.shape.layers
+        out.append(s * 1e3)
+    return np.array(out)
+
+
+def fit(pts: pd.DataFrame) -> RooflineEfficiency:
+    """The attention and other-kernel terms that minimise the squared log error on Llama-3.1-70B TP 1."""
+    train = pts[(pts.model == "llama3.1-70b") & (pts.tp == 1)]
+    eff = dataclasses.replace(H100, **gemm_table(), layer_fixed_s=layer_floor_s(), source="fit")
+    grids = {"attention_flops": np.arange(0.10, 0.801, 0.005), "kv_bw": np.arange(0.50, 1.001, 0.005),
+             "act_passes": np.arange(0.0, 40.01, 0.25)}
+
+    def loss(e):
+        return float(np.sum(np.log(predict(train, e) / train.ms.to_numpy()) ** 2))
+
+    best = loss(eff)
+    for _ in range(4):
+        for key, grid in grids.items():
+            for v in grid:
+                e = dataclasses.replace(eff, **{key: round(float(v), 9)})
+                val = loss(e)
+                if val < best - 1e-12:
+                    best, eff = val, e
+    return eff
+
+
+def literal(eff: RooflineEfficiency) -> str:
+    def tup(xs):
+        return "(" + ", ".join(f"{x:g}" for x in xs) + ")"
+    return (f"H100 = RooflineEfficiency(\n    tokens={tup(eff.tokens)},\n    gemm_flops={tup(eff.gemm_flops)},\n"
+            f"    gemm_bw={tup(eff.gemm_bw)},\n    attention_flops={eff.attention_flops:g}, kv_bw={eff.kv_bw:g}, "
+            f"act_passes={eff.act_passes:g}, layer_fixed_s={eff.layer_fixed_s:g},\n"
+            f"    source=\"H100 80GB HBM3, results/gpu/run13_tp call3 (2026-11-27): GEMM sweep call3_gemm.csv; "
+            f"attention and other kernels fitted to call3_tp_layer.csv, Llama-3.1-70B TP 1\")\n")
+
+
+def error_table(pts: pd.DataFrame) -> pd.DataFrame:
+    pts = pts.copy()
+    pts["constant_ms"] = predict(pts, None)
+    pts["measured_ms"] = predict(pts, H100)
+    for k in ("constant", "measured"):
+        pts[f"{k}_err"] = pts[f"{k}_ms"] / pts.ms - 1.0
+    return pts
+
+
+def summarize(pts: pd.DataFrame) -> str:
+    lines = ["| model | TP | phase | points | constant: mean abs err | max abs err | measured: mean abs err | "
+             "max abs err | points within 10% (measured) |", "|---|---|---|---|---|---|---|---|---|"]
+    pts = pts.assign(part=np.where(pts.phase == "decode", "decode",
+                                   np.where(pts.history == 0, "prefill, no history", "prefill after history")))
+    for (m, tp, ph), g in pts.groupby(["model", "tp", "part"], sort=False):
+        c, e = g.constant_err.abs(), g.measured_err.abs()
+        lines.append(f"| {m} | {tp} | {ph} | {len(g)} | {c.mean():.1%} | {c.max():.1%} | {e.mean():.1%} | "
+                     f"{e.max():.1%} | {(e <= 0.10).sum()}/{len(g)} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--points", action="store_true", help="print every point")
+    ap.add_argument("--fit", action="store_true", help="derive the H100 efficiency table and print it")
+    ap.add_argument("--write", action="store_true", help="with --fit: rewrite the table in sim/efficiency.py")
+    args = ap.parse_args()
+    pts = measured_points()
+    if args.fit:
+        text = literal(fit(pts))
+        print(text)
+        if args.write:
+            path = ROOT / "sim/efficiency.py"
+            src = path.read_text()
+            new, n = re.subn(r"H100 = RooflineEfficiency\(.*?\n    source=.*?\)\n", lambda _: text, src, flags=re.S)
+            if n != 1:
+                sys.exit(f"{path}: expected one 'H100 = RooflineEfficiency(' block")
+            path.write_text(new)
+            print(f"wrote {path}")
+        return
+    pts = error_table(pts)
+    print("Roofline alone vs measured per-layer time on an H100 (1..4,096 tokens); errors = roofline / measured - 1")
+    print("constant: MFU 0.55, MBU 0.75 for every shape; measured: sim/efficiency.py H100\n")
+    print(summarize(pts))
+    if args.points:
+        pd.set_option("display.width", 200)
+        pd.set_option("display.max_rows", 1000)
+        print(pts.drop(columns=["source"]).round(4).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
