@@ -146,7 +146,7 @@ class SchedulerConfig:
     lookahead_jobs: int = knob(32, help="queue window seen by scheduler-aware fetch and eviction", unit="jobs",
                                lo=0, hi=1_000_000, why="more than any queue the simulator can hold")
     # the chunked scheduler's settings: vLLM 0.32.0's defaults for a GPU server (sim/scheduler.py ChunkedConfig)
-    kind: str = knob("prefill_first", choices=SCHEDULER_KINDS,
+    kind: str = knob("chunked", choices=SCHEDULER_KINDS,
                      help="prefill_first (whole-turn prefill iterations that pause decoding, each turn holding "
                           "HBM for its whole context and reply: CachedAttention's engine) or chunked (vLLM V1: "
                           "one token budget per step shared by decodes and prefill chunks, paged KV, recompute "

@@ -399,6 +399,10 @@ class ChunkedReplica:
             external_hit=self._external_hit if self.store.on_host else None)
         self.shared_blocks = cfg.workload.shared_prefix_tokens // bt
         self.lookahead_jobs = sch.lookahead_jobs
+        # scheduler-aware fetching (§3.4): a request entering the waiting queue's look-ahead window has
+        # its SSD-resident history staged into DRAM, as under prefill-first
+        self.prefetch = self.turns.prefetch
+        self.entered_window = []  # arrivals inside the window since the last step
         self.jobs = {}  # turn -> Job while it is served
         self.epoch = {}  # session -> truncations so far (its blocks' key offset)
         self.source = None
@@ -426,6 +430,8 @@ class ChunkedReplica:
         """A turn arrives: it becomes a request at the tail of the waiting queue (an idle replica is woken
         by its source)."""
         job = self.turns.make_job(i, arrival_s)
+        if self.prefetch and len(self.sched.waiting) < self.lookahead_jobs:
+            self.entered_window.append(job)
         self.jobs[i] = job
         self.sched.add_request(SeqRequest(i, job.ctx_in, job.output, segments=self._key_segments(job)))
 
@@ -466,6 +472,21 @@ class ChunkedReplica:
                 keys.setdefault(key, pos)
         return keys
 
+    def _fetch_window(self, plan, now) -> None:
+        """After a step's admissions: stage the requests they moved into the window's last places, and
+        the arrivals inside the window that still wait (one admitted now loads from SSD layer by layer)."""
+        store, jobs, w = self.store, self.jobs, self.lookahead_jobs
+        a = len(plan.admitted)
+        if a:
+            for req in islice(self.sched.waiting, max(w - a, 0), w):
+                store.prefetch(jobs[req.id], now)
+        if self.entered_window:
+            admitted = {r.id for r in plan.admitted}
+            for job in self.entered_window:
+                if job.i not in admitted:
+                    store.prefetch(job, job.arrival)
+            self.entered_window.clear()
+
     def _external_hit(self, req, hit: int) -> int:
         """Tokens the host store holds beyond the HBM hit (vLLM's `get_num_new_matched_tokens`)."""
         job = self.jobs[req.id]
@@ -498,6 +519,8 @@ class ChunkedReplica:
                     cut = source.next_arrival_s() - now if not waiting and B < max_seqs else math.inf
                     dt, k = cost.decode_span(B, ctx, k, cut)
                     self.busy_decode_s += dt
+                    # every request gets a token each step: B gaps per step, at the span's mean step
+                    self.rec.decode_span(B, k, dt / k, 0.0)
                     now = now + dt
                     finished = sched.apply_decodes(k)
                     what = "a decode span"
@@ -505,7 +528,12 @@ class ChunkedReplica:
                     plan = sched.schedule()
                     if not plan.scheduled and not sched.running:
                         self._never_fits()
-                    now = now + self._step(plan, now)
+                    dt = self._step(plan, now)
+                    if self.prefetch:
+                        self._fetch_window(plan, now)
+                    if self._step_decodes:  # the decodes riding in this step wait for all of it
+                        self.rec.decode_span(self._step_decodes, 1, dt, 0.0)
+                    now = now + dt
                     finished = sched.update(plan)
                     self._first_tokens(plan, now)
                     what = "a step"
@@ -514,6 +542,7 @@ class ChunkedReplica:
                     stall += self._finish(r, now + stall)
                 if stall > 0:
                     now = now + stall
+                    self.rec.decode_stall(len(sched.running), stall)  # a synchronous save holds them all
                 if not began < now < math.inf:
                     self._clock_error(now, what)
                 if now >= self.horizon_s:
@@ -560,6 +589,7 @@ class ChunkedReplica:
             self.busy_decode_s += t
         end = start + t
         self._step_end, self._step_size = end, len(plan.scheduled)
+        self._step_decodes = B
         return end - now
 
     def _admit(self, plan, now):

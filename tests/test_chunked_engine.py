@@ -180,3 +180,22 @@ def test_decode_fast_path_matches_stepping_one_by_one(seed, pool):
         assert _state(fast) == _state(slow), t_slow
         assert done_fast == done_slow
     assert len(done_slow) == 40 and fast_steps > 1000
+
+
+@pytest.mark.parametrize("fetch,tier", [(True, "dram"), (False, "ssd")])
+def test_a_request_waiting_in_the_look_ahead_window_has_its_ssd_history_staged_into_dram(fetch, tier):
+    # DRAM holds one 320-token history (llama2-7b: 0.5 MiB a token): a's save pushes b's to SSD. Both
+    # second turns arrive together and one runs at a time, so b waits behind a's 3,000-token prompt:
+    # scheduler-aware fetching reads b's history into DRAM meanwhile, and b then loads it from DRAM
+    df = pd.DataFrame([
+        dict(session_id="b", turn=0, arrival_s=1.0, think_s=np.nan, prompt_tokens=300, output_tokens=20),
+        dict(session_id="a", turn=0, arrival_s=3.0, think_s=np.nan, prompt_tokens=300, output_tokens=20),
+        dict(session_id="a", turn=1, arrival_s=np.nan, think_s=10.0, prompt_tokens=3000, output_tokens=50),
+        dict(session_id="b", turn=1, arrival_s=np.nan, think_s=12.0, prompt_tokens=100, output_tokens=10),
+    ])
+    res, _ = _run(df, **{"policy.kind": "attentionstore", "scheduler.max_num_seqs": 1,
+                         "host.dram_bytes": 400 * 524288, "policy.scheduler_aware_fetch": fetch})
+    t = res.turns.set_index(["session_id", "turn"])
+    assert t.loc[("a", 1), "hit_tier"] == "dram"
+    assert t.loc[("b", 1), "queue_s"] > 0.1  # it waited
+    assert t.loc[("b", 1), "hit_tier"] == tier and t.loc[("b", 1), "hit_tokens"] == 320

@@ -15,7 +15,8 @@ FAST_LINKS = {"host.h2d_gbps": 1e5, "host.d2h_gbps": 1e5, "ssd.read_gbps": 1e5, 
 
 
 def _run(df, **over):
-    cfg = load_config({}, {"model": "llama2-7b", **over})
+    # the prefill-first engine (sim/engine.py Replica); the chunked one has tests/test_chunked_engine.py
+    cfg = load_config({}, {"model": "llama2-7b", "scheduler.kind": "prefill_first", **over})
     return run_simulation(cfg, load_workload(cfg, df)), cfg
 
 
@@ -327,7 +328,8 @@ def test_a_prefetch_that_spills_dram_to_ssd_keeps_the_entry_it_fetches():
     default trace: FIFO eviction, 8 GB DRAM, 250 GB SSD, scheduler-aware fetch."""
     from pathlib import Path
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "default.yaml",
-                      {"policy.eviction": "fifo", "host.dram_bytes": "8GB", "ssd.bytes": "250GB"})
+                      {"policy.eviction": "fifo", "host.dram_bytes": "8GB", "ssd.bytes": "250GB",
+                       "scheduler.kind": "prefill_first"})
     res = run_simulation(cfg)
     assert res.turns.ttft_s.notna().all()
     assert res.summary["hit_rate_ssd"] > 0 and res.summary["evictions_dram"] > 0

@@ -24,7 +24,7 @@ def _two_turns():
 
 
 def _run(df, slo=GoodputSlo(), **over):
-    cfg = load_config({}, {"model": "llama2-7b", **over})
+    cfg = load_config({}, {"model": "llama2-7b", "scheduler.kind": "prefill_first", **over})
     return run_simulation(cfg, load_workload(cfg, df), slo), cfg
 
 

@@ -123,7 +123,9 @@ def test_plan_end_to_end_on_the_simulator_meets_the_slo_it_prints(tmp_path, caps
              "output_tokens": int(rng.integers(20, 200))}
             for s in range(60) for t in range(4)]
     pd.DataFrame(rows).to_parquet(tmp_path / "trace.parquet", index=False)
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"model": "llama2-13b", "workload": {"trace": "trace.parquet"}}))
+    # a GPU whose HBM cannot keep every history between turns (its prefix cache would make DRAM moot)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"model": "llama2-13b", "workload": {"trace": "trace.parquet"},
+                                                        "gpu": {"hbm_bytes": "34GB"}}))
     from sim.config import load_config
     from sim.runner import run_simulation
 

@@ -1,11 +1,12 @@
 """Per-turn output of small runs, pinned to a committed file (tests/data/pinned_turns.csv).
 
-Four runs of `configs/default.yaml` cut to its first 20 sessions (the committed ShareGPT slice,
+Runs of `configs/default.yaml` cut to its first 20 sessions (the committed ShareGPT slice,
 LLaMA-2-13B on an A100-80GB), chosen so that between them they go through every mechanism of the
 serving loop: AttentionStore with a 4 GB DRAM and a 6 GB SSD (DRAM victims demoted to SSD, SSD
 victims dropped, scheduler-aware fetch and eviction, truncation with decoupled positions), the same
 with synchronous saves, LRU, no prefetch and invalidated truncated histories, the HBM-only prefix
-cache in a 40 GB GPU (HBM eviction), and recompute.
+cache in a 40 GB GPU (HBM eviction), and recompute, in the prefill-first engine; and in the chunked one
+(the default), AttentionStore with fetch, a prefix cache in a GPU small enough to preempt, recompute.
 
 Any change that moves a simulated number fails here. When a change is *meant* to move numbers,
 regenerate the file and commit it with the change, saying why the numbers moved:
@@ -28,13 +29,19 @@ from sim.runner import run_simulation  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "data" / "pinned_turns.csv"
 BASE = {"workload.max_sessions": 20}
+PF = {"scheduler.kind": "prefill_first"}
 RUNS = {
-    "attentionstore": {"host.dram_bytes": "4GB", "ssd.bytes": "6GB"},
+    "attentionstore": {**PF, "host.dram_bytes": "4GB", "ssd.bytes": "6GB"},
     "attentionstore_sync_lru_invalidate": {
-        "host.dram_bytes": "4GB", "ssd.bytes": "6GB", "policy.async_save": False, "policy.eviction": "lru",
+        **PF, "host.dram_bytes": "4GB", "ssd.bytes": "6GB", "policy.async_save": False, "policy.eviction": "lru",
         "policy.scheduler_aware_fetch": False, "policy.truncation": "invalidate"},
-    "hbm_prefix": {"policy.kind": "hbm_prefix", "gpu.hbm_bytes": "40GB"},
-    "recompute": {"policy.kind": "recompute"},
+    "hbm_prefix": {**PF, "policy.kind": "hbm_prefix", "gpu.hbm_bytes": "40GB"},
+    "recompute": {**PF, "policy.kind": "recompute"},
+    # the chunked engine (the default): the host tiers with fetch, and a GPU small enough to preempt
+    "chunked_attentionstore": {"host.dram_bytes": "4GB", "ssd.bytes": "6GB"},
+    "chunked_hbm_prefix_preempting": {"policy.kind": "hbm_prefix", "gpu.hbm_bytes": "34GB",
+                                      "workload.session_rate_per_s": 5.0},
+    "chunked_recompute": {"policy.kind": "recompute"},
 }
 
 
@@ -61,7 +68,7 @@ def test_fixture_covers_every_mechanism_it_claims():
     """Guards a fixture (or a config default) drifting so that the pinned runs stop exercising
     SSD demotion and eviction, HBM eviction, misses, truncation and synchronous saves."""
     df = read_fixture()
-    assert list(df["run"].unique()) == list(RUNS) and 300 <= len(df) <= 600
+    assert list(df["run"].unique()) == list(RUNS) and 600 <= len(df) <= 1200
     tiers = df.groupby("run")["hit_tier"].agg(set)
     assert {"dram", "ssd", "miss"} <= tiers["attentionstore"]
     assert {"hbm", "miss"} <= tiers["hbm_prefix"]
@@ -69,6 +76,8 @@ def test_fixture_covers_every_mechanism_it_claims():
     assert df["truncated"].any()
     sync = df[df["run"] == "attentionstore_sync_lru_invalidate"]
     assert (sync.loc[sync["truncated"], "hit_tokens"] == 0).all()
+    assert {"dram", "ssd"} <= tiers["chunked_attentionstore"]
+    assert df.loc[df["run"] == "chunked_hbm_prefix_preempting", "preemptions"].sum() > 0
 
 
 def test_small_runs_reproduce_the_pinned_per_turn_output():

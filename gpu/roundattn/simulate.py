@@ -57,6 +57,10 @@ def compare_with_and_without(config, overrides: Overrides, params, variant: str 
     measurement file `params`. The comparison's summaries add the bytes loaded to HBM from DRAM and SSD
     (`bytes_loaded`, summed over turns); with `out`, both runs' results and comparison.json are written there."""
     overrides = overrides.merged({"policy.kind": "attentionstore"})
+    if load_config(config, overrides).scheduler.kind != "prefill_first":
+        # Round Attention's per-layer recall is modelled in the prefill-first engine only (the chunked
+        # replica refuses it): the comparison runs there and says so in comparison.json
+        overrides = overrides.merged({"scheduler.kind": "prefill_first"})
     base = load_config(config, overrides)
     ra, how = measured_round_attention(params, base.shape().layers, variant)
     results, summaries = {}, {}
@@ -66,7 +70,8 @@ def compare_with_and_without(config, overrides: Overrides, params, variant: str 
         summaries[name] = {**res.summary, "bytes_loaded": float(res.turns["bytes_loaded"].sum())}
         if out:
             write_results(res, Path(out) / name)
-    doc = {"config": str(config), "set": list(set_items), "round_attention": ra, "source": how,
+    doc = {"config": str(config), "set": list(set_items), "scheduler": base.scheduler.kind,
+           "round_attention": ra, "source": how,
            "without": summaries["without"], "with": summaries["with"]}
     if out:
         atomic_write_text(Path(out) / "comparison.json", json.dumps(doc, indent=2))
