@@ -66,6 +66,8 @@ def profile_from_raw(raw: dict) -> dict:
         "device": raw["device"],
         "measured_at": raw["measured_at"],
         "command": raw["command"],
+        # the TP degree the tables were measured at (gpu/tp_executor.py's calibration; 1 here)
+        "tp": int(raw.get("tp", 1)),
         "gpu": {"hbm_bytes": int(peaks["hbm_bytes"]), "peak_bf16_flops": float(f"{peaks['peak_bf16_flops']:.4g}"),
                 "hbm_bw_gbps": round(peaks["hbm_bw_gbps"], 1)},
         "links": links,
