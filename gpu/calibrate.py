@@ -98,7 +98,7 @@ def serving_terms(prof: dict, model: str, rows: list[dict]) -> dict:
     # the tables alone: the host terms are what is being found
     terms = ("host_turn_ms", "preload_gate_layer_ms", "preload_layer_overhead_ms")
     tables = {**prof, "models": {model: {k: v for k, v in prof["models"][model].items() if k not in terms}}}
-    cost = ProfileCost(MODELS[model], parse_profile(tables, "<calibration>"))
+    cost = ProfileCost(MODELS[model], parse_profile(tables, "<calibration>"), prof.get("tp", 1))
     L = cost.shape.layers
 
     def base_ms(r, overhead_ms=0.0):
