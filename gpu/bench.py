@@ -37,12 +37,26 @@ def median(xs) -> float:
     return float(statistics.median(xs))
 
 
-def time_cuda_ms(fn, setup=None, warmup: int = 2, reps: int = 7) -> list[float]:
-    """Event-timed samples of fn(); `setup` (fresh inputs) runs before each, outside the timed span."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+def time_cuda_ms(fn, setup=None, warmup: int = 2, reps: int = 7, align=None) -> list[float]:
+    """Event-timed samples of fn(); `setup` (fresh inputs) runs before each, outside the timed span.
+
+    `align` (tensor parallelism) lines the ranks up before each sample, so that no rank's sample holds
+    its wait for a later one at the first all-reduce. Without CUDA (CPU tests), the host clock.
+    """
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     out = []
     for r in range(warmup + reps):
         arg = setup() if setup else None
+        if align is not None:
+            align()
+        if not cuda:
+            t0 = time.perf_counter()
+            fn(arg)
+            if r >= warmup:
+                out.append((time.perf_counter() - t0) / MS)
+            continue
         torch.cuda.synchronize()
         start.record()
         fn(arg)
@@ -322,7 +336,8 @@ def ssd_read_under_write(root, token_bytes: int, layers: int = 32, pairs=((256, 
 
 
 def serving_overheads(shape: ModelShape, new_tokens=(64, 384, 1536), hist_tokens: int = 256,
-                      reps: int = 7, idle_s: float = 0.03, seed: int = 3, device: str = "cuda") -> dict:
+                      reps: int = 7, idle_s: float = 0.03, seed: int = 3, device: str = "cuda",
+                      model: M.Decoder | None = None) -> dict:
     """The real executor's prefill on an idle GPU, for the host time the layer and head tables miss.
 
     Recompute turns with no history (first token's wall time, start of the turn -> token on the
@@ -336,7 +351,9 @@ def serving_overheads(shape: ModelShape, new_tokens=(64, 384, 1536), hist_tokens
 
     max_pos = max(new_tokens) + hist_tokens + 4096
     cuda = device == "cuda"
-    model = M.random_decoder(shape, max_pos, device, torch.bfloat16 if cuda else torch.float32, seed=seed)
+    own = model is None        # a TP run passes its sharded model (a second copy would not fit)
+    if own:
+        model = M.random_decoder(shape, max_pos, device, torch.bfloat16 if cuda else torch.float32, seed=seed)
     rows = []
     try:
         ex = Executor(model, ServePlan("recompute"), max_ctx=max(new_tokens) + 8, max_new=max(new_tokens) + 8,
@@ -373,13 +390,19 @@ def serving_overheads(shape: ModelShape, new_tokens=(64, 384, 1536), hist_tokens
 
 
 # ------------------------------------------------------------------------ decoder layers
-def _stack_model(shape: ModelShape, max_pos: int, seed: int = 0) -> M.Decoder:
+def _stack_model(shape: ModelShape, max_pos: int, seed: int = 0, device: str = "cuda", reduce=None) -> M.Decoder:
     # One layer's weights suffice: they (hundreds of MB) are far larger than L2, so re-running the
-    # same layer STACK times reads them from HBM every time, as distinct layers would.
-    return M.random_decoder(shape, max_pos, "cuda", torch.bfloat16, seed=seed, layers=1)
+    # same layer STACK times reads them from HBM every time, as distinct layers would. Under tensor
+    # parallelism `shape` is the rank's shard and `reduce` its all-reduce (gpu/tp_executor.py).
+    return M.random_decoder(shape, max_pos, device, _dtype(device), seed=seed, layers=1, reduce=reduce)
 
 
-def prefill_layer_grid(shape: ModelShape, new_tokens: list[int], history_tokens: list[int]) -> dict:
+def _dtype(device) -> torch.dtype:
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def prefill_layer_grid(shape: ModelShape, new_tokens: list[int], history_tokens: list[int], device: str = "cuda",
+                       reduce=None, align=None) -> dict:
     """ms of one decoder layer prefilling n new tokens after h cached ones, batch 1, as the executor
     runs it: the per-layer CUDA graphs of `gpu.prefill_graph`, at shape (n, h + n) exactly.
 
@@ -389,29 +412,34 @@ def prefill_layer_grid(shape: ModelShape, new_tokens: list[int], history_tokens:
     from gpu.prefill_graph import PrefillGraphs
 
     ctx = max(new_tokens) + max(history_tokens)
-    model = _stack_model(shape, ctx)
+    model = _stack_model(shape, ctx, device=device, reduce=reduce)
     # a cache layer per stacked layer, as in the executor: one shared layer would stay in L2 (50 MB)
-    cache = torch.zeros((STACK, 1, ctx, 2, shape.kv_heads, shape.head_dim), device="cuda", dtype=torch.bfloat16)
+    cache = torch.zeros((STACK, 1, ctx, 2, shape.kv_heads, shape.head_dim), device=device, dtype=model.dtype)
     rows = []
     for n in new_tokens:
         pg = PrefillGraphs(model, n, stack=[(0, i) for i in range(STACK)])
         for h in history_tokens:
             def setup(n=n, h=h, pg=pg):
                 cache[:, :, :h].normal_()
-                pg.begin_shape(torch.randint(0, shape.vocab, (1, n), device="cuda"), h, cache, n, n + h)
+                pg.begin_shape(torch.randint(0, shape.vocab, (1, n), device=device), h, cache, n, n + h)
 
             def run(_, pg=pg):
                 for i in range(STACK):
                     pg.layer(i)
-            ms = time_cuda_ms(run, setup, warmup=2, reps=9 if n <= 512 else 5)
+            ms = time_cuda_ms(run, setup, warmup=2, reps=9 if n <= 512 else 5, align=align)
             rows.append({"new_tokens": n, "history_tokens": h, "stack_ms": ms, "ms": median(ms) / STACK})
         del pg
-        torch.cuda.empty_cache()
+        _empty_cache(device)
     return {"rows": rows, "new_tokens": new_tokens, "history_tokens": history_tokens, "method": "cuda_graph"}
 
 
+def _empty_cache(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def decode_layer_grid(shape: ModelShape, batch: list[int], context_tokens: list[int],
-                      mem_cap_bytes: float = 20e9) -> dict:
+                      mem_cap_bytes: float = 20e9, device: str = "cuda", reduce=None, align=None) -> dict:
     """ms of one decoder layer in one decode step: B sequences, each attending over `ctx` tokens.
 
     Timed the way the executor decodes: CUDA-graph replays (gpu.decode_graph), a stack of STACK
@@ -421,34 +449,34 @@ def decode_layer_grid(shape: ModelShape, batch: list[int], context_tokens: list[
     """
     from gpu.decode_graph import DecodeGraphs
 
-    model = _stack_model(shape, max(context_tokens))
+    model = _stack_model(shape, max(context_tokens), device=device, reduce=reduce)
     rows, heads = [], {}
     tok_bytes = shape.kv_bytes_per_token_layer
     for b in batch:
         for c in context_tokens:
             if b * c * tok_bytes > mem_cap_bytes:
                 raise ValueError(f"decode grid point b={b} ctx={c} needs more than {mem_cap_bytes:.0f} bytes")
-            cache = M.new_kv_cache(shape, 1, b, c, "cuda", torch.bfloat16)
+            cache = M.new_kv_cache(shape, 1, b, c, device, model.dtype)
             cache.normal_()
             layers = DecodeGraphs(model, [cache], batch=b, stack=[(0, 0)] * STACK, buckets=[c])
             only_head = DecodeGraphs(model, [cache], batch=b, stack=[], buckets=[c])
 
             def setup(b=b, layers=layers, only_head=only_head):   # fresh tokens each repeat
-                layers.cur.copy_(torch.randint(0, shape.vocab, (b, 1), device="cuda"))
+                layers.cur.copy_(torch.randint(0, shape.vocab, (b, 1), device=device))
                 only_head.cur.copy_(layers.cur)
-            t_all = time_cuda_ms(lambda _, g=layers, c=c: g.step(0, c - 1), setup, warmup=3, reps=9)
-            t_head = time_cuda_ms(lambda _, g=only_head, c=c: g.step(0, c - 1), setup, warmup=3, reps=9)
+            t_all = time_cuda_ms(lambda _, g=layers, c=c: g.step(0, c - 1), setup, warmup=3, reps=9, align=align)
+            t_head = time_cuda_ms(lambda _, g=only_head, c=c: g.step(0, c - 1), setup, warmup=3, reps=9, align=align)
             heads.setdefault(b, []).extend(t_head)
             rows.append({"batch": b, "context_tokens": c, "stack_ms": t_all, "head_ms": t_head,
                          "ms": (median(t_all) - median(t_head)) / STACK})
             del layers, only_head, cache
-        torch.cuda.empty_cache()
+        _empty_cache(device)
     return {"rows": rows, "batch": batch, "context_tokens": context_tokens,
             "head": [{"batch": b, "samples_ms": v, "ms": median(v)} for b, v in heads.items()],
             "method": "cuda_graph"}
 
 
-def head_times(shape: ModelShape, new_tokens: list[int], batch: list[int]) -> dict:
+def head_times(shape: ModelShape, new_tokens: list[int], batch: list[int], device: str = "cuda") -> dict:
     """A prefill's cost outside its layers, for n new tokens and no history, as the executor pays it
     (gpu.prefill_graph): the host turns the token ids into a device tensor, replays the "begin" graph
     (positions, RoPE rows, embedding) and the "end" graph (final norm + lm_head on the last real token
@@ -458,28 +486,30 @@ def head_times(shape: ModelShape, new_tokens: list[int], batch: list[int]) -> di
     Decode: the eager head, for reference only (decode_layer_grid times the graphed head)."""
     from gpu.prefill_graph import PrefillGraphs
 
-    model = M.random_decoder(shape, max(new_tokens) + 16, "cuda", torch.bfloat16, layers=0)
-    cache = torch.zeros((0, 1, max(new_tokens), 2, shape.kv_heads, shape.head_dim), device="cuda",
-                        dtype=torch.bfloat16)
+    model = M.random_decoder(shape, max(new_tokens) + 16, device, _dtype(device), layers=0)
+    cuda = str(device).startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cache = torch.zeros((0, 1, max(new_tokens), 2, shape.kv_heads, shape.head_dim), device=device,
+                        dtype=model.dtype)
     pre, dec = [], []
     for n in new_tokens:
         pg = PrefillGraphs(model, n, stack=[])
         wall = []
         for r in range(3 + 9):
             ids = torch.randint(0, shape.vocab, (n,)).tolist()      # the executor holds ids as a list
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
-            pg.begin_shape(torch.tensor([ids], dtype=torch.long).to("cuda"), 0, cache, n, n)
+            pg.begin_shape(torch.tensor([ids], dtype=torch.long).to(device), 0, cache, n, n)
             int(pg.end()[1].item())
             if r >= 3:
                 wall.append((time.perf_counter() - t0) / MS)
         gpu = time_cuda_ms(lambda ids, pg=pg, n=n: (pg.begin_shape(ids, 0, cache, n, n), pg.end()),
-                           lambda: torch.randint(0, shape.vocab, (1, n), device="cuda"), warmup=2, reps=7)
+                           lambda: torch.randint(0, shape.vocab, (1, n), device=device), warmup=2, reps=7)
         pre.append({"new_tokens": n, "samples_ms": wall, "ms": median(wall), "gpu_ms": median(gpu)})
         del pg
     for b in batch:
         def setup(b=b):
-            return torch.randint(0, shape.vocab, (b, 1), device="cuda")
+            return torch.randint(0, shape.vocab, (b, 1), device=device)
         ms = time_cuda_ms(lambda ids: M.head(model, M.embed(model, ids)[:, -1]).argmax(-1, keepdim=True),
                           setup, warmup=2, reps=7)
         dec.append({"batch": b, "samples_ms": ms, "ms": median(ms)})

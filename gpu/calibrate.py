@@ -66,6 +66,8 @@ def profile_from_raw(raw: dict) -> dict:
         "device": raw["device"],
         "measured_at": raw["measured_at"],
         "command": raw["command"],
+        # the TP degree the tables were measured at (gpu/tp_executor.py's calibration; 1 here)
+        "tp": int(raw.get("tp", 1)),
         "gpu": {"hbm_bytes": int(peaks["hbm_bytes"]), "peak_bf16_flops": float(f"{peaks['peak_bf16_flops']:.4g}"),
                 "hbm_bw_gbps": round(peaks["hbm_bw_gbps"], 1)},
         "links": links,
@@ -96,7 +98,7 @@ def serving_terms(prof: dict, model: str, rows: list[dict]) -> dict:
     # the tables alone: the host terms are what is being found
     terms = ("host_turn_ms", "preload_gate_layer_ms", "preload_layer_overhead_ms")
     tables = {**prof, "models": {model: {k: v for k, v in prof["models"][model].items() if k not in terms}}}
-    cost = ProfileCost(MODELS[model], parse_profile(tables, "<calibration>"))
+    cost = ProfileCost(MODELS[model], parse_profile(tables, "<calibration>"), prof.get("tp", 1))
     L = cost.shape.layers
 
     def base_ms(r, overhead_ms=0.0):

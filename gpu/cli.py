@@ -41,6 +41,9 @@ def register(subparsers) -> None:
                    "results/gpu/run9_shared_ssd/isolated.csv with that run's profile")
     p.add_argument("--trace", type=Path, default=Path("results/gpu/trace_slice_sharegpt.parquet"))
     p.add_argument("--profile", type=Path, default=Path("configs/hardware/h100.yaml"))
+    p.add_argument("--model", default="llama2-7b", help="the model the measured runs served")
+    p.add_argument("--gpus", type=int, default=1, help="tensor-parallel GPUs of the measured runs (gpu/tp_executor.py); "
+                   "the profile must have been measured at that TP degree")
     p.add_argument("--out", type=Path, default=Path("results/gpu/run10_sharegpt"),
                    help="folder for the per-turn tables, scatter plots and validation_summary.json (default "
                         "results/gpu/run10_sharegpt: with the other defaults this reproduces the committed "
@@ -120,7 +123,7 @@ def cmd_validate(args) -> int:
 
     check_writable_dir(args.out, "--out")
     iso = None if args.isolated is None or str(args.isolated).lower() == "none" else args.isolated
-    res = validate(args.measured, iso, args.trace, args.profile, args.out)
+    res = validate(args.measured, iso, args.trace, args.profile, args.out, model=args.model, gpus=args.gpus)
     for run, s in res["trace"].items():
         extra = (f", speed-up vs recompute measured {s['speedup_vs_recompute_meas']:.2f} simulated "
                  f"{s['speedup_vs_recompute_sim']:.2f} (error {s['speedup_err'] * 100:+.1f}%)"

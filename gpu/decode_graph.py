@@ -17,26 +17,24 @@ import torch
 import torch.nn.functional as F
 
 from gpu import model as M
+from gpu.prefill_graph import capture_mode
 
 
 def decode_layer_static(model: M.Decoder, li: int, x, cache, pos_t, tb: int, mask, cos, sin):
     """`gpu.model.layer_forward` for one new token per sequence at a device-side position."""
     s = model.shape
     w = model.layers[li]
-    B = x.shape[0]
-    qkv = (M.rms_norm(x, w.attn_norm) @ w.wqkv.T).view(B, 1, 3, s.heads, s.head_dim)
-    qk = M.rotate_half(qkv[:, :, :2], cos, sin)
-    cache.index_copy_(1, pos_t, torch.stack([qk[:, :, 1], qkv[:, :, 2]], dim=2))
+    q, kv = M.project_qkv(s, w, x, cos, sin)
+    cache.index_copy_(1, pos_t, kv)
     keys = cache[:, :tb, 0].transpose(1, 2)
     vals = cache[:, :tb, 1].transpose(1, 2)
-    o = F.scaled_dot_product_attention(qk[:, :, 0].transpose(1, 2), keys, vals, attn_mask=mask)
-    x = M.residual_matmul(x, o.transpose(1, 2).reshape(B, 1, s.heads * s.head_dim), w.wo)
+    x = M.residual_matmul(x, M.attend(q, keys, vals, mask=mask), w.wo, model.reduce)
     g, u = (M.rms_norm(x, w.mlp_norm) @ w.w13.T).chunk(2, dim=-1)
-    return M.residual_matmul(x, F.silu(g) * u, w.w2)
+    return M.residual_matmul(x, F.silu(g) * u, w.w2, model.reduce)
 
 
 class DecodeGraphs:
-    """Batch-B decode steps over one of several KV caches ([layers, B, ctx, 2, heads, head_dim]).
+    """Batch-B decode steps over one of several KV caches ([layers, B, ctx, 2, kv_heads, head_dim]).
 
     `stack` lists, per step position, (weight layer, cache layer); default: every layer of the model.
     On CPU (or with graphs=False) the same static-shape body runs eagerly, which the tests compare
@@ -69,8 +67,8 @@ class DecodeGraphs:
         m, s = self.model, self.model.shape
         cache = self.caches[ci]
         mask = (self.ar[:tb] <= self.pos).view(1, 1, 1, tb)
-        cos = m.rope_cos.index_select(0, self.pos).view(1, 1, 1, 1, s.head_dim)
-        sin = m.rope_sin.index_select(0, self.pos).view(1, 1, 1, 1, s.head_dim)
+        cos = m.rope_cos.index_select(0, self.pos).view(1, 1, 1, s.head_dim)
+        sin = m.rope_sin.index_select(0, self.pos).view(1, 1, 1, s.head_dim)
         y = F.embedding(self.cur, m.embed)
         for wi, cl in self.stack:
             y = decode_layer_static(m, wi, y, cache[cl], self.pos, tb, mask, cos, sin)
@@ -89,7 +87,7 @@ class DecodeGraphs:
         for ci in range(len(self.caches)):
             for tb in self.buckets:
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
+                with torch.cuda.graph(g, pool=pool, capture_error_mode=capture_mode(self.model)):
                     self._body(ci, tb)
                 self.graphs[(ci, tb)] = g
         torch.cuda.synchronize()

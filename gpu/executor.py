@@ -586,7 +586,8 @@ def executor_for_trace(model: M.Decoder, plan: ServePlan, trace: pd.DataFrame, a
                     ssd_dir=ssd_dir, detail_events=False)
 
 
-def serve_trace(ex: Executor, trace: pd.DataFrame, on_turn=None, sample_clock: bool = False) -> pd.DataFrame:
+def serve_trace(ex: Executor, trace: pd.DataFrame, on_turn=None, sample_clock: bool = False,
+                agree=None) -> pd.DataFrame:
     """Replay a canonical trace through `ex`, FCFS, one turn at a time, in real time.
 
     Turn 0 of a session arrives at its arrival_s; a later turn at its arrival_s if given, else think_s
@@ -599,6 +600,11 @@ def serve_trace(ex: Executor, trace: pd.DataFrame, on_turn=None, sample_clock: b
     collector is kept out of the timed turns: objects made at set-up are frozen, and the collector runs
     only while the executor idles (a full collection over torch's and pandas' objects stalled a turn by
     10-30 ms: results/gpu/README.md).
+
+    Tensor parallelism (gpu/tp_executor.py): every rank runs this loop over the same trace, and the ranks
+    must serve the same turn at the same time. `agree(x)` returns rank 0's value of x on every rank:
+    the clock origin (one monotonic clock serves every process of a host) and each reply's end, from
+    which a think-time arrival is scheduled, so every rank's queue holds the same turns in one order.
     """
     by_sid = {sid: g.sort_values("turn") for sid, g in trace.groupby("session_id", sort=False)}
     for sid, g in by_sid.items():
@@ -614,6 +620,8 @@ def serve_trace(ex: Executor, trace: pd.DataFrame, on_turn=None, sample_clock: b
     rows = []
     with collector_off_turns():
         clock0 = time.perf_counter()
+        if agree is not None:
+            clock0 = agree(clock0)
         while heap:
             arrival, sid, k = heapq.heappop(heap)
             turn, _, _, out_tokens, ids = turns[sid][k]
@@ -626,7 +634,7 @@ def serve_trace(ex: Executor, trace: pd.DataFrame, on_turn=None, sample_clock: b
                 on_turn(t)
             if k + 1 < len(turns[sid]):
                 _, arr, think, _, _ = turns[sid][k + 1]
-                nxt = arr if not math.isnan(arr) else t.end_s + think
+                nxt = arr if not math.isnan(arr) else (t.end_s if agree is None else agree(t.end_s)) + think
                 heapq.heappush(heap, (nxt, sid, k + 1))
         ex.drain()
     return timings_frame(rows)

@@ -16,20 +16,26 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from sim.models import MODELS, ModelShape
 
 
-# LLaMA-2 (Touvron et al. 2023, table of model sizes) has no GQA at 7B/13B: the shapes this decoder runs.
-SHAPES = {name: MODELS[name] for name in ("llama2-7b", "llama2-13b")}
+# The shapes this decoder runs: LLaMA-2 7B/13B (Touvron et al. 2023, no GQA at these sizes) and
+# Llama-3.1-8B (grouped-query attention: 32 query heads over 8 KV heads).
+SHAPES = {name: MODELS[name] for name in ("llama2-7b", "llama2-13b", "llama3.1-8b")}
 # CPU tests: small enough to run in milliseconds, same code paths.
 TINY = ModelShape("tiny", layers=4, hidden=64, heads=4, kv_heads=4, intermediate=128, vocab=101,
                   max_context_tokens=4096)
-ROPE_THETA = 10000.0   # LLaMA-2's RoPE base
+TINY_GQA = ModelShape("tiny-gqa", layers=4, hidden=64, heads=8, kv_heads=2, intermediate=96, vocab=101,
+                      max_context_tokens=4096)
+# LLaMA-2's RoPE base. Llama-3.1's is 500000 (with its long-context scaling): the angles differ, the
+# kernels and so the timings do not.
+ROPE_THETA = 10000.0
 
 
 @dataclass
@@ -44,13 +50,17 @@ class LayerWeights:
 
 @dataclass
 class Decoder:
-    shape: ModelShape
+    shape: ModelShape         # under tensor parallelism, this rank's shard (`shard_shape`)
     embed: torch.Tensor       # [vocab, hidden]
     layers: list[LayerWeights]
     final_norm: torch.Tensor
     lm_head: torch.Tensor     # [vocab, hidden]
     rope_cos: torch.Tensor    # [max_pos, head_dim]
     rope_sin: torch.Tensor
+    # Tensor parallelism: an in-place all-reduce over the TP group that completes the attention
+    # output's and the MLP's partial sums (Megatron's row-parallel split, gpu/tp_layer.py); None on
+    # one GPU, where the residual add is folded into the GEMM.
+    reduce: Optional[Callable[[torch.Tensor], object]] = None
 
     @property
     def device(self) -> torch.device:
@@ -66,9 +76,39 @@ def _rand(shape, fan_in, gen, device, dtype):
     return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) / math.sqrt(fan_in)).to(dtype)
 
 
+def shard_shape(shape: ModelShape, tp: int) -> ModelShape:
+    """One rank's share of `shape` under tensor parallelism: its query heads, KV heads and MLP columns
+    (`gpu.tp_layer`'s split); head_dim stays the model's, and the KV a token costs is the shard's."""
+    for what, n in (("heads", shape.heads), ("kv_heads", shape.kv_heads), ("intermediate", shape.intermediate)):
+        if n % tp:
+            raise ValueError(f"{shape.name}: {what} {n} does not split over tp={tp}")
+    return dataclasses.replace(shape, heads=shape.heads // tp, kv_heads=shape.kv_heads // tp,
+                               intermediate=shape.intermediate // tp, head_dim=shape.head_dim,
+                               attention=shape.attention)
+
+
+def shard_decoder(full: Decoder, rank: int, tp: int, reduce) -> Decoder:
+    """Rank `rank`'s shard of `full` (tests: the shards' all-reduced layers equal the full ones).
+    Column-parallel rows of Q, K, V and gate/up; row-parallel columns of O and down."""
+    s = full.shape
+    sh = shard_shape(s, tp)
+    D, hq, hkv, ip = s.head_dim, sh.heads, sh.kv_heads, sh.intermediate
+
+    def rows(w, start, per):
+        return w[start + rank * per:start + (rank + 1) * per]
+    layers = []
+    for w in full.layers:
+        q0, k0, v0 = 0, s.heads * D, (s.heads + s.kv_heads) * D
+        layers.append(LayerWeights(
+            attn_norm=w.attn_norm,
+            wqkv=torch.cat([rows(w.wqkv, q0, hq * D), rows(w.wqkv, k0, hkv * D), rows(w.wqkv, v0, hkv * D)]),
+            wo=w.wo[:, rank * hq * D:(rank + 1) * hq * D].contiguous(), mlp_norm=w.mlp_norm,
+            w13=torch.cat([rows(w.w13, 0, ip), rows(w.w13, s.intermediate, ip)]),
+            w2=w.w2[:, rank * ip:(rank + 1) * ip].contiguous()))
+    return dataclasses.replace(full, shape=sh, layers=layers, reduce=reduce)
+
+
 def random_layer(shape: ModelShape, device, dtype, seed: int = 0) -> LayerWeights:
-    if shape.kv_heads != shape.heads:
-        raise ValueError(f"{shape.name}: grouped-query attention is not modelled (LLaMA-2 7B/13B have none)")
     gen = torch.Generator(device=device).manual_seed(seed)
     qkv_out = (shape.heads + 2 * shape.kv_heads) * shape.head_dim
     return LayerWeights(
@@ -90,8 +130,10 @@ def rope_tables(shape: ModelShape, max_pos: int, device, dtype):
 
 
 def random_decoder(shape: ModelShape, max_pos: int, device, dtype, seed: int = 0,
-                   layers: int | None = None) -> Decoder:
+                   layers: int | None = None, reduce=None, rank: int = 0) -> Decoder:
     """A decoder with random weights; `layers` < shape.layers builds a partial stack (calibration).
+    Under tensor parallelism `shape` is the rank's shard, `reduce` the TP all-reduce, and `rank` draws
+    the rank's own layer weights; the embedding and LM head (replicated) are the same on every rank.
 
     Its `shape` carries the element size of `dtype`, so `shape.kv_bytes_per_token_layer` is what one
     token's KV occupies in this decoder's caches (bf16 on the GPU, float32 in CPU tests).
@@ -103,10 +145,10 @@ def random_decoder(shape: ModelShape, max_pos: int, device, dtype, seed: int = 0
     return Decoder(
         shape=shape,
         embed=_rand((shape.vocab, shape.hidden), 1.0, gen, device, dtype),
-        layers=[random_layer(shape, device, dtype, seed=seed * 1000 + i + 1) for i in range(n)],
+        layers=[random_layer(shape, device, dtype, seed=seed * 1000 + i + 1 + 100_003 * rank) for i in range(n)],
         final_norm=torch.ones(shape.hidden, device=device, dtype=dtype),
         lm_head=_rand((shape.vocab, shape.hidden), shape.hidden, gen, device, dtype),
-        rope_cos=cos, rope_sin=sin,
+        rope_cos=cos, rope_sin=sin, reduce=reduce,
     )
 
 
@@ -126,17 +168,63 @@ def rotate_half(x, cos, sin):
     return torch.addcmul(x * cos, rot, sin)
 
 
-def residual_matmul(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x + a @ w.T as one GEMM with beta = 1 (saves a launch per call)."""
+def residual_matmul(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, reduce=None, out=None) -> torch.Tensor:
+    """x + a @ w.T as one GEMM with beta = 1 (saves a launch per call). Under tensor parallelism
+    (`reduce`), a @ w.T is this rank's partial sum: all-reduced first, then added to x once."""
     B, n, d = x.shape
-    return torch.addmm(x.reshape(B * n, d), a.reshape(B * n, a.shape[-1]), w.T).view(B, n, d)
+    if reduce is None:
+        r = torch.addmm(x.reshape(B * n, d), a.reshape(B * n, a.shape[-1]), w.T, out=out)
+    else:
+        t = a.reshape(B * n, a.shape[-1]) @ w.T
+        reduce(t)
+        r = torch.add(x.reshape(B * n, d), t, out=out)
+    return r.view(B, n, d)
+
+
+def project_qkv(s: ModelShape, w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q [B, n, heads, D] and the new tokens' K, V as the cache holds them, [B, n, 2, kv_heads, D],
+    RoPE applied (cos, sin: [1, n, 1, D]). Q and K are rotated in one call: they sit side by side in
+    the fused projection's output."""
+    B, n, _ = x.shape
+    hq, hkv, D = s.heads, s.kv_heads, s.head_dim
+    qkv = rms_norm(x, w.attn_norm) @ w.wqkv.T
+    qk = rotate_half(qkv[..., :(hq + hkv) * D].view(B, n, hq + hkv, D), cos, sin)
+    kv = torch.stack([qk[:, :, hq:], qkv[..., (hq + hkv) * D:].view(B, n, hkv, D)], dim=2)
+    return qk[:, :, :hq], kv
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask=None, causal: bool = False) -> torch.Tensor:
+    """Attention of q [B, n, hq, D] over keys, vals [B, hkv, T, D] -> [B, n, hq * D].
+
+    Query head h reads KV head h // (hq / hkv) (grouped-query attention; as torch's enable_gqa). With a
+    boolean mask, or one query, a GQA call folds each KV head's group of g query heads into the query
+    axis ([B, hkv, g n, D]; a mask given with n rows is repeated g times, one given with g n rows is
+    used as it is): the fused kernels that take arbitrary masks refuse enable_gqa (run 13: memory-efficient
+    attention refused it), and the fold needs no copy of K, V. Causal calls keep enable_gqa (flash takes it).
+    """
+    B, n, hq, D = q.shape
+    hkv = keys.shape[1]
+    if hq == hkv:
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask, is_causal=causal)
+        return o.transpose(1, 2).reshape(B, n, hq * D)
+    g = hq // hkv
+    dense = isinstance(mask, torch.Tensor) and not isinstance(mask, CausalBias)   # CausalBias is a Tensor too
+    if dense or (mask is None and not causal and n == 1):
+        qf = q.view(B, n, hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B, hkv, g * n, D)
+        if dense and n > 1 and mask.shape[-2] == n:
+            mask = mask.repeat(*([1] * (mask.dim() - 2)), g, 1)
+        o = F.scaled_dot_product_attention(qf, keys, vals, attn_mask=mask)
+        return o.view(B, hkv, g, n, D).permute(0, 3, 1, 2, 4).reshape(B, n, hq * D)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask, is_causal=causal,
+                                       enable_gqa=True)
+    return o.transpose(1, 2).reshape(B, n, hq * D)
 
 
 def layer_forward(model: Decoder, li: int, x: torch.Tensor, cache: torch.Tensor, start: int,
                   w: LayerWeights | None = None) -> torch.Tensor:
     """One decoder layer over n new tokens at positions [start, start + n).
 
-    x: [B, n, hidden]; cache: this layer's KV, [B, ctx, 2, heads, head_dim], holding tokens [0, start)
+    x: [B, n, hidden]; cache: this layer's KV, [B, ctx, 2, kv_heads, head_dim], holding tokens [0, start)
     (loaded from a tier or computed earlier). The new tokens' K, V are written at [start, start + n) and
     attention runs over [0, start + n) with the causal mask aligned bottom-right (new token j sees all
     history and new tokens <= j).
@@ -147,24 +235,21 @@ def layer_forward(model: Decoder, li: int, x: torch.Tensor, cache: torch.Tensor,
     s = model.shape
     w = model.layers[li] if w is None else w
     B, n, _ = x.shape
-    qkv = (rms_norm(x, w.attn_norm) @ w.wqkv.T).view(B, n, 3, s.heads, s.head_dim)
-    cos = model.rope_cos[start:start + n].view(1, n, 1, 1, s.head_dim)
-    sin = model.rope_sin[start:start + n].view(1, n, 1, 1, s.head_dim)
-    qk = rotate_half(qkv[:, :, :2], cos, sin)
-    cache[:, start:start + n, 0] = qk[:, :, 1]
-    cache[:, start:start + n, 1] = qkv[:, :, 2]
-    keys = cache[:, :start + n, 0].transpose(1, 2)       # [B, heads, T, D], strided view, no copy
+    cos = model.rope_cos[start:start + n].view(1, n, 1, s.head_dim)
+    sin = model.rope_sin[start:start + n].view(1, n, 1, s.head_dim)
+    q, kv = project_qkv(s, w, x, cos, sin)
+    cache[:, start:start + n] = kv
+    keys = cache[:, :start + n, 0].transpose(1, 2)       # [B, kv_heads, T, D], strided view, no copy
     vals = cache[:, :start + n, 1].transpose(1, 2)
-    qh = qk[:, :, 0].transpose(1, 2)
     if n == 1:
-        o = F.scaled_dot_product_attention(qh, keys, vals)
+        o = attend(q, keys, vals)
     elif start == 0:
-        o = F.scaled_dot_product_attention(qh, keys, vals, is_causal=True)
+        o = attend(q, keys, vals, causal=True)
     else:
-        o = F.scaled_dot_product_attention(qh, keys, vals, attn_mask=causal_lower_right(n, start + n))
-    x = residual_matmul(x, o.transpose(1, 2).reshape(B, n, s.heads * s.head_dim), w.wo)
+        o = attend(q, keys, vals, mask=causal_lower_right(n, start + n))
+    x = residual_matmul(x, o, w.wo, model.reduce)
     g, u = (rms_norm(x, w.mlp_norm) @ w.w13.T).chunk(2, dim=-1)
-    return residual_matmul(x, F.silu(g) * u, w.w2)
+    return residual_matmul(x, F.silu(g) * u, w.w2, model.reduce)
 
 
 def embed(model: Decoder, token_ids: torch.Tensor) -> torch.Tensor:

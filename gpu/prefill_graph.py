@@ -27,6 +27,13 @@ import torch.nn.functional as F
 from gpu import model as M
 from sim.costmodel import PrefillPadding
 
+def capture_mode(model: M.Decoder) -> str:
+    """CUDA-graph capture mode: with tensor parallelism the graphs hold NCCL all-reduces, and NCCL's
+    watchdog thread queries events during a capture, which the default (global) mode counts as an
+    error in the capture (run 13 captured all-reduces with thread_local on every rank)."""
+    return "global" if model.reduce is None else "thread_local"
+
+
 PADDING = PrefillPadding(new_tokens=(16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 2560, 3072,
                                      3584, 4096, 5120, 6144, 7168, 8192),
                          context_multiple=256)
@@ -45,6 +52,9 @@ class PrefillGraphs:
         self.stack = [(i, i) for i in range(len(model.layers))] if stack is None else stack
         self.n_max = padding.new_bucket(max_new)
         self.use_graphs = (dev.type == "cuda") if graphs is None else graphs
+        # grouped-query attention runs with each KV head's query heads folded into the query axis
+        # (`gpu.model.attend`): the mask is built once per prefill with that many copies of its rows
+        self.group = s.heads // s.kv_heads if s.heads != s.kv_heads else 1
         self.ids = torch.zeros(1, self.n_max, dtype=torch.long, device=dev)
         # zeros: a padded row must be finite, or 0 * NaN would leak through masked attention
         self.x = [torch.zeros(1, self.n_max, s.hidden, device=dev, dtype=model.dtype) for _ in range(2)]
@@ -83,7 +93,8 @@ class PrefillGraphs:
         self.sin[:nb].copy_(m.rope_sin.index_select(0, pos))
         if kb > nb:
             keys = torch.arange(kb, device=pos.device).view(1, kb)
-            self.masks[(nb, kb)].copy_((keys <= pos.view(nb, 1)).view(1, 1, nb, kb))
+            rows = pos.repeat(self.group)       # GQA: one copy of the rows per query head of a KV head
+            self.masks[(nb, kb)].copy_((keys <= rows.view(-1, 1)).view(1, 1, self.group * nb, kb))
         self.x[0][:, :nb].copy_(F.embedding(self.ids[:, :nb], m.embed))
 
     def _layer_body(self, step: int, cache: torch.Tensor, nb: int, kb: int):
@@ -92,21 +103,18 @@ class PrefillGraphs:
         w = m.layers[wi]
         x, out = self.x[step % 2][:, :nb], self.x[(step + 1) % 2][0, :nb]
         c = cache[ci]
-        qkv = (M.rms_norm(x, w.attn_norm) @ w.wqkv.T).view(1, nb, 3, s.heads, s.head_dim)
-        cos = self.cos[:nb].view(1, nb, 1, 1, s.head_dim)
-        sin = self.sin[:nb].view(1, nb, 1, 1, s.head_dim)
-        qk = M.rotate_half(qkv[:, :, :2], cos, sin)
-        c.index_copy_(1, self.pos[:nb], torch.stack([qk[:, :, 1], qkv[:, :, 2]], dim=2))
+        q, kv = M.project_qkv(s, w, x, self.cos[:nb].view(1, nb, 1, s.head_dim),
+                              self.sin[:nb].view(1, nb, 1, s.head_dim))
+        c.index_copy_(1, self.pos[:nb], kv)
         keys = c[:, :kb, 0].transpose(1, 2)
         vals = c[:, :kb, 1].transpose(1, 2)
-        q = qk[:, :, 0].transpose(1, 2)
         if kb > nb:
-            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=self.masks[(nb, kb)])
+            o = M.attend(q, keys, vals, mask=self.masks[(nb, kb)])
         else:
-            o = F.scaled_dot_product_attention(q, keys, vals, is_causal=True)
-        h = M.residual_matmul(x, o.transpose(1, 2).reshape(1, nb, s.heads * s.head_dim), w.wo)
+            o = M.attend(q, keys, vals, causal=True)
+        h = M.residual_matmul(x, o, w.wo, m.reduce)
         g, u = (M.rms_norm(h, w.mlp_norm) @ w.w13.T).chunk(2, dim=-1)
-        torch.addmm(h.reshape(nb, s.hidden), (F.silu(g) * u).reshape(nb, -1), w.w2.T, out=out)
+        M.residual_matmul(h, F.silu(g) * u, w.w2, m.reduce, out=out)
 
     def _end_body(self, nb: int):
         x = self.x[len(self.stack) % 2][:, :nb]
@@ -122,7 +130,7 @@ class PrefillGraphs:
         are about to run (default kb - nb), whose own writes cover the same positions.
         """
         if kb > nb and (nb, kb) not in self.masks:
-            self.masks[(nb, kb)] = torch.zeros(1, 1, nb, kb, dtype=torch.bool, device=self.ids.device)
+            self.masks[(nb, kb)] = torch.zeros(1, 1, self.group * nb, kb, dtype=torch.bool, device=self.ids.device)
         key = (cache.data_ptr(), nb, kb)
         if not self.use_graphs or key in self.layer_graphs:
             return
@@ -151,7 +159,7 @@ class PrefillGraphs:
         # One pool for every graph: replays run one at a time on one stream, in any order, and each
         # body's temporaries die inside it, so the graphs can share their scratch memory.
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
+        with torch.cuda.graph(g, pool=self.pool, capture_error_mode=capture_mode(self.model)):
             fn()
         self.captures += 1
         return g

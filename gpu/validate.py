@@ -38,9 +38,10 @@ TRACE_MODEL = "llama2-7b"
 
 
 def sim_config(run: str, trace, profile, model: str = TRACE_MODEL, n_sessions: int | None = None,
-               output_cap: int | None = None):
+               output_cap: int | None = None, gpus: int = 1):
+    """`gpus` > 1: a tensor-parallel executor run, described by a profile measured at that TP degree."""
     base = {"name": f"gpu-validate-{run}", "model": model, "hardware_profile": str(profile),
-            "gpu": {"name": "h100-80gb", "count": 1},
+            "gpu": {"name": "h100-80gb", "count": gpus},
             "host": {"dram_bytes": "400GB"}, "ssd": {"bytes": "2TB"},
             "scheduler": {"max_batch": 1, "max_prefill_tokens": 1 << 20, "lookahead_jobs": 0},
             "workload": {"trace": str(trace)},
@@ -53,10 +54,10 @@ def sim_config(run: str, trace, profile, model: str = TRACE_MODEL, n_sessions: i
     return load_config(base, overrides=over)
 
 
-def simulate_run(run: str, trace, profile, n_sessions=None, model=TRACE_MODEL) -> pd.DataFrame:
+def simulate_run(run: str, trace, profile, n_sessions=None, model=TRACE_MODEL, gpus: int = 1) -> pd.DataFrame:
     from sim.runner import run_simulation
 
-    return run_simulation(sim_config(run, trace, profile, model, n_sessions)).turns
+    return run_simulation(sim_config(run, trace, profile, model, n_sessions, gpus=gpus)).turns
 
 
 def realized_trace(trace, measured: pd.DataFrame, out) -> Path:
@@ -74,26 +75,27 @@ def realized_trace(trace, measured: pd.DataFrame, out) -> Path:
     return Path(out)
 
 
-def compare_trace(measured: pd.DataFrame, trace, profile, model=TRACE_MODEL) -> tuple[pd.DataFrame, dict]:
+def compare_trace(measured: pd.DataFrame, trace, profile, model=TRACE_MODEL, gpus: int = 1) -> tuple[pd.DataFrame, dict]:
     """Per-turn measured vs simulated TTFT for every run in `measured` (column `run`)."""
     if "run" not in measured.columns:
         raise KvsimError("measured trace runs: run: missing column, expected one of " + ", ".join(SIM_OVERRIDES_BY_RUN))
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="kvsim_validate_") as tmp:
-        return _compare_trace(measured, trace, profile, model, Path(tmp))
+        return _compare_trace(measured, trace, profile, model, Path(tmp), gpus)
 
 
-def _compare_trace(measured, trace, profile, model, tmp: Path) -> tuple[pd.DataFrame, dict]:
+def _compare_trace(measured, trace, profile, model, tmp: Path, gpus: int = 1) -> tuple[pd.DataFrame, dict]:
     rows, summary = [], {}
     for run, meas in measured.groupby("run", sort=False):
         if run not in SIM_OVERRIDES_BY_RUN:
             raise KvsimError(f"measured trace runs: run: {run!r}, expected one of "
                              f"{', '.join(SIM_OVERRIDES_BY_RUN)}")
         meas = meas.assign(session_id=meas.session_id.astype(str))
-        sim_turns = simulate_run(run, realized_trace(trace, meas, tmp / f"{run}.parquet"), profile, model=model)
+        sim_turns = simulate_run(run, realized_trace(trace, meas, tmp / f"{run}.parquet"), profile, model=model,
+                                 gpus=gpus)
         sim_turns = sim_turns.assign(session_id=sim_turns.session_id.astype(str))
-        closed_loop = simulate_run(run, trace, profile, n_sessions=meas.session_id.nunique(), model=model)
+        closed_loop = simulate_run(run, trace, profile, n_sessions=meas.session_id.nunique(), model=model, gpus=gpus)
         closed_loop = closed_loop.assign(session_id=closed_loop.session_id.astype(str))
         turns = meas.merge(sim_turns[["session_id", "turn", "ttft_s", "queue_s", "load_s", "prefill_s"]],
                            on=["session_id", "turn"], suffixes=("_meas", "_sim"), how="inner")
@@ -265,17 +267,17 @@ def _save(fig, path) -> Path:
     return path
 
 
-def validate(measured, isolated, trace, profile, out_dir) -> dict:
+def validate(measured, isolated, trace, profile, out_dir, model: str = TRACE_MODEL, gpus: int = 1) -> dict:
     """Run both checks, write per-turn tables, plots and a summary JSON under `out_dir`."""
     out = Path(out_dir)
     for p, what in ((measured, "--measured"), (trace, "--trace"), (profile, "--profile")):
         if not Path(p).is_file():
             raise KvsimError(f"{p}: {what}: file not found")
     meas = pd.read_csv(measured)
-    per_turn, summary = compare_trace(meas, trace, profile)
+    per_turn, summary = compare_trace(meas, trace, profile, model, gpus)
     _write_csv(per_turn, out / "validation_trace_turns.csv")
     plot_trace(per_turn, out / "validation_trace_scatter.png",
-               plot_title(device_run_name(measured), profile, [TRACE_MODEL]))
+               plot_title(device_run_name(measured), profile, [model if gpus == 1 else f"{model} TP {gpus}"]))
     result = {"trace": summary}
     if isolated is not None:
         if not Path(isolated).is_file():

@@ -26,6 +26,10 @@ Hardware profile schema `kvsim-hardware-profile/1` (YAML):
   Optional: ssd.contention: how the SSD's reads and writes slow each other, one of CONTENTION (the
     model `gpu.calibrate.ssd_contention_fit` found nearest the samples of
     `gpu.bench.ssd_read_under_write`; sim/tiers.py); absent: not measured.
+  Optional: tp: the tensor-parallel degree the tables were measured at (default 1). At tp > 1 the layer
+    tables are one rank's times with the layer's two all-reduces included, and the link tables are one
+    GPU's rate while all tp GPUs copy their own KV-head shard at once; a config uses such a profile at
+    gpu.count == tp only (the tables describe that machine, not a per-GPU quantity to scale).
   Optional: prefill_padding: {new_tokens: [buckets], context_multiple: M}: the executor runs prefill as
     CUDA graphs of fixed shapes, so a request of n new tokens after h cached ones runs as the padded
     shape `padded_prefill(n, h)` (n up to the next bucket; keys up to a multiple of M); the tables are
@@ -179,6 +183,7 @@ class HardwareProfile:
     path: str = ""
     prefill_padding: Optional[PrefillPadding] = None
     ssd_contention: Optional[str] = None
+    tp: int = 1                   # tensor-parallel degree the tables were measured at
 
 
 def _num_list(v, key, path, ascending=False, positive=False) -> tuple:
@@ -235,7 +240,7 @@ def _table1(d, path, key, xname) -> Table1D:
 
 
 # Keys a profile may hold, per section: a misspelt optional key is an error, not a silent 0.
-_KEYS = {"": ("schema", "device", "measured_at", "command", "gpu", "links", "ssd", "models", "prefill_padding"),
+_KEYS = {"": ("schema", "device", "measured_at", "command", "tp", "gpu", "links", "ssd", "models", "prefill_padding"),
          "gpu": ("hbm_bytes", "peak_bf16_flops", "hbm_bw_gbps"),
          "links": ("h2d_pinned", "d2h_pinned", "h2d_pageable", "d2h_pageable"),
          "ssd": ("read", "write", "method", "read_pattern", "write_pattern", "contention"),
@@ -313,9 +318,12 @@ def parse_profile(raw: dict, path: str = "<profile>") -> HardwareProfile:
     shared = ssd.get("contention") if isinstance(ssd, dict) else None
     if shared is not None and shared not in CONTENTION:
         raise KvsimError(f"{path}: ssd.contention: expected one of {', '.join(CONTENTION)}, got {shared!r}")
+    tp = raw.get("tp", 1)       # profiles written before TP was measured are single-GPU
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise KvsimError(f"{path}: tp: expected an integer >= 1 (the tensor-parallel degree measured), got {tp!r}")
     return HardwareProfile(str(raw.get("device", "")), str(raw.get("measured_at", "")), vals["hbm_bytes"],
                            vals["peak_bf16_flops"], vals["hbm_bw_gbps"], links, _link_table(r, path, kr),
-                           _link_table(w, path, kw), models, path, padding, shared)
+                           _link_table(w, path, kw), models, path, padding, shared, tp)
 
 
 def load_profile(path) -> HardwareProfile:
@@ -805,21 +813,29 @@ class RooflineCost(CostModel):
 
 
 class ProfileCost(CostModel):
-    """Measured tables in place of the roofline (per GPU: tensor parallelism is not profiled)."""
+    """Measured tables in place of the roofline, at the tensor-parallel degree they were measured at
+    (the profile's `tp`): a TP profile's layer times hold the all-reduces, so they are used as they are.
+
+    KV moves as each GPU's KV-head shard over its own host link (`kv_shards`): a layer's load of
+    `chunk` bytes is `chunk / shards` bytes on each of `shards` links at once, at the rate the profile
+    measured for that size with all its GPUs copying together.
+    """
 
     def __init__(self, shape: ModelShape, profile: HardwareProfile, gpus: int = 1, *,
                  ssd_contention: Optional[str] = None, hbm_kv_bytes: Optional[float] = None):
         if shape.name not in profile.models:
             raise KvsimError(f"{profile.path}: models: no tables for model {shape.name!r}; "
                              f"profiled models are {', '.join(profile.models)}")
-        if gpus != 1:
-            raise KvsimError(f"{profile.path}: gpu.count: a measured profile is per GPU, expected gpu.count 1, got {gpus}")
+        if gpus != profile.tp:
+            raise KvsimError(f"{profile.path}: tp: the tables were measured at tensor-parallel degree {profile.tp}; "
+                             f"expected gpu.count {profile.tp}, got gpu.count {gpus}")
         m = profile.models[shape.name]
         super().__init__(shape, layer_copy_overhead_s=m.preload_layer_overhead_ms * MS,
                          layer_gate_s=m.preload_gate_layer_ms * MS, host_turn_s=m.host_turn_ms * MS,
                          measured_contention=profile.ssd_contention, ssd_contention=ssd_contention,
                          hbm_kv_bytes=hbm_kv_bytes)
-        self.gpus = 1
+        self.gpus = gpus
+        self.kv_shards = kv_shards(shape, gpus)
         self.profile = profile
         self.m = m
 
@@ -853,10 +869,12 @@ class ProfileCost(CostModel):
         return math.inf
 
     def h2d_bw(self, chunk_bytes: float) -> float:
-        return self.profile.links["h2d_pinned"](chunk_bytes) * GB
+        k = self.kv_shards
+        return k * self.profile.links["h2d_pinned"](chunk_bytes / k) * GB
 
     def d2h_bw(self, chunk_bytes: float) -> float:
-        return self.profile.links["d2h_pinned"](chunk_bytes) * GB
+        k = self.kv_shards
+        return k * self.profile.links["d2h_pinned"](chunk_bytes / k) * GB
 
     def ssd_read_bw(self, chunk_bytes: float) -> float:
         return self.profile.ssd_read(chunk_bytes) * GB

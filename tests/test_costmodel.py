@@ -380,3 +380,56 @@ def test_a_mixed_iteration_reads_the_weights_once_for_prefill_chunks_and_decodes
             == pytest.approx(cm.decode_step_s(32, 48000), rel=1e-12))
     it = cm.iteration([(512, 1000)], 32, 48000)
     assert it.total_s == pytest.approx(s.layers * max(flops / F, byts / BW) + cm.decode_head_s(33), rel=1e-12)
+
+
+def _tp_profile(tp, model="llama3.1-70b"):
+    d = small_profile()
+    d["tp"] = tp
+    d["models"] = {model: d["models"]["llama2-7b"]}
+    return d
+
+
+def test_a_profile_without_tp_is_single_gpu_and_refuses_more_gpus():
+    prof = parse_profile(small_profile(), "h100.yaml")
+    assert prof.tp == 1
+    with pytest.raises(KvsimError, match=r"^h100.yaml: tp: the tables were measured at tensor-parallel degree 1; "
+                                         r"expected gpu.count 1, got gpu.count 2$"):
+        ProfileCost(MODELS["llama2-7b"], prof, 2)
+
+
+def test_a_tp4_profile_serves_gpu_count_4_with_its_tables_as_measured():
+    pc = ProfileCost(MODELS["llama3.1-70b"], parse_profile(_tp_profile(4), "tp4.yaml"), 4)
+    # the layer tables already hold the all-reduces: looked up as they are, not divided by 4
+    assert pc.prefill_layer_s(1000, 1000) == pytest.approx(3.0e-3)
+    assert pc.decode_step_s(8, 8 * 1000) == pytest.approx((80 * 0.9 + 0.6) * 1e-3)
+    # 8 KV heads over 4 GPUs: a 4 MiB layer chunk is 1 MiB on each GPU's link (25 GB/s there), 100 GB/s in all
+    assert pc.h2d_bw(4 * 1048576) == pytest.approx(100e9)
+    assert pc.history_load_layer_s(4 * 1048576) == pytest.approx(1048576 / 25e9)
+    # a 4 KiB chunk is 1 KiB per GPU: 5 GB/s each
+    assert pc.d2h_bw(4096) == pytest.approx(20e9)
+    with pytest.raises(KvsimError, match=r"^tp4.yaml: tp: the tables were measured at tensor-parallel degree 4; "
+                                         r"expected gpu.count 4, got gpu.count 2$"):
+        ProfileCost(MODELS["llama3.1-70b"], parse_profile(_tp_profile(4), "tp4.yaml"), 2)
+
+
+def test_a_tp_profile_with_fewer_kv_heads_than_gpus_loads_each_shard_once_per_copy():
+    # qwen3-235b-a22b has 4 KV heads: at TP 8 each head sits on 2 GPUs, so a chunk splits 4 ways, not 8
+    pc = ProfileCost(MODELS["qwen3-235b-a22b"], parse_profile(_tp_profile(8, "qwen3-235b-a22b")), 8)
+    assert pc.h2d_bw(4 * 1048576) == pytest.approx(4 * 25e9)
+
+
+def test_config_with_gpu_count_equal_to_the_profiles_tp_builds(tmp_path):
+    p = tmp_path / "tp4.yaml"
+    p.write_text(yaml.safe_dump(_tp_profile(4)))
+    cm = build_cost_model(load_config({"model": "llama3.1-70b", "hardware_profile": str(p), "gpu": {"count": 4}}))
+    assert isinstance(cm, ProfileCost) and cm.gpus == 4
+    with pytest.raises(KvsimError, match=r"tp4.yaml: tp: .* expected gpu.count 4, got gpu.count 8"):
+        build_cost_model(load_config({"model": "llama3.1-70b", "hardware_profile": str(p), "gpu": {"count": 8}}))
+
+
+@pytest.mark.parametrize("tp", [0, 1.5, True, "4"])
+def test_bad_tp_names_the_key(tp):
+    d = small_profile()
+    d["tp"] = tp
+    with pytest.raises(KvsimError, match=r"^h.yaml: tp: expected an integer >= 1"):
+        parse_profile(d, "h.yaml")

@@ -28,6 +28,15 @@ def test_profile_round_trips_through_the_cost_models_loader(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_calibration_records_the_tp_degree_its_tables_were_measured_at(tmp_path):
+    # single-GPU samples (no "tp"): tp 1; a TP run's samples say their degree
+    assert profile_from_raw(raw_samples())["tp"] == 1
+    raw = raw_samples()
+    raw["tp"] = 4
+    write_profile(raw, tmp_path / "tp4.yaml")
+    assert load_profile(tmp_path / "tp4.yaml").tp == 4
+
+
 def test_bad_measurement_is_refused_before_anything_is_written(tmp_path):
     raw = raw_samples(prefill=lambda n, h: math.nan if n == 64 else 0.5)
     out = tmp_path / "p.yaml"

@@ -79,7 +79,7 @@ def test_sim_never_imports_gpu():
 def test_execute_names_the_bad_model_before_asking_for_a_gpu(tmp_path):
     r = _kvsim("execute", "--model", "tiny", "--trace", "t.parquet", "--out", str(tmp_path / "o.csv"))
     assert r.returncode == 2
-    assert r.stderr.strip() == "kvsim: error: --model: 'tiny', expected one of llama2-7b, llama2-13b"
+    assert r.stderr.strip() == "kvsim: error: --model: 'tiny', expected one of llama2-7b, llama2-13b, llama3.1-8b"
 
 
 @pytest.mark.parametrize("args", [

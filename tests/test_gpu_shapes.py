@@ -14,9 +14,31 @@ from sim.models import MODELS, ModelShape
 
 
 def test_executor_shapes_are_the_simulators_table_entries():
-    assert M.SHAPES == {"llama2-7b": MODELS["llama2-7b"], "llama2-13b": MODELS["llama2-13b"]}
+    assert M.SHAPES == {"llama2-7b": MODELS["llama2-7b"], "llama2-13b": MODELS["llama2-13b"],
+                        "llama3.1-8b": MODELS["llama3.1-8b"]}
     # LLaMA-2 7B: K and V x 32 heads x 128 dims x 2 bytes (bf16)
     assert M.SHAPES["llama2-7b"].kv_bytes_per_token_layer == 2 * 32 * 128 * 2
+    # Llama-3.1-8B: K and V x 8 KV heads x 128 dims x 2 bytes
+    assert M.SHAPES["llama3.1-8b"].kv_bytes_per_token_layer == 2 * 8 * 128 * 2 == 4096
+
+
+def test_a_gqa_decoders_weights_and_caches_hold_its_kv_heads():
+    model = M.random_decoder(M.TINY_GQA, 16, "cpu", torch.float32, layers=1)
+    # head_dim 64 / 8 = 8; q: 8 heads x 8, k and v: 2 KV heads x 8 each, over hidden 64
+    assert model.layers[0].wqkv.shape == ((8 + 2 * 2) * 8, 64) == (96, 64)
+    assert model.layers[0].wo.shape == (64, 64)
+    # its caches: K and V x 2 KV heads x 8 dims x 4 bytes (float32)
+    assert model.shape.kv_bytes_per_token_layer == 2 * 2 * 8 * 4 == 128
+
+
+def test_a_tp_shard_holds_its_share_of_heads_and_kv():
+    s = M.shard_shape(MODELS["llama3.1-70b"], 4)
+    # 64 / 4 query heads, 8 / 4 KV heads, 28672 / 4 MLP columns; head_dim stays 128
+    assert (s.heads, s.kv_heads, s.intermediate, s.head_dim, s.hidden) == (16, 2, 7168, 128, 8192)
+    # a rank's cache: K and V x 2 KV heads x 128 x 2 bytes per token per layer, a quarter of the model's
+    assert s.kv_bytes_per_token_layer == 1024 == MODELS["llama3.1-70b"].kv_bytes_per_token_layer // 4
+    with pytest.raises(ValueError, match="kv_heads 8 does not split over tp=16"):
+        M.shard_shape(MODELS["llama3.1-70b"], 16)
 
 
 def test_a_decoders_shape_counts_the_bytes_its_caches_hold():
