@@ -161,7 +161,7 @@ class BatchedExecutor:
 
     def __init__(self, model: BatchedModel, num_blocks: int, block_tokens: int, attention: str = "sdpa",
                  host_blocks: int = 0, read_buffer_layers: int = 2, layerwise: bool = True,
-                 poison: bool = False):
+                 poison: bool = False, kv: tuple | None = None):
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"attention {attention!r}, expected one of {ATTENTION_KINDS}")
         s = self.shape = model.shape
@@ -175,8 +175,13 @@ class BatchedExecutor:
         # NaN when poisoned: a read of a block the request does not own (or of a slot not yet
         # written) turns its logits to NaN
         fill = float("nan") if poison else 0.0
-        self.k = torch.full(shp, fill, device=self.dev, dtype=model.dtype)
-        self.v = torch.full(shp, fill, device=self.dev, dtype=model.dtype)
+        if kv is not None:   # one cache shared by the executors of a call (allocated once)
+            if tuple(kv[0].shape) != shp:
+                raise ValueError(f"kv cache of shape {tuple(kv[0].shape)}, expected {shp}")
+            self.k, self.v = kv
+        else:
+            self.k = torch.full(shp, fill, device=self.dev, dtype=model.dtype)
+            self.v = torch.full(shp, fill, device=self.dev, dtype=model.dtype)
         self.tokens: dict = {}        # request -> token ids (prompt with its history, then outputs)
         self.session_of: dict = {}    # request -> session id (the host store's key)
         # host store: [L, host_blocks, bt, kv_heads, head_dim] K and V, pinned; per session a
@@ -184,8 +189,7 @@ class BatchedExecutor:
         self.host_k = self.host_v = None
         if host_blocks:
             hshape = (self.L, host_blocks, block_tokens, s.kv_heads, s.head_dim)
-            self.host_k = torch.empty(hshape, dtype=model.dtype, pin_memory=self.cuda)
-            self.host_v = torch.empty(hshape, dtype=model.dtype, pin_memory=self.cuda)
+            self.host_k, self.host_v = (_host_tensor(hshape, model.dtype, self.cuda) for _ in range(2))
         self.host_next = 0
         self.host_range: dict = {}    # session -> (first host block, capacity in blocks)
         self.host_saved: dict = {}    # session -> whole blocks saved (their copy issued)
@@ -198,6 +202,17 @@ class BatchedExecutor:
             self.ev_load = [torch.cuda.Event(enable_timing=True) for _ in range(2 * self.L)]
             self.ev_comp = [torch.cuda.Event() for _ in range(self.L)]
         self.saves_in_flight: list = []
+
+    def reset(self) -> None:
+        """Forget every request and session (a new run on the same KV and host buffers: a fresh
+        scheduler has no cached block, so nothing stale in them is ever read)."""
+        self.drain()
+        self.tokens.clear()
+        self.session_of.clear()
+        self.host_next = 0
+        self.host_range.clear()
+        self.host_saved.clear()
+        self.host_ready.clear()
 
     # ---- requests and the host store -----------------------------------------------------------
     def add(self, req, token_ids: list[int], session=None) -> None:
@@ -324,7 +339,15 @@ class BatchedExecutor:
             self.ev_start.record(main)
         loads = self._loads(plan)
         ext_tokens = sum(n for _, _, n in loads)
-        gated = self._issue_loads(loads, main) if loads else False
+        issue = self._issue_loads(loads, main) if loads else None
+        gated = issue is not None
+        if gated:
+            # layers [0, N) load at once; layer i + N once layer i's compute is issued (its event
+            # exists then), so the load stream can wait for it: the read buffer of N layers
+            for li in range(self.N if self.layerwise else self.L):
+                issue(li)
+            if not self.layerwise:
+                main.wait_event(self.ev_load[2 * self.L - 1])   # load first: all layers, then compute
 
         T = sb.tokens
         D = s.head_dim
@@ -348,6 +371,8 @@ class BatchedExecutor:
             x = torch.addmm(x, F.silu(g) * u, w.w2.T)
             if gated:
                 self.ev_comp[li].record(main)
+                if self.layerwise and li + self.N < self.L:
+                    issue(li + self.N)
         # the LM head over every scheduled request's last new token, as vLLM computes logits for all
         # of them (a partial prefill's are discarded)
         logits = (rms_norm(x[sb.last], m.final_norm) @ m.lm_head.T).float()
@@ -386,9 +411,10 @@ class BatchedExecutor:
                 out.append((r, hit // self.bt, n))
         return out
 
-    def _issue_loads(self, loads, main) -> bool:
-        """Copy each layer's host blocks into the requests' blocks; on CUDA on the load stream, one
-        event per layer (returns True: the layers' attention waits on them)."""
+    def _issue_loads(self, loads, main):
+        """Copy host blocks into the requests' blocks, layer by layer. On CPU: every layer now, returns
+        None. On CUDA: returns `issue(li)`, which puts layer li's copies on the load stream (waiting for
+        layer li - N's compute: slot li % N of the staging buffer is reused) and records its events."""
         bt = self.bt
         dst, srcs = [], []
         for r, j0, n in loads:
@@ -405,8 +431,8 @@ class BatchedExecutor:
                 hv = torch.cat([self.host_v[li, a:a + nb] for a, nb, _ in srcs])
                 self.k[li].index_copy_(0, idx, hk)
                 self.v[li].index_copy_(0, idx, hv)
-            return False
-        ls, N, L = self.load_stream, self.N, self.L
+            return None
+        ls, N = self.load_stream, self.N
         ls.wait_stream(main)   # blocks written by earlier steps (and their save gathers) are done
         for _, _, s in srcs:
             ev = self.host_ready.get(s)
@@ -416,10 +442,12 @@ class BatchedExecutor:
         with torch.cuda.stream(ls):
             stage_k = torch.empty(shp, device=self.dev, dtype=self.k.dtype)
             stage_v = torch.empty(shp, device=self.dev, dtype=self.k.dtype)
-            for li in range(L):
-                slot = li % N
+
+        def issue(li):
+            slot = li % N
+            with torch.cuda.stream(ls):
                 if self.layerwise and li >= N:
-                    ls.wait_event(self.ev_comp[li - N])   # the read buffer of N layers
+                    ls.wait_event(self.ev_comp[li - N])
                 self.ev_load[li].record(ls)
                 off = 0
                 for a, nb, _ in srcs:
@@ -428,12 +456,17 @@ class BatchedExecutor:
                     off += nb
                 self.k[li].index_copy_(0, idx, stage_k[slot])
                 self.v[li].index_copy_(0, idx, stage_v[slot])
-                self.ev_load[L + li].record(ls)
-        if not self.layerwise:
-            main.wait_event(self.ev_load[2 * L - 1])   # load first: every layer before any compute
-        stage_k.record_stream(ls)
-        stage_v.record_stream(ls)
-        return True
+                self.ev_load[self.L + li].record(ls)
+        return issue
+
+
+def _host_tensor(shape, dtype, pinned: bool) -> torch.Tensor:
+    """Page-locked host memory of exactly the size asked (torch's pinned allocator rounds up to a
+    power of two, which would double a large store): `gpu.kvstore`'s mmap + cudaHostRegister."""
+    from gpu.kvstore import aligned_host_bytes
+    n = math.prod(shape) * dtype.itemsize
+    raw = aligned_host_bytes(n, pinned)
+    return raw[:n].view(dtype).view(shape)
 
 
 def attend_sdpa(q, kc, vc, sb: StepBatch) -> torch.Tensor:
@@ -538,7 +571,8 @@ def _prompt_ids(sid: str, turn: int, n: int, vocab: int) -> list[int]:
 
 
 def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict, *, clock=time.perf_counter,
-                   sleep=time.sleep, on_step=None, max_steps: int | None = None) -> ServeResult:
+                   sleep=time.sleep, on_step=None, max_steps: int | None = None,
+                   stop_s: float = math.inf) -> ServeResult:
     """Serve multi-turn sessions in real time with `sched` deciding every step and `ex` running it.
 
     `sessions`: session id -> list of turns `(arrival_s or nan, think_s, prompt_tokens, output_tokens)`
@@ -547,7 +581,8 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
     A turn's request carries the session's tokens so far (prompts and replies) and its new prompt, its
     blocks keyed `(session, i)` (the tokens of block i of a session are always the same), so a later
     turn hits its history in HBM (prefix caching) or in the host store (`ex.external_tokens`).
-    Everything before the clock starts: prompt ids drawn. Returns per-turn and per-step records.
+    Everything before the clock starts: prompt ids drawn. Returns per-turn and per-step records;
+    at `stop_s` on its clock (or after `max_steps`) it stops, and turns not finished are left out.
     """
     from sim.scheduler import SeqRequest
     vocab = ex.shape.vocab
@@ -633,7 +668,7 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
         if on_step is not None:
             on_step(res.steps[-1])
         step += 1
-        if max_steps is not None and step >= max_steps:
+        if (max_steps is not None and step >= max_steps) or t_end >= stop_s:
             break
     ex.drain()
     return res

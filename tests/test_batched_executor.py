@@ -140,7 +140,7 @@ def test_a_skipped_host_load_is_caught_by_the_poison(model):
                                            prefix_caching=False), external_hit=ex.external_tokens)
     ex.open_session("s", 40)
     two_turns(ex, sched)
-    ex._issue_loads = lambda loads, main: False
+    ex._issue_loads = lambda loads, main: None
     with pytest.raises(AssertionError, match="NaN logits"):
         drive(ex, sched)
 
@@ -215,3 +215,62 @@ def test_cuda_flash_kinds_equal_sdpa(kind):
         outs[k] = torch.cat(rows)
     err = (outs[kind] - outs["sdpa"]).norm() / outs["sdpa"].norm()
     assert err < 2e-2
+
+
+# ---- the comparison side (gpu/batched_validate.py) and the device script's CPU path ---------------
+
+class ConstantCost:
+    """A cost model whose every step costs 10 ms (20 ms with a host load): timings by hand."""
+    shape = TINY_GQA
+
+    def history_load_layer_s(self, chunk_bytes):
+        return 0.001 if chunk_bytes else 0.0
+
+    def iteration(self, chunks, batch, ctx, load_layer_s=0.0, buffer_layers=2, layerwise=True):
+        class It:
+            total_s = 0.010 + (0.010 if load_layer_s else 0.0)
+        return It()
+
+    def decode_span(self, batch, ctx, kmax, budget_s=math.inf):
+        return 0.010 * kmax, kmax
+
+
+def test_simulated_sessions_advance_by_the_cost_of_each_step():
+    import pandas as pd
+    from gpu.batched_validate import simulate_sessions, turns_frame
+    trace = pd.DataFrame({"session_id": ["a", "a"], "turn": [0, 1], "arrival_s": [0.5, math.nan],
+                          "think_s": [math.nan, 1.0], "prompt_tokens": [8, 5], "output_tokens": [3, 2]})
+    t = turns_frame(simulate_sessions(ConstantCost(), trace, "dram", num_blocks=50, block_tokens=4))
+    a0, a1 = t.iloc[0], t.iloc[1]
+    # turn 0: the prefill step ends at 0.51 (first token), two decode steps end at 0.53
+    assert a0.ttft_s == pytest.approx(0.010) and a0.finish_s == pytest.approx(0.53)
+    assert a0.tpot_s == pytest.approx(0.010)
+    # turn 1 arrives 1 s later with 11 + 5 tokens; turn 0 computed 10 tokens' KV: 2 full blocks,
+    # still cached in HBM (the host store's copy is not needed), then one prefill and one decode step
+    assert a1.arrival_s == pytest.approx(1.53) and (a1.hit_tokens, a1.ext_tokens) == (8, 0)
+    assert a0.saved_tokens == 8
+    assert a1.ttft_s == pytest.approx(0.010) and a1.finish_s == pytest.approx(1.55)
+
+
+def test_a_step_with_a_host_load_is_priced_as_an_iteration_with_its_load():
+    from gpu.batched_validate import step_cost_s
+    cost = ConstantCost()
+    assert step_cost_s(cost, [], 3, 30, [], 2, True) == pytest.approx(0.010)       # a decode step
+    assert step_cost_s(cost, [], 3, 30, [16], 2, True) == pytest.approx(0.020)     # a load rides along
+    assert step_cost_s(cost, [(5, 16)], 3, 30, [16], 2, True) == pytest.approx(0.020)
+
+
+def test_device_script_cpu_smoke_writes_every_file(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "bench/gpu_batched_validate.py", "--cpu-smoke", "--policies", "dram",
+                        "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for f in ("env.json", "attn_bench.csv", "traces.csv", "turns.csv", "steps.csv", "compare.json"):
+        assert (tmp_path / f).exists(), f
+    runs = json.loads((tmp_path / "compare.json").read_text())["runs"]
+    assert set(runs) == {"dram_r4", "dram_r8", "hbm_r8_preempt"}
+    assert all(v["turns_matched"] == v["turns_meas"] > 0 for v in runs.values())
