@@ -1,0 +1,331 @@
+"""One device call: the batched executor serves real multi-turn ShareGPT sessions under load, and the
+simulator's cost model prices the same steps (issue 15).
+
+On the GPU machine (no SimPy needed):
+    PYTHONPATH=. python3 bench/gpu_batched_validate.py --out $OUT
+On CPU, the same stages with a tiny model and a few requests:
+    python bench/gpu_batched_validate.py --cpu-smoke --out /tmp/smoke
+Afterwards, on CPU, the comparison again from the returned files (another cost model, say):
+    python bench/gpu_batched_validate.py --compare DIR [--profile configs/hardware/h100.yaml]
+
+Stages, each writing its files as it ends (a timeout still returns what is done):
+1. attention micro-benchmark: whole steps of typical shapes (decode batches, a chunk with decodes) run
+   with every attention kind of `gpu.batched.ATTENTION_KINDS`, checked against the per-request SDPA
+   reference (relative error of the logits), timed with CUDA events (median); the fastest correct kind
+   serves the runs. -> attn_bench.csv
+2. runs: for each arrival rate (sessions/s; the slice of traces/sharegpt_small.parquet drawn with
+   `gpu.trace_slice.make_slice`, replies up to --output-cap tokens) and each policy (recompute, hbm
+   prefix caching, dram layer-wise), the executor serves the slice in real time; then one run with
+   few KV blocks that preempts. -> turns.csv (per turn: TTFT, TPOT), steps.csv (per step: shape,
+   wall, GPU and load times), traces.csv (the slices served)
+3. comparison (`gpu.batched_validate`): every step priced by the cost model as the simulator's
+   ChunkedReplica prices it, and each trace replayed by the same loop and scheduler on the cost
+   model's clock. -> compare.json; a table printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu.batched import (ATTENTION_KINDS, BatchedExecutor, random_model, serve_sessions)  # noqa: E402
+from gpu.batched_validate import (POLICIES, compare_turns, predict_steps, scheduler_for,  # noqa: E402
+                                  simulate_sessions, step_summary, steps_frame, trace_sessions, turns_frame)
+from gpu.trace_slice import make_slice  # noqa: E402
+from gpu.tp_layer import TINY_GQA  # noqa: E402
+from sim.files import atomic_write, atomic_write_json  # noqa: E402
+from sim.models import MODELS  # noqa: E402
+from sim.scheduler import SeqRequest, StepPlan, Scheduled  # noqa: E402
+from sim.trace import read_trace  # noqa: E402
+
+T0 = time.perf_counter()
+
+
+def log(msg):
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def slices(a, shape) -> dict:
+    """rate -> the canonical trace served at that rate (sessions/s over --window-s)."""
+    src = read_trace(a.source)
+    out = {}
+    for rate in a.rates:
+        n = max(2, int(round(rate * a.window_s)))
+        t = make_slice(src, n, a.max_turns, a.output_cap, min(a.max_session_tokens, shape.max_context_tokens - 8),
+                       session_gap_s=1.0 / rate, think_mean_s=a.think_mean_s, seed=a.seed)
+        out[rate] = t
+    return out
+
+
+# ---- stage 1: attention kinds -------------------------------------------------------------------------
+
+def synthetic_plan(shape_spec, bt, num_blocks, vocab, rng):
+    """A step of `decodes` requests holding `ctx` tokens each and optionally one prefill chunk of
+    `chunk` new tokens after `cached` ones, over distinct random blocks."""
+    decodes, ctx, chunk, cached = shape_spec
+    reqs, sched = [], []
+    free = list(rng.permutation(np.arange(1, num_blocks + 1)))
+
+    def make(rid, prompt, computed, new, out_tokens):
+        r = SeqRequest(rid, prompt, 10_000, lambda i: (rid, i))
+        r.num_output_tokens = out_tokens
+        nb = -(-(computed + new) // bt)
+        r.blocks = [int(free.pop()) for _ in range(nb)]
+        r.num_computed_tokens = computed
+        toks = rng.integers(0, vocab, prompt + out_tokens).tolist()
+        reqs.append((r, toks))
+        sched.append(Scheduled(r, new, out_tokens > 0 and new == 1))
+    for i in range(decodes):
+        make(("d", i), ctx - 1, ctx - 1, 1, 1)     # ctx - 1 cached, its last sampled token to compute
+    if chunk:
+        make(("c", 0), cached + chunk, cached, chunk, 0)
+    return StepPlan(sched, [], {}, 0), reqs
+
+
+def attention_bench(model, a, bt, num_blocks, cuda) -> tuple[str, pd.DataFrame]:
+    specs = [tuple(int(v) for v in s.split("x")) for s in a.bench_shapes.split(",")]
+    rng = np.random.default_rng(0)
+    rows = []
+    for spec in specs:
+        plan, reqs = synthetic_plan(spec, bt, num_blocks, model.shape.vocab, rng)
+        ref = None
+        for kind in ATTENTION_KINDS:
+            if kind != "sdpa" and not cuda and kind != "flash_varlen":
+                continue
+            ex = BatchedExecutor(model, num_blocks, bt, attention=kind, kv=shared_kv)
+            for r, toks in reqs:
+                ex.tokens[r] = list(toks)   # prompt and outputs so far (add() takes prompts only)
+            row = {"decodes": spec[0], "ctx": spec[1], "chunk": spec[2], "cached": spec[3], "attention": kind}
+            try:
+                logits = ex.run(plan, keep_logits=True).logits
+                for r, toks in reqs:
+                    ex.tokens[r] = list(toks)   # undo the sample, so every repetition is the same step
+                if ref is None:
+                    ref = logits
+                err = float((logits - ref).norm() / ref.norm())
+                times = []
+                for i in range(a.bench_reps + 2):
+                    out = ex.run(plan)
+                    for r, toks in reqs:
+                        ex.tokens[r] = list(toks)
+                    if i >= 2:
+                        times.append(out.gpu_ms)
+                row.update(rel_err=err, ok=bool(err < 2e-2 and math.isfinite(err)), median_ms=float(np.median(times)),
+                           min_ms=float(np.min(times)))
+            except Exception as exc:   # a kind this torch or this block size does not support
+                row.update(rel_err=math.nan, ok=False, median_ms=math.nan, error=repr(exc)[:300])
+            rows.append(row)
+            log(f"attention {kind:12s} {spec}: {row.get('median_ms', math.nan):.3f} ms err {row.get('rel_err')}")
+    df = pd.DataFrame(rows)
+    good = df[df.ok]
+    total = good.groupby("attention").median_ms.sum()
+    complete = good.groupby("attention").size() == len(specs)
+    total = total[complete[complete].index] if complete.any() else total
+    return (str(total.idxmin()) if len(total) else "sdpa"), df
+
+
+# ---- stage 2: runs --------------------------------------------------------------------------------------
+
+shared_kv = None   # (K, V) of the KV cache, allocated once for every executor of the call
+
+
+def main():
+    global shared_kv
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny model, few requests, on CPU")
+    ap.add_argument("--compare", help="only the comparison, from a folder of returned files")
+    ap.add_argument("--model", default="llama3.1-8b")
+    ap.add_argument("--profile", default=None, help="hardware profile for the comparison (default: roofline)")
+    ap.add_argument("--gpu-name", default=None, help="the simulator's GPU (default: from the device name)")
+    ap.add_argument("--source", default="traces/sharegpt_small.parquet")
+    ap.add_argument("--rates", default="0.5,2,6", help="session arrivals per second, light load to saturation")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--window-s", type=float, default=12.0, help="sessions start within this window")
+    ap.add_argument("--max-turns", type=int, default=3)
+    ap.add_argument("--output-cap", type=int, default=512)
+    ap.add_argument("--max-session-tokens", type=int, default=4000)
+    ap.add_argument("--think-mean-s", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--block-tokens", type=int, default=16)
+    ap.add_argument("--kv-gb", type=float, default=30.0, help="HBM for the paged KV cache")
+    ap.add_argument("--preempt-blocks", type=int, default=1500, help="KV blocks of the preempting run (0: none)")
+    ap.add_argument("--max-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-seqs", type=int, default=256)
+    ap.add_argument("--attention", default="auto", choices=("auto",) + ATTENTION_KINDS)
+    ap.add_argument("--bench-shapes", default="32x1024x0x0,128x1024x0x0,32x1024x2048x1024,0x0x4096x0",
+                    help="decodes x ctx x chunk x cached, comma-separated")
+    ap.add_argument("--bench-reps", type=int, default=5)
+    ap.add_argument("--run-limit-s", type=float, default=35.0, help="a run stops at this time on its clock")
+    ap.add_argument("--budget-s", type=float, default=290.0, help="no run starts after this wall time")
+    a = ap.parse_args()
+    a.rates = [float(r) for r in a.rates.split(",")]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.compare:
+        return compare(Path(a.compare), a, out)
+    if a.cpu_smoke:
+        # a few sessions of at most 120 tokens (30 blocks of 4) arriving at once: the preempting run's
+        # 34 blocks hold one or two of them
+        a.rates, a.think_mean_s = [4.0, 8.0], 0.02
+        a.window_s, a.output_cap, a.max_session_tokens, a.max_turns = 0.5, 6, 120, 2
+        a.bench_shapes, a.bench_reps, a.preempt_blocks, a.run_limit_s = "4x40x0x0,2x40x24x16", 1, 34, 20.0
+    cuda = torch.cuda.is_available() and not a.cpu_smoke
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    shape = MODELS[a.model] if not a.cpu_smoke else TINY_GQA
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": cuda,
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu", "argv": sys.argv, "model": shape.name,
+            "args": {k: v for k, v in vars(a).items()}}
+    atomic_write_json(out / "env.json", info)
+    log(f"device {info['device']} torch {torch.__version__} model {shape.name}")
+
+    traces = slices(a, shape)
+    write_csv(pd.concat([t.assign(rate=r) for r, t in traces.items()]), out / "traces.csv")
+    bt = a.block_tokens if not a.cpu_smoke else 4
+    max_pos = shape.max_context_tokens if a.cpu_smoke else min(shape.max_context_tokens, a.max_session_tokens + 4096)
+    model = random_model(shape, max_pos, dev, dtype, seed=1)
+    kv_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * model.dtype.itemsize
+    num_blocks = 200 if a.cpu_smoke else int(a.kv_gb * 1e9 // (bt * kv_token))
+    shp = (shape.layers, num_blocks + 1, bt, shape.kv_heads, shape.head_dim)
+    shared_kv = (torch.zeros(shp, device=dev, dtype=dtype), torch.zeros(shp, device=dev, dtype=dtype))
+    log(f"weights and {num_blocks} KV blocks of {bt} tokens ready")
+
+    attention = a.attention
+    if attention == "auto" or cuda:
+        best, bench = attention_bench(model, a, bt, num_blocks, cuda)
+        write_csv(bench, out / "attn_bench.csv")
+        if attention == "auto":
+            attention = best if cuda else "sdpa"
+    info["attention"] = attention
+    atomic_write_json(out / "env.json", info)
+    log(f"attention kind for the runs: {attention}")
+
+    host_tokens = max(int((t.prompt_tokens + t.output_tokens).sum()) + bt * t.session_id.nunique()
+                      for t in traces.values())
+    host_blocks = -(-host_tokens // bt) + 8
+    ex = BatchedExecutor(model, num_blocks, bt, attention=attention, host_blocks=host_blocks, kv=shared_kv)
+    log(f"host store: {host_blocks} blocks ({host_blocks * bt * kv_token / 1e9:.1f} GB pinned)")
+
+    # saturation first (the load the issue is about), then the preempting run, then lighter loads: a
+    # short budget drops the light runs
+    top = max(a.rates)
+    runs = [(top, pol, num_blocks) for pol in a.policies.split(",")]
+    if a.preempt_blocks:
+        runs.append((top, "hbm", a.preempt_blocks))
+    runs += [(rate, pol, num_blocks) for rate in sorted(a.rates, reverse=True)[1:] for pol in a.policies.split(",")]
+    all_turns, all_steps = [], []
+    for rate, pol, nb in runs:
+        if time.perf_counter() - T0 > a.budget_s:
+            log(f"budget spent: run {pol} at {rate}/s skipped")
+            continue
+        name = f"{pol}_r{rate:g}" + ("_preempt" if nb != num_blocks else "")
+        ex.reset()
+        sched = scheduler_for(pol, nb, bt, a.max_batched_tokens, a.max_seqs, shape.max_context_tokens,
+                              ex.external_tokens)
+        sessions = trace_sessions(traces[rate])
+        t_run = time.perf_counter()
+        was = gc.isenabled()
+        gc.collect()
+        gc.freeze()
+        gc.disable()    # a full collection inside a step would stall it by tens of ms (results/gpu/README.md)
+
+        def idle_sleep(dt):
+            if dt > 0.02:
+                gc.collect(1)
+            left = dt - 0.0
+            end = time.perf_counter() + left
+            while True:
+                rem = end - time.perf_counter()
+                if rem <= 0:
+                    return
+                time.sleep(rem - 0.001 if rem > 0.002 else 0)
+        try:
+            res = serve_sessions(ex, sched, sessions, sleep=idle_sleep, stop_s=a.run_limit_s)
+        finally:
+            gc.unfreeze()
+            if was:
+                gc.enable()
+        turns, steps = turns_frame(res), steps_frame(res)
+        meta = dict(run=name, policy=pol, rate=rate, num_blocks=nb, block_tokens=bt, attention=attention,
+                    model=shape.name)
+        all_turns.append(turns.assign(**meta))
+        all_steps.append(steps.assign(**meta))
+        write_csv(pd.concat(all_turns), out / "turns.csv")
+        write_csv(pd.concat(all_steps), out / "steps.csv")
+        B = steps.decodes.mean() if len(steps) else 0
+        log(f"run {name}: {len(turns)}/{len(traces[rate])} turns, {len(steps)} steps, "
+            f"{sched.stats.preemptions} preemptions, mean decode batch {B:.1f}, "
+            f"TTFT p50 {turns.ttft_s.median() * 1e3:.1f} ms, TPOT p50 {turns.tpot_s.median() * 1e3:.2f} ms, "
+            f"{time.perf_counter() - t_run:.1f} s")
+    ex.drain()
+    compare(out, a, out, device=info["device"])
+
+
+# ---- stage 3: the comparison ----------------------------------------------------------------------------
+
+def cost_model(model: str, profile, gpu_name: str):
+    from sim.config import load_config
+    from sim.costmodel import build_cost_model
+    cfg = {"model": model, "gpu": {"name": gpu_name, "count": 1}}
+    if profile:
+        cfg["hardware_profile"] = str(profile)
+    return build_cost_model(load_config(cfg))
+
+
+def compare(folder: Path, a, out: Path, device: str | None = None) -> None:
+    """Per-step and whole-trace comparison of a call's files with the cost model (roofline unless a
+    profile is given). The tiny smoke model has no cost model of its own: llama2-7b's prices it."""
+    steps = pd.read_csv(folder / "steps.csv", keep_default_na=False, na_values=[""])
+    turns = pd.read_csv(folder / "turns.csv")
+    traces = pd.read_csv(folder / "traces.csv")
+    if device is None:
+        device = json.loads((folder / "env.json").read_text()).get("device", "")
+    gpu = a.gpu_name or ("h200" if "H200" in device else "h100-80gb")
+    model = steps.model.iloc[0] if steps.model.iloc[0] in MODELS else "llama2-7b"
+    cost = cost_model(model, a.profile, gpu)
+    bt = int(steps.block_tokens.iloc[0])
+    summary = {"cost_model": type(cost).__name__, "profile": a.profile, "gpu": gpu, "model": model, "runs": {}}
+    table = []
+    for run, st in steps.groupby("run", sort=False):
+        pred = predict_steps(st, cost)
+        row = {"run": run, **step_summary(pred)}
+        tr = turns[turns.run == run]
+        pol, rate, nb = tr.policy.iloc[0], float(tr.rate.iloc[0]), int(tr.num_blocks.iloc[0])
+        trace = traces[traces.rate == rate].drop(columns=["rate"])
+        trace = trace[trace.session_id.isin(set(tr.session_id))]
+        sim = turns_frame(simulate_sessions(cost, trace, pol, nb, block_tokens=bt))
+        _, s = compare_turns(tr, sim)
+        row.update(s)
+        summary["runs"][run] = row
+        table.append(row)
+    atomic_write_json(out / "compare.json", summary)
+    cols = ["run", "mean_batch", "preemptions", "decode_wall_mape", "mixed_wall_mape", "ttft_mape", "tpot_mape",
+            "ttft_mean_err", "ttft_p99_err", "throughput_err"]
+    df = pd.DataFrame(table)
+    log(f"comparison with {summary['cost_model']} ({model}, {gpu}):")
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
+        print(df[[c for c in cols if c in df.columns]].to_string(index=False), flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)

@@ -1,0 +1,218 @@
+"""The batched executor's runs against the simulator's cost model: per step, and over a whole trace.
+
+Two checks, both needing no SimPy (the GPU image has none):
+
+* `predict_steps`: each measured step (its chunks, decode batch and context, host-loaded tokens, as the
+  executor ran them) priced by `cost.iteration` or, for a pure decode step, `cost.decode_span(B, ctx, 1)`
+  -- exactly what `sim.engine.ChunkedReplica._step` charges for that step. Scheduler differences
+  cannot enter: the decisions are the executor's.
+* `simulate_sessions`: the same trace served by the same loop (`gpu.batched.serve_sessions`, the same
+  `ChunkedScheduler`) on a simulated clock that advances by the cost model's price of each step. The
+  per-turn TTFT and per-request TPOT it predicts are compared with the measured ones (`compare_turns`).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from gpu.batched import StepResult, serve_sessions
+from sim.scheduler import ChunkedConfig, ChunkedScheduler
+
+POLICIES = ("recompute", "hbm", "dram")   # prefix caching off; vLLM's prefix caching; + the host store
+
+
+def parse_chunks(s) -> list[tuple[int, int]]:
+    if not isinstance(s, str) or not s:
+        return []
+    return [tuple(int(v) for v in c.split(":")) for c in s.split(";")]
+
+
+def parse_ext(s) -> list[int]:
+    if isinstance(s, (int, float)) and not (isinstance(s, float) and math.isnan(s)):
+        return [int(s)]
+    if not isinstance(s, str) or not s:
+        return []
+    return [int(v) for v in s.split(";")]
+
+
+def step_cost_s(cost, chunks, batch: int, ctx: int, ext: list[int], buffer_layers: int, layerwise: bool) -> float:
+    """The simulator's price of one step (sim/engine.py ChunkedReplica._step): host-store loads per
+    layer summed over the admitted requests, then one mixed iteration; a step with no chunk and no
+    load is a decode step."""
+    L = cost.shape.layers
+    per_layer = cost.shape.kv_bytes_per_token / L
+    load_layer = sum(cost.history_load_layer_s(e * per_layer) for e in ext if e)
+    if chunks or load_layer:
+        return cost.iteration(chunks, batch, ctx, load_layer, buffer_layers, layerwise).total_s
+    return cost.decode_span(batch, ctx, 1)[0]
+
+
+def predict_steps(steps: pd.DataFrame, cost, buffer_layers: int = 2, layerwise: bool = True) -> pd.DataFrame:
+    """`steps` (the executor's step table) with the cost model's `pred_ms` and the error of the
+    measured wall time (`wall_err`) and GPU time (`gpu_err`) against it."""
+    pred = [step_cost_s(cost, parse_chunks(c), int(b), int(x), parse_ext(e), buffer_layers, layerwise) * 1e3
+            for c, b, x, e in zip(steps.chunks, steps.decodes, steps.decode_ctx, steps.ext)]
+    out = steps.assign(pred_ms=pred)
+    out["wall_err"] = (out.pred_ms - out.wall_ms) / out.wall_ms
+    out["gpu_err"] = (out.pred_ms - out.gpu_ms) / out.gpu_ms.where(out.gpu_ms > 0)
+    out["kind"] = np.where(out.chunk_tokens > 0, "mixed", "decode")
+    return out
+
+
+class SimClock:
+    """The simulated clock of `simulate_sessions`: moves only by sleeping or by a priced step."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, dt: float) -> None:
+        self.t += max(dt, 0.0)
+
+
+class CostExecutor:
+    """The executor's surface (`gpu.batched.BatchedExecutor`) with no GPU: a step advances the
+    simulated clock by the cost model's price; the host store keeps only counts of saved blocks."""
+
+    def __init__(self, cost, clock: SimClock, block_tokens: int, host: bool, buffer_layers: int = 2,
+                 layerwise: bool = True):
+        self.cost, self.clock, self.bt = cost, clock, block_tokens
+        self.shape = cost.shape
+        self.host_k = True if host else None
+        self.buffer_layers, self.layerwise = buffer_layers, layerwise
+        self.tokens, self.session_of, self.host_saved = {}, {}, {}
+
+    def add(self, req, token_ids, session=None):
+        self.tokens[req] = list(token_ids)
+        self.session_of[req] = session
+
+    def forget(self, req):
+        self.session_of.pop(req, None)
+        return self.tokens.pop(req)
+
+    def open_session(self, session, capacity_tokens):
+        self.host_saved[session] = 0
+
+    def external_tokens(self, req, hit_tokens):
+        s = self.session_of.get(req)
+        return max(self.host_saved.get(s, 0) * self.bt - hit_tokens, 0)
+
+    def save(self, req, blocks, computed_tokens):
+        s = self.session_of.get(req)
+        a, b = self.host_saved.get(s, 0), computed_tokens // self.bt
+        if b <= a:
+            return 0
+        self.host_saved[s] = b
+        return (b - a) * self.bt
+
+    def drain(self):
+        pass
+
+    def run(self, plan, keep_logits=False) -> StepResult:
+        chunks, B, ctx = [], 0, 0
+        sampled = {}
+        for r, n, dec in plan.scheduled:
+            if dec:
+                B += 1
+                ctx += r.prompt_tokens + r.num_output_tokens
+            else:
+                chunks.append((n, r.num_computed_tokens))
+            if r.num_computed_tokens + n >= r.num_tokens:
+                sampled[r] = 0
+                self.tokens[r].append(0)
+        ext = [e for e in plan.external.values() if e]
+        dt = step_cost_s(self.cost, chunks, B, ctx, ext, self.buffer_layers, self.layerwise)
+        self.clock.sleep(dt)
+        return StepResult(sampled, None, dt * 1e3, 0.0, sum(ext))
+
+
+def scheduler_for(policy: str, num_blocks: int, block_tokens: int, max_batched_tokens: int, max_seqs: int,
+                  max_model_len: int, external_hit=None) -> ChunkedScheduler:
+    """The scheduler of a run: prefix caching off for recompute (as the engine runs that policy)."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy {policy!r}, expected one of {POLICIES}")
+    cfg = ChunkedConfig(num_blocks, max_batched_tokens, max_seqs, block_tokens, max_model_len=max_model_len,
+                        prefix_caching=policy != "recompute")
+    return ChunkedScheduler(cfg, external_hit=external_hit if policy == "dram" else None)
+
+
+def trace_sessions(trace: pd.DataFrame) -> dict:
+    """Canonical trace -> `serve_sessions`' input: session -> [(arrival_s, think_s, prompt, output)]."""
+    out = {}
+    for sid, g in trace.groupby("session_id", sort=False):
+        g = g.sort_values("turn")
+        out[str(sid)] = [(float(r.arrival_s), float(r.think_s), int(r.prompt_tokens), int(r.output_tokens))
+                         for r in g.itertuples()]
+    return out
+
+
+def simulate_sessions(cost, trace: pd.DataFrame, policy: str, num_blocks: int, block_tokens: int = 16,
+                      max_batched_tokens: int = 8192, max_seqs: int = 1024, buffer_layers: int = 2,
+                      layerwise: bool = True):
+    """The trace served by the executor's loop and scheduler on the cost model's clock."""
+    clock = SimClock()
+    ex = CostExecutor(cost, clock, block_tokens, policy == "dram", buffer_layers, layerwise)
+    sched = scheduler_for(policy, num_blocks, block_tokens, max_batched_tokens, max_seqs,
+                          cost.shape.max_context_tokens, ex.external_tokens)
+    return serve_sessions(ex, sched, trace_sessions(trace), clock=clock, sleep=clock.sleep)
+
+
+def turns_frame(res) -> pd.DataFrame:
+    rows = [dict(vars(t), ttft_s=t.ttft_s) for t in res.turns]
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["tpot_s"] = (df.finish_s - df.first_token_s) / (df.output_tokens - 1).where(df.output_tokens > 1)
+    return df
+
+
+def steps_frame(res) -> pd.DataFrame:
+    return pd.DataFrame([vars(s) for s in res.steps])
+
+
+def compare_turns(meas: pd.DataFrame, sim: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Per-turn TTFT and per-request TPOT, measured vs simulated (matched by session and turn), and the
+    run's summary: MAPEs, mean and p99 TTFT errors, throughput (output tokens over the makespan)."""
+    keys = ["session_id", "turn"]
+    j = meas.merge(sim[keys + ["ttft_s", "tpot_s", "finish_s"]], on=keys, suffixes=("_meas", "_sim"))
+    j["ttft_err"] = (j.ttft_s_sim - j.ttft_s_meas) / j.ttft_s_meas
+    j["tpot_err"] = (j.tpot_s_sim - j.tpot_s_meas) / j.tpot_s_meas
+
+    def thr(df, fin):
+        span = df[fin].max() - df.arrival_s.min()
+        return float(df.output_tokens.sum() / span) if span > 0 else math.nan
+
+    def rel(a, b):
+        return float((a - b) / b) if b else math.nan
+    # a run cut at its time limit left turns out: the simulated throughput counts the same turns
+    m_thr, s_thr = thr(meas, "finish_s"), thr(sim.merge(meas[keys], on=keys), "finish_s")
+    summary = {
+        "turns_meas": int(len(meas)), "turns_sim": int(len(sim)), "turns_matched": int(len(j)),
+        "ttft_mape": float(j.ttft_err.abs().mean()), "tpot_mape": float(j.tpot_err.abs().mean()),
+        "ttft_mean_meas_s": float(j.ttft_s_meas.mean()), "ttft_mean_sim_s": float(j.ttft_s_sim.mean()),
+        "ttft_mean_err": rel(j.ttft_s_sim.mean(), j.ttft_s_meas.mean()),
+        "ttft_p99_meas_s": float(j.ttft_s_meas.quantile(0.99)), "ttft_p99_sim_s": float(j.ttft_s_sim.quantile(0.99)),
+        "ttft_p99_err": rel(j.ttft_s_sim.quantile(0.99), j.ttft_s_meas.quantile(0.99)),
+        "tpot_mean_meas_s": float(j.tpot_s_meas.mean()), "tpot_mean_sim_s": float(j.tpot_s_sim.mean()),
+        "throughput_meas_tok_s": m_thr, "throughput_sim_tok_s": s_thr, "throughput_err": rel(s_thr, m_thr),
+    }
+    return j, summary
+
+
+def step_summary(pred: pd.DataFrame) -> dict:
+    """Per-step errors by kind of step, and the mean running batch weighted by step time."""
+    out = {"steps": int(len(pred)),
+           "mean_batch": float(((pred.decodes + pred.chunks.fillna("").str.count(":")) * pred.wall_ms).sum()
+                               / pred.wall_ms.sum()) if len(pred) else math.nan,
+           "preemptions": int(pred.preempted.sum())}
+    for kind, g in pred.groupby("kind"):
+        out[f"{kind}_steps"] = int(len(g))
+        out[f"{kind}_wall_mape"] = float(g.wall_err.abs().mean())
+        out[f"{kind}_wall_bias"] = float(g.wall_err.mean())
+        out[f"{kind}_gpu_mape"] = float(g.gpu_err.abs().mean())
+    out["busy_wall_s"] = float(pred.wall_ms.sum() / 1e3)
+    out["busy_pred_s"] = float(pred.pred_ms.sum() / 1e3)
+    return out

@@ -1,0 +1,276 @@
+"""The batched executor (gpu/batched.py) on CPU with a tiny GQA model: every logit it computes with
+paged, batched, chunked, reused (HBM prefix hit, host-store load) or preempted-and-resumed KV equals a
+one-pass recompute of the same tokens; block tables map tokens to the right slots; NaN in blocks a
+request does not own never reaches its logits."""
+import math
+
+import pytest
+import torch
+
+from gpu.batched import (BatchedExecutor, StepBatch, block_table, random_model, reference_logits,
+                         serve_sessions)
+from gpu.tp_layer import TINY_GQA
+from sim.scheduler import ChunkedConfig, ChunkedScheduler, SeqRequest
+
+BT = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(TINY_GQA, 512, "cpu", torch.float32, seed=3)
+
+
+def ids(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY_GQA.vocab, (n,), generator=g).tolist()
+
+
+def drive(ex, sched, max_steps=500, after_step=None):
+    """Run the scheduler to the end; check every scheduled request's logits against a recompute.
+    Returns the plans."""
+    plans = []
+    for _ in range(max_steps):
+        if not sched.has_unfinished():
+            break
+        plan = sched.schedule()
+        tables = {r: block_table(r) for r, _, _ in plan.scheduled}
+        known = {r: list(ex.tokens[r]) for r, _, _ in plan.scheduled}
+        out = ex.run(plan, keep_logits=True)
+        for row, (r, n, _) in enumerate(plan.scheduled):
+            last = r.num_computed_tokens + n - 1
+            ref = reference_logits(ex.model, known[r][:last + 1])[last]
+            got = out.logits[row]
+            assert torch.isfinite(got).all(), f"{r.id}: NaN logits at position {last}"
+            assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4), f"{r.id}: logits differ at position {last}"
+        finished = sched.update(plan)
+        if after_step is not None:
+            after_step(plan, finished, tables)
+        plans.append(plan)
+    assert not sched.has_unfinished()
+    return plans
+
+
+def test_block_table_maps_new_tokens_to_their_slots(model):
+    ex = BatchedExecutor(model, num_blocks=10, block_tokens=BT)
+    r = SeqRequest("a", 9, 2, lambda i: ("a", i))
+    r.blocks = [5, 2, 9]
+    r.num_computed_tokens = 6
+    ex.add(r, ids(1, 9))
+
+    class P:
+        scheduled = [(r, 3, False)]
+    sb: StepBatch = ex.layout(P)
+    # positions 6, 7 sit in the request's block 1 (id 2) at offsets 2, 3; position 8 in block 2 (id 9)
+    assert sb.positions.tolist() == [6, 7, 8]
+    assert sb.slots.tolist() == [2 * 4 + 2, 2 * 4 + 3, 9 * 4 + 0]
+    assert sb.ids.tolist() == ids(1, 9)[6:9]
+    assert sb.tables[0].tolist() == [5, 2, 9]
+
+
+def test_batched_chunked_steps_equal_recompute_with_poisoned_free_blocks(model):
+    # three requests under a 10-token budget: chunked prefills ride with decodes in one forward
+    sched = ChunkedScheduler(ChunkedConfig(num_blocks=40, max_num_batched_tokens=10, block_tokens=BT,
+                                           prefix_caching=False))
+    ex = BatchedExecutor(model, num_blocks=40, block_tokens=BT, poison=True)
+    for k, (p, o) in enumerate([(13, 5), (7, 6), (22, 3)]):
+        r = SeqRequest(k, p, o, lambda i, k=k: (k, i))
+        ex.add(r, ids(10 + k, p))
+        sched.add_request(r)
+    plans = drive(ex, sched)
+    assert any(sum(1 for x in p.scheduled if x.is_decode) and any(not x.is_decode for x in p.scheduled)
+               for p in plans), "no step mixed decodes and prefill chunks"
+
+
+def test_varlen_layout_equals_recompute(model):
+    sched = ChunkedScheduler(ChunkedConfig(num_blocks=40, max_num_batched_tokens=12, block_tokens=BT,
+                                           prefix_caching=False))
+    ex = BatchedExecutor(model, num_blocks=40, block_tokens=BT, attention="flash_varlen", poison=True)
+    for k, (p, o) in enumerate([(9, 4), (17, 3)]):
+        r = SeqRequest(k, p, o, lambda i, k=k: (k, i))
+        ex.add(r, ids(20 + k, p))
+        sched.add_request(r)
+    drive(ex, sched)
+
+
+def two_turns(ex, sched, first=(14, 6), prompt2=5):
+    """Session s: turn 0, then turn 1 = turn 0's tokens (its reply included) + a new prompt."""
+    r0 = SeqRequest(("s", 0), first[0], first[1], lambda i: ("s", i))
+    ex.add(r0, ids(30, first[0]), session="s")
+    sched.add_request(r0)
+    saved = {}
+
+    def save(plan, finished, tables):
+        for r in finished:
+            saved[r] = ex.save(r, tables[r], r.num_computed_tokens)
+    drive(ex, sched, after_step=save)
+    toks = ex.forget(r0)
+    assert len(toks) == first[0] + first[1]
+    r1 = SeqRequest(("s", 1), len(toks) + prompt2, 3, lambda i: ("s", i))
+    ex.add(r1, toks + ids(31, prompt2), session="s")
+    sched.add_request(r1)
+    return r1, saved
+
+
+def test_prefix_cache_hit_reuses_blocks_and_equals_recompute(model):
+    sched = ChunkedScheduler(ChunkedConfig(num_blocks=30, max_num_batched_tokens=64, block_tokens=BT))
+    ex = BatchedExecutor(model, num_blocks=30, block_tokens=BT, poison=True)
+    r1, _ = two_turns(ex, sched)
+    plans = drive(ex, sched)
+    # turn 0 computed 14 + 5 tokens' KV (its last reply token has none): 4 full blocks are cached
+    assert plans[0].admitted[r1] == 16
+    assert plans[0].scheduled[0].num_new_tokens == 25 - 16
+
+
+def test_host_store_load_equals_recompute(model):
+    # prefix caching off: the history can only come back from the host store
+    ex = BatchedExecutor(model, num_blocks=30, block_tokens=BT, host_blocks=16, poison=True)
+    sched = ChunkedScheduler(ChunkedConfig(num_blocks=30, max_num_batched_tokens=64, block_tokens=BT,
+                                           prefix_caching=False), external_hit=ex.external_tokens)
+    ex.open_session("s", 40)
+    r1, saved = two_turns(ex, sched)
+    assert list(saved.values()) == [16]   # 19 computed tokens: 4 whole blocks go to the host
+    plans = drive(ex, sched)
+    assert plans[0].admitted[r1] == 0 and plans[0].external[r1] == 16
+
+
+def test_a_skipped_host_load_is_caught_by_the_poison(model):
+    """The check above can fail: without the load, the request attends NaN-filled blocks."""
+    ex = BatchedExecutor(model, num_blocks=30, block_tokens=BT, host_blocks=16, poison=True)
+    sched = ChunkedScheduler(ChunkedConfig(num_blocks=30, max_num_batched_tokens=64, block_tokens=BT,
+                                           prefix_caching=False), external_hit=ex.external_tokens)
+    ex.open_session("s", 40)
+    two_turns(ex, sched)
+    ex._issue_loads = lambda loads, main: None
+    with pytest.raises(AssertionError, match="NaN logits"):
+        drive(ex, sched)
+
+
+def test_preemption_by_recompute_still_equals_recompute(model):
+    # 12 blocks of 4 tokens for three requests that need 6-8 blocks each: the scheduler preempts
+    sched = ChunkedScheduler(ChunkedConfig(num_blocks=12, max_num_batched_tokens=16, block_tokens=BT,
+                                           prefix_caching=True))
+    ex = BatchedExecutor(model, num_blocks=12, block_tokens=BT, poison=True)
+    for k, (p, o) in enumerate([(10, 16), (9, 14), (11, 15)]):
+        r = SeqRequest(k, p, o, lambda i, k=k: (k, i))
+        ex.add(r, ids(40 + k, p))
+        sched.add_request(r)
+    drive(ex, sched)
+    assert sched.stats.preemptions > 0
+
+
+class FakeClock:
+    """A clock that advances only when the server sleeps or a step runs (1 ms a step)."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        self.t += 0.0005
+        return self.t
+
+    def sleep(self, dt):
+        self.t += dt
+
+
+def test_serve_sessions_follows_arrivals_and_think_times(model):
+    ex = BatchedExecutor(model, num_blocks=60, block_tokens=BT, host_blocks=64)
+    sched = ChunkedScheduler(ChunkedConfig(num_blocks=60, max_num_batched_tokens=32, block_tokens=BT,
+                                           prefix_caching=False), external_hit=ex.external_tokens)
+    sessions = {"a": [(0.0, math.nan, 9, 4), (math.nan, 0.5, 6, 3)],
+                "b": [(0.2, math.nan, 21, 5)]}
+    clk = FakeClock()
+    res = serve_sessions(ex, sched, sessions, clock=clk, sleep=clk.sleep)
+    turns = {(t.session_id, t.turn): t for t in res.turns}
+    assert set(turns) == {("a", 0), ("a", 1), ("b", 0)}
+    a0, a1, b0 = turns[("a", 0)], turns[("a", 1)], turns[("b", 0)]
+    # turn 1 arrives think_s after turn 0's reply ended, and carries turn 0's 13 tokens + 6 new
+    assert a1.arrival_s == pytest.approx(a0.finish_s + 0.5)
+    assert a1.prompt_tokens == 19
+    # turn 0 computed 12 tokens' KV: 3 whole blocks come back from the host store
+    assert a1.ext_tokens == 12 and a0.saved_tokens == 12
+    assert b0.arrival_s == pytest.approx(0.2) and b0.first_token_s > 0.2
+    for t in res.turns:
+        assert t.arrival_s < t.first_token_s <= t.finish_s
+    assert sum(s.decodes for s in res.steps) == sum(t.output_tokens - 1 for t in res.turns)
+    assert sum(s.chunk_tokens for s in res.steps) == sum(t.prompt_tokens - t.ext_tokens for t in res.turns)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["flash_varlen"])
+def test_cuda_flash_kinds_equal_sdpa(kind):
+    m = random_model(TINY_GQA, 512, "cuda", torch.bfloat16, seed=3)
+    outs = {}
+    for k in ("sdpa", kind):
+        sched = ChunkedScheduler(ChunkedConfig(num_blocks=40, max_num_batched_tokens=10, block_tokens=16))
+        ex = BatchedExecutor(m, num_blocks=40, block_tokens=16, attention=k)
+        for j, (p, o) in enumerate([(37, 5), (70, 6)]):
+            r = SeqRequest(j, p, o, lambda i, j=j: (j, i))
+            ex.add(r, ids(50 + j, p))
+            sched.add_request(r)
+        rows = []
+        while sched.has_unfinished():
+            plan = sched.schedule()
+            rows.append(ex.run(plan, keep_logits=True).logits)
+            sched.update(plan)
+        outs[k] = torch.cat(rows)
+    err = (outs[kind] - outs["sdpa"]).norm() / outs["sdpa"].norm()
+    assert err < 2e-2
+
+
+# ---- the comparison side (gpu/batched_validate.py) and the device script's CPU path ---------------
+
+class ConstantCost:
+    """A cost model whose every step costs 10 ms (20 ms with a host load): timings by hand."""
+    shape = TINY_GQA
+
+    def history_load_layer_s(self, chunk_bytes):
+        return 0.001 if chunk_bytes else 0.0
+
+    def iteration(self, chunks, batch, ctx, load_layer_s=0.0, buffer_layers=2, layerwise=True):
+        class It:
+            total_s = 0.010 + (0.010 if load_layer_s else 0.0)
+        return It()
+
+    def decode_span(self, batch, ctx, kmax, budget_s=math.inf):
+        return 0.010 * kmax, kmax
+
+
+def test_simulated_sessions_advance_by_the_cost_of_each_step():
+    import pandas as pd
+    from gpu.batched_validate import simulate_sessions, turns_frame
+    trace = pd.DataFrame({"session_id": ["a", "a"], "turn": [0, 1], "arrival_s": [0.5, math.nan],
+                          "think_s": [math.nan, 1.0], "prompt_tokens": [8, 5], "output_tokens": [3, 2]})
+    t = turns_frame(simulate_sessions(ConstantCost(), trace, "dram", num_blocks=50, block_tokens=4))
+    a0, a1 = t.iloc[0], t.iloc[1]
+    # turn 0: the prefill step ends at 0.51 (first token), two decode steps end at 0.53
+    assert a0.ttft_s == pytest.approx(0.010) and a0.finish_s == pytest.approx(0.53)
+    assert a0.tpot_s == pytest.approx(0.010)
+    # turn 1 arrives 1 s later with 11 + 5 tokens; turn 0 computed 10 tokens' KV: 2 full blocks,
+    # still cached in HBM (the host store's copy is not needed), then one prefill and one decode step
+    assert a1.arrival_s == pytest.approx(1.53) and (a1.hit_tokens, a1.ext_tokens) == (8, 0)
+    assert a0.saved_tokens == 8
+    assert a1.ttft_s == pytest.approx(0.010) and a1.finish_s == pytest.approx(1.55)
+
+
+def test_a_step_with_a_host_load_is_priced_as_an_iteration_with_its_load():
+    from gpu.batched_validate import step_cost_s
+    cost = ConstantCost()
+    assert step_cost_s(cost, [], 3, 30, [], 2, True) == pytest.approx(0.010)       # a decode step
+    assert step_cost_s(cost, [], 3, 30, [16], 2, True) == pytest.approx(0.020)     # a load rides along
+    assert step_cost_s(cost, [(5, 16)], 3, 30, [16], 2, True) == pytest.approx(0.020)
+
+
+def test_device_script_cpu_smoke_writes_every_file(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "bench/gpu_batched_validate.py", "--cpu-smoke", "--policies", "dram",
+                        "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for f in ("env.json", "attn_bench.csv", "traces.csv", "turns.csv", "steps.csv", "compare.json"):
+        assert (tmp_path / f).exists(), f
+    runs = json.loads((tmp_path / "compare.json").read_text())["runs"]
+    assert set(runs) == {"dram_r4", "dram_r8", "hbm_r8_preempt"}
+    assert all(v["turns_matched"] == v["turns_meas"] > 0 for v in runs.values())
