@@ -126,7 +126,7 @@ def attention_bench(model, a, bt, num_blocks, cuda) -> tuple[str, pd.DataFrame]:
                         ex.tokens[r] = list(toks)
                     if i >= 2:
                         times.append(out.gpu_ms)
-                row.update(rel_err=err, ok=bool(err < 2e-2 and math.isfinite(err)), median_ms=float(np.median(times)),
+                row.update(rel_err=err, ok=bool(err < 5e-2 and math.isfinite(err)), median_ms=float(np.median(times)),
                            min_ms=float(np.min(times)))
             except Exception as exc:   # a kind this torch or this block size does not support
                 row.update(rel_err=math.nan, ok=False, median_ms=math.nan, error=repr(exc)[:300])
@@ -216,9 +216,9 @@ def main():
     atomic_write_json(out / "env.json", info)
     log(f"attention kind for the runs: {attention}")
 
-    host_tokens = max(int((t.prompt_tokens + t.output_tokens).sum()) + bt * t.session_id.nunique()
-                      for t in traces.values())
-    host_blocks = -(-host_tokens // bt) + 8
+    # each session reserves ceil((its tokens + one block) / bt) host blocks (`open_session`)
+    host_blocks = max(sum(-(-(int(g.prompt_tokens.sum() + g.output_tokens.sum()) + bt) // bt)
+                          for _, g in t.groupby("session_id")) for t in traces.values()) + 8
     ex = BatchedExecutor(model, num_blocks, bt, attention=attention, host_blocks=host_blocks, kv=shared_kv)
     log(f"host store: {host_blocks} blocks ({host_blocks * bt * kv_token / 1e9:.1f} GB pinned)")
 

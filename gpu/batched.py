@@ -50,8 +50,11 @@ ATTENTION_KINDS = ("sdpa", "flash_varlen", "flash_paged")
 
 def block_table(req) -> list[int]:
     """A request's KV block ids in token order. The one place the executor reads the scheduler's
-    block list, so a change of the pool's representation is adapted here."""
-    return list(req.blocks)
+    block list. Block ids exist in the exact pool only (the simulator's run pool keeps runs)."""
+    blocks = req.blocks
+    if blocks and not isinstance(blocks[0], int):
+        raise TypeError("the executor needs block ids: build its scheduler with ChunkedConfig(pool='exact')")
+    return list(blocks)
 
 
 # ---- weights --------------------------------------------------------------------------------------

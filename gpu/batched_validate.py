@@ -136,7 +136,7 @@ def scheduler_for(policy: str, num_blocks: int, block_tokens: int, max_batched_t
     if policy not in POLICIES:
         raise ValueError(f"policy {policy!r}, expected one of {POLICIES}")
     cfg = ChunkedConfig(num_blocks, max_batched_tokens, max_seqs, block_tokens, max_model_len=max_model_len,
-                        prefix_caching=policy != "recompute")
+                        prefix_caching=policy != "recompute", pool="exact")  # block ids for the block tables
     return ChunkedScheduler(cfg, external_hit=external_hit if policy == "dram" else None)
 
 

@@ -43,7 +43,7 @@ def sim_config(run: str, trace, profile, model: str = TRACE_MODEL, n_sessions: i
     base = {"name": f"gpu-validate-{run}", "model": model, "hardware_profile": str(profile),
             "gpu": {"name": "h100-80gb", "count": gpus},
             "host": {"dram_bytes": "400GB"}, "ssd": {"bytes": "2TB"},
-            "scheduler": {"max_batch": 1, "max_prefill_tokens": 1 << 20, "lookahead_jobs": 0},
+            "scheduler": {"kind": "prefill_first", "max_batch": 1, "max_prefill_tokens": 1 << 20, "lookahead_jobs": 0},
             "workload": {"trace": str(trace)},
             "policy": {"async_save": True, "scheduler_aware_fetch": False}}
     over = dict(SIM_OVERRIDES_BY_RUN[run])

@@ -267,8 +267,9 @@ def _bar_errors(g: pd.DataFrame, m: str, scale: float = 1.0):
     several = (g["_n"] > 1) & ~g["_failed"]
     if not several.any():
         return None
-    return [((g[m] - g[f"{m}_min"]) * scale).where(several, 0).fillna(0),
-            ((g[f"{m}_max"] - g[m]) * scale).where(several, 0).fillna(0)]
+    # clipped at 0: the mean of equal values can round an ulp past them
+    return [((g[m] - g[f"{m}_min"]) * scale).where(several, 0).fillna(0).clip(lower=0),
+            ((g[f"{m}_max"] - g[m]) * scale).where(several, 0).fillna(0).clip(lower=0)]
 
 
 def _label_no_result(ax, xs, failed) -> None:

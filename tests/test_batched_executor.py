@@ -69,7 +69,7 @@ def test_block_table_maps_new_tokens_to_their_slots(model):
 
 def test_batched_chunked_steps_equal_recompute_with_poisoned_free_blocks(model):
     # three requests under a 10-token budget: chunked prefills ride with decodes in one forward
-    sched = ChunkedScheduler(ChunkedConfig(num_blocks=40, max_num_batched_tokens=10, block_tokens=BT,
+    sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=40, max_num_batched_tokens=10, block_tokens=BT,
                                            prefix_caching=False))
     ex = BatchedExecutor(model, num_blocks=40, block_tokens=BT, poison=True)
     for k, (p, o) in enumerate([(13, 5), (7, 6), (22, 3)]):
@@ -82,7 +82,7 @@ def test_batched_chunked_steps_equal_recompute_with_poisoned_free_blocks(model):
 
 
 def test_varlen_layout_equals_recompute(model):
-    sched = ChunkedScheduler(ChunkedConfig(num_blocks=40, max_num_batched_tokens=12, block_tokens=BT,
+    sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=40, max_num_batched_tokens=12, block_tokens=BT,
                                            prefix_caching=False))
     ex = BatchedExecutor(model, num_blocks=40, block_tokens=BT, attention="flash_varlen", poison=True)
     for k, (p, o) in enumerate([(9, 4), (17, 3)]):
@@ -112,7 +112,7 @@ def two_turns(ex, sched, first=(14, 6), prompt2=5):
 
 
 def test_prefix_cache_hit_reuses_blocks_and_equals_recompute(model):
-    sched = ChunkedScheduler(ChunkedConfig(num_blocks=30, max_num_batched_tokens=64, block_tokens=BT))
+    sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=30, max_num_batched_tokens=64, block_tokens=BT))
     ex = BatchedExecutor(model, num_blocks=30, block_tokens=BT, poison=True)
     r1, _ = two_turns(ex, sched)
     plans = drive(ex, sched)
@@ -124,7 +124,7 @@ def test_prefix_cache_hit_reuses_blocks_and_equals_recompute(model):
 def test_host_store_load_equals_recompute(model):
     # prefix caching off: the history can only come back from the host store
     ex = BatchedExecutor(model, num_blocks=30, block_tokens=BT, host_blocks=16, poison=True)
-    sched = ChunkedScheduler(ChunkedConfig(num_blocks=30, max_num_batched_tokens=64, block_tokens=BT,
+    sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=30, max_num_batched_tokens=64, block_tokens=BT,
                                            prefix_caching=False), external_hit=ex.external_tokens)
     ex.open_session("s", 40)
     r1, saved = two_turns(ex, sched)
@@ -136,7 +136,7 @@ def test_host_store_load_equals_recompute(model):
 def test_a_skipped_host_load_is_caught_by_the_poison(model):
     """The check above can fail: without the load, the request attends NaN-filled blocks."""
     ex = BatchedExecutor(model, num_blocks=30, block_tokens=BT, host_blocks=16, poison=True)
-    sched = ChunkedScheduler(ChunkedConfig(num_blocks=30, max_num_batched_tokens=64, block_tokens=BT,
+    sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=30, max_num_batched_tokens=64, block_tokens=BT,
                                            prefix_caching=False), external_hit=ex.external_tokens)
     ex.open_session("s", 40)
     two_turns(ex, sched)
@@ -147,7 +147,7 @@ def test_a_skipped_host_load_is_caught_by_the_poison(model):
 
 def test_preemption_by_recompute_still_equals_recompute(model):
     # 12 blocks of 4 tokens for three requests that need 6-8 blocks each: the scheduler preempts
-    sched = ChunkedScheduler(ChunkedConfig(num_blocks=12, max_num_batched_tokens=16, block_tokens=BT,
+    sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=12, max_num_batched_tokens=16, block_tokens=BT,
                                            prefix_caching=True))
     ex = BatchedExecutor(model, num_blocks=12, block_tokens=BT, poison=True)
     for k, (p, o) in enumerate([(10, 16), (9, 14), (11, 15)]):
@@ -174,7 +174,7 @@ class FakeClock:
 
 def test_serve_sessions_follows_arrivals_and_think_times(model):
     ex = BatchedExecutor(model, num_blocks=60, block_tokens=BT, host_blocks=64)
-    sched = ChunkedScheduler(ChunkedConfig(num_blocks=60, max_num_batched_tokens=32, block_tokens=BT,
+    sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=60, max_num_batched_tokens=32, block_tokens=BT,
                                            prefix_caching=False), external_hit=ex.external_tokens)
     sessions = {"a": [(0.0, math.nan, 9, 4), (math.nan, 0.5, 6, 3)],
                 "b": [(0.2, math.nan, 21, 5)]}
@@ -201,7 +201,7 @@ def test_cuda_flash_kinds_equal_sdpa(kind):
     m = random_model(TINY_GQA, 512, "cuda", torch.bfloat16, seed=3)
     outs = {}
     for k in ("sdpa", kind):
-        sched = ChunkedScheduler(ChunkedConfig(num_blocks=40, max_num_batched_tokens=10, block_tokens=16))
+        sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=40, max_num_batched_tokens=10, block_tokens=16))
         ex = BatchedExecutor(m, num_blocks=40, block_tokens=16, attention=k)
         for j, (p, o) in enumerate([(37, 5), (70, 6)]):
             r = SeqRequest(j, p, o, lambda i, j=j: (j, i))
