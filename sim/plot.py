@@ -163,7 +163,8 @@ def _lines(ax, df: pd.DataFrame, x: str, y: str, series: list[str], scale: float
         label = _label(dict(zip(series, key)), series) + suffix
         color = f"C{i % 10}"
         several = (g["_n"] > 1) & ~g["_failed"]
-        yerr = ([((g[y] - g[f"{y}_min"]) * scale).where(several, 0), ((g[f"{y}_max"] - g[y]) * scale).where(several, 0)]
+        yerr = ([((g[y] - g[f"{y}_min"]) * scale).where(several, 0).clip(lower=0),
+                 ((g[f"{y}_max"] - g[y]) * scale).where(several, 0).clip(lower=0)]
                 if several.any() else None)
         ax.errorbar(g[x], g[y] * scale, yerr=yerr, fmt=style, capsize=2, label=label, markersize=4, color=color)
         _mark_no_result(ax, g.loc[g["_failed"], x], color)
