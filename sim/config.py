@@ -18,7 +18,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 from sim.errors import KvsimError, parse_yaml, read_yaml, show
 from sim.models import GPUS, MODELS, READ_BUFFER_LAYERS, GpuSpec, ModelShape
 from sim.costmodel import CONTENTION
-from sim.scheduler import (PREEMPTION_MODES, SCHEDULER_KINDS, VLLM_BLOCK_TOKENS, VLLM_GPU_MAX_NUM_BATCHED_TOKENS,
+from sim.scheduler import (PREEMPTION_MODES, SCHEDULER_KINDS, VLLM_SWAP_SPACE_BYTES, VLLM_BLOCK_TOKENS, VLLM_GPU_MAX_NUM_BATCHED_TOKENS,
                            VLLM_GPU_MAX_NUM_SEQS)
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "PB": 1e15,
@@ -169,7 +169,13 @@ class SchedulerConfig:
                             help="chunked: share of the KV blocks an admission must leave free; 0 = off")
     preemption: str = knob("recompute", choices=PREEMPTION_MODES,
                            help="chunked: what a preempted request loses (recompute: all its KV, computed "
-                                "again when it resumes, after a fresh prefix lookup)")
+                                "again when it resumes, after a fresh prefix lookup; swap: its KV is copied to "
+                                "host memory over D2H and back over H2D on resumption, vLLM V0's swap, while "
+                                "scheduler.swap_space holds it, else recompute)")
+    swap_space: float = knob(float(VLLM_SWAP_SPACE_BYTES), unit="bytes", size=True, lo=0.0, hi=1e15,
+                             why="a petabyte of host memory per GPU is beyond any server",
+                             help="chunked, preemption swap: host memory per replica for swapped-out KV "
+                                  "(vLLM's --swap-space, 4 GiB), apart from the KV store's DRAM")
 
 
 @dataclass(frozen=True)
@@ -603,7 +609,7 @@ _KEYED_WHEN_SET = frozenset(
         "sliding_window", "full_attention_interval", "experts", "experts_per_token", "shared_experts",
         "expert_intermediate", "dense_layers", "kv_dtype_bytes", "expert_dtype_bytes")]
     + [f"scheduler.{k}" for k in ("kind", "max_num_batched_tokens", "max_num_seqs", "block_tokens",
-                                  "long_prefill_token_threshold", "watermark", "preemption")]
+                                  "long_prefill_token_threshold", "watermark", "preemption", "swap_space")]
     + ["workload.shared_prefix_tokens"])
 
 

@@ -147,6 +147,12 @@ class Table1D:
             return interp1(self.xs, self.ys, math.log(max(x, 1.0)))
         return interp1(self.xs, self.ys, x)
 
+    def time(self, x: float) -> float:
+        """A time looked up: an extrapolation that falls to 0 or below (noisy, non-monotone samples)
+        takes the fastest measured time instead, since nothing runs in no time."""
+        v = self(x)
+        return v if v > 0.0 else _fastest(self.ys)
+
 
 @dataclass(frozen=True)
 class Table2D:
@@ -156,6 +162,16 @@ class Table2D:
 
     def __call__(self, x: float, y: float) -> float:
         return interp2(self.xs, self.ys, self.z, x, y)
+
+    def time(self, x: float, y: float) -> float:
+        """As `Table1D.time`."""
+        v = interp2(self.xs, self.ys, self.z, x, y)
+        return v if v > 0.0 else _fastest(v for row in self.z for v in row)
+
+
+def _fastest(values) -> float:
+    pos = [v for v in values if v > 0.0]
+    return min(pos) if pos else 0.0
 
 
 @dataclass(frozen=True)
@@ -842,20 +858,20 @@ class ProfileCost(CostModel):
     def prefill_layer_s(self, new: float, hist: float) -> float:
         if self.profile.prefill_padding is not None:
             new, hist = self.profile.prefill_padding.padded(math.ceil(new), math.ceil(hist))
-        return max(self.m.prefill_layer_ms(new, hist), 0.0) * MS
+        return self.m.prefill_layer_ms.time(new, hist) * MS
 
     def prefill_head_s(self, new: float) -> float:
         if self.profile.prefill_padding is not None:
             new = self.profile.prefill_padding.new_bucket(max(math.ceil(new), 1))
-        return max(self.m.head_prefill_ms(new), 0.0) * MS
+        return self.m.head_prefill_ms.time(new) * MS
 
     def decode_head_s(self, batch: int) -> float:
-        return max(self.m.head_decode_ms(batch), 0.0) * MS
+        return self.m.head_decode_ms.time(batch) * MS
 
     def decode_step_s(self, batch: int, context_tokens: float) -> float:
         per_seq = context_tokens / batch
-        layer = max(self.m.decode_layer_ms(batch, per_seq), 0.0)
-        return (self.shape.layers * layer + max(self.m.head_decode_ms(batch), 0.0)) * MS
+        layer = self.m.decode_layer_ms.time(batch, per_seq)
+        return (self.shape.layers * layer + self.m.head_decode_ms.time(batch)) * MS
 
     def decode_next_kink(self, batch: int, context_tokens: float) -> float:
         # bilinear in (batch, context per sequence): for a fixed batch, linear between the table's

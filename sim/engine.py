@@ -341,21 +341,28 @@ _NO_LIMIT = 1 << 62  # decode steps in a row when nothing else bounds them
 class ChunkedReplica:
     """One replica serving with vLLM V1's scheduler (`sim.scheduler.ChunkedScheduler`): every step
     runs the decodes and prefill chunks it plans as one iteration (`cost.iteration`), KV lives in
-    paged HBM blocks with a prefix cache, and a request that runs out of blocks is preempted and
-    recomputed. Same surface as `Replica` (`attach`, `submit`, the recorder and the busy times).
+    paged HBM blocks with a prefix cache, and a request that runs out of blocks is preempted:
+    recomputed, or with `scheduler.preemption: swap` its KV copied to host memory over D2H and back
+    over H2D before the step that resumes it (`_swap`). Same surface as `Replica` (`attach`, `submit`,
+    the recorder and the busy times).
 
     A turn is one request: its input is the kept history plus the new prompt (truncated to the
     window as `PrefillFirstScheduler.make_job` does) and its reply stops it at its length. Its
     blocks' prefix-cache keys: `("system", i)` inside `workload.shared_prefix_tokens` (a chat
     template's system prompt, shared by every session), else `(session, epoch, i)` (the epoch moves
     when the history is truncated: the remaining tokens sit at other block offsets), or for a
-    Mooncake request its 512-token `prefix_hashes` split into blocks, `(hash[i // m], i % m)`.
+    Mooncake request its 512-token `prefix_hashes` split into blocks, `(hash[i // m], i % m)`. They
+    reach the scheduler as chains (`sim.blocks`: one segment per chain), which the run pool keeps
+    as runs of blocks.
 
     Policies: recompute runs with prefix caching off; hbm_prefix with vLLM's automatic prefix
     caching (freed blocks stay cached until their block is reused); attentionstore adds the host
     store as vLLM's KV connector does: at admission the session's saved history (DRAM, else SSD)
     supplies the whole blocks after the HBM hit, loaded layer by layer during the admitting step
-    (CachedAttention §3.2), and a finished turn's KV is saved to the host (§3.3).
+    (CachedAttention §3.2), and a finished turn's KV is saved to the host (§3.3). Scheduler-aware
+    fetching (§3.4) stages the SSD-resident history of requests in the waiting queue's look-ahead
+    window into DRAM; Round Attention scales the host loads (its HBM saving is not modelled here:
+    paged blocks hold every layer). Not modelled under chunked: the write buffer's HBM.
 
     Events stay O(1) per turn: a step with prefill work is one timeout, and a stretch of pure
     decode steps with nothing changing is one timeout priced in closed form (`cost.decode_span`),
@@ -373,9 +380,6 @@ class ChunkedReplica:
         self.layerwise = pol.layerwise_preload
         self.buffer_layers = pol.read_buffer_layers
         self.async_save = pol.async_save
-        if pol.round_attention.enabled:
-            raise KvsimError(f"{cfg.source}: policy.round_attention: not modelled with scheduler.kind chunked; "
-                             f"expected enabled false or scheduler.kind prefill_first")
         bt = self.block_tokens = sch.block_tokens
         self.w_hashes = workload.prefix_hashes
         if any(h is not None for h in self.w_hashes) and BLOCK_TOKENS % bt:
@@ -395,7 +399,8 @@ class ChunkedReplica:
         self.sched = ChunkedScheduler(
             ChunkedConfig(num_blocks, sch.max_num_batched_tokens, sch.max_num_seqs, bt,
                           sch.long_prefill_token_threshold, sch.watermark, sch.preemption,
-                          shape.max_context_tokens, prefix_caching=self.policy != "recompute"),
+                          shape.max_context_tokens, prefix_caching=self.policy != "recompute",
+                          swap_tokens=int(sch.swap_space // self.kv_tok)),
             external_hit=self._external_hit if self.store.on_host else None)
         self.shared_blocks = cfg.workload.shared_prefix_tokens // bt
         self.lookahead_jobs = sch.lookahead_jobs
@@ -411,6 +416,7 @@ class ChunkedReplica:
         self.busy_prefill_s = 0.0  # steps with prefill work (decodes riding along included)
         self.busy_decode_s = 0.0  # pure decode steps
         self.stall_save_s = 0.0
+        self.swap_wait_s = 0.0  # steps held by swap preemptions' copies
         self.proc = None
         self.horizon_s = math.inf  # as `Replica.horizon_s`
 
@@ -421,6 +427,14 @@ class ChunkedReplica:
     @property
     def preempted_tokens_recomputed(self) -> int:
         return self.sched.stats.recomputed_tokens
+
+    @property
+    def preempted_tokens_swapped(self) -> int:
+        return self.sched.stats.swapped_tokens
+
+    @property
+    def preempted_tokens_swapped_in(self) -> int:
+        return self.sched.stats.swapped_in_tokens
 
     def attach(self, source) -> None:
         self.source = source
@@ -581,6 +595,8 @@ class ChunkedReplica:
         start = now
         if plan.admitted:
             load_layer, start = self._admit(plan, now)
+        if plan.swapped_out or plan.swapped_in:
+            start = self._swap(plan, start)
         if chunks or load_layer:
             t = cost.iteration(chunks, B, ctx, load_layer, self.buffer_layers, self.layerwise).total_s
             self.busy_prefill_s += t
@@ -591,6 +607,21 @@ class ChunkedReplica:
         self._step_end, self._step_size = end, len(plan.scheduled)
         self._step_decodes = B
         return end - now
+
+    def _swap(self, plan, start) -> float:
+        """Swap preemption's copies, before the step computes (vLLM V0 swaps in the worker before the
+        forward pass): the victims' KV out over D2H, the resumed requests' KV back over H2D, each queued
+        behind what its link is already moving. Returns when the step can start."""
+        store, cost, kv, L = self.store, self.cost, self.kv_tok, self.L
+        t = start
+        out = sum(n for _, n in plan.swapped_out) * kv
+        if out:
+            t = store.d2h.transfer(t, out, cost.d2h_bw(out / L))
+        back = sum(plan.swapped_in.values()) * kv
+        if back:
+            t = store.h2d.transfer(t, back, cost.h2d_bw(back / L))
+        self.swap_wait_s += t - start
+        return t
 
     def _admit(self, plan, now):
         """Record each request's first admission and price the external hits' loads: (load per layer,
@@ -651,7 +682,13 @@ class ChunkedReplica:
         return load_layer, start
 
     def _external_bytes(self, job, hit: int, ext: int):
-        """(DRAM bytes, SSD bytes, when the DRAM copy is ready) of the `ext` tokens after `hit`."""
+        """(DRAM bytes, SSD bytes, when the DRAM copy is ready) of the `ext` tokens after `hit`; with
+        Round Attention, layers above the watershed load only the kept rounds (`ra_factor` of the bytes)."""
+        d, s, ready = self._external_bytes_all(job, hit, ext)
+        ra = self.turns.ra_factor
+        return (d * ra, s * ra, ready) if ra != 1.0 else (d, s, ready)
+
+    def _external_bytes_all(self, job, hit: int, ext: int):
         dram, kv = self.store.dram, self.kv_tok
         entries = job.hit_entries
         if not job.blocks:

@@ -453,6 +453,12 @@ def summarize(rows: TurnRows, replica, cfg, slo: GoodputSlo = DEFAULT_SLO) -> di
         "itl_p99_s": itl.percentile(99),
         "queue_p99_s": queue_p99,
         "preemptions": int(c["preemptions"].sum()),
+        # what preemptions cost (chunked engine): tokens computed again after a recompute preemption,
+        # tokens copied out and back by swap preemptions, and the steps' time waiting for those copies
+        "preempted_tokens_recomputed": int(getattr(replica, "preempted_tokens_recomputed", 0)),
+        "preempted_tokens_swapped": int(getattr(replica, "preempted_tokens_swapped", 0)),
+        "preempted_tokens_swapped_in": int(getattr(replica, "preempted_tokens_swapped_in", 0)),
+        "swap_wait_s": float(getattr(replica, "swap_wait_s", 0.0)),
         # context tokens reused, by the tier the turn's reused KV came from (its farthest one, for a
         # turn whose prefix blocks sat in several tiers)
         "hit_tokens_hbm": int(hit_by_tier[TIER_CODES.index("hbm")]),

@@ -192,7 +192,8 @@ class PrefillFirstScheduler:
 VLLM_GPU_MAX_NUM_BATCHED_TOKENS = 8192
 VLLM_GPU_MAX_NUM_SEQS = 1024
 VLLM_BLOCK_TOKENS = 16  # CacheConfig's default block size on CUDA
-PREEMPTION_MODES = ("recompute",)
+PREEMPTION_MODES = ("recompute", "swap")
+VLLM_SWAP_SPACE_BYTES = 4 * 2**30  # vLLM's --swap-space default: 4 GiB of host memory per GPU
 SCHEDULER_KINDS = ("prefill_first", "chunked")
 
 
@@ -212,6 +213,8 @@ class ChunkedConfig:
     # `sim.blocks.RunPool` (runs of blocks: the simulator's) or `ExactPool` (block ids: an executor's);
     # the same decisions, checked by tests/test_block_pools.py
     pool: str = "runs"
+    # swap preemption: tokens of KV the host's swap space holds (vLLM's --swap-space over the KV per token)
+    swap_tokens: int = 0
 
     def __post_init__(self):
         for name in ("num_blocks", "max_num_batched_tokens", "max_num_seqs", "block_tokens"):
@@ -226,8 +229,9 @@ class ChunkedConfig:
         if self.pool not in POOLS:
             raise KvsimError(f"scheduler.pool: expected one of {tuple(POOLS)}, got {self.pool!r}")
         if self.preemption not in PREEMPTION_MODES:
-            raise KvsimError(f"scheduler.preemption: expected one of {PREEMPTION_MODES} "
-                             f"(swap is not modelled yet), got {self.preemption!r}")
+            raise KvsimError(f"scheduler.preemption: expected one of {PREEMPTION_MODES}, got {self.preemption!r}")
+        if not isinstance(self.swap_tokens, int) or self.swap_tokens < 0:
+            raise KvsimError(f"scheduler.swap_space: expected room for >= 0 tokens, got {self.swap_tokens!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise KvsimError(f"scheduler.max_model_len: expected an integer >= 2 or none, got {self.max_model_len!r}")
 
@@ -245,7 +249,8 @@ class SeqRequest:
     `num_computed_tokens` is how many tokens have KV in HBM; `num_tokens` = prompt + output so far.
     """
     __slots__ = ("id", "prompt_tokens", "max_tokens", "block_key", "segments", "num_computed_tokens",
-                 "num_output_tokens", "blocks", "num_blocks", "num_cached_blocks", "num_preemptions", "finished")
+                 "num_output_tokens", "blocks", "num_blocks", "num_cached_blocks", "num_preemptions", "finished",
+                 "swapped_tokens")
 
     def __init__(self, id, prompt_tokens: int, max_tokens: int, block_key=None, segments=None):
         if prompt_tokens < 1 or max_tokens < 1:
@@ -265,6 +270,7 @@ class SeqRequest:
         self.num_cached_blocks = 0  # leading blocks already in the prefix cache
         self.num_preemptions = 0
         self.finished = False
+        self.swapped_tokens = 0  # KV swapped out to host memory by a swap preemption, until swapped back in
 
     @property
     def num_tokens(self) -> int:
@@ -294,6 +300,10 @@ class StepPlan:
     num_scheduled_tokens: int = 0
     # admitted request -> tokens an external store supplied beyond its prefix-cache hit (`external_hit`)
     external: dict = field(default_factory=dict)
+    # swap preemption: (request, tokens) copied to host memory before this step (in preemption order),
+    # and admitted request -> tokens copied back before this step
+    swapped_out: list = field(default_factory=list)
+    swapped_in: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -301,6 +311,10 @@ class PreemptionStats:
     preemptions: int = 0
     # tokens whose KV was dropped by recompute preemptions
     dropped_tokens: int = 0
+    # tokens whose KV a swap preemption copied to host memory, and those copied back on resumption
+    # (fewer where the prefix cache still held the request's first blocks)
+    swapped_tokens: int = 0
+    swapped_in_tokens: int = 0
     # dropped tokens computed again after resumption: what the prefix cache did not give back
     recomputed_tokens: int = 0
 
@@ -355,6 +369,8 @@ class ChunkedScheduler:
         self._blocked = False
         # pure-decode stretches have filled blocks not yet given their keys (`apply_decodes`)
         self._lazy = False
+        self._swap_used = 0  # tokens held in the swap space
+        self._swapped_out: list = []  # this step's swap-outs, for its plan
         # the running requests' context tokens, as `decode_run_limit` last found them
         self.decode_context_tokens = 0
 
@@ -427,6 +443,7 @@ class ChunkedScheduler:
 
         admitted = {}
         external = {}
+        swapped_in = {}
         self._blocked = False
         if self._lazy:
             # blocks filled by pure-decode stretches enter the prefix cache before anyone looks up
@@ -444,7 +461,10 @@ class ChunkedScheduler:
                 hit_handle, hit_blocks, evictable = pool.lookup(req, (total - 1) // bt if caching else 0)
                 hit = hit_blocks * bt
                 ext = 0
-                if self.external_hit is not None:
+                if req.swapped_tokens:
+                    # swapped back in: its KV after the prefix hit comes from host memory, partial block too
+                    ext = req.swapped_tokens - hit if req.swapped_tokens > hit else 0
+                elif self.external_hit is not None:
                     # whole blocks after the hit, leaving at least one token to compute
                     ext = min(self.external_hit(req, hit), (total - 1) // bt * bt - hit) // bt * bt
                     if ext < 0:
@@ -465,7 +485,13 @@ class ChunkedScheduler:
                 running.append(req)
                 req.num_computed_tokens = computed
                 admitted[req] = hit
-                if ext:
+                if req.swapped_tokens:
+                    self._swap_used -= req.swapped_tokens
+                    req.swapped_tokens = 0
+                    if ext:
+                        swapped_in[req] = ext
+                        self.stats.swapped_in_tokens += ext
+                elif ext:
                     external[req] = ext
                 scheduled.append(Scheduled(req, n, req.num_output_tokens > 0 and computed == total - 1))
                 budget -= n
@@ -475,7 +501,9 @@ class ChunkedScheduler:
                 self._blocked = True
 
         plan = StepPlan(scheduled, preempted, admitted, pool.num_free,
-                        cfg.max_num_batched_tokens - budget, external)
+                        cfg.max_num_batched_tokens - budget, external, self._swapped_out, swapped_in)
+        if self._swapped_out:
+            self._swapped_out = []
         self._planned = plan
         return plan
 
@@ -641,8 +669,22 @@ class ChunkedScheduler:
 
     def _preempt(self, req: SeqRequest) -> None:
         """Recompute preemption (vLLM's `_preempt_request`): free the blocks tail first, forget
-        the progress, requeue at the front."""
+        the progress, requeue at the front. Swap preemption (vLLM V0's `_preempt_by_swap`, for
+        `preemption: swap`): the computed KV is copied to host memory first and copied back when the
+        request is admitted again, nothing recomputed; a victim the swap space cannot hold is
+        recomputed (V0 would stop with an error)."""
         self.stats.preemptions += 1
+        tokens = req.num_computed_tokens
+        if self.cfg.preemption == "swap" and tokens and self._swap_used + tokens <= self.cfg.swap_tokens:
+            self._swap_used += tokens
+            self.stats.swapped_tokens += tokens
+            req.swapped_tokens = tokens
+            self._swapped_out.append((req, tokens))
+            req.num_preemptions += 1
+            self._release(req)
+            req.num_computed_tokens = 0
+            self.waiting.appendleft(req)
+            return
         self.stats.dropped_tokens += req.num_computed_tokens
         self._dropped[req] = max(self._dropped.get(req, 0), req.num_computed_tokens)
         req.num_preemptions += 1

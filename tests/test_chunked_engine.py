@@ -199,3 +199,43 @@ def test_a_request_waiting_in_the_look_ahead_window_has_its_ssd_history_staged_i
     assert t.loc[("a", 1), "hit_tier"] == "dram"
     assert t.loc[("b", 1), "queue_s"] > 0.1  # it waited
     assert t.loc[("b", 1), "hit_tier"] == tier and t.loc[("b", 1), "hit_tokens"] == 320
+
+
+def test_swap_preemption_pays_its_copies_out_and_back_and_recomputes_nothing():
+    # llama2-7b in 16 GB (10% reserved): ~0.9 GB of KV (~110 blocks of 16 tokens) for 8 sessions arriving at once with
+    # 300-token prompts and 400-token replies: blocks run out and the newest running request is preempted
+    df = pd.DataFrame([dict(session_id=f"s{k}", turn=0, arrival_s=1.0 + 0.01 * k, think_s=np.nan,
+                            prompt_tokens=300, output_tokens=400) for k in range(8)])
+    over = {"policy.kind": "hbm_prefix", "gpu.hbm_bytes": 16e9, "host.h2d_gbps": 20.0, "host.d2h_gbps": 10.0}
+    rec, _ = _run(df, **over)
+    swap, cfg = _run(df, **over, **{"scheduler.preemption": "swap"})
+    r, s = rec.summary, swap.summary
+    assert r["preemptions"] > 0 and r["preempted_tokens_recomputed"] > 0 and r["preempted_tokens_swapped"] == 0
+    assert s["preemptions"] > 0 and s["preempted_tokens_recomputed"] == 0 and s["preempted_tokens_swapped"] > 0
+    # the host links move nothing else here, so each step waits exactly for its own copies
+    kv = build_cost_model(cfg).shape.kv_bytes_per_token
+    # back: what the prefix cache no longer held of the request's blocks
+    assert 0 < s["preempted_tokens_swapped_in"] <= s["preempted_tokens_swapped"]
+    want = kv * (s["preempted_tokens_swapped"] / 10e9 + s["preempted_tokens_swapped_in"] / 20e9)
+    assert s["swap_wait_s"] == pytest.approx(want, rel=1e-9)
+    assert (swap.turns.ttft_s > 0).all() and swap.turns.finish_s.notna().all()
+
+
+def test_swap_preemption_falls_back_to_recompute_when_the_swap_space_is_full():
+    df = pd.DataFrame([dict(session_id=f"s{k}", turn=0, arrival_s=1.0 + 0.01 * k, think_s=np.nan,
+                            prompt_tokens=300, output_tokens=400) for k in range(8)])
+    res, _ = _run(df, **{"policy.kind": "hbm_prefix", "gpu.hbm_bytes": 16e9, "scheduler.preemption": "swap",
+                         "scheduler.swap_space": 0})
+    assert res.summary["preemptions"] > 0 and res.summary["preempted_tokens_swapped"] == 0
+    assert res.summary["preempted_tokens_recomputed"] > 0
+
+
+def test_round_attention_loads_only_the_kept_rounds_above_the_watershed():
+    # 32 layers, watershed 8, kept 0.5: (8 + 24 * 0.5) / 32 = 0.625 of the history's bytes are loaded
+    over = {"policy.kind": "attentionstore", "policy.round_attention.watershed_layer": 8,
+            "policy.round_attention.kept_fraction": 0.5}
+    full, _ = _run(_two_turns(), **over)
+    ra, _ = _run(_two_turns(), **over, **{"policy.round_attention.enabled": True})
+    assert full.turns.bytes_loaded[1] > 0
+    assert ra.turns.bytes_loaded[1] == pytest.approx(0.625 * full.turns.bytes_loaded[1])
+    assert ra.turns.ttft_s[1] < full.turns.ttft_s[1]

@@ -208,6 +208,32 @@ def test_a_key_cached_twice_is_found_while_either_block_holds_it():
     assert pool.lookup(key, 1) == y
 
 
-def test_swap_preemption_is_refused_until_modelled():
+def test_an_unknown_preemption_mode_is_refused():
     with pytest.raises(KvsimError, match="scheduler.preemption"):
-        ChunkedConfig(num_blocks=10, preemption="swap")
+        ChunkedConfig(num_blocks=10, preemption="drop")
+
+
+@pytest.mark.parametrize("swap_tokens,swapped", [(100, True), (7, False)])
+def test_swap_preemption_copies_the_victims_kv_out_and_back_instead_of_recomputing(swap_tokens, swapped):
+    # the recompute case above with swap: c's 8 computed tokens go to host memory at step 4 (a swap
+    # space of 100 tokens holds them; one of 7 does not, and c is recomputed as above)
+    s = ChunkedScheduler(ChunkedConfig(num_blocks=6, max_num_batched_tokens=100, block_tokens=4,
+                                       preemption="swap", swap_tokens=swap_tokens))
+    a, b, c = req("a", 6, 4), req("b", 6, 10), req("c", 6, 10)
+    for r in (a, b, c):
+        s.add_request(r)
+    for _ in range(3):
+        step(s)
+    plan, finished = step(s)
+    assert plan.preempted == [c] and finished == [a] and s.stats.preemptions == 1
+    assert plan.swapped_out == ([(c, 8)] if swapped else [])
+    plan, _ = step(s)
+    if swapped:
+        # c comes back with its 8 tokens copied in: only its 3rd output token (no KV yet) is computed
+        assert rows(plan) == [("b", 1, True), ("c", 1, True)]
+        assert plan.swapped_in == {c: 8} and s.stats.swapped_tokens == s.stats.swapped_in_tokens == 8
+        assert s.stats.recomputed_tokens == 0
+        assert c.swapped_tokens == 0 and c.num_computed_tokens == 9
+    else:
+        assert rows(plan) == [("b", 1, True), ("c", 9, False)]
+        assert plan.swapped_in == {} and s.stats.swapped_tokens == 0 and s.stats.recomputed_tokens == 8

@@ -58,8 +58,9 @@ def compare_with_and_without(config, overrides: Overrides, params, variant: str 
     (`bytes_loaded`, summed over turns); with `out`, both runs' results and comparison.json are written there."""
     overrides = overrides.merged({"policy.kind": "attentionstore"})
     if load_config(config, overrides).scheduler.kind != "prefill_first":
-        # Round Attention's per-layer recall is modelled in the prefill-first engine only (the chunked
-        # replica refuses it): the comparison runs there and says so in comparison.json
+        # the prefill-first engine models both halves of Round Attention's saving (loads and the HBM a
+        # turn holds); the chunked one models the loads only (its paged blocks hold every layer): the
+        # comparison runs under prefill-first and says so in comparison.json
         overrides = overrides.merged({"scheduler.kind": "prefill_first"})
     base = load_config(config, overrides)
     ra, how = measured_round_attention(params, base.shape().layers, variant)
