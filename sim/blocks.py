@@ -186,6 +186,12 @@ class ExactPool:
     def num_free(self) -> int:
         return len(self.pool.free)
 
+    @property
+    def num_cached_free(self) -> int:
+        """Free blocks still holding a cached key (reusable KV)."""
+        key = self.pool.key
+        return sum(1 for b in self.pool.free if key[b] is not None)
+
     @staticmethod
     def _key(req):
         if req.segments is None:
@@ -288,6 +294,11 @@ class RunPool:
         self.cached: dict = {}  # chain -> [Run] in caching order
         q = self._q = Run(None, 0, 0, None)  # sentinel of the keyed free queue
         q.prev = q.next = q
+
+    @property
+    def num_cached_free(self) -> int:
+        """Free blocks still holding a cached key (reusable KV)."""
+        return self.num_free - self.keyless
 
     # ---- the queue of free keyed runs ---------------------------------------------------------
     def _append(self, r: Run) -> None:

@@ -486,6 +486,13 @@ class ChunkedReplica:
                 keys.setdefault(key, pos)
         return keys
 
+    def _sample_hbm(self, now) -> None:
+        """HBM's KV blocks at `now`: those referenced by requests, and free ones still cached."""
+        pool, rec = self.sched.pool, self.rec
+        block = self.block_tokens * self.kv_tok
+        rec.hbm.sample(now, (pool.num_blocks - pool.num_free) * block, pool.num_cached_free * block)
+        rec.hbm_next_s = rec.hbm.next_s
+
     def _fetch_window(self, plan, now) -> None:
         """After a step's admissions: stage the requests they moved into the window's last places, and
         the arrivals inside the window that still wait (one admitted now loads from SSD layer by layer)."""
@@ -551,6 +558,8 @@ class ChunkedReplica:
                     finished = sched.update(plan)
                     self._first_tokens(plan, now)
                     what = "a step"
+                if now >= self.rec.hbm_next_s:
+                    self._sample_hbm(now)
                 stall = 0.0
                 for r in finished:
                     stall += self._finish(r, now + stall)

@@ -151,8 +151,9 @@ def test_hbm_series_keeps_one_point_per_interval_and_thins_when_full():
     assert list(s.table().columns) == ["time_s", "reserved_bytes", "cached_bytes"]
 
 
-def test_hbm_usage_is_written_beside_the_turns(tmp_path):
-    res, cfg = _run(random_sessions(30, seed=1, rate_per_s=5))
+@pytest.mark.parametrize("kind", ["prefill_first", "chunked"])
+def test_hbm_usage_is_written_beside_the_turns(tmp_path, kind):
+    res, cfg = _run(random_sessions(30, seed=1, rate_per_s=5), **{"scheduler.kind": kind})
     write_results(res, tmp_path)
     h = pd.read_parquet(tmp_path / "hbm_usage.parquet")
     assert len(h) >= 2 and (np.diff(h["time_s"]) >= 1.0).all()  # at most one point a second
