@@ -13,14 +13,20 @@ Stages, each writing its files as it ends (a timeout still returns what is done)
    with every attention kind of `gpu.batched.ATTENTION_KINDS`, checked against the per-request SDPA
    reference (relative error of the logits), timed with CUDA events (median); the fastest correct kind
    serves the runs. -> attn_bench.csv
-2. runs: for each arrival rate (sessions/s; the slice of traces/sharegpt_small.parquet drawn with
+2. iteration calibration: a grid of synthetic steps run by the same executor (pure decode: batch x
+   context per sequence; one prefill chunk alone: new x cached tokens; a chunk with a decode batch),
+   each timed as the serving loop waits for it (host clock around `run`, which ends on the sampled
+   tokens), reduced by `gpu.calibrate.iteration_from_raw` into the profile's optional `iteration`
+   section, added to --base-profile. -> iteration_raw.csv, profile_calibrated.yaml
+3. runs: for each arrival rate (sessions/s; the slice of traces/sharegpt_small.parquet drawn with
    `gpu.trace_slice.make_slice`, replies up to --output-cap tokens) and each policy (recompute, hbm
    prefix caching, dram layer-wise), the executor serves the slice in real time; then one run with
    few KV blocks that preempts. -> turns.csv (per turn: TTFT, TPOT), steps.csv (per step: shape,
    wall, GPU and load times), traces.csv (the slices served)
-3. comparison (`gpu.batched_validate`): every step priced by the cost model as the simulator's
+4. comparison (`gpu.batched_validate`): every step priced by the cost model as the simulator's
    ChunkedReplica prices it, and each trace replayed by the same loop and scheduler on the cost
-   model's clock. -> compare.json; a table printed last.
+   model's clock, once per profile of --profile (label=path, comma-separated: the one calibrated in
+   this call and the committed one). -> compare.json; a table per profile printed last.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu.batched import (ATTENTION_KINDS, BatchedExecutor, random_model, serve_sessions)  # noqa: E402
+from gpu.calibrate import iteration_from_raw  # noqa: E402
 from gpu.batched_validate import (POLICIES, compare_turns, predict_steps, scheduler_for,  # noqa: E402
                                   simulate_sessions, step_summary, steps_frame, trace_sessions, turns_frame)
 from gpu.trace_slice import make_slice  # noqa: E402
@@ -140,7 +147,82 @@ def attention_bench(model, a, bt, num_blocks, cuda) -> tuple[str, pd.DataFrame]:
     return (str(total.idxmin()) if len(total) else "sdpa"), df
 
 
-# ---- stage 2: runs --------------------------------------------------------------------------------------
+# ---- stage 2: the iteration calibration ------------------------------------------------------------------
+
+def _ints(s) -> list[int]:
+    return [int(v) for v in str(s).split(",") if v != ""]
+
+
+def calibration_specs(a, capacity_tokens: int, max_pos: int) -> list[dict]:
+    """The synthetic steps to time: every (decodes, ctx, chunk, cached) whose KV fits the cache and whose
+    positions the model's rotary tables hold."""
+    rows = [dict(kind="decode", batch=b, context_tokens=c, new_tokens=0, history_tokens=0)
+            for b in _ints(a.calib_decode_batch) for c in _ints(a.calib_decode_ctx)]
+    rows += [dict(kind="chunk", batch=0, context_tokens=0, new_tokens=n, history_tokens=h)
+             for n in _ints(a.calib_chunk_new) for h in _ints(a.calib_chunk_hist)]
+    for m in a.calib_mixed.split(","):
+        if m:
+            n, h, b, c = (int(v) for v in m.split("x"))
+            rows.append(dict(kind="mixed", batch=b, context_tokens=c, new_tokens=n, history_tokens=h))
+    # block rounding: each request holds whole blocks
+    return [r for r in rows if r["batch"] * (r["context_tokens"] + 16) + r["new_tokens"] + r["history_tokens"] + 16
+            <= 0.95 * capacity_tokens and max(r["context_tokens"], r["new_tokens"] + r["history_tokens"]) < max_pos]
+
+
+def calibrate_iteration(ex, model, a, bt, num_blocks) -> pd.DataFrame:
+    """Each spec run as one step of `ex` (warm-up first), its median time over --calib-reps: `ms` on the
+    host clock around `ex.run` (the step's layout, launches and the wait for its sampled tokens: what the
+    serving loop waits for), `gpu_ms` on CUDA events."""
+    rng = np.random.default_rng(1)
+    rows = []
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for spec in calibration_specs(a, num_blocks * bt, model.rope_cos.shape[0]):
+            plan, reqs = synthetic_plan((spec["batch"], spec["context_tokens"], spec["new_tokens"],
+                                         spec["history_tokens"]), bt, num_blocks, model.shape.vocab, rng)
+            walls, gpus = [], []
+            for i in range(a.calib_reps + 1):
+                for r, toks in reqs:
+                    ex.tokens[r] = list(toks)   # undo the last sample: every repetition is the same step
+                t = time.perf_counter()
+                out = ex.run(plan)
+                w = (time.perf_counter() - t) * 1e3
+                if i:
+                    walls.append(w)
+                    gpus.append(out.gpu_ms)
+            for r, _ in reqs:
+                ex.tokens.pop(r, None)
+            rows.append(dict(spec, ms=float(np.median(walls)), gpu_ms=float(np.median(gpus)),
+                             min_ms=float(np.min(walls)), reps=len(walls)))
+            log(f"calibration {spec['kind']:6s} B={spec['batch']:<4d} ctx={spec['context_tokens']:<5d} "
+                f"new={spec['new_tokens']:<5d} hist={spec['history_tokens']:<5d}: {rows[-1]['ms']:.2f} ms "
+                f"(gpu {rows[-1]['gpu_ms']:.2f})")
+    finally:
+        if was:
+            gc.enable()
+    return pd.DataFrame(rows)
+
+
+def calibrated_profile(base: Path, model_name: str, raw: pd.DataFrame, out: Path) -> Path:
+    """--base-profile with this call's `iteration` section for `model_name`, checked by the cost model's
+    own parser before it is written."""
+    import yaml
+    from sim.costmodel import parse_profile
+    prof = yaml.safe_load(Path(base).read_text())
+    if model_name not in prof.get("models", {}):
+        raise SystemExit(f"{base}: models: no tables for {model_name!r} to add the iteration section to")
+    prof["models"][model_name]["iteration"] = iteration_from_raw(raw.to_dict("records"))
+    prof["command"] = f"{prof.get('command', '')}; iteration: bench/gpu_batched_validate.py " + " ".join(sys.argv[1:])
+    parse_profile(prof, str(out))
+    atomic_write(out, lambda tmp: Path(tmp).write_text(
+        "# base profile + the batched executor's iteration section (bench/gpu_batched_validate.py)\n"
+        + yaml.safe_dump(prof, sort_keys=False, default_flow_style=None, width=200)))
+    return out
+
+
+# ---- stage 3: runs --------------------------------------------------------------------------------------
 
 shared_kv = None   # (K, V) of the KV cache, allocated once for every executor of the call
 
@@ -152,7 +234,22 @@ def main():
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model, few requests, on CPU")
     ap.add_argument("--compare", help="only the comparison, from a folder of returned files")
     ap.add_argument("--model", default="llama3.1-8b")
-    ap.add_argument("--profile", default=None, help="hardware profile for the comparison (default: roofline)")
+    ap.add_argument("--profile", default=None,
+                    help="hardware profiles for the comparison, comma-separated, each PATH or LABEL=PATH; "
+                         "'calibrated' is this call's profile_calibrated.yaml (default: roofline; on a device "
+                         "run with calibration: calibrated and --base-profile)")
+    ap.add_argument("--base-profile", default="results/gpu/run14_llama31_8b_h100/profile_h100_llama31_8b.yaml",
+                    help="the profile the calibrated iteration section is added to")
+    ap.add_argument("--no-calibration", action="store_true", help="skip the iteration calibration")
+    ap.add_argument("--skip-attn-bench", action="store_true", help="with --attention given: no micro-benchmark")
+    ap.add_argument("--calib-decode-batch", default="1,2,4,8,16,32,64,128,256")
+    ap.add_argument("--calib-decode-ctx", default="128,512,1024,2048,4096", help="tokens per sequence")
+    ap.add_argument("--calib-chunk-new", default="16,64,256,512,1024,2048,4096,8192")
+    ap.add_argument("--calib-chunk-hist", default="0,1024,2048,4096")
+    ap.add_argument("--calib-mixed", default="32x0x8x1024,64x2048x32x512,256x0x16x1024,512x1024x4x2048,"
+                                             "1024x0x32x1024,2048x0x64x512,128x4096x48x768",
+                    help="chunk x cached x decodes x ctx, comma-separated")
+    ap.add_argument("--calib-reps", type=int, default=3)
     ap.add_argument("--gpu-name", default=None, help="the simulator's GPU (default: from the device name)")
     ap.add_argument("--source", default="traces/sharegpt_small.parquet")
     ap.add_argument("--rates", default="0.5,2,6", help="session arrivals per second, light load to saturation")
@@ -186,6 +283,8 @@ def main():
         a.rates, a.think_mean_s = [4.0, 8.0], 0.02
         a.window_s, a.output_cap, a.max_session_tokens, a.max_turns = 0.5, 6, 120, 2
         a.bench_shapes, a.bench_reps, a.preempt_blocks, a.run_limit_s = "4x40x0x0,2x40x24x16", 1, 34, 20.0
+        a.calib_decode_batch, a.calib_decode_ctx, a.calib_chunk_new, a.calib_chunk_hist = "1,4", "8,32", "8,24", "0,16"
+        a.calib_mixed, a.calib_reps = "8x0x2x16,8x16x4x8", 1
     cuda = torch.cuda.is_available() and not a.cpu_smoke
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     shape = MODELS[a.model] if not a.cpu_smoke else TINY_GQA
@@ -198,7 +297,10 @@ def main():
     traces = slices(a, shape)
     write_csv(pd.concat([t.assign(rate=r) for r, t in traces.items()]), out / "traces.csv")
     bt = a.block_tokens if not a.cpu_smoke else 4
-    max_pos = shape.max_context_tokens if a.cpu_smoke else min(shape.max_context_tokens, a.max_session_tokens + 4096)
+    # positions of the runs' sessions and of the calibration's longest chunk after its longest history
+    calib_pos = max(_ints(a.calib_chunk_new)) + max(_ints(a.calib_chunk_hist)) + 64
+    max_pos = shape.max_context_tokens if a.cpu_smoke else min(shape.max_context_tokens,
+                                                                max(a.max_session_tokens + 4096, calib_pos))
     model = random_model(shape, max_pos, dev, dtype, seed=1)
     kv_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * model.dtype.itemsize
     num_blocks = 200 if a.cpu_smoke else int(a.kv_gb * 1e9 // (bt * kv_token))
@@ -207,7 +309,7 @@ def main():
     log(f"weights and {num_blocks} KV blocks of {bt} tokens ready")
 
     attention = a.attention
-    if attention == "auto" or cuda:
+    if attention == "auto" or (cuda and not a.skip_attn_bench):
         best, bench = attention_bench(model, a, bt, num_blocks, cuda)
         write_csv(bench, out / "attn_bench.csv")
         if attention == "auto":
@@ -221,6 +323,16 @@ def main():
                           for _, g in t.groupby("session_id")) for t in traces.values()) + 8
     ex = BatchedExecutor(model, num_blocks, bt, attention=attention, host_blocks=host_blocks, kv=shared_kv)
     log(f"host store: {host_blocks} blocks ({host_blocks * bt * kv_token / 1e9:.1f} GB pinned)")
+
+    if not a.no_calibration:
+        raw = calibrate_iteration(ex, model, a, bt, num_blocks)
+        write_csv(raw, out / "iteration_raw.csv")
+        ex.reset()
+        cm_name = shape.name if shape.name in MODELS else a.model
+        calibrated_profile(Path(a.base_profile), cm_name, raw, out / "profile_calibrated.yaml")
+        log(f"calibrated profile: {len(raw)} step shapes -> {out / 'profile_calibrated.yaml'}")
+        if a.profile is None:
+            a.profile = f"calibrated,committed={a.base_profile}"
 
     # saturation first (the load the issue is about), then the preempting run, then lighter loads: a
     # short budget drops the light runs
@@ -277,7 +389,7 @@ def main():
     compare(out, a, out, device=info["device"])
 
 
-# ---- stage 3: the comparison ----------------------------------------------------------------------------
+# ---- stage 4: the comparison ----------------------------------------------------------------------------
 
 def cost_model(model: str, profile, gpu_name: str):
     from sim.config import load_config
@@ -288,39 +400,59 @@ def cost_model(model: str, profile, gpu_name: str):
     return build_cost_model(load_config(cfg))
 
 
+def profile_list(spec, folder: Path) -> list[tuple[str, str | None]]:
+    """--profile as (label, path) pairs: PATH or LABEL=PATH, 'calibrated' for the call's own profile;
+    none: the roofline."""
+    if not spec:
+        return [("roofline", None)]
+    out = []
+    for item in spec.split(","):
+        label, _, path = item.partition("=") if "=" in item else (Path(item).stem, "", item)
+        if item == "calibrated":
+            label, path = "calibrated", str(folder / "profile_calibrated.yaml")
+        out.append((label, path))
+    return out
+
+
 def compare(folder: Path, a, out: Path, device: str | None = None) -> None:
-    """Per-step and whole-trace comparison of a call's files with the cost model (roofline unless a
-    profile is given). The tiny smoke model has no cost model of its own: llama2-7b's prices it."""
+    """Per-step and whole-trace comparison of a call's files with each cost model of --profile (roofline
+    unless one is given). The tiny smoke model has no cost model of its own: --model's prices it.
+    compare.json: one summary per profile, under its label."""
     steps = pd.read_csv(folder / "steps.csv", keep_default_na=False, na_values=[""])
     turns = pd.read_csv(folder / "turns.csv")
     traces = pd.read_csv(folder / "traces.csv")
     if device is None:
         device = json.loads((folder / "env.json").read_text()).get("device", "")
     gpu = a.gpu_name or ("h200" if "H200" in device else "h100-80gb")
-    model = steps.model.iloc[0] if steps.model.iloc[0] in MODELS else "llama2-7b"
-    cost = cost_model(model, a.profile, gpu)
+    model = steps.model.iloc[0] if steps.model.iloc[0] in MODELS else a.model
     bt = int(steps.block_tokens.iloc[0])
-    summary = {"cost_model": type(cost).__name__, "profile": a.profile, "gpu": gpu, "model": model, "runs": {}}
-    table = []
-    for run, st in steps.groupby("run", sort=False):
-        pred = predict_steps(st, cost)
-        row = {"run": run, **step_summary(pred)}
-        tr = turns[turns.run == run]
-        pol, rate, nb = tr.policy.iloc[0], float(tr.rate.iloc[0]), int(tr.num_blocks.iloc[0])
-        trace = traces[traces.rate == rate].drop(columns=["rate"])
-        trace = trace[trace.session_id.isin(set(tr.session_id))]
-        sim = turns_frame(simulate_sessions(cost, trace, pol, nb, block_tokens=bt))
-        _, s = compare_turns(tr, sim)
-        row.update(s)
-        summary["runs"][run] = row
-        table.append(row)
-    atomic_write_json(out / "compare.json", summary)
-    cols = ["run", "mean_batch", "preemptions", "decode_wall_mape", "mixed_wall_mape", "ttft_mape", "tpot_mape",
-            "ttft_mean_err", "ttft_p99_err", "throughput_err"]
-    df = pd.DataFrame(table)
-    log(f"comparison with {summary['cost_model']} ({model}, {gpu}):")
-    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
-        print(df[[c for c in cols if c in df.columns]].to_string(index=False), flush=True)
+    result = {}
+    for label, profile in profile_list(a.profile, folder):
+        cost = cost_model(model, profile, gpu)
+        summary = {"cost_model": type(cost).__name__, "profile": profile, "gpu": gpu, "model": model,
+                   "iteration_section": bool(getattr(getattr(cost, "m", None), "iteration", None)), "runs": {}}
+        table = []
+        for run, st in steps.groupby("run", sort=False):
+            pred = predict_steps(st, cost)
+            row = {"run": run, **step_summary(pred)}
+            tr = turns[turns.run == run]
+            pol, rate, nb = tr.policy.iloc[0], float(tr.rate.iloc[0]), int(tr.num_blocks.iloc[0])
+            trace = traces[traces.rate == rate].drop(columns=["rate"])
+            trace = trace[trace.session_id.isin(set(tr.session_id))]
+            sim = turns_frame(simulate_sessions(cost, trace, pol, nb, block_tokens=bt))
+            _, s = compare_turns(tr, sim)
+            row.update(s)
+            summary["runs"][run] = row
+            table.append(row)
+        result[label] = summary
+        cols = ["run", "mean_batch", "preemptions", "decode_wall_mape", "mixed_wall_mape", "ttft_mape", "tpot_mape",
+                "ttft_mean_err", "ttft_p99_err", "throughput_err"]
+        df = pd.DataFrame(table)
+        log(f"comparison with {label}: {summary['cost_model']} ({model}, {gpu}, {profile}):")
+        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format",
+                               "{:.3f}".format):
+            print(df[[c for c in cols if c in df.columns]].to_string(index=False), flush=True)
+    atomic_write_json(out / "compare.json", result)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,49 @@ def serving_terms(prof: dict, model: str, rows: list[dict]) -> dict:
     return out
 
 
+def iteration_from_raw(rows: list[dict]) -> dict:
+    """A batched executor's whole steps (`bench/gpu_batched_validate.py`'s synthetic steps) reduced to
+    the profile's optional `models.<name>.iteration` section (pure function; schema in sim/costmodel.py).
+
+    `rows`: one per timed step shape, `{"kind": "decode" | "chunk" | "mixed", "batch", "context_tokens"
+    (per decoding sequence), "new_tokens", "history_tokens", "ms"}` (the median step time). Decode rows
+    fill the decode table over (batch, context), chunk rows the chunk table over (new, history); a cell
+    the grid could not hold (more KV than the cache) is extrapolated linearly along its row from the two
+    longest measured contexts. Mixed rows (a chunk with a decode batch) give `shared_ms`, the median of
+    what the two parts timed alone cost beyond the step that runs them together (>= 0)."""
+    from sim.costmodel import Table2D
+
+    def table(kind, xname, yname, xkey, ykey):
+        cells = {(r[xkey], r[ykey]): float(r["ms"]) for r in rows if r["kind"] == kind}
+        if not cells:
+            raise ValueError(f"iteration samples: no {kind} rows")
+        xs = sorted({x for x, _ in cells})
+        ys = sorted({y for _, y in cells})
+        grid = []
+        for x in xs:
+            have = [(y, cells[(x, y)]) for y in ys if (x, y) in cells]
+            row = []
+            for y in ys:
+                if (x, y) in cells:
+                    row.append(cells[(x, y)])
+                elif len(have) == 1:
+                    row.append(have[0][1])
+                else:
+                    (y0, v0), (y1, v1) = (have[-2], have[-1]) if y > have[-1][0] else (have[0], have[1])
+                    row.append(max(v0 + (v1 - v0) * (y - y0) / (y1 - y0), 0.0))
+            grid.append([round(v, 4) for v in row])
+        return {xname: xs, yname: ys, "ms": grid}
+
+    dec = table("decode", "batch", "context_tokens", "batch", "context_tokens")
+    chk = table("chunk", "new_tokens", "history_tokens", "new_tokens", "history_tokens")
+    d2 = Table2D(tuple(dec["batch"]), tuple(dec["context_tokens"]), tuple(map(tuple, dec["ms"])))
+    c2 = Table2D(tuple(chk["new_tokens"]), tuple(chk["history_tokens"]), tuple(map(tuple, chk["ms"])))
+    shared = [d2(r["batch"], r["context_tokens"]) + c2(r["new_tokens"], r["history_tokens"]) - float(r["ms"])
+              for r in rows if r["kind"] == "mixed"]
+    return {"decode_ms": dec, "chunk_ms": chk,
+            "shared_ms": round(max(statistics.median(shared), 0.0), 4) if shared else 0.0}
+
+
 def ssd_contention_fit(read_under_write: dict) -> dict:
     """Which contention model of `sim.costmodel.CONTENTION` the SSD follows, from the samples of
     `gpu.bench.ssd_read_under_write`: each model predicts the read under the write from the median

@@ -34,6 +34,15 @@ Hardware profile schema `kvsim-hardware-profile/1` (YAML):
     CUDA graphs of fixed shapes, so a request of n new tokens after h cached ones runs as the padded
     shape `padded_prefill(n, h)` (n up to the next bucket; keys up to a multiple of M); the tables are
     measured at padded shapes and looked up there.
+  Optional per model: iteration: {decode_ms: {batch, context_tokens, ms[batch][ctx]},
+                                  chunk_ms: {new_tokens, history_tokens, ms[new][hist]}, shared_ms}:
+    whole steps of a batched (chunked-prefill) executor, as its serving loop waits for them
+    (`gpu.batched`, reduced by `gpu.calibrate.iteration_from_raw`): a pure-decode step of `batch`
+    sequences holding `context_tokens` tokens each, and a step running one prefill chunk of
+    `new_tokens` after `history_tokens` cached ones alone. A step running several parts (chunks and a
+    decode batch) pays each part's whole-step time less `shared_ms` per extra part (the per-step cost
+    the parts share: launch-bound layers, the step's host work), and never less than its largest part.
+    Absent: steps compose the per-layer tables (`CostModel.mixed_layer_s`).
 """
 from __future__ import annotations
 
@@ -183,6 +192,23 @@ class ModelProfile:
     preload_layer_overhead_ms: float = 0.0
     host_turn_ms: float = 0.0
     preload_gate_layer_ms: float = 0.0
+    iteration: Optional["IterationProfile"] = None
+
+
+@dataclass(frozen=True)
+class IterationProfile:
+    """A batched executor's measured whole steps (schema above: `models.<name>.iteration`)."""
+    decode_ms: Table2D      # pure-decode step over (batch, context tokens per sequence)
+    chunk_ms: Table2D       # one prefill chunk's step over (new tokens, cached tokens)
+    shared_ms: float        # per-step cost shared by the parts of a step, paid once
+
+    def step_ms(self, chunks, batch: int, context_tokens: float) -> float:
+        parts = [max(self.chunk_ms(n, h), 0.0) for n, h in chunks]
+        if batch:
+            parts.append(max(self.decode_ms(batch, context_tokens / batch), 0.0))
+        if not parts:
+            return 0.0
+        return max(sum(parts) - self.shared_ms * (len(parts) - 1), max(parts))
 
 
 @dataclass(frozen=True)
@@ -255,13 +281,24 @@ def _table1(d, path, key, xname) -> Table1D:
     return Table1D(xs, ys)
 
 
+def _iteration(d, path, key) -> IterationProfile:
+    dc, kdc = _get(d, "decode_ms", path, key)
+    ch, kch = _get(d, "chunk_ms", path, key)
+    shared, ks = _get(d, "shared_ms", path, key)
+    if not isinstance(shared, (int, float)) or isinstance(shared, bool) or not shared >= 0 or not math.isfinite(shared):
+        raise KvsimError(f"{path}: {ks}: expected a number >= 0, got {shared!r}")
+    return IterationProfile(_table2(dc, path, kdc, "batch", "context_tokens"),
+                            _table2(ch, path, kch, "new_tokens", "history_tokens"), float(shared))
+
+
 # Keys a profile may hold, per section: a misspelt optional key is an error, not a silent 0.
 _KEYS = {"": ("schema", "device", "measured_at", "command", "tp", "gpu", "links", "ssd", "models", "prefill_padding"),
          "gpu": ("hbm_bytes", "peak_bf16_flops", "hbm_bw_gbps"),
          "links": ("h2d_pinned", "d2h_pinned", "h2d_pageable", "d2h_pageable"),
          "ssd": ("read", "write", "method", "read_pattern", "write_pattern", "contention"),
          "models.*": ("prefill_layer_ms", "decode_layer_ms", "head_ms", "preload_layer_overhead_ms", "host_turn_ms",
-                      "preload_gate_layer_ms")}
+                      "preload_gate_layer_ms", "iteration"),
+         "models.*.iteration": ("decode_ms", "chunk_ms", "shared_ms")}
 
 
 def _known_keys(d, section: str, path: str, prefix: str):
@@ -281,6 +318,8 @@ def parse_profile(raw: dict, path: str = "<profile>") -> HardwareProfile:
     if isinstance(raw.get("models"), dict):
         for name, m in raw["models"].items():
             _known_keys(m, "models.*", path, f"models.{name}")
+            if isinstance(m, dict):
+                _known_keys(m.get("iteration"), "models.*.iteration", path, f"models.{name}.iteration")
     gpu, _ = _get(raw, "gpu", path, "")
     vals = {}
     for k in ("hbm_bytes", "peak_bf16_flops", "hbm_bw_gbps"):
@@ -316,6 +355,8 @@ def parse_profile(raw: dict, path: str = "<profile>") -> HardwareProfile:
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or not math.isfinite(v):
                 raise KvsimError(f"{path}: {pre}.{k}: expected a number >= 0, got {v!r}")
             extra[k] = float(v)
+        if "iteration" in m:
+            extra["iteration"] = _iteration(m["iteration"], path, f"{pre}.iteration")
         models[mname] = ModelProfile(
             _table2(pf, path, kpf, "new_tokens", "history_tokens"),
             _table2(dc, path, kdc, "batch", "context_tokens"),
@@ -869,14 +910,31 @@ class ProfileCost(CostModel):
         return self.m.head_decode_ms.time(batch) * MS
 
     def decode_step_s(self, batch: int, context_tokens: float) -> float:
+        if self.m.iteration is not None:   # the batched executor's measured step
+            return self.m.iteration.step_ms((), batch, context_tokens) * MS
         per_seq = context_tokens / batch
         layer = self.m.decode_layer_ms.time(batch, per_seq)
         return (self.shape.layers * layer + self.m.head_decode_ms.time(batch)) * MS
 
+    def iteration(self, chunks, batch: int, context_tokens: float, load_layer_s: float = 0.0,
+                  buffer_layers: int = 2, layerwise: bool = True) -> IterationCost:
+        """With measured whole steps (`iteration` in the profile): the step's time is the table's,
+        host work and LM heads included, spread evenly over the layers for the preload pipeline of
+        history loads. Without: the composition of the per-layer tables (`CostModel.iteration`)."""
+        it = self.m.iteration
+        if it is None:
+            return super().iteration(chunks, batch, context_tokens, load_layer_s, buffer_layers, layerwise)
+        L = self.shape.layers
+        compute = it.step_ms(chunks, batch, context_tokens) * MS / L
+        if load_layer_s > 0.0 and layerwise:
+            compute += self.layer_gate_s
+        return IterationCost(preload_pipeline_s(L, load_layer_s, compute, buffer_layers, layerwise),
+                             L * compute, L * load_layer_s, 0.0, 0.0, 0.0)
+
     def decode_next_kink(self, batch: int, context_tokens: float) -> float:
         # bilinear in (batch, context per sequence): for a fixed batch, linear between the table's
         # interior context columns (the end segments extrapolate linearly)
-        cols = self.m.decode_layer_ms.ys
+        cols = (self.m.decode_layer_ms if self.m.iteration is None else self.m.iteration.decode_ms).ys
         i = bisect.bisect_right(cols, context_tokens / batch)
         while i < len(cols) - 1:
             if cols[i] * batch > context_tokens:

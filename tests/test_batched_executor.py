@@ -269,8 +269,14 @@ def test_device_script_cpu_smoke_writes_every_file(tmp_path):
     r = subprocess.run([sys.executable, "bench/gpu_batched_validate.py", "--cpu-smoke", "--policies", "dram",
                         "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    for f in ("env.json", "attn_bench.csv", "traces.csv", "turns.csv", "steps.csv", "compare.json"):
+    for f in ("env.json", "attn_bench.csv", "traces.csv", "turns.csv", "steps.csv", "compare.json",
+              "iteration_raw.csv", "profile_calibrated.yaml"):
         assert (tmp_path / f).exists(), f
-    runs = json.loads((tmp_path / "compare.json").read_text())["runs"]
-    assert set(runs) == {"dram_r4", "dram_r8", "hbm_r8_preempt"}
-    assert all(v["turns_matched"] == v["turns_meas"] > 0 for v in runs.values())
+    # the call's own calibrated profile and the committed one each price every run
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert set(result) == {"calibrated", "committed"}
+    assert result["calibrated"]["iteration_section"] and not result["committed"]["iteration_section"]
+    for summary in result.values():
+        runs = summary["runs"]
+        assert set(runs) == {"dram_r4", "dram_r8", "hbm_r8_preempt"}
+        assert all(v["turns_matched"] == v["turns_meas"] > 0 for v in runs.values())
