@@ -1,6 +1,6 @@
 """Peak resident memory of one run of about --turns turns on the synthetic workload, results written.
 
-    python bench/sim_memory.py [--turns 1000000] [--policy attentionstore] [--rate 0.04]
+    python bench/sim_memory.py [--turns 1000000] [--policy attentionstore] [--rate 0.04] [--scheduler chunked]
 
 Builds the workload, simulates it and writes its result files (turns.parquet streamed in row groups)
 into a temporary folder, then prints the process's peak RSS (`resource.getrusage`, everything the
@@ -57,12 +57,13 @@ def main():
     ap.add_argument("--turns", type=int, default=1_000_000)
     ap.add_argument("--policy", default="attentionstore")
     ap.add_argument("--rate", type=float, default=0.04, help="session arrivals per second")
+    ap.add_argument("--scheduler", default="chunked", choices=("prefill_first", "chunked"), help="scheduler.kind")
     args = ap.parse_args()
     spec = trace_synth.SynthSpec.default()
     n_sessions = max(int(args.turns / spec.mean_turns()), 1)
     cfg = load_config({"model": "llama2-13b", "workload": {"synthetic": {"n_sessions": n_sessions},
                                                            "session_rate_per_s": args.rate},
-                       "policy": {"kind": args.policy}})
+                       "policy": {"kind": args.policy}, "scheduler": {"kind": args.scheduler}})
     stages = [("start", rss_bytes(), peak_rss_bytes())]
     t0 = time.perf_counter()
     wl = load_workload(cfg)
@@ -73,13 +74,14 @@ def main():
     import simpy
 
     from sim.costmodel import build_cost_model
-    from sim.engine import Replica
+    from sim.engine import ChunkedReplica, Replica
     from sim.metrics import TurnRows, summarize
     from sim.runner import SimResult
     from sim.workload import Users
 
     env = simpy.Environment()
-    replica = Replica(env, cfg, build_cost_model(cfg), wl)
+    replica = (ChunkedReplica if args.scheduler == "chunked" else Replica)(env, cfg, build_cost_model(cfg), wl)
+    turns = replica.turns if args.scheduler == "chunked" else replica.sched  # who turns turns into jobs
     users = Users(env, wl, replica)
     replica.attach(users)
     env.run(until=users.all_done)
@@ -95,9 +97,9 @@ def main():
         "users.arrival_s": users.arrival_s,
         "users.think_s": users.think_s,
         "users.next_turn": users.next_turn,
-        "scheduler.w_session (shares the strs)": replica.sched.w_session,
-        "scheduler.w_prompt": replica.sched.w_prompt,
-        "scheduler.w_output": replica.sched.w_output,
+        "scheduler.w_session (shares the strs)": turns.w_session,
+        "scheduler.w_prompt": turns.w_prompt,
+        "scheduler.w_output": turns.w_output,
         "recorder columns": None,
     }
     weights, seen = [], set()
@@ -112,10 +114,10 @@ def main():
         else:
             b = per_item_bytes(seq, seen)
         weights.append(f"  {name:38s} {b:6.1f} B  {b * 10e6 / GB:6.2f} GB")
-    per_session = sys.getsizeof(replica.sched.session_context) / max(len(replica.sched.session_context), 1)
+    per_session = sys.getsizeof(turns.session_context) / max(len(turns.session_context), 1)
     weights.append(f"  scheduler.session_context (per session, dict slots only) {per_session:.0f} B "
-                   f"x {len(replica.sched.session_context):,} sessions")
-    del replica, users, env, rec  # as after run_simulation returns: only the result is left
+                   f"x {len(turns.session_context):,} sessions")
+    del replica, users, env, rec, turns  # as after run_simulation returns: only the result is left
     with tempfile.TemporaryDirectory() as tmp:
         write_results(res, tmp)
         size = (Path(tmp) / "turns.parquet").stat().st_size
@@ -123,7 +125,7 @@ def main():
     stages.append(("results written", rss_bytes(), peak_rss_bytes()))
     n = len(wl)
     peak = peak_rss_bytes()
-    print(f"{n:,} turns in {n_sessions:,} sessions ({args.policy}, {args.rate} sessions/s): workload "
+    print(f"{n:,} turns in {n_sessions:,} sessions ({args.policy}, {args.scheduler}, {args.rate} sessions/s): workload "
           f"{t1 - t0:.1f} s, simulation {t2 - t1:.1f} s ({n / (t2 - t1):,.0f} turns/s), writing "
           f"{t3 - t2:.1f} s (turns.parquet {size / GB:.3f} GB)")
     print(f"peak RSS {peak / GB:.3f} GB = {peak / n:,.0f} bytes per turn")
