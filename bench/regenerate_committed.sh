@@ -2,7 +2,7 @@
 # Regenerate every committed result the simulator produces (run from the repository root on a clean
 # tree; CPU only, ~2 minutes on 2 cores). Use after any change that moves a simulated number, and
 # commit the result in the same submission.
-#   bash bench/regenerate_committed.sh [paper|gpu|all]
+#   bash bench/regenerate_committed.sh [paper|tp|gpu|all]
 set -euo pipefail
 what=${1:-all}
 K="python -m sim.cli"
@@ -10,6 +10,11 @@ K="python -m sim.cli"
 if [ "$what" = paper ] || [ "$what" = all ]; then
   $K sweep configs/paper/sweeps --force --no-progress --jobs 2
   $K report results/paper
+fi
+
+if [ "$what" = tp ] || [ "$what" = all ]; then
+  $K sweep configs/sweeps/tp_models.yaml --force --no-progress --jobs 2
+  python bench/tp_models_cost.py results/tp_models > results/tp_models/cost_per_1k_turns.md
 fi
 
 if [ "$what" = gpu ] || [ "$what" = all ]; then
