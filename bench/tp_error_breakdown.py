@@ -3,8 +3,9 @@ of every turn split into prefill (start -> first token) and decode (first token 
 simulator replaying the measured arrivals exactly as `kvsim gpu validate` does (gpu.validate).
 
     PYTHONPATH=. python bench/tp_error_breakdown.py results/gpu/run17_tp4 [--model llama3.1-70b --gpus 4]
+        [--profile PROFILE]
 
-Reads DIR/trace_runs.csv, DIR/trace_tp.parquet and DIR/profile_tp<gpus>.yaml; prints one table.
+Reads DIR/trace_runs.csv, DIR/trace_tp.parquet and DIR/profile_tp<gpus>.yaml (or PROFILE); prints one table.
 """
 from __future__ import annotations
 
@@ -17,15 +18,16 @@ import pandas as pd
 from gpu.validate import realized_trace, simulate_run
 
 
-def breakdown(folder, model: str = "llama3.1-70b", gpus: int = 4) -> pd.DataFrame:
+def breakdown(folder, model: str = "llama3.1-70b", gpus: int = 4, profile=None) -> pd.DataFrame:
     d = Path(folder)
+    profile = profile or d / f"profile_tp{gpus}.yaml"
     meas = pd.read_csv(d / "trace_runs.csv")
     rows = []
     with tempfile.TemporaryDirectory(prefix="kvsim_breakdown_") as tmp:
         for run, m in meas.groupby("run", sort=False):
             m = m.assign(session_id=m.session_id.astype(str))
             tr = realized_trace(d / "trace_tp.parquet", m, Path(tmp) / f"{run}.parquet")
-            s = simulate_run(run, tr, d / f"profile_tp{gpus}.yaml", model=model, gpus=gpus)
+            s = simulate_run(run, tr, profile, model=model, gpus=gpus)
             j = m.merge(s.assign(session_id=s.session_id.astype(str)), on=["session_id", "turn"],
                         suffixes=("_m", "_s"))
             pre_m, pre_s = (j.first_token_s - j.start_s) * 1e3, j.prefill_s * 1e3
@@ -53,9 +55,10 @@ def main(argv=None) -> None:
     ap.add_argument("folder")
     ap.add_argument("--model", default="llama3.1-70b")
     ap.add_argument("--gpus", type=int, default=4)
+    ap.add_argument("--profile", default=None, help="default: FOLDER/profile_tp<gpus>.yaml")
     a = ap.parse_args(argv)
     with pd.option_context("display.width", 250, "display.max_columns", 30):
-        print(breakdown(a.folder, a.model, a.gpus).round(4).T.to_string())
+        print(breakdown(a.folder, a.model, a.gpus, a.profile).round(4).T.to_string())
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from gpu import bench
 from gpu import model as M
 from gpu.calibrate import PREFILL_HIST, write_profile
+from gpu.decode_graph import DECODE_BUCKET
 from gpu.executor import TraceBounds, PADDING_SLACK_TOKENS, executor_for_trace, serve_trace
 from gpu.plans import PLANS, run_name
 from gpu.prefill_graph import PADDING
@@ -206,6 +207,8 @@ def calibrate(r: Rank, shard, model: M.Decoder, grid: dict, out: Path) -> None:
                "measured_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                "command": r.args.command, "torch": torch.__version__, "stack_layers": bench.STACK, "tp": r.world,
                "prefill_padding": {"new_tokens": list(PADDING.new_tokens), "context_multiple": PADDING.context_multiple},
+               # the executor's decode graphs attend over whole buckets of keys: a step costs its bucket's
+               "decode_padding": {"context_multiple": DECODE_BUCKET},
                "gpu": _peaks(r), "links": slowest_links([p["links"] for p in parts]),
                # 64 MiB a size: the schema's table, not a figure any run here uses
                "ssd": bench.ssd_bandwidth(ssd_dir, [1 << 18, 1 << 20] if r.args.smoke else [1 << 18, 1 << 22, 1 << 26],

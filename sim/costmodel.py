@@ -34,6 +34,9 @@ Hardware profile schema `kvsim-hardware-profile/1` (YAML):
     CUDA graphs of fixed shapes, so a request of n new tokens after h cached ones runs as the padded
     shape `padded_prefill(n, h)` (n up to the next bucket; keys up to a multiple of M); the tables are
     measured at padded shapes and looked up there.
+  Optional: decode_padding: {context_multiple: M}: the executor decodes with CUDA graphs that attend
+    over a whole bucket of keys (a multiple of M, the tail masked), so a step at context c costs the
+    table's time at c rounded up to a multiple of M (per sequence); absent: at c itself.
 """
 from __future__ import annotations
 
@@ -184,6 +187,7 @@ class HardwareProfile:
     prefill_padding: Optional[PrefillPadding] = None
     ssd_contention: Optional[str] = None
     tp: int = 1                   # tensor-parallel degree the tables were measured at
+    decode_context_multiple: Optional[int] = None   # decode_padding.context_multiple: keys a step attends over
 
 
 def _num_list(v, key, path, ascending=False, positive=False) -> tuple:
@@ -240,7 +244,8 @@ def _table1(d, path, key, xname) -> Table1D:
 
 
 # Keys a profile may hold, per section: a misspelt optional key is an error, not a silent 0.
-_KEYS = {"": ("schema", "device", "measured_at", "command", "tp", "gpu", "links", "ssd", "models", "prefill_padding"),
+_KEYS = {"": ("schema", "device", "measured_at", "command", "tp", "gpu", "links", "ssd", "models", "prefill_padding",
+             "decode_padding"),
          "gpu": ("hbm_bytes", "peak_bf16_flops", "hbm_bw_gbps"),
          "links": ("h2d_pinned", "d2h_pinned", "h2d_pageable", "d2h_pageable"),
          "ssd": ("read", "write", "method", "read_pattern", "write_pattern", "contention"),
@@ -315,6 +320,12 @@ def parse_profile(raw: dict, path: str = "<profile>") -> HardwareProfile:
         if not isinstance(mult, int) or isinstance(mult, bool) or mult < 1:
             raise KvsimError(f"{path}: {km}: expected an integer >= 1, got {mult!r}")
         padding = PrefillPadding(tuple(int(b) for b in buckets), mult)
+    decode_multiple = None
+    if "decode_padding" in raw:
+        mult, km = _get(raw["decode_padding"], "context_multiple", path, "decode_padding")
+        if not isinstance(mult, int) or isinstance(mult, bool) or mult < 1:
+            raise KvsimError(f"{path}: {km}: expected an integer >= 1, got {mult!r}")
+        decode_multiple = mult
     shared = ssd.get("contention") if isinstance(ssd, dict) else None
     if shared is not None and shared not in CONTENTION:
         raise KvsimError(f"{path}: ssd.contention: expected one of {', '.join(CONTENTION)}, got {shared!r}")
@@ -323,7 +334,7 @@ def parse_profile(raw: dict, path: str = "<profile>") -> HardwareProfile:
         raise KvsimError(f"{path}: tp: expected an integer >= 1 (the tensor-parallel degree measured), got {tp!r}")
     return HardwareProfile(str(raw.get("device", "")), str(raw.get("measured_at", "")), vals["hbm_bytes"],
                            vals["peak_bf16_flops"], vals["hbm_bw_gbps"], links, _link_table(r, path, kr),
-                           _link_table(w, path, kw), models, path, padding, shared, tp)
+                           _link_table(w, path, kw), models, path, padding, shared, tp, decode_multiple)
 
 
 def load_profile(path) -> HardwareProfile:
@@ -854,10 +865,18 @@ class ProfileCost(CostModel):
 
     def decode_step_s(self, batch: int, context_tokens: float) -> float:
         per_seq = context_tokens / batch
+        m = self.profile.decode_context_multiple
+        if m is not None:
+            # the graph's bucket of keys (gpu.decode_graph), at the batch's mean context: exact at batch 1
+            per_seq = math.ceil(per_seq / m - 1e-9) * m
         layer = max(self.m.decode_layer_ms(batch, per_seq), 0.0)
         return (self.shape.layers * layer + max(self.m.head_decode_ms(batch), 0.0)) * MS
 
     def decode_next_kink(self, batch: int, context_tokens: float) -> float:
+        m = self.profile.decode_context_multiple
+        if m is not None:
+            # padded, the step is constant over each bucket: its last context is where the time changes
+            return math.ceil(context_tokens / (batch * m) - 1e-9) * batch * m
         # bilinear in (batch, context per sequence): for a fixed batch, linear between the table's
         # interior context columns (the end segments extrapolate linearly)
         cols = self.m.decode_layer_ms.ys
