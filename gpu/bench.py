@@ -401,13 +401,25 @@ def _dtype(device) -> torch.dtype:
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
+def per_layer_ms(samples_ms: list[float], layers_per_sample: int) -> float:
+    """A per-layer table entry from samples that each ran `layers_per_sample` layers back to back."""
+    return median(samples_ms) / layers_per_sample
+
+
 def prefill_layer_grid(shape: ModelShape, new_tokens: list[int], history_tokens: list[int], device: str = "cuda",
-                       reduce=None, align=None) -> dict:
+                       reduce=None, align=None, passes: int = 1, reps: tuple[int, int] | None = None) -> dict:
     """ms of one decoder layer prefilling n new tokens after h cached ones, batch 1, as the executor
     runs it: the per-layer CUDA graphs of `gpu.prefill_graph`, at shape (n, h + n) exactly.
 
     `new_tokens` are padding buckets (the executor never runs another n); `history_tokens` need not be
     multiples of the key padding: the cost model interpolates between them at the padded key count.
+
+    A sample replays the stack's STACK layer graphs `passes` times back to back (`passes` = layers /
+    STACK: as many layer launches as the executor's whole prefill). What a sample pays once (the
+    launch before its first kernel and, under tensor parallelism, the ranks' skew at its first
+    all-reduce, after `align` lined them up on the host) is then spread over as many layers as in a
+    served prefill, not over STACK: at TP 4 that once-per-sample cost was ~0.1 ms, 12 us of every
+    8-layer sample's layer (run 14, results/gpu/run17_tp4/README.md). `reps`: (warm-up, timed) samples.
     """
     from gpu.prefill_graph import PrefillGraphs
 
@@ -424,13 +436,17 @@ def prefill_layer_grid(shape: ModelShape, new_tokens: list[int], history_tokens:
                 pg.begin_shape(torch.randint(0, shape.vocab, (1, n), device=device), h, cache, n, n + h)
 
             def run(_, pg=pg):
-                for i in range(STACK):
-                    pg.layer(i)
-            ms = time_cuda_ms(run, setup, warmup=2, reps=9 if n <= 512 else 5, align=align)
-            rows.append({"new_tokens": n, "history_tokens": h, "stack_ms": ms, "ms": median(ms) / STACK})
+                for _ in range(passes):
+                    for i in range(STACK):
+                        pg.layer(i)
+            warm, timed = reps or (2, 9 if n <= 512 else 5)
+            ms = time_cuda_ms(run, setup, warmup=warm, reps=timed, align=align)
+            rows.append({"new_tokens": n, "history_tokens": h, "stack_ms": ms, "passes": passes,
+                         "ms": per_layer_ms(ms, STACK * passes)})
         del pg
         _empty_cache(device)
-    return {"rows": rows, "new_tokens": new_tokens, "history_tokens": history_tokens, "method": "cuda_graph"}
+    return {"rows": rows, "new_tokens": new_tokens, "history_tokens": history_tokens,
+            "method": "cuda_graph" if passes == 1 else f"cuda_graph, {STACK} layers x {passes} passes a sample"}
 
 
 def _empty_cache(device) -> None:
@@ -474,6 +490,68 @@ def decode_layer_grid(shape: ModelShape, batch: list[int], context_tokens: list[
     return {"rows": rows, "batch": batch, "context_tokens": context_tokens,
             "head": [{"batch": b, "samples_ms": v, "ms": median(v)} for b, v in heads.items()],
             "method": "cuda_graph"}
+
+
+def decode_layer_from_steps(step_ms: list[float], head_step_ms: list[float], layers: int) -> float:
+    """Per-layer decode time from per-step samples of the whole model (`layers` layers + head) and of
+    the head alone: (median step - median head step) / layers, so that layers x table + head = step."""
+    return (median(step_ms) - median(head_step_ms)) / layers
+
+
+def decode_step_grid(model: M.Decoder, batch: list[int], context_tokens: list[int], steps: int = 16,
+                     reps: tuple[int, int] = (2, 5), align=None, mem_cap_bytes: float = 20e9) -> dict:
+    """ms of one decoder layer in one decode step, from whole decode steps of `model` run the way the
+    executor runs a reply (gpu.executor.Executor.run_turn): `steps` replays back to back of the graph
+    of every layer plus the head (`gpu.decode_graph.DecodeGraphs` over the model's own layers), each
+    step's token copied out as the executor keeps it, no host sync in between; a sample's time / steps
+    is one step. The head alone (embedding, final norm, LM head, argmax) is timed the same way; the
+    table holds (step - head) / layers and head_ms.decode the head's step, so the simulator's step
+    (layers x table + head) is the measured step.
+
+    Why not `decode_layer_grid`'s stack of STACK layers aligned before each sample: under tensor
+    parallelism each such sample pays the ranks' skew at its first all-reduce once, ~0.1 ms at TP 4,
+    which became 12-14 us of every layer (+5% a step against the executor's steady replays, run 14).
+    Here the ranks are aligned once per sample of `steps` x layers. Context values should be
+    multiples of the executor's graph bucket (256), so the bucket timed is the context itself.
+    """
+    from gpu.decode_graph import DecodeGraphs
+
+    shape, dev = model.shape, model.device
+    L = len(model.layers)
+    if max(context_tokens) > model.rope_cos.shape[0]:
+        raise ValueError(f"decode grid: context {max(context_tokens)} past the model's RoPE table "
+                         f"({model.rope_cos.shape[0]} positions): build it with max_pos >= {max(context_tokens)}")
+    rows, heads = [], {}
+    warm, timed = reps
+    for b in batch:
+        for c in context_tokens:
+            if steps + 1 > c:
+                raise ValueError(f"decode grid point ctx={c}: {steps} steps need a context of at least {steps + 1}")
+            if L * b * c * shape.kv_bytes_per_token_layer > mem_cap_bytes:
+                raise ValueError(f"decode grid point b={b} ctx={c} needs more than {mem_cap_bytes:.0f} bytes")
+            cache = M.new_kv_cache(shape, L, b, c, dev, model.dtype)
+            cache.normal_()
+            toks = torch.empty(steps, b, dtype=torch.long, device=dev)
+            per = {}
+            for name, stack in (("step", None), ("head", [])):
+                g = DecodeGraphs(model, [cache], batch=b, stack=stack, buckets=[c])
+
+                def setup(g=g, b=b):        # fresh tokens each sample
+                    g.cur.copy_(torch.randint(0, shape.vocab, (b, 1), device=dev))
+
+                def run(_, g=g, c=c):
+                    for j in range(steps):  # the positions of a reply's last steps in the bucket
+                        toks[j] = g.step(0, c - 1 - steps + j)[:, 0]
+                per[name] = [ms / steps for ms in time_cuda_ms(run, setup, warmup=warm, reps=timed, align=align)]
+                del g
+            heads.setdefault(b, []).extend(per["head"])
+            rows.append({"batch": b, "context_tokens": c, "steps": steps, "step_ms": per["step"],
+                         "head_step_ms": per["head"], "ms": decode_layer_from_steps(per["step"], per["head"], L)})
+            del cache, toks
+        _empty_cache(dev)
+    return {"rows": rows, "batch": batch, "context_tokens": context_tokens,
+            "head": [{"batch": b, "samples_ms": v, "ms": median(v)} for b, v in heads.items()],
+            "method": f"cuda_graph steps of all {L} layers + head, {steps} back to back a sample"}
 
 
 def head_times(shape: ModelShape, new_tokens: list[int], batch: list[int], device: str = "cuda") -> dict:

@@ -76,6 +76,8 @@ def profile_from_raw(raw: dict) -> dict:
     }
     if raw.get("prefill_padding"):      # graph-captured prefill (absent from raw data of eager runs)
         prof["prefill_padding"] = raw["prefill_padding"]
+    if raw.get("decode_padding"):       # graph decode over whole key buckets (the TP calibration records it)
+        prof["decode_padding"] = raw["decode_padding"]
     if raw["ssd"].get("read_under_write"):
         ssd["contention"] = ssd_contention_fit(raw["ssd"]["read_under_write"])["contention"]
     for name, m in raw["models"].items():

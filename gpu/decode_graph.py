@@ -19,6 +19,10 @@ import torch.nn.functional as F
 from gpu import model as M
 from gpu.prefill_graph import capture_mode
 
+# Keys a decode graph attends over come in multiples of this (the executor's default): a step costs
+# its bucket's keys, which a profile records as decode_padding (sim.costmodel)
+DECODE_BUCKET = 256
+
 
 def decode_layer_static(model: M.Decoder, li: int, x, cache, pos_t, tb: int, mask, cos, sin):
     """`gpu.model.layer_forward` for one new token per sequence at a device-side position."""
@@ -41,7 +45,7 @@ class DecodeGraphs:
     against `gpu.model.decode_step`.
     """
 
-    def __init__(self, model: M.Decoder, caches: list[torch.Tensor], batch: int = 1, bucket: int = 256,
+    def __init__(self, model: M.Decoder, caches: list[torch.Tensor], batch: int = 1, bucket: int = DECODE_BUCKET,
                  stack: list[tuple[int, int]] | None = None, buckets: list[int] | None = None,
                  graphs: bool | None = None):
         self.model, self.caches, self.B, self.bucket = model, caches, batch, bucket

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from gpu import model as M
-from gpu.decode_graph import DecodeGraphs
+from gpu.decode_graph import DECODE_BUCKET, DecodeGraphs
 from gpu.prefill_graph import PrefillGraphs
 from gpu.kvstore import ALIGN, DiskStore, HostArena, aligned_host_bytes, layer_view, unpin
 from gpu.plans import ServePlan
@@ -102,7 +102,7 @@ class Executor:
 
     def __init__(self, model: M.Decoder, plan: ServePlan, max_ctx: int, max_new: int,
                  host_bytes: int = 0, ssd_dir=None, poison: bool = False, arena: HostArena | None = None,
-                 decode: str = "graph", graph_bucket: int = 256, detail_events: bool = True):
+                 decode: str = "graph", graph_bucket: int = DECODE_BUCKET, detail_events: bool = True):
         self.model, self.plan, self.max_ctx, self.max_new = model, plan, max_ctx, max_new
         s = model.shape
         self.L = s.layers

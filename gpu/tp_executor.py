@@ -18,7 +18,8 @@ ends everyone's, so every rank serves the same turn at the same time. Rank 0's p
 
 The profile (`kvsim-hardware-profile/1`, `tp` = world): per-layer prefill and decode tables of the shard
 with its all-reduces (`gpu.bench` grids, the ranks aligned before each sample, the slowest rank's
-median), LM heads, pinned links measured with every GPU copying at once (the slowest GPU's rate), the
+median; a prefill sample replays a stack of layer graphs as many times as the model has layers, a
+decode sample is 16 whole steps of the served model back to back, as the executor decodes a reply), LM heads, pinned links measured with every GPU copying at once (the slowest GPU's rate), the
 serving loop's host terms from the executor's own turns (`gpu.bench.serving_overheads`, rank 0's), and a
 short SSD pass on rank 0 (the schema needs it; no run here reads the SSD). Grids cover only the shapes
 the trace slice needs. Never imports the simulator's engine (simpy is not on the GPU image).
@@ -41,6 +42,7 @@ import torch.distributed as dist
 from gpu import bench
 from gpu import model as M
 from gpu.calibrate import PREFILL_HIST, write_profile
+from gpu.decode_graph import DECODE_BUCKET
 from gpu.executor import TraceBounds, PADDING_SLACK_TOKENS, executor_for_trace, serve_trace
 from gpu.plans import PLANS, run_name
 from gpu.prefill_graph import PADDING
@@ -179,11 +181,17 @@ def calibrate(r: Rank, shard, model: M.Decoder, grid: dict, out: Path) -> None:
     """Measure the TP profile (module docstring) and write it as `profile_tp<world>.yaml`."""
     dev = "cuda" if r.cuda else "cpu"       # the rank's own GPU is the current device
     r.log(f"calibrate: grid {grid}")
+    # A sample runs as many layers back to back as the executor's prefill or decode step does (the
+    # ranks aligned once per sample): what a sample pays once is then spread as in serving
+    # (gpu.bench.prefill_layer_grid, decode_step_grid; run 14's 8-layer samples were 5% pessimistic).
+    passes = max(1, shard.layers // bench.STACK)
     mine = {"prefill": bench.prefill_layer_grid(shard, grid["prefill_new"], grid["prefill_hist"], device=dev,
-                                                reduce=r.reduce, align=r.align)}
+                                                reduce=r.reduce, align=r.align, passes=passes,
+                                                reps=(1, 2) if r.args.smoke else (1, 4))}
     r.log("  prefill grid done")
-    mine["decode"] = bench.decode_layer_grid(shard, grid["decode_batch"], grid["decode_ctx"], device=dev,
-                                             reduce=r.reduce, align=r.align)
+    mine["decode"] = bench.decode_step_grid(model, grid["decode_batch"], grid["decode_ctx"],
+                                            steps=4 if r.args.smoke else 16, reps=(1, 2) if r.args.smoke else (2, 5),
+                                            align=r.align)
     mine["head"] = bench.head_times(shard, grid["prefill_new"], grid["decode_batch"], device=dev)
     r.log("  decode grid and heads done")
     mine["serving"] = bench.serving_overheads(shard, reps=2 if r.args.smoke else 5, device=dev, model=model,
@@ -199,6 +207,8 @@ def calibrate(r: Rank, shard, model: M.Decoder, grid: dict, out: Path) -> None:
                "measured_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                "command": r.args.command, "torch": torch.__version__, "stack_layers": bench.STACK, "tp": r.world,
                "prefill_padding": {"new_tokens": list(PADDING.new_tokens), "context_multiple": PADDING.context_multiple},
+               # the executor's decode graphs attend over whole buckets of keys: a step costs its bucket's
+               "decode_padding": {"context_multiple": DECODE_BUCKET},
                "gpu": _peaks(r), "links": slowest_links([p["links"] for p in parts]),
                # 64 MiB a size: the schema's table, not a figure any run here uses
                "ssd": bench.ssd_bandwidth(ssd_dir, [1 << 18, 1 << 20] if r.args.smoke else [1 << 18, 1 << 22, 1 << 26],
@@ -253,7 +263,10 @@ def run_rank(rank: int, world: int, args: ServeArgs) -> None:
     if args.smoke:      # the script's path, not its numbers: two points a side keep the CPU run short
         grid = {"prefill_new": grid["prefill_new"][:2], "prefill_hist": grid["prefill_hist"][:2],
                 "decode_batch": [1], "decode_ctx": grid["decode_ctx"][:2]}
-    max_pos = max(bounds.max_ctx + PADDING_SLACK_TOKENS, max(grid["prefill_new"]) + max(grid["prefill_hist"]))
+    # RoPE rows for the served turns, the prefill grid's largest shape and the decode grid's contexts
+    # (decode_step_grid times the served model itself)
+    max_pos = max(bounds.max_ctx + PADDING_SLACK_TOKENS, max(grid["prefill_new"]) + max(grid["prefill_hist"]),
+                  max(grid["decode_ctx"]))
     dtype = torch.bfloat16 if cuda else torch.float32
     t0 = time.time()
     model = M.random_decoder(shard, max_pos, r.device, dtype, seed=2, reduce=r.reduce, rank=rank)

@@ -43,6 +43,9 @@ Hardware profile schema `kvsim-hardware-profile/1` (YAML):
     decode batch) pays each part's whole-step time less `shared_ms` per extra part (the per-step cost
     the parts share: launch-bound layers, the step's host work), and never less than its largest part.
     Absent: steps compose the per-layer tables (`CostModel.mixed_layer_s`).
+  Optional: decode_padding: {context_multiple: M}: the executor decodes with CUDA graphs that attend
+    over a whole bucket of keys (a multiple of M, the tail masked), so a step at context c costs the
+    table's time at c rounded up to a multiple of M (per sequence); absent: at c itself.
 """
 from __future__ import annotations
 
@@ -226,6 +229,7 @@ class HardwareProfile:
     prefill_padding: Optional[PrefillPadding] = None
     ssd_contention: Optional[str] = None
     tp: int = 1                   # tensor-parallel degree the tables were measured at
+    decode_context_multiple: Optional[int] = None   # decode_padding.context_multiple: keys a step attends over
 
 
 def _num_list(v, key, path, ascending=False, positive=False) -> tuple:
@@ -292,7 +296,8 @@ def _iteration(d, path, key) -> IterationProfile:
 
 
 # Keys a profile may hold, per section: a misspelt optional key is an error, not a silent 0.
-_KEYS = {"": ("schema", "device", "measured_at", "command", "tp", "gpu", "links", "ssd", "models", "prefill_padding"),
+_KEYS = {"": ("schema", "device", "measured_at", "command", "tp", "gpu", "links", "ssd", "models", "prefill_padding",
+             "decode_padding"),
          "gpu": ("hbm_bytes", "peak_bf16_flops", "hbm_bw_gbps"),
          "links": ("h2d_pinned", "d2h_pinned", "h2d_pageable", "d2h_pageable"),
          "ssd": ("read", "write", "method", "read_pattern", "write_pattern", "contention"),
@@ -372,6 +377,12 @@ def parse_profile(raw: dict, path: str = "<profile>") -> HardwareProfile:
         if not isinstance(mult, int) or isinstance(mult, bool) or mult < 1:
             raise KvsimError(f"{path}: {km}: expected an integer >= 1, got {mult!r}")
         padding = PrefillPadding(tuple(int(b) for b in buckets), mult)
+    decode_multiple = None
+    if "decode_padding" in raw:
+        mult, km = _get(raw["decode_padding"], "context_multiple", path, "decode_padding")
+        if not isinstance(mult, int) or isinstance(mult, bool) or mult < 1:
+            raise KvsimError(f"{path}: {km}: expected an integer >= 1, got {mult!r}")
+        decode_multiple = mult
     shared = ssd.get("contention") if isinstance(ssd, dict) else None
     if shared is not None and shared not in CONTENTION:
         raise KvsimError(f"{path}: ssd.contention: expected one of {', '.join(CONTENTION)}, got {shared!r}")
@@ -380,7 +391,7 @@ def parse_profile(raw: dict, path: str = "<profile>") -> HardwareProfile:
         raise KvsimError(f"{path}: tp: expected an integer >= 1 (the tensor-parallel degree measured), got {tp!r}")
     return HardwareProfile(str(raw.get("device", "")), str(raw.get("measured_at", "")), vals["hbm_bytes"],
                            vals["peak_bf16_flops"], vals["hbm_bw_gbps"], links, _link_table(r, path, kr),
-                           _link_table(w, path, kw), models, path, padding, shared, tp)
+                           _link_table(w, path, kw), models, path, padding, shared, tp, decode_multiple)
 
 
 def load_profile(path) -> HardwareProfile:
@@ -913,6 +924,10 @@ class ProfileCost(CostModel):
         if self.m.iteration is not None:   # the batched executor's measured step
             return self.m.iteration.step_ms((), batch, context_tokens) * MS
         per_seq = context_tokens / batch
+        m = self.profile.decode_context_multiple
+        if m is not None:
+            # the graph's bucket of keys (gpu.decode_graph), at the batch's mean context: exact at batch 1
+            per_seq = math.ceil(per_seq / m - 1e-9) * m
         layer = self.m.decode_layer_ms.time(batch, per_seq)
         return (self.shape.layers * layer + self.m.head_decode_ms.time(batch)) * MS
 
@@ -932,6 +947,10 @@ class ProfileCost(CostModel):
                              L * compute, L * load_layer_s, 0.0, 0.0, 0.0)
 
     def decode_next_kink(self, batch: int, context_tokens: float) -> float:
+        m = self.profile.decode_context_multiple
+        if m is not None:
+            # padded, the step is constant over each bucket: its last context is where the time changes
+            return math.ceil(context_tokens / (batch * m) - 1e-9) * batch * m
         # bilinear in (batch, context per sequence): for a fixed batch, linear between the table's
         # interior context columns (the end segments extrapolate linearly)
         cols = (self.m.decode_layer_ms if self.m.iteration is None else self.m.iteration.decode_ms).ys

@@ -86,6 +86,8 @@ def test_config_naming_a_profile_uses_it(tmp_path):
      "prefill_padding.new_tokens: expected strictly ascending"),
     (lambda d: d.update(prefill_padding={"new_tokens": [32, 64], "context_multiple": 0}),
      "prefill_padding.context_multiple: expected an integer >= 1"),
+    (lambda d: d.update(decode_padding={"context_multiple": 0}), "decode_padding.context_multiple: expected an integer >= 1"),
+    (lambda d: d.update(decode_padding={}), "decode_padding.context_multiple: missing"),
     (lambda d: d["models"]["llama2-7b"].update(host_turn_ms=-0.1), "llama2-7b.host_turn_ms: expected a number >= 0"),
     (lambda d: d["models"]["llama2-7b"].update(preload_gate_layer_ms="x"), "preload_gate_layer_ms: expected a number"),
     (lambda d: d["ssd"].update(contention="yes"), "ssd.contention: expected one of none, even_split, interleaved"),
@@ -122,6 +124,26 @@ def test_a_padded_profile_is_looked_up_at_the_padded_shape():
     assert pc.prefill_layer_s(11, 100) == pytest.approx(unpadded.prefill_layer_s(1000, 500))
     assert pc.prefill_layer_s(11, 100) > unpadded.prefill_layer_s(11, 100)
     assert pc.prefill_layer_s(5, 0) == pytest.approx(unpadded.prefill_layer_s(10, 0))
+
+
+def test_a_decode_padded_profile_prices_a_step_at_its_bucket_of_keys():
+    d = small_profile()
+    d["decode_padding"] = {"context_multiple": 500}
+    pc = ProfileCost(MODELS["llama2-7b"], parse_profile(d))
+    # batch 1: layer 0.3 ms at 100 keys, 0.4 ms at 1000 (0.1 / 900 a key); head 0.4 ms; 32 layers
+    at500 = (32 * (0.3 + 0.1 * 400 / 900) + 0.4) * 1e-3        # 11.4222 ms
+    at1000 = (32 * 0.4 + 0.4) * 1e-3                             # 13.2 ms
+    assert pc.decode_step_s(1, 101) == pytest.approx(at500)      # 101 keys run as the 500-key bucket
+    assert pc.decode_step_s(1, 500) == pytest.approx(at500)      # a full bucket: no further rounding
+    assert pc.decode_step_s(1, 501) == pytest.approx(at1000)
+    # a span crossing a bucket: contexts 490..500 (11 steps) at 500 keys, 501..509 (9 steps) at 1000
+    total, k = pc.decode_span(1, 490, 20)
+    assert k == 20 and total == pytest.approx(11 * at500 + 9 * at1000)
+    # cut by a budget inside the second bucket: 11 steps + 2 of the next reach 11 at500 + 1.5 at1000
+    total, k = pc.decode_span(1, 490, 20, budget_s=11 * at500 + 1.5 * at1000)
+    assert k == 13 and total == pytest.approx(11 * at500 + 2 * at1000)
+    # without the key, the table is read at the context itself
+    assert _cost(small_profile()).decode_step_s(1, 101) == pytest.approx((32 * (0.3 + 0.1 / 900) + 0.4) * 1e-3)
 
 
 def _cost(d):

@@ -67,7 +67,7 @@ def test_rank_tables_reduce_to_the_slowest_rank_per_point():
 def test_smoke_run_writes_a_tp_profile_and_runs_that_the_validation_reads(tmp_path):
     # the device call's own script, in its CPU mode
     out = tmp_path / "out"
-    r = subprocess.run(["bash", "bench/gpu_run14_tp4.sh", "--cpu-smoke"], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run(["bash", "bench/gpu_run17_tp4.sh", "--cpu-smoke"], cwd=ROOT, capture_output=True, text=True,
                        timeout=500, env={**os.environ, "OUT": str(out)})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     log = (out / "log.txt").read_text()
@@ -75,6 +75,10 @@ def test_smoke_run_writes_a_tp_profile_and_runs_that_the_validation_reads(tmp_pa
         assert f"[rank {rank}" in log and "groups up" in log
     prof = load_profile(out / "profile_tp2.yaml")
     assert prof.tp == 2 and list(prof.models) == ["llama3.1-70b"]
+    # the decode table comes from whole steps of the served model, the prefill's from several passes
+    raw = json.loads((out / "calibration_raw.json").read_text())["models"]["llama3.1-70b"]
+    assert all(r["steps"] == 4 for r in raw["decode"]["rows"])
+    assert all(r["passes"] >= 1 for r in raw["prefill"]["rows"])
     runs = pd.read_csv(out / "trace_runs.csv")
     served = pd.read_parquet(out / "trace_tp.parquet")
     assert sorted(runs.run.unique()) == ["dram_overlap", "recompute"]
