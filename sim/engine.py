@@ -412,7 +412,6 @@ class ChunkedReplica:
         self.epoch = {}  # session -> truncations so far (its blocks' key offset)
         self.source = None
         self.rec = Recorder(len(workload))
-        self.turn_preemptions = [0] * len(workload)  # times each turn was preempted
         self.busy_prefill_s = 0.0  # steps with prefill work (decodes riding along included)
         self.busy_decode_s = 0.0  # pure decode steps
         self.stall_save_s = 0.0
@@ -734,8 +733,8 @@ class ChunkedReplica:
         i = req.id
         job = self.jobs.pop(i)
         rec, store = self.rec, self.store
+        rec.flush_spans()  # the ITL spans binned as they gather (no prefill stall here to do it)
         rec.finish_s[i] = now
-        self.turn_preemptions[i] = req.num_preemptions
         rec.preemptions[i] = req.num_preemptions
         ctx = job.ctx_in + job.output
         stall = 0.0

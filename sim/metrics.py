@@ -239,6 +239,12 @@ class Recorder:
         counts += (batch, k)
         times += (first_s, growth_s)
 
+    def flush_spans(self) -> None:
+        """Bin the buffered spans once enough have gathered (an engine calls it once per turn, so the
+        buffers stay bounded however long the run)."""
+        if len(self.span_counts) >= _SPAN_FLUSH:
+            self.itl.flush()
+
     def decode_stall(self, running: int, seconds: float) -> None:
         """The `running` sequences of the batch wait `seconds` before their next token (a synchronous
         save, a prefill iteration), those that joined since the last decode iteration included."""

@@ -96,7 +96,7 @@ def test_preemption_under_a_tiny_hbm_recomputes_and_still_serves_every_turn():
     rep.attach(users)
     env.run(until=users.all_done)
     assert rep.preemptions > 0 and rep.preempted_tokens_recomputed > 0
-    assert sum(rep.turn_preemptions) == rep.preemptions
+    assert sum(rep.rec.preemptions) == rep.preemptions
 
 
 @pytest.fixture(scope="module")
