@@ -22,6 +22,7 @@ eagerly: the tests compare it with the executor's eager path.
 """
 from __future__ import annotations
 
+import gc
 import math
 import time
 
@@ -182,9 +183,15 @@ class StaticDecode:
         if not self.graphs:
             return 0
         if keys is None:
+            top = {Bb: bucket_at_least(self.token_buckets, Bb * self.max_pos) for Bb in self.batch_buckets}
             keys = [(Bb, Tb) for Bb in self.batch_buckets for Tb in self.token_buckets
-                    if Tb >= Bb and (Tb <= Bb * self.max_pos or Tb == bucket_at_least(self.token_buckets, Bb * self.max_pos))]
+                    if Tb >= Bb and (Tb <= Bb * self.max_pos or Tb == top[Bb])]
+            # most likely first (a budget leaves the rest to be captured when used): ~1k tokens a row
+            keys.sort(key=lambda k: abs(math.log2(k[1] / k[0] / 1024)))
         t0 = time.perf_counter()
+        # torch.cuda.graph collects garbage at every capture: frozen objects make that quick
+        gc.collect()
+        gc.freeze()
         self.fill(1, [0], [1], [[0]])   # a valid (scratch-only) input while warming up
         n = 0
         for key in keys:
@@ -200,6 +207,7 @@ class StaticDecode:
                 self.failed = f"capture {key}: {exc!r}"[:400]
                 if log:
                     log(f"decode graphs off: {self.failed}")
+        gc.unfreeze()
         if log:
             log(f"decode graphs: {len(self.captured)} captured ({n} now) in {self.capture_s:.1f} s")
         return n
