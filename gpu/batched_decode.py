@@ -161,7 +161,6 @@ class StaticDecode:
 
     def _capture(self, key) -> None:
         Bb, Tb = key
-        from gpu.prefill_graph import capture_mode
         t = time.perf_counter()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
@@ -171,7 +170,9 @@ class StaticDecode:
             self.body(Bb, Tb)
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool, capture_error_mode=capture_mode(self.ex.model)):
+        # one GPU, no NCCL watchdog querying events meanwhile: the default (global) mode
+        # (`gpu.prefill_graph.capture_mode` is for the single-turn Decoder, which may hold all-reduces)
+        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="global"):
             self.body(Bb, Tb)
         torch.cuda.synchronize()
         self.captured[key] = g

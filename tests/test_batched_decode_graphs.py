@@ -172,3 +172,47 @@ def test_cuda_decode_graphs_equal_eager_steps():
             assert ex.static.replays > 0 and not ex.static.failed
     err = (outs[True] - outs[False]).norm() / outs[False].norm()
     assert math.isfinite(err) and err < 2e-2
+
+
+class FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU: the capture runs the body (as a real capture only
+    records it); `replay` is bound to the body of its key after capture."""
+
+    def replay(self):
+        self.fn()
+
+
+def test_the_capture_path_runs_with_fake_cuda_graphs(model, monkeypatch):
+    """The graph bookkeeping (capture ahead, the key of a step, replay into the static outputs) on CPU,
+    with torch.cuda's graph calls replaced: run 17's device call lost its graphs to an AttributeError
+    in this path, which no CPU test reached."""
+    import contextlib
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(cuda, "Stream", lambda: type("S", (), {"wait_stream": lambda self, o: None})())
+    monkeypatch.setattr(cuda, "current_stream", lambda: type("S", (), {"wait_stream": lambda self, o: None})())
+    monkeypatch.setattr(cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(cuda, "CUDAGraph", FakeGraph)
+    modes = []
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, capture_error_mode="global"):
+        modes.append(capture_error_mode)
+        yield
+    monkeypatch.setattr(cuda, "graph", graph)
+    ex = BatchedExecutor(model, num_blocks=60, block_tokens=BT, poison=True, decode_graphs=True)
+    st = ex.static
+    st.graphs = True                       # as on CUDA
+    assert st.capture(keys=[(4, 64)]) == 1 and st.failed is None and modes == ["global"]
+    plan, reqs = decode_plan(ex, [(9, 3), (13, 1), (5, 6)], seed=7)
+    prefill_kv(ex, reqs)
+    g = st.captured[(4, 64)]
+    g.fn = lambda: st.body(4, 64)
+    known = {r: list(ex.tokens[r]) for r in reqs}
+    out = ex.run(plan, keep_logits=True)
+    assert out.graph and st.replays == 1 and st.eager_steps == 0
+    for row, r in enumerate(reqs):
+        last = r.num_computed_tokens
+        ref = reference_logits(model, known[r][:last + 1])[last]
+        assert torch.allclose(out.logits[row], ref, rtol=1e-4, atol=1e-4)
