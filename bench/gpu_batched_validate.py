@@ -13,6 +13,10 @@ Stages, each writing its files as it ends (a timeout still returns what is done)
    with every attention kind of `gpu.batched.ATTENTION_KINDS`, checked against the per-request SDPA
    reference (relative error of the logits), timed with CUDA events (median); the fastest correct kind
    serves the runs. -> attn_bench.csv
+1b. decode graphs (with --decode-graphs on, the default with CUDA): the graphs of `gpu.batched_decode`
+   captured ahead for every (batch bucket, packed-context bucket) within --graph-capture-s, then pure-decode
+   steps of --graph-bench-shapes run eagerly and as graphs, timed on the host clock (median) and their
+   logits compared. -> graph_bench.csv
 2. iteration calibration: a grid of synthetic steps run by the same executor (pure decode: batch x
    context per sequence; one prefill chunk alone: new x cached tokens; a chunk with a decode batch),
    each timed as the serving loop waits for it (host clock around `run`, which ends on the sampled
@@ -147,6 +151,47 @@ def attention_bench(model, a, bt, num_blocks, cuda) -> tuple[str, pd.DataFrame]:
     return (str(total.idxmin()) if len(total) else "sdpa"), df
 
 
+# ---- stage 1b: decode graphs against the eager path ---------------------------------------------------
+
+def graph_bench(ex, model, a, bt, num_blocks, attention) -> pd.DataFrame:
+    """Pure-decode steps of each shape run by an eager executor and by `ex` (graphs), on the same KV
+    cache: host-clock median over --bench-reps (what the serving loop waits for), and the relative
+    error of the graph's logits against the eager ones."""
+    eager = BatchedExecutor(model, num_blocks, bt, attention=attention, kv=shared_kv, decode_graphs=False)
+    rng = np.random.default_rng(2)
+    rows = []
+    for spec in a.graph_bench_shapes.split(","):
+        b, c = (int(v) for v in spec.split("x"))
+        if b * (c + bt) > 0.95 * num_blocks * bt:
+            continue
+        plan, reqs = synthetic_plan((b, c, 0, 0), bt, num_blocks, model.shape.vocab, rng)
+        row = {"decodes": b, "ctx": c, "attention": attention}
+        logits = {}
+        for name, e in (("eager", eager), ("graph", ex)):
+            walls, gpus = [], []
+            for i in range(a.bench_reps + 2):
+                for r, toks in reqs:
+                    e.tokens[r] = list(toks)
+                t = time.perf_counter()
+                out = e.run(plan, keep_logits=i == 0)
+                w = (time.perf_counter() - t) * 1e3
+                if i == 0:
+                    logits[name] = out.logits
+                    row[f"{name}_graph"] = bool(out.graph)
+                if i >= 2:
+                    walls.append(w)
+                    gpus.append(out.gpu_ms)
+            row[f"{name}_ms"] = float(np.median(walls))
+            row[f"{name}_gpu_ms"] = float(np.median(gpus))
+            for r, _ in reqs:
+                e.tokens.pop(r, None)
+        row["rel_err"] = float((logits["graph"] - logits["eager"]).norm() / logits["eager"].norm())
+        rows.append(row)
+        log(f"decode {b:4d} x {c:5d}: eager {row['eager_ms']:.2f} ms, graph {row['graph_ms']:.2f} ms "
+            f"(gpu {row['eager_gpu_ms']:.2f} / {row['graph_gpu_ms']:.2f}), err {row['rel_err']:.2e}")
+    return pd.DataFrame(rows)
+
+
 # ---- stage 2: the iteration calibration ------------------------------------------------------------------
 
 def _ints(s) -> list[int]:
@@ -269,6 +314,13 @@ def main():
     ap.add_argument("--bench-shapes", default="32x1024x0x0,128x1024x0x0,32x1024x2048x1024,0x0x4096x0",
                     help="decodes x ctx x chunk x cached, comma-separated")
     ap.add_argument("--bench-reps", type=int, default=5)
+    ap.add_argument("--decode-graphs", default="auto", choices=("auto", "on", "off"),
+                    help="pure-decode steps as CUDA graphs at batch buckets (auto: on; on CPU the same static "
+                         "body runs eagerly)")
+    ap.add_argument("--graph-capture-s", type=float, default=90.0,
+                    help="time for capturing decode graphs ahead; the rest are captured when first used")
+    ap.add_argument("--graph-bench-shapes", default="1x512,8x1024,32x1024,64x2048,128x1024,256x512",
+                    help="decodes x ctx of the eager-vs-graph comparison, comma-separated ('' for none)")
     ap.add_argument("--run-limit-s", type=float, default=35.0, help="a run stops at this time on its clock")
     ap.add_argument("--budget-s", type=float, default=290.0, help="no run starts after this wall time")
     a = ap.parse_args()
@@ -285,6 +337,7 @@ def main():
         a.bench_shapes, a.bench_reps, a.preempt_blocks, a.run_limit_s = "4x40x0x0,2x40x24x16", 1, 34, 20.0
         a.calib_decode_batch, a.calib_decode_ctx, a.calib_chunk_new, a.calib_chunk_hist = "1,4", "8,32", "8,24", "0,16"
         a.calib_mixed, a.calib_reps = "8x0x2x16,8x16x4x8", 1
+        a.graph_bench_shapes = "3x16,4x40"
     cuda = torch.cuda.is_available() and not a.cpu_smoke
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     shape = MODELS[a.model] if not a.cpu_smoke else TINY_GQA
@@ -321,8 +374,16 @@ def main():
     # each session reserves ceil((its tokens + one block) / bt) host blocks (`open_session`)
     host_blocks = max(sum(-(-(int(g.prompt_tokens.sum() + g.output_tokens.sum()) + bt) // bt)
                           for _, g in t.groupby("session_id")) for t in traces.values()) + 8
-    ex = BatchedExecutor(model, num_blocks, bt, attention=attention, host_blocks=host_blocks, kv=shared_kv)
+    graphs = a.decode_graphs != "off"
+    ex = BatchedExecutor(model, num_blocks, bt, attention=attention, host_blocks=host_blocks, kv=shared_kv,
+                         decode_graphs=graphs)
     log(f"host store: {host_blocks} blocks ({host_blocks * bt * kv_token / 1e9:.1f} GB pinned)")
+    if graphs:
+        ex.static.capture(log=log, budget_s=a.graph_capture_s)
+        if a.graph_bench_shapes:
+            write_csv(graph_bench(ex, model, a, bt, num_blocks, attention), out / "graph_bench.csv")
+        info["decode_graphs"] = graph_info(ex)
+        atomic_write_json(out / "env.json", info)
 
     if not a.no_calibration:
         raw = calibrate_iteration(ex, model, a, bt, num_blocks)
@@ -381,12 +442,24 @@ def main():
         write_csv(pd.concat(all_turns), out / "turns.csv")
         write_csv(pd.concat(all_steps), out / "steps.csv")
         B = steps.decodes.mean() if len(steps) else 0
-        log(f"run {name}: {len(turns)}/{len(traces[rate])} turns, {len(steps)} steps, "
+        log(f"run {name}: {len(turns)}/{len(traces[rate])} turns, {len(steps)} steps "
+            f"({int(steps.graph.sum()) if len(steps) else 0} as decode graphs), "
             f"{sched.stats.preemptions} preemptions, mean decode batch {B:.1f}, "
             f"TTFT p50 {turns.ttft_s.median() * 1e3:.1f} ms, TPOT p50 {turns.tpot_s.median() * 1e3:.2f} ms, "
             f"{time.perf_counter() - t_run:.1f} s")
     ex.drain()
+    if graphs:
+        info["decode_graphs"] = graph_info(ex)
+        atomic_write_json(out / "env.json", info)
+        log(f"decode graphs: {info['decode_graphs']}")
     compare(out, a, out, device=info["device"])
+
+
+def graph_info(ex) -> dict:
+    st = ex.static
+    return {"captured": len(st.captured), "capture_s": round(st.capture_s, 2), "replays": st.replays,
+            "eager_static_steps": st.eager_steps, "failed": st.failed, "on_cuda": st.graphs,
+            "batch_buckets": list(st.batch_buckets), "token_buckets": list(st.token_buckets)}
 
 
 # ---- stage 4: the comparison ----------------------------------------------------------------------------

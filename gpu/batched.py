@@ -22,8 +22,10 @@ leaves to its caller:
 * Preemption by recompute: the scheduler frees the blocks and rewinds the request; the executor
   simply runs what the next plans say (the request's tokens, its sampled outputs included, again).
 
-Decode runs eagerly (no CUDA graphs at batch buckets yet): a pure-decode step's host launch time is
-part of what is measured.
+* Pure-decode steps as CUDA graphs (`gpu.batched_decode`): a step where every scheduled request
+  decodes one token is padded to a batch bucket and a packed-context bucket and replayed as one
+  captured graph, so its time no longer follows how fast the host launches ~700 kernels. Steps with a
+  prefill chunk (or a host load) run eagerly; their host launch time is part of what is measured.
 """
 from __future__ import annotations
 
@@ -152,6 +154,7 @@ class StepResult:
     gpu_ms: float             # step start -> sampled tokens ready (CUDA events; 0 on CPU)
     load_ms: float            # first layer's load start -> last layer's load end (0: no load)
     ext_tokens: int           # tokens copied in from the host store
+    graph: bool = False       # run as a static-shape pure-decode step (`gpu.batched_decode`)
 
 
 class BatchedExecutor:
@@ -160,11 +163,15 @@ class BatchedExecutor:
     `host_blocks` > 0 gives a pinned host store of that many blocks (the DRAM tier): `save` writes a
     session's new full blocks there, `external_tokens` is what it can supply (the scheduler's
     `external_hit`), and a plan's `external` tokens are loaded from it layer by layer.
+
+    `decode_graphs`: pure-decode steps at static shapes (`gpu.batched_decode.StaticDecode`, whatever
+    `attention` is: its packed variable-length kernel is the one a graph can hold). None: on with
+    CUDA (captured graphs), off on CPU; True on CPU: the same static body run eagerly (the tests').
     """
 
     def __init__(self, model: BatchedModel, num_blocks: int, block_tokens: int, attention: str = "sdpa",
                  host_blocks: int = 0, read_buffer_layers: int = 2, layerwise: bool = True,
-                 poison: bool = False, kv: tuple | None = None):
+                 poison: bool = False, kv: tuple | None = None, decode_graphs: bool | None = None):
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"attention {attention!r}, expected one of {ATTENTION_KINDS}")
         s = self.shape = model.shape
@@ -205,6 +212,12 @@ class BatchedExecutor:
             self.ev_load = [torch.cuda.Event(enable_timing=True) for _ in range(2 * self.L)]
             self.ev_comp = [torch.cuda.Event() for _ in range(self.L)]
         self.saves_in_flight: list = []
+        if decode_graphs is None:
+            decode_graphs = self.cuda
+        self.static = None
+        if decode_graphs:
+            from gpu.batched_decode import StaticDecode
+            self.static = StaticDecode(self, graphs=self.cuda)
 
     def reset(self) -> None:
         """Forget every request and session (a new run on the same KV and host buffers: a fresh
@@ -335,6 +348,11 @@ class BatchedExecutor:
         known tokens this step completes."""
         if not plan.scheduled:
             return StepResult({}, None, 0.0, 0.0, 0)
+        if self.static is not None and all(sc.is_decode for sc in plan.scheduled) \
+                and not any(plan.external.values()):
+            out = self._run_static(plan, keep_logits)
+            if out is not None:
+                return out
         m, s = self.model, self.shape
         sb = self.layout(plan)
         main = torch.cuda.current_stream() if self.cuda else None
@@ -392,6 +410,32 @@ class BatchedExecutor:
         load_ms = (self.ev_load[0].elapsed_time(self.ev_load[2 * self.L - 1])
                    if self.cuda and gated else 0.0)
         return StepResult(sampled, logits if keep_logits else None, gpu_ms, load_ms, ext_tokens)
+
+    def _run_static(self, plan: StepPlan, keep_logits: bool) -> StepResult | None:
+        """A pure-decode step through `self.static` (None: past its largest bucket, run eagerly)."""
+        reqs = [sc.req for sc in plan.scheduled]
+        ctxs = [r.num_computed_tokens + 1 for r in reqs]
+        key = self.static.key(ctxs)
+        if key is None:
+            return None
+        bt = self.bt
+        ids = [self.tokens[r][c - 1] for r, c in zip(reqs, ctxs)]
+        tables = [block_table(r)[:-(-c // bt)] for r, c in zip(reqs, ctxs)]
+        if self.cuda:
+            self.ev_start.record()
+        self.static.run(ids, ctxs, tables, key)
+        if self.cuda:
+            self.ev_end.record()
+        B = len(reqs)
+        toks = self.static.next[:B].tolist()   # synchronises, as the eager path does
+        sampled = {}
+        for r, c, t in zip(reqs, ctxs, toks):
+            if c >= r.num_tokens:
+                sampled[r] = t
+                self.tokens[r].append(t)
+        gpu_ms = self.ev_start.elapsed_time(self.ev_end) if self.cuda else 0.0
+        logits = self.static.logits[:B].clone() if keep_logits else None
+        return StepResult(sampled, logits, gpu_ms, 0.0, 0, graph=True)
 
     # ---- attention over the blocks ---------------------------------------------------------------
     def _attend(self, q, kc, vc, sb: StepBatch) -> torch.Tensor:
@@ -539,6 +583,7 @@ class StepRecord:
     preempted: int
     finished: int
     free_blocks: int
+    graph: bool = False       # a pure-decode step run at static shapes (a CUDA graph on the GPU)
 
 
 @dataclass
@@ -667,7 +712,7 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
             step, t_start, t_end, host_ms, (t_end - t_start) * 1e3, out.gpu_ms, out.load_ms, B, ctx,
             ";".join(f"{n}:{h}" for n, h in chunks), sum(n for n, _ in chunks),
             ";".join(str(plan.external[r]) for r in plan.external), out.ext_tokens, len(plan.admitted),
-            len(plan.preempted), len(finished), plan.free_blocks))
+            len(plan.preempted), len(finished), plan.free_blocks, out.graph))
         if on_step is not None:
             on_step(res.steps[-1])
         step += 1

@@ -270,8 +270,15 @@ def test_device_script_cpu_smoke_writes_every_file(tmp_path):
                         "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     for f in ("env.json", "attn_bench.csv", "traces.csv", "turns.csv", "steps.csv", "compare.json",
-              "iteration_raw.csv", "profile_calibrated.yaml"):
+              "iteration_raw.csv", "profile_calibrated.yaml", "graph_bench.csv"):
         assert (tmp_path / f).exists(), f
+    # decode graphs on by default; on CPU their static body runs eagerly, with the eager path's logits
+    import pandas as pd
+    gb = pd.read_csv(tmp_path / "graph_bench.csv")
+    assert len(gb) == 2 and gb.graph_graph.all() and not gb.eager_graph.any() and (gb.rel_err < 1e-5).all()
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["decode_graphs"]["eager_static_steps"] > 0 and env["decode_graphs"]["failed"] is None
+    assert pd.read_csv(tmp_path / "steps.csv").graph.any()
     # the call's own calibrated profile and the committed one each price every run
     result = json.loads((tmp_path / "compare.json").read_text())
     assert set(result) == {"calibrated", "committed"}
