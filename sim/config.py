@@ -18,8 +18,8 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 from sim.errors import KvsimError, parse_yaml, read_yaml, show
 from sim.models import GPUS, MODELS, READ_BUFFER_LAYERS, GpuSpec, ModelShape
 from sim.costmodel import CONTENTION
-from sim.scheduler import (PREEMPTION_MODES, SCHEDULER_KINDS, VLLM_SWAP_SPACE_BYTES, VLLM_BLOCK_TOKENS, VLLM_GPU_MAX_NUM_BATCHED_TOKENS,
-                           VLLM_GPU_MAX_NUM_SEQS)
+from sim.scheduler import (PREEMPTION_MODES, SCHEDULER_KINDS, VLLM_BLOCK_TOKENS, VLLM_GPU_MAX_NUM_BATCHED_TOKENS,
+                           VLLM_GPU_MAX_NUM_SEQS, VLLM_SWAP_SPACE_BYTES)
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "PB": 1e15,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "PIB": 2**50}
