@@ -192,6 +192,10 @@ class ExactPool:
         key = self.pool.key
         return sum(1 for b in self.pool.free if key[b] is not None)
 
+    @property
+    def num_keyless_free(self) -> int:
+        return self.num_free - self.num_cached_free
+
     @staticmethod
     def _key(req):
         if req.segments is None:
@@ -299,6 +303,11 @@ class RunPool:
     def num_cached_free(self) -> int:
         """Free blocks still holding a cached key (reusable KV)."""
         return self.num_free - self.keyless
+
+    @property
+    def num_keyless_free(self) -> int:
+        """Free blocks holding nothing: HBM holds KV in the rest (referenced or cached)."""
+        return self.keyless
 
     # ---- the queue of free keyed runs ---------------------------------------------------------
     def _append(self, r: Run) -> None:

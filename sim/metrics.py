@@ -441,7 +441,8 @@ def summarize(rows: TurnRows, replica, cfg, slo: GoodputSlo = DEFAULT_SLO) -> di
         "bytes_d2h": store.d2h.bytes_moved,
         "bytes_ssd_read": store.ssd_r.bytes_moved,
         "bytes_ssd_write": store.ssd_w.bytes_moved,
-        "peak_hbm_bytes": store.hbm.peak,
+        # KV held in HBM at most (the chunked engine's block pool, cached blocks included)
+        "peak_hbm_bytes": float(getattr(replica, "peak_hbm_bytes", store.hbm.peak)),
         "peak_dram_bytes": store.dram.peak,
         "peak_ssd_bytes": store.ssd.peak,
         "evictions_hbm": store.evictions["hbm"],

@@ -239,3 +239,12 @@ def test_round_attention_loads_only_the_kept_rounds_above_the_watershed():
     assert full.turns.bytes_loaded[1] > 0
     assert ra.turns.bytes_loaded[1] == pytest.approx(0.625 * full.turns.bytes_loaded[1])
     assert ra.turns.ttft_s[1] < full.turns.ttft_s[1]
+
+
+def test_peak_kv_in_hbm_counts_the_block_pool_cached_blocks_included():
+    # turn 0 of _two_turns computes 319 tokens: 20 blocks of 16, 19 of them full and cached after it ends
+    # (the partial one is freed keyless). Turn 1 computes 429 tokens: 27 blocks, its 19 hit blocks plus 8
+    # new ones; nothing else is cached then, so HBM held 27 blocks at most
+    res, cfg = _run(_two_turns(), **{"policy.kind": "hbm_prefix"})
+    kv_tok = build_cost_model(cfg).shape.kv_bytes_per_token
+    assert res.summary["peak_hbm_bytes"] == (19 + 8) * 16 * kv_tok
