@@ -2,7 +2,7 @@
 # Regenerate every committed result the simulator produces (run from the repository root on a clean
 # tree; CPU only, ~2 minutes on 2 cores). Use after any change that moves a simulated number, and
 # commit the result in the same submission.
-#   bash bench/regenerate_committed.sh [paper|tp|gpu|all]
+#   bash bench/regenerate_committed.sh [paper|tp|ra|gpu|all]
 set -euo pipefail
 what=${1:-all}
 K="python -m sim.cli"
@@ -15,6 +15,10 @@ fi
 if [ "$what" = tp ] || [ "$what" = all ]; then
   $K sweep configs/sweeps/tp_models.yaml --force --no-progress --jobs 2
   python bench/tp_models_cost.py results/tp_models > results/tp_models/cost_per_1k_turns.md
+fi
+
+if [ "$what" = ra ] || [ "$what" = all ]; then
+  python bench/roundattn_simulate_table.py > /dev/null   # results/round_attention/simulate.md
 fi
 
 if [ "$what" = gpu ] || [ "$what" = all ]; then
