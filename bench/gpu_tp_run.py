@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import socket
 import sys
 import time
 from pathlib import Path
@@ -23,15 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from gpu.tp_bench import NO_MULTICAST_ENV, RunArgs, run_rank  # noqa: E402
+from gpu.tp_bench import NO_MULTICAST_ENV, free_port, RunArgs, run_rank  # noqa: E402
 
 STAGES = ("check", "allreduce", "gemm", "links", "layer")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> None:

@@ -1,5 +1,5 @@
 """One device call: the TP-4 Llama-3.1-70B executor serves a trace slice, after measuring the TP profile
-it is validated with (gpu/tp_executor.py). bench/gpu_run14_tp4.sh runs it; its validation runs on CPU
+it is validated with (gpu/tp_executor.py). bench/gpu_run17_tp4.sh runs it; its validation runs on CPU
 afterwards from the files it writes (`kvsim gpu validate --gpus 4 --model llama3.1-70b`).
 
 One process per GPU (torch.multiprocessing.spawn), started as bench/gpu_tp_run.py starts run 13's (the
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import socket
 import sys
 import time
 from pathlib import Path
@@ -22,16 +21,10 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from gpu.plans import PLANS  # noqa: E402
-from gpu.tp_bench import NO_MULTICAST_ENV  # noqa: E402
+from gpu.tp_bench import NO_MULTICAST_ENV, free_port  # noqa: E402
 from gpu.tp_executor import ServeArgs, run_rank, write_slice  # noqa: E402
 
 STAGES = ("calibrate", "trace")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> None:

@@ -30,6 +30,7 @@ import os
 import statistics
 import subprocess
 import time
+import socket
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,31 @@ class RunArgs:
     smoke: bool
     port: int
     command: str
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback, for the process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_stage(r, rank: int, stages, name: str, need_s: float, fn, key: str | None = None) -> None:
+    """Run one stage of a multi-process call on every rank alike: skipped unless asked for (`key`, default
+    `name`, in `stages`) and rank 0 sees `need_s` seconds left of the budget; a failure prints the rank's
+    traceback before it propagates (the other ranks then time out in their next collective)."""
+    if (key or name) not in stages:
+        return
+    if not r.agree(r.left_s() > need_s):
+        r.log(f"{name}: skipped, {r.left_s():.0f} s left, needs ~{need_s:.0f}")
+        return
+    t0 = time.time()
+    try:
+        fn()
+    except Exception:
+        print(f"[rank {rank}] {name} FAILED\n{traceback.format_exc()}", flush=True)
+        raise
+    r.log(f"{name}: done in {time.time() - t0:.1f} s")
 
 
 @dataclass
@@ -578,18 +604,7 @@ def run_rank(rank: int, world: int, args: RunArgs) -> None:
     r.log(f"world {world}, tp {tps}, {device_name}, torch {torch.__version__}")
 
     def stage(name, need_s, fn):
-        if name not in args.stages:
-            return
-        if not r.agree(r.left_s() > need_s):
-            r.log(f"{name}: skipped, {r.left_s():.0f} s left, needs ~{need_s:.0f}")
-            return
-        t0 = time.time()
-        try:
-            fn()
-        except Exception:
-            print(f"[rank {rank}] {name} FAILED\n{traceback.format_exc()}", flush=True)
-            raise
-        r.log(f"{name}: done in {time.time() - t0:.1f} s")
+        run_stage(r, rank, args.stages, name, need_s, fn)
 
     use_graph = [cuda]
 

@@ -31,7 +31,6 @@ import datetime as dt
 import os
 import statistics
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from gpu.decode_graph import DECODE_BUCKET
 from gpu.executor import TraceBounds, PADDING_SLACK_TOKENS, executor_for_trace, serve_trace
 from gpu.plans import PLANS, run_name
 from gpu.prefill_graph import PADDING
-from gpu.tp_bench import NO_MULTICAST_ENV, write_csv
+from gpu.tp_bench import NO_MULTICAST_ENV, run_stage, write_csv
 from gpu.tp_layer import LLAMA31_70B
 from sim.files import atomic_write_json
 from sim.trace import read_trace, write_trace
@@ -284,18 +283,7 @@ def run_rank(rank: int, world: int, args: ServeArgs) -> None:
         atomic_write_json(out / "env.json", env)
 
     def stage(name, need_s, fn, key=None):
-        if (key or name) not in args.stages:
-            return
-        if not r.agree(r.left_s() > need_s):
-            r.log(f"{name}: skipped, {r.left_s():.0f} s left, needs ~{need_s:.0f}")
-            return
-        t = time.time()
-        try:
-            fn()
-        except Exception:
-            print(f"[rank {rank}] {name} FAILED\n{traceback.format_exc()}", flush=True)
-            raise
-        r.log(f"{name}: done in {time.time() - t:.1f} s")
+        run_stage(r, rank, args.stages, name, need_s, fn, key)
 
     stage("calibrate", 60 if cuda else 0, lambda: calibrate(r, shard, model, grid, out))
     frames = []

@@ -181,6 +181,7 @@ class ExactPool:
     def __init__(self, num_blocks: int):
         self.pool = BlockPool(num_blocks)
         self.num_blocks = num_blocks
+        self.peak_held = 0  # as RunPool.peak_held
 
     @property
     def num_free(self) -> int:
@@ -216,6 +217,13 @@ class ExactPool:
     def allocate(self, req, n: int) -> None:
         req.blocks.extend(self.pool.allocate(n))
         req.num_blocks += n
+        self._note_peak()
+
+    def _note_peak(self) -> None:
+        # block by block, O(free blocks): this pool serves executors, not the simulator's hot loop
+        held = self.num_blocks - self.num_keyless_free
+        if held > self.peak_held:
+            self.peak_held = held
 
     def allocate_decodes(self, running, k: int, bt: int) -> None:
         """The blocks k pure decode steps allocate: step-major, in running order."""
@@ -230,6 +238,7 @@ class ExactPool:
             for (_, idx), b in zip(events, self.pool.allocate(len(events))):
                 running[idx].blocks.append(b)
                 running[idx].num_blocks += 1
+            self._note_peak()
 
     def cache(self, req, num_full: int) -> None:
         req.num_cached_blocks = self.pool.cache_full_blocks(req.blocks, req.num_cached_blocks, num_full,
@@ -295,6 +304,8 @@ class RunPool:
         self.num_blocks = num_blocks
         self.num_free = num_blocks
         self.keyless = num_blocks  # free blocks without a key: the head of the queue
+        # most blocks holding KV at once (referenced or cached): they grow only when keyless ones are taken
+        self.peak_held = 0
         self.cached: dict = {}  # chain -> [Run] in caching order
         q = self._q = Run(None, 0, 0, None)  # sentinel of the keyed free queue
         q.prev = q.next = q
@@ -427,6 +438,9 @@ class RunPool:
             raise ValueError(f"cannot allocate {n} blocks: {self.num_free} free")
         self.num_free -= n
         k = self.keyless
+        held = self.num_blocks - (k - n if k > n else 0)
+        if held > self.peak_held:
+            self.peak_held = held
         if k >= n:
             self.keyless = k - n
             return

@@ -416,29 +416,17 @@ class ChunkedReplica:
         self.busy_decode_s = 0.0  # pure decode steps
         self.stall_save_s = 0.0
         self.swap_wait_s = 0.0  # steps held by swap preemptions' copies
-        self.peak_blocks = 0  # most KV blocks HBM held at once (referenced or cached)
         self.proc = None
         self.horizon_s = math.inf  # as `Replica.horizon_s`
 
     @property
-    def preemptions(self) -> int:
-        return self.sched.stats.preemptions
-
-    @property
-    def preempted_tokens_recomputed(self) -> int:
-        return self.sched.stats.recomputed_tokens
+    def preemption_stats(self):
+        """What preemptions cost (`sim.scheduler.PreemptionStats`), for the summary."""
+        return self.sched.stats
 
     @property
     def peak_hbm_bytes(self) -> float:
-        return self.peak_blocks * self.block_tokens * self.kv_tok
-
-    @property
-    def preempted_tokens_swapped(self) -> int:
-        return self.sched.stats.swapped_tokens
-
-    @property
-    def preempted_tokens_swapped_in(self) -> int:
-        return self.sched.stats.swapped_in_tokens
+        return self.sched.pool.peak_held * self.block_tokens * self.kv_tok
 
     def attach(self, source) -> None:
         self.source = source
@@ -528,7 +516,6 @@ class ChunkedReplica:
         queue is empty and a seat is free); arrivals behind a blocked queue head wait for the stretch's
         end, where they would change nothing."""
         env, sched, source, cost = self.env, self.sched, self.source, self.cost
-        pool = sched.pool
         pending = source.pending
         waiting = sched.waiting
         max_seqs = sched.cfg.max_num_seqs
@@ -563,9 +550,6 @@ class ChunkedReplica:
                     finished = sched.update(plan)
                     self._first_tokens(plan, now)
                     what = "a step"
-                held = pool.num_blocks - pool.num_keyless_free
-                if held > self.peak_blocks:
-                    self.peak_blocks = held
                 if now >= self.rec.hbm_next_s:
                     self._sample_hbm(now)
                 stall = 0.0

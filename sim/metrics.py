@@ -369,6 +369,7 @@ def summarize(rows: TurnRows, replica, cfg, slo: GoodputSlo = DEFAULT_SLO) -> di
     by_tier = np.bincount(codes, minlength=len(TIER_CODES)) if n else np.zeros(len(TIER_CODES), np.int64)
     hit_by_tier = np.bincount(codes, weights=c["hit_tokens"], minlength=len(TIER_CODES)) if n else by_tier * 0.0
     n_el = int(n - by_tier[TIER_CODES.index("none")])  # turns with a history to reuse
+    ps = getattr(replica, "preemption_stats", None)  # the chunked engine's (prefill-first never preempts)
     start = float(np.nanmin(arrival)) if n else 0.0
     makespan = float(np.nanmax(finish)) - start if n else 0.0
     store = replica.store
@@ -462,9 +463,9 @@ def summarize(rows: TurnRows, replica, cfg, slo: GoodputSlo = DEFAULT_SLO) -> di
         "preemptions": int(c["preemptions"].sum()),
         # what preemptions cost (chunked engine): tokens computed again after a recompute preemption,
         # tokens copied out and back by swap preemptions, and the steps' time waiting for those copies
-        "preempted_tokens_recomputed": int(getattr(replica, "preempted_tokens_recomputed", 0)),
-        "preempted_tokens_swapped": int(getattr(replica, "preempted_tokens_swapped", 0)),
-        "preempted_tokens_swapped_in": int(getattr(replica, "preempted_tokens_swapped_in", 0)),
+        "preempted_tokens_recomputed": ps.recomputed_tokens if ps else 0,
+        "preempted_tokens_swapped": ps.swapped_tokens if ps else 0,
+        "preempted_tokens_swapped_in": ps.swapped_in_tokens if ps else 0,
         "swap_wait_s": float(getattr(replica, "swap_wait_s", 0.0)),
         # context tokens reused, by the tier the turn's reused KV came from (its farthest one, for a
         # turn whose prefix blocks sat in several tiers)

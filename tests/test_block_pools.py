@@ -109,8 +109,7 @@ def _drive(seed, steps=2500):
 
 @pytest.mark.parametrize("seed", range(40))
 def test_run_pool_decides_as_the_exact_pool_at_every_step(seed):
-    s, _ = _drive(seed)
-    assert s.stats.preemptions >= 0
+    _drive(seed)  # asserts equal plans and pools at every step
 
 
 def test_the_random_streams_reach_every_case():

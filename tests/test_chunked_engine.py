@@ -95,8 +95,8 @@ def test_preemption_under_a_tiny_hbm_recomputes_and_still_serves_every_turn():
     users = Users(env, load_workload(cfg, df), rep)
     rep.attach(users)
     env.run(until=users.all_done)
-    assert rep.preemptions > 0 and rep.preempted_tokens_recomputed > 0
-    assert sum(rep.rec.preemptions) == rep.preemptions
+    assert rep.preemption_stats.preemptions > 0 and rep.preemption_stats.recomputed_tokens > 0
+    assert sum(rep.rec.preemptions) == rep.preemption_stats.preemptions
 
 
 @pytest.fixture(scope="module")
