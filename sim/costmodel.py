@@ -703,6 +703,8 @@ class RooflineCost(CostModel):
             # fixed batch: its only kink is a sliding window filling up (batch x window)
             self._kinks_by_batch = {}
             self._decode_fixed = {}  # batch -> the step's GEMMs, other kernels and communication
+            self._by_tokens = {}  # tokens -> `_token_layer_s`
+            self._heads = {}  # sequences -> `decode_head_s`
         # decode_step_s is called twice per decode span: fold its constants once
         F, BW, L = self._flops * self._mfu, self._bw * self._mbu, s.layers
         self._d_lin = L * self._lin_flops_tok / F  # per sequence, compute side
@@ -728,6 +730,17 @@ class RooflineCost(CostModel):
             t += e.gemm_s(self._lin_routed_tok * tokens, self._w_expert_bytes * touched,
                           tokens * s.experts_per_token / touched, self._flops, self._bw)
         return t + e.layer_fixed_s + tokens * self._act_tok_s
+
+    def _token_layer_s(self, tokens: int) -> tuple:
+        """Measured efficiencies: (GEMMs and other kernels, all-reduces) of a layer over `tokens` tokens,
+        the parts that depend only on the token count, looked up once per count: a step's token count repeats (a chunk
+        plus the decodes riding along), and each evaluation walks the GEMM sweep's table."""
+        t = self._by_tokens.get(tokens)
+        if t is None:
+            t = (self._gemms_s(tokens), self.comm_layer_s(tokens))
+            if len(self._by_tokens) < 65536:  # integer counts up to the token budget: bounded in practice
+                self._by_tokens[tokens] = t
+        return t
 
     def _attention_s(self, pairs: float, kv: float, pairs_w: float = 0.0, kv_w: float = 0.0) -> float:
         """Measured efficiencies: attention of one layer (mean over layers) over `pairs` (query, key)
@@ -777,7 +790,12 @@ class RooflineCost(CostModel):
 
     def decode_head_s(self, batch: int) -> float:
         if self._eff is not None:
-            return self._eff.gemm_s(self._head_flops * batch, self._head_bytes, batch, self._flops, self._bw)
+            t = self._heads.get(batch)
+            if t is None:
+                t = self._eff.gemm_s(self._head_flops * batch, self._head_bytes, batch, self._flops, self._bw)
+                if len(self._heads) < 65536:
+                    self._heads[batch] = t
+            return t
         head = self._d_head_c * batch
         return head if head > self._d_head_m else self._d_head_m
 
@@ -786,20 +804,31 @@ class RooflineCost(CostModel):
         tokens in all, as one forward pass: the weights are read once and the linear layers run over
         every token; attention is each chunk's (new x (cached + causal half)) plus each decode's context;
         KV reads are every cached and decode token, writes every new token."""
-        new = sum(n for n, _ in chunks)
+        # sequential sums in one pass (as sum() adds them)
+        new = 0
+        pairs = kv = 0.0
+        for n, h in chunks:
+            new += n
+            pairs += n * (h + (n + 1) / 2.0)
+            kv += h + 2.0 * n
         tokens = new + batch
         if tokens <= 0:
             return 0.0
-        pairs = sum(n * (h + (n + 1) / 2.0) for n, h in chunks) + context_tokens
-        kv = sum(h + 2.0 * n for n, h in chunks) + context_tokens
+        pairs += context_tokens
+        kv += context_tokens
         if self._eff is not None:
-            pw = kw = 0.0
             if self._slide:
                 W = self.shape.sliding_window
                 seen = batch * min(context_tokens / batch, W) if batch else 0.0
                 pw = sum(sliding_pairs(n, h, W) for n, h in chunks) + seen
                 kw = sum(min(h, W) + 2.0 * n for n, h in chunks) + seen
-            return self._gemms_s(tokens) + self._attention_s(pairs, kv, pw, kw) + self.comm_layer_s(tokens)
+                g, comm = self._token_layer_s(tokens)
+                return g + self._attention_s(pairs, kv, pw, kw) + comm
+            # `_attention_s` without a sliding window, inline: the chunked engine prices every step here
+            g, comm = self._token_layer_s(tokens)
+            c, m = self._attn_flops * pairs / self._attn_F, self._kv_tok * kv / self._kv_BW
+            L = self.shape.layers
+            return g + L * (c if c > m else m) / L + comm
         F, BW = self._flops * self._mfu, self._bw * self._mbu
         lin, w = self._lin_flops_tok * tokens, self._weights_read(tokens)
         L, slide = self.shape.layers, (self._slide if not self._plain else 0)
@@ -817,7 +846,14 @@ class RooflineCost(CostModel):
         per layer max(FLOPs / (peak x MFU), bytes / (bandwidth x MBU)), plus the LM head. Sliding-window
         layers see each sequence's mean context, capped at the window; the all-reduces are `comm_s`."""
         if self._eff is not None:
-            return self.decode_parts(batch, context_tokens)[0] + self._decode_fixed[batch][1]
+            fixed = self._decode_fixed.get(batch)
+            if fixed is None or self._slide:
+                return self.decode_parts(batch, context_tokens)[0] + self._decode_fixed[batch][1]
+            # `decode_parts` and `_attention_s` inline for full attention (the same operations in the same
+            # order): called twice per decode span
+            c, m = self._attn_flops * context_tokens / self._attn_F, self._kv_tok * context_tokens / self._kv_BW
+            L = self.shape.layers
+            return fixed[0] + L * (L * (c if c > m else m) / L) + fixed[1]
         head = self._d_head_c * batch
         head = head if head > self._d_head_m else self._d_head_m
         if self._plain:

@@ -19,7 +19,7 @@ from itertools import islice
 from sim.errors import KvsimError
 from sim.eviction import eviction_for
 from sim.kvstore import KVStore
-from sim.metrics import Recorder
+from sim.metrics import _SPAN_FLUSH, Recorder
 from sim.scheduler import ChunkedConfig, ChunkedScheduler, PrefillFirstScheduler, SeqRequest
 from sim.tiers import DRAM, HBM, MISS, NONE, SSD
 from sim.trace import BLOCK_TOKENS
@@ -494,9 +494,10 @@ class ChunkedReplica:
             for req in islice(self.sched.waiting, max(w - a, 0), w):
                 store.prefetch(jobs[req.id], now)
         if self.entered_window:
-            admitted = {r.id for r in plan.admitted}
+            admit_s = self.rec.admit_s
             for job in self.entered_window:
-                if job.i not in admitted:
+                i = job.i
+                if admit_s[i] != admit_s[i]:  # NaN: not admitted (an arrival since the last step cannot resume)
                     store.prefetch(job, job.arrival)
             self.entered_window.clear()
 
@@ -592,6 +593,7 @@ class ChunkedReplica:
                 ctx += r.prompt_tokens + r.num_output_tokens
             else:
                 chunks.append((n, r.num_computed_tokens))
+        self._step_chunks = len(chunks)
         load_layer = 0.0
         start = now
         if plan.admitted:
@@ -712,6 +714,8 @@ class ChunkedReplica:
 
     def _first_tokens(self, plan, now) -> None:
         """Requests whose prompt's last chunk ran in this step sampled their first token at its end."""
+        if not self._step_chunks:
+            return
         rec = self.rec
         for r, n, dec in plan.scheduled:
             if not dec and r.num_output_tokens == 1:
@@ -726,7 +730,8 @@ class ChunkedReplica:
         i = req.id
         job = self.jobs.pop(i)
         rec, store = self.rec, self.store
-        rec.flush_spans()  # the ITL spans binned as they gather (no prefill stall here to do it)
+        if len(rec.span_counts) >= _SPAN_FLUSH:  # the ITL spans binned as they gather (`Recorder.flush_spans`)
+            rec.itl.flush()
         rec.finish_s[i] = now
         rec.preemptions[i] = req.num_preemptions
         ctx = job.ctx_in + job.output
@@ -744,6 +749,7 @@ class ChunkedReplica:
                     self.stall_save_s += stall
                     store.d2h.charge(saved)
         rec.bytes_saved[i] = saved
-        self.turns.finished(job, ctx)
+        if not job.blocks:  # `PrefillFirstScheduler.finished`, inline
+            self.turns.session_context[job.sid] = ctx
         self.source.reply_done(i, now, now + stall)
         return stall

@@ -31,7 +31,7 @@ class KVStore:
         self.L = shape.layers
         self.kv_tok = shape.kv_bytes_per_token
         # a session's KV is `shape.kv_bytes(tokens)`: bounded by the window on sliding-window layers
-        self.kv_bytes = shape.kv_bytes
+        self.kv_bytes = shape.kv_bytes_fn()
         self.sliding = bool(shape.sliding_layers)
         self.eviction = eviction
         self.decoupled = decoupled_pe  # KV saved without positions stays valid when truncated (§3.5)

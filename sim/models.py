@@ -109,6 +109,14 @@ class ModelShape:
             return self.layers
         return self.layers - self.layers // self.full_attention_interval
 
+    def kv_bytes_fn(self):
+        """`kv_bytes` as a plain function of the tokens, its constants folded (the simulator calls it
+        per turn; the properties behind it cost a call each)."""
+        if self.sliding_layers:
+            return self.kv_bytes
+        per = self.kv_bytes_per_token
+        return lambda tokens: per * tokens
+
     def kv_bytes(self, tokens: float) -> float:
         """Cache of a `tokens`-token context over all layers: a sliding-window layer holds at most its
         window (as vLLM's hybrid KV manager frees blocks that left it), a full layer every token."""

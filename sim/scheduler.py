@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from array import array
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from typing import NamedTuple
 
@@ -65,7 +65,7 @@ class PrefillFirstScheduler:
         self.context_window = shape.max_context_tokens
         self.kv_tok = shape.kv_bytes_per_token
         # a job's KV: bounded by the window on sliding-window layers (ModelShape.kv_bytes)
-        self.kv_bytes = shape.kv_bytes
+        self.kv_bytes = shape.kv_bytes_fn()
         # scheduler-aware fetching stages SSD-resident KV of queued jobs into DRAM (§3.4)
         self.prefetch = pol.scheduler_aware_fetch and pol.kind == "attentionstore"
         ra = pol.round_attention
@@ -281,6 +281,9 @@ class SeqRequest:
                 f"out={self.num_output_tokens}/{self.max_tokens})")
 
 
+_new_tuple = tuple.__new__  # builds a `Scheduled` without its Python-level __new__ (one per request a step)
+
+
 class Scheduled(NamedTuple):
     req: SeqRequest
     num_new_tokens: int
@@ -289,21 +292,31 @@ class Scheduled(NamedTuple):
     is_decode: bool
 
 
-@dataclass
 class StepPlan:
     """One step's decisions. Until `update`, each scheduled request's `num_computed_tokens` is
-    still the count before this step (its history for the chunk)."""
-    scheduled: list[Scheduled]  # running requests in queue order, then admissions
-    preempted: list[SeqRequest]  # in preemption order
-    admitted: dict  # SeqRequest -> prefix-cache hit tokens, in admission order
-    free_blocks: int  # after this step's allocations and preemptions, before its finishes
-    num_scheduled_tokens: int = 0
-    # admitted request -> tokens an external store supplied beyond its prefix-cache hit (`external_hit`)
-    external: dict = field(default_factory=dict)
-    # swap preemption: (request, tokens) copied to host memory before this step (in preemption order),
-    # and admitted request -> tokens copied back before this step
-    swapped_out: list = field(default_factory=list)
-    swapped_in: dict = field(default_factory=dict)
+    still the count before this step (its history for the chunk). (A slotted class, not a dataclass:
+    one is built per simulated step.)"""
+    __slots__ = ("scheduled", "preempted", "admitted", "free_blocks", "num_scheduled_tokens", "external",
+                 "swapped_out", "swapped_in")
+
+    def __init__(self, scheduled: list, preempted: list, admitted: dict, free_blocks: int,
+                 num_scheduled_tokens: int = 0, external: dict | None = None, swapped_out: list | None = None,
+                 swapped_in: dict | None = None):
+        self.scheduled = scheduled  # [Scheduled]: running requests in queue order, then admissions
+        self.preempted = preempted  # in preemption order
+        self.admitted = admitted  # SeqRequest -> prefix-cache hit tokens, in admission order
+        self.free_blocks = free_blocks  # after this step's allocations and preemptions, before its finishes
+        self.num_scheduled_tokens = num_scheduled_tokens
+        # admitted request -> tokens an external store supplied beyond its prefix-cache hit (`external_hit`)
+        self.external = {} if external is None else external
+        # swap preemption: (request, tokens) copied to host memory before this step (in preemption order),
+        # and admitted request -> tokens copied back before this step
+        self.swapped_out = [] if swapped_out is None else swapped_out
+        self.swapped_in = {} if swapped_in is None else swapped_in
+
+    def __repr__(self):
+        return (f"StepPlan({len(self.scheduled)} scheduled, {len(self.preempted)} preempted, "
+                f"{len(self.admitted)} admitted, free_blocks={self.free_blocks})")
 
 
 @dataclass
@@ -401,15 +414,18 @@ class ChunkedScheduler:
         caching = cfg.prefix_caching
 
         i = 0
+        append = scheduled.append
         while i < len(running) and budget > 0:
             req = running[i]
-            computed, total = req.num_computed_tokens, req.num_tokens
+            computed = req.num_computed_tokens
+            total = req.prompt_tokens + req.num_output_tokens
             n = total - computed
             if 0 < threshold < n:
                 n = threshold
-            n = min(n, budget)
-            if max_len is not None:
-                n = min(n, max_len - computed - 1)
+            if n > budget:
+                n = budget
+            if max_len is not None and n > max_len - computed - 1:
+                n = max_len - computed - 1
             if n <= 0:
                 i += 1
                 continue
@@ -422,7 +438,7 @@ class ChunkedScheduler:
                     full = (computed + n if computed + n < total else total) // bt
                     if full > req.num_cached_blocks:
                         pool.cache(req, full)
-                scheduled.append(Scheduled(req, n, req.num_output_tokens > 0 and computed == total - 1))
+                append(_new_tuple(Scheduled, (req, n, req.num_output_tokens > 0 and computed == total - 1)))
                 budget -= n
                 i += 1
                 continue
@@ -437,7 +453,7 @@ class ChunkedScheduler:
                     break
             if not fits:
                 break
-            scheduled.append(Scheduled(req, n, req.num_output_tokens > 0 and computed == total - 1))
+            append(_new_tuple(Scheduled, (req, n, req.num_output_tokens > 0 and computed == total - 1)))
             budget -= n
             i += 1
 
@@ -457,7 +473,7 @@ class ChunkedScheduler:
             watermark = cfg.watermark_blocks if running else 0
             while budget > 0 and waiting and len(running) < cfg.max_num_seqs:
                 req = waiting[0]
-                total = req.num_tokens
+                total = req.prompt_tokens + req.num_output_tokens
                 hit_handle, hit_blocks, evictable = pool.lookup(req, (total - 1) // bt if caching else 0)
                 hit = hit_blocks * bt
                 ext = 0
@@ -472,9 +488,11 @@ class ChunkedScheduler:
                 n = total - hit - ext
                 if 0 < threshold < n:
                     n = threshold
-                n = min(n, budget)
-                full = total if max_len is None else min(total, max_len)
-                need = max(-(-full // bt) - hit_blocks, 0) + evictable
+                if n > budget:
+                    n = budget
+                full = total if max_len is None or total < max_len else max_len
+                need = -(-full // bt) - hit_blocks
+                need = (need if need > 0 else 0) + evictable
                 if need + watermark > pool.num_free:
                     self._blocked = True
                     break  # strict FCFS: nobody behind it is tried
@@ -493,7 +511,7 @@ class ChunkedScheduler:
                         self.stats.swapped_in_tokens += ext
                 elif ext:
                     external[req] = ext
-                scheduled.append(Scheduled(req, n, req.num_output_tokens > 0 and computed == total - 1))
+                append(_new_tuple(Scheduled, (req, n, req.num_output_tokens > 0 and computed == total - 1)))
                 budget -= n
             # what stops the scan (no one waits, no seat, the head does not fit) stays true through
             # pure-decode steps: their allocations only shrink the free queue and the head's hit
@@ -518,17 +536,17 @@ class ChunkedScheduler:
         dropped = self._dropped
         for req, n, _ in plan.scheduled:
             before = req.num_computed_tokens
-            req.num_computed_tokens += n
-            if req in dropped:
+            c = req.num_computed_tokens = before + n
+            if dropped and req in dropped:
                 lost = dropped[req]
                 if before < lost:
                     self.stats.recomputed_tokens += min(before + n, lost) - before
-                if req.num_computed_tokens >= lost:
+                if c >= lost:
                     del dropped[req]
-            if req.num_computed_tokens >= req.num_tokens:
+            if c >= req.prompt_tokens + req.num_output_tokens:
                 # the step's logits for the last known token: one sampled token
-                req.num_output_tokens += 1
-                if req.num_output_tokens >= req.max_tokens or (max_len is not None and req.num_tokens >= max_len):
+                out = req.num_output_tokens = req.num_output_tokens + 1
+                if out >= req.max_tokens or (max_len is not None and req.prompt_tokens + out >= max_len):
                     req.finished = True
                     self._release(req)
                     finished.append(req)
@@ -612,14 +630,14 @@ class ChunkedScheduler:
         for r in running:
             before = r.num_computed_tokens
             r.num_computed_tokens = before + k
-            r.num_output_tokens += k
+            out = r.num_output_tokens = r.num_output_tokens + k
             if dropped and r in dropped:
                 lost = dropped[r]
                 if before < lost:
                     self.stats.recomputed_tokens += min(before + k, lost) - before
                 if before + k >= lost:
                     del dropped[r]
-            if r.num_output_tokens >= r.max_tokens or (max_len is not None and r.num_tokens >= max_len):
+            if out >= r.max_tokens or (max_len is not None and r.prompt_tokens + out >= max_len):
                 r.finished = True
                 self._release(r)
                 finished.append(r)
@@ -665,7 +683,8 @@ class ChunkedScheduler:
             pool.allocate(req, need)
         if not self.cfg.prefix_caching:
             return
-        pool.cache(req, min(computed + n, req.num_tokens) // bt)
+        total = req.prompt_tokens + req.num_output_tokens
+        pool.cache(req, (computed + n if computed + n < total else total) // bt)
 
     def _preempt(self, req: SeqRequest) -> None:
         """Recompute preemption (vLLM's `_preempt_request`): free the blocks tail first, forget
