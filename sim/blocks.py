@@ -467,24 +467,22 @@ class RunPool:
         req.num_blocks += n
 
     def allocate_decodes(self, running, k: int, bt: int) -> None:
+        # one pass: keyless blocks are interchangeable, so which request takes them first does not
+        # matter here; the queue gives them all at once below (the caller checked they are free)
         total = 0
-        counts = []
         for r in running:
             j = r.num_blocks * bt - r.num_computed_tokens + 1
-            c = (k - j) // bt + 1 if j <= k else 0
-            counts.append(c)
-            total += c
-        if not total:
-            return
-        self._pop(total)
-        for r, c in zip(running, counts):
-            if c:
+            if j <= k:
+                c = (k - j) // bt + 1
+                total += c
                 blocks = r.blocks
                 if blocks and blocks[-1].chain is None:
                     blocks[-1].n += c
                 else:
                     blocks.append(Run(None, 0, c, None))
                 r.num_blocks += c
+        if total:
+            self._pop(total)
 
     def cache(self, req, num_full: int) -> None:
         """Blocks [num_cached, num_full) of the request, keyless until now, take their keys."""

@@ -591,7 +591,8 @@ class ChunkedScheduler:
             return 0  # a request already at its end (cannot happen after update): step it
         self.decode_context_tokens = ctx
         free = self.pool.num_free
-        if self._allocations(firsts, k, bt) <= free:
+        # at most one block a request per bt steps, plus one: with that many free, every step fits
+        if len(firsts) * (k // bt + 1) <= free or self._allocations(firsts, k, bt) <= free:
             return k
         lo, hi = 0, k  # the last k whose allocations fit: allocations grow with k
         while hi - lo > 1:
