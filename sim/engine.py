@@ -399,7 +399,7 @@ class ChunkedReplica:
         self.sched = ChunkedScheduler(
             ChunkedConfig(num_blocks, sch.max_num_batched_tokens, sch.max_num_seqs, bt,
                           sch.long_prefill_token_threshold, sch.watermark, sch.preemption,
-                          shape.max_context_tokens, prefix_caching=self.policy != "recompute",
+                          shape.max_context_tokens, prefix_caching=self.policy != "recompute", lazy_tail_keys=True,
                           swap_tokens=int(sch.swap_space // self.kv_tok)),
             external_hit=self._external_hit if self.store.on_host else None)
         self.shared_blocks = cfg.workload.shared_prefix_tokens // bt

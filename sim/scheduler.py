@@ -215,6 +215,11 @@ class ChunkedConfig:
     pool: str = "runs"
     # swap preemption: tokens of KV the host's swap space holds (vLLM's --swap-space over the KV per token)
     swap_tokens: int = 0
+    # the caller's keys promise that no request looks up blocks of another running request's last
+    # (open-ended) key chain: the engine's (a session's next turn arrives after its reply; a Mooncake
+    # reply's chain is its own turn's). A running request's blocks there then take their keys when it
+    # is released (or `settle`d), not step by step: the same keys in the same order, fewer calls.
+    lazy_tail_keys: bool = False
 
     def __post_init__(self):
         for name in ("num_blocks", "max_num_batched_tokens", "max_num_seqs", "block_tokens"):
@@ -395,6 +400,8 @@ class ChunkedScheduler:
         return bool(self.waiting or self.running)
 
     def add_request(self, req: SeqRequest) -> None:
+        if self.cfg.lazy_tail_keys and req.segments is None:
+            raise ValueError(f"request {req.id!r}: lazy_tail_keys needs keys given as segments")
         if not self.waiting:
             self._blocked = False  # a new head of the queue: it may start at once
         self.waiting.append(req)
@@ -412,6 +419,7 @@ class ChunkedScheduler:
         preempted: list[SeqRequest] = []
         running = self.running
         caching = cfg.prefix_caching
+        lazy_tail = cfg.lazy_tail_keys
 
         i = 0
         append = scheduled.append
@@ -436,7 +444,7 @@ class ChunkedScheduler:
                     pool.allocate(req, need)
                 if caching:
                     full = (computed + n if computed + n < total else total) // bt
-                    if full > req.num_cached_blocks:
+                    if full > req.num_cached_blocks and not (lazy_tail and req.num_cached_blocks >= req.segments[-1][0]):
                         pool.cache(req, full)
                 append(_new_tuple(Scheduled, (req, n, req.num_output_tokens > 0 and computed == total - 1)))
                 budget -= n
@@ -463,9 +471,10 @@ class ChunkedScheduler:
         self._blocked = False
         if self._lazy:
             # blocks filled by pure-decode stretches enter the prefix cache before anyone looks up
+            # (with `lazy_tail_keys`, those outside the request's last chain only)
             for r in running:
                 full = r.num_computed_tokens // bt
-                if full > r.num_cached_blocks:
+                if full > r.num_cached_blocks and not (lazy_tail and r.num_cached_blocks >= r.segments[-1][0]):
                     pool.cache(r, full)
             self._lazy = False
         if not preempted:
@@ -660,7 +669,7 @@ class ChunkedScheduler:
 
     def settle(self) -> None:
         """Give lazily cached blocks their keys now (for a caller that inspects the pool)."""
-        if self._lazy:
+        if self._lazy or self.cfg.lazy_tail_keys:
             bt = self.cfg.block_tokens
             for r in self.running:
                 full = r.num_computed_tokens // bt

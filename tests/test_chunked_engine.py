@@ -248,3 +248,73 @@ def test_peak_kv_in_hbm_counts_the_block_pool_cached_blocks_included():
     res, cfg = _run(_two_turns(), **{"policy.kind": "hbm_prefix"})
     kv_tok = build_cost_model(cfg).shape.kv_bytes_per_token
     assert res.summary["peak_hbm_bytes"] == (19 + 8) * 16 * kv_tok
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lazy_tail_keys_make_the_same_decisions_as_keying_every_step(seed):
+    # the engine's promise: a session's next turn arrives only after its reply ended, so nobody looks up
+    # a running request's own chain; its blocks there may take their keys at release instead of per step.
+    # A system prompt longer than some prompts puts decode-filled blocks in the shared chain: still eager.
+    rng = random.Random(seed)
+    cfg = dict(num_blocks=rng.choice([80, 200, 600]), max_num_batched_tokens=rng.choice([64, 512]),
+               max_num_seqs=rng.choice([4, 16]), block_tokens=16)
+    eager = ChunkedScheduler(ChunkedConfig(**cfg))
+    lazy = ChunkedScheduler(ChunkedConfig(**cfg, lazy_tail_keys=True))
+    nsys = 3
+    ctx = {}  # session -> context tokens after its last turn
+    busy = set()  # sessions with a turn in flight
+    owner = {}
+    k = step = 0
+    hits = 0
+    while (k < 60 or eager.has_unfinished()) and step < 20000:
+        step += 1
+        if rng.random() < 0.05 and k < 60:
+            free_sessions = [s for s in range(8) if s not in busy]
+            if free_sessions:
+                s = rng.choice(free_sessions)
+                c, ep = ctx.get(s, (0, 0))
+                if c > 400:  # truncated: a new epoch of the session's chain, from nothing
+                    c, ep = 0, ep + 1
+                prompt = c + rng.randrange(1, 120)
+                out = rng.randrange(1, 200)
+                segs = [(0, "system", 0), (nsys, (s, ep), nsys)]
+                for sch in (eager, lazy):
+                    sch.add_request(SeqRequest(k, prompt, out, segments=list(segs)))
+                busy.add(s)
+                owner[k] = (s, prompt + out, ep)
+                k += 1
+        pe, pl = eager.schedule(), lazy.schedule()
+        assert _plan_ids(pe) == _plan_ids(pl), step
+        hits += sum(pe.admitted.values())
+        de, dl = eager.update(pe), lazy.update(pl)
+        assert [r.id for r in de] == [r.id for r in dl]
+        for r in de:
+            s, total, ep = owner[r.id]
+            busy.discard(s)
+            ctx[s] = (total, ep)
+        assert _state(eager) == _state(lazy), step
+    assert k == 60 and not eager.has_unfinished() and hits > 0
+    assert eager.stats.preemptions == lazy.stats.preemptions
+
+
+def _plan_ids(p):
+    return ([(x.req.id, x.num_new_tokens, x.is_decode) for x in p.scheduled], [r.id for r in p.preempted],
+            {r.id: h for r, h in p.admitted.items()}, p.free_blocks)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_reply_blocks_inside_the_shared_system_chain_are_cached_as_they_fill(lazy):
+    # a 10-token prompt under a 3-block (48-token) system prompt: its reply fills system blocks 0-2 by
+    # decoding; 70 tokens in, another session's request hits all three (48 tokens), lazy tail keys or not
+    s = ChunkedScheduler(ChunkedConfig(num_blocks=100, block_tokens=16, lazy_tail_keys=lazy))
+    s.add_request(SeqRequest("a", 10, 100, segments=[(0, "system", 0), (3, ("a", 0), 3)]))
+    for _ in range(60):  # the prefill step, then 59 decodes (the first token came with the prefill)
+        k = s.decode_run_limit(1)
+        if k:
+            s.apply_decodes(k)
+        else:
+            s.update(s.schedule())
+    assert s.running[0].num_computed_tokens == 69
+    s.add_request(SeqRequest("b", 100, 5, segments=[(0, "system", 0), (3, ("b", 0), 3)]))
+    plan = s.schedule()
+    assert {r.id: h for r, h in plan.admitted.items()} == {"b": 48}
