@@ -362,7 +362,9 @@ class ChunkedReplica:
     (CachedAttention §3.2), and a finished turn's KV is saved to the host (§3.3). Scheduler-aware
     fetching (§3.4) stages the SSD-resident history of requests in the waiting queue's look-ahead
     window into DRAM; Round Attention scales the host loads (its HBM saving is not modelled here:
-    paged blocks hold every layer). Not modelled under chunked: the write buffer's HBM.
+    paged blocks hold every layer). A finished turn's blocks stay held until its asynchronous save
+    has read them over D2H (vLLM's KV connector answers `delay_free_blocks` and frees them on
+    `finished_sending`): a waiting request that needs them starts at the first step after.
 
     Events stay O(1) per turn: a step with prefill work is one timeout, and a stretch of pure
     decode steps with nothing changing is one timeout priced in closed form (`cost.decode_span`),
@@ -400,7 +402,8 @@ class ChunkedReplica:
             ChunkedConfig(num_blocks, sch.max_num_batched_tokens, sch.max_num_seqs, bt,
                           sch.long_prefill_token_threshold, sch.watermark, sch.preemption,
                           shape.max_context_tokens, prefix_caching=self.policy != "recompute", lazy_tail_keys=True,
-                          swap_tokens=int(sch.swap_space // self.kv_tok)),
+                          swap_tokens=int(sch.swap_space // self.kv_tok),
+                          hold_finished=self.store.on_host and self.async_save),
             external_hit=self._external_hit if self.store.on_host else None)
         self.shared_blocks = cfg.workload.shared_prefix_tokens // bt
         self.lookahead_jobs = sch.lookahead_jobs
@@ -418,6 +421,10 @@ class ChunkedReplica:
         self.swap_wait_s = 0.0  # steps held by swap preemptions' copies
         self.proc = None
         self.horizon_s = math.inf  # as `Replica.horizon_s`
+        # finished requests whose blocks an asynchronous save still reads: (save end, order, request),
+        # freed once the step clock passes the end (vLLM's connector: delay_free_blocks, finished_sending)
+        self.held = []
+        self._held_n = 0
 
     @property
     def preemption_stats(self):
@@ -520,10 +527,13 @@ class ChunkedReplica:
         pending = source.pending
         waiting = sched.waiting
         max_seqs = sched.cfg.max_num_seqs
+        held = self.held
         now = env.now
         while True:
             if pending and pending[0][0] <= now:
                 source.deliver_due(now)
+            if held and held[0][0] <= now:
+                self._free_held(now)
             if sched.running or waiting:
                 began = now
                 k = sched.decode_run_limit(_NO_LIMIT)
@@ -531,6 +541,8 @@ class ChunkedReplica:
                     B = len(sched.running)
                     ctx = sched.decode_context_tokens
                     cut = source.next_arrival_s() - now if not waiting and B < max_seqs else math.inf
+                    if held and (waiting or sched.decode_block_limited) and held[0][0] - now < cut:
+                        cut = held[0][0] - now  # blocks a save frees may let the queue's head in, or avert a preemption
                     dt, k = cost.decode_span(B, ctx, k, cut)
                     self.busy_decode_s += dt
                     # every request gets a token each step: B gaps per step, at the span's mean step
@@ -541,6 +553,10 @@ class ChunkedReplica:
                 else:
                     plan = sched.schedule()
                     if not plan.scheduled and not sched.running:
+                        if held:  # nothing runs until a save frees its blocks
+                            sched.update(plan)
+                            now = held[0][0]
+                            continue
                         self._never_fits()
                     dt = self._step(plan, now)
                     if self.prefetch:
@@ -569,6 +585,11 @@ class ChunkedReplica:
                 now = now + (t - now)
 
     _clock_error = Replica._clock_error
+
+    def _free_held(self, now) -> None:
+        held, free = self.held, self.sched.free_finished
+        while held and held[0][0] <= now:
+            free(heapq.heappop(held)[2])
 
     def _never_fits(self):
         req = self.sched.waiting[0]
@@ -737,18 +758,25 @@ class ChunkedReplica:
         ctx = job.ctx_in + job.output
         stall = 0.0
         saved = 0.0
+        read_end = now
         if store.on_host:
             saved = store.save_to_host(job, ctx, now, self.w_hashes[i])
             if saved:
                 bw = self.cost.d2h_bw(saved / self.L)
                 if self.async_save:
                     # the write-back drains through D2H while the next steps run
-                    store.d2h.transfer(now, saved, bw)
+                    read_end = store.d2h.transfer(now, saved, bw)
                 else:
                     stall = saved / bw
                     self.stall_save_s += stall
                     store.d2h.charge(saved)
         rec.bytes_saved[i] = saved
+        if self.sched.cfg.hold_finished:
+            if read_end > now:  # the blocks stay until the write-back has read them
+                self._held_n += 1
+                heapq.heappush(self.held, (read_end, self._held_n, req))
+            else:
+                self.sched.free_finished(req)
         if not job.blocks:  # `PrefillFirstScheduler.finished`, inline
             self.turns.session_context[job.sid] = ctx
         self.source.reply_done(i, now, now + stall)

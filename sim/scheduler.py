@@ -220,6 +220,9 @@ class ChunkedConfig:
     # reply's chain is its own turn's). A running request's blocks there then take their keys when it
     # is released (or `settle`d), not step by step: the same keys in the same order, fewer calls.
     lazy_tail_keys: bool = False
+    # a finished request keeps its blocks until the caller calls `free_finished` (vLLM's KV connector:
+    # `request_finished` answers delay_free_blocks while an asynchronous save still reads them)
+    hold_finished: bool = False
 
     def __post_init__(self):
         for name in ("num_blocks", "max_num_batched_tokens", "max_num_seqs", "block_tokens"):
@@ -389,8 +392,10 @@ class ChunkedScheduler:
         self._lazy = False
         self._swap_used = 0  # tokens held in the swap space
         self._swapped_out: list = []  # this step's swap-outs, for its plan
-        # the running requests' context tokens, as `decode_run_limit` last found them
+        # the running requests' context tokens, as `decode_run_limit` last found them, and whether it
+        # stopped the stretch short of a preemption (more free blocks would lengthen it)
         self.decode_context_tokens = 0
+        self.decode_block_limited = False
 
     @property
     def free_blocks(self) -> int:
@@ -557,7 +562,7 @@ class ChunkedScheduler:
                 out = req.num_output_tokens = req.num_output_tokens + 1
                 if out >= req.max_tokens or (max_len is not None and req.prompt_tokens + out >= max_len):
                     req.finished = True
-                    self._release(req)
+                    self._finished(req)
                     finished.append(req)
         if finished:
             self.running = [r for r in self.running if not r.finished]
@@ -602,7 +607,9 @@ class ChunkedScheduler:
         free = self.pool.num_free
         # at most one block a request per bt steps, plus one: with that many free, every step fits
         if len(firsts) * (k // bt + 1) <= free or self._allocations(firsts, k, bt) <= free:
+            self.decode_block_limited = False
             return k
+        self.decode_block_limited = True  # the stretch stops where the next block would preempt
         lo, hi = 0, k  # the last k whose allocations fit: allocations grow with k
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -649,7 +656,7 @@ class ChunkedScheduler:
                     del dropped[r]
             if out >= r.max_tokens or (max_len is not None and r.prompt_tokens + out >= max_len):
                 r.finished = True
-                self._release(r)
+                self._finished(r)
                 finished.append(r)
         if finished:
             self.running = [r for r in running if not r.finished]
@@ -666,6 +673,24 @@ class ChunkedScheduler:
             if full > req.num_cached_blocks:
                 self.pool.cache(req, full)
         self.pool.free(req)
+
+    def _finished(self, req: SeqRequest) -> None:
+        if not self.cfg.hold_finished:
+            self._release(req)
+            return
+        # held: its blocks stay referenced (a lookup may still hit them), keyed as a release would
+        if self.cfg.prefix_caching:
+            full = req.num_computed_tokens // self.cfg.block_tokens
+            if full > req.num_cached_blocks:
+                self.pool.cache(req, full)
+
+    def free_finished(self, req: SeqRequest) -> None:
+        """Free the blocks a finished request held (`hold_finished`): its save has read them."""
+        if not req.finished or not self.cfg.hold_finished:
+            raise RuntimeError(f"request {req.id!r}: free_finished needs a finished request under hold_finished")
+        self.pool.free(req)
+        if self.waiting:
+            self._blocked = False  # the freed blocks may let the queue's head in
 
     def settle(self) -> None:
         """Give lazily cached blocks their keys now (for a caller that inspects the pool)."""

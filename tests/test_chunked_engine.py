@@ -318,3 +318,66 @@ def test_reply_blocks_inside_the_shared_system_chain_are_cached_as_they_fill(laz
     s.add_request(SeqRequest("b", 100, 5, segments=[(0, "system", 0), (3, ("b", 0), 3)]))
     plan = s.schedule()
     assert {r.id: h for r, h in plan.admitted.items()} == {"b": 48}
+
+
+@pytest.mark.parametrize("policy", ["hbm_prefix", "attentionstore"])
+def test_a_finished_turns_blocks_stay_held_until_its_asynchronous_save_has_read_them(policy):
+    # 40 blocks of 16 tokens: a (500-token prompt, 32 blocks) and b (300 tokens, 19 blocks) cannot run
+    # together, so b waits for a's blocks. With the host store, a's 519 computed tokens go out over D2H
+    # after its last token and its blocks are freed when that copy ends (vLLM's connector holds them:
+    # delay_free_blocks); without it they are free at once
+    df = pd.DataFrame([dict(session_id="a", turn=0, arrival_s=1.0, think_s=np.nan, prompt_tokens=500, output_tokens=20),
+                       dict(session_id="b", turn=0, arrival_s=1.001, think_s=np.nan, prompt_tokens=300, output_tokens=5)])
+    # attentionstore's read buffer for layer-wise preload takes 16 of the blocks (2 layers x 4,096 tokens)
+    res, cfg = _run(df, **{"policy.kind": policy, **_tiny_hbm(40 if policy == "hbm_prefix" else 56)})
+    t = res.turns.set_index("session_id")
+    admit_b = t.loc["b", "arrival_s"] + t.loc["b", "queue_s"]
+    if policy == "hbm_prefix":
+        assert admit_b == pytest.approx(t.loc["a", "finish_s"])
+    else:
+        cm = build_cost_model(cfg)
+        saved = 520 * cm.shape.kv_bytes_per_token  # the context after the reply, as the store keeps it
+        assert t.loc["a", "bytes_saved"] == saved
+        read = saved / cm.d2h_bw(saved / cm.shape.layers)
+        assert read > 5e-3
+        assert admit_b == pytest.approx(t.loc["a", "finish_s"] + read)
+
+
+def test_held_blocks_are_freed_only_by_their_owner_once_finished():
+    s = ChunkedScheduler(ChunkedConfig(num_blocks=10, block_tokens=16, hold_finished=True))
+    a = SeqRequest("a", 100, 1, segments=[(0, "a", 0)])  # 7 blocks; its one token comes with the prefill
+    b = SeqRequest("b", 60, 3, segments=[(0, "b", 0)])  # 4 blocks: waits for a's
+    s.add_request(a)
+    s.add_request(b)
+    with pytest.raises(RuntimeError):
+        s.free_finished(a)  # still running
+    plan = s.schedule()
+    assert [x.req.id for x in plan.scheduled] == ["a"]
+    assert s.update(plan) == [a]
+    assert s.free_blocks == 3  # a finished but holds its 7 blocks
+    plan = s.schedule()
+    assert plan.scheduled == []
+    s.update(plan)
+    s.free_finished(a)
+    assert s.free_blocks == 10
+    plan = s.schedule()
+    assert [x.req.id for x in plan.scheduled] == ["b"]
+
+
+def test_a_decode_stretch_ends_at_the_first_step_after_held_blocks_are_freed():
+    # c decodes throughout; b waits for a's blocks, which a's D2H save frees: b joins at the end of the
+    # first decode step that ends after the save, long before c finishes
+    # 56 KV blocks: c ends at 20, a holds 33, b needs 25 (a 400-token prompt): b fits only once a's are free
+    df = pd.DataFrame([dict(session_id="c", turn=0, arrival_s=0.5, think_s=np.nan, prompt_tokens=20, output_tokens=300),
+                       dict(session_id="a", turn=0, arrival_s=1.0, think_s=np.nan, prompt_tokens=500, output_tokens=20),
+                       dict(session_id="b", turn=0, arrival_s=1.001, think_s=np.nan, prompt_tokens=400, output_tokens=5)])
+    res, cfg = _run(df, **{"policy.kind": "attentionstore", **_tiny_hbm(56 + 16)})
+    cm = build_cost_model(cfg)
+    t = res.turns.set_index("session_id")
+    saved = 520 * cm.shape.kv_bytes_per_token
+    freed = t.loc["a", "finish_s"] + saved / cm.d2h_bw(saved / cm.shape.layers)
+    admit_b = t.loc["b", "arrival_s"] + t.loc["b", "queue_s"]
+    step = cm.decode_step_s(1, 400)  # c's step, an upper bound at its context
+    assert freed <= admit_b < freed + step
+    assert admit_b < t.loc["c", "finish_s"] - 1.0
+    assert t.loc["a", "finish_s"] < t.loc["c", "finish_s"] - 1.0
