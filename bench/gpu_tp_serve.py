@@ -1,6 +1,7 @@
-"""One device call: the TP-4 Llama-3.1-70B executor serves a trace slice, after measuring the TP profile
-it is validated with (gpu/tp_executor.py). bench/gpu_run17_tp4.sh runs it; its validation runs on CPU
-afterwards from the files it writes (`kvsim gpu validate --gpus 4 --model llama3.1-70b`).
+"""One device call: the TP executor serves a trace slice, after measuring the TP profile it is validated
+with (gpu/tp_executor.py): Llama-3.1-70B at TP 4 (bench/gpu_run17_tp4.sh), Qwen2.5-32B at TP 2
+(bench/gpu_run20_tp2.sh). Its validation runs on CPU afterwards from the files it writes
+(`kvsim gpu validate --gpus N --model MODEL`).
 
 One process per GPU (torch.multiprocessing.spawn), started as bench/gpu_tp_run.py starts run 13's (the
 launch path that came up on 4 H100s in 8 s, where two earlier variants hung at process-group set-up).
@@ -22,9 +23,9 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from gpu.plans import PLANS  # noqa: E402
 from gpu.tp_bench import NO_MULTICAST_ENV, free_port  # noqa: E402
-from gpu.tp_executor import ServeArgs, run_rank, write_slice  # noqa: E402
+from gpu.tp_executor import SERVED_MODELS, ServeArgs, run_rank, write_slice  # noqa: E402
 
-STAGES = ("calibrate", "trace")
+STAGES = ("allreduce", "calibrate", "trace")
 
 
 def main(argv=None) -> None:
@@ -32,6 +33,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=250, help="wall budget of the whole run, seconds")
     ap.add_argument("--gpus", type=int, default=0, help="processes (GPUs) = TP degree; 0: every GPU, 2 with --smoke")
+    ap.add_argument("--model", default="llama3.1-70b", choices=SERVED_MODELS,
+                    help="the shape served (the smoke run serves a tiny one under this name)")
     ap.add_argument("--trace", default="results/gpu/trace_slice.parquet")
     ap.add_argument("--sessions", type=int, default=12, help="serve the first N sessions of the trace")
     ap.add_argument("--output-cap", type=int, default=16, help="reply tokens per turn at most (decode is not validated here)")
@@ -56,7 +59,8 @@ def main(argv=None) -> None:
     command = " ".join(f"{k}={v}" for k, v in NO_MULTICAST_ENV.items()) + " PYTHONPATH=. python3 " + \
         " ".join(shlex.quote(x) for x in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     args = ServeArgs(out=str(out), budget_s=a.budget_s, start_wall=start, trace=str(trace), runs=runs, stages=stages,
-                     smoke=a.smoke, port=free_port(), init_timeout_s=a.init_timeout_s, command=command)
+                     smoke=a.smoke, port=free_port(), init_timeout_s=a.init_timeout_s, command=command,
+                     model=a.model)
     mp.spawn(run_rank, args=(world, args), nprocs=world, join=True)
 
 

@@ -36,6 +36,8 @@ def breakdown(folder, model: str = "llama3.1-70b", gpus: int = 4, profile=None) 
             by_start = j.sort_values("start_s")
             gaps = (by_start.start_s - by_start.end_s.shift(1)) * 1e3
             queued = by_start.queue_s_m > 0.005
+            # after a turn whose session goes on, the ranks agree on its end (host_next_turn_ms)
+            prev_goes_on = (by_start.turn < by_start.groupby("session_id").turn.transform("max")).shift(1, fill_value=False)
             rows.append({"run": run, "turns": len(j),
                          "prefill_meas_ms": pre_m.sum(), "prefill_sim_ms": pre_s.sum(),
                          "prefill_mean_err": float(((pre_s - pre_m) / pre_m).mean()),
@@ -44,6 +46,8 @@ def breakdown(folder, model: str = "llama3.1-70b", gpus: int = 4, profile=None) 
                          "decode_err": float(dec_s.sum() / dec_m.sum() - 1),
                          "service_err": float((pre_s + dec_s).sum() / (pre_m + dec_m).sum() - 1),
                          "host_gaps_queued_ms": float(gaps[queued].sum()),
+                         "gap_after_going_on_ms": float(gaps[queued & prev_goes_on].median()),
+                         "gap_after_last_ms": float(gaps[queued & ~prev_goes_on].median()),
                          "utilisation_meas": float((j.end_s - j.start_s).sum() / (j.end_s.max() - j.arrival_s_m.min())),
                          "queue_mean_meas_ms": float(j.queue_s_m.mean() * 1e3),
                          "queue_mean_sim_ms": float(j.queue_s_s.mean() * 1e3)})

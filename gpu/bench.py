@@ -389,6 +389,41 @@ def serving_overheads(shape: ModelShape, new_tokens=(64, 384, 1536), hist_tokens
     return {"rows": rows, "idle_s": idle_s, "method": "gpu.executor.Executor.run_turn, host clock"}
 
 
+def served_gaps(model: M.Decoder, agree=None, sessions: int = 4, turns: int = 3, prompt_tokens: int = 64,
+                output_tokens: int = 4) -> dict:
+    """The serving loop's host time between turns, on queued turns served back to back.
+
+    A synthetic trace (every session's first turn at 0, each next turn 0 s after its reply: every turn
+    queues) goes through the executor's own loop (`gpu.executor.serve_trace`, recompute, the ranks
+    agreeing through `agree` as in a TP trace run). Each row is one turn on this process's clock;
+    `gpu.calibrate.next_turn_gap_ms` takes the time from a turn's end to the next turn's start after
+    turns whose session goes on (`continues`: their end is agreed on, which schedules that next turn).
+    The idle probes of `serving_overheads` cannot see it: their turns have no next turn.
+    """
+    import pandas as pd
+
+    from gpu.executor import executor_for_trace, serve_trace
+    from gpu.plans import PLANS
+
+    trace = pd.DataFrame([{"session_id": f"gap{s}", "turn": k, "arrival_s": 0.0 if k == 0 else float("nan"),
+                           "think_s": float("nan") if k == 0 else 0.0, "prompt_tokens": prompt_tokens,
+                           "output_tokens": output_tokens, "prefix_hashes": None}
+                          for s in range(sessions) for k in range(turns)])
+    ex = executor_for_trace(model, PLANS["recompute"], trace)
+    try:
+        df = serve_trace(ex, trace, agree=agree)
+    finally:
+        ex.close()
+    del ex
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+    last = df.groupby("session_id").turn.transform("max")
+    rows = [{"session_id": r.session_id, "turn": int(r.turn), "arrival_s": float(r.arrival_s),
+             "start_s": float(r.start_s), "first_token_s": float(r.first_token_s), "end_s": float(r.end_s),
+             "continues": bool(r.turn < lt)} for r, lt in zip(df.itertuples(), last)]
+    return {"rows": rows, "method": "gpu.executor.serve_trace, recompute, queued turns; host clock"}
+
+
 # ------------------------------------------------------------------------ decoder layers
 def _stack_model(shape: ModelShape, max_pos: int, seed: int = 0, device: str = "cuda", reduce=None) -> M.Decoder:
     # One layer's weights suffice: they (hundreds of MB) are far larger than L2, so re-running the

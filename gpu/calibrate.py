@@ -83,7 +83,23 @@ def profile_from_raw(raw: dict) -> dict:
     for name, m in raw["models"].items():
         if m.get("serving"):
             models[name].update(serving_terms(prof, name, m["serving"]["rows"]))
+        if m.get("served_gaps"):
+            models[name]["host_next_turn_ms"] = next_turn_gap_ms(m["served_gaps"]["rows"])
     return prof
+
+
+def next_turn_gap_ms(rows: list[dict]) -> float:
+    """The serving loop's host time after a reply whose session goes on (`host_next_turn_ms`), from turns
+    served back to back (`bench.served_gaps`): the median, over turns whose session continues and whose
+    successor in serving order had already arrived, of the time from the turn's end to that successor's
+    start (both on the serving process's clock). A successor that arrived later waited for its arrival,
+    not for the host, and is left out."""
+    by_start = sorted(rows, key=lambda r: r["start_s"])
+    gaps = [(b["start_s"] - a["end_s"]) / MS for a, b in zip(by_start, by_start[1:])
+            if a["continues"] and b["arrival_s"] <= a["end_s"]]
+    if not gaps:
+        raise ValueError("served gaps: no turn whose session continues was followed by a queued turn")
+    return round(max(statistics.median(gaps), 0.0), 5)
 
 
 def serving_terms(prof: dict, model: str, rows: list[dict]) -> dict:

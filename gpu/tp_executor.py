@@ -1,5 +1,6 @@
-"""Tensor-parallel executor: Llama-3.1-70B on 4 GPUs serves a trace slice one turn at a time, and the
-profile it is validated against is measured at the same TP degree in the same call (issue 16, item 5).
+"""Tensor-parallel executor: Llama-3.1-70B on 4 GPUs (Qwen2.5-32B on 2: `ServeArgs.model`) serves a trace
+slice one turn at a time, and the profile it is validated against is measured at the same TP degree in
+the same call (issue 16, item 5).
 
 One process per GPU, started as run 13's measurement was (`bench/gpu_tp_serve.py`, like
 `bench/gpu_tp_run.py`): NCCL's default group over the whole world (made lazily: no `device_id`), one
@@ -20,9 +21,13 @@ The profile (`kvsim-hardware-profile/1`, `tp` = world): per-layer prefill and de
 with its all-reduces (`gpu.bench` grids, the ranks aligned before each sample, the slowest rank's
 median; a prefill sample replays a stack of layer graphs as many times as the model has layers, a
 decode sample is 16 whole steps of the served model back to back, as the executor decodes a reply), LM heads, pinned links measured with every GPU copying at once (the slowest GPU's rate), the
-serving loop's host terms from the executor's own turns (`gpu.bench.serving_overheads`, rank 0's), and a
-short SSD pass on rank 0 (the schema needs it; no run here reads the SSD). Grids cover only the shapes
-the trace slice needs. Never imports the simulator's engine (simpy is not on the GPU image).
+serving loop's host terms from the executor's own turns (`gpu.bench.serving_overheads`, rank 0's; the host
+time after a reply whose session goes on, from queued turns served back to back with the ranks agreeing
+as in a trace run: `gpu.bench.served_gaps`), and a short SSD pass on rank 0 (the schema needs it; no run
+here reads the SSD). Grids cover only the shapes the trace slice needs. The `allreduce` stage times
+NCCL all-reduces over message sizes on the world group (`gpu.tp_bench.measure_allreduce`, run 13's
+method: `allreduce.csv`, `allreduce_h100.yaml`). Never imports the simulator's engine (simpy is not on
+the GPU image).
 """
 from __future__ import annotations
 
@@ -45,13 +50,16 @@ from gpu.decode_graph import DECODE_BUCKET
 from gpu.executor import TraceBounds, PADDING_SLACK_TOKENS, executor_for_trace, serve_trace
 from gpu.plans import PLANS, run_name
 from gpu.prefill_graph import PADDING
-from gpu.tp_bench import NO_MULTICAST_ENV, run_stage, write_csv
-from gpu.tp_layer import LLAMA31_70B
+from gpu.tp_bench import (MIB, NO_MULTICAST_ENV, allreduce_sizes, allreduce_table, combine_allreduce, measure_allreduce,
+                          run_stage, write_csv, write_table_yaml)
 from sim.files import atomic_write_json
+from sim.models import MODELS
 from sim.trace import read_trace, write_trace
 from sim.units import GB, MS
 
-SIM_MODEL = "llama3.1-70b"       # the simulator's name of the shape served (sim.models.MODELS)
+# the shapes a TP call may serve (sim.models.MODELS names): run 17's at TP 4; at TP 2 Llama-3.1-70B does
+# not fit two 80 GB GPUs (70.5 GB of layers a GPU), Qwen2.5-32B (16 GB of layers a GPU) stands in
+SERVED_MODELS = ("llama3.1-70b", "qwen2.5-32b")
 DECODE_CTX = (256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
@@ -67,6 +75,7 @@ class ServeArgs:
     port: int
     init_timeout_s: float
     command: str
+    model: str = "llama3.1-70b"    # the simulator's name of the shape served (one of SERVED_MODELS)
 
 
 # ------------------------------------------------------------------------ pure helpers
@@ -125,6 +134,13 @@ class Rank:
     def __init__(self, rank: int, world: int, args: ServeArgs, cuda: bool, host):
         self.rank, self.world, self.args, self.cuda, self.host = rank, world, args, cuda, host
         self.device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+        self.dtype = torch.bfloat16 if cuda else torch.float32
+        # gpu.tp_bench's all-reduce timing asks for the TP group by degree: here the world is the TP group
+        self.groups = {world: dist.group.WORLD}
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -196,6 +212,11 @@ def calibrate(r: Rank, shard, model: M.Decoder, grid: dict, out: Path) -> None:
     mine["serving"] = bench.serving_overheads(shard, reps=2 if r.args.smoke else 5, device=dev, model=model,
                                               new_tokens=(16, 32) if r.args.smoke else (64, 384, 1536),
                                               hist_tokens=16 if r.args.smoke else 256)
+    # turns served back to back with the ranks agreeing on each reply's end, as in a trace run: the host
+    # time after a reply whose session goes on (rank 0's clock, as the trace runs are measured)
+    gaps = bench.served_gaps(model, agree=r.agree, sessions=2 if r.args.smoke else 4,
+                             output_tokens=2 if r.args.smoke else 4)
+    mine["served_gaps"] = gaps
     r.log("  serving host terms done")
     chunks = [1 << k for k in (range(12, 16) if r.args.smoke else range(12, 28))]
     links = concurrent_links(r, chunks, reps=2 if r.args.smoke else 10)
@@ -213,10 +234,10 @@ def calibrate(r: Rank, shard, model: M.Decoder, grid: dict, out: Path) -> None:
                "ssd": bench.ssd_bandwidth(ssd_dir, [1 << 18, 1 << 20] if r.args.smoke else [1 << 18, 1 << 22, 1 << 26],
                                           min_bytes=(1 << 20) if r.args.smoke else (1 << 26))}
         layers = [p["layers"] for p in parts]
-        raw["models"] = {SIM_MODEL: {
+        raw["models"] = {r.args.model: {
             "prefill": slowest_rank(layers, "prefill", ("new_tokens", "history_tokens")),
             "decode": slowest_rank(layers, "decode", ("batch", "context_tokens")),
-            "head": layers[0]["head"], "serving": layers[0]["serving"]}}
+            "head": layers[0]["head"], "serving": layers[0]["serving"], "served_gaps": layers[0]["served_gaps"]}}
         write_profile(raw, out / f"profile_tp{r.world}.yaml", out / "calibration_raw.json")
         r.log(f"  profile_tp{r.world}.yaml written")
 
@@ -255,7 +276,7 @@ def run_rank(rank: int, world: int, args: ServeArgs) -> None:
     trace_line("groups up, first all-reduce done")
     out = Path(args.out)
     trace = read_trace(args.trace)
-    full = LLAMA31_70B if cuda else M.TINY_GQA
+    full = MODELS[args.model] if cuda else M.TINY_GQA
     shard = M.shard_shape(full, world)
     bounds = TraceBounds.of(trace)
     grid = calibration_grid(bounds, args.runs)
@@ -285,6 +306,22 @@ def run_rank(rank: int, world: int, args: ServeArgs) -> None:
     def stage(name, need_s, fn, key=None):
         run_stage(r, rank, args.stages, name, need_s, fn, key)
 
+    def allreduce():
+        # run 13's sizes (8 KiB-256 MiB and the layer's own messages at this hidden size); graphs up to 4 MiB
+        sizes = allreduce_sizes(hidden=full.hidden) if cuda else [1024, 4096]
+        rows = r.gather(measure_allreduce(r, world, sizes, graph_max_bytes=4 * MIB, samples=11 if cuda else 2,
+                                          use_graph=cuda))
+        if rank == 0:
+            comb = combine_allreduce([x for part in rows for x in part])
+            write_csv(comb, out / "allreduce.csv")
+            stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            write_table_yaml(allreduce_table(comb, env.get("device", "cpu"), stamp, args.command),
+                             out / "allreduce_h100.yaml")
+            r.log(f"  all-reduce TP {world}: " + ", ".join(f"{x['bytes'] >> 10} KiB {x['us']:.1f} us"
+                                                         for x in comb if x["mode"] == ("graph" if cuda else "eager")
+                                                         and x["bytes"] in (16 * 1024, 1 << 20, 16 << 20)))
+
+    stage("allreduce", 10 if cuda else 0, allreduce)
     stage("calibrate", 60 if cuda else 0, lambda: calibrate(r, shard, model, grid, out))
     frames = []
     for run in args.runs:

@@ -122,8 +122,8 @@ def _compare_trace(measured, trace, profile, model, tmp: Path, gpus: int = 1) ->
                         "ttft_p50_sim_think_time_s": float(turns.ttft_s_sim_think_time.median()),
                         "prefill_mape": float(turns.prefill_err.abs().mean()),
                         "service_mean_meas_s": float((turns.end_s - turns.start_s).mean()),
-                        # host time between one turn's end and the next queued turn's start (saves
-                        # issued, timings read): service time the simulator does not model
+                        # host time between one turn's end and the next queued turn's start: after a
+                        # turn whose session goes on, the profile's host_next_turn_ms (ranks agreeing)
                         "host_gap_ms_median_queued": _host_gap_ms(meas)}
     per_turn = pd.concat(rows, ignore_index=True)
     if "recompute" in summary:

@@ -22,7 +22,10 @@ Hardware profile schema `kvsim-hardware-profile/1` (YAML):
   Optional per model: preload_layer_overhead_ms (fixed cost per layer of the gated preload path, on
     the load side); host_turn_ms (the serving loop's host time per prefill outside its GPU work: turn
     set-up before the first kernel, the wake-up after the first token); preload_gate_layer_ms (per
-    layer, on the compute side: a layer gated on its load's event waits on another stream).
+    layer, on the compute side: a layer gated on its load's event waits on another stream);
+    host_next_turn_ms (the serving loop's host time after a reply whose session has a next turn, before
+    it can start another turn: the TP executor's ranks agree on the reply's end, from which that turn
+    is scheduled, and the last rank to leave that host-group broadcast starts the next prefill late).
   Optional: ssd.contention: how the SSD's reads and writes slow each other, one of CONTENTION (the
     model `gpu.calibrate.ssd_contention_fit` found nearest the samples of
     `gpu.bench.ssd_read_under_write`; sim/tiers.py); absent: not measured.
@@ -195,6 +198,7 @@ class ModelProfile:
     preload_layer_overhead_ms: float = 0.0
     host_turn_ms: float = 0.0
     preload_gate_layer_ms: float = 0.0
+    host_next_turn_ms: float = 0.0
     iteration: Optional["IterationProfile"] = None
 
 
@@ -302,7 +306,7 @@ _KEYS = {"": ("schema", "device", "measured_at", "command", "tp", "gpu", "links"
          "links": ("h2d_pinned", "d2h_pinned", "h2d_pageable", "d2h_pageable"),
          "ssd": ("read", "write", "method", "read_pattern", "write_pattern", "contention"),
          "models.*": ("prefill_layer_ms", "decode_layer_ms", "head_ms", "preload_layer_overhead_ms", "host_turn_ms",
-                      "preload_gate_layer_ms", "iteration"),
+                      "preload_gate_layer_ms", "host_next_turn_ms", "iteration"),
          "models.*.iteration": ("decode_ms", "chunk_ms", "shared_ms")}
 
 
@@ -355,7 +359,7 @@ def parse_profile(raw: dict, path: str = "<profile>") -> HardwareProfile:
         hp, khp = _get(head, "prefill", path, kh)
         hd, khd = _get(head, "decode", path, kh)
         extra = {}
-        for k in ("preload_layer_overhead_ms", "host_turn_ms", "preload_gate_layer_ms"):
+        for k in ("preload_layer_overhead_ms", "host_turn_ms", "preload_gate_layer_ms", "host_next_turn_ms"):
             v = m.get(k, 0.0)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or not math.isfinite(v):
                 raise KvsimError(f"{path}: {pre}.{k}: expected a number >= 0, got {v!r}")
@@ -429,8 +433,8 @@ class CostModel(ABC):
     """
 
     def __init__(self, shape: ModelShape, *, layer_copy_overhead_s: float, layer_gate_s: float,
-                 host_turn_s: float, measured_contention: Optional[str], ssd_contention: Optional[str] = None,
-                 hbm_kv_bytes: Optional[float] = None):
+                 host_turn_s: float, host_next_turn_s: float, measured_contention: Optional[str],
+                 ssd_contention: Optional[str] = None, hbm_kv_bytes: Optional[float] = None):
         self.shape = shape
         # a gated preload path's fixed cost per layer copy (issue and DMA set-up), on the load side
         self.layer_copy_overhead_s = layer_copy_overhead_s
@@ -438,6 +442,9 @@ class CostModel(ABC):
         self.layer_gate_s = layer_gate_s
         # the serving loop's host time per prefill outside its GPU work
         self.host_turn_s = host_turn_s
+        # the serving loop's host time after a reply whose session goes on, before its next turn can
+        # start (charged by the one-turn-at-a-time engine's finish, sim.engine.Replica._finish)
+        self.host_next_turn_s = host_next_turn_s
         mode = ssd_contention or measured_contention or "none"
         if mode not in CONTENTION:
             raise KvsimError(f"ssd.contention: expected one of {', '.join(CONTENTION)}, got {mode!r}")
@@ -650,7 +657,8 @@ class RooflineCost(CostModel):
                  hbm_kv_bytes: Optional[float] = None, allreduce: Optional[AllReduceCost] = None,
                  efficiency: Optional[RooflineEfficiency] = None):
         super().__init__(shape, layer_copy_overhead_s=0.0, layer_gate_s=0.0, host_turn_s=0.0,
-                         measured_contention=None, ssd_contention=ssd_contention, hbm_kv_bytes=hbm_kv_bytes)
+                         host_next_turn_s=0.0, measured_contention=None, ssd_contention=ssd_contention,
+                         hbm_kv_bytes=hbm_kv_bytes)
         self.gpus = gpus
         self._flops = peak_flops * gpus
         self._mfu = prefill_mfu
@@ -936,6 +944,7 @@ class ProfileCost(CostModel):
         m = profile.models[shape.name]
         super().__init__(shape, layer_copy_overhead_s=m.preload_layer_overhead_ms * MS,
                          layer_gate_s=m.preload_gate_layer_ms * MS, host_turn_s=m.host_turn_ms * MS,
+                         host_next_turn_s=m.host_next_turn_ms * MS,
                          measured_contention=profile.ssd_contention, ssd_contention=ssd_contention,
                          hbm_kv_bytes=hbm_kv_bytes)
         self.gpus = gpus

@@ -47,6 +47,8 @@ class Replica:
         self.sched = PrefillFirstScheduler(cfg, shape, workload, self.store)
         self.ra_factor = self.sched.ra_factor
         self.w_hashes = workload.prefix_hashes
+        self.w_next = workload.next_turn
+        self.host_next_turn_s = cost.host_next_turn_s
         self.source = None  # who submits turns (sim.workload.Users); set by attach()
         self.running = []  # heap (done_iter, seq, job)
         self.n_running = 0
@@ -330,6 +332,11 @@ class Replica:
         if not job.blocks:  # the session's context after this turn, for its next turn's history
             self.sched.session_context[job.sid] = ctx
         self.source.reply_done(i, now, now + stall)
+        if self.host_next_turn_s and self.w_next[i] >= 0:
+            # the serving loop's host time before it starts another turn: the TP executor's ranks agree
+            # on the reply's end, which schedules the session's next turn (gpu.executor.serve_trace).
+            # The replica waits; the user's reply ended at `now`.
+            stall += self.host_next_turn_s
         return stall
 
 

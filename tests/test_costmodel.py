@@ -241,7 +241,7 @@ def test_a_back_end_that_leaves_a_measured_quantity_out_cannot_be_built():
 
     with pytest.raises(TypeError, match="ssd_write_bw"):
         NoSsdWrite(MODELS["llama2-7b"], layer_copy_overhead_s=0.0, layer_gate_s=0.0, host_turn_s=0.0,
-                   measured_contention=None)
+                   host_next_turn_s=0.0, measured_contention=None)
     # and the profile answers every question itself, none by falling back on the roofline's answer
     assert not issubclass(ProfileCost, RooflineCost)
 

@@ -202,7 +202,7 @@ class LinearStep(CostModel):
 
     def __init__(self):
         super().__init__(MODELS["llama2-7b"], layer_copy_overhead_s=0.0, layer_gate_s=0.0, host_turn_s=0.0,
-                         measured_contention=None)
+                         host_next_turn_s=0.0, measured_contention=None)
 
     def decode_step_s(self, batch, context_tokens):
         return 1.0 + 1e-3 * context_tokens

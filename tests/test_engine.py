@@ -373,3 +373,33 @@ def test_a_batched_tp_prefill_pays_its_all_reduces_once_per_layer_over_all_its_t
     assert list(t.batch_size) == [2, 2]
     want = 80 * (2 * cm.prefill_compute_layer_s(300, 0) + comm) + 2 * cm.prefill_head_s(300)
     assert list(t.ttft_s) == pytest.approx([want, want], rel=1e-12)
+
+
+def test_host_time_before_a_sessions_next_turn_delays_the_replica_not_the_user(tmp_path):
+    """Profile term host_next_turn_ms = 2: after a reply whose session goes on, the one-turn-at-a-time loop
+    spends 2 ms before it starts another turn (the TP executor's ranks agreeing on the reply's end).
+    Four queued turns served a, b, c, a': b waits 2 ms more (a goes on), c too (behind b, which pays
+    nothing: its session ends there), a' too; a term charged after every reply would give 2, 4, 6."""
+    import yaml
+
+    from profiles import small_profile
+
+    df = pd.DataFrame([
+        dict(session_id="a", turn=0, arrival_s=1.0, think_s=np.nan, prompt_tokens=300, output_tokens=1),
+        dict(session_id="a", turn=1, arrival_s=1.0, think_s=np.nan, prompt_tokens=100, output_tokens=1),
+        dict(session_id="b", turn=0, arrival_s=1.0, think_s=np.nan, prompt_tokens=200, output_tokens=1),
+        dict(session_id="c", turn=0, arrival_s=1.0, think_s=np.nan, prompt_tokens=200, output_tokens=1),
+    ])
+    ttft = {}
+    for ms in (0.0, 2.0):
+        d = small_profile()
+        d["models"]["llama2-7b"]["host_next_turn_ms"] = ms
+        p = tmp_path / f"h{ms}.yaml"
+        p.write_text(yaml.safe_dump(d))
+        res, _ = _run(df, **{"policy.kind": "recompute", "scheduler.max_batch": 1, "hardware_profile": str(p)})
+        ttft[ms] = res.turns.set_index(["session_id", "turn"]).ttft_s
+        # the users' clock is not the replica's: a' still arrives when a's reply ended
+        t = res.turns.set_index(["session_id", "turn"])
+        assert t.loc[("a", 1), "arrival_s"] == pytest.approx(t.loc[("a", 0), "finish_s"])
+    delay_ms = ((ttft[2.0] - ttft[0.0]) * 1e3).round(9).to_dict()
+    assert delay_ms == {("a", 0): 0.0, ("a", 1): 2.0, ("b", 0): 2.0, ("c", 0): 2.0}

@@ -155,3 +155,34 @@ def test_layer_writes_time_the_executors_save_pattern(tmp_path):
     prof = profile_from_raw(raw)
     assert prof["ssd"]["write"]["chunk_bytes"] == [16 * 4096, 64 * 4096]
     assert load_profile_text(prof).ssd_write(64 * 4096) == pytest.approx(r["rows"][1]["gbps"], rel=1e-3)
+
+
+def test_next_turn_gap_is_the_median_host_time_after_replies_whose_session_goes_on():
+    """Five queued turns served back to back (times in s on one clock): after the three turns whose
+    session continues the next start came 1.0, 1.2 and 1.6 ms after their end -> median 1.2 ms; the
+    0.1 ms after a session's last turn and the 5 ms before a turn that arrived late are not host time
+    owed to a next turn."""
+    from gpu.calibrate import next_turn_gap_ms
+
+    rows = [  # (arrival, start, end, continues), listed out of serving order on purpose
+        (0.0, 0.1012, 0.2, True),
+        (0.0, 0.0, 0.1, True),          # its successor starts at 0.1010: 1.0 ms
+        (0.0, 0.2016, 0.3, False),      # after 0.2 (continues): 1.6 ms; its own successor: 0.1 ms
+        (0.0, 0.3001, 0.4, True),       # after a last turn: not counted
+        (0.4049, 0.405, 0.5, True),     # arrived after 0.4's end: waited for its arrival, not counted
+        (0.0, 0.5012, 0.6, False),      # after 0.5 (continues): 1.2 ms
+    ]
+    got = next_turn_gap_ms([{"arrival_s": a, "start_s": s, "end_s": e, "continues": c} for a, s, e, c in rows])
+    assert got == pytest.approx(1.2, abs=1e-6)
+
+
+def test_served_gaps_reach_the_profile_and_are_0_without_them():
+    raw = raw_samples()
+    assert "host_next_turn_ms" not in profile_from_raw(raw)["models"]["llama2-7b"]
+    assert load_profile_text(profile_from_raw(raw)).models["llama2-7b"].host_next_turn_ms == 0.0
+    raw["models"]["llama2-7b"]["served_gaps"] = {"rows": [
+        {"arrival_s": 0.0, "start_s": 0.0, "end_s": 0.1, "continues": True},
+        {"arrival_s": 0.0, "start_s": 0.1015, "end_s": 0.2, "continues": False}]}
+    prof = profile_from_raw(raw)
+    assert prof["models"]["llama2-7b"]["host_next_turn_ms"] == pytest.approx(1.5, abs=1e-6)
+    assert load_profile_text(prof).models["llama2-7b"].host_next_turn_ms == pytest.approx(1.5, abs=1e-6)

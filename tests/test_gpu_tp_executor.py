@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from gpu.executor import TraceBounds
 from gpu.tp_executor import calibration_grid, slice_trace, slowest_links, slowest_rank
@@ -79,6 +80,12 @@ def test_smoke_run_writes_a_tp_profile_and_runs_that_the_validation_reads(tmp_pa
     raw = json.loads((out / "calibration_raw.json").read_text())["models"]["llama3.1-70b"]
     assert all(r["steps"] == 4 for r in raw["decode"]["rows"])
     assert all(r["passes"] >= 1 for r in raw["prefill"]["rows"])
+    # queued turns served back to back with the ranks agreeing: the host time before a session's next turn
+    gaps = raw["served_gaps"]["rows"]
+    assert sum(g["continues"] for g in gaps) == 4 and len(gaps) == 6
+    assert prof.models["llama3.1-70b"].host_next_turn_ms > 0
+    # the all-reduce table at the world's TP degree, in the schema sim/collectives.py reads
+    assert list(yaml.safe_load((out / "allreduce_h100.yaml").read_text())["tp"]) == [2]
     runs = pd.read_csv(out / "trace_runs.csv")
     served = pd.read_parquet(out / "trace_tp.parquet")
     assert sorted(runs.run.unique()) == ["dram_overlap", "recompute"]
@@ -101,3 +108,17 @@ def test_h200_calibration_script_accepts_the_gqa_model_and_runs_its_grids_on_cpu
     # llama3.1-8b is a model the calibration takes: the command gets as far as asking for a GPU
     assert "kvsim gpu calibrate: no CUDA device visible" in log and "--models" not in log
     assert "gqa grids: 4 prefill points, 2 decode points" in log
+
+
+def test_tp2_script_serves_the_model_it_names_and_its_profile_carries_it(tmp_path):
+    # run 20's script (Qwen2.5-32B at TP 2 on the device) in its CPU mode: the profile is keyed by the
+    # model the validation simulates, so `kvsim gpu validate --model qwen2.5-32b --gpus 2` finds its tables
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", "bench/gpu_run20_tp2.sh", "--cpu-smoke"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=500, env={**os.environ, "OUT": str(out)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    prof = load_profile(out / "profile_tp2.yaml")
+    assert prof.tp == 2 and list(prof.models) == ["qwen2.5-32b"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "log.txt", "env.json", "allreduce.csv", "allreduce_h100.yaml", "profile_tp2.yaml", "calibration_raw.json",
+        "trace_tp.parquet", "trace_runs.csv"])     # the device tool brings back 8 files at most
