@@ -649,13 +649,19 @@ class RooflineCost(CostModel):
     tokens' activations (`sim.collectives`) inside its per-layer time (they run on the compute
     stream, so the layer-wise preload overlaps them like compute). KV is split by KV heads
     (`kv_shards`): replicated copies cost HBM, reads and host-link traffic.
+
+    With measured efficiencies, `attention` names the kernel a prefill over a history runs: "flash"
+    (FlashAttention-2, causal: serving engines, run 13's layers, the batched executor) or "masked" (the
+    prefill-first executor's padded graphs, `gpu/prefill_graph.py`: a dense mask, the memory-efficient
+    kernel over the whole rectangle; `RooflineEfficiency.masked_attention_s`, which needs the GPU's `sms`).
+    Mixed steps (`mixed_layer_s`) are the batched executor's: flash either way.
     """
 
     def __init__(self, shape: ModelShape, gpus: int, peak_flops: float, hbm_bw_gbps: float,
                  prefill_mfu: float, decode_mbu: float, h2d_gbps: float, d2h_gbps: float,
                  ssd_read_gbps: float, ssd_write_gbps: float, *, ssd_contention: Optional[str] = None,
                  hbm_kv_bytes: Optional[float] = None, allreduce: Optional[AllReduceCost] = None,
-                 efficiency: Optional[RooflineEfficiency] = None):
+                 efficiency: Optional[RooflineEfficiency] = None, attention: str = "flash", sms: int = 0):
         super().__init__(shape, layer_copy_overhead_s=0.0, layer_gate_s=0.0, host_turn_s=0.0,
                          host_next_turn_s=0.0, measured_contention=None, ssd_contention=ssd_contention,
                          hbm_kv_bytes=hbm_kv_bytes)
@@ -682,6 +688,15 @@ class RooflineCost(CostModel):
         # the closed forms below are the whole model for a dense, full-attention shape whose KV is
         # split evenly; anything else takes the general per-layer path
         self._eff = efficiency
+        if attention not in ("flash", "masked"):
+            raise KvsimError(f"RooflineCost: attention {attention!r}; expected 'flash' or 'masked'")
+        self._masked = attention == "masked"
+        if self._masked and (efficiency is None or sms <= 0 or s.attention == "mla" or s.sliding_layers):
+            raise KvsimError(f"RooflineCost: attention 'masked' (the prefill-first executor's kernel) for {s.name}: "
+                             "expected measured efficiencies, the GPU's SM count and a full-attention MHA/GQA shape")
+        self._sms = sms
+        # the flash kernel's query tile (0: the constant roofline prices the real rows)
+        self._tile = efficiency.query_tile if efficiency is not None else 0
         self._plain = (not s.experts and not s.sliding_layers and s.attention != "mla"
                        and self._allreduce is None and self.kv_shards == gpus and efficiency is None)
         self._slide = s.sliding_layers
@@ -707,6 +722,10 @@ class RooflineCost(CostModel):
             self._attn_F = self._flops * efficiency.attention_flops
             self._kv_BW = self._bw * efficiency.kv_bw
             self._act_tok_s = efficiency.act_bytes_per_token(s, gpus) / (hbm_bw_gbps * GB)
+            # one GPU's heads (the masked kernel's blocks): query heads split over the GPUs, KV heads over
+            # the KV shards (a replicated KV head is one head on each of its GPUs)
+            self._q_heads_gpu = s.heads / gpus
+            self._kv_heads_gpu = s.kv_heads / self.kv_shards
             # with attention priced apart from the GEMMs, a decode step is linear in the context for a
             # fixed batch: its only kink is a sliding window filling up (batch x window)
             self._kinks_by_batch = {}
@@ -776,9 +795,17 @@ class RooflineCost(CostModel):
             byts = self._w_layer_bytes + self._kv_tok * (hist + 2.0 * new)
             return max(flops / (self._flops * self._mfu), byts / (self._bw * self._mbu))
         if self._eff is not None:
+            e = self._eff
+            if self._masked and hist > 0:
+                c = e.masked_attention_s(self.shape.head_dim, self._q_heads_gpu, self._kv_heads_gpu, new, hist,
+                                         self._flops / self.gpus, self._sms)
+                m = self._kv_tok * (hist + 2.0 * new) / self._kv_BW
+                return self._gemms_s(new) + (c if c > m else m) + e.masked_fixed_s
+            # the flash kernel computes whole query tiles: pairs of the padded rows
+            rows = e.padded_rows(new)
             W = self.shape.sliding_window
-            pw, kw = (sliding_pairs(new, hist, W), min(hist, W) + 2.0 * new) if self._slide else (0.0, 0.0)
-            return self._gemms_s(new) + self._attention_s(new * (hist + (new + 1) / 2.0), hist + 2.0 * new, pw, kw)
+            pw, kw = (sliding_pairs(new, hist, W) * rows / new, min(hist, W) + 2.0 * new) if self._slide else (0.0, 0.0)
+            return self._gemms_s(new) + self._attention_s(rows * (hist + (new + 1) / 2.0), hist + 2.0 * new, pw, kw)
         F, BW = self._flops * self._mfu, self._bw * self._mbu
         lin, w = self._lin_flops_tok * new, self._weights_read(new)
         L, slide = self.shape.layers, self._slide
@@ -811,13 +838,16 @@ class RooflineCost(CostModel):
         """One layer over prefill chunks `[(new, cached), ...]` and `batch` decodes over `context_tokens`
         tokens in all, as one forward pass: the weights are read once and the linear layers run over
         every token; attention is each chunk's (new x (cached + causal half)) plus each decode's context;
-        KV reads are every cached and decode token, writes every new token."""
+        KV reads are every cached and decode token, writes every new token. With measured efficiencies a
+        chunk's queries count in whole flash tiles (`RooflineEfficiency.padded_rows`)."""
         # sequential sums in one pass (as sum() adds them)
         new = 0
         pairs = kv = 0.0
+        tile = self._tile
         for n, h in chunks:
             new += n
-            pairs += n * (h + (n + 1) / 2.0)
+            q = -(-n // tile) * tile if tile and n > 1 else n
+            pairs += q * (h + (n + 1) / 2.0)
             kv += h + 2.0 * n
         tokens = new + batch
         if tokens <= 0:
@@ -828,7 +858,7 @@ class RooflineCost(CostModel):
             if self._slide:
                 W = self.shape.sliding_window
                 seen = batch * min(context_tokens / batch, W) if batch else 0.0
-                pw = sum(sliding_pairs(n, h, W) for n, h in chunks) + seen
+                pw = sum(sliding_pairs(n, h, W) * self._eff.padded_rows(n) / n for n, h in chunks if n) + seen
                 kw = sum(min(h, W) + 2.0 * n for n, h in chunks) + seen
                 g, comm = self._token_layer_s(tokens)
                 return g + self._attention_s(pairs, kv, pw, kw) + comm
@@ -1045,7 +1075,8 @@ def build_cost_model(cfg) -> CostModel:
         cost = RooflineCost(shape, cfg.gpu.count, g.peak_flops, g.hbm_bw_gbps, cfg.gpu.prefill_mfu,
                             cfg.gpu.decode_mbu, cfg.host.h2d_gbps, cfg.host.d2h_gbps, cfg.ssd.read_gbps,
                             cfg.ssd.write_gbps, allreduce=allreduce,
-                            efficiency=H100_EFFICIENCY if cfg.gpu.efficiency == "measured" else None, **kw)
+                            efficiency=H100_EFFICIENCY if cfg.gpu.efficiency == "measured" else None,
+                            sms=g.sms, **kw)
     if hbm_kv <= 0:
         raise KvsimError(f"{cfg.source}: gpu.count: {cfg.model} weights ({shape.weight_bytes / GB:.0f} GB) "
                          f"leave no HBM for KV on {cfg.gpu.count} x {cfg.gpu.name}; expected more GPUs")

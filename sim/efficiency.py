@@ -6,17 +6,30 @@ memory/compute knee, where a GEMM reaches neither its compute nor its memory roo
 share of the peaks:
   * the layer's GEMMs: max(FLOPs / (peak x gemm_flops(M)), bytes / (bandwidth x gemm_bw(M))), the two
     fractions read off a GEMM sweep at M rows (tokens in the step), interpolated in log(M);
-  * attention: max(FLOPs / (peak x attention_flops), KV bytes / (bandwidth x kv_bw));
+  * attention: max(FLOPs / (peak x attention_flops), KV bytes / (bandwidth x kv_bw)), the FLOPs those of
+    the query rows the kernel really computes: FlashAttention-2's forward (torch's flash kernel, what run
+    13's layers and the batched executor run, causal and bottom-right aligned) works in tiles of
+    `query_tile` = 64 query rows per head and splits the keys over thread blocks until the GPU is full,
+    so a prefill of n > 1 new tokens pays ceil(n / 64) x 64 rows (16 new tokens after 8,192 cost 4x their
+    pairs: run 13's TP 4 layer at 16 tokens was 14% slower than its real pairs priced);
+  * attention of the prefill-first executor's padded graphs (`gpu/prefill_graph.py`) over a history:
+    `masked_attention_s`. Their dense boolean mask sends torch's SDPA to the memory-efficient kernel, which
+    computes the whole n x (history + n) rectangle and never splits the keys: one thread block per 64
+    query rows per KV head (query heads of a group folded into rows), each walking every key. With fewer
+    blocks than SMs the GPU is mostly idle and the time is a block's walk, whatever the KV bytes: the
+    LLaMA-2-7B (32 heads), 13B (40) and Llama-3.1-8B (8 KV heads, a quarter of the KV bytes) tables all
+    add ~23 ns a history token at 16..512 new tokens, and twice that once the blocks pass 2 x 132;
   * the layer's other kernels (norms, RoPE, SiLU, residual adds): `act_passes` passes over each token's
     hidden state and MLP activations at full bandwidth, plus `layer_fixed_s` (their launch floor).
 
-`H100` holds the figures `bench/fit_roofline_efficiency.py` derives from run 13 (4 x H100 80GB HBM3,
-2026-11-27): the GEMM fractions from `results/gpu/run13_tp/call3_gemm.csv` (the qkv / o / gate_up /
-down matrices of LLaMA-2 7B and 13B and of Llama-3.1-70B at TP 1, 2, 4, summed per shape, the median
-over the five shapes at each M), the attention and other-kernel terms fitted to the Llama-3.1-70B TP 1
-layer times in `results/gpu/run13_tp/call3_tp_layer.csv`. `bench/roofline_vs_measured.py` checks the
-result against those and against the LLaMA-2 7B layer tables of `configs/hardware/h100.yaml` (another
-H100, not used in the fit).
+`H100` holds the figures `python bench/roofline_vs_measured.py --fit --write` derives from run 13 (4 x
+H100 80GB HBM3, 2026-11-27): the GEMM fractions from `results/gpu/run13_tp/call3_gemm.csv` (the qkv / o /
+gate_up / down matrices of LLaMA-2 7B and 13B and of Llama-3.1-70B at TP 1, 2, 4, summed per shape, the
+median over the five shapes at each M), the flash attention and other-kernel terms fitted to the
+Llama-3.1-70B TP 1 layer times in `results/gpu/run13_tp/call3_tp_layer.csv`; the masked kernel's three
+terms fitted to the LLaMA-2-7B prefill-after-history table of `configs/hardware/h100.yaml` (the only
+kernel of its kind in the tool's data: run 13 ran flash). The LLaMA-2-13B table (same call) and
+Llama-3.1-8B's (run 14, grouped-query attention) are out of sample for all of it, as are the TP shards.
 
 Datasheet-only GPUs (H200, B200, GB200, GH200) use the same fractions of their own peaks: their
 bf16 ridge points (peak / bandwidth: 206 to 312 FLOP/byte) sit near H100's 295, so the knee falls at
@@ -40,6 +53,11 @@ class RooflineEfficiency:
     kv_bw: float            # share of HBM bandwidth of attention's KV reads and writes
     act_passes: float       # passes of the other kernels over a token's activations, at full bandwidth
     layer_fixed_s: float    # per layer: the other kernels' floor (launches of small kernels)
+    masked_flops: float = 0.3   # masked kernel: share of peak FLOP/s with `blocks_per_sm` blocks on every SM
+    masked_lone: float = 1.0    # masked kernel: a wave of at most one block per SM, as a share of a full wave's time
+    masked_fixed_s: float = 0.0  # masked kernel, per layer: the mask made a bias, the kernel's start
+    query_tile: int = 64        # query rows per thread block (FA2's split-KV forward, the memory-efficient kernel)
+    blocks_per_sm: int = 2      # thread blocks of the attention kernels one SM holds at once
     source: str = ""
 
     def __post_init__(self):
@@ -71,6 +89,34 @@ class RooflineEfficiency:
         c, m = flops / (peak_flops * ef), nbytes / (bw_bytes_s * eb)
         return c if c > m else m
 
+    def padded_rows(self, new: float) -> float:
+        """Query rows the flash kernel computes for `new` tokens of one sequence: whole tiles of
+        `query_tile`. One token is left as it is: for a single query FA2 folds a KV head's query group
+        into the rows (`seqlenq_ngroups_swapped`), and one token's attention is KV-bound anyway."""
+        if new <= 1:
+            return new
+        t = self.query_tile
+        return -(-new // t) * t
+
+    def masked_attention_s(self, head_dim: int, q_heads: float, kv_heads: float, new: float, hist: float,
+                           peak_flops: float, sms: int) -> float:
+        """Compute time of the memory-efficient kernel over a dense mask on one GPU holding `q_heads` query
+        and `kv_heads` KV heads: `new` queries against all `hist + new` keys (the full rectangle: the mask
+        hides the causal half, the kernel still computes it), without splitting the keys.
+
+        Thread blocks: kv_heads x ceil(g x new / query_tile), g = q_heads / kv_heads query heads per KV
+        head folded into the rows (`gpu.model.attend`). A wave of slots = `blocks_per_sm` x `sms` blocks
+        walks each key in slots x query_tile x 4 x head_dim / (peak x masked_flops); the blocks take
+        ceil(blocks / slots) waves, and a wave that leaves each SM at most one block lasts `masked_lone`
+        of that (a block alone on its SM runs faster than two sharing it).
+        """
+        g = q_heads / kv_heads
+        blocks = kv_heads * math.ceil(g * new / self.query_tile)
+        slots = self.blocks_per_sm * sms
+        wave_key_s = slots * self.query_tile * 4.0 * head_dim / (peak_flops * self.masked_flops)
+        waves = self.masked_lone if blocks <= sms else math.ceil(blocks / slots)
+        return waves * (hist + new) * wave_key_s
+
     def act_bytes_per_token(self, shape: ModelShape, gpus: int) -> float:
         """Bytes one GPU's non-GEMM kernels move per token per layer: `act_passes` x (the hidden state,
         replicated on every GPU, plus the GPU's share of the MLP's active width), in bf16."""
@@ -86,10 +132,11 @@ def mlp_active_width(shape: ModelShape) -> float:
     return (shape.dense_layers * shape.intermediate + shape.moe_layers * moe) / shape.layers
 
 
-# Written by `python bench/fit_roofline_efficiency.py` (see the module docstring); do not edit by hand.
+# Written by `python bench/roofline_vs_measured.py --fit --write` (see the module docstring); do not edit by hand.
 H100 = RooflineEfficiency(
     tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096),
     gemm_flops=(0.748, 0.748, 0.748, 0.748, 0.748, 0.748, 0.748, 0.748, 0.748, 0.696, 0.719, 0.744, 0.754, 0.764, 0.743, 0.737, 0.748),
     gemm_bw=(0.775, 0.773, 0.766, 0.77, 0.773, 0.763, 0.764, 0.743, 0.713, 0.77, 0.77, 0.77, 0.77, 0.77, 0.77, 0.77, 0.77),
-    attention_flops=0.275, kv_bw=0.975, act_passes=16.5, layer_fixed_s=4.38e-05,
-    source="H100 80GB HBM3, results/gpu/run13_tp call3 (2026-11-27): GEMM sweep call3_gemm.csv; attention and other kernels fitted to call3_tp_layer.csv, Llama-3.1-70B TP 1")
+    attention_flops=0.27, kv_bw=0.97, act_passes=16.25, layer_fixed_s=4.38e-05,
+    masked_flops=0.29, masked_lone=0.76, masked_fixed_s=2.7e-05,
+    source="H100 80GB HBM3, results/gpu/run13_tp call3 (2026-11-27): GEMM sweep call3_gemm.csv; flash attention and other kernels fitted to call3_tp_layer.csv, Llama-3.1-70B TP 1; masked attention to configs/hardware/h100.yaml, LLaMA-2-7B prefill after history")

@@ -287,6 +287,7 @@ class GpuSpec:
     host_memory_bytes: float = 0.0  # CPU memory a superchip puts behind that link, per GPU (host.dram_bytes)
     source: str = ""              # where the figures come from
     measured: bool = False        # False: datasheet figures
+    sms: int = 0                  # streaming multiprocessors: how many thread blocks of a kernel run at once
 
 
 # Host links and NVMe drives as named figures: a config sets them as host.h2d_gbps / host.d2h_gbps and
@@ -308,28 +309,30 @@ NVME_GBPS = {
 
 # Datasheet figures (dense bf16, SXM parts). A measured profile (gpu/calibrate) replaces them. NVLink is
 # per direction: A100 NVLink 3 600 GB/s, H100/H200 NVLink 4 900 GB/s, Blackwell NVLink 5 1.8 TB/s total.
+# SMs: A100 108 and H100 SXM5 132 (NVIDIA's Ampere / Hopper architecture whitepapers; H200 and GH200 carry
+# the H100 die), B200 148 (its CUDA device query, pytorch/ao#4002; GB200's GPUs taken as the same part).
 GPUS = {
     g.name: g
     for g in (
-        GpuSpec("a100-80gb", 80 * 2**30, 312e12, 2039.0, 300.0, HOST_LINKS_GBPS["pcie4-x16"],
+        GpuSpec("a100-80gb", 80 * 2**30, 312e12, 2039.0, 300.0, HOST_LINKS_GBPS["pcie4-x16"], sms=108,
                 source="NVIDIA A100 datasheet (SXM4 80GB)"),
-        GpuSpec("h100-80gb", 80 * 2**30, 989e12, 3350.0, 450.0, HOST_LINKS_GBPS["pcie5-x16"],
+        GpuSpec("h100-80gb", 80 * 2**30, 989e12, 3350.0, 450.0, HOST_LINKS_GBPS["pcie5-x16"], sms=132,
                 source="NVIDIA H100 datasheet (SXM5): 989.4 TF bf16 dense, 3.35 TB/s, NVLink 900 GB/s, PCIe Gen5"),
-        GpuSpec("h200", 141e9, 989e12, 4800.0, 450.0, HOST_LINKS_GBPS["pcie5-x16"],
+        GpuSpec("h200", 141e9, 989e12, 4800.0, 450.0, HOST_LINKS_GBPS["pcie5-x16"], sms=132,
                 source="NVIDIA H200 SXM: 141 GB HBM3e at 4.8 TB/s, H100's compute and NVLink 4 (SC23 announcement)"),
         # HGX B200: 8 x 180 GB HBM3e at 8 TB/s, 2.25 PF bf16 dense per GPU at 1000 W (glennklockwood.com/
         # garden/processors/B200 from NVIDIA's Blackwell datasheet), NVLink 5
-        GpuSpec("b200", 180e9, 2.25e15, 8000.0, 900.0, HOST_LINKS_GBPS["pcie5-x16"],
+        GpuSpec("b200", 180e9, 2.25e15, 8000.0, 900.0, HOST_LINKS_GBPS["pcie5-x16"], sms=148,
                 source="NVIDIA HGX B200 datasheet: 180 GB HBM3e, 8 TB/s, 2.25 PF bf16 dense, NVLink 5 1.8 TB/s"),
         # GB200 NVL72: 13.4 TB HBM3e and 576 TB/s over 72 GPUs, 2.5 PF bf16 dense per GPU (1200 W); each
         # Grace (480 GB LPDDR5X) serves two GPUs over a 900 GB/s bidirectional NVLink-C2C, so per GPU
         # half of each: 240 GB and 225 GB/s per direction
-        GpuSpec("gb200", 13.4e12 / 72, 2.5e15, 576e3 / 72, 900.0, 900.0 / 2 / 2, 480e9 / 2,
+        GpuSpec("gb200", 13.4e12 / 72, 2.5e15, 576e3 / 72, 900.0, 900.0 / 2 / 2, 480e9 / 2, sms=148,
                 source="NVIDIA GB200 NVL72 datasheet: 13.4 TB HBM3e, 576 TB/s, 180 PF bf16 dense per 72 GPUs; "
                        "Grace 480 GB LPDDR5X, NVLink-C2C 900 GB/s per superchip (2 GPUs)"),
         # GH200 (HBM3 version): the H100 GPU with 96 GB at 4 TB/s and its own Grace (480 GB LPDDR5X)
         # behind a 900 GB/s bidirectional NVLink-C2C: host memory as a fast tier
-        GpuSpec("gh200", 96e9, 989e12, 4000.0, 450.0, HOST_LINKS_GBPS["nvlink-c2c"], 480e9,
+        GpuSpec("gh200", 96e9, 989e12, 4000.0, 450.0, HOST_LINKS_GBPS["nvlink-c2c"], 480e9, sms=132,
                 source="NVIDIA GH200 Grace Hopper datasheet: 96 GB HBM3 4 TB/s, 480 GB LPDDR5X, "
                        "NVLink-C2C 900 GB/s"),
     )

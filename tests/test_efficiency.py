@@ -8,6 +8,7 @@ import pytest
 from sim.config import load_config
 from sim.costmodel import RooflineCost, build_cost_model
 from sim.efficiency import H100, RooflineEfficiency
+from sim.errors import KvsimError
 from sim.models import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,13 +37,13 @@ def test_a_gemm_takes_the_slower_of_its_compute_and_memory_sides():
 
 def test_measured_prefill_layer_sums_gemms_attention_and_the_other_kernels():
     """LLaMA-2-7B, 1,000 new tokens after 3,000, on 100 TF/s and 2,000 GB/s: GEMMs at 1,000 rows (0.8 of
-    peak, compute-bound), attention at 0.25 of peak (compute-bound), one pass over 4,096 + 11,008 bf16
-    activations per token at full bandwidth, 10 us floor."""
+    peak, compute-bound), attention at 0.25 of peak (compute-bound) over 1,024 query rows (16 whole tiles
+    of 64), one pass over 4,096 + 11,008 bf16 activations per token at full bandwidth, 10 us floor."""
     m = MODELS["llama2-7b"]
     c = RooflineCost(m, 1, 100e12, 2000, 0.5, 0.5, 25, 25, 5, 3, efficiency=_eff())
     P = m.params_per_layer
     gemm = 2 * P * 1000 / (100e12 * 0.8)
-    attn = 4 * 4096 * 1000 * (3000 + 1001 / 2) / (100e12 * 0.25)
+    attn = 4 * 4096 * 1024 * (3000 + 1001 / 2) / (100e12 * 0.25)
     act = 1000 * 2 * (4096 + 11008) / 2000e9
     assert c.prefill_layer_s(1000, 3000) == pytest.approx(gemm + attn + act + 1e-5, rel=1e-12)
 
@@ -99,3 +100,71 @@ def test_a_measured_mixed_iteration_reads_the_weights_once_and_matches_prefill_a
     assert cm.mixed_layer_s([(512, 1000)], 0, 0.0) == pytest.approx(cm.prefill_layer_s(512, 1000), rel=1e-12)
     assert (cm.mixed_layer_s([], 32, 48000) * s.layers + cm.decode_head_s(32)
             == pytest.approx(cm.decode_step_s(32, 48000), rel=1e-12))
+
+
+def test_flash_attention_computes_whole_query_tiles_and_one_query_as_it_is():
+    e = _eff()
+    assert (e.padded_rows(1), e.padded_rows(16), e.padded_rows(64), e.padded_rows(65)) == (1, 64, 64, 128)
+    # LLaMA-2-7B, 16 new tokens after 8,192 on 100 TF/s: the 64-row tile's pairs at 0.25 of peak (4x the
+    # 16 rows'), above the KV read (8,224 tokens x 16 KiB at 2,000 GB/s = 67 us)
+    m = MODELS["llama2-7b"]
+    c = RooflineCost(m, 1, 100e12, 2000, 0.5, 0.5, 25, 25, 5, 3, efficiency=e)
+    attn = 4 * 4096 * 64 * (8192 + 17 / 2) / (100e12 * 0.25)
+    assert attn > 8224 * 16384 / 2000e9
+    rest = c.prefill_layer_s(16, 0) - 4 * 4096 * 64 * (17 / 2) / (100e12 * 0.25)
+    assert c.prefill_layer_s(16, 8192) == pytest.approx(rest + attn, rel=1e-12)
+
+
+def test_masked_attention_is_waves_of_blocks_walking_every_key():
+    """slots = 2 x 132 blocks; a wave walks a key in 264 x 64 x 4 x 128 / (1 PF/s x 0.3) = 28.84 ns."""
+    e = _eff(masked_flops=0.3, masked_lone=0.8)
+    key = 264 * 64 * 4 * 128 / (1e15 * 0.3)
+    assert key == pytest.approx(2.883584e-8)
+    # MHA, 32 heads, 16 new tokens: 32 blocks, at most one per SM: 0.8 of a wave over 8,192 keys
+    assert e.masked_attention_s(128, 32, 32, 16, 8176, 1e15, 132) == pytest.approx(0.8 * 8192 * key)
+    # 768 new tokens: 32 x 12 = 384 blocks, two waves of 264
+    assert e.masked_attention_s(128, 32, 32, 768, 7424, 1e15, 132) == pytest.approx(2 * 8192 * key)
+    # GQA, 32 query heads over 8 KV heads: the 4 x 16 rows of a KV head fill one tile, 8 blocks: the
+    # same walk as 32 MHA blocks although the KV is a quarter
+    assert e.masked_attention_s(128, 32, 8, 16, 8176, 1e15, 132) == pytest.approx(0.8 * 8192 * key)
+    # 132 SMs hold 132 lone blocks; one more puts two on an SM: a full wave
+    assert e.masked_attention_s(128, 132, 132, 64, 936, 1e15, 132) == pytest.approx(0.8 * 1000 * key)
+    assert e.masked_attention_s(128, 133, 133, 64, 936, 1e15, 132) == pytest.approx(1000 * key)
+
+
+def test_the_masked_roofline_prices_a_prefill_after_history_with_the_masked_kernel_and_without_as_flash():
+    """LLaMA-2-7B on 1 PF/s, 2,000 GB/s, 132 SMs: after 8,176 tokens, 16 new ones pay the GEMMs plus the
+    masked kernel's walk (0.8 x 8,192 keys x 28.84 ns = 189 us, above the 134.7 us KV read at
+    kv_bw 1.0) plus its 20 us; with no history the executor runs causal flash, as the default does."""
+    m = MODELS["llama2-7b"]
+    e = _eff(masked_flops=0.3, masked_lone=0.8, masked_fixed_s=20e-6)
+    masked = RooflineCost(m, 1, 1e15, 2000, 0.5, 0.5, 25, 25, 5, 3, efficiency=e, attention="masked", sms=132)
+    flash = RooflineCost(m, 1, 1e15, 2000, 0.5, 0.5, 25, 25, 5, 3, efficiency=e)
+    walk = 0.8 * 8192 * 264 * 64 * 4 * 128 / (1e15 * 0.3)
+    kv = 16384 * (8176 + 32) / 2000e9
+    assert walk > kv
+    # with no history flash's attention is its KV side (32 tokens), the rest is GEMMs and other kernels
+    gemms = flash.prefill_layer_s(16, 0) - max(4 * 4096 * 64 * (17 / 2) / (1e15 * 0.25), 16384 * 32 / 2000e9)
+    assert masked.prefill_layer_s(16, 8176) == pytest.approx(gemms + walk + 20e-6, rel=1e-12)
+    assert masked.prefill_layer_s(16, 0) == flash.prefill_layer_s(16, 0)
+    # mixed steps are the batched executor's flash kernel either way
+    assert masked.mixed_layer_s([(16, 8176)], 0, 0.0) == flash.mixed_layer_s([(16, 8176)], 0, 0.0)
+
+
+def test_the_masked_kernel_needs_measured_efficiencies_and_the_sm_count():
+    m = MODELS["llama2-7b"]
+    with pytest.raises(KvsimError, match="masked"):
+        RooflineCost(m, 1, 1e15, 2000, 0.5, 0.5, 25, 25, 5, 3, efficiency=_eff(), attention="masked")
+    with pytest.raises(KvsimError, match="masked"):
+        RooflineCost(m, 1, 1e15, 2000, 0.5, 0.5, 25, 25, 5, 3, attention="masked", sms=132)
+    with pytest.raises(KvsimError, match="expected 'flash' or 'masked'"):
+        RooflineCost(m, 1, 1e15, 2000, 0.5, 0.5, 25, 25, 5, 3, efficiency=_eff(), attention="paged")
+
+
+def test_the_committed_h100_table_is_what_the_whole_fit_derives():
+    spec = importlib.util.spec_from_file_location("roofline_vs_measured", ROOT / "bench/roofline_vs_measured.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    fitted = mod.fit(mod.measured_points())
+    keys = ("attention_flops", "kv_bw", "act_passes", "masked_flops", "masked_lone", "masked_fixed_s")
+    assert {k: getattr(H100, k) for k in keys} == {k: getattr(fitted, k) for k in keys}
