@@ -482,7 +482,15 @@ class RunPool:
                     blocks.append(Run(None, 0, c, None))
                 r.num_blocks += c
         if total:
-            self._pop(total)
+            k = self.keyless
+            if total <= k:  # `_pop` when the keyless blocks suffice (the common case), inline
+                self.num_free -= total
+                self.keyless = k = k - total
+                held = self.num_blocks - k
+                if held > self.peak_held:
+                    self.peak_held = held
+            else:
+                self._pop(total)
 
     def cache(self, req, num_full: int) -> None:
         """Blocks [num_cached, num_full) of the request, keyless until now, take their keys."""

@@ -453,6 +453,9 @@ class CostModel(ABC):
         # the context it starts from (a dense roofline): decode_span then looks it up instead of a call
         self._kinks_by_batch = None
         self.hbm_kv_bytes = hbm_kv_bytes
+        # a back end that prices iterations its own way: `iteration_s` asks it for the parts
+        self._own_iteration = (type(self).iteration is not CostModel.iteration
+                               or type(self).prefill_iteration is not CostModel.prefill_iteration)
 
     # --- measured (or datasheet) quantities: every back end answers each one
     @abstractmethod
@@ -564,6 +567,20 @@ class CostModel(ABC):
         head = self.decode_head_s(heads) if heads else 0.0
         return self.prefill_iteration(load_layer_s, layer, head, buffer_layers, layerwise)
 
+    def iteration_s(self, chunks, batch: int, context_tokens: float, load_layer_s: float = 0.0,
+                    buffer_layers: int = 2, layerwise: bool = True) -> float:
+        """`iteration(...).total_s` without building its parts: the same operations in the same order
+        (the chunked engine prices every step with prefill work here)."""
+        if self._own_iteration:
+            return self.iteration(chunks, batch, context_tokens, load_layer_s, buffer_layers, layerwise).total_s
+        layer = self.mixed_layer_s(chunks, batch, context_tokens)
+        heads = len(chunks) + batch
+        head = self.decode_head_s(heads) if heads else 0.0
+        # `prefill_iteration` without communication, and `IterationCost.total_s`
+        if load_layer_s > 0.0 and layerwise:
+            layer += self.layer_gate_s
+        return preload_pipeline_s(self.shape.layers, load_layer_s, layer, buffer_layers, layerwise) + head + self.host_turn_s
+
     def decode_span(self, batch: int, context_tokens: float, kmax: int, budget_s: float = math.inf) -> tuple:
         """(seconds, k): the next k decode iterations of `batch` sequences holding `context_tokens` tokens
         in all (each iteration adds one token per sequence), where k is `kmax`, or the fewest iterations
@@ -575,16 +592,17 @@ class CostModel(ABC):
         simulator's hottest call: one piece (the common case) takes two step evaluations.
         """
         step = self.decode_step_s
+        kinks = self._kinks_by_batch
+        if kinks is not None:  # a back end whose kinks do not move with the context
+            fixed_kink = kinks.get(batch)
+            if fixed_kink is None:
+                fixed_kink = kinks[batch] = self.decode_next_kink(batch, -math.inf)
         done, total = 0, 0.0
         while True:
             start = context_tokens + batch * done
             n = kmax - done
-            if self._kinks_by_batch is not None:  # a back end whose kinks do not move with the context
-                kink = self._kinks_by_batch.get(batch)
-                if kink is None:
-                    kink = self._kinks_by_batch[batch] = self.decode_next_kink(batch, -math.inf)
-                if kink <= start:
-                    kink = math.inf
+            if kinks is not None:
+                kink = fixed_kink if fixed_kink > start else math.inf
             else:
                 kink = self.decode_next_kink(batch, start)
             if kink < start + batch * (n - 1):

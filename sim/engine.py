@@ -530,33 +530,45 @@ class ChunkedReplica:
         each yield. A pure-decode stretch is cut where an arrival could start at once (the waiting
         queue is empty and a seat is free); arrivals behind a blocked queue head wait for the stretch's
         end, where they would change nothing."""
-        env, sched, source, cost = self.env, self.sched, self.source, self.cost
+        env, sched, source, cost, rec = self.env, self.sched, self.source, self.cost, self.rec
         pending = source.pending
+        deliver_due = source.deliver_due
         waiting = sched.waiting
         max_seqs = sched.cfg.max_num_seqs
         held = self.held
+        # bound once: the loop runs a few times per turn
+        run_limit, apply_decodes, decode_span = sched.decode_run_limit, sched.apply_decodes, cost.decode_span
+        free_finished, finish = sched.free_finished, self._finish
+        # the ITL histogram's span buffers (`Recorder.decode_span` without a stall pending, inline)
+        span_counts, span_times = rec.span_counts, rec.span_times
+        inf = math.inf
         now = env.now
         while True:
             if pending and pending[0][0] <= now:
-                source.deliver_due(now)
+                deliver_due(now)
             if held and held[0][0] <= now:
-                self._free_held(now)
-            if sched.running or waiting:
+                while held and held[0][0] <= now:  # their saves have read them
+                    free_finished(heapq.heappop(held)[2])
+            running = sched.running
+            if running or waiting:
                 began = now
-                k = sched.decode_run_limit(_NO_LIMIT)
+                k = run_limit(_NO_LIMIT)
                 if k:
-                    B = len(sched.running)
-                    ctx = sched.decode_context_tokens
-                    cut = source.next_arrival_s() - now if not waiting and B < max_seqs else math.inf
+                    B = len(running)
+                    # cut where an arrival could start at once (`source.next_arrival_s()`, inline)
+                    cut = (pending[0][0] - now if pending else inf) if not waiting and B < max_seqs else inf
                     if held and (waiting or sched.decode_block_limited) and held[0][0] - now < cut:
                         cut = held[0][0] - now  # blocks a save frees may let the queue's head in, or avert a preemption
-                    dt, k = cost.decode_span(B, ctx, k, cut)
+                    dt, k = decode_span(B, sched.decode_context_tokens, k, cut)
                     self.busy_decode_s += dt
                     # every request gets a token each step: B gaps per step, at the span's mean step
-                    self.rec.decode_span(B, k, dt / k, 0.0)
+                    if rec.stalled:
+                        rec.decode_span(B, k, dt / k, 0.0)
+                    else:
+                        span_counts += (B, k)
+                        span_times += (dt / k, 0.0)
                     now = now + dt
-                    finished = sched.apply_decodes(k)
-                    what = "a decode span"
+                    finished = apply_decodes(k)
                 else:
                     plan = sched.schedule()
                     if not plan.scheduled and not sched.running:
@@ -568,22 +580,28 @@ class ChunkedReplica:
                     dt = self._step(plan, now)
                     if self.prefetch:
                         self._fetch_window(plan, now)
-                    if self._step_decodes:  # the decodes riding in this step wait for all of it
-                        self.rec.decode_span(self._step_decodes, 1, dt, 0.0)
+                    B = self._step_decodes
+                    if B:  # the decodes riding in this step wait for all of it
+                        if rec.stalled:
+                            rec.decode_span(B, 1, dt, 0.0)
+                        else:
+                            span_counts += (B, 1)
+                            span_times += (dt, 0.0)
                     now = now + dt
                     finished = sched.update(plan)
-                    self._first_tokens(plan, now)
-                    what = "a step"
-                if now >= self.rec.hbm_next_s:
+                    if sched.first_sampled:
+                        self._first_tokens(now)
+                if now >= rec.hbm_next_s:
                     self._sample_hbm(now)
-                stall = 0.0
-                for r in finished:
-                    stall += self._finish(r, now + stall)
-                if stall > 0:
-                    now = now + stall
-                    self.rec.decode_stall(len(sched.running), stall)  # a synchronous save holds them all
-                if not began < now < math.inf:
-                    self._clock_error(now, what)
+                if finished:
+                    stall = 0.0
+                    for r in finished:
+                        stall += finish(r, now + stall)
+                    if stall > 0:
+                        now = now + stall
+                        rec.decode_stall(len(sched.running), stall)  # a synchronous save holds them all
+                if not began < now < inf:
+                    self._clock_error(now, "a decode span" if k else "a step")
                 if now >= self.horizon_s:
                     yield env.timeout(now - env.now if now > env.now else 0.0)
                 continue
@@ -592,11 +610,6 @@ class ChunkedReplica:
                 now = now + (t - now)
 
     _clock_error = Replica._clock_error
-
-    def _free_held(self, now) -> None:
-        held, free = self.held, self.sched.free_finished
-        while held and held[0][0] <= now:
-            free(heapq.heappop(held)[2])
 
     def _never_fits(self):
         req = self.sched.waiting[0]
@@ -612,16 +625,7 @@ class ChunkedReplica:
         """Price a planned step (before `update`: each chunk's cached context is the request's
         computed tokens so far); record admissions; return the time to the step's end."""
         cost = self.cost
-        chunks = []
-        B = 0
-        ctx = 0
-        for r, n, dec in plan.scheduled:
-            if dec:
-                B += 1
-                ctx += r.prompt_tokens + r.num_output_tokens
-            else:
-                chunks.append((n, r.num_computed_tokens))
-        self._step_chunks = len(chunks)
+        chunks, B, ctx = plan.chunks, plan.num_decodes, plan.decode_context_tokens
         load_layer = 0.0
         start = now
         if plan.admitted:
@@ -629,7 +633,7 @@ class ChunkedReplica:
         if plan.swapped_out or plan.swapped_in:
             start = self._swap(plan, start)
         if chunks or load_layer:
-            t = cost.iteration(chunks, B, ctx, load_layer, self.buffer_layers, self.layerwise).total_s
+            t = cost.iteration_s(chunks, B, ctx, load_layer, self.buffer_layers, self.layerwise)
             self.busy_prefill_s += t
         else:
             t = cost.decode_span(B, ctx, 1)[0]
@@ -740,18 +744,16 @@ class ChunkedReplica:
                 ssd_b += (hi - lo) * kv
         return dram_b, ssd_b, ready
 
-    def _first_tokens(self, plan, now) -> None:
-        """Requests whose prompt's last chunk ran in this step sampled their first token at its end."""
-        if not self._step_chunks:
-            return
+    def _first_tokens(self, now) -> None:
+        """Requests whose prompt's last chunk ran in this step sampled their first token at its end
+        (`ChunkedScheduler.first_sampled`, after `update`)."""
         rec = self.rec
-        for r, n, dec in plan.scheduled:
-            if not dec and r.num_output_tokens == 1:
-                i = r.id
-                if rec.ttft_s[i] != rec.ttft_s[i]:
-                    rec.ttft_s[i] = now - rec.arrival_s[i]
-                    rec.prefill_s[i] = now - rec.prefill_start_s[i]
-                    rec.batch_size[i] = self._step_size
+        for r in self.sched.first_sampled:
+            i = r.id
+            if rec.ttft_s[i] != rec.ttft_s[i]:
+                rec.ttft_s[i] = now - rec.arrival_s[i]
+                rec.prefill_s[i] = now - rec.prefill_start_s[i]
+                rec.batch_size[i] = self._step_size
 
     # ---- the end of a turn: save to the host (§3.3) ------------------------------------------
     def _finish(self, req, now) -> float:

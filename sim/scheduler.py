@@ -305,11 +305,12 @@ class StepPlan:
     still the count before this step (its history for the chunk). (A slotted class, not a dataclass:
     one is built per simulated step.)"""
     __slots__ = ("scheduled", "preempted", "admitted", "free_blocks", "num_scheduled_tokens", "external",
-                 "swapped_out", "swapped_in")
+                 "swapped_out", "swapped_in", "num_decodes", "decode_context_tokens", "chunks")
 
     def __init__(self, scheduled: list, preempted: list, admitted: dict, free_blocks: int,
                  num_scheduled_tokens: int = 0, external: dict | None = None, swapped_out: list | None = None,
-                 swapped_in: dict | None = None):
+                 swapped_in: dict | None = None, num_decodes: int = 0, decode_context_tokens: int = 0,
+                 chunks: list | None = None):
         self.scheduled = scheduled  # [Scheduled]: running requests in queue order, then admissions
         self.preempted = preempted  # in preemption order
         self.admitted = admitted  # SeqRequest -> prefix-cache hit tokens, in admission order
@@ -321,6 +322,12 @@ class StepPlan:
         # and admitted request -> tokens copied back before this step
         self.swapped_out = [] if swapped_out is None else swapped_out
         self.swapped_in = {} if swapped_in is None else swapped_in
+        # what a caller prices, gathered as the step was planned (`ChunkedScheduler.schedule` fills them):
+        # the decodes, their context tokens (prompt + output each), and the prefill chunks as
+        # (new tokens, computed tokens before the step) in scheduling order
+        self.num_decodes = num_decodes
+        self.decode_context_tokens = decode_context_tokens
+        self.chunks = [] if chunks is None else chunks
 
     def __repr__(self):
         return (f"StepPlan({len(self.scheduled)} scheduled, {len(self.preempted)} preempted, "
@@ -396,6 +403,13 @@ class ChunkedScheduler:
         # stopped the stretch short of a preemption (more free blocks would lengthen it)
         self.decode_context_tokens = 0
         self.decode_block_limited = False
+        self.first_sampled: list[SeqRequest] = []  # requests whose first output token the last `update` sampled
+        # the settings read on every step, unpacked once (the config is frozen)
+        self._bt = cfg.block_tokens
+        self._max_len = cfg.max_model_len
+        self._budget = cfg.max_num_batched_tokens
+        self._caching = cfg.prefix_caching
+        self._watermark = cfg.watermark_blocks
 
     @property
     def free_blocks(self) -> int:
@@ -428,6 +442,8 @@ class ChunkedScheduler:
 
         i = 0
         append = scheduled.append
+        num_decodes = decode_ctx = 0
+        chunks = []
         while i < len(running) and budget > 0:
             req = running[i]
             computed = req.num_computed_tokens
@@ -451,7 +467,13 @@ class ChunkedScheduler:
                     full = (computed + n if computed + n < total else total) // bt
                     if full > req.num_cached_blocks and not (lazy_tail and req.num_cached_blocks >= req.segments[-1][0]):
                         pool.cache(req, full)
-                append(_new_tuple(Scheduled, (req, n, req.num_output_tokens > 0 and computed == total - 1)))
+                if req.num_output_tokens > 0 and computed == total - 1:
+                    append(_new_tuple(Scheduled, (req, n, True)))
+                    num_decodes += 1
+                    decode_ctx += total
+                else:
+                    append(_new_tuple(Scheduled, (req, n, False)))
+                    chunks.append((n, computed))
                 budget -= n
                 i += 1
                 continue
@@ -466,7 +488,13 @@ class ChunkedScheduler:
                     break
             if not fits:
                 break
-            append(_new_tuple(Scheduled, (req, n, req.num_output_tokens > 0 and computed == total - 1)))
+            if req.num_output_tokens > 0 and computed == total - 1:
+                append(_new_tuple(Scheduled, (req, n, True)))
+                num_decodes += 1
+                decode_ctx += total
+            else:
+                append(_new_tuple(Scheduled, (req, n, False)))
+                chunks.append((n, computed))
             budget -= n
             i += 1
 
@@ -484,7 +512,7 @@ class ChunkedScheduler:
             self._lazy = False
         if not preempted:
             waiting = self.waiting
-            watermark = cfg.watermark_blocks if running else 0
+            watermark = self._watermark if running else 0
             while budget > 0 and waiting and len(running) < cfg.max_num_seqs:
                 req = waiting[0]
                 total = req.prompt_tokens + req.num_output_tokens
@@ -525,7 +553,13 @@ class ChunkedScheduler:
                         self.stats.swapped_in_tokens += ext
                 elif ext:
                     external[req] = ext
-                append(_new_tuple(Scheduled, (req, n, req.num_output_tokens > 0 and computed == total - 1)))
+                if req.num_output_tokens > 0 and computed == total - 1:
+                    append(_new_tuple(Scheduled, (req, n, True)))
+                    num_decodes += 1
+                    decode_ctx += total
+                else:
+                    append(_new_tuple(Scheduled, (req, n, False)))
+                    chunks.append((n, computed))
                 budget -= n
             # what stops the scan (no one waits, no seat, the head does not fit) stays true through
             # pure-decode steps: their allocations only shrink the free queue and the head's hit
@@ -533,7 +567,8 @@ class ChunkedScheduler:
                 self._blocked = True
 
         plan = StepPlan(scheduled, preempted, admitted, pool.num_free,
-                        cfg.max_num_batched_tokens - budget, external, self._swapped_out, swapped_in)
+                        cfg.max_num_batched_tokens - budget, external, self._swapped_out, swapped_in,
+                        num_decodes, decode_ctx, chunks)
         if self._swapped_out:
             self._swapped_out = []
         self._planned = plan
@@ -546,7 +581,8 @@ class ChunkedScheduler:
             raise RuntimeError("update() expects the plan of the last schedule()")
         self._planned = None
         finished = []
-        max_len = self.cfg.max_model_len
+        self.first_sampled = first = []
+        max_len = self._max_len
         dropped = self._dropped
         for req, n, _ in plan.scheduled:
             before = req.num_computed_tokens
@@ -560,6 +596,8 @@ class ChunkedScheduler:
             if c >= req.prompt_tokens + req.num_output_tokens:
                 # the step's logits for the last known token: one sampled token
                 out = req.num_output_tokens = req.num_output_tokens + 1
+                if out == 1:
+                    first.append(req)
                 if out >= req.max_tokens or (max_len is not None and req.prompt_tokens + out >= max_len):
                     req.finished = True
                     self._finished(req)
@@ -581,32 +619,34 @@ class ChunkedScheduler:
         keys: a session's next turn arrives after its reply ends)."""
         running = self.running
         B = len(running)
-        if not B or self._planned is not None or not self._blocked or B > self.cfg.max_num_batched_tokens:
+        if not B or self._planned is not None or not self._blocked or B > self._budget:
             return 0
-        bt = self.cfg.block_tokens
-        max_len = self.cfg.max_model_len
+        max_len = self._max_len
         k = kmax
-        # the first step at which each request needs a new block (1-based), for the block limit
-        firsts = []
         ctx = 0
         for r in running:
-            total = r.prompt_tokens + r.num_output_tokens
+            out = r.num_output_tokens
+            total = r.prompt_tokens + out
             ctx += total
-            c = r.num_computed_tokens
-            if c != total - 1 or not r.num_output_tokens:
+            if r.num_computed_tokens != total - 1 or not out:
                 return 0
-            left = r.max_tokens - r.num_output_tokens  # the step that samples its last token
+            left = r.max_tokens - out  # the step that samples its last token
             if max_len is not None and max_len - total < left:
                 left = max_len - total
             if left < k:
                 k = left
-            firsts.append(r.num_blocks * bt - c + 1)
         if k < 1:
             return 0  # a request already at its end (cannot happen after update): step it
         self.decode_context_tokens = ctx
         free = self.pool.num_free
+        bt = self._bt
         # at most one block a request per bt steps, plus one: with that many free, every step fits
-        if len(firsts) * (k // bt + 1) <= free or self._allocations(firsts, k, bt) <= free:
+        if B * (k // bt + 1) <= free:
+            self.decode_block_limited = False
+            return k
+        # the first step at which each request needs a new block (1-based)
+        firsts = [r.num_blocks * bt - r.num_computed_tokens + 1 for r in running]
+        if self._allocations(firsts, k, bt) <= free:
             self.decode_block_limited = False
             return k
         self.decode_block_limited = True  # the stretch stops where the next block would preempt
@@ -634,16 +674,14 @@ class ChunkedScheduler:
         k-th step, as `update` does."""
         if k < 1:
             return []
-        bt, pool = self.cfg.block_tokens, self.pool
         running = self.running
-        caching = self.cfg.prefix_caching
-        pool.allocate_decodes(running, k, bt)
-        max_len = self.cfg.max_model_len
+        self.pool.allocate_decodes(running, k, self._bt)
+        max_len = self._max_len
         dropped = self._dropped
         finished = []
         # the blocks these steps fill take their keys lazily (`_release`, or before the next lookup):
         # the same keys in the same order, since no one looks up a reply's blocks while it is decoded
-        self._lazy = caching
+        self._lazy = self._caching
         for r in running:
             before = r.num_computed_tokens
             r.num_computed_tokens = before + k
