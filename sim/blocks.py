@@ -373,7 +373,26 @@ class RunPool:
 
     # ---- the scheduler's interface --------------------------------------------------------------
     def lookup(self, req, max_blocks: int):
-        """(hit blocks, hit blocks, of them free ones): vLLM's `find_longest_cache_hit`."""
+        """(hit handle, hit blocks, of them free ones): vLLM's `find_longest_cache_hit`. The handle,
+        for `touch`, is the hit's count, or (run, first position, end position) when the hit lies in
+        the one run of the request's first chain (found once here instead of again in `touch`)."""
+        segs = req.segments
+        if segs is not None and max_blocks > 0 and not segs[0][0] and (len(segs) == 1 or segs[1][0] >= max_blocks):
+            # the common case: the blocks looked up lie in one chain (`_segments` of one segment, inline)
+            p = segs[0][2]
+            runs = self.cached.get(segs[0][1])
+            if runs is None:
+                return 0, 0, 0
+            if len(runs) == 1:
+                r = runs[0]
+                pe = p + max_blocks
+                if not r.lo <= p < r.lo + r.n:
+                    return 0, 0, 0
+                end = r.lo + r.n
+                if end > pe:
+                    end = pe
+                hit = end - p
+                return (r, p, end), hit, (0 if r.holders else hit)
         hit = free = 0
         cached = self.cached
         for a, b, chain, p in _segments(req, 0, max_blocks):
@@ -410,6 +429,19 @@ class RunPool:
 
     def touch(self, req, hit: int) -> None:
         """Take the first `hit` blocks of the request's chains (as `lookup` found them)."""
+        if type(hit) is tuple:  # one run holds the whole hit (`lookup`)
+            r, p, end = hit
+            req.num_blocks = req.num_cached_blocks = end - p
+            if end < r.lo + r.n:
+                self._split(r, end)
+            if p > r.lo:
+                r = self._split(r, p)
+            if not r.holders:
+                self._unlink(r)
+                self.num_free -= r.n
+            r.holders.append(req)
+            req.blocks = [r]
+            return
         req.blocks = blocks = []
         req.num_blocks = req.num_cached_blocks = hit
         if not hit:
@@ -447,12 +479,22 @@ class RunPool:
         self.keyless = 0
         n -= k
         q = self._q
+        cached = self.cached
+        r = q.next
         while n:
-            r = q.next
             if r.n <= n:
                 n -= r.n
-                self._unlink(r)
-                self._uncache(r)
+                # `_unlink(r)` and `_uncache(r)`, inline: an admission evicts runs by the dozen
+                nxt = r.next
+                q.next = nxt
+                nxt.prev = q
+                r.prev = r.next = None
+                runs = cached[r.chain]
+                if len(runs) == 1:
+                    del cached[r.chain]
+                else:
+                    runs.remove(r)
+                r = nxt
             else:
                 r.n -= n  # its deepest positions are evicted
                 n = 0
@@ -534,6 +576,7 @@ class RunPool:
 
     def free(self, req) -> None:
         """Drop the request's blocks, tail first: keyless ones to the head, keyed runs to the tail."""
+        q = self._q
         for r in reversed(req.blocks):
             if r.chain is None:
                 self.keyless += r.n
@@ -542,7 +585,9 @@ class RunPool:
             h = r.holders
             h.remove(req)
             if not h:
-                self._append(r)
+                last = q.prev  # `_append(r)`, inline
+                r.prev, r.next = last, q
+                last.next = q.prev = r
                 self.num_free += r.n
         req.blocks = []
         req.num_blocks = req.num_cached_blocks = 0

@@ -613,24 +613,30 @@ class CostModel(ABC):
             piece = n * a + d * n * (n - 1) * 0.5
             cut = budget_s - total if done else budget_s
             if cut < piece:
-                if cut < 0.0:
-                    cut = 0.0
-                # fewest iterations whose summed time reaches the cut: k a + d k(k-1)/2 >= cut
-                if d > 1e-15:
-                    b = a - d * 0.5
-                    k = int(math.ceil((math.sqrt(b * b + 2.0 * d * cut) - b) / d))
-                else:
-                    k = int(math.ceil(cut / a)) if a > 0 else 1
-                if k < 1:
-                    k = 1
-                elif k > n:
-                    k = n
-                piece = k * a + d * k * (k - 1) * 0.5
+                piece, k = _cut_piece(a, d, n, cut)
                 return (total + piece if done else piece), done + k
             total = total + piece if done else piece
             done += n
             if done >= kmax:
                 return total, kmax
+
+
+def _cut_piece(a: float, d: float, n: int, cut: float) -> tuple:
+    """(seconds, k) of the fewest of n iterations lasting a + d j whose summed time reaches `cut`
+    (`CostModel.decode_span`)."""
+    if cut < 0.0:
+        cut = 0.0
+    # fewest iterations whose summed time reaches the cut: k a + d k(k-1)/2 >= cut
+    if d > 1e-15:
+        b = a - d * 0.5
+        k = int(math.ceil((math.sqrt(b * b + 2.0 * d * cut) - b) / d))
+    else:
+        k = int(math.ceil(cut / a)) if a > 0 else 1
+    if k < 1:
+        k = 1
+    elif k > n:
+        k = n
+    return k * a + d * k * (k - 1) * 0.5, k
 
 
 def kv_shards(shape: ModelShape, gpus: int) -> int:
@@ -917,6 +923,27 @@ class RooflineCost(CostModel):
             mem = self._d_w + self._d_kv * context_tokens
             return (comp if comp > mem else mem) + head
         return self.decode_parts(batch, context_tokens)[0] + head
+
+    def decode_span(self, batch: int, context_tokens: float, kmax: int, budget_s: float = math.inf) -> tuple:
+        """`CostModel.decode_span`; with measured efficiencies and full attention the step is one linear
+        piece (no kink), its two ends `decode_step_s`'s operations inline (the hottest call)."""
+        fixed = self._decode_fixed.get(batch) if self._eff is not None and not self._slide else None
+        if fixed is None:
+            return CostModel.decode_span(self, batch, context_tokens, kmax, budget_s)
+        af, aF, kv, kvBW = self._attn_flops, self._attn_F, self._kv_tok, self._kv_BW
+        L = self.shape.layers
+        c, m = af * context_tokens / aF, kv * context_tokens / kvBW
+        a = fixed[0] + L * (L * (c if c > m else m) / L) + fixed[1]
+        if kmax > 1:
+            x = context_tokens + batch * (kmax - 1)
+            c, m = af * x / aF, kv * x / kvBW
+            d = (fixed[0] + L * (L * (c if c > m else m) / L) + fixed[1] - a) / (kmax - 1)
+        else:
+            d = 0.0
+        piece = kmax * a + d * kmax * (kmax - 1) * 0.5
+        if budget_s < piece:
+            return _cut_piece(a, d, kmax, budget_s)
+        return piece, kmax
 
     def decode_parts(self, batch: int, context_tokens: float) -> tuple[float, float]:
         """(the decode step's layers with their communication, that communication `comm_s`)."""

@@ -413,6 +413,8 @@ class ChunkedReplica:
                           hold_finished=self.store.on_host and self.async_save),
             external_hit=self._external_hit if self.store.on_host else None)
         self.shared_blocks = cfg.workload.shared_prefix_tokens // bt
+        self.on_host = self.store.on_host
+        self.hold_finished = self.sched.cfg.hold_finished
         self.lookahead_jobs = sch.lookahead_jobs
         # scheduler-aware fetching (§3.4): a request entering the waiting queue's look-ahead window has
         # its SSD-resident history staged into DRAM, as under prefill-first
@@ -571,7 +573,7 @@ class ChunkedReplica:
                     finished = apply_decodes(k)
                 else:
                     plan = sched.schedule()
-                    if not plan.scheduled and not sched.running:
+                    if not plan.entries and not sched.running:
                         if held:  # nothing runs until a save frees its blocks
                             sched.update(plan)
                             now = held[0][0]
@@ -639,7 +641,7 @@ class ChunkedReplica:
             t = cost.decode_span(B, ctx, 1)[0]
             self.busy_decode_s += t
         end = start + t
-        self._step_end, self._step_size = end, len(plan.scheduled)
+        self._step_end, self._step_size = end, len(plan.entries)
         self._step_decodes = B
         return end - now
 
@@ -768,7 +770,7 @@ class ChunkedReplica:
         stall = 0.0
         saved = 0.0
         read_end = now
-        if store.on_host:
+        if self.on_host:
             saved = store.save_to_host(job, ctx, now, self.w_hashes[i])
             if saved:
                 bw = self.cost.d2h_bw(saved / self.L)
@@ -780,7 +782,7 @@ class ChunkedReplica:
                     self.stall_save_s += stall
                     store.d2h.charge(saved)
         rec.bytes_saved[i] = saved
-        if self.sched.cfg.hold_finished:
+        if self.hold_finished:
             if read_end > now:  # the blocks stay until the write-back has read them
                 self._held_n += 1
                 heapq.heappush(self.held, (read_end, self._held_n, req))

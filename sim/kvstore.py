@@ -245,9 +245,15 @@ class KVStore:
             # the reused part is already on the host (a sliding-window layer writes at most its window)
             new = self.kv_bytes(ctx - job.hit)
             dram = self.dram
-            if dram.free >= nbytes - e.nbytes:
-                dram.grow(e, ctx, nbytes)
-                dram.touch(e)
+            if dram.capacity - dram.used - dram.reserved >= nbytes - e.nbytes:  # `Tier.free`
+                # `dram.grow(e, ctx, nbytes)` and `dram.touch(e)`, inline (once per turn)
+                used = dram.used = dram.used + (nbytes - e.nbytes)
+                e.tokens, e.nbytes = ctx, nbytes
+                occ = used + dram.reserved
+                if occ > dram.peak:
+                    dram.peak = occ
+                if dram.recency:
+                    dram.entries.move_to_end(e.key)
                 if now > e.ready_at:
                     e.ready_at = now
                 return new

@@ -289,7 +289,7 @@ class SeqRequest:
                 f"out={self.num_output_tokens}/{self.max_tokens})")
 
 
-_new_tuple = tuple.__new__  # builds a `Scheduled` without its Python-level __new__ (one per request a step)
+_new_tuple = tuple.__new__  # builds a `Scheduled` without its Python-level __new__
 
 
 class Scheduled(NamedTuple):
@@ -304,14 +304,17 @@ class StepPlan:
     """One step's decisions. Until `update`, each scheduled request's `num_computed_tokens` is
     still the count before this step (its history for the chunk). (A slotted class, not a dataclass:
     one is built per simulated step.)"""
-    __slots__ = ("scheduled", "preempted", "admitted", "free_blocks", "num_scheduled_tokens", "external",
-                 "swapped_out", "swapped_in", "num_decodes", "decode_context_tokens", "chunks")
+    __slots__ = ("entries", "_scheduled", "preempted", "admitted", "free_blocks", "num_scheduled_tokens",
+                 "external", "swapped_out", "swapped_in", "num_decodes", "decode_context_tokens", "chunks")
 
     def __init__(self, scheduled: list, preempted: list, admitted: dict, free_blocks: int,
                  num_scheduled_tokens: int = 0, external: dict | None = None, swapped_out: list | None = None,
                  swapped_in: dict | None = None, num_decodes: int = 0, decode_context_tokens: int = 0,
                  chunks: list | None = None):
-        self.scheduled = scheduled  # [Scheduled]: running requests in queue order, then admissions
+        # (request, new tokens, is decode) per scheduled request: running ones in queue order, then
+        # admissions; `scheduled` gives them as `Scheduled`, built on first use (the engine reads these)
+        self.entries = scheduled
+        self._scheduled = scheduled if not scheduled or type(scheduled[0]) is Scheduled else None
         self.preempted = preempted  # in preemption order
         self.admitted = admitted  # SeqRequest -> prefix-cache hit tokens, in admission order
         self.free_blocks = free_blocks  # after this step's allocations and preemptions, before its finishes
@@ -328,6 +331,14 @@ class StepPlan:
         self.num_decodes = num_decodes
         self.decode_context_tokens = decode_context_tokens
         self.chunks = [] if chunks is None else chunks
+
+    @property
+    def scheduled(self) -> list:
+        """[Scheduled]: running requests in queue order, then admissions."""
+        s = self._scheduled
+        if s is None:
+            s = self._scheduled = [_new_tuple(Scheduled, e) for e in self.entries]
+        return s
 
     def __repr__(self):
         return (f"StepPlan({len(self.scheduled)} scheduled, {len(self.preempted)} preempted, "
@@ -410,6 +421,7 @@ class ChunkedScheduler:
         self._budget = cfg.max_num_batched_tokens
         self._caching = cfg.prefix_caching
         self._watermark = cfg.watermark_blocks
+        self._hold = cfg.hold_finished
 
     @property
     def free_blocks(self) -> int:
@@ -434,7 +446,7 @@ class ChunkedScheduler:
         # the threshold keeps a long prefill from starving others: with no others it is off
         threshold = cfg.long_prefill_token_threshold if len(self.running) + len(self.waiting) > 1 else 0
         max_len = cfg.max_model_len
-        scheduled: list[Scheduled] = []
+        scheduled: list[tuple] = []  # the plan's entries: (request, new tokens, is decode)
         preempted: list[SeqRequest] = []
         running = self.running
         caching = cfg.prefix_caching
@@ -468,11 +480,11 @@ class ChunkedScheduler:
                     if full > req.num_cached_blocks and not (lazy_tail and req.num_cached_blocks >= req.segments[-1][0]):
                         pool.cache(req, full)
                 if req.num_output_tokens > 0 and computed == total - 1:
-                    append(_new_tuple(Scheduled, (req, n, True)))
+                    append((req, n, True))
                     num_decodes += 1
                     decode_ctx += total
                 else:
-                    append(_new_tuple(Scheduled, (req, n, False)))
+                    append((req, n, False))
                     chunks.append((n, computed))
                 budget -= n
                 i += 1
@@ -489,11 +501,11 @@ class ChunkedScheduler:
             if not fits:
                 break
             if req.num_output_tokens > 0 and computed == total - 1:
-                append(_new_tuple(Scheduled, (req, n, True)))
+                append((req, n, True))
                 num_decodes += 1
                 decode_ctx += total
             else:
-                append(_new_tuple(Scheduled, (req, n, False)))
+                append((req, n, False))
                 chunks.append((n, computed))
             budget -= n
             i += 1
@@ -554,11 +566,11 @@ class ChunkedScheduler:
                 elif ext:
                     external[req] = ext
                 if req.num_output_tokens > 0 and computed == total - 1:
-                    append(_new_tuple(Scheduled, (req, n, True)))
+                    append((req, n, True))
                     num_decodes += 1
                     decode_ctx += total
                 else:
-                    append(_new_tuple(Scheduled, (req, n, False)))
+                    append((req, n, False))
                     chunks.append((n, computed))
                 budget -= n
             # what stops the scan (no one waits, no seat, the head does not fit) stays true through
@@ -584,7 +596,7 @@ class ChunkedScheduler:
         self.first_sampled = first = []
         max_len = self._max_len
         dropped = self._dropped
-        for req, n, _ in plan.scheduled:
+        for req, n, _ in plan.entries:
             before = req.num_computed_tokens
             c = req.num_computed_tokens = before + n
             if dropped and req in dropped:
@@ -713,18 +725,18 @@ class ChunkedScheduler:
         self.pool.free(req)
 
     def _finished(self, req: SeqRequest) -> None:
-        if not self.cfg.hold_finished:
+        if not self._hold:
             self._release(req)
             return
         # held: its blocks stay referenced (a lookup may still hit them), keyed as a release would
-        if self.cfg.prefix_caching:
-            full = req.num_computed_tokens // self.cfg.block_tokens
+        if self._caching:
+            full = req.num_computed_tokens // self._bt
             if full > req.num_cached_blocks:
                 self.pool.cache(req, full)
 
     def free_finished(self, req: SeqRequest) -> None:
         """Free the blocks a finished request held (`hold_finished`): its save has read them."""
-        if not req.finished or not self.cfg.hold_finished:
+        if not req.finished or not self._hold:
             raise RuntimeError(f"request {req.id!r}: free_finished needs a finished request under hold_finished")
         self.pool.free(req)
         if self.waiting:
