@@ -266,9 +266,9 @@ class ExactPool:
 
 
 class Run:
-    """Blocks that behave as one: keyed, one chain's positions [lo, lo + n) with the same holders
-    (the requests referencing them), or a request's unkeyed tail. A keyed run with no holder sits in
-    the free queue (prev/next)."""
+    """Blocks that behave as one: one chain's positions [lo, lo + n), keyed, with the same holders
+    (the requests referencing them). A run with no holder sits in the free queue (prev/next). A
+    request's unkeyed blocks are no run: its last num_blocks - num_cached_blocks blocks, a count."""
     __slots__ = ("chain", "lo", "n", "holders", "prev", "next")
 
     def __init__(self, chain, lo: int, n: int, holders):
@@ -296,6 +296,9 @@ class RunPool:
       lookup takes, position by position, the earliest-cached run holding it (`get_one_block`). Each
       chain lists its runs in caching order; a run grows at its end only while it is its chain's
       last, so a run's place in the list is every one of its positions' place.
+    * A request's keyed blocks are always its first `num_cached_blocks` (keys are given in block
+      order), so its `blocks` lists only its keyed runs; the keyless rest is a count,
+      `num_blocks - num_cached_blocks` (allocating bumps it, keying moves blocks into runs).
     """
 
     def __init__(self, num_blocks: int):
@@ -501,12 +504,7 @@ class RunPool:
 
     def allocate(self, req, n: int) -> None:
         self._pop(n)
-        blocks = req.blocks
-        if blocks and blocks[-1].chain is None:
-            blocks[-1].n += n
-        else:
-            blocks.append(Run(None, 0, n, None))
-        req.num_blocks += n
+        req.num_blocks += n  # its keyless tail grows (a count: `req.blocks` holds its keyed runs)
 
     def allocate_decodes(self, running, k: int, bt: int) -> None:
         # one pass: keyless blocks are interchangeable, so which request takes them first does not
@@ -517,15 +515,10 @@ class RunPool:
             if j <= k:
                 c = (k - j) // bt + 1
                 total += c
-                blocks = r.blocks
-                if blocks and blocks[-1].chain is None:
-                    blocks[-1].n += c
-                else:
-                    blocks.append(Run(None, 0, c, None))
                 r.num_blocks += c
         if total:
             k = self.keyless
-            if total <= k:  # `_pop` when the keyless blocks suffice (the common case), inline
+            if total <= k:  # `_pop` when the keyless blocks suffice, inline
                 self.num_free -= total
                 self.keyless = k = k - total
                 held = self.num_blocks - k
@@ -540,11 +533,9 @@ class RunPool:
         if num_full <= nc:
             return
         blocks = req.blocks
-        tail = blocks.pop()
-        tail.n -= num_full - nc
         cached = self.cached
         segs = req.segments
-        if segs is not None and len(blocks) and nc >= segs[-1][0]:
+        if segs is not None and blocks and nc >= segs[-1][0]:
             # the common case (a decode filling blocks): the request's newest run grows
             last = blocks[-1]
             start, chain, pos = segs[-1]
@@ -552,8 +543,6 @@ class RunPool:
             if last.lo + last.n == p and len(last.holders) == 1 and cached[last.chain][-1] is last \
                     and last.chain == chain:
                 last.n += num_full - nc
-                if tail.n:
-                    blocks.append(tail)
                 req.num_cached_blocks = num_full
                 return
         for a, b, chain, p in _segments(req, nc, num_full):
@@ -570,18 +559,15 @@ class RunPool:
                     cached[chain] = [r]
                 else:
                     runs.append(r)
-        if tail.n:
-            blocks.append(tail)
         req.num_cached_blocks = num_full
 
     def free(self, req) -> None:
         """Drop the request's blocks, tail first: keyless ones to the head, keyed runs to the tail."""
+        n = req.num_blocks - req.num_cached_blocks  # its keyless tail
+        self.keyless += n
+        self.num_free += n
         q = self._q
         for r in reversed(req.blocks):
-            if r.chain is None:
-                self.keyless += r.n
-                self.num_free += r.n
-                continue
             h = r.holders
             h.remove(req)
             if not h:
@@ -605,17 +591,14 @@ class RunPool:
     def request_keys(self, req) -> list:
         out = []
         for r in req.blocks:
-            if r.chain is None:
-                out.extend([None] * r.n)
-            else:
-                out.extend((r.chain, p) for p in range(r.lo, r.lo + r.n))
-        return out
+            out.extend((r.chain, p) for p in range(r.lo, r.lo + r.n))
+        return out + [None] * (req.num_blocks - req.num_cached_blocks)
 
     def request_refs(self, req) -> list[int]:
         out = []
         for r in req.blocks:
-            out.extend([1 if r.chain is None else len(r.holders)] * r.n)
-        return out
+            out.extend([len(r.holders)] * r.n)
+        return out + [1] * (req.num_blocks - req.num_cached_blocks)
 
 
 POOLS = {"runs": RunPool, "exact": ExactPool}

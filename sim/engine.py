@@ -452,10 +452,15 @@ class ChunkedReplica:
         """A turn arrives: it becomes a request at the tail of the waiting queue (an idle replica is woken
         by its source)."""
         job = self.turns.make_job(i, arrival_s)
-        if self.prefetch and len(self.sched.waiting) < self.lookahead_jobs:
+        sched = self.sched
+        if self.prefetch and len(sched.waiting) < self.lookahead_jobs:
             self.entered_window.append(job)
         self.jobs[i] = job
-        self.sched.add_request(SeqRequest(i, job.ctx_in, job.output, segments=self._key_segments(job)))
+        if job.blocks or job.truncated or self.shared_blocks:
+            segs = self._key_segments(job)
+        else:  # `_key_segments`: the session's chain at its epoch, inline (most turns)
+            segs = [(0, (job.sid, self.epoch.get(job.sid, 0)), 0)]
+        sched.add_request(SeqRequest(i, job.ctx_in, job.output, segments=segs))
 
     def _key_segments(self, job):
         """The request's prefix-cache keys as chains (`sim.blocks`; see the class docstring)."""
@@ -493,13 +498,6 @@ class ChunkedReplica:
             for key in jobs[req.id].keys:
                 keys.setdefault(key, pos)
         return keys
-
-    def _sample_hbm(self, now) -> None:
-        """HBM's KV blocks at `now`: those referenced by requests, and free ones still cached."""
-        pool, rec = self.sched.pool, self.rec
-        block = self.block_tokens * self.kv_tok
-        rec.hbm.sample(now, (pool.num_blocks - pool.num_free) * block, pool.num_cached_free * block)
-        rec.hbm_next_s = rec.hbm.next_s
 
     def _fetch_window(self, plan, now) -> None:
         """After a step's admissions: stage the requests they moved into the window's last places, and
@@ -543,6 +541,7 @@ class ChunkedReplica:
         free_finished, finish = sched.free_finished, self._finish
         # the ITL histogram's span buffers (`Recorder.decode_span` without a stall pending, inline)
         span_counts, span_times = rec.span_counts, rec.span_times
+        pool, hbm_block = sched.pool, self.block_tokens * self.kv_tok
         inf = math.inf
         now = env.now
         while True:
@@ -593,8 +592,9 @@ class ChunkedReplica:
                     finished = sched.update(plan)
                     if sched.first_sampled:
                         self._first_tokens(now)
-                if now >= rec.hbm_next_s:
-                    self._sample_hbm(now)
+                if now >= rec.hbm_next_s:  # HBM's KV blocks: referenced by requests, and free ones still cached
+                    rec.hbm.sample(now, (pool.num_blocks - pool.num_free) * hbm_block, pool.num_cached_free * hbm_block)
+                    rec.hbm_next_s = rec.hbm.next_s
                 if finished:
                     stall = 0.0
                     for r in finished:

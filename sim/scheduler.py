@@ -422,6 +422,7 @@ class ChunkedScheduler:
         self._caching = cfg.prefix_caching
         self._watermark = cfg.watermark_blocks
         self._hold = cfg.hold_finished
+        self._lazy_tail = cfg.lazy_tail_keys
 
     @property
     def free_blocks(self) -> int:
@@ -431,7 +432,7 @@ class ChunkedScheduler:
         return bool(self.waiting or self.running)
 
     def add_request(self, req: SeqRequest) -> None:
-        if self.cfg.lazy_tail_keys and req.segments is None:
+        if self._lazy_tail and req.segments is None:
             raise ValueError(f"request {req.id!r}: lazy_tail_keys needs keys given as segments")
         if not self.waiting:
             self._blocked = False  # a new head of the queue: it may start at once
