@@ -258,7 +258,7 @@ class SeqRequest:
     """
     __slots__ = ("id", "prompt_tokens", "max_tokens", "block_key", "segments", "num_computed_tokens",
                  "num_output_tokens", "blocks", "num_blocks", "num_cached_blocks", "num_preemptions", "finished",
-                 "swapped_tokens")
+                 "swapped_tokens", "stop_output")
 
     def __init__(self, id, prompt_tokens: int, max_tokens: int, block_key=None, segments=None):
         if prompt_tokens < 1 or max_tokens < 1:
@@ -434,6 +434,10 @@ class ChunkedScheduler:
     def add_request(self, req: SeqRequest) -> None:
         if self._lazy_tail and req.segments is None:
             raise ValueError(f"request {req.id!r}: lazy_tail_keys needs keys given as segments")
+        # the output count it stops at: max_tokens, or where prompt + output reaches max_model_len
+        m = self._max_len
+        req.stop_output = req.max_tokens if m is None or req.max_tokens < m - req.prompt_tokens \
+            else m - req.prompt_tokens
         if not self.waiting:
             self._blocked = False  # a new head of the queue: it may start at once
         self.waiting.append(req)
@@ -460,27 +464,48 @@ class ChunkedScheduler:
         while i < len(running) and budget > 0:
             req = running[i]
             computed = req.num_computed_tokens
-            total = req.prompt_tokens + req.num_output_tokens
-            n = total - computed
-            if 0 < threshold < n:
-                n = threshold
-            if n > budget:
-                n = budget
-            if max_len is not None and n > max_len - computed - 1:
-                n = max_len - computed - 1
-            if n <= 0:
-                i += 1
-                continue
-            # a decode's block (at most one) and its newly full blocks, inline: the simulator's hottest loop
-            need = -(-(computed + n) // bt) - req.num_blocks
-            if need <= pool.num_free:
+            out = req.num_output_tokens
+            total = req.prompt_tokens + out
+            if out and computed == total - 1 and (max_len is None or total < max_len):
+                # a decode (the common case): one token, which no threshold or budget cuts, and at most
+                # one new block; the general case below with n = 1, its arithmetic folded
+                n = 1
+                need = -(-total // bt) - req.num_blocks
+                if need <= pool.num_free:
+                    if need > 0:
+                        pool.allocate(req, need)
+                    if caching:
+                        full = total // bt
+                        if full > req.num_cached_blocks and not (lazy_tail and req.num_cached_blocks >= req.segments[-1][0]):
+                            pool.cache(req, full)
+                    append((req, 1, True))
+                    num_decodes += 1
+                    decode_ctx += total
+                    budget -= 1
+                    i += 1
+                    continue
+                fits = False  # to the preemption loop below
+            else:
+                n = total - computed
+                if 0 < threshold < n:
+                    n = threshold
+                if n > budget:
+                    n = budget
+                if max_len is not None and n > max_len - computed - 1:
+                    n = max_len - computed - 1
+                if n <= 0:
+                    i += 1
+                    continue
+                need = -(-(computed + n) // bt) - req.num_blocks
+                fits = need <= pool.num_free
+            if fits:
                 if need > 0:
                     pool.allocate(req, need)
                 if caching:
                     full = (computed + n if computed + n < total else total) // bt
                     if full > req.num_cached_blocks and not (lazy_tail and req.num_cached_blocks >= req.segments[-1][0]):
                         pool.cache(req, full)
-                if req.num_output_tokens > 0 and computed == total - 1:
+                if out > 0 and computed == total - 1:
                     append((req, n, True))
                     num_decodes += 1
                     decode_ctx += total
@@ -595,7 +620,6 @@ class ChunkedScheduler:
         self._planned = None
         finished = []
         self.first_sampled = first = []
-        max_len = self._max_len
         dropped = self._dropped
         for req, n, _ in plan.entries:
             before = req.num_computed_tokens
@@ -611,7 +635,7 @@ class ChunkedScheduler:
                 out = req.num_output_tokens = req.num_output_tokens + 1
                 if out == 1:
                     first.append(req)
-                if out >= req.max_tokens or (max_len is not None and req.prompt_tokens + out >= max_len):
+                if out >= req.stop_output:
                     req.finished = True
                     self._finished(req)
                     finished.append(req)
@@ -634,7 +658,6 @@ class ChunkedScheduler:
         B = len(running)
         if not B or self._planned is not None or not self._blocked or B > self._budget:
             return 0
-        max_len = self._max_len
         k = kmax
         ctx = 0
         for r in running:
@@ -643,9 +666,7 @@ class ChunkedScheduler:
             ctx += total
             if r.num_computed_tokens != total - 1 or not out:
                 return 0
-            left = r.max_tokens - out  # the step that samples its last token
-            if max_len is not None and max_len - total < left:
-                left = max_len - total
+            left = r.stop_output - out  # the step that samples its last token
             if left < k:
                 k = left
         if k < 1:
@@ -689,7 +710,6 @@ class ChunkedScheduler:
             return []
         running = self.running
         self.pool.allocate_decodes(running, k, self._bt)
-        max_len = self._max_len
         dropped = self._dropped
         finished = []
         # the blocks these steps fill take their keys lazily (`_release`, or before the next lookup):
@@ -705,7 +725,7 @@ class ChunkedScheduler:
                     self.stats.recomputed_tokens += min(before + k, lost) - before
                 if before + k >= lost:
                     del dropped[r]
-            if out >= r.max_tokens or (max_len is not None and r.prompt_tokens + out >= max_len):
+            if out >= r.stop_output:
                 r.finished = True
                 self._finished(r)
                 finished.append(r)
