@@ -887,7 +887,8 @@ class RooflineCost(CostModel):
                 g, comm = self._token_layer_s(tokens)
                 return g + self._attention_s(pairs, kv, pw, kw) + comm
             # `_attention_s` without a sliding window, inline: the chunked engine prices every step here
-            g, comm = self._token_layer_s(tokens)
+            g = self._by_tokens.get(tokens)
+            g, comm = g if g is not None else self._token_layer_s(tokens)
             c, m = self._attn_flops * pairs / self._attn_F, self._kv_tok * kv / self._kv_BW
             L = self.shape.layers
             return g + L * (c if c > m else m) / L + comm
