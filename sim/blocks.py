@@ -469,21 +469,28 @@ class RunPool:
                 p = end
 
     def _pop(self, n: int) -> None:
-        if n > self.num_free:
-            raise ValueError(f"cannot allocate {n} blocks: {self.num_free} free")
-        self.num_free -= n
+        free = self.num_free
+        if n > free:
+            raise ValueError(f"cannot allocate {n} blocks: {free} free")
+        self.num_free = free - n
         k = self.keyless
-        held = self.num_blocks - (k - n if k > n else 0)
-        if held > self.peak_held:
-            self.peak_held = held
         if k >= n:
-            self.keyless = k - n
+            self.keyless = k = k - n
+            held = self.num_blocks - k
+            if held > self.peak_held:
+                self.peak_held = held
             return
+        # every keyless block is taken: HBM holds KV in all of them
+        if self.peak_held < self.num_blocks:
+            self.peak_held = self.num_blocks
         self.keyless = 0
         n -= k
         q = self._q
-        cached = self.cached
         r = q.next
+        if r.n > n:  # the common case: the oldest run loses its deepest positions
+            r.n -= n
+            return
+        cached = self.cached
         while n:
             if r.n <= n:
                 n -= r.n
@@ -517,15 +524,7 @@ class RunPool:
                 total += c
                 r.num_blocks += c
         if total:
-            k = self.keyless
-            if total <= k:  # `_pop` when the keyless blocks suffice, inline
-                self.num_free -= total
-                self.keyless = k = k - total
-                held = self.num_blocks - k
-                if held > self.peak_held:
-                    self.peak_held = held
-            else:
-                self._pop(total)
+            self._pop(total)
 
     def cache(self, req, num_full: int) -> None:
         """Blocks [num_cached, num_full) of the request, keyless until now, take their keys."""
