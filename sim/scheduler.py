@@ -578,7 +578,13 @@ class ChunkedScheduler:
                     break  # strict FCFS: nobody behind it is tried
                 pool.touch(req, hit_handle)
                 computed = hit + ext
-                self._allocate(req, computed, n)
+                # `_allocate(req, computed, n)`, inline
+                c = computed + n
+                need = -(-c // bt) - req.num_blocks
+                if need > 0:
+                    pool.allocate(req, need)
+                if caching:
+                    pool.cache(req, (c if c < total else total) // bt)
                 waiting.popleft()
                 running.append(req)
                 req.num_computed_tokens = computed

@@ -1,0 +1,90 @@
+"""The chunked engine's shortcuts give the general code's numbers bit for bit.
+
+The hot path prices a step with `CostModel.iteration_s` (no `IterationCost` built) and a decode
+span, under the roofline with measured efficiencies, with `decode_step_s` inline; the scheduler reads
+a request's stop (`SeqRequest.stop_output`) fixed when it is added. Each is compared here with the
+general form it stands for, on exact equality (no tolerance: the simulator's figures must not move).
+"""
+import copy
+import math
+import random
+
+import pytest
+
+from profiles import small_profile
+from sim.config import load_config
+from sim.costmodel import CostModel, ProfileCost, build_cost_model, parse_profile
+from sim.models import MODELS
+from sim.scheduler import ChunkedConfig, ChunkedScheduler, SeqRequest
+
+ITERATION = {
+    "decode_ms": {"batch": [1, 4], "context_tokens": [100, 500], "ms": [[10.0, 12.0], [14.0, 20.0]]},
+    "chunk_ms": {"new_tokens": [16, 1024], "history_tokens": [0, 1024], "ms": [[11.0, 12.0], [30.0, 40.0]]},
+    "shared_ms": 8.0,
+}
+
+
+def _roofline(model, gpu, efficiency):
+    return build_cost_model(load_config({"model": model, "gpu": {"name": gpu, "efficiency": efficiency}}))
+
+
+def _profile(iteration):
+    raw = small_profile()
+    if iteration is not None:
+        raw["models"]["llama2-7b"]["iteration"] = copy.deepcopy(iteration)
+    return ProfileCost(MODELS["llama2-7b"], parse_profile(raw, "p.yaml"))
+
+
+COSTS = {
+    "roofline measured 13b a100": lambda: _roofline("llama2-13b", "a100-80gb", "measured"),
+    "roofline measured 7b h100": lambda: _roofline("llama2-7b", "h100-80gb", "measured"),
+    "roofline constant 13b a100": lambda: _roofline("llama2-13b", "a100-80gb", "constant"),
+    "profile with iteration": lambda: _profile(ITERATION),
+    "profile without iteration": lambda: _profile(None),
+}
+
+
+@pytest.mark.parametrize("name", list(COSTS))
+def test_iteration_s_is_the_iteration_total_bit_for_bit(name):
+    cost = COSTS[name]()
+    rng = random.Random(7)
+    for _ in range(300):
+        chunks = [(rng.randint(1, 2048), rng.randint(0, 4000)) for _ in range(rng.randint(0, 3))]
+        batch = rng.randint(0 if chunks else 1, 12)
+        ctx = batch * rng.randint(1, 3000)
+        load = rng.choice([0.0, 0.0, rng.uniform(1e-6, 5e-3)])
+        buffers, layerwise = rng.choice([1, 2, 4]), rng.random() < 0.8
+        want = cost.iteration(chunks, batch, ctx, load, buffers, layerwise).total_s
+        assert cost.iteration_s(chunks, batch, ctx, load, buffers, layerwise) == want
+
+
+@pytest.mark.parametrize("name", ["roofline measured 13b a100", "roofline measured 7b h100"])
+def test_the_roofline_decode_span_inline_is_the_general_span_bit_for_bit(name):
+    cost = COSTS[name]()
+    rng = random.Random(11)
+    cut = 0
+    for _ in range(2000):
+        B = rng.randint(1, 16)
+        S = B * rng.randint(1, 4000)
+        kmax = rng.randint(1, 3000)
+        budget = rng.choice([math.inf, rng.uniform(0.0, 2.0), rng.uniform(0.0, 0.05), -1.0])
+        cost.decode_span(B, S, kmax, budget)  # the batch's fixed terms are cached by the first call
+        got = cost.decode_span(B, S, kmax, budget)
+        assert got == CostModel.decode_span(cost, B, S, kmax, budget)
+        cut += got[1] < kmax
+    assert cut > 500  # the cut branch is exercised, not only whole spans
+
+
+def _added(prompt, max_tokens, max_model_len):
+    s = ChunkedScheduler(ChunkedConfig(100, max_model_len=max_model_len))
+    r = SeqRequest("a", prompt, max_tokens, block_key=lambda i: ("a", i))
+    s.add_request(r)
+    return r.stop_output
+
+
+def test_a_request_stops_at_its_max_tokens_or_where_it_reaches_the_model_length():
+    assert _added(90, 20, None) == 20  # no model length: max_tokens
+    assert _added(90, 20, 100) == 10  # 90 + 10 reaches 100 first
+    assert _added(70, 20, 100) == 20  # 70 + 20 = 90 < 100: max_tokens first
+    assert _added(80, 20, 100) == 20  # both at once
+    assert _added(100, 5, 100) == 0  # a prompt at the length: its first sampled token ends it
