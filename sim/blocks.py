@@ -138,7 +138,8 @@ class BlockPool:
 # ---- the pools as the scheduler uses them: per request ------------------------------------------
 #
 # A request (`sim.scheduler.SeqRequest`) carries `blocks` (the pool's record of its blocks in token
-# order), `num_blocks` and `num_cached_blocks`; the pools below keep them. Its block keys come as
+# order: block ids, or the run pool's keyed runs only), `num_blocks` and `num_cached_blocks`; the pools
+# below keep them. Its block keys come as
 # *segments*: `(first block, chain, position of that block)` in block order, the last one open-ended,
 # so that block i of a segment has key `(chain, position + i - first block)` (a session's history is
 # one chain, a shared system prompt another, each 512-token hash of a Mooncake trace another). A
