@@ -764,6 +764,11 @@ class RooflineCost(CostModel):
         self._d_kv = L * self._kv_tok / BW  # per context token, memory side
         self._d_head_c = self._head_flops / F
         self._d_head_m = self._head_bytes / BW
+        # `decode_span`'s inline path (measured efficiencies, full attention): the batches' fixed terms
+        # as `decode_parts` fills them, and the step's constants
+        inline = efficiency is not None and not self._slide
+        self._span_fixed = self._decode_fixed if inline else {}
+        self._span_consts = (self._attn_flops, self._attn_F, self._kv_tok, self._kv_BW, L) if inline else None
 
     def comm_layer_s(self, tokens: float) -> float:
         """Tensor-parallel communication of one layer over `tokens` tokens: its two all-reduces."""
@@ -928,11 +933,10 @@ class RooflineCost(CostModel):
     def decode_span(self, batch: int, context_tokens: float, kmax: int, budget_s: float = math.inf) -> tuple:
         """`CostModel.decode_span`; with measured efficiencies and full attention the step is one linear
         piece (no kink), its two ends `decode_step_s`'s operations inline (the hottest call)."""
-        fixed = self._decode_fixed.get(batch) if self._eff is not None and not self._slide else None
+        fixed = self._span_fixed.get(batch)
         if fixed is None:
             return CostModel.decode_span(self, batch, context_tokens, kmax, budget_s)
-        af, aF, kv, kvBW = self._attn_flops, self._attn_F, self._kv_tok, self._kv_BW
-        L = self.shape.layers
+        af, aF, kv, kvBW, L = self._span_consts
         c, m = af * context_tokens / aF, kv * context_tokens / kvBW
         a = fixed[0] + L * (L * (c if c > m else m) / L) + fixed[1]
         if kmax > 1:
