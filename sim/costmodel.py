@@ -764,11 +764,12 @@ class RooflineCost(CostModel):
         self._d_kv = L * self._kv_tok / BW  # per context token, memory side
         self._d_head_c = self._head_flops / F
         self._d_head_m = self._head_bytes / BW
-        # `decode_span`'s inline path (measured efficiencies, full attention): the batches' fixed terms
-        # as `decode_parts` fills them, and the step's constants
-        inline = efficiency is not None and not self._slide
-        self._span_fixed = self._decode_fixed if inline else {}
-        self._span_consts = (self._attn_flops, self._attn_F, self._kv_tok, self._kv_BW, L) if inline else None
+        # measured efficiencies, full attention: a decode step is its batch's fixed terms plus one
+        # attention term linear in the context, which `decode_step_s` and `decode_span` compute inline
+        # (any step priced otherwise must clear this flag, or the span would not follow it)
+        self._linear_decode = efficiency is not None and not self._slide
+        self._span_fixed = self._decode_fixed if self._linear_decode else {}
+        self._span_consts = (self._attn_flops, self._attn_F, self._kv_tok, self._kv_BW, L) if self._linear_decode else None
 
     def comm_layer_s(self, tokens: float) -> float:
         """Tensor-parallel communication of one layer over `tokens` tokens: its two all-reduces."""
@@ -915,7 +916,7 @@ class RooflineCost(CostModel):
         layers see each sequence's mean context, capped at the window; the all-reduces are `comm_s`."""
         if self._eff is not None:
             fixed = self._decode_fixed.get(batch)
-            if fixed is None or self._slide:
+            if fixed is None or not self._linear_decode:
                 return self.decode_parts(batch, context_tokens)[0] + self._decode_fixed[batch][1]
             # `decode_parts` and `_attention_s` inline for full attention (the same operations in the same
             # order): called twice per decode span
