@@ -22,10 +22,11 @@ leaves to its caller:
 * Preemption by recompute: the scheduler frees the blocks and rewinds the request; the executor
   simply runs what the next plans say (the request's tokens, its sampled outputs included, again).
 
-* Pure-decode steps as CUDA graphs (`gpu.batched_decode`): a step where every scheduled request
-  decodes one token is padded to a batch bucket and a packed-context bucket and replayed as one
-  captured graph, so its time no longer follows how fast the host launches ~700 kernels. Steps with a
-  prefill chunk (or a host load) run eagerly; their host launch time is part of what is measured.
+* Steps as CUDA graphs (`gpu.batched_decode`): a step is padded to a batch bucket, a chunk-token
+  bucket and a packed-key bucket (`sim.costmodel.StepPadding`, the rule the cost model prices) and
+  replayed as one captured graph, so its time no longer follows how fast the host launches ~700
+  kernels. Steps with a host load (or past the largest buckets) run eagerly; their host launch time is
+  part of what is measured.
 """
 from __future__ import annotations
 
@@ -154,7 +155,9 @@ class StepResult:
     gpu_ms: float             # step start -> sampled tokens ready (CUDA events; 0 on CPU)
     load_ms: float            # first layer's load start -> last layer's load end (0: no load)
     ext_tokens: int           # tokens copied in from the host store
-    graph: bool = False       # run as a static-shape pure-decode step (`gpu.batched_decode`)
+    graph: bool = False       # run at a static shape (`gpu.batched_decode`: a CUDA graph on the GPU)
+    key: tuple | None = None  # that shape (Bb, Nb, Kb)
+    captured: bool = False    # its graph was captured by this step (a first use, not captured ahead)
 
 
 class BatchedExecutor:
@@ -164,9 +167,10 @@ class BatchedExecutor:
     session's new full blocks there, `external_tokens` is what it can supply (the scheduler's
     `external_hit`), and a plan's `external` tokens are loaded from it layer by layer.
 
-    `decode_graphs`: pure-decode steps at static shapes (`gpu.batched_decode.StaticDecode`, whatever
-    `attention` is: its packed variable-length kernel is the one a graph can hold). None: on with
-    CUDA (captured graphs), off on CPU; True on CPU: the same static body run eagerly (the tests').
+    `decode_graphs`: steps without host loads at static shapes (`gpu.batched_decode.StaticStep`, pure
+    decode and steps with prefill chunks alike, whatever `attention` is: its packed variable-length
+    kernel is the one a graph can hold). None: on with CUDA (captured graphs), off on CPU; True on
+    CPU: the same static body run eagerly (the tests').
     """
 
     def __init__(self, model: BatchedModel, num_blocks: int, block_tokens: int, attention: str = "sdpa",
@@ -216,8 +220,8 @@ class BatchedExecutor:
             decode_graphs = self.cuda
         self.static = None
         if decode_graphs:
-            from gpu.batched_decode import StaticDecode
-            self.static = StaticDecode(self, graphs=self.cuda)
+            from gpu.batched_decode import StaticStep
+            self.static = StaticStep(self, graphs=self.cuda)
 
     def reset(self) -> None:
         """Forget every request and session (a new run on the same KV and host buffers: a fresh
@@ -348,8 +352,7 @@ class BatchedExecutor:
         known tokens this step completes."""
         if not plan.scheduled:
             return StepResult({}, None, 0.0, 0.0, 0)
-        if self.static is not None and all(sc.is_decode for sc in plan.scheduled) \
-                and not any(plan.external.values()):
+        if self.static is not None and not any(plan.external.values()):
             out = self._run_static(plan, keep_logits)
             if out is not None:
                 return out
@@ -412,30 +415,43 @@ class BatchedExecutor:
         return StepResult(sampled, logits if keep_logits else None, gpu_ms, load_ms, ext_tokens)
 
     def _run_static(self, plan: StepPlan, keep_logits: bool) -> StepResult | None:
-        """A pure-decode step through `self.static` (None: past its largest bucket, run eagerly)."""
-        reqs = [sc.req for sc in plan.scheduled]
-        ctxs = [r.num_computed_tokens + 1 for r in reqs]
-        key = self.static.key(ctxs)
+        """A step through `self.static` at its padded shape (None: no static shape, run eagerly)."""
+        bt = self.bt
+        decs, chunks, row_of = [], [], []
+        for r, n, dec in plan.scheduled:
+            if dec:
+                row_of.append(("d", len(decs)))
+                decs.append(r)
+            else:
+                row_of.append(("c", len(chunks)))
+                chunks.append((r, n))
+        ctxs = [r.num_computed_tokens + 1 for r in decs]
+        shape = [(n, r.num_computed_tokens) for r, n in chunks]
+        key = self.static.key(ctxs, shape)
         if key is None:
             return None
-        bt = self.bt
-        ids = [self.tokens[r][c - 1] for r, c in zip(reqs, ctxs)]
-        tables = [block_table(r)[:-(-c // bt)] for r, c in zip(reqs, ctxs)]
+        ids = [self.tokens[r][c - 1] for r, c in zip(decs, ctxs)]
+        tables = [block_table(r)[:-(-c // bt)] for r, c in zip(decs, ctxs)]
+        chunk_ids = [self.tokens[r][h:h + n] for (r, _), (n, h) in zip(chunks, shape)]
+        chunk_tables = [block_table(r)[:-(-(h + n) // bt)] for (r, _), (n, h) in zip(chunks, shape)]
+        before = self.static.captured_in_run
         if self.cuda:
             self.ev_start.record()
-        self.static.run(ids, ctxs, tables, key)
+        self.static.run(key, ids, ctxs, tables, chunk_ids, shape, chunk_tables)
         if self.cuda:
             self.ev_end.record()
-        B = len(reqs)
-        toks = self.static.next[:B].tolist()   # synchronises, as the eager path does
+        Bb = key[0]
+        rows = [i if kind == "d" else Bb + i for kind, i in row_of]
+        toks = self.static.next[:Bb + len(chunks)].tolist()   # synchronises, as the eager path does
         sampled = {}
-        for r, c, t in zip(reqs, ctxs, toks):
-            if c >= r.num_tokens:
-                sampled[r] = t
-                self.tokens[r].append(t)
+        for (r, n, _), row in zip(plan.scheduled, rows):
+            if r.num_computed_tokens + n >= r.num_tokens:
+                sampled[r] = toks[row]
+                self.tokens[r].append(toks[row])
         gpu_ms = self.ev_start.elapsed_time(self.ev_end) if self.cuda else 0.0
-        logits = self.static.logits[:B].clone() if keep_logits else None
-        return StepResult(sampled, logits, gpu_ms, 0.0, 0, graph=True)
+        logits = self.static.logits[rows].clone() if keep_logits else None
+        return StepResult(sampled, logits, gpu_ms, 0.0, 0, graph=True, key=key,
+                          captured=self.static.captured_in_run > before)
 
     # ---- attention over the blocks ---------------------------------------------------------------
     def _attend(self, q, kc, vc, sb: StepBatch) -> torch.Tensor:
@@ -546,6 +562,8 @@ def varlen_attention(q, keys, vals, cu_q, cu_k, max_q: int, max_k: int) -> torch
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for i in range(len(cq) - 1):
         n, ctx = cq[i + 1] - cq[i], ck[i + 1] - ck[i]
+        if n == 0:   # an empty sequence (a static step's unused chunk slot)
+            continue
         mask = None if n == 1 else causal_lower_right(n, ctx)
         o = F.scaled_dot_product_attention(q[cq[i]:cq[i + 1]].transpose(0, 1), keys[ck[i]:ck[i + 1]].transpose(0, 1),
                                            vals[ck[i]:ck[i + 1]].transpose(0, 1), attn_mask=mask, enable_gqa=H != K)
@@ -583,7 +601,9 @@ class StepRecord:
     preempted: int
     finished: int
     free_blocks: int
-    graph: bool = False       # a pure-decode step run at static shapes (a CUDA graph on the GPU)
+    graph: bool = False       # a step run at a static shape (a CUDA graph on the GPU)
+    key: str = ""             # that shape, "Bb:Nb:Kb" (`sim.costmodel.StepPadding`)
+    captured: bool = False    # the step captured its graph (first use): its time includes the capture
 
 
 @dataclass
@@ -712,7 +732,8 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
             step, t_start, t_end, host_ms, (t_end - t_start) * 1e3, out.gpu_ms, out.load_ms, B, ctx,
             ";".join(f"{n}:{h}" for n, h in chunks), sum(n for n, _ in chunks),
             ";".join(str(plan.external[r]) for r in plan.external), out.ext_tokens, len(plan.admitted),
-            len(plan.preempted), len(finished), plan.free_blocks, out.graph))
+            len(plan.preempted), len(finished), plan.free_blocks, out.graph,
+            ":".join(map(str, out.key)) if out.key else "", out.captured))
         if on_step is not None:
             on_step(res.steps[-1])
         step += 1
