@@ -352,7 +352,11 @@ class BatchedExecutor:
         known tokens this step completes."""
         if not plan.scheduled:
             return StepResult({}, None, 0.0, 0.0, 0)
-        if self.static is not None and not any(plan.external.values()):
+        loading = any(plan.external.values())
+        # a step with host loads runs at its static shape when it loads first (every layer's copy, then
+        # the compute); layer-wise loads gate each layer's compute on its own copy, which the eager
+        # path below issues layer by layer
+        if self.static is not None and (not loading or not self.layerwise):
             out = self._run_static(plan, keep_logits)
             if out is not None:
                 return out
@@ -435,8 +439,16 @@ class BatchedExecutor:
         chunk_ids = [self.tokens[r][h:h + n] for (r, _), (n, h) in zip(chunks, shape)]
         chunk_tables = [block_table(r)[:-(-(h + n) // bt)] for (r, _), (n, h) in zip(chunks, shape)]
         before = self.static.captured_in_run
+        loads = self._loads(plan)
+        main = torch.cuda.current_stream() if self.cuda else None
         if self.cuda:
             self.ev_start.record()
+        if loads:
+            issue = self._issue_loads(loads, main)
+            if issue is not None:
+                for li in range(self.L):
+                    issue(li)
+                main.wait_event(self.ev_load[2 * self.L - 1])   # load first: all layers, then compute
         self.static.run(key, ids, ctxs, tables, chunk_ids, shape, chunk_tables)
         if self.cuda:
             self.ev_end.record()
@@ -449,8 +461,10 @@ class BatchedExecutor:
                 sampled[r] = toks[row]
                 self.tokens[r].append(toks[row])
         gpu_ms = self.ev_start.elapsed_time(self.ev_end) if self.cuda else 0.0
+        load_ms = (self.ev_load[0].elapsed_time(self.ev_load[2 * self.L - 1])
+                   if self.cuda and loads else 0.0)
         logits = self.static.logits[rows].clone() if keep_logits else None
-        return StepResult(sampled, logits, gpu_ms, 0.0, 0, graph=True, key=key,
+        return StepResult(sampled, logits, gpu_ms, load_ms, sum(n for _, _, n in loads), graph=True, key=key,
                           captured=self.static.captured_in_run > before)
 
     # ---- attention over the blocks ---------------------------------------------------------------
@@ -604,6 +618,8 @@ class StepRecord:
     graph: bool = False       # a step run at a static shape (a CUDA graph on the GPU)
     key: str = ""             # that shape, "Bb:Nb:Kb" (`sim.costmodel.StepPadding`)
     captured: bool = False    # the step captured its graph (first use): its time includes the capture
+    loop_ms: float = 0.0      # the serving loop's host time around the step (schedule, update, records),
+    #                           host clock: what a replay on a simulated clock measures of the loop
 
 
 @dataclass
@@ -685,6 +701,7 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
                     sleep(wait)
             continue
         t_start = clock() - t0
+        h0 = time.perf_counter()   # the loop's own host time, on the host clock whatever `clock` is
         plan = sched.schedule()
         if not plan.scheduled:
             if not sched.running:
@@ -703,7 +720,9 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
             else:
                 chunks.append((n, r.num_computed_tokens))
         host_ms = (clock() - t0 - t_start) * 1e3
+        h1 = time.perf_counter()
         out = ex.run(plan)
+        h2 = time.perf_counter()
         finished = sched.update(plan)
         t_end = clock() - t0
         for r, hit in plan.admitted.items():
@@ -728,12 +747,13 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
                 arr, think = ts[nxt][0], ts[nxt][1]
                 heapq.heappush(pending, (float(arr) if not math.isnan(arr) else t_end + float(think),
                                          tr.session_id, nxt))
+        loop_ms = (h1 - h0 + time.perf_counter() - h2) * 1e3
         res.steps.append(StepRecord(
             step, t_start, t_end, host_ms, (t_end - t_start) * 1e3, out.gpu_ms, out.load_ms, B, ctx,
             ";".join(f"{n}:{h}" for n, h in chunks), sum(n for n, _ in chunks),
             ";".join(str(plan.external[r]) for r in plan.external), out.ext_tokens, len(plan.admitted),
             len(plan.preempted), len(finished), plan.free_blocks, out.graph,
-            ":".join(map(str, out.key)) if out.key else "", out.captured))
+            ":".join(map(str, out.key)) if out.key else "", out.captured, loop_ms))
         if on_step is not None:
             on_step(res.steps[-1])
         step += 1

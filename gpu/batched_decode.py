@@ -92,9 +92,14 @@ class StaticStep:
         self.next = torch.zeros(Bmax + C, dtype=torch.long, device=dev)
         self.logits = torch.zeros((Bmax + C, s.vocab), dtype=torch.float32, device=dev)
         self.graphs = graphs
+        # shapes with chunks run only where listed (`capture` adds them; None: any shape, captured when
+        # first used): a step whose own shape is not listed runs at the next listed key count of its
+        # (Bb, Nb), as the cost model prices it (`IterationProfile.step_ms`), or eagerly
+        self.chunk_shapes: set | None = None
         self.captured: dict = {}
         self.pool = None
         self.failed: str | None = None   # why capture was given up (steps then run eagerly)
+        self.chunk_failed: str | None = None   # why shapes with chunks were (they then run eagerly)
         self.capture_s = 0.0
         self.replays = self.eager_steps = self.captured_in_run = 0
 
@@ -105,7 +110,13 @@ class StaticStep:
         then runs on the executor's eager path)."""
         if (ctxs and max(ctxs) > self.max_pos) or any(n + h > self.max_pos for n, h in chunks):
             return None
-        return self.padding.key(list(chunks), len(ctxs), sum(ctxs))
+        k = self.padding.key(list(chunks), len(ctxs), sum(ctxs))
+        if k is not None and k[1] and self.chunk_failed:
+            return None
+        if k is None or not k[1] or self.chunk_shapes is None or k in self.chunk_shapes:
+            return k
+        more = [kb for b, n, kb in self.chunk_shapes if (b, n) == k[:2] and kb > k[2]]
+        return (k[0], k[1], min(more)) if more else None
 
     def _layout(self, Bb: int, Nb: int) -> tuple[int, int, int]:
         """(sequences, chunk slots, int32 inputs) of a key: ids [Bb + Nb], key counts [S], chunk new
@@ -237,6 +248,15 @@ class StaticStep:
         self.captured[key] = g
         self.capture_s += time.perf_counter() - t
 
+    def _give_up(self, key, exc) -> None:
+        """A capture failed: shapes with chunks stop being static (pure decode keeps its graphs) if it
+        had chunks, every graph otherwise."""
+        why = f"capture {key}: {exc!r}"[:400]
+        if key[1]:
+            self.chunk_failed = why
+        else:
+            self.failed = why
+
     def decode_keys(self) -> list[tuple[int, int, int]]:
         """Every pure-decode key a step could use (Kb from Bb to Bb x the longest sequence, within the
         cache), the likeliest first (~1k tokens a row)."""
@@ -250,10 +270,12 @@ class StaticStep:
     def capture(self, keys=None, log=None, budget_s: float = math.inf) -> int:
         """Capture graphs ahead (default: `decode_keys`), so no served step pays a capture. Returns how
         many were captured now."""
-        if not self.graphs:
-            return 0
         if keys is None:
             keys = self.decode_keys()
+        if not self.graphs:
+            if self.chunk_shapes is not None:
+                self.chunk_shapes.update(k for k in keys if k[1])
+            return 0
         t0 = time.perf_counter()
         # torch.cuda.graph collects garbage at every capture: frozen objects make that quick
         gc.collect()
@@ -262,16 +284,18 @@ class StaticStep:
         for key in keys:
             if self.failed or time.perf_counter() - t0 > budget_s:
                 break
-            if key in self.captured:
+            if key in self.captured or (key[1] and self.chunk_failed):
                 continue
+            if key[1] and self.chunk_shapes is not None:
+                self.chunk_shapes.add(key)
             self.fill(key, [], [], [])   # a valid (scratch-only) input while warming up
             try:
                 self._capture(key)
                 n += 1
             except Exception as exc:   # noqa: BLE001 - a kernel this torch cannot capture: stay eager
-                self.failed = f"capture {key}: {exc!r}"[:400]
+                self._give_up(key, exc)
                 if log:
-                    log(f"static-shape graphs off: {self.failed}")
+                    log(f"static-shape graphs off: {self.failed or self.chunk_failed}")
         gc.unfreeze()
         if log:
             log(f"static-shape graphs: {len(self.captured)} captured ({n} now) in {self.capture_s:.1f} s")
@@ -288,8 +312,8 @@ class StaticStep:
                     self._capture(key)
                     self.captured_in_run += 1
                 except Exception as exc:   # noqa: BLE001
-                    self.failed = f"capture {key}: {exc!r}"[:400]
-            if not self.failed:
+                    self._give_up(key, exc)
+            if key in self.captured:
                 self.captured[key].replay()
                 self.replays += 1
                 return

@@ -152,13 +152,14 @@ def trace_sessions(trace: pd.DataFrame) -> dict:
 
 def simulate_sessions(cost, trace: pd.DataFrame, policy: str, num_blocks: int, block_tokens: int = 16,
                       max_batched_tokens: int = 8192, max_seqs: int = 1024, buffer_layers: int = 2,
-                      layerwise: bool = True):
-    """The trace served by the executor's loop and scheduler on the cost model's clock."""
+                      layerwise: bool = True, stop_s: float = math.inf):
+    """The trace served by the executor's loop and scheduler on the cost model's clock (until `stop_s`
+    on it)."""
     clock = SimClock()
     ex = CostExecutor(cost, clock, block_tokens, policy == "dram", buffer_layers, layerwise)
     sched = scheduler_for(policy, num_blocks, block_tokens, max_batched_tokens, max_seqs,
                           cost.shape.max_context_tokens, ex.external_tokens)
-    return serve_sessions(ex, sched, trace_sessions(trace), clock=clock, sleep=clock.sleep)
+    return serve_sessions(ex, sched, trace_sessions(trace), clock=clock, sleep=clock.sleep, stop_s=stop_s)
 
 
 def turns_frame(res) -> pd.DataFrame:

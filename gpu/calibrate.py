@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import statistics
 
 import yaml
@@ -186,6 +187,24 @@ def iteration_from_raw(rows: list[dict], padding=None) -> dict:
                                "keys": [k[2] for k in keys],
                                "ms": [round(statistics.median(by_key[k]), 4) for k in keys]}
     return out
+
+
+def host_step_from_steps(requests, loop_ms, edges=(1, 2, 4, 8, 16, 32, 64, 128, 256)) -> dict | None:
+    """The serving loop's host time per step (`StepRecord.loop_ms` of a replay of the runs' traces on the
+    device's own host, `gpu.batched_validate.simulate_sessions`) over the step's scheduled requests,
+    reduced to the profile's `iteration.host_step_ms` (pure function): per bin [edge, next edge) of
+    requests with >= 3 steps, the median requests and the median time. None without such a bin."""
+    pairs = sorted(zip((int(r) for r in requests), (float(m) for m in loop_ms)))
+    xs, ys = [], []
+    for i, lo in enumerate(edges):
+        hi = edges[i + 1] if i + 1 < len(edges) else math.inf
+        got = [(r, m) for r, m in pairs if lo <= r < hi]
+        if len(got) >= 3:
+            xs.append(float(statistics.median(r for r, _ in got)))
+            ys.append(round(statistics.median(m for _, m in got), 4))
+    if not xs:
+        return None
+    return {"requests": xs, "ms": ys}
 
 
 def ssd_contention_fit(read_under_write: dict) -> dict:

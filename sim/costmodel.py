@@ -48,7 +48,8 @@ Hardware profile schema `kvsim-hardware-profile/1` (YAML):
     each padded to the next bucket); steps_ms: {batch: [...], chunk_tokens: [...], keys: [...], ms: [...]}
     (one entry per measured shape, 0 for no decodes / no chunk): a step whose shape was measured costs
     that time (linear in the keys between shapes measured at the same batch and chunk tokens), any other
-    the composition above.
+    the composition above. host_step_ms: {requests: [...], ms: [...]}: the serving loop's host time per
+    step around it (scheduling, bookkeeping), over the step's scheduled requests, added to every step.
   Optional: decode_padding: {context_multiple: M}: the executor decodes with CUDA graphs that attend
     over a whole bucket of keys (a multiple of M, the tail masked), so a step at context c costs the
     table's time at c rounded up to a multiple of M (per sequence); absent: at c itself.
@@ -273,16 +274,34 @@ class IterationProfile:
     padding: Optional[StepPadding] = None
     # static-shape steps measured at their key: (Bb, Nb) -> ((Kb, ...), (ms, ...)), Kb ascending
     keyed: Optional[dict] = None
+    # the serving loop's host time per step outside the step (schedule, update) over scheduled requests
+    host_step_ms: Optional[Table1D] = None
 
     def step_ms(self, chunks, batch: int, context_tokens: float) -> float:
-        """A step's time: at its static shape (`padding`) when measured there (or at the same padded
-        batch and chunk tokens with other key counts: linear in the keys between them, the nearest
-        beyond), else the composition of the whole-step tables below."""
+        """A step's time as the serving loop waits for it: the step (`run_ms`) and the loop's host time
+        around it (`host_step_ms`, at the step's scheduled requests)."""
+        t = self.run_ms(chunks, batch, context_tokens)
+        if self.host_step_ms is not None and t > 0.0:
+            t += max(self.host_step_ms(len(chunks) + batch), 0.0)
+        return t
+
+    def run_ms(self, chunks, batch: int, context_tokens: float) -> float:
+        """A step's time at its static shape (`padding`). A shape with chunks exists only where measured
+        (the executor captures those): a step of an unmeasured key count runs at the next measured
+        one of its (Bb, Nb), which holds it with more filler. A pure-decode shape exists for every
+        key count: one not measured is linear in the keys between those measured at its batch (the
+        first's time below them, the last segment's slope beyond). Otherwise (no measured shape to go
+        by, or past the ladders: the executor runs it eagerly) the whole-step tables compose."""
         if self.keyed and self.padding is not None:
             k = self.padding.key(chunks, batch, context_tokens)
             if k is not None:
                 row = self.keyed.get(k[:2])
-                if row is not None:
+                if row is not None and k[1]:
+                    kbs, ms = row
+                    i = bisect.bisect_left(kbs, k[2])
+                    if i < len(kbs):
+                        return ms[i]
+                elif row is not None:
                     kbs, ms = row
                     if k[2] <= kbs[0]:
                         return ms[0]
@@ -418,13 +437,15 @@ def _iteration(d, path, key) -> IterationProfile:
     if not isinstance(shared, (int, float)) or isinstance(shared, bool) or not shared >= 0 or not math.isfinite(shared):
         raise KvsimError(f"{path}: {ks}: expected a number >= 0, got {shared!r}")
     padding = _step_padding(d["padding"], path, f"{key}.padding") if "padding" in d else None
+    host = _table1(d["host_step_ms"], path, f"{key}.host_step_ms", "requests") if "host_step_ms" in d else None
     keyed = None
     if "steps_ms" in d:
         if padding is None:
             raise KvsimError(f"{path}: {key}.padding: missing; steps_ms are measured at its static shapes")
         keyed = _steps_keyed(d["steps_ms"], path, f"{key}.steps_ms", padding)
     return IterationProfile(_table2(dc, path, kdc, "batch", "context_tokens"),
-                            _table2(ch, path, kch, "new_tokens", "history_tokens"), float(shared), padding, keyed)
+                            _table2(ch, path, kch, "new_tokens", "history_tokens"), float(shared), padding, keyed,
+                            host)
 
 
 # Keys a profile may hold, per section: a misspelt optional key is an error, not a silent 0.
@@ -435,7 +456,7 @@ _KEYS = {"": ("schema", "device", "measured_at", "command", "tp", "gpu", "links"
          "ssd": ("read", "write", "method", "read_pattern", "write_pattern", "contention"),
          "models.*": ("prefill_layer_ms", "decode_layer_ms", "head_ms", "preload_layer_overhead_ms", "host_turn_ms",
                       "preload_gate_layer_ms", "iteration"),
-         "models.*.iteration": ("decode_ms", "chunk_ms", "shared_ms", "padding", "steps_ms"),
+         "models.*.iteration": ("decode_ms", "chunk_ms", "shared_ms", "padding", "steps_ms", "host_step_ms"),
          "models.*.iteration.padding": ("batch", "chunk_tokens", "keys", "chunk_slots"),
          "models.*.iteration.steps_ms": ("batch", "chunk_tokens", "keys", "ms")}
 

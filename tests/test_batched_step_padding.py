@@ -61,6 +61,34 @@ def test_a_measured_shape_costs_its_time_and_neighbours_interpolate_in_keys():
     assert IT.step_ms([(20, 30)], 1, 10) == 120.0
 
 
+def test_a_step_with_chunks_of_an_unmeasured_key_count_costs_the_next_measured_one():
+    # 40 + 1 + 0 + 32 = 73 keys -> 96, not measured at (4, 32): the executor runs it at 192
+    assert IT.step_ms([(20, 0)], 3, 40) == 20.0
+    # 3 rows, 20 new tokens in 2 chunks after 100 + 30 cached: 100 + 1 + 130 + 32 = 263 keys, past the
+    # ladder (256): eager, the tables compose (70 + 70 + 50)
+    assert IT.step_ms([(10, 100), (10, 30)], 3, 100) == 190.0
+    it = IterationProfile(flat(50.0), flat(70.0), 0.0, PAD, {(4, 16): ((96,), (15.0,))})
+    # 16 chunk tokens, 100 + 1 + 30 + 16 = 147 keys -> 192: no measured shape holds it, eager
+    assert it.step_ms([(10, 30)], 3, 100) == 120.0
+
+
+def test_the_executor_runs_a_chunk_step_at_the_shape_the_cost_model_prices():
+    import torch
+    from gpu.batched import BatchedExecutor, random_model
+    from gpu.tp_layer import TINY_GQA
+    ex = BatchedExecutor(random_model(TINY_GQA, 512, "cpu", torch.float32, seed=1), num_blocks=200,
+                         block_tokens=4, decode_graphs=True)
+    st = ex.static
+    st.chunk_shapes = set()
+    st.capture(keys=[(2, 16, 368)])         # on CPU: listed, not captured
+    # 2 rows of 30 keys, 10 new tokens after 40: 60 + 40 + 16 = 116 -> 128, not listed: the next listed
+    # key count of (2, 16) is 368
+    assert st.padding.key([(10, 40)], 2, 60) == (2, 16, 128)
+    assert st.key([30, 30], [(10, 40)]) == (2, 16, 368)
+    assert st.key([30, 30], [(10, 400)]) is None           # 476 -> 512: nothing listed holds it
+    assert st.key([30, 30]) == (2, 0, 64)                  # pure decode: every shape exists
+
+
 def calibrated(tmp_path, rows, padding):
     prof = yaml.safe_load(open("results/gpu/run19_batched_graphs/profile_calibrated.yaml"))
     prof["models"]["llama3.1-8b"]["iteration"] = iteration_from_raw(rows, padding)
@@ -113,3 +141,43 @@ def test_a_profile_with_measured_shapes_but_no_padding_is_an_error(tmp_path):
         parse_profile(prof, "p.yaml")
     it = parse_profile(yaml.safe_load(path.read_text()), "p.yaml").models["llama3.1-8b"].iteration
     assert it.keyed == {(4, 0): ((128,), (9.0,))}
+
+
+def bench_module():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_batched_validate.py"
+    spec = importlib.util.spec_from_file_location("gpu_batched_validate", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_replayed_shape_moves_to_the_middle_of_another_key_bucket():
+    gbv = bench_module()
+    # (4, 32, 192) -> 256: target (192 + 256 + 1) // 2 = 224 keys; now 100 + 1 + 30 + 32 = 163, so the
+    # decode contexts grow by 61
+    assert gbv.shape_at_keys((100, 3, [(20, 30)]), (4, 32, 256), PAD, 1000) == (161, 3, [(20, 30)])
+    # no decodes: the first chunk's cached tokens move instead: 30 + 32 = 62 -> 80 keys (bucket 96)
+    assert gbv.shape_at_keys((0, 0, [(20, 30)]), (0, 32, 96), PAD, 1000) == (0, 0, [(20, 48)])
+    # 161 keys over 3 rows need 54 positions a row, past 40
+    assert gbv.shape_at_keys((100, 3, [(20, 30)]), (4, 32, 256), PAD, 40) is None
+
+
+def test_shapes_to_time_put_the_most_replayed_first_and_next_key_counts_last():
+    gbv = bench_module()
+    shapes = {(4, 32, 192): {"count": 5, "rep": (100, 3, [(20, 30)])},
+              (4, 0, 128): {"count": 9, "rep": (100, 3, [])}}
+    todo = gbv.shape_todo(shapes, PAD, 1000)
+    assert [k for k, _ in todo] == [(4, 0, 128), (4, 32, 192), (4, 32, 256)]
+    assert todo[2][1] == (161, 3, [(20, 30)])
+    assert [k for k, _ in gbv.shape_todo(shapes, PAD, 1000, done={(4, 0, 128), (4, 32, 256)})] == [(4, 32, 192)]
+
+
+def test_the_loops_host_time_is_the_median_per_bin_of_scheduled_requests():
+    from gpu.calibrate import host_step_from_steps
+    req = [1, 1, 1, 2, 3, 3, 40, 50, 60, 5]
+    ms = [0.10, 0.12, 0.11, 0.2, 0.3, 0.25, 1.0, 1.2, 1.1, 9.0]
+    # [1, 2): 1, 1, 1 -> 0.11; [2, 4): 2, 3, 3 -> requests 3, 0.25; [4, 8): one step, dropped; [32, 64): 50, 1.1
+    assert host_step_from_steps(req, ms) == {"requests": [1.0, 3.0, 50.0], "ms": [0.11, 0.25, 1.1]}
+    assert host_step_from_steps([1], [0.1]) is None
