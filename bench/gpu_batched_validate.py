@@ -21,12 +21,18 @@ Stages, each writing its files as it ends (a timeout still returns what is done)
    context per sequence; one prefill chunk alone: new x cached tokens; a chunk with a decode batch),
    each timed as the serving loop waits for it (host clock around `run`, which ends on the sampled
    tokens), reduced by `gpu.calibrate.iteration_from_raw` into the profile's optional `iteration`
-   section, added to --base-profile. -> iteration_raw.csv, profile_calibrated.yaml
+   section, added to --base-profile. Then the runs' shapes: every run's trace replayed on this host by
+   the same loop and scheduler on a cost model's clock (--replay-profile's, then the profile calibrated
+   from that replay's shapes), each static shape (`sim.costmodel.StepPadding`) it predicts captured and
+   timed (most frequent first, then each shape-with-chunks' next key count, within --shape-calib-s and
+   --shape-calib2-s) into the profile's `steps_ms`, and the loop's host time per step into its
+   `host_step_ms`. -> iteration_raw.csv, replay_steps.csv, profile_calibrated.yaml
 3. runs: for each arrival rate (sessions/s; the slice of traces/sharegpt_small.parquet drawn with
    `gpu.trace_slice.make_slice`, replies up to --output-cap tokens) and each policy (recompute, hbm
-   prefix caching, dram layer-wise), the executor serves the slice in real time; then one run with
-   few KV blocks that preempts. -> turns.csv (per turn: TTFT, TPOT), steps.csv (per step: shape,
-   wall, GPU and load times), traces.csv (the slices served)
+   prefix caching, dram layer-wise), the executor serves the slice in real time; then runs with few
+   KV blocks: one that preempts, and the dram policy's (--host-runs: histories back from the host,
+   layer-wise and load-first). -> turns.csv (per turn: TTFT, TPOT), steps.csv (per step: shape, static
+   key, wall, GPU and load times), traces.csv (the slices served)
 4. comparison (`gpu.batched_validate`): every step priced by the cost model as the simulator's
    ChunkedReplica prices it, and each trace replayed by the same loop and scheduler on the cost
    model's clock, once per profile of --profile (label=path, comma-separated: the one calibrated in
@@ -166,12 +172,14 @@ def graph_bench(ex, model, a, bt, num_blocks, attention) -> pd.DataFrame:
     eager = BatchedExecutor(model, num_blocks, bt, attention=attention, kv=shared_kv, decode_graphs=False)
     rng = np.random.default_rng(2)
     rows = []
-    for spec in a.graph_bench_shapes.split(","):
-        b, c = (int(v) for v in spec.split("x"))
-        if b * (c + bt) > 0.95 * num_blocks * bt:
+    for spec in filter(None, a.graph_bench_shapes.split(",")):
+        dec, _, chunk = spec.partition("+")     # "BxC" or "BxC+N:H" (a chunk of N new after H cached)
+        b, c = (int(v) for v in dec.split("x"))
+        n, h = (int(v) for v in chunk.split(":")) if chunk else (0, 0)
+        if b * (c + bt) + n + h + bt > 0.95 * num_blocks * bt:
             continue
-        plan, reqs = synthetic_plan((b, c, 0, 0), bt, num_blocks, model.shape.vocab, rng)
-        row = {"decodes": b, "ctx": c, "attention": attention}
+        plan, reqs = synthetic_step([c] * b, [(n, h)] if n else [], bt, num_blocks, model.shape.vocab, rng)
+        row = {"decodes": b, "ctx": c, "chunk": n, "cached": h, "attention": attention}
         logits = {}
         for name, e in (("eager", eager), ("graph", ex)):
             walls, gpus = [], []
@@ -193,7 +201,7 @@ def graph_bench(ex, model, a, bt, num_blocks, attention) -> pd.DataFrame:
                 e.tokens.pop(r, None)
         row["rel_err"] = float((logits["graph"] - logits["eager"]).norm() / logits["eager"].norm())
         rows.append(row)
-        log(f"decode {b:4d} x {c:5d}: eager {row['eager_ms']:.2f} ms, graph {row['graph_ms']:.2f} ms "
+        log(f"step {b:4d} x {c:5d} + {n:4d}:{h:<5d}: eager {row['eager_ms']:.2f} ms, graph {row['graph_ms']:.2f} ms "
             f"(gpu {row['eager_gpu_ms']:.2f} / {row['graph_gpu_ms']:.2f}), err {row['rel_err']:.2e}")
     return pd.DataFrame(rows)
 
@@ -349,6 +357,7 @@ def calibrate_shapes(ex, model, a, bt, num_blocks, todo, budget_s) -> list[dict]
     t0 = time.perf_counter()
     was = gc.isenabled()
     gc.collect()
+    gc.freeze()      # each capture collects: frozen objects make that quick
     gc.disable()
     try:
         for key, rep in todo:
@@ -360,7 +369,7 @@ def calibrate_shapes(ex, model, a, bt, num_blocks, todo, budget_s) -> list[dict]
                 continue
             if key[1] and ex.static.chunk_shapes is not None:
                 ex.static.chunk_shapes.add(tuple(key))
-            ex.static.capture([tuple(key)])
+            ex.static.capture([tuple(key)], collect=False)
             plan, reqs = synthetic_step(ctxs, chunks, bt, num_blocks, model.shape.vocab, rng)
             walls, gpus = [], []
             for i in range(a.shape_reps + 1):
@@ -385,6 +394,7 @@ def calibrate_shapes(ex, model, a, bt, num_blocks, todo, budget_s) -> list[dict]
                              ms=float(np.median(walls)), gpu_ms=float(np.median(gpus)), min_ms=float(np.min(walls)),
                              reps=len(walls)))
     finally:
+        gc.unfreeze()
         if was:
             gc.enable()
     log(f"shape calibration: {len(rows)} shapes in {time.perf_counter() - t0:.1f} s "
@@ -498,8 +508,10 @@ def main():
                          "body runs eagerly)")
     ap.add_argument("--graph-capture-s", type=float, default=90.0,
                     help="time for capturing decode graphs ahead; the rest are captured when first used")
-    ap.add_argument("--graph-bench-shapes", default="1x512,8x1024,32x1024,64x2048,128x1024,256x512",
-                    help="decodes x ctx of the eager-vs-graph comparison, comma-separated ('' for none)")
+    ap.add_argument("--graph-bench-shapes", default="1x512,32x1024,128x1024,0x0+512:0,32x1024+48:512,"
+                                                    "16x1024+1000:2000",
+                    help="decodes x ctx [+ chunk:cached] of the eager-vs-graph comparison, comma-separated "
+                         "('' for none)")
     ap.add_argument("--run-limit-s", type=float, default=35.0, help="a run stops at this time on its clock")
     ap.add_argument("--budget-s", type=float, default=290.0, help="no run starts after this wall time")
     a = ap.parse_args()
@@ -516,7 +528,7 @@ def main():
         a.bench_shapes, a.bench_reps, a.preempt_blocks, a.run_limit_s = "4x40x0x0,2x40x24x16", 1, 34, 20.0
         a.calib_decode_batch, a.calib_decode_ctx, a.calib_chunk_new, a.calib_chunk_hist = "1,4", "8,32", "8,24", "0,16"
         a.calib_mixed, a.calib_reps = "8x0x2x16,8x16x4x8", 1
-        a.graph_bench_shapes = "3x16,4x40"
+        a.graph_bench_shapes = "3x16,4x40,2x16+9:12"
         a.shape_reps = 1
     cuda = torch.cuda.is_available() and not a.cpu_smoke
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)

@@ -298,7 +298,7 @@ def test_device_script_cpu_smoke_writes_every_file(tmp_path):
     # decode graphs on by default; on CPU their static body runs eagerly, with the eager path's logits
     import pandas as pd
     gb = pd.read_csv(tmp_path / "graph_bench.csv")
-    assert len(gb) == 2 and gb.graph_graph.all() and not gb.eager_graph.any() and (gb.rel_err < 1e-5).all()
+    assert len(gb) == 3 and gb.graph_graph.all() and not gb.eager_graph.any() and (gb.rel_err < 1e-5).all()
     env = json.loads((tmp_path / "env.json").read_text())
     assert env["decode_graphs"]["eager_static_steps"] > 0 and env["decode_graphs"]["failed"] is None
     assert pd.read_csv(tmp_path / "steps.csv").graph.any()
