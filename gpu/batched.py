@@ -620,6 +620,7 @@ class StepRecord:
     captured: bool = False    # the step captured its graph (first use): its time includes the capture
     loop_ms: float = 0.0      # the serving loop's host time around the step (schedule, update, records),
     #                           host clock: what a replay on a simulated clock measures of the loop
+    decode_max_ctx: int = 0   # the longest decoding request's tokens (the attention kernel waits for it)
 
 
 @dataclass
@@ -712,11 +713,13 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
             continue
         tables = {r: block_table(r) for r, _, _ in plan.scheduled}
         # the step's shape as the simulator's ChunkedReplica._step reads it (before update)
-        chunks, B, ctx = [], 0, 0
+        chunks, B, ctx, ctx_max = [], 0, 0, 0
         for r, n, dec in plan.scheduled:
             if dec:
                 B += 1
-                ctx += r.prompt_tokens + r.num_output_tokens
+                c = r.prompt_tokens + r.num_output_tokens
+                ctx += c
+                ctx_max = max(ctx_max, c)
             else:
                 chunks.append((n, r.num_computed_tokens))
         host_ms = (clock() - t0 - t_start) * 1e3
@@ -753,7 +756,7 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
             ";".join(f"{n}:{h}" for n, h in chunks), sum(n for n, _ in chunks),
             ";".join(str(plan.external[r]) for r in plan.external), out.ext_tokens, len(plan.admitted),
             len(plan.preempted), len(finished), plan.free_blocks, out.graph,
-            ":".join(map(str, out.key)) if out.key else "", out.captured, loop_ms))
+            ":".join(map(str, out.key)) if out.key else "", out.captured, loop_ms, ctx_max))
         if on_step is not None:
             on_step(res.steps[-1])
         step += 1

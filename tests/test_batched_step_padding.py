@@ -181,3 +181,14 @@ def test_the_loops_host_time_is_the_median_per_bin_of_scheduled_requests():
     # [1, 2): 1, 1, 1 -> 0.11; [2, 4): 2, 3, 3 -> requests 3, 0.25; [4, 8): one step, dropped; [32, 64): 50, 1.1
     assert host_step_from_steps(req, ms) == {"requests": [1.0, 3.0, 50.0], "ms": [0.11, 0.25, 1.1]}
     assert host_step_from_steps([1], [0.1]) is None
+
+
+def test_a_replayed_steps_longest_context_keeps_its_row_and_the_rest_share_evenly():
+    gbv = bench_module()
+    # 100 keys over 3 rows, the longest 60: 60, then 40 over 2 rows
+    assert gbv.shape_plan((100, 3, [(5, 0)], 60)) == ([60, 20, 20], [(5, 0)])
+    # without it (or shorter than an even share): even, remainder first
+    assert gbv.shape_plan((100, 3, [])) == ([34, 33, 33], [])
+    assert gbv.shape_plan((100, 3, [], 10)) == ([34, 33, 33], [])
+    # at most what leaves one token to each other row
+    assert gbv.shape_plan((10, 3, [], 50)) == ([8, 1, 1], [])
