@@ -523,6 +523,9 @@ def main():
                                                     "16x1024+1000:2000",
                     help="decodes x ctx [+ chunk:cached] of the eager-vs-graph comparison, comma-separated "
                          "('' for none)")
+    ap.add_argument("--host-step-per-pool", action="store_true",
+                    help="comparison: each run priced with the loop's host time reduced from the replay of the "
+                         "runs on its number of KV blocks only (see pool_profiles)")
     ap.add_argument("--run-limit-s", type=float, default=35.0, help="a run stops at this time on its clock")
     ap.add_argument("--budget-s", type=float, default=290.0, help="no run starts after this wall time")
     a = ap.parse_args()
@@ -725,6 +728,39 @@ def profile_list(spec, folder: Path) -> list[tuple[str, str | None]]:
     return out
 
 
+def pool_profiles(folder: Path, profile, label: str, model: str, out: Path) -> dict:
+    """KV blocks -> a copy of `profile` whose loop host time per step (`host_step_ms`) is reduced from
+    the call's replay (replay_steps.csv) of the runs on that many blocks only. The scheduler's host
+    time grew with the free blocks until 38996e0 (a count over the free queue at every allocation),
+    so the pooled reduction undercharged the runs on the large cache. Written as
+    profile_<label>_pool<blocks>.yaml."""
+    import argparse
+    import yaml
+    env = json.loads((folder / "env.json").read_text())
+    ns = argparse.Namespace(**env["args"])
+    st = pd.read_csv(folder / "steps.csv", usecols=["num_blocks"])
+    runs = run_list(ns, int(st.num_blocks.max()))
+    name = "replay_steps.csv" if (folder / "replay_steps.csv").exists() else "replay_steps.csv.gz"
+    rs = pd.read_csv(folder / name, keep_default_na=False, na_values=[""])
+    pools = []
+    for _, g in rs.groupby("replay", sort=False):
+        idx = (g.step.to_numpy() == 0).cumsum() - 1      # each replayed run starts at step 0, in run order
+        pools.append(pd.Series([runs[i][2] for i in idx], index=g.index))
+    rs["num_blocks"] = pd.concat(pools)
+    prof = yaml.safe_load(Path(profile).read_text())
+    paths = {}
+    for nb, g in rs.groupby("num_blocks"):
+        host = host_step_from_steps(g.decodes + g.chunks.fillna("").str.count(":"), g.loop_ms)
+        if host is None:
+            continue
+        prof["models"][model]["iteration"]["host_step_ms"] = host
+        path = out / f"profile_{label}_pool{nb}.yaml"
+        atomic_write(path, lambda tmp, p=dict(prof): Path(tmp).write_text(
+            yaml.safe_dump(p, sort_keys=False, default_flow_style=None, width=200)))
+        paths[int(nb)] = path
+    return paths
+
+
 def compare(folder: Path, a, out: Path, device: str | None = None) -> None:
     """Per-step and whole-trace comparison of a call's files with each cost model of --profile (roofline
     unless one is given). The tiny smoke model has no cost model of its own: --model's prices it.
@@ -742,9 +778,15 @@ def compare(folder: Path, a, out: Path, device: str | None = None) -> None:
         cost = cost_model(model, profile, gpu)
         summary = {"cost_model": type(cost).__name__, "profile": profile, "gpu": gpu, "model": model,
                    "iteration_section": bool(getattr(getattr(cost, "m", None), "iteration", None)), "runs": {}}
+        by_pool = {}
+        if a.host_step_per_pool and summary["iteration_section"] and profile:
+            paths = pool_profiles(folder, profile, label, model, out)
+            by_pool = {nb: cost_model(model, path, gpu) for nb, path in paths.items()}
+            summary["host_step_per_pool"] = {str(nb): str(p) for nb, p in paths.items()}
         table = []
         for run, st in steps.groupby("run", sort=False):
             layerwise = bool(st.layerwise.iloc[0]) if "layerwise" in st else True
+            cost = by_pool.get(int(st.num_blocks.iloc[0]), cost)
             pred = predict_steps(st, cost, layerwise=layerwise)
             row = {"run": run, **step_summary(pred)}
             tr = turns[turns.run == run]
