@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu.batched import (ATTENTION_KINDS, BatchedExecutor, random_model, serve_sessions)  # noqa: E402
 from gpu.calibrate import host_step_from_steps, iteration_from_raw  # noqa: E402
-from gpu.batched_validate import (POLICIES, compare_turns, predict_steps, scheduler_for,  # noqa: E402
+from gpu.batched_validate import (POLICIES, compare_turns, phase_summary, predict_steps, scheduler_for,  # noqa: E402
                                   simulate_sessions, step_summary, steps_frame, trace_sessions, turns_frame)
 from gpu.trace_slice import make_slice  # noqa: E402
 from gpu.tp_layer import TINY_GQA  # noqa: E402
@@ -793,15 +793,17 @@ def compare(folder: Path, a, out: Path, device: str | None = None) -> None:
             pol, rate, nb = tr.policy.iloc[0], float(tr.rate.iloc[0]), int(tr.num_blocks.iloc[0])
             trace = traces[traces.rate == rate].drop(columns=["rate"])
             trace = trace[trace.session_id.isin(set(tr.session_id))]
-            sim = turns_frame(simulate_sessions(cost, trace, pol, nb, block_tokens=bt, layerwise=layerwise,
-                                                max_batched_tokens=a.max_batched_tokens, max_seqs=a.max_seqs))
+            res = simulate_sessions(cost, trace, pol, nb, block_tokens=bt, layerwise=layerwise,
+                                    max_batched_tokens=a.max_batched_tokens, max_seqs=a.max_seqs)
+            sim = turns_frame(res)
             _, s = compare_turns(tr, sim)
             row.update(s)
+            row.update(phase_summary(tr, st, sim, steps_frame(res)))
             summary["runs"][run] = row
             table.append(row)
         result[label] = summary
         cols = ["run", "mean_batch", "preemptions", "decode_wall_mape", "mixed_wall_mape", "ttft_mape", "tpot_mape",
-                "ttft_mean_err", "ttft_p99_err", "throughput_err"]
+                "ttft_mean_err", "ttft_p99_err", "throughput_err", "ft_step_mape", "ttft_mape_same_wait"]
         df = pd.DataFrame(table)
         log(f"comparison with {label}: {summary['cost_model']} ({model}, {gpu}, {profile}):")
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format",

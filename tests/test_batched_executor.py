@@ -317,3 +317,21 @@ def test_device_script_cpu_smoke_writes_every_file(tmp_path):
         assert set(runs) == {"dram_r4", "dram_r8", "hbm_r8_preempt", "dram_r8_preempt",
                              "dram_r8_preempt_loadfirst"}
         assert all(v["turns_matched"] == v["turns_meas"] > 0 for v in runs.values())
+
+
+def test_a_turns_ttft_splits_into_the_wait_and_its_first_token_step():
+    import pandas as pd
+    from gpu.batched_validate import phase_summary
+    # measured: turn arrives at 1.0, waits for the step in flight (ends 1.004), its step 1.004-1.014:
+    # TTFT 14 ms; simulated: it arrives at a step boundary (no wait), its step takes 12 ms
+    mt = pd.DataFrame({"session_id": ["a"], "turn": [0], "arrival_s": [1.0], "first_token_s": [1.014],
+                       "ttft_s": [0.014]})
+    ms = pd.DataFrame({"start_s": [0.994, 1.004], "end_s": [1.004, 1.014]})
+    stt = pd.DataFrame({"session_id": ["a"], "turn": [0], "arrival_s": [1.0], "first_token_s": [1.012],
+                        "ttft_s": [0.012]})
+    ss = pd.DataFrame({"start_s": [0.990, 1.0], "end_s": [1.0, 1.012]})
+    got = phase_summary(mt, ms, stt, ss)
+    assert got["ft_step_mape"] == pytest.approx(2 / 10)            # 12 vs 10 ms
+    assert got["ttft_mape_same_wait"] == pytest.approx(2 / 14)     # the measured 4 ms wait kept
+    assert got["wait_mean_meas_s"] == pytest.approx(0.004) and got["wait_mean_sim_s"] == pytest.approx(0.0)
+    assert got["wait_abs_diff_s"] == pytest.approx(0.004)
