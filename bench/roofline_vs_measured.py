@@ -11,9 +11,10 @@ Measured per-layer times (no LM head, no communication), 1 to 4,096 new tokens /
   * LLaMA-2-7B and 13B, one GPU: configs/hardware/h100.yaml (kvsim gpu calibrate on another H100,
     2026-11-23), and Llama-3.1-8B (grouped-query attention): results/gpu/run14_llama31_8b_h100 (kvsim gpu
     calibrate, 2026-11-27); prefill of 16..4,096 new tokens (the executor's buckets) x 0..8,192 history at
-    exactly (n, n + history) keys, decode of 1..64 x 256..8,192. Their prefill over a history ran the
-    executor's padded graphs, whose dense mask runs the memory-efficient kernel: the roofline prices those
-    rows with attention "masked" (sim/efficiency.py), every other row with "flash".
+    exactly (n, n + history) keys, decode of 1..64 x 256..8,192. Their prefill over a history and their
+    decode ran the executor's padded graphs, whose dense mask runs the masked kernel: the roofline prices
+    those rows with attention "masked" (sim/efficiency.py; a decode step is flash's unless GQA folds a
+    query group into a block's rows), every other row with "flash".
 The roofline uses the H100 datasheet peaks (989 TFLOP/s bf16, 3.35 TB/s, 132 SMs).
 
 `--fit` derives the table: the GEMM shares per M from results/gpu/run13_tp/call3_gemm.csv (see
@@ -105,7 +106,7 @@ def measured_points() -> pd.DataFrame:
         q = prof["decode_layer_ms"]
         for i, b in enumerate(q["batch"]):
             for j, c in enumerate(q["context_tokens"]):
-                rows.append((model, 1, "decode", int(b), int(c), float(q["ms"][i][j]), "flash", path.name))
+                rows.append((model, 1, "decode", int(b), int(c), float(q["ms"][i][j]), "masked", path.name))
     pts = pd.DataFrame(rows, columns=["model", "tp", "phase", "tokens", "history", "ms", "kernel", "source"])
     return pts[pts.tokens <= MAX_TOKENS].reset_index(drop=True)
 
@@ -159,7 +160,7 @@ def fit(pts: pd.DataFrame) -> RooflineEfficiency:
     eff = _descend(eff, pts[(pts.model == "llama3.1-70b") & (pts.tp == 1)],
                    {"attention_flops": np.arange(0.10, 0.801, 0.005), "kv_bw": np.arange(0.50, 1.001, 0.005),
                     "act_passes": np.arange(0.0, 40.01, 0.25)})
-    return _descend(eff, pts[(pts.model == "llama2-7b") & (pts.kernel == "masked")],
+    return _descend(eff, pts[(pts.model == "llama2-7b") & (pts.kernel == "masked") & (pts.phase == "prefill")],
                     {"masked_flops": np.arange(0.10, 0.801, 0.005), "masked_lone": np.arange(0.50, 1.001, 0.01),
                      "masked_fixed_s": np.arange(0.0, 50.01e-6, 0.5e-6)})
 
@@ -220,7 +221,7 @@ def main():
     pts = error_table(pts)
     print("Roofline alone vs measured per-layer time on an H100 (1..4,096 tokens); errors = roofline / measured - 1")
     print("constant: MFU 0.55, MBU 0.75 for every shape; measured: sim/efficiency.py H100 (the executor's prefill "
-          "after a history priced with its masked kernel)\n")
+          "after a history and decode priced with its masked kernel)\n")
     print(summarize(pts))
     if args.points:
         pd.set_option("display.width", 200)

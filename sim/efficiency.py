@@ -18,7 +18,16 @@ share of the peaks:
     query rows per KV head (query heads of a group folded into rows), each walking every key. With fewer
     blocks than SMs the GPU is mostly idle and the time is a block's walk, whatever the KV bytes: the
     LLaMA-2-7B (32 heads), 13B (40) and Llama-3.1-8B (8 KV heads, a quarter of the KV bytes) tables all
-    add ~23 ns a history token at 16..512 new tokens, and twice that once the blocks pass 2 x 132;
+    add ~23 ns a history token at 16..512 new tokens, and twice that once the blocks pass 2 x 132.
+    The executor's decode graphs (`gpu/decode_graph.py`) pass a dense padding mask too: with GQA
+    (Llama-3.1-8B) a KV head's 4 query heads fold into 4 rows, batch x 8 blocks walk every key, and the
+    table adds ~20 ns a context token at batch 1..16 (the same block walk, new = 1 per sequence); with MHA
+    (LLaMA-2) each block holds one query row and the 7B / 13B tables read the KV at full bandwidth, as
+    flash (the kernel spreads a one-row query over the keys: same backend, same mask, only the rows
+    differ). Which backend this is: torch 2.11's dispatch tries cuDNN first on an H100 once its bundled
+    cuDNN is newer than 9.15 (`check_prefer_cudnn_attention` in sdp_utils.cpp), and cuDNN's gates accept
+    these calls; else the memory-efficient kernel. Flash refuses any dense mask. No run has recorded the
+    backend: the model needs only the blocks and rows above;
   * the layer's other kernels (norms, RoPE, SiLU, residual adds): `act_passes` passes over each token's
     hidden state and MLP activations at full bandwidth, plus `layer_fixed_s` (their launch floor).
 
@@ -99,19 +108,21 @@ class RooflineEfficiency:
         return -(-new // t) * t
 
     def masked_attention_s(self, head_dim: int, q_heads: float, kv_heads: float, new: float, hist: float,
-                           peak_flops: float, sms: int) -> float:
+                           peak_flops: float, sms: int, seqs: int = 1) -> float:
         """Compute time of the memory-efficient kernel over a dense mask on one GPU holding `q_heads` query
-        and `kv_heads` KV heads: `new` queries against all `hist + new` keys (the full rectangle: the mask
-        hides the causal half, the kernel still computes it), without splitting the keys.
+        and `kv_heads` KV heads: each of `seqs` sequences' `new` queries against all its `hist + new` keys
+        (the full rectangle: the mask hides the causal half, the kernel still computes it), without
+        splitting the keys.
 
-        Thread blocks: kv_heads x ceil(g x new / query_tile), g = q_heads / kv_heads query heads per KV
-        head folded into the rows (`gpu.model.attend`). A wave of slots = `blocks_per_sm` x `sms` blocks
-        walks each key in slots x query_tile x 4 x head_dim / (peak x masked_flops); the blocks take
+        Thread blocks: seqs x kv_heads x ceil(g x new / query_tile), g = q_heads / kv_heads query heads
+        per KV head folded into the rows (`gpu.model.attend`). A wave of slots = `blocks_per_sm` x `sms`
+        blocks walks each key in slots x query_tile x 4 x head_dim / (peak x masked_flops); the blocks take
         ceil(blocks / slots) waves, and a wave that leaves each SM at most one block lasts `masked_lone`
-        of that (a block alone on its SM runs faster than two sharing it).
+        of that (a block alone on its SM runs faster than two sharing it). The executor's GQA decode
+        graphs are this kernel with new = 1 and g rows a block (see `RooflineCost`).
         """
         g = q_heads / kv_heads
-        blocks = kv_heads * math.ceil(g * new / self.query_tile)
+        blocks = seqs * kv_heads * math.ceil(g * new / self.query_tile)
         slots = self.blocks_per_sm * sms
         wave_key_s = slots * self.query_tile * 4.0 * head_dim / (peak_flops * self.masked_flops)
         waves = self.masked_lone if blocks <= sms else math.ceil(blocks / slots)

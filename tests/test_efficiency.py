@@ -151,6 +151,33 @@ def test_the_masked_roofline_prices_a_prefill_after_history_with_the_masked_kern
     assert masked.mixed_layer_s([(16, 8176)], 0, 0.0) == flash.mixed_layer_s([(16, 8176)], 0, 0.0)
 
 
+def test_the_masked_decode_folds_a_kv_heads_query_group_into_one_block_per_sequence():
+    """The executor's decode graphs (attention "masked"), Llama-3.1-8B (32 query heads over 8 KV heads) on
+    1 PF/s, 2,000 GB/s, 132 SMs. 4 sequences of 8,192 tokens: 4 x 8 blocks of 4 rows, at most one per
+    SM: 0.8 x 8,192 keys x 28.84 ns = 189 us a layer, above the KV read (32,768 tokens x 4 KiB at
+    2,000 GB/s = 67.1 us) that flash pays; no fixed term (a one-row mask). 64 sequences: 512 blocks, two
+    waves (472 us), below their 1,074 us KV read: KV-bound as flash. LLaMA-2-7B (MHA, one row a head)
+    decodes as flash."""
+    e = _eff(masked_flops=0.3, masked_lone=0.8, masked_fixed_s=20e-6)
+    key = 264 * 64 * 4 * 128 / (1e15 * 0.3)
+    assert e.masked_attention_s(128, 32, 8, 1, 8191, 1e15, 132, seqs=4) == pytest.approx(0.8 * 8192 * key)
+    assert e.masked_attention_s(128, 32, 8, 1, 8191, 1e15, 132, seqs=64) == pytest.approx(2 * 8192 * key)
+    m = MODELS["llama3.1-8b"]
+    masked = RooflineCost(m, 1, 1e15, 2000, 0.5, 0.5, 25, 25, 5, 3, efficiency=e, attention="masked", sms=132)
+    flash = RooflineCost(m, 1, 1e15, 2000, 0.5, 0.5, 25, 25, 5, 3, efficiency=e)
+    walk, kv = 0.8 * 8192 * key, 4 * 8192 * 4096 / 2000e9
+    assert kv == pytest.approx(67.108864e-6) and walk > kv
+    assert masked.decode_step_s(4, 4 * 8192) == pytest.approx(flash.decode_step_s(4, 4 * 8192) + 32 * (walk - kv),
+                                                               rel=1e-12)
+    assert 2 * 8192 * key < 64 * 8192 * 4096 / 2000e9
+    assert masked.decode_step_s(64, 64 * 8192) == pytest.approx(flash.decode_step_s(64, 64 * 8192), rel=1e-12)
+    assert masked.decode_step_s(4, 0.0) == pytest.approx(flash.decode_step_s(4, 0.0), rel=1e-12)
+    mha = MODELS["llama2-7b"]
+    assert (RooflineCost(mha, 1, 1e15, 2000, 0.5, 0.5, 25, 25, 5, 3, efficiency=e, attention="masked",
+                         sms=132).decode_step_s(4, 4 * 8192)
+            == RooflineCost(mha, 1, 1e15, 2000, 0.5, 0.5, 25, 25, 5, 3, efficiency=e).decode_step_s(4, 4 * 8192))
+
+
 def test_the_masked_kernel_needs_measured_efficiencies_and_the_sm_count():
     m = MODELS["llama2-7b"]
     with pytest.raises(KvsimError, match="masked"):
