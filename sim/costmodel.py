@@ -922,15 +922,6 @@ class RooflineCost(CostModel):
             seen = batch * min(context_tokens / batch, self.shape.sliding_window) if slide else 0.0
             return fixed[0] + L * self._attention_s(context_tokens, context_tokens, seen, seen), fixed[2]
 
-    def _masked_decode_s(self, batch: int, context_tokens: float) -> float:
-        """Attention of one layer of the executor's GQA decode graph (attention "masked"): the slower of
-        the masked kernel's walk (`batch` sequences, one new query each over context_tokens / batch keys)
-        and the KV read at its bandwidth share."""
-        e = self._eff
-        c = e.masked_attention_s(self.shape.head_dim, self._q_heads_gpu, self._kv_heads_gpu, 1,
-                                 context_tokens / batch - 1.0, self._flops / self.gpus, self._sms, seqs=batch)
-        m = self._kv_tok * context_tokens / self._kv_BW
-        return c if c > m else m
         F, BW = self._flops * self._mfu, self._bw * self._mbu
         lin, w = self._lin_flops_tok * batch, self._weights_read(batch)
         t = (L - slide) * max((lin + self._attn_flops * context_tokens) / F,
@@ -940,6 +931,16 @@ class RooflineCost(CostModel):
             t += slide * max((lin + self._attn_flops * seen) / F, (w + self._kv_tok * seen) / BW)
         comm = L * self.comm_layer_s(batch)
         return t + comm, comm
+
+    def _masked_decode_s(self, batch: int, context_tokens: float) -> float:
+        """Attention of one layer of the executor's GQA decode graph (attention "masked"): the slower of
+        the masked kernel's walk (`batch` sequences, one new query each over context_tokens / batch keys)
+        and the KV read at its bandwidth share."""
+        e = self._eff
+        c = e.masked_attention_s(self.shape.head_dim, self._q_heads_gpu, self._kv_heads_gpu, 1,
+                                 context_tokens / batch - 1.0, self._flops / self.gpus, self._sms, seqs=batch)
+        m = self._kv_tok * context_tokens / self._kv_BW
+        return c if c > m else m
 
     def decode_next_kink(self, batch: int, context_tokens: float) -> float:
         # a layer's compute (lin + att C) and memory (w + kv C) sides cross once, if their slopes
