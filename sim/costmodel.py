@@ -60,7 +60,8 @@ from typing import Optional, Sequence
 
 from sim.collectives import (ALLREDUCES_PER_LAYER, AllReduceCost, RingAllReduce, allreduce_bytes_per_layer,
                              load_allreduce_table)
-from sim.efficiency import H100 as H100_EFFICIENCY, RooflineEfficiency
+from sim.efficiency import (GEMMS_PER_LAYER, H100 as H100_EFFICIENCY, ROUTED_GEMMS, RooflineEfficiency,
+                            gemm_act_bytes_per_token)
 from sim.errors import KvsimError, read_yaml
 from sim.models import ModelShape
 from sim.units import GB, MS, US
@@ -725,6 +726,7 @@ class RooflineCost(CostModel):
             self._attn_F = self._flops * efficiency.attention_flops
             self._kv_BW = self._bw * efficiency.kv_bw
             self._act_tok_s = efficiency.act_bytes_per_token(s, gpus) / (hbm_bw_gbps * GB)
+            self._gemm_act_tok = gemm_act_bytes_per_token(s, gpus)  # one GPU's GEMM activations a token
             # one GPU's heads (the masked kernel's blocks): query heads split over the GPUs, KV heads over
             # the KV shards (a replicated KV head is one head on each of its GPUs)
             self._q_heads_gpu = s.heads / gpus
@@ -760,11 +762,12 @@ class RooflineCost(CostModel):
         """Measured efficiencies: one layer's GEMMs over `tokens` tokens (mean over layers), each routed
         expert over the tokens that chose it, plus the layer's other kernels (norms, RoPE, activations)."""
         e, s = self._eff, self.shape
-        t = e.gemm_s(self._lin_dense_tok * tokens, self._w_layer_bytes, tokens, self._flops, self._bw)
+        t = e.gemm_s(self._lin_dense_tok * tokens, self._w_layer_bytes + tokens * self._gemm_act_tok, tokens,
+                     self._flops, self._bw, GEMMS_PER_LAYER)
         if s.experts and tokens > 0:
             touched = s.experts_touched(tokens)
             t += e.gemm_s(self._lin_routed_tok * tokens, self._w_expert_bytes * touched,
-                          tokens * s.experts_per_token / touched, self._flops, self._bw)
+                          tokens * s.experts_per_token / touched, self._flops, self._bw, ROUTED_GEMMS)
         return t + e.layer_fixed_s + tokens * self._act_tok_s
 
     def _token_layer_s(self, tokens: int) -> tuple:
@@ -829,14 +832,14 @@ class RooflineCost(CostModel):
     def prefill_head_s(self, new: float) -> float:
         # only the last position's logits are needed to emit the first token
         if self._eff is not None:
-            return self._eff.gemm_s(self._head_flops, self._head_bytes, 1, self._flops, self._bw)
+            return self._eff.gemm_s(self._head_flops, self._head_bytes, 1, self._flops, self._bw, 1)
         return max(self._head_flops / (self._flops * self._mfu), self._head_bytes / (self._bw * self._mbu))
 
     def decode_head_s(self, batch: int) -> float:
         if self._eff is not None:
             t = self._heads.get(batch)
             if t is None:
-                t = self._eff.gemm_s(self._head_flops * batch, self._head_bytes, batch, self._flops, self._bw)
+                t = self._eff.gemm_s(self._head_flops * batch, self._head_bytes, batch, self._flops, self._bw, 1)
                 if len(self._heads) < 65536:
                     self._heads[batch] = t
             return t
@@ -921,7 +924,6 @@ class RooflineCost(CostModel):
                 return fixed[0] + L * self._masked_decode_s(batch, context_tokens), fixed[2]
             seen = batch * min(context_tokens / batch, self.shape.sliding_window) if slide else 0.0
             return fixed[0] + L * self._attention_s(context_tokens, context_tokens, seen, seen), fixed[2]
-
         F, BW = self._flops * self._mfu, self._bw * self._mbu
         lin, w = self._lin_flops_tok * batch, self._weights_read(batch)
         t = (L - slide) * max((lin + self._attn_flops * context_tokens) / F,
