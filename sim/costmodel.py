@@ -67,7 +67,8 @@ from typing import Optional, Sequence
 
 from sim.collectives import (ALLREDUCES_PER_LAYER, AllReduceCost, RingAllReduce, allreduce_bytes_per_layer,
                              load_allreduce_table)
-from sim.efficiency import H100 as H100_EFFICIENCY, RooflineEfficiency
+from sim.efficiency import (GEMMS_PER_LAYER, H100 as H100_EFFICIENCY, ROUTED_GEMMS, RooflineEfficiency,
+                            gemm_act_bytes_per_token)
 from sim.errors import KvsimError, read_yaml
 from sim.models import ModelShape
 from sim.units import GB, MS, US
@@ -805,10 +806,12 @@ class RooflineCost(CostModel):
     stream, so the layer-wise preload overlaps them like compute). KV is split by KV heads
     (`kv_shards`): replicated copies cost HBM, reads and host-link traffic.
 
-    With measured efficiencies, `attention` names the kernel a prefill over a history runs: "flash"
-    (FlashAttention-2, causal: serving engines, run 13's layers, the batched executor) or "masked" (the
-    prefill-first executor's padded graphs, `gpu/prefill_graph.py`: a dense mask, the memory-efficient
-    kernel over the whole rectangle; `RooflineEfficiency.masked_attention_s`, which needs the GPU's `sms`).
+    With measured efficiencies, `attention` names the kernel a prefill over a history and a decode step
+    run: "flash" (FlashAttention-2, causal: serving engines, run 13's layers, the batched executor) or
+    "masked" (the prefill-first executor's padded graphs, `gpu/prefill_graph.py` and `gpu/decode_graph.py`:
+    a dense mask, the kernel over the whole rectangle; `RooflineEfficiency.masked_attention_s`, which needs
+    the GPU's `sms`). A masked decode step is flash's unless a KV head serves several query heads (GQA),
+    whose group the executor folds into the rows of one block per sequence and KV head.
     Mixed steps (`mixed_layer_s`) are the batched executor's: flash either way.
     """
 
@@ -850,6 +853,7 @@ class RooflineCost(CostModel):
             raise KvsimError(f"RooflineCost: attention 'masked' (the prefill-first executor's kernel) for {s.name}: "
                              "expected measured efficiencies, the GPU's SM count and a full-attention MHA/GQA shape")
         self._sms = sms
+        self._masked_decode = False  # set below: the executor's GQA decode graphs
         # the flash kernel's query tile (0: the constant roofline prices the real rows)
         self._tile = efficiency.query_tile if efficiency is not None else 0
         self._plain = (not s.experts and not s.sliding_layers and s.attention != "mla"
@@ -877,10 +881,17 @@ class RooflineCost(CostModel):
             self._attn_F = self._flops * efficiency.attention_flops
             self._kv_BW = self._bw * efficiency.kv_bw
             self._act_tok_s = efficiency.act_bytes_per_token(s, gpus) / (hbm_bw_gbps * GB)
+            self._gemm_act_tok = gemm_act_bytes_per_token(s, gpus)  # one GPU's GEMM activations a token
             # one GPU's heads (the masked kernel's blocks): query heads split over the GPUs, KV heads over
             # the KV shards (a replicated KV head is one head on each of its GPUs)
             self._q_heads_gpu = s.heads / gpus
             self._kv_heads_gpu = s.kv_heads / self.kv_shards
+            # the executor's decode graphs attend through a dense (padding) mask too, with one query per
+            # sequence. MHA: one query row a (sequence, head), which the kernel spreads over the keys: KV-bound
+            # as flash (the LLaMA-2 7B / 13B decode tables). GQA: a KV head's g query heads fold into g rows,
+            # and batch x kv_heads blocks each walk every key (Llama-3.1-8B's table: ~20 ns a context token
+            # at batch <= 16, whatever the batch): `masked_attention_s` with new = 1
+            self._masked_decode = self._masked and self._q_heads_gpu > self._kv_heads_gpu
             # with attention priced apart from the GEMMs, a decode step is linear in the context for a
             # fixed batch: its only kink is a sliding window filling up (batch x window)
             self._kinks_by_batch = {}
@@ -906,11 +917,12 @@ class RooflineCost(CostModel):
         """Measured efficiencies: one layer's GEMMs over `tokens` tokens (mean over layers), each routed
         expert over the tokens that chose it, plus the layer's other kernels (norms, RoPE, activations)."""
         e, s = self._eff, self.shape
-        t = e.gemm_s(self._lin_dense_tok * tokens, self._w_layer_bytes, tokens, self._flops, self._bw)
+        t = e.gemm_s(self._lin_dense_tok * tokens, self._w_layer_bytes + tokens * self._gemm_act_tok, tokens,
+                     self._flops, self._bw, GEMMS_PER_LAYER)
         if s.experts and tokens > 0:
             touched = s.experts_touched(tokens)
             t += e.gemm_s(self._lin_routed_tok * tokens, self._w_expert_bytes * touched,
-                          tokens * s.experts_per_token / touched, self._flops, self._bw)
+                          tokens * s.experts_per_token / touched, self._flops, self._bw, ROUTED_GEMMS)
         return t + e.layer_fixed_s + tokens * self._act_tok_s
 
     def _token_layer_s(self, tokens: int) -> tuple:
@@ -975,14 +987,14 @@ class RooflineCost(CostModel):
     def prefill_head_s(self, new: float) -> float:
         # only the last position's logits are needed to emit the first token
         if self._eff is not None:
-            return self._eff.gemm_s(self._head_flops, self._head_bytes, 1, self._flops, self._bw)
+            return self._eff.gemm_s(self._head_flops, self._head_bytes, 1, self._flops, self._bw, 1)
         return max(self._head_flops / (self._flops * self._mfu), self._head_bytes / (self._bw * self._mbu))
 
     def decode_head_s(self, batch: int) -> float:
         if self._eff is not None:
             t = self._heads.get(batch)
             if t is None:
-                t = self._eff.gemm_s(self._head_flops * batch, self._head_bytes, batch, self._flops, self._bw)
+                t = self._eff.gemm_s(self._head_flops * batch, self._head_bytes, batch, self._flops, self._bw, 1)
                 if len(self._heads) < 65536:
                     self._heads[batch] = t
             return t
@@ -1040,7 +1052,7 @@ class RooflineCost(CostModel):
         layers see each sequence's mean context, capped at the window; the all-reduces are `comm_s`."""
         if self._eff is not None:
             fixed = self._decode_fixed.get(batch)
-            if fixed is None or self._slide:
+            if fixed is None or self._slide or self._masked_decode:
                 return self.decode_parts(batch, context_tokens)[0] + self._decode_fixed[batch][1]
             # `decode_parts` and `_attention_s` inline for full attention (the same operations in the same
             # order): called twice per decode span
@@ -1063,6 +1075,8 @@ class RooflineCost(CostModel):
             if fixed is None:  # what does not move with the context, once per batch size
                 comm = L * self.comm_layer_s(batch)
                 fixed = self._decode_fixed[batch] = (L * self._gemms_s(batch) + comm, self.decode_head_s(batch), comm)
+            if self._masked_decode and batch > 0:
+                return fixed[0] + L * self._masked_decode_s(batch, context_tokens), fixed[2]
             seen = batch * min(context_tokens / batch, self.shape.sliding_window) if slide else 0.0
             return fixed[0] + L * self._attention_s(context_tokens, context_tokens, seen, seen), fixed[2]
         F, BW = self._flops * self._mfu, self._bw * self._mbu
@@ -1074,6 +1088,16 @@ class RooflineCost(CostModel):
             t += slide * max((lin + self._attn_flops * seen) / F, (w + self._kv_tok * seen) / BW)
         comm = L * self.comm_layer_s(batch)
         return t + comm, comm
+
+    def _masked_decode_s(self, batch: int, context_tokens: float) -> float:
+        """Attention of one layer of the executor's GQA decode graph (attention "masked"): the slower of
+        the masked kernel's walk (`batch` sequences, one new query each over context_tokens / batch keys)
+        and the KV read at its bandwidth share."""
+        e = self._eff
+        c = e.masked_attention_s(self.shape.head_dim, self._q_heads_gpu, self._kv_heads_gpu, 1,
+                                 context_tokens / batch - 1.0, self._flops / self.gpus, self._sms, seqs=batch)
+        m = self._kv_tok * context_tokens / self._kv_BW
+        return c if c > m else m
 
     def decode_next_kink(self, batch: int, context_tokens: float) -> float:
         # a layer's compute (lin + att C) and memory (w + kv C) sides cross once, if their slopes
