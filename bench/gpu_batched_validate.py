@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu.batched import (ATTENTION_KINDS, BatchedExecutor, random_model, serve_sessions)  # noqa: E402
 from gpu.calibrate import host_step_from_steps, iteration_from_raw  # noqa: E402
-from gpu.batched_validate import (POLICIES, compare_turns, phase_summary, predict_steps, scheduler_for,  # noqa: E402
+from gpu.batched_validate import (POLICIES, compare_turns, phase_summary, predict_steps, scatter_plot, scheduler_for,  # noqa: E402
                                   simulate_sessions, step_summary, steps_frame, trace_sessions, turns_frame)
 from gpu.trace_slice import make_slice  # noqa: E402
 from gpu.tp_layer import TINY_GQA  # noqa: E402
@@ -784,6 +784,7 @@ def compare(folder: Path, a, out: Path, device: str | None = None) -> None:
             by_pool = {nb: cost_model(model, path, gpu) for nb, path in paths.items()}
             summary["host_step_per_pool"] = {str(nb): str(p) for nb, p in paths.items()}
         table = []
+        joined = {}
         for run, st in steps.groupby("run", sort=False):
             layerwise = bool(st.layerwise.iloc[0]) if "layerwise" in st else True
             cost = by_pool.get(int(st.num_blocks.iloc[0]), cost)
@@ -796,12 +797,15 @@ def compare(folder: Path, a, out: Path, device: str | None = None) -> None:
             res = simulate_sessions(cost, trace, pol, nb, block_tokens=bt, layerwise=layerwise,
                                     max_batched_tokens=a.max_batched_tokens, max_seqs=a.max_seqs)
             sim = turns_frame(res)
-            _, s = compare_turns(tr, sim)
+            j, s = compare_turns(tr, sim)
             row.update(s)
+            joined[run] = (j, f"{run}: {pol}, {rate:g} sessions/s, mean batch {row.get('mean_batch', math.nan):.1f}")
             row.update(phase_summary(tr, st, sim, steps_frame(res)))
             summary["runs"][run] = row
             table.append(row)
         result[label] = summary
+        scatter_plot(joined, out / f"scatter_{label}.png",
+                     f"{folder.name}: {device}, {model}; simulated ({label} profile) vs measured")
         cols = ["run", "mean_batch", "preemptions", "decode_wall_mape", "mixed_wall_mape", "ttft_mape", "tpot_mape",
                 "ttft_mean_err", "ttft_p99_err", "throughput_err", "ft_step_mape", "ttft_mape_same_wait"]
         df = pd.DataFrame(table)

@@ -248,3 +248,43 @@ def step_summary(pred: pd.DataFrame) -> dict:
     out["busy_wall_s"] = float(pred.wall_ms.sum() / 1e3)
     out["busy_pred_s"] = float(pred.pred_ms.sum() / 1e3)
     return out
+
+
+def scatter_plot(joined: dict, path, title: str) -> None:
+    """Simulated against measured per-turn TTFT and per-request TPOT, one row of two panels a run.
+    `joined`: run -> (the per-turn frame of `compare_turns`, a label for the run's panels). The figure's
+    title names the call, GPU and model; each panel its run, policy, load and MAPE."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    runs = list(joined)
+    fig, axes = plt.subplots(len(runs), 2, figsize=(8.5, 2.7 * len(runs)), squeeze=False)
+    for row, run in zip(axes, runs):
+        j, label = joined[run]
+        for ax, col, name in ((row[0], "ttft", "TTFT"), (row[1], "tpot", "TPOT")):
+            x, y = j[f"{col}_s_meas"] * 1e3, j[f"{col}_s_sim"] * 1e3
+            ok = (x > 0) & (y > 0)
+            x, y = x[ok], y[ok]
+            if len(x):
+                lo, hi = min(x.min(), y.min()) * 0.8, max(x.max(), y.max()) * 1.25
+                ax.plot([lo, hi], [lo, hi], color="0.3", lw=0.8)
+                ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="0.85", lw=0,
+                                label="±10%")
+                ax.scatter(x, y, s=9, alpha=0.7)
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                for axis in (ax.xaxis, ax.yaxis):  # plain milliseconds, no crowded minor labels
+                    axis.set_major_formatter(ScalarFormatter())
+                    axis.set_minor_formatter(NullFormatter())
+                mape = float(((y - x).abs() / x).mean())
+                ax.set_title(f"{label}\n{name} MAPE {100 * mape:.1f}% ({len(x)} {'turns' if col == 'ttft' else 'requests'})",
+                             fontsize=8)
+            ax.set_xlabel(f"measured {name} (ms)", fontsize=8)
+            ax.set_ylabel(f"simulated {name} (ms)", fontsize=8)
+            ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / len(runs)))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -192,3 +192,16 @@ def test_a_replayed_steps_longest_context_keeps_its_row_and_the_rest_share_evenl
     assert gbv.shape_plan((100, 3, [], 10)) == ([34, 33, 33], [])
     # at most what leaves one token to each other row
     assert gbv.shape_plan((10, 3, [], 50)) == ([8, 1, 1], [])
+
+
+def test_the_scatter_plot_draws_one_row_of_ttft_and_tpot_a_run(tmp_path):
+    import pandas as pd
+    from matplotlib import image
+
+    from gpu.batched_validate import scatter_plot
+    j = pd.DataFrame({"ttft_s_meas": [0.010, 0.020, 0.040], "ttft_s_sim": [0.011, 0.018, 0.040],
+                      "tpot_s_meas": [0.008, 0.009, 0.010], "tpot_s_sim": [0.008, 0.009, 0.011]})
+    path = tmp_path / "scatter.png"
+    scatter_plot({"a": (j, "a: hbm, 6 sessions/s"), "b": (j, "b: dram, 2 sessions/s")}, path, "run: GPU, model")
+    h, w = image.imread(path).shape[:2]
+    assert w == int(8.5 * 110) and h == int(2 * 2.7 * 110)  # two rows of two panels at 110 dpi
