@@ -228,6 +228,24 @@ def calibration_specs(a, capacity_tokens: int, max_pos: int) -> list[dict]:
             <= 0.95 * capacity_tokens and max(r["context_tokens"], r["new_tokens"] + r["history_tokens"]) < max_pos]
 
 
+def time_step(ex, plan, reqs, reps: int):
+    """Run one synthetic step `reps` + 1 times (the first a warm-up), each from the same token state:
+    (wall ms, GPU ms) of the timed runs and the last run's result."""
+    walls, gpus = [], []
+    for i in range(reps + 1):
+        for r, toks in reqs:
+            ex.tokens[r] = list(toks)   # undo the last sample: every repetition is the same step
+        t = time.perf_counter()
+        out = ex.run(plan)
+        w = (time.perf_counter() - t) * 1e3
+        if i:
+            walls.append(w)
+            gpus.append(out.gpu_ms)
+    for r, _ in reqs:
+        ex.tokens.pop(r, None)
+    return walls, gpus, out
+
+
 def calibrate_iteration(ex, model, a, bt, num_blocks) -> pd.DataFrame:
     """Each spec run as one step of `ex` (warm-up first), its median time over --calib-reps: `ms` on the
     host clock around `ex.run` (the step's layout, launches and the wait for its sampled tokens: what the
@@ -241,18 +259,7 @@ def calibrate_iteration(ex, model, a, bt, num_blocks) -> pd.DataFrame:
         for spec in calibration_specs(a, num_blocks * bt, model.rope_cos.shape[0]):
             plan, reqs = synthetic_plan((spec["batch"], spec["context_tokens"], spec["new_tokens"],
                                          spec["history_tokens"]), bt, num_blocks, model.shape.vocab, rng)
-            walls, gpus = [], []
-            for i in range(a.calib_reps + 1):
-                for r, toks in reqs:
-                    ex.tokens[r] = list(toks)   # undo the last sample: every repetition is the same step
-                t = time.perf_counter()
-                out = ex.run(plan)
-                w = (time.perf_counter() - t) * 1e3
-                if i:
-                    walls.append(w)
-                    gpus.append(out.gpu_ms)
-            for r, _ in reqs:
-                ex.tokens.pop(r, None)
+            walls, gpus, out = time_step(ex, plan, reqs, a.calib_reps)
             rows.append(dict(spec, ms=float(np.median(walls)), gpu_ms=float(np.median(gpus)),
                              min_ms=float(np.min(walls)), reps=len(walls), key=_key_str(out.key)))
             log(f"calibration {spec['kind']:6s} B={spec['batch']:<4d} ctx={spec['context_tokens']:<5d} "
@@ -382,18 +389,7 @@ def calibrate_shapes(ex, model, a, bt, num_blocks, todo, budget_s) -> list[dict]
                 ex.static.chunk_shapes.add(tuple(key))
             ex.static.capture([tuple(key)], collect=False)
             plan, reqs = synthetic_step(ctxs, chunks, bt, num_blocks, model.shape.vocab, rng)
-            walls, gpus = [], []
-            for i in range(a.shape_reps + 1):
-                for r, toks in reqs:
-                    ex.tokens[r] = list(toks)
-                t = time.perf_counter()
-                out = ex.run(plan)
-                w = (time.perf_counter() - t) * 1e3
-                if i:
-                    walls.append(w)
-                    gpus.append(out.gpu_ms)
-            for r, _ in reqs:
-                ex.tokens.pop(r, None)
+            walls, gpus, out = time_step(ex, plan, reqs, a.shape_reps)
             if out.key != tuple(key):
                 log(f"shape calibration: {key} ran as {out.key}, dropped")
                 if ex.static.chunk_shapes is not None:
