@@ -21,12 +21,18 @@ Stages, each writing its files as it ends (a timeout still returns what is done)
    context per sequence; one prefill chunk alone: new x cached tokens; a chunk with a decode batch),
    each timed as the serving loop waits for it (host clock around `run`, which ends on the sampled
    tokens), reduced by `gpu.calibrate.iteration_from_raw` into the profile's optional `iteration`
-   section, added to --base-profile. -> iteration_raw.csv, profile_calibrated.yaml
+   section, added to --base-profile. Then the runs' shapes: every run's trace replayed on this host by
+   the same loop and scheduler on a cost model's clock (--replay-profile's, then the profile calibrated
+   from that replay's shapes), each static shape (`sim.costmodel.StepPadding`) it predicts captured and
+   timed (most frequent first, then each shape-with-chunks' next key count, within --shape-calib-s and
+   --shape-calib2-s) into the profile's `steps_ms`, and the loop's host time per step into its
+   `host_step_ms`. -> iteration_raw.csv, replay_steps.csv, profile_calibrated.yaml
 3. runs: for each arrival rate (sessions/s; the slice of traces/sharegpt_small.parquet drawn with
    `gpu.trace_slice.make_slice`, replies up to --output-cap tokens) and each policy (recompute, hbm
-   prefix caching, dram layer-wise), the executor serves the slice in real time; then one run with
-   few KV blocks that preempts. -> turns.csv (per turn: TTFT, TPOT), steps.csv (per step: shape,
-   wall, GPU and load times), traces.csv (the slices served)
+   prefix caching, dram layer-wise), the executor serves the slice in real time; then runs with few
+   KV blocks: one that preempts, and the dram policy's (--host-runs: histories back from the host,
+   layer-wise and load-first). -> turns.csv (per turn: TTFT, TPOT), steps.csv (per step: shape, static
+   key, wall, GPU and load times), traces.csv (the slices served)
 4. comparison (`gpu.batched_validate`): every step priced by the cost model as the simulator's
    ChunkedReplica prices it, and each trace replayed by the same loop and scheduler on the cost
    model's clock, once per profile of --profile (label=path, comma-separated: the one calibrated in
@@ -51,8 +57,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu.batched import (ATTENTION_KINDS, BatchedExecutor, random_model, serve_sessions)  # noqa: E402
-from gpu.calibrate import iteration_from_raw  # noqa: E402
-from gpu.batched_validate import (POLICIES, compare_turns, predict_steps, scheduler_for,  # noqa: E402
+from gpu.calibrate import host_step_from_steps, iteration_from_raw  # noqa: E402
+from gpu.batched_validate import (POLICIES, compare_turns, phase_summary, predict_steps, scatter_plot, scheduler_for,  # noqa: E402
                                   simulate_sessions, step_summary, steps_frame, trace_sessions, turns_frame)
 from gpu.trace_slice import make_slice  # noqa: E402
 from gpu.tp_layer import TINY_GQA  # noqa: E402
@@ -90,6 +96,12 @@ def synthetic_plan(shape_spec, bt, num_blocks, vocab, rng):
     """A step of `decodes` requests holding `ctx` tokens each and optionally one prefill chunk of
     `chunk` new tokens after `cached` ones, over distinct random blocks."""
     decodes, ctx, chunk, cached = shape_spec
+    return synthetic_step([ctx] * decodes, [(chunk, cached)] if chunk else [], bt, num_blocks, vocab, rng)
+
+
+def synthetic_step(ctxs, chunks, bt, num_blocks, vocab, rng):
+    """A step of decode rows holding `ctxs` tokens each (after it) and prefill chunks `[(new, cached)]`,
+    over distinct random blocks."""
     reqs, sched = [], []
     free = list(rng.permutation(np.arange(1, num_blocks + 1)))
 
@@ -102,10 +114,10 @@ def synthetic_plan(shape_spec, bt, num_blocks, vocab, rng):
         toks = rng.integers(0, vocab, prompt + out_tokens).tolist()
         reqs.append((r, toks))
         sched.append(Scheduled(r, new, out_tokens > 0 and new == 1))
-    for i in range(decodes):
+    for i, ctx in enumerate(ctxs):
         make(("d", i), ctx - 1, ctx - 1, 1, 1)     # ctx - 1 cached, its last sampled token to compute
-    if chunk:
-        make(("c", 0), cached + chunk, cached, chunk, 0)
+    for j, (chunk, cached) in enumerate(chunks):
+        make(("c", j), cached + chunk, cached, chunk, 0)
     return StepPlan(sched, [], {}, 0), reqs
 
 
@@ -160,12 +172,14 @@ def graph_bench(ex, model, a, bt, num_blocks, attention) -> pd.DataFrame:
     eager = BatchedExecutor(model, num_blocks, bt, attention=attention, kv=shared_kv, decode_graphs=False)
     rng = np.random.default_rng(2)
     rows = []
-    for spec in a.graph_bench_shapes.split(","):
-        b, c = (int(v) for v in spec.split("x"))
-        if b * (c + bt) > 0.95 * num_blocks * bt:
+    for spec in filter(None, a.graph_bench_shapes.split(",")):
+        dec, _, chunk = spec.partition("+")     # "BxC" or "BxC+N:H" (a chunk of N new after H cached)
+        b, c = (int(v) for v in dec.split("x"))
+        n, h = (int(v) for v in chunk.split(":")) if chunk else (0, 0)
+        if b * (c + bt) + n + h + bt > 0.95 * num_blocks * bt:
             continue
-        plan, reqs = synthetic_plan((b, c, 0, 0), bt, num_blocks, model.shape.vocab, rng)
-        row = {"decodes": b, "ctx": c, "attention": attention}
+        plan, reqs = synthetic_step([c] * b, [(n, h)] if n else [], bt, num_blocks, model.shape.vocab, rng)
+        row = {"decodes": b, "ctx": c, "chunk": n, "cached": h, "attention": attention}
         logits = {}
         for name, e in (("eager", eager), ("graph", ex)):
             walls, gpus = [], []
@@ -187,7 +201,7 @@ def graph_bench(ex, model, a, bt, num_blocks, attention) -> pd.DataFrame:
                 e.tokens.pop(r, None)
         row["rel_err"] = float((logits["graph"] - logits["eager"]).norm() / logits["eager"].norm())
         rows.append(row)
-        log(f"decode {b:4d} x {c:5d}: eager {row['eager_ms']:.2f} ms, graph {row['graph_ms']:.2f} ms "
+        log(f"step {b:4d} x {c:5d} + {n:4d}:{h:<5d}: eager {row['eager_ms']:.2f} ms, graph {row['graph_ms']:.2f} ms "
             f"(gpu {row['eager_gpu_ms']:.2f} / {row['graph_gpu_ms']:.2f}), err {row['rel_err']:.2e}")
     return pd.DataFrame(rows)
 
@@ -214,6 +228,24 @@ def calibration_specs(a, capacity_tokens: int, max_pos: int) -> list[dict]:
             <= 0.95 * capacity_tokens and max(r["context_tokens"], r["new_tokens"] + r["history_tokens"]) < max_pos]
 
 
+def time_step(ex, plan, reqs, reps: int):
+    """Run one synthetic step `reps` + 1 times (the first a warm-up), each from the same token state:
+    (wall ms, GPU ms) of the timed runs and the last run's result."""
+    walls, gpus = [], []
+    for i in range(reps + 1):
+        for r, toks in reqs:
+            ex.tokens[r] = list(toks)   # undo the last sample: every repetition is the same step
+        t = time.perf_counter()
+        out = ex.run(plan)
+        w = (time.perf_counter() - t) * 1e3
+        if i:
+            walls.append(w)
+            gpus.append(out.gpu_ms)
+    for r, _ in reqs:
+        ex.tokens.pop(r, None)
+    return walls, gpus, out
+
+
 def calibrate_iteration(ex, model, a, bt, num_blocks) -> pd.DataFrame:
     """Each spec run as one step of `ex` (warm-up first), its median time over --calib-reps: `ms` on the
     host clock around `ex.run` (the step's layout, launches and the wait for its sampled tokens: what the
@@ -227,20 +259,9 @@ def calibrate_iteration(ex, model, a, bt, num_blocks) -> pd.DataFrame:
         for spec in calibration_specs(a, num_blocks * bt, model.rope_cos.shape[0]):
             plan, reqs = synthetic_plan((spec["batch"], spec["context_tokens"], spec["new_tokens"],
                                          spec["history_tokens"]), bt, num_blocks, model.shape.vocab, rng)
-            walls, gpus = [], []
-            for i in range(a.calib_reps + 1):
-                for r, toks in reqs:
-                    ex.tokens[r] = list(toks)   # undo the last sample: every repetition is the same step
-                t = time.perf_counter()
-                out = ex.run(plan)
-                w = (time.perf_counter() - t) * 1e3
-                if i:
-                    walls.append(w)
-                    gpus.append(out.gpu_ms)
-            for r, _ in reqs:
-                ex.tokens.pop(r, None)
+            walls, gpus, out = time_step(ex, plan, reqs, a.calib_reps)
             rows.append(dict(spec, ms=float(np.median(walls)), gpu_ms=float(np.median(gpus)),
-                             min_ms=float(np.min(walls)), reps=len(walls)))
+                             min_ms=float(np.min(walls)), reps=len(walls), key=_key_str(out.key)))
             log(f"calibration {spec['kind']:6s} B={spec['batch']:<4d} ctx={spec['context_tokens']:<5d} "
                 f"new={spec['new_tokens']:<5d} hist={spec['history_tokens']:<5d}: {rows[-1]['ms']:.2f} ms "
                 f"(gpu {rows[-1]['gpu_ms']:.2f})")
@@ -250,7 +271,167 @@ def calibrate_iteration(ex, model, a, bt, num_blocks) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def calibrated_profile(base: Path, model_name: str, raw: pd.DataFrame, out: Path) -> Path:
+def _key_str(key) -> str:
+    return ":".join(map(str, key)) if key else ""
+
+
+# ---- stage 2b: the runs' own step shapes ----------------------------------------------------------------
+
+def run_list(a, num_blocks) -> list[tuple]:
+    """(rate, policy, KV blocks, layer-wise) of every run, in the order they are served: saturation
+    first (the load the issue is about), then the preempting run and the host-store runs (few KV blocks,
+    so histories leave HBM and come back from the host: layer-wise, then load-first), then lighter loads;
+    a short budget drops the last."""
+    pols = a.policies.split(",")
+    top = max(a.rates)
+    runs = [(top, pol, num_blocks, True) for pol in pols]
+    if a.preempt_blocks:
+        runs.append((top, "hbm", a.preempt_blocks, True))
+    for spec in filter(None, a.host_runs.split(",")):
+        mode = spec.strip()
+        if mode not in ("layerwise", "load_first"):
+            raise SystemExit(f"--host-runs: {mode!r}, expected layerwise or load_first")
+        runs.append((top, "dram", a.preempt_blocks or num_blocks, mode == "layerwise"))
+    runs += [(rate, pol, num_blocks, True) for rate in sorted(a.rates, reverse=True)[1:] for pol in pols]
+    return runs
+
+
+def run_name(rate, pol, nb, layerwise, num_blocks) -> str:
+    return (f"{pol}_r{rate:g}" + ("_preempt" if nb != num_blocks else "")
+            + ("" if layerwise else "_loadfirst"))
+
+
+def replay_shapes(cost, traces, runs, bt, padding, max_batched_tokens, max_seqs, stop_s=math.inf):
+    """Every run's trace served by the executor's loop and scheduler on `cost`'s clock (no GPU): the
+    steps it predicts, as the executor's static shapes. Returns (shapes: key -> {count, rep: (decode
+    contexts total, batch, chunks, longest decode context)} with the step of median keys as `rep`, the
+    replay's step table, its runs in order, each starting at step 0)."""
+    from gpu.batched_validate import parse_chunks
+    frames, found = [], {}
+    for rate, pol, nb, layerwise in runs:
+        res = simulate_sessions(cost, traces[rate], pol, nb, block_tokens=bt, max_batched_tokens=max_batched_tokens,
+                                max_seqs=max_seqs, layerwise=layerwise, stop_s=stop_s)
+        st = steps_frame(res)
+        if not len(st):
+            continue
+        frames.append(st)
+        for c, b, x, mx in zip(st.chunks, st.decodes, st.decode_ctx, st.decode_max_ctx):
+            ch = parse_chunks(c)
+            k = padding.key(ch, int(b), int(x))
+            if k is not None:
+                found.setdefault(k, []).append((int(x), int(b), ch, int(mx)))
+    shapes = {}
+    for k, steps in found.items():
+        steps.sort(key=lambda s: s[0] + sum(h for _, h in s[2]))
+        shapes[k] = {"count": len(steps), "rep": steps[len(steps) // 2]}
+    return shapes, (pd.concat(frames) if frames else pd.DataFrame())
+
+
+def shape_at_keys(rep, key, padding, max_pos: int):
+    """`rep` (decode contexts total, batch, chunks) moved to `key`'s key count: its gathered keys set to
+    the middle of the key bucket (through the decode contexts, or the first chunk's cached tokens
+    without decodes), None when no such step fits the positions. Same batch and chunks."""
+    ctx, b, chunks = rep[:3]
+    kb = padding.keys
+    i = kb.index(key[2])
+    target = (kb[i - 1] + key[2] + 1) // 2 if i else (key[2] + 1) // 2
+    now = ctx + (key[0] - b) + (sum(h for _, h in chunks) + key[1] if chunks else 0)
+    d = target - now
+    if b:
+        ctx += d
+        if ctx < b or -(-ctx // b) > max_pos - 1:
+            return None
+    else:
+        (n, h), rest = chunks[0], chunks[1:]
+        if h + d < 0 or h + d + n > max_pos:
+            return None
+        chunks = [(n, h + d)] + list(rest)
+    out = (ctx, b, chunks) + tuple(rep[3:])
+    return out if padding.key(chunks, b, ctx) == tuple(key) else None
+
+
+def shape_plan(rep):
+    """Per-row decode contexts summing to the total, and the chunks. With the longest context given
+    (a replayed step's), one row holds it and the others share the rest evenly: the attention kernel
+    waits for its longest row, so uniform rows would time a step faster than the runs' (run 23:
+    graph replays of the same shape took 4-6% longer in the runs than in a uniform calibration)."""
+    ctx, b, chunks = rep[:3]
+    if not b:
+        return [], chunks
+    longest = rep[3] if len(rep) > 3 else 0
+    longest = min(max(longest, -(-ctx // b)), ctx - (b - 1))
+    if b == 1 or longest <= -(-ctx // b):
+        return [ctx // b + (1 if i < ctx % b else 0) for i in range(b)], chunks
+    rest, n = ctx - longest, b - 1
+    return [longest] + [rest // n + (1 if i < rest % n else 0) for i in range(n)], chunks
+
+
+def calibrate_shapes(ex, model, a, bt, num_blocks, todo, budget_s) -> list[dict]:
+    """Each (key, rep) of `todo`, in order, captured (with chunks: listed as a shape the executor has) and
+    timed as one step of `ex` (host clock around `run`, median of --shape-reps after a warm-up), until
+    `budget_s`. Rows of kind "step" for `gpu.calibrate.iteration_from_raw`."""
+    rng = np.random.default_rng(3)
+    rows = []
+    t0 = time.perf_counter()
+    was = gc.isenabled()
+    gc.collect()
+    gc.freeze()      # each capture collects: frozen objects make that quick
+    gc.disable()
+    try:
+        for key, rep in todo:
+            if time.perf_counter() - t0 > budget_s:
+                log(f"shape calibration: budget spent, {len(todo) - len(rows)} shapes left")
+                break
+            ctxs, chunks = shape_plan(rep)
+            if sum(c + bt for c in ctxs) + sum(n + h + bt for n, h in chunks) > 0.95 * num_blocks * bt:
+                continue
+            if key[1] and ex.static.chunk_shapes is not None:
+                ex.static.chunk_shapes.add(tuple(key))
+            ex.static.capture([tuple(key)], collect=False)
+            plan, reqs = synthetic_step(ctxs, chunks, bt, num_blocks, model.shape.vocab, rng)
+            walls, gpus, out = time_step(ex, plan, reqs, a.shape_reps)
+            if out.key != tuple(key):
+                log(f"shape calibration: {key} ran as {out.key}, dropped")
+                if ex.static.chunk_shapes is not None:
+                    ex.static.chunk_shapes.discard(tuple(key))
+                continue
+            rows.append(dict(kind="step", batch=len(ctxs), context_tokens=sum(ctxs) / max(len(ctxs), 1),
+                             new_tokens=sum(n for n, _ in chunks), history_tokens=sum(h for _, h in chunks),
+                             chunks=";".join(f"{n}:{h}" for n, h in chunks), key=_key_str(key),
+                             ms=float(np.median(walls)), gpu_ms=float(np.median(gpus)), min_ms=float(np.min(walls)),
+                             reps=len(walls)))
+    finally:
+        gc.unfreeze()
+        if was:
+            gc.enable()
+    log(f"shape calibration: {len(rows)} shapes in {time.perf_counter() - t0:.1f} s "
+        f"({len(ex.static.captured)} graphs captured)")
+    return rows
+
+
+def shape_todo(shapes, padding, max_pos, done=()) -> list:
+    """The replay's shapes not yet timed, most frequent first, then each shape-with-chunks' next key
+    count (a step of that batch and chunk tokens with a few more keys than replayed runs there)."""
+    done = set(done)
+    first = [(k, v["rep"]) for k, v in sorted(shapes.items(), key=lambda kv: -kv[1]["count"]) if k not in done]
+    seen = set(done) | {k for k, _ in first}
+    after = []
+    for k, rep in first:
+        if not k[1]:
+            continue
+        i = padding.keys.index(k[2])
+        if i + 1 < len(padding.keys):
+            nk = (k[0], k[1], padding.keys[i + 1])
+            if nk not in seen:
+                moved = shape_at_keys(rep, nk, padding, max_pos)
+                if moved is not None:
+                    seen.add(nk)
+                    after.append((nk, moved))
+    return first + after
+
+
+def calibrated_profile(base: Path, model_name: str, raw: pd.DataFrame, out: Path, padding=None,
+                       host_step=None) -> Path:
     """--base-profile with this call's `iteration` section for `model_name`, checked by the cost model's
     own parser before it is written."""
     import yaml
@@ -258,7 +439,12 @@ def calibrated_profile(base: Path, model_name: str, raw: pd.DataFrame, out: Path
     prof = yaml.safe_load(Path(base).read_text())
     if model_name not in prof.get("models", {}):
         raise SystemExit(f"{base}: models: no tables for {model_name!r} to add the iteration section to")
-    prof["models"][model_name]["iteration"] = iteration_from_raw(raw.to_dict("records"))
+    rows = [{k: v for k, v in r.items() if not (isinstance(v, float) and math.isnan(v))}
+            for r in raw.to_dict("records")]
+    it = iteration_from_raw(rows, padding)
+    if host_step is not None:
+        it["host_step_ms"] = host_step
+    prof["models"][model_name]["iteration"] = it
     prof["command"] = f"{prof.get('command', '')}; iteration: bench/gpu_batched_validate.py " + " ".join(sys.argv[1:])
     parse_profile(prof, str(out))
     atomic_write(out, lambda tmp: Path(tmp).write_text(
@@ -295,6 +481,16 @@ def main():
                                              "1024x0x32x1024,2048x0x64x512,128x4096x48x768",
                     help="chunk x cached x decodes x ctx, comma-separated")
     ap.add_argument("--calib-reps", type=int, default=3)
+    ap.add_argument("--replay-profile", default="results/gpu/run19_batched_graphs/profile_calibrated.yaml",
+                    help="the profile whose clock the first replay of the runs' traces runs on (the shapes to "
+                         "time); '' for no replay (no shape calibration)")
+    ap.add_argument("--shape-calib-s", type=float, default=75.0, help="time for the first replay's shapes")
+    ap.add_argument("--shape-calib2-s", type=float, default=25.0,
+                    help="time for the shapes the second replay (on the calibrated profile) adds")
+    ap.add_argument("--shape-reps", type=int, default=5, help="timed repetitions of each replayed shape")
+    ap.add_argument("--host-runs", default="layerwise,load_first",
+                    help="runs of the dram policy at the top rate on --preempt-blocks KV blocks (histories "
+                         "come back from the host store): layerwise and/or load_first, comma-separated")
     ap.add_argument("--gpu-name", default=None, help="the simulator's GPU (default: from the device name)")
     ap.add_argument("--source", default="traces/sharegpt_small.parquet")
     ap.add_argument("--rates", default="0.5,2,6", help="session arrivals per second, light load to saturation")
@@ -319,8 +515,13 @@ def main():
                          "body runs eagerly)")
     ap.add_argument("--graph-capture-s", type=float, default=90.0,
                     help="time for capturing decode graphs ahead; the rest are captured when first used")
-    ap.add_argument("--graph-bench-shapes", default="1x512,8x1024,32x1024,64x2048,128x1024,256x512",
-                    help="decodes x ctx of the eager-vs-graph comparison, comma-separated ('' for none)")
+    ap.add_argument("--graph-bench-shapes", default="1x512,32x1024,128x1024,0x0+512:0,32x1024+48:512,"
+                                                    "16x1024+1000:2000",
+                    help="decodes x ctx [+ chunk:cached] of the eager-vs-graph comparison, comma-separated "
+                         "('' for none)")
+    ap.add_argument("--host-step-per-pool", action="store_true",
+                    help="comparison: each run priced with the loop's host time reduced from the replay of the "
+                         "runs on its number of KV blocks only (see pool_profiles)")
     ap.add_argument("--run-limit-s", type=float, default=35.0, help="a run stops at this time on its clock")
     ap.add_argument("--budget-s", type=float, default=290.0, help="no run starts after this wall time")
     a = ap.parse_args()
@@ -337,7 +538,8 @@ def main():
         a.bench_shapes, a.bench_reps, a.preempt_blocks, a.run_limit_s = "4x40x0x0,2x40x24x16", 1, 34, 20.0
         a.calib_decode_batch, a.calib_decode_ctx, a.calib_chunk_new, a.calib_chunk_hist = "1,4", "8,32", "8,24", "0,16"
         a.calib_mixed, a.calib_reps = "8x0x2x16,8x16x4x8", 1
-        a.graph_bench_shapes = "3x16,4x40"
+        a.graph_bench_shapes = "3x16,4x40,2x16+9:12"
+        a.shape_reps = 1
     cuda = torch.cuda.is_available() and not a.cpu_smoke
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     shape = MODELS[a.model] if not a.cpu_smoke else TINY_GQA
@@ -385,30 +587,57 @@ def main():
         info["decode_graphs"] = graph_info(ex)
         atomic_write_json(out / "env.json", info)
 
+    runs = run_list(a, num_blocks)
     if not a.no_calibration:
         raw = calibrate_iteration(ex, model, a, bt, num_blocks)
+        cm_name = shape.name if shape.name in MODELS else a.model
+        prof_path = out / "profile_calibrated.yaml"
+        pad, host_step = None, None
+        if ex.static is not None and a.replay_profile:
+            # the shapes the runs will run: their traces replayed on this host by the executor's loop and
+            # scheduler, first on --replay-profile's clock, then on the profile calibrated from those
+            pad = ex.static.padding
+            max_pos = ex.static.max_pos
+            gpu = a.gpu_name or ("h200" if "H200" in info["device"] else "h100-80gb")
+            # shapes with chunks exist where captured: the grid's (run above) and those timed below
+            ex.static.chunk_shapes = {tuple(int(v) for v in k.split(":")) for k in raw.key
+                                      if isinstance(k, str) and k and int(k.split(":")[1])}
+            rows, done, replays = [], set(), []
+            for label, prof, budget in (("replay 1", a.replay_profile, a.shape_calib_s),
+                                        ("replay 2", str(prof_path), a.shape_calib2_s)):
+                t = time.perf_counter()
+                shapes, rsteps = replay_shapes(cost_model(a.model, prof, gpu), traces, runs, bt, pad,
+                                               a.max_batched_tokens, a.max_seqs, a.run_limit_s)
+                todo = shape_todo(shapes, pad, max_pos, done)
+                log(f"{label} ({prof}): {len(rsteps)} steps, {len(shapes)} shapes "
+                    f"({sum(1 for k in shapes if k[1])} with chunks), {len(todo)} to time, "
+                    f"{time.perf_counter() - t:.1f} s")
+                replays.append(rsteps.assign(replay=label))
+                rows += calibrate_shapes(ex, model, a, bt, num_blocks, todo, budget)
+                done |= {tuple(int(v) for v in r["key"].split(":")) for r in rows} | {k for k, _ in todo}
+                rs = pd.concat(replays)
+                host_step = host_step_from_steps(rs.decodes + rs.chunks.fillna("").str.count(":"), rs.loop_ms)
+                raw_all = pd.concat([raw, pd.DataFrame(rows)], ignore_index=True)
+                calibrated_profile(Path(a.base_profile), cm_name, raw_all, prof_path, pad, host_step)
+            write_csv(pd.concat(replays), out / "replay_steps.csv")
+            raw = raw_all
+            log(f"loop host time per step: {host_step}")
+        else:
+            calibrated_profile(Path(a.base_profile), cm_name, raw, prof_path)
         write_csv(raw, out / "iteration_raw.csv")
         ex.reset()
-        cm_name = shape.name if shape.name in MODELS else a.model
-        calibrated_profile(Path(a.base_profile), cm_name, raw, out / "profile_calibrated.yaml")
-        log(f"calibrated profile: {len(raw)} step shapes -> {out / 'profile_calibrated.yaml'}")
+        log(f"calibrated profile: {len(raw)} step shapes -> {prof_path}")
         if a.profile is None:
             a.profile = f"calibrated,committed={a.base_profile}"
 
-    # saturation first (the load the issue is about), then the preempting run, then lighter loads: a
-    # short budget drops the light runs
-    top = max(a.rates)
-    runs = [(top, pol, num_blocks) for pol in a.policies.split(",")]
-    if a.preempt_blocks:
-        runs.append((top, "hbm", a.preempt_blocks))
-    runs += [(rate, pol, num_blocks) for rate in sorted(a.rates, reverse=True)[1:] for pol in a.policies.split(",")]
     all_turns, all_steps = [], []
-    for rate, pol, nb in runs:
+    for rate, pol, nb, layerwise in runs:
+        name = run_name(rate, pol, nb, layerwise, num_blocks)
         if time.perf_counter() - T0 > a.budget_s:
-            log(f"budget spent: run {pol} at {rate}/s skipped")
+            log(f"budget spent: run {name} skipped")
             continue
-        name = f"{pol}_r{rate:g}" + ("_preempt" if nb != num_blocks else "")
         ex.reset()
+        ex.layerwise = layerwise
         sched = scheduler_for(pol, nb, bt, a.max_batched_tokens, a.max_seqs, shape.max_context_tokens,
                               ex.external_tokens)
         sessions = trace_sessions(traces[rate])
@@ -436,14 +665,18 @@ def main():
                 gc.enable()
         turns, steps = turns_frame(res), steps_frame(res)
         meta = dict(run=name, policy=pol, rate=rate, num_blocks=nb, block_tokens=bt, attention=attention,
-                    model=shape.name)
+                    model=shape.name, layerwise=layerwise)
         all_turns.append(turns.assign(**meta))
         all_steps.append(steps.assign(**meta))
         write_csv(pd.concat(all_turns), out / "turns.csv")
         write_csv(pd.concat(all_steps), out / "steps.csv")
         B = steps.decodes.mean() if len(steps) else 0
+        n_chunk = int((steps.chunk_tokens > 0).sum()) if len(steps) else 0
+        n_cg = int(((steps.chunk_tokens > 0) & steps.graph).sum()) if len(steps) else 0
         log(f"run {name}: {len(turns)}/{len(traces[rate])} turns, {len(steps)} steps "
-            f"({int(steps.graph.sum()) if len(steps) else 0} as decode graphs), "
+            f"({int(steps.graph.sum()) if len(steps) else 0} at static shapes; with chunks {n_cg}/{n_chunk}, "
+            f"{int(steps.captured.sum()) if len(steps) else 0} captured in the run, "
+            f"{int((steps.ext_tokens > 0).sum()) if len(steps) else 0} with host loads), "
             f"{sched.stats.preemptions} preemptions, mean decode batch {B:.1f}, "
             f"TTFT p50 {turns.ttft_s.median() * 1e3:.1f} ms, TPOT p50 {turns.tpot_s.median() * 1e3:.2f} ms, "
             f"{time.perf_counter() - t_run:.1f} s")
@@ -457,9 +690,13 @@ def main():
 
 def graph_info(ex) -> dict:
     st = ex.static
+    p = st.padding
     return {"captured": len(st.captured), "capture_s": round(st.capture_s, 2), "replays": st.replays,
-            "eager_static_steps": st.eager_steps, "failed": st.failed, "on_cuda": st.graphs,
-            "batch_buckets": list(st.batch_buckets), "token_buckets": list(st.token_buckets)}
+            "captured_in_runs": st.captured_in_run, "eager_static_steps": st.eager_steps, "failed": st.failed,
+            "chunk_failed": st.chunk_failed,
+            "on_cuda": st.graphs, "chunk_shapes": None if st.chunk_shapes is None else len(st.chunk_shapes),
+            "batch_buckets": list(p.batch), "chunk_buckets": list(p.chunk_tokens), "key_buckets": list(p.keys),
+            "chunk_slots": p.chunk_slots}
 
 
 # ---- stage 4: the comparison ----------------------------------------------------------------------------
@@ -487,6 +724,39 @@ def profile_list(spec, folder: Path) -> list[tuple[str, str | None]]:
     return out
 
 
+def pool_profiles(folder: Path, profile, label: str, model: str, out: Path) -> dict:
+    """KV blocks -> a copy of `profile` whose loop host time per step (`host_step_ms`) is reduced from
+    the call's replay (replay_steps.csv) of the runs on that many blocks only. The scheduler's host
+    time grew with the free blocks until 38996e0 (a count over the free queue at every allocation),
+    so the pooled reduction undercharged the runs on the large cache. Written as
+    profile_<label>_pool<blocks>.yaml."""
+    import argparse
+    import yaml
+    env = json.loads((folder / "env.json").read_text())
+    ns = argparse.Namespace(**env["args"])
+    st = pd.read_csv(folder / "steps.csv", usecols=["num_blocks"])
+    runs = run_list(ns, int(st.num_blocks.max()))
+    name = "replay_steps.csv" if (folder / "replay_steps.csv").exists() else "replay_steps.csv.gz"
+    rs = pd.read_csv(folder / name, keep_default_na=False, na_values=[""])
+    pools = []
+    for _, g in rs.groupby("replay", sort=False):
+        idx = (g.step.to_numpy() == 0).cumsum() - 1      # each replayed run starts at step 0, in run order
+        pools.append(pd.Series([runs[i][2] for i in idx], index=g.index))
+    rs["num_blocks"] = pd.concat(pools)
+    prof = yaml.safe_load(Path(profile).read_text())
+    paths = {}
+    for nb, g in rs.groupby("num_blocks"):
+        host = host_step_from_steps(g.decodes + g.chunks.fillna("").str.count(":"), g.loop_ms)
+        if host is None:
+            continue
+        prof["models"][model]["iteration"]["host_step_ms"] = host
+        path = out / f"profile_{label}_pool{nb}.yaml"
+        atomic_write(path, lambda tmp, p=dict(prof): Path(tmp).write_text(
+            yaml.safe_dump(p, sort_keys=False, default_flow_style=None, width=200)))
+        paths[int(nb)] = path
+    return paths
+
+
 def compare(folder: Path, a, out: Path, device: str | None = None) -> None:
     """Per-step and whole-trace comparison of a call's files with each cost model of --profile (roofline
     unless one is given). The tiny smoke model has no cost model of its own: --model's prices it.
@@ -504,22 +774,36 @@ def compare(folder: Path, a, out: Path, device: str | None = None) -> None:
         cost = cost_model(model, profile, gpu)
         summary = {"cost_model": type(cost).__name__, "profile": profile, "gpu": gpu, "model": model,
                    "iteration_section": bool(getattr(getattr(cost, "m", None), "iteration", None)), "runs": {}}
+        by_pool = {}
+        if a.host_step_per_pool and summary["iteration_section"] and profile:
+            paths = pool_profiles(folder, profile, label, model, out)
+            by_pool = {nb: cost_model(model, path, gpu) for nb, path in paths.items()}
+            summary["host_step_per_pool"] = {str(nb): str(p) for nb, p in paths.items()}
         table = []
+        joined = {}
         for run, st in steps.groupby("run", sort=False):
-            pred = predict_steps(st, cost)
+            layerwise = bool(st.layerwise.iloc[0]) if "layerwise" in st else True
+            cost = by_pool.get(int(st.num_blocks.iloc[0]), cost)
+            pred = predict_steps(st, cost, layerwise=layerwise)
             row = {"run": run, **step_summary(pred)}
             tr = turns[turns.run == run]
             pol, rate, nb = tr.policy.iloc[0], float(tr.rate.iloc[0]), int(tr.num_blocks.iloc[0])
             trace = traces[traces.rate == rate].drop(columns=["rate"])
             trace = trace[trace.session_id.isin(set(tr.session_id))]
-            sim = turns_frame(simulate_sessions(cost, trace, pol, nb, block_tokens=bt))
-            _, s = compare_turns(tr, sim)
+            res = simulate_sessions(cost, trace, pol, nb, block_tokens=bt, layerwise=layerwise,
+                                    max_batched_tokens=a.max_batched_tokens, max_seqs=a.max_seqs)
+            sim = turns_frame(res)
+            j, s = compare_turns(tr, sim)
             row.update(s)
+            joined[run] = (j, f"{run}: {pol}, {rate:g} sessions/s, mean batch {row.get('mean_batch', math.nan):.1f}")
+            row.update(phase_summary(tr, st, sim, steps_frame(res)))
             summary["runs"][run] = row
             table.append(row)
         result[label] = summary
+        scatter_plot(joined, out / f"scatter_{label}.png",
+                     f"{folder.name}: {device}, {model}; simulated ({label} profile) vs measured")
         cols = ["run", "mean_batch", "preemptions", "decode_wall_mape", "mixed_wall_mape", "ttft_mape", "tpot_mape",
-                "ttft_mean_err", "ttft_p99_err", "throughput_err"]
+                "ttft_mean_err", "ttft_p99_err", "throughput_err", "ft_step_mape", "ttft_mape_same_wait"]
         df = pd.DataFrame(table)
         log(f"comparison with {label}: {summary['cost_model']} ({model}, {gpu}, {profile}):")
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format",

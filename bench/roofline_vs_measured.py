@@ -11,13 +11,14 @@ Measured per-layer times (no LM head, no communication), 1 to 4,096 new tokens /
   * LLaMA-2-7B and 13B, one GPU: configs/hardware/h100.yaml (kvsim gpu calibrate on another H100,
     2026-11-23), and Llama-3.1-8B (grouped-query attention): results/gpu/run14_llama31_8b_h100 (kvsim gpu
     calibrate, 2026-11-27); prefill of 16..4,096 new tokens (the executor's buckets) x 0..8,192 history at
-    exactly (n, n + history) keys, decode of 1..64 x 256..8,192. Their prefill over a history ran the
-    executor's padded graphs, whose dense mask runs the memory-efficient kernel: the roofline prices those
-    rows with attention "masked" (sim/efficiency.py), every other row with "flash".
+    exactly (n, n + history) keys, decode of 1..64 x 256..8,192. Their prefill over a history and their
+    decode ran the executor's padded graphs, whose dense mask runs the masked kernel: the roofline prices
+    those rows with attention "masked" (sim/efficiency.py; a decode step is flash's unless GQA folds a
+    query group into a block's rows), every other row with "flash".
 The roofline uses the H100 datasheet peaks (989 TFLOP/s bf16, 3.35 TB/s, 132 SMs).
 
-`--fit` derives the table: the GEMM shares per M from results/gpu/run13_tp/call3_gemm.csv (see
-`gemm_table`), then (coordinate search on the squared log error) the flash attention / other-kernel terms
+`--fit` derives the table: the GEMM shares per M and a GEMM kernel's fixed time from
+results/gpu/run13_tp/call3_gemm.csv (see `gemm_table`), then (coordinate search on the squared log error) the flash attention / other-kernel terms
 fitted to the Llama-3.1-70B TP 1 layer times only, then the masked kernel's terms to the LLaMA-2-7B
 prefill-after-history rows only (the one masked table in the fit; run 13 ran flash). LLaMA-2-13B,
 Llama-3.1-8B and the TP shards are out of sample for everything.
@@ -50,21 +51,37 @@ GPU = GPUS["h100-80gb"]
 MAX_TOKENS = 4096
 
 
-def gemm_table(csv=RUN13 / "call3_gemm.csv") -> dict:
-    """Shares of peak FLOP/s and bandwidth a layer's GEMMs reach at each M (rows = tokens).
+def gemm_fixed_s(g: pd.DataFrame) -> float:
+    """What a GEMM kernel pays on top of its bytes: at each M <= 64 (memory-bound), the intercept of the
+    least-squares line ms = fixed + bytes / bandwidth over the sweep's 20 matrices (bytes: weights plus
+    the M x (N + K) activations, as the roofline charges them); the median over those M, to 0.1 us."""
+    fixed = []
+    for _, d in g[g.tokens <= 64].groupby("tokens"):
+        a = np.c_[np.ones(len(d)), d.bytes.to_numpy()]
+        fixed.append(float(np.linalg.lstsq(a, d.ms.to_numpy() * 1e-3, rcond=None)[0][0]))
+    return round(float(np.median(fixed)), 7)
 
-    Per measured shape (model, TP degree) the four matrices' times, FLOPs and bytes are summed; the share
-    at M is the median over the shapes. Each M is charged on the side that binds there: at and above the
-    ridge M* = peak x f_inf / (bandwidth x b_inf) (f_inf: the compute share at M >= 1,024; b_inf: the
-    bandwidth share at M <= 64) `gemm_flops` is the measured FLOP/s share and `gemm_bw` is b_inf; below
-    it `gemm_bw` is the measured bandwidth share and `gemm_flops` is f_inf. So max(compute, memory)
-    gives the measured time at every M of the sweep, the knee's dip included.
+
+def gemm_table(csv=RUN13 / "call3_gemm.csv") -> dict:
+    """Shares of peak FLOP/s and bandwidth a layer's GEMMs reach at each M (rows = tokens), and the fixed
+    time of one GEMM kernel (`gemm_fixed_s`).
+
+    Per measured shape (model, TP degree) the four matrices' times, FLOPs and bytes are summed; the
+    bandwidth share is the bytes over the time less four fixed times, the FLOP/s share the FLOPs over
+    the whole time (the roofline adds the fixed time to the memory side only); the share at M is the
+    median over the shapes. Each M is charged on the side that binds there: at and above the ridge
+    M* = peak x f_inf / (bandwidth x b_inf) (f_inf: the compute share at M >= 1,024; b_inf: the bandwidth
+    share at M <= 64) `gemm_flops` is the measured FLOP/s share and `gemm_bw` is b_inf; below it
+    `gemm_bw` is the measured bandwidth share and `gemm_flops` is f_inf. So max(compute, memory) gives the
+    median shape's measured time at every M of the sweep, the knee's dip included, and a shape of smaller
+    matrices pays its four fixed times on fewer bytes.
     """
     g = pd.read_csv(csv)
+    fixed = gemm_fixed_s(g)
     per = g.groupby(["model", "tp", "tokens"]).agg(ms=("ms", "sum"), flops=("flops", "sum"),
-                                                   nbytes=("bytes", "sum")).reset_index()
+                                                   nbytes=("bytes", "sum"), kernels=("ms", "size")).reset_index()
     per["f"] = per.flops / (per.ms * 1e-3) / GPU.peak_flops
-    per["b"] = per.nbytes / (per.ms * 1e-3) / (GPU.hbm_bw_gbps * 1e9)
+    per["b"] = per.nbytes / (per.ms * 1e-3 - per.kernels * fixed) / (GPU.hbm_bw_gbps * 1e9)
     med = per.groupby("tokens")[["f", "b"]].median()
     f_inf = float(med.f[med.index >= 1024].median())
     b_inf = float(med.b[med.index <= 64].median())
@@ -72,7 +89,7 @@ def gemm_table(csv=RUN13 / "call3_gemm.csv") -> dict:
     tokens = [int(m) for m in med.index]
     flops = [round(float(med.f[m]) if m >= ridge else f_inf, 3) for m in tokens]
     bw = [round(b_inf if m >= ridge else float(med.b[m]), 3) for m in tokens]
-    return dict(tokens=tuple(tokens), gemm_flops=tuple(flops), gemm_bw=tuple(bw))
+    return dict(tokens=tuple(tokens), gemm_flops=tuple(flops), gemm_bw=tuple(bw), gemm_fixed_s=fixed)
 
 
 def layer_floor_s() -> float:
@@ -105,7 +122,7 @@ def measured_points() -> pd.DataFrame:
         q = prof["decode_layer_ms"]
         for i, b in enumerate(q["batch"]):
             for j, c in enumerate(q["context_tokens"]):
-                rows.append((model, 1, "decode", int(b), int(c), float(q["ms"][i][j]), "flash", path.name))
+                rows.append((model, 1, "decode", int(b), int(c), float(q["ms"][i][j]), "masked", path.name))
     pts = pd.DataFrame(rows, columns=["model", "tp", "phase", "tokens", "history", "ms", "kernel", "source"])
     return pts[pts.tokens <= MAX_TOKENS].reset_index(drop=True)
 
@@ -159,7 +176,7 @@ def fit(pts: pd.DataFrame) -> RooflineEfficiency:
     eff = _descend(eff, pts[(pts.model == "llama3.1-70b") & (pts.tp == 1)],
                    {"attention_flops": np.arange(0.10, 0.801, 0.005), "kv_bw": np.arange(0.50, 1.001, 0.005),
                     "act_passes": np.arange(0.0, 40.01, 0.25)})
-    return _descend(eff, pts[(pts.model == "llama2-7b") & (pts.kernel == "masked")],
+    return _descend(eff, pts[(pts.model == "llama2-7b") & (pts.kernel == "masked") & (pts.phase == "prefill")],
                     {"masked_flops": np.arange(0.10, 0.801, 0.005), "masked_lone": np.arange(0.50, 1.001, 0.01),
                      "masked_fixed_s": np.arange(0.0, 50.01e-6, 0.5e-6)})
 
@@ -171,7 +188,7 @@ def literal(eff: RooflineEfficiency) -> str:
             f"    gemm_bw={tup(eff.gemm_bw)},\n    attention_flops={eff.attention_flops:g}, kv_bw={eff.kv_bw:g}, "
             f"act_passes={eff.act_passes:g}, layer_fixed_s={eff.layer_fixed_s:g},\n"
             f"    masked_flops={eff.masked_flops:g}, masked_lone={eff.masked_lone:g}, "
-            f"masked_fixed_s={eff.masked_fixed_s:g},\n"
+            f"masked_fixed_s={eff.masked_fixed_s:g}, gemm_fixed_s={eff.gemm_fixed_s:g},\n"
             f"    source=\"H100 80GB HBM3, results/gpu/run13_tp call3 (2026-11-27): GEMM sweep call3_gemm.csv; "
             f"flash attention and other kernels fitted to call3_tp_layer.csv, Llama-3.1-70B TP 1; masked "
             f"attention to configs/hardware/h100.yaml, LLaMA-2-7B prefill after history\")\n")
@@ -220,7 +237,7 @@ def main():
     pts = error_table(pts)
     print("Roofline alone vs measured per-layer time on an H100 (1..4,096 tokens); errors = roofline / measured - 1")
     print("constant: MFU 0.55, MBU 0.75 for every shape; measured: sim/efficiency.py H100 (the executor's prefill "
-          "after a history priced with its masked kernel)\n")
+          "after a history and decode priced with its masked kernel)\n")
     print(summarize(pts))
     if args.points:
         pd.set_option("display.width", 200)

@@ -22,10 +22,11 @@ leaves to its caller:
 * Preemption by recompute: the scheduler frees the blocks and rewinds the request; the executor
   simply runs what the next plans say (the request's tokens, its sampled outputs included, again).
 
-* Pure-decode steps as CUDA graphs (`gpu.batched_decode`): a step where every scheduled request
-  decodes one token is padded to a batch bucket and a packed-context bucket and replayed as one
-  captured graph, so its time no longer follows how fast the host launches ~700 kernels. Steps with a
-  prefill chunk (or a host load) run eagerly; their host launch time is part of what is measured.
+* Steps as CUDA graphs (`gpu.batched_decode`): a step is padded to a batch bucket, a chunk-token
+  bucket and a packed-key bucket (`sim.costmodel.StepPadding`, the rule the cost model prices) and
+  replayed as one captured graph, so its time no longer follows how fast the host launches ~700
+  kernels. Steps with a host load (or past the largest buckets) run eagerly; their host launch time is
+  part of what is measured.
 """
 from __future__ import annotations
 
@@ -154,7 +155,9 @@ class StepResult:
     gpu_ms: float             # step start -> sampled tokens ready (CUDA events; 0 on CPU)
     load_ms: float            # first layer's load start -> last layer's load end (0: no load)
     ext_tokens: int           # tokens copied in from the host store
-    graph: bool = False       # run as a static-shape pure-decode step (`gpu.batched_decode`)
+    graph: bool = False       # run at a static shape (`gpu.batched_decode`: a CUDA graph on the GPU)
+    key: tuple | None = None  # that shape (Bb, Nb, Kb)
+    captured: bool = False    # its graph was captured by this step (a first use, not captured ahead)
 
 
 class BatchedExecutor:
@@ -164,9 +167,10 @@ class BatchedExecutor:
     session's new full blocks there, `external_tokens` is what it can supply (the scheduler's
     `external_hit`), and a plan's `external` tokens are loaded from it layer by layer.
 
-    `decode_graphs`: pure-decode steps at static shapes (`gpu.batched_decode.StaticDecode`, whatever
-    `attention` is: its packed variable-length kernel is the one a graph can hold). None: on with
-    CUDA (captured graphs), off on CPU; True on CPU: the same static body run eagerly (the tests').
+    `decode_graphs`: steps without host loads at static shapes (`gpu.batched_decode.StaticStep`, pure
+    decode and steps with prefill chunks alike, whatever `attention` is: its packed variable-length
+    kernel is the one a graph can hold). None: on with CUDA (captured graphs), off on CPU; True on
+    CPU: the same static body run eagerly (the tests').
     """
 
     def __init__(self, model: BatchedModel, num_blocks: int, block_tokens: int, attention: str = "sdpa",
@@ -216,8 +220,8 @@ class BatchedExecutor:
             decode_graphs = self.cuda
         self.static = None
         if decode_graphs:
-            from gpu.batched_decode import StaticDecode
-            self.static = StaticDecode(self, graphs=self.cuda)
+            from gpu.batched_decode import StaticStep
+            self.static = StaticStep(self, graphs=self.cuda)
 
     def reset(self) -> None:
         """Forget every request and session (a new run on the same KV and host buffers: a fresh
@@ -348,8 +352,11 @@ class BatchedExecutor:
         known tokens this step completes."""
         if not plan.scheduled:
             return StepResult({}, None, 0.0, 0.0, 0)
-        if self.static is not None and all(sc.is_decode for sc in plan.scheduled) \
-                and not any(plan.external.values()):
+        loading = any(plan.external.values())
+        # a step with host loads runs at its static shape when it loads first (every layer's copy, then
+        # the compute); layer-wise loads gate each layer's compute on its own copy, which the eager
+        # path below issues layer by layer
+        if self.static is not None and (not loading or not self.layerwise):
             out = self._run_static(plan, keep_logits)
             if out is not None:
                 return out
@@ -412,30 +419,53 @@ class BatchedExecutor:
         return StepResult(sampled, logits if keep_logits else None, gpu_ms, load_ms, ext_tokens)
 
     def _run_static(self, plan: StepPlan, keep_logits: bool) -> StepResult | None:
-        """A pure-decode step through `self.static` (None: past its largest bucket, run eagerly)."""
-        reqs = [sc.req for sc in plan.scheduled]
-        ctxs = [r.num_computed_tokens + 1 for r in reqs]
-        key = self.static.key(ctxs)
+        """A step through `self.static` at its padded shape (None: no static shape, run eagerly)."""
+        bt = self.bt
+        decs, chunks, row_of = [], [], []
+        for r, n, dec in plan.scheduled:
+            if dec:
+                row_of.append(("d", len(decs)))
+                decs.append(r)
+            else:
+                row_of.append(("c", len(chunks)))
+                chunks.append((r, n))
+        ctxs = [r.num_computed_tokens + 1 for r in decs]
+        shape = [(n, r.num_computed_tokens) for r, n in chunks]
+        key = self.static.key(ctxs, shape)
         if key is None:
             return None
-        bt = self.bt
-        ids = [self.tokens[r][c - 1] for r, c in zip(reqs, ctxs)]
-        tables = [block_table(r)[:-(-c // bt)] for r, c in zip(reqs, ctxs)]
+        ids = [self.tokens[r][c - 1] for r, c in zip(decs, ctxs)]
+        tables = [block_table(r)[:-(-c // bt)] for r, c in zip(decs, ctxs)]
+        chunk_ids = [self.tokens[r][h:h + n] for (r, _), (n, h) in zip(chunks, shape)]
+        chunk_tables = [block_table(r)[:-(-(h + n) // bt)] for (r, _), (n, h) in zip(chunks, shape)]
+        before = self.static.captured_in_run
+        loads = self._loads(plan)
+        main = torch.cuda.current_stream() if self.cuda else None
         if self.cuda:
             self.ev_start.record()
-        self.static.run(ids, ctxs, tables, key)
+        if loads:
+            issue = self._issue_loads(loads, main)
+            if issue is not None:
+                for li in range(self.L):
+                    issue(li)
+                main.wait_event(self.ev_load[2 * self.L - 1])   # load first: all layers, then compute
+        self.static.run(key, ids, ctxs, tables, chunk_ids, shape, chunk_tables)
         if self.cuda:
             self.ev_end.record()
-        B = len(reqs)
-        toks = self.static.next[:B].tolist()   # synchronises, as the eager path does
+        Bb = key[0]
+        rows = [i if kind == "d" else Bb + i for kind, i in row_of]
+        toks = self.static.next[:Bb + len(chunks)].tolist()   # synchronises, as the eager path does
         sampled = {}
-        for r, c, t in zip(reqs, ctxs, toks):
-            if c >= r.num_tokens:
-                sampled[r] = t
-                self.tokens[r].append(t)
+        for (r, n, _), row in zip(plan.scheduled, rows):
+            if r.num_computed_tokens + n >= r.num_tokens:
+                sampled[r] = toks[row]
+                self.tokens[r].append(toks[row])
         gpu_ms = self.ev_start.elapsed_time(self.ev_end) if self.cuda else 0.0
-        logits = self.static.logits[:B].clone() if keep_logits else None
-        return StepResult(sampled, logits, gpu_ms, 0.0, 0, graph=True)
+        load_ms = (self.ev_load[0].elapsed_time(self.ev_load[2 * self.L - 1])
+                   if self.cuda and loads else 0.0)
+        logits = self.static.logits[rows].clone() if keep_logits else None
+        return StepResult(sampled, logits, gpu_ms, load_ms, sum(n for _, _, n in loads), graph=True, key=key,
+                          captured=self.static.captured_in_run > before)
 
     # ---- attention over the blocks ---------------------------------------------------------------
     def _attend(self, q, kc, vc, sb: StepBatch) -> torch.Tensor:
@@ -546,6 +576,8 @@ def varlen_attention(q, keys, vals, cu_q, cu_k, max_q: int, max_k: int) -> torch
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for i in range(len(cq) - 1):
         n, ctx = cq[i + 1] - cq[i], ck[i + 1] - ck[i]
+        if n == 0:   # an empty sequence (a static step's unused chunk slot)
+            continue
         mask = None if n == 1 else causal_lower_right(n, ctx)
         o = F.scaled_dot_product_attention(q[cq[i]:cq[i + 1]].transpose(0, 1), keys[ck[i]:ck[i + 1]].transpose(0, 1),
                                            vals[ck[i]:ck[i + 1]].transpose(0, 1), attn_mask=mask, enable_gqa=H != K)
@@ -583,7 +615,12 @@ class StepRecord:
     preempted: int
     finished: int
     free_blocks: int
-    graph: bool = False       # a pure-decode step run at static shapes (a CUDA graph on the GPU)
+    graph: bool = False       # a step run at a static shape (a CUDA graph on the GPU)
+    key: str = ""             # that shape, "Bb:Nb:Kb" (`sim.costmodel.StepPadding`)
+    captured: bool = False    # the step captured its graph (first use): its time includes the capture
+    loop_ms: float = 0.0      # the serving loop's host time around the step (schedule, update, records),
+    #                           host clock: what a replay on a simulated clock measures of the loop
+    decode_max_ctx: int = 0   # the longest decoding request's tokens (the attention kernel waits for it)
 
 
 @dataclass
@@ -665,6 +702,7 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
                     sleep(wait)
             continue
         t_start = clock() - t0
+        h0 = time.perf_counter()   # the loop's own host time, on the host clock whatever `clock` is
         plan = sched.schedule()
         if not plan.scheduled:
             if not sched.running:
@@ -675,15 +713,19 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
             continue
         tables = {r: block_table(r) for r, _, _ in plan.scheduled}
         # the step's shape as the simulator's ChunkedReplica._step reads it (before update)
-        chunks, B, ctx = [], 0, 0
+        chunks, B, ctx, ctx_max = [], 0, 0, 0
         for r, n, dec in plan.scheduled:
             if dec:
                 B += 1
-                ctx += r.prompt_tokens + r.num_output_tokens
+                c = r.prompt_tokens + r.num_output_tokens
+                ctx += c
+                ctx_max = max(ctx_max, c)
             else:
                 chunks.append((n, r.num_computed_tokens))
         host_ms = (clock() - t0 - t_start) * 1e3
+        h1 = time.perf_counter()
         out = ex.run(plan)
+        h2 = time.perf_counter()
         finished = sched.update(plan)
         t_end = clock() - t0
         for r, hit in plan.admitted.items():
@@ -708,11 +750,13 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
                 arr, think = ts[nxt][0], ts[nxt][1]
                 heapq.heappush(pending, (float(arr) if not math.isnan(arr) else t_end + float(think),
                                          tr.session_id, nxt))
+        loop_ms = (h1 - h0 + time.perf_counter() - h2) * 1e3
         res.steps.append(StepRecord(
             step, t_start, t_end, host_ms, (t_end - t_start) * 1e3, out.gpu_ms, out.load_ms, B, ctx,
             ";".join(f"{n}:{h}" for n, h in chunks), sum(n for n, _ in chunks),
             ";".join(str(plan.external[r]) for r in plan.external), out.ext_tokens, len(plan.admitted),
-            len(plan.preempted), len(finished), plan.free_blocks, out.graph))
+            len(plan.preempted), len(finished), plan.free_blocks, out.graph,
+            ":".join(map(str, out.key)) if out.key else "", out.captured, loop_ms, ctx_max))
         if on_step is not None:
             on_step(res.steps[-1])
         step += 1

@@ -152,13 +152,14 @@ def trace_sessions(trace: pd.DataFrame) -> dict:
 
 def simulate_sessions(cost, trace: pd.DataFrame, policy: str, num_blocks: int, block_tokens: int = 16,
                       max_batched_tokens: int = 8192, max_seqs: int = 1024, buffer_layers: int = 2,
-                      layerwise: bool = True):
-    """The trace served by the executor's loop and scheduler on the cost model's clock."""
+                      layerwise: bool = True, stop_s: float = math.inf):
+    """The trace served by the executor's loop and scheduler on the cost model's clock (until `stop_s`
+    on it)."""
     clock = SimClock()
     ex = CostExecutor(cost, clock, block_tokens, policy == "dram", buffer_layers, layerwise)
     sched = scheduler_for(policy, num_blocks, block_tokens, max_batched_tokens, max_seqs,
                           cost.shape.max_context_tokens, ex.external_tokens)
-    return serve_sessions(ex, sched, trace_sessions(trace), clock=clock, sleep=clock.sleep)
+    return serve_sessions(ex, sched, trace_sessions(trace), clock=clock, sleep=clock.sleep, stop_s=stop_s)
 
 
 def turns_frame(res) -> pd.DataFrame:
@@ -202,6 +203,37 @@ def compare_turns(meas: pd.DataFrame, sim: pd.DataFrame) -> tuple[pd.DataFrame, 
     return j, summary
 
 
+def first_token_steps(turns: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
+    """Per turn, the step that gave its first token (the step ending at its first token): `ft_step_s`, its
+    time, and `wait_s`, arrival to that step's start (the step in flight when it arrived, earlier chunk
+    steps of a long prompt, the queue)."""
+    st = steps.sort_values("end_s")
+    ends = st.end_s.to_numpy()
+    i = np.minimum(np.searchsorted(ends, turns.first_token_s.to_numpy() - 1e-9), len(st) - 1)
+    start = st.start_s.to_numpy()[i]
+    return pd.DataFrame({"session_id": turns.session_id.to_numpy(), "turn": turns.turn.to_numpy(),
+                         "ft_step_s": ends[i] - start, "wait_s": start - turns.arrival_s.to_numpy()})
+
+
+def phase_summary(meas_turns: pd.DataFrame, meas_steps: pd.DataFrame, sim_turns: pd.DataFrame,
+                  sim_steps: pd.DataFrame) -> dict:
+    """Where a turn's TTFT error lives: the first-token step's (its price) and the wait before it. A turn
+    arriving while a step runs waits for that step's end: a residual of up to one step that depends on
+    where the arrival falls among the steps (closed-loop turns arrive a think time after their previous
+    reply, so the measured and simulated phases differ turn by turn). `ttft_mape_same_wait`: the TTFT
+    error were the simulated turn to wait what the measured one did (its step's error over the measured
+    TTFT)."""
+    keys = ["session_id", "turn"]
+    j = (first_token_steps(meas_turns, meas_steps).merge(first_token_steps(sim_turns, sim_steps), on=keys,
+                                                         suffixes=("_meas", "_sim"))
+         .merge(meas_turns[keys + ["ttft_s"]], on=keys))
+    d = j.ft_step_s_sim - j.ft_step_s_meas
+    return {"ft_step_mape": float((d.abs() / j.ft_step_s_meas).mean()),
+            "ttft_mape_same_wait": float((d.abs() / j.ttft_s).mean()),
+            "wait_mean_meas_s": float(j.wait_s_meas.mean()), "wait_mean_sim_s": float(j.wait_s_sim.mean()),
+            "wait_abs_diff_s": float((j.wait_s_sim - j.wait_s_meas).abs().mean())}
+
+
 def step_summary(pred: pd.DataFrame) -> dict:
     """Per-step errors by kind of step, and the mean running batch weighted by step time."""
     out = {"steps": int(len(pred)),
@@ -216,3 +248,43 @@ def step_summary(pred: pd.DataFrame) -> dict:
     out["busy_wall_s"] = float(pred.wall_ms.sum() / 1e3)
     out["busy_pred_s"] = float(pred.pred_ms.sum() / 1e3)
     return out
+
+
+def scatter_plot(joined: dict, path, title: str) -> None:
+    """Simulated against measured per-turn TTFT and per-request TPOT, one row of two panels a run.
+    `joined`: run -> (the per-turn frame of `compare_turns`, a label for the run's panels). The figure's
+    title names the call, GPU and model; each panel its run, policy, load and MAPE."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    runs = list(joined)
+    fig, axes = plt.subplots(len(runs), 2, figsize=(8.5, 2.7 * len(runs)), squeeze=False)
+    for row, run in zip(axes, runs):
+        j, label = joined[run]
+        for ax, col, name in ((row[0], "ttft", "TTFT"), (row[1], "tpot", "TPOT")):
+            x, y = j[f"{col}_s_meas"] * 1e3, j[f"{col}_s_sim"] * 1e3
+            ok = (x > 0) & (y > 0)
+            x, y = x[ok], y[ok]
+            if len(x):
+                lo, hi = min(x.min(), y.min()) * 0.8, max(x.max(), y.max()) * 1.25
+                ax.plot([lo, hi], [lo, hi], color="0.3", lw=0.8)
+                ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="0.85", lw=0,
+                                label="±10%")
+                ax.scatter(x, y, s=9, alpha=0.7)
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                for axis in (ax.xaxis, ax.yaxis):  # plain milliseconds, no crowded minor labels
+                    axis.set_major_formatter(ScalarFormatter())
+                    axis.set_minor_formatter(NullFormatter())
+                mape = float(((y - x).abs() / x).mean())
+                ax.set_title(f"{label}\n{name} MAPE {100 * mape:.1f}% ({len(x)} {'turns' if col == 'ttft' else 'requests'})",
+                             fontsize=8)
+            ax.set_xlabel(f"measured {name} (ms)", fontsize=8)
+            ax.set_ylabel(f"simulated {name} (ms)", fontsize=8)
+            ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / len(runs)))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import statistics
 
 import yaml
@@ -142,7 +143,7 @@ def serving_terms(prof: dict, model: str, rows: list[dict]) -> dict:
     return out
 
 
-def iteration_from_raw(rows: list[dict]) -> dict:
+def iteration_from_raw(rows: list[dict], padding=None) -> dict:
     """A batched executor's whole steps (`bench/gpu_batched_validate.py`'s synthetic steps) reduced to
     the profile's optional `models.<name>.iteration` section (pure function; schema in sim/costmodel.py).
 
@@ -151,7 +152,12 @@ def iteration_from_raw(rows: list[dict]) -> dict:
     fill the decode table over (batch, context), chunk rows the chunk table over (new, history); a cell
     the grid could not hold (more KV than the cache) is extrapolated linearly along its row from the two
     longest measured contexts. Mixed rows (a chunk with a decode batch) give `shared_ms`, the median of
-    what the two parts timed alone cost beyond the step that runs them together (>= 0)."""
+    what the two parts timed alone cost beyond the step that runs them together (>= 0).
+
+    `padding` (a `sim.costmodel.StepPadding`): the executor ran steps at those static shapes; rows whose
+    `key` ("Bb:Nb:Kb", as the executor reported it) is set give `steps_ms`, the median time per shape
+    (a shape timed by several rows: the median of theirs), the cost model's price of any step of that
+    shape. Rows of kind "step" (shapes drawn from the runs' own steps) are used there only."""
     from sim.costmodel import Table2D
 
     def table(kind, xname, yname, xkey, ykey):
@@ -181,8 +187,40 @@ def iteration_from_raw(rows: list[dict]) -> dict:
     c2 = Table2D(tuple(chk["new_tokens"]), tuple(chk["history_tokens"]), tuple(map(tuple, chk["ms"])))
     shared = [d2(r["batch"], r["context_tokens"]) + c2(r["new_tokens"], r["history_tokens"]) - float(r["ms"])
               for r in rows if r["kind"] == "mixed"]
-    return {"decode_ms": dec, "chunk_ms": chk,
-            "shared_ms": round(max(statistics.median(shared), 0.0), 4) if shared else 0.0}
+    out = {"decode_ms": dec, "chunk_ms": chk,
+           "shared_ms": round(max(statistics.median(shared), 0.0), 4) if shared else 0.0}
+    if padding is not None:
+        out["padding"] = {"batch": list(padding.batch), "chunk_tokens": list(padding.chunk_tokens),
+                          "keys": list(padding.keys), "chunk_slots": padding.chunk_slots}
+        by_key: dict = {}
+        for r in rows:
+            k = r.get("key")
+            if isinstance(k, str) and k:
+                by_key.setdefault(tuple(int(v) for v in k.split(":")), []).append(float(r["ms"]))
+        keys = sorted(by_key)
+        if keys:
+            out["steps_ms"] = {"batch": [k[0] for k in keys], "chunk_tokens": [k[1] for k in keys],
+                               "keys": [k[2] for k in keys],
+                               "ms": [round(statistics.median(by_key[k]), 4) for k in keys]}
+    return out
+
+
+def host_step_from_steps(requests, loop_ms, edges=(1, 2, 4, 8, 16, 32, 64, 128, 256)) -> dict | None:
+    """The serving loop's host time per step (`StepRecord.loop_ms` of a replay of the runs' traces on the
+    device's own host, `gpu.batched_validate.simulate_sessions`) over the step's scheduled requests,
+    reduced to the profile's `iteration.host_step_ms` (pure function): per bin [edge, next edge) of
+    requests with >= 3 steps, the median requests and the median time. None without such a bin."""
+    pairs = sorted(zip((int(r) for r in requests), (float(m) for m in loop_ms)))
+    xs, ys = [], []
+    for i, lo in enumerate(edges):
+        hi = edges[i + 1] if i + 1 < len(edges) else math.inf
+        got = [(r, m) for r, m in pairs if lo <= r < hi]
+        if len(got) >= 3:
+            xs.append(float(statistics.median(r for r, _ in got)))
+            ys.append(round(statistics.median(m for _, m in got), 4))
+    if not xs:
+        return None
+    return {"requests": xs, "ms": ys}
 
 
 def ssd_contention_fit(read_under_write: dict) -> dict:

@@ -46,6 +46,13 @@ Hardware profile schema `kvsim-hardware-profile/1` (YAML):
     decode batch) pays each part's whole-step time less `shared_ms` per extra part (the per-step cost
     the parts share: launch-bound layers, the step's host work), and never less than its largest part.
     Absent: steps compose the per-layer tables (`CostModel.mixed_layer_s`).
+    Optional in it: padding: {batch: [...], chunk_tokens: [...], keys: [...], chunk_slots}: the static
+    shapes (CUDA graphs) the executor runs a step at (`StepPadding`: batch, chunk tokens and gathered keys
+    each padded to the next bucket); steps_ms: {batch: [...], chunk_tokens: [...], keys: [...], ms: [...]}
+    (one entry per measured shape, 0 for no decodes / no chunk): a step whose shape was measured costs
+    that time (linear in the keys between shapes measured at the same batch and chunk tokens), any other
+    the composition above. host_step_ms: {requests: [...], ms: [...]}: the serving loop's host time per
+    step around it (scheduling, bookkeeping), over the step's scheduled requests, added to every step.
   Optional: decode_padding: {context_multiple: M}: the executor decodes with CUDA graphs that attend
     over a whole bucket of keys (a multiple of M, the tail masked), so a step at context c costs the
     table's time at c rounded up to a multiple of M (per sequence); absent: at c itself.
@@ -60,7 +67,8 @@ from typing import Optional, Sequence
 
 from sim.collectives import (ALLREDUCES_PER_LAYER, AllReduceCost, RingAllReduce, allreduce_bytes_per_layer,
                              load_allreduce_table)
-from sim.efficiency import H100 as H100_EFFICIENCY, RooflineEfficiency
+from sim.efficiency import (GEMMS_PER_LAYER, H100 as H100_EFFICIENCY, ROUTED_GEMMS, RooflineEfficiency,
+                            gemm_act_bytes_per_token)
 from sim.errors import KvsimError, read_yaml
 from sim.models import ModelShape
 from sim.units import GB, MS, US
@@ -123,6 +131,66 @@ class PrefillPadding:
             worst = max(worst, b - (prev + 1))
             prev = b
         return worst + self.context_multiple
+
+
+def bucket_at_least(buckets, n: float) -> Optional[int]:
+    """The smallest bucket >= n, None past the largest."""
+    i = bisect.bisect_left(buckets, n)
+    return int(buckets[i]) if i < len(buckets) else None
+
+
+def sqrt2_ladder(limit: int, smallest: int = 64, multiple: int = 16) -> tuple:
+    """Sizes growing by sqrt(2), each rounded up to `multiple`, from `smallest` to the first at or past
+    `limit`: a size padded to the next one grows by at most ~41%."""
+    out, k = [], 0
+    while True:
+        t = int(math.ceil(smallest * 2 ** (k / 2) / multiple) * multiple)
+        if not out or t > out[-1]:
+            out.append(t)
+        if t >= limit:
+            return tuple(out)
+        k += 1
+
+
+@dataclass(frozen=True)
+class StepPadding:
+    """The static shapes a graph-captured batched executor runs a step at (the profile's
+    `models.<m>.iteration.padding`; `gpu.batched_decode` runs them, so both sides use this rule).
+
+    A step of `batch` decoding sequences holding `context_tokens` tokens in all and prefill chunks
+    `[(new, cached), ...]` runs as the key (Bb, Nb, Kb):
+    * Bb: the batch padded to the next of `batch` (0 without decodes); padded rows decode one token
+      over one key (the scratch slot);
+    * Nb: the chunks' new tokens together padded to the next of `chunk_tokens` (0 without chunks);
+      the padding tokens form one more sequence attending over its own keys (the scratch slot);
+    * Kb: every key the step gathers (the decodes' contexts, one per padded row, each chunk's cached
+      and new tokens, the padding sequence's) padded to the next of `keys`.
+    At most `chunk_slots` chunks fit one shape. None: the step has no static shape (the executor
+    runs it eagerly)."""
+    batch: tuple
+    chunk_tokens: tuple
+    keys: tuple
+    chunk_slots: int
+
+    def key(self, chunks, batch: int, context_tokens: float) -> Optional[tuple]:
+        if len(chunks) > self.chunk_slots or (not chunks and not batch):
+            return None
+        Bb = bucket_at_least(self.batch, batch) if batch else 0
+        new = sum(n for n, _ in chunks)
+        Nb = bucket_at_least(self.chunk_tokens, new) if chunks else 0
+        if Bb is None or Nb is None:
+            return None
+        keys = context_tokens + (Bb - batch) + (sum(h for _, h in chunks) + Nb if chunks else 0)
+        Kb = bucket_at_least(self.keys, keys)
+        return None if Kb is None else (Bb, Nb, Kb)
+
+    def decode_last_context(self, batch: int, context_tokens: float) -> float:
+        """The largest context of `batch` decoding sequences that keeps the pure-decode step at the key
+        of `context_tokens` (a padded step's time is constant up to there); inf past the ladders."""
+        k = self.key((), batch, context_tokens)
+        if k is None:
+            return math.inf
+        return k[2] - (k[0] - batch)
 
 
 # --- interpolation (the profile back end) -------------------------------------------------------
@@ -208,8 +276,46 @@ class IterationProfile:
     decode_ms: Table2D      # pure-decode step over (batch, context tokens per sequence)
     chunk_ms: Table2D       # one prefill chunk's step over (new tokens, cached tokens)
     shared_ms: float        # per-step cost shared by the parts of a step, paid once
+    padding: Optional[StepPadding] = None
+    # static-shape steps measured at their key: (Bb, Nb) -> ((Kb, ...), (ms, ...)), Kb ascending
+    keyed: Optional[dict] = None
+    # the serving loop's host time per step outside the step (schedule, update) over scheduled requests
+    host_step_ms: Optional[Table1D] = None
 
     def step_ms(self, chunks, batch: int, context_tokens: float) -> float:
+        """A step's time as the serving loop waits for it: the step (`run_ms`) and the loop's host time
+        around it (`host_step_ms`, at the step's scheduled requests)."""
+        t = self.run_ms(chunks, batch, context_tokens)
+        if self.host_step_ms is not None and t > 0.0:
+            t += max(self.host_step_ms(len(chunks) + batch), 0.0)
+        return t
+
+    def run_ms(self, chunks, batch: int, context_tokens: float) -> float:
+        """A step's time at its static shape (`padding`). A shape with chunks exists only where measured
+        (the executor captures those): a step of an unmeasured key count runs at the next measured
+        one of its (Bb, Nb), which holds it with more filler. A pure-decode shape exists for every
+        key count: one not measured is linear in the keys between those measured at its batch (the
+        first's time below them, the last segment's slope beyond). Otherwise (no measured shape to go
+        by, or past the ladders: the executor runs it eagerly) the whole-step tables compose."""
+        if self.keyed and self.padding is not None:
+            k = self.padding.key(chunks, batch, context_tokens)
+            if k is not None:
+                row = self.keyed.get(k[:2])
+                if row is not None and k[1]:
+                    kbs, ms = row
+                    i = bisect.bisect_left(kbs, k[2])
+                    if i < len(kbs):
+                        return ms[i]
+                elif row is not None:
+                    kbs, ms = row
+                    if k[2] <= kbs[0]:
+                        return ms[0]
+                    if k[2] >= kbs[-1]:   # beyond: the last segment's slope, never below its end
+                        return max(interp1(kbs, ms, k[2]), ms[-1])
+                    return interp1(kbs, ms, k[2])
+        return self.composed_ms(chunks, batch, context_tokens)
+
+    def composed_ms(self, chunks, batch: int, context_tokens: float) -> float:
         parts = [max(self.chunk_ms(n, h), 0.0) for n, h in chunks]
         if batch:
             parts.append(max(self.decode_ms(batch, context_tokens / batch), 0.0))
@@ -289,14 +395,62 @@ def _table1(d, path, key, xname) -> Table1D:
     return Table1D(xs, ys)
 
 
+def _whole_list(v, key, path, ascending=False) -> tuple:
+    xs = _num_list(v, key, path, ascending=ascending)
+    if any(x != int(x) for x in xs):
+        raise KvsimError(f"{path}: {key}: expected whole numbers")
+    return tuple(int(x) for x in xs)
+
+
+def _step_padding(d, path, key) -> StepPadding:
+    _known_keys(d, "models.*.iteration.padding", path, key)
+    lists = []
+    for name in ("batch", "chunk_tokens", "keys"):
+        v, k = _get(d, name, path, key)
+        lists.append(_whole_list(v, k, path, ascending=True))
+        if lists[-1][0] < 1:
+            raise KvsimError(f"{path}: {k}: expected sizes >= 1")
+    slots, k = _get(d, "chunk_slots", path, key)
+    if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+        raise KvsimError(f"{path}: {k}: expected an integer >= 1, got {slots!r}")
+    return StepPadding(*lists, slots)
+
+
+def _steps_keyed(d, path, key, padding: StepPadding) -> dict:
+    """`steps_ms`: parallel lists, one entry per measured static shape -> (Bb, Nb) -> (Kb..., ms...)."""
+    _known_keys(d, "models.*.iteration.steps_ms", path, key)
+    cols = {}
+    for name in ("batch", "chunk_tokens", "keys"):
+        v, k = _get(d, name, path, key)
+        cols[name] = _whole_list(v, k, path)
+    ms_raw, kms = _get(d, "ms", path, key)
+    ms = _num_list(ms_raw, kms, path, positive=True)
+    if any(len(c) != len(ms) for c in cols.values()):
+        raise KvsimError(f"{path}: {key}: expected batch, chunk_tokens, keys and ms of one length ({len(ms)})")
+    rows: dict = {}
+    for b, n, kb, t in zip(cols["batch"], cols["chunk_tokens"], cols["keys"], ms):
+        if (b and b not in padding.batch) or (n and n not in padding.chunk_tokens) or kb not in padding.keys:
+            raise KvsimError(f"{path}: {key}: shape ({b}, {n}, {kb}) is not one of the padding's buckets")
+        rows.setdefault((b, n), {})[kb] = t
+    return {bn: (tuple(sorted(r)), tuple(r[kb] for kb in sorted(r))) for bn, r in rows.items()}
+
+
 def _iteration(d, path, key) -> IterationProfile:
     dc, kdc = _get(d, "decode_ms", path, key)
     ch, kch = _get(d, "chunk_ms", path, key)
     shared, ks = _get(d, "shared_ms", path, key)
     if not isinstance(shared, (int, float)) or isinstance(shared, bool) or not shared >= 0 or not math.isfinite(shared):
         raise KvsimError(f"{path}: {ks}: expected a number >= 0, got {shared!r}")
+    padding = _step_padding(d["padding"], path, f"{key}.padding") if "padding" in d else None
+    host = _table1(d["host_step_ms"], path, f"{key}.host_step_ms", "requests") if "host_step_ms" in d else None
+    keyed = None
+    if "steps_ms" in d:
+        if padding is None:
+            raise KvsimError(f"{path}: {key}.padding: missing; steps_ms are measured at its static shapes")
+        keyed = _steps_keyed(d["steps_ms"], path, f"{key}.steps_ms", padding)
     return IterationProfile(_table2(dc, path, kdc, "batch", "context_tokens"),
-                            _table2(ch, path, kch, "new_tokens", "history_tokens"), float(shared))
+                            _table2(ch, path, kch, "new_tokens", "history_tokens"), float(shared), padding, keyed,
+                            host)
 
 
 # Keys a profile may hold, per section: a misspelt optional key is an error, not a silent 0.
@@ -307,7 +461,9 @@ _KEYS = {"": ("schema", "device", "measured_at", "command", "tp", "gpu", "links"
          "ssd": ("read", "write", "method", "read_pattern", "write_pattern", "contention"),
          "models.*": ("prefill_layer_ms", "decode_layer_ms", "head_ms", "preload_layer_overhead_ms", "host_turn_ms",
                       "preload_gate_layer_ms", "host_next_turn_ms", "iteration"),
-         "models.*.iteration": ("decode_ms", "chunk_ms", "shared_ms")}
+         "models.*.iteration": ("decode_ms", "chunk_ms", "shared_ms", "padding", "steps_ms", "host_step_ms"),
+         "models.*.iteration.padding": ("batch", "chunk_tokens", "keys", "chunk_slots"),
+         "models.*.iteration.steps_ms": ("batch", "chunk_tokens", "keys", "ms")}
 
 
 def _known_keys(d, section: str, path: str, prefix: str):
@@ -674,10 +830,12 @@ class RooflineCost(CostModel):
     stream, so the layer-wise preload overlaps them like compute). KV is split by KV heads
     (`kv_shards`): replicated copies cost HBM, reads and host-link traffic.
 
-    With measured efficiencies, `attention` names the kernel a prefill over a history runs: "flash"
-    (FlashAttention-2, causal: serving engines, run 13's layers, the batched executor) or "masked" (the
-    prefill-first executor's padded graphs, `gpu/prefill_graph.py`: a dense mask, the memory-efficient
-    kernel over the whole rectangle; `RooflineEfficiency.masked_attention_s`, which needs the GPU's `sms`).
+    With measured efficiencies, `attention` names the kernel a prefill over a history and a decode step
+    run: "flash" (FlashAttention-2, causal: serving engines, run 13's layers, the batched executor) or
+    "masked" (the prefill-first executor's padded graphs, `gpu/prefill_graph.py` and `gpu/decode_graph.py`:
+    a dense mask, the kernel over the whole rectangle; `RooflineEfficiency.masked_attention_s`, which needs
+    the GPU's `sms`). A masked decode step is flash's unless a KV head serves several query heads (GQA),
+    whose group the executor folds into the rows of one block per sequence and KV head.
     Mixed steps (`mixed_layer_s`) are the batched executor's: flash either way.
     """
 
@@ -719,6 +877,7 @@ class RooflineCost(CostModel):
             raise KvsimError(f"RooflineCost: attention 'masked' (the prefill-first executor's kernel) for {s.name}: "
                              "expected measured efficiencies, the GPU's SM count and a full-attention MHA/GQA shape")
         self._sms = sms
+        self._masked_decode = False  # set below: the executor's GQA decode graphs
         # the flash kernel's query tile (0: the constant roofline prices the real rows)
         self._tile = efficiency.query_tile if efficiency is not None else 0
         self._plain = (not s.experts and not s.sliding_layers and s.attention != "mla"
@@ -746,10 +905,17 @@ class RooflineCost(CostModel):
             self._attn_F = self._flops * efficiency.attention_flops
             self._kv_BW = self._bw * efficiency.kv_bw
             self._act_tok_s = efficiency.act_bytes_per_token(s, gpus) / (hbm_bw_gbps * GB)
+            self._gemm_act_tok = gemm_act_bytes_per_token(s, gpus)  # one GPU's GEMM activations a token
             # one GPU's heads (the masked kernel's blocks): query heads split over the GPUs, KV heads over
             # the KV shards (a replicated KV head is one head on each of its GPUs)
             self._q_heads_gpu = s.heads / gpus
             self._kv_heads_gpu = s.kv_heads / self.kv_shards
+            # the executor's decode graphs attend through a dense (padding) mask too, with one query per
+            # sequence. MHA: one query row a (sequence, head), which the kernel spreads over the keys: KV-bound
+            # as flash (the LLaMA-2 7B / 13B decode tables). GQA: a KV head's g query heads fold into g rows,
+            # and batch x kv_heads blocks each walk every key (Llama-3.1-8B's table: ~20 ns a context token
+            # at batch <= 16, whatever the batch): `masked_attention_s` with new = 1
+            self._masked_decode = self._masked and self._q_heads_gpu > self._kv_heads_gpu
             # with attention priced apart from the GEMMs, a decode step is linear in the context for a
             # fixed batch: its only kink is a sliding window filling up (batch x window)
             self._kinks_by_batch = {}
@@ -764,10 +930,10 @@ class RooflineCost(CostModel):
         self._d_kv = L * self._kv_tok / BW  # per context token, memory side
         self._d_head_c = self._head_flops / F
         self._d_head_m = self._head_bytes / BW
-        # measured efficiencies, full attention: a decode step is its batch's fixed terms plus one
-        # attention term linear in the context, which `decode_step_s` and `decode_span` compute inline
+        # measured efficiencies, full attention, flash decode: a decode step is its batch's fixed terms
+        # plus one attention term linear in the context, which `decode_step_s` and `decode_span` compute inline
         # (any step priced otherwise must clear this flag, or the span would not follow it)
-        self._linear_decode = efficiency is not None and not self._slide
+        self._linear_decode = efficiency is not None and not self._slide and not self._masked_decode
         self._span_fixed = self._decode_fixed if self._linear_decode else {}
         self._span_consts = (self._attn_flops, self._attn_F, self._kv_tok, self._kv_BW, L) if self._linear_decode else None
 
@@ -781,11 +947,12 @@ class RooflineCost(CostModel):
         """Measured efficiencies: one layer's GEMMs over `tokens` tokens (mean over layers), each routed
         expert over the tokens that chose it, plus the layer's other kernels (norms, RoPE, activations)."""
         e, s = self._eff, self.shape
-        t = e.gemm_s(self._lin_dense_tok * tokens, self._w_layer_bytes, tokens, self._flops, self._bw)
+        t = e.gemm_s(self._lin_dense_tok * tokens, self._w_layer_bytes + tokens * self._gemm_act_tok, tokens,
+                     self._flops, self._bw, GEMMS_PER_LAYER)
         if s.experts and tokens > 0:
             touched = s.experts_touched(tokens)
             t += e.gemm_s(self._lin_routed_tok * tokens, self._w_expert_bytes * touched,
-                          tokens * s.experts_per_token / touched, self._flops, self._bw)
+                          tokens * s.experts_per_token / touched, self._flops, self._bw, ROUTED_GEMMS)
         return t + e.layer_fixed_s + tokens * self._act_tok_s
 
     def _token_layer_s(self, tokens: int) -> tuple:
@@ -850,14 +1017,14 @@ class RooflineCost(CostModel):
     def prefill_head_s(self, new: float) -> float:
         # only the last position's logits are needed to emit the first token
         if self._eff is not None:
-            return self._eff.gemm_s(self._head_flops, self._head_bytes, 1, self._flops, self._bw)
+            return self._eff.gemm_s(self._head_flops, self._head_bytes, 1, self._flops, self._bw, 1)
         return max(self._head_flops / (self._flops * self._mfu), self._head_bytes / (self._bw * self._mbu))
 
     def decode_head_s(self, batch: int) -> float:
         if self._eff is not None:
             t = self._heads.get(batch)
             if t is None:
-                t = self._eff.gemm_s(self._head_flops * batch, self._head_bytes, batch, self._flops, self._bw)
+                t = self._eff.gemm_s(self._head_flops * batch, self._head_bytes, batch, self._flops, self._bw, 1)
                 if len(self._heads) < 65536:
                     self._heads[batch] = t
             return t
@@ -959,6 +1126,8 @@ class RooflineCost(CostModel):
             if fixed is None:  # what does not move with the context, once per batch size
                 comm = L * self.comm_layer_s(batch)
                 fixed = self._decode_fixed[batch] = (L * self._gemms_s(batch) + comm, self.decode_head_s(batch), comm)
+            if self._masked_decode and batch > 0:
+                return fixed[0] + L * self._masked_decode_s(batch, context_tokens), fixed[2]
             seen = batch * min(context_tokens / batch, self.shape.sliding_window) if slide else 0.0
             return fixed[0] + L * self._attention_s(context_tokens, context_tokens, seen, seen), fixed[2]
         F, BW = self._flops * self._mfu, self._bw * self._mbu
@@ -970,6 +1139,16 @@ class RooflineCost(CostModel):
             t += slide * max((lin + self._attn_flops * seen) / F, (w + self._kv_tok * seen) / BW)
         comm = L * self.comm_layer_s(batch)
         return t + comm, comm
+
+    def _masked_decode_s(self, batch: int, context_tokens: float) -> float:
+        """Attention of one layer of the executor's GQA decode graph (attention "masked"): the slower of
+        the masked kernel's walk (`batch` sequences, one new query each over context_tokens / batch keys)
+        and the KV read at its bandwidth share."""
+        e = self._eff
+        c = e.masked_attention_s(self.shape.head_dim, self._q_heads_gpu, self._kv_heads_gpu, 1,
+                                 context_tokens / batch - 1.0, self._flops / self.gpus, self._sms, seqs=batch)
+        m = self._kv_tok * context_tokens / self._kv_BW
+        return c if c > m else m
 
     def decode_next_kink(self, batch: int, context_tokens: float) -> float:
         # a layer's compute (lin + att C) and memory (w + kv C) sides cross once, if their slopes
@@ -1073,19 +1252,24 @@ class ProfileCost(CostModel):
                              L * compute, L * load_layer_s, 0.0, 0.0, 0.0)
 
     def decode_next_kink(self, batch: int, context_tokens: float) -> float:
+        it = self.m.iteration
+        # a static-shape step (`StepPadding`) changes time only where its key changes; an unmeasured
+        # one composes the tables, whose column kinks may come first
+        last = (it.padding.decode_last_context(batch, context_tokens)
+                if it is not None and it.keyed and it.padding is not None else math.inf)
         m = self.profile.decode_context_multiple
         if m is not None:
             # padded, the step is constant over each bucket: its last context is where the time changes
             return math.ceil(context_tokens / (batch * m) - 1e-9) * batch * m
         # bilinear in (batch, context per sequence): for a fixed batch, linear between the table's
         # interior context columns (the end segments extrapolate linearly)
-        cols = (self.m.decode_layer_ms if self.m.iteration is None else self.m.iteration.decode_ms).ys
+        cols = (self.m.decode_layer_ms if it is None else it.decode_ms).ys
         i = bisect.bisect_right(cols, context_tokens / batch)
         while i < len(cols) - 1:
             if cols[i] * batch > context_tokens:
-                return cols[i] * batch
+                return min(cols[i] * batch, last)
             i += 1
-        return math.inf
+        return last
 
     def h2d_bw(self, chunk_bytes: float) -> float:
         k = self.kv_shards

@@ -4,8 +4,13 @@ A constant MFU 0.55 is 16% (7B) / 14% (70B) off measured H100 layer times, and -
 memory/compute knee, where a GEMM reaches neither its compute nor its memory roof (issue 16, item 6).
 `RooflineEfficiency` prices one decoder layer as the kernels it runs, each against its own measured
 share of the peaks:
-  * the layer's GEMMs: max(FLOPs / (peak x gemm_flops(M)), bytes / (bandwidth x gemm_bw(M))), the two
-    fractions read off a GEMM sweep at M rows (tokens in the step), interpolated in log(M);
+  * the layer's GEMMs: max(FLOPs / (peak x gemm_flops(M)), bytes / (bandwidth x gemm_bw(M)) + kernels x
+    gemm_fixed_s), the two fractions read off a GEMM sweep at M rows (tokens in the step), interpolated in
+    log(M); bytes are the weights plus the GEMMs' own activations in and out (M x (N + K) a matrix, 8% of a
+    LLaMA-2-7B layer's at M = 256). `gemm_fixed_s` is what every GEMM kernel pays on top of its bytes
+    (launch ramp, a last partial wave): over the sweep's 20 matrices at M <= 64 the time is ~4 us plus the
+    bytes at one bandwidth, so a model of small matrices reaches a smaller share of the bandwidth (7B's
+    four GEMMs at M = 256: 0.67 of it against the five shapes' median 0.71, the 13B's 0.71, 70B's 0.76);
   * attention: max(FLOPs / (peak x attention_flops), KV bytes / (bandwidth x kv_bw)), the FLOPs those of
     the query rows the kernel really computes: FlashAttention-2's forward (torch's flash kernel, what run
     13's layers and the batched executor run, causal and bottom-right aligned) works in tiles of
@@ -18,14 +23,24 @@ share of the peaks:
     query rows per KV head (query heads of a group folded into rows), each walking every key. With fewer
     blocks than SMs the GPU is mostly idle and the time is a block's walk, whatever the KV bytes: the
     LLaMA-2-7B (32 heads), 13B (40) and Llama-3.1-8B (8 KV heads, a quarter of the KV bytes) tables all
-    add ~23 ns a history token at 16..512 new tokens, and twice that once the blocks pass 2 x 132;
+    add ~23 ns a history token at 16..512 new tokens, and twice that once the blocks pass 2 x 132.
+    The executor's decode graphs (`gpu/decode_graph.py`) pass a dense padding mask too: with GQA
+    (Llama-3.1-8B) a KV head's 4 query heads fold into 4 rows, batch x 8 blocks walk every key, and the
+    table adds ~20 ns a context token at batch 1..16 (the same block walk, new = 1 per sequence); with MHA
+    (LLaMA-2) each block holds one query row and the 7B / 13B tables read the KV at full bandwidth, as
+    flash (the kernel spreads a one-row query over the keys: same backend, same mask, only the rows
+    differ). Which backend this is: torch 2.11's dispatch tries cuDNN first on an H100 once its bundled
+    cuDNN is newer than 9.15 (`check_prefer_cudnn_attention` in sdp_utils.cpp), and cuDNN's gates accept
+    these calls; else the memory-efficient kernel. Flash refuses any dense mask. No run has recorded the
+    backend: the model needs only the blocks and rows above;
   * the layer's other kernels (norms, RoPE, SiLU, residual adds): `act_passes` passes over each token's
     hidden state and MLP activations at full bandwidth, plus `layer_fixed_s` (their launch floor).
 
 `H100` holds the figures `python bench/roofline_vs_measured.py --fit --write` derives from run 13 (4 x
 H100 80GB HBM3, 2026-11-27): the GEMM fractions from `results/gpu/run13_tp/call3_gemm.csv` (the qkv / o /
 gate_up / down matrices of LLaMA-2 7B and 13B and of Llama-3.1-70B at TP 1, 2, 4, summed per shape, the
-median over the five shapes at each M), the flash attention and other-kernel terms fitted to the
+median over the five shapes at each M) and the fixed time of a GEMM kernel (the same sweep's intercept of
+time against bytes at M <= 64: 4.2 us), the flash attention and other-kernel terms fitted to the
 Llama-3.1-70B TP 1 layer times in `results/gpu/run13_tp/call3_tp_layer.csv`; the masked kernel's three
 terms fitted to the LLaMA-2-7B prefill-after-history table of `configs/hardware/h100.yaml` (the only
 kernel of its kind in the tool's data: run 13 ran flash). The LLaMA-2-13B table (same call) and
@@ -56,6 +71,7 @@ class RooflineEfficiency:
     masked_flops: float = 0.3   # masked kernel: share of peak FLOP/s with `blocks_per_sm` blocks on every SM
     masked_lone: float = 1.0    # masked kernel: a wave of at most one block per SM, as a share of a full wave's time
     masked_fixed_s: float = 0.0  # masked kernel, per layer: the mask made a bias, the kernel's start
+    gemm_fixed_s: float = 0.0   # per GEMM kernel, on its memory side: launch ramp and last wave
     query_tile: int = 64        # query rows per thread block (FA2's split-KV forward, the memory-efficient kernel)
     blocks_per_sm: int = 2      # thread blocks of the attention kernels one SM holds at once
     source: str = ""
@@ -81,12 +97,15 @@ class RooflineEfficiency:
         a, b = self.gemm_flops, self.gemm_bw
         return a[i] + (a[i + 1] - a[i]) * f, b[i] + (b[i + 1] - b[i]) * f
 
-    def gemm_s(self, flops: float, nbytes: float, tokens: float, peak_flops: float, bw_bytes_s: float) -> float:
-        """GEMMs of `flops` that read/write `nbytes`, over `tokens` rows, on `peak_flops` and `bw_bytes_s`."""
+    def gemm_s(self, flops: float, nbytes: float, tokens: float, peak_flops: float, bw_bytes_s: float,
+               kernels: int = 0) -> float:
+        """`kernels` GEMMs of `flops` in all that read/write `nbytes`, over `tokens` rows, on `peak_flops`
+        and `bw_bytes_s`. The compute share was measured on whole kernel times, so the fixed time is on
+        the memory side only."""
         if tokens <= 0:
             return 0.0
         ef, eb = self.gemm_fractions(tokens)
-        c, m = flops / (peak_flops * ef), nbytes / (bw_bytes_s * eb)
+        c, m = flops / (peak_flops * ef), nbytes / (bw_bytes_s * eb) + kernels * self.gemm_fixed_s
         return c if c > m else m
 
     def padded_rows(self, new: float) -> float:
@@ -99,19 +118,21 @@ class RooflineEfficiency:
         return -(-new // t) * t
 
     def masked_attention_s(self, head_dim: int, q_heads: float, kv_heads: float, new: float, hist: float,
-                           peak_flops: float, sms: int) -> float:
+                           peak_flops: float, sms: int, seqs: int = 1) -> float:
         """Compute time of the memory-efficient kernel over a dense mask on one GPU holding `q_heads` query
-        and `kv_heads` KV heads: `new` queries against all `hist + new` keys (the full rectangle: the mask
-        hides the causal half, the kernel still computes it), without splitting the keys.
+        and `kv_heads` KV heads: each of `seqs` sequences' `new` queries against all its `hist + new` keys
+        (the full rectangle: the mask hides the causal half, the kernel still computes it), without
+        splitting the keys.
 
-        Thread blocks: kv_heads x ceil(g x new / query_tile), g = q_heads / kv_heads query heads per KV
-        head folded into the rows (`gpu.model.attend`). A wave of slots = `blocks_per_sm` x `sms` blocks
-        walks each key in slots x query_tile x 4 x head_dim / (peak x masked_flops); the blocks take
+        Thread blocks: seqs x kv_heads x ceil(g x new / query_tile), g = q_heads / kv_heads query heads
+        per KV head folded into the rows (`gpu.model.attend`). A wave of slots = `blocks_per_sm` x `sms`
+        blocks walks each key in slots x query_tile x 4 x head_dim / (peak x masked_flops); the blocks take
         ceil(blocks / slots) waves, and a wave that leaves each SM at most one block lasts `masked_lone`
-        of that (a block alone on its SM runs faster than two sharing it).
+        of that (a block alone on its SM runs faster than two sharing it). The executor's GQA decode
+        graphs are this kernel with new = 1 and g rows a block (see `RooflineCost`).
         """
         g = q_heads / kv_heads
-        blocks = kv_heads * math.ceil(g * new / self.query_tile)
+        blocks = seqs * kv_heads * math.ceil(g * new / self.query_tile)
         slots = self.blocks_per_sm * sms
         wave_key_s = slots * self.query_tile * 4.0 * head_dim / (peak_flops * self.masked_flops)
         waves = self.masked_lone if blocks <= sms else math.ceil(blocks / slots)
@@ -121,6 +142,24 @@ class RooflineEfficiency:
         """Bytes one GPU's non-GEMM kernels move per token per layer: `act_passes` x (the hidden state,
         replicated on every GPU, plus the GPU's share of the MLP's active width), in bf16."""
         return self.act_passes * ACTIVATION_BYTES * (shape.hidden + mlp_active_width(shape) / gpus)
+
+
+# GEMM kernels of a dense decoder layer: the fused qkv projection, o, the fused gate/up projection, down
+# (`gpu.model`, run 13's layer). A MoE layer's routed experts add two grouped GEMMs (an assumption: no
+# MoE layer has been measured).
+GEMMS_PER_LAYER = 4
+ROUTED_GEMMS = 2
+
+
+def gemm_act_bytes_per_token(shape: ModelShape, gpus: int) -> float:
+    """Bytes one token's activations add to one GPU's GEMMs per layer, in and out of each matrix
+    (M x (N + K) elements a matrix): the hidden state into qkv and gate/up and out of o and down
+    (replicated on every GPU), and the GPU's shares of q, k, v, the attention output and the MLP's active
+    width. LLaMA-2-7B: 4 x 4,096 + 2 x 4,096 + 2 x 4,096 + 3 x 11,008 = 65,792 elements. An MLA layer's
+    latent projections are counted as its q, k, v (an approximation: none measured)."""
+    q = shape.heads * shape.head_dim
+    kv = shape.kv_heads * shape.head_dim
+    return ACTIVATION_BYTES * (4 * shape.hidden + (2 * q + 2 * kv + 3 * mlp_active_width(shape)) / gpus)
 
 
 def mlp_active_width(shape: ModelShape) -> float:
@@ -136,7 +175,7 @@ def mlp_active_width(shape: ModelShape) -> float:
 H100 = RooflineEfficiency(
     tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096),
     gemm_flops=(0.748, 0.748, 0.748, 0.748, 0.748, 0.748, 0.748, 0.748, 0.748, 0.696, 0.719, 0.744, 0.754, 0.764, 0.743, 0.737, 0.748),
-    gemm_bw=(0.775, 0.773, 0.766, 0.77, 0.773, 0.763, 0.764, 0.743, 0.713, 0.77, 0.77, 0.77, 0.77, 0.77, 0.77, 0.77, 0.77),
-    attention_flops=0.27, kv_bw=0.97, act_passes=16.25, layer_fixed_s=4.38e-05,
-    masked_flops=0.29, masked_lone=0.76, masked_fixed_s=2.7e-05,
+    gemm_bw=(0.831, 0.829, 0.828, 0.826, 0.83, 0.818, 0.818, 0.801, 0.763, 0.828, 0.828, 0.828, 0.828, 0.828, 0.828, 0.828, 0.828),
+    attention_flops=0.27, kv_bw=0.945, act_passes=16.75, layer_fixed_s=4.38e-05,
+    masked_flops=0.285, masked_lone=0.73, masked_fixed_s=1.8e-05, gemm_fixed_s=4.2e-06,
     source="H100 80GB HBM3, results/gpu/run13_tp call3 (2026-11-27): GEMM sweep call3_gemm.csv; flash attention and other kernels fitted to call3_tp_layer.csv, Llama-3.1-70B TP 1; masked attention to configs/hardware/h100.yaml, LLaMA-2-7B prefill after history")

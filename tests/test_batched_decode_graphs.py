@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from gpu.batched import BatchedExecutor, block_table, random_model, reference_logits
-from gpu.batched_decode import BATCH_BUCKETS, StaticDecode, token_buckets
+import dataclasses
+
+from gpu.batched_decode import BATCH_BUCKETS, token_buckets
 from gpu.tp_layer import TINY_GQA
 from sim.scheduler import ChunkedConfig, ChunkedScheduler, Scheduled, SeqRequest, StepPlan
 
@@ -35,10 +37,10 @@ def test_a_step_pads_to_the_next_batch_and_packed_context_bucket(model):
     ex = BatchedExecutor(model, num_blocks=40, block_tokens=BT, decode_graphs=True)
     st = ex.static
     # 3 rows -> batch bucket 4; 5 + 7 + 9 keys + 1 for the padded row = 22 -> 64
-    assert st.key([5, 7, 9]) == (4, 64)
+    assert st.key([5, 7, 9]) == (4, 0, 64)
     # 65 keys for one row -> 96; 200 rows of 1 key plus 56 padded rows: 256 -> 256
-    assert st.key([65]) == (1, 96)
-    assert st.key([1] * 200) == (256, 256)
+    assert st.key([65]) == (1, 0, 96)
+    assert st.key([1] * 200) == (256, 0, 256)
     # a context past the rotary tables (512 positions): no bucket, the eager path runs it
     assert st.key([513]) is None
     assert st.key([1] * 257) is None
@@ -77,8 +79,9 @@ def test_static_decode_equals_recompute_and_touches_only_its_slots(model):
     prefill_kv(ex, reqs)
     known = {r: list(ex.tokens[r]) for r in reqs}
     k0, v0 = ex.k.clone(), ex.v.clone()
+    before = ex.static.eager_steps     # the prefill chunks ran at static shapes too
     out = ex.run(plan, keep_logits=True)
-    assert out.graph and ex.static.eager_steps == 1
+    assert out.graph and ex.static.eager_steps == before + 1
     for row, r in enumerate(reqs):
         last = r.num_computed_tokens
         ref = reference_logits(model, known[r][:last + 1])[last]
@@ -134,19 +137,20 @@ def test_a_row_reading_past_its_context_is_caught_by_the_poison(model):
     # row 0 claims one more token: it attends position 11, whose K/V no step wrote (NaN), while row 1
     # stays finite
     bad = [ctxs[0] + 1, ctxs[1]]
-    st.run(toks, bad, tables, st.key(bad))
+    st.run(st.key(bad), toks, bad, tables)
     assert st.logits[0].isnan().all() and torch.isfinite(st.logits[1]).all()
-    st.run(toks, ctxs, tables, st.key(ctxs))   # the true lengths: position 11 is written first
+    st.run(st.key(ctxs), toks, ctxs, tables)   # the true lengths: position 11 is written first
     assert torch.isfinite(st.logits[:2]).all()
 
 
 def test_a_step_past_the_largest_bucket_runs_eagerly(model):
     ex = BatchedExecutor(model, num_blocks=60, block_tokens=BT, decode_graphs=True)
-    ex.static.batch_buckets = [1, 2]   # as if 2 were the largest batch captured
+    ex.static.padding = dataclasses.replace(ex.static.padding, batch=(1, 2))   # as if 2 were the largest
     plan, reqs = decode_plan(ex, [(5, 1), (6, 1), (7, 1)])
     prefill_kv(ex, reqs)
+    before = ex.static.eager_steps
     out = ex.run(plan)
-    assert not out.graph and ex.static.eager_steps == 0
+    assert not out.graph and ex.static.eager_steps == before
     assert set(out.sampled) == set(reqs)
 
 
@@ -176,10 +180,12 @@ def test_cuda_decode_graphs_equal_eager_steps():
 
 class FakeGraph:
     """Stands in for torch.cuda.CUDAGraph on CPU: the capture runs the body (as a real capture only
-    records it); `replay` is bound to the body of its key after capture."""
+    records it); `replay` runs the body of the key it was captured under."""
+    static = None
 
     def replay(self):
-        self.fn()
+        st = FakeGraph.static
+        st.body(*next(k for k, g in st.captured.items() if g is self))
 
 
 def test_the_capture_path_runs_with_fake_cuda_graphs(model, monkeypatch):
@@ -204,15 +210,66 @@ def test_the_capture_path_runs_with_fake_cuda_graphs(model, monkeypatch):
     ex = BatchedExecutor(model, num_blocks=60, block_tokens=BT, poison=True, decode_graphs=True)
     st = ex.static
     st.graphs = True                       # as on CUDA
-    assert st.capture(keys=[(4, 64)]) == 1 and st.failed is None and modes == ["global"]
+    FakeGraph.static = st
+    assert st.capture(keys=[(4, 0, 64)]) == 1 and st.failed is None and modes == ["global"]
     plan, reqs = decode_plan(ex, [(9, 3), (13, 1), (5, 6)], seed=7)
+    # three chunk steps of 11, 13 and 10 new tokens: one shape (16 chunk tokens, 64 keys), captured by
+    # the first when used, replayed by all three
     prefill_kv(ex, reqs)
-    g = st.captured[(4, 64)]
-    g.fn = lambda: st.body(4, 64)
+    assert st.captured_in_run == 1 and st.replays == 3 and (0, 16, 64) in st.captured
     known = {r: list(ex.tokens[r]) for r in reqs}
     out = ex.run(plan, keep_logits=True)
-    assert out.graph and st.replays == 1 and st.eager_steps == 0
+    assert out.graph and out.key == (4, 0, 64) and not out.captured
+    assert st.replays == 4 and st.eager_steps == 0 and st.captured_in_run == 1
     for row, r in enumerate(reqs):
         last = r.num_computed_tokens
         ref = reference_logits(model, known[r][:last + 1])[last]
         assert torch.allclose(out.logits[row], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_mixed_step_at_its_static_shape_equals_recompute_and_touches_only_its_slots(model):
+    """Two decode rows and two prefill chunks (one after 8 cached tokens, one from scratch) in one
+    padded step: batch bucket 2, 7 + 5 = 12 chunk tokens -> 16 (4 padding tokens), keys 10 + 7 (decodes)
+    + 15 + 5 (chunks) + 4 (padding) = 41 -> 64. Every real row equals a one-pass recompute; K/V change
+    only at the new tokens' slots and the scratch slot; free blocks stay NaN (never read)."""
+    ex = BatchedExecutor(model, num_blocks=60, block_tokens=BT, poison=True, decode_graphs=True)
+    plan, reqs = decode_plan(ex, [(8, 2), (6, 1)], seed=11)
+    prefill_kv(ex, reqs)
+    free = [b for b in range(1, 60) if b not in {x for r in reqs for x in r.blocks}][::-1]
+    chunks = []
+    for k, (prompt, cached, new) in enumerate([(15, 8, 7), (9, 0, 5)]):
+        r = SeqRequest(("c", k), prompt, 10, lambda i, k=k: ("c", k, i))
+        r.blocks = [free.pop() for _ in range(-(-(cached + new) // BT))]
+        ex.tokens[r] = ids(40 + k, prompt)
+        if cached:
+            r.num_computed_tokens = 0
+            ex.run(StepPlan([Scheduled(r, cached, False)], [], {}, 0))
+            ex.tokens[r] = ex.tokens[r][:prompt]
+        r.num_computed_tokens = cached
+        chunks.append((r, new))
+    plan = StepPlan(plan.scheduled + [Scheduled(r, n, False) for r, n in chunks], [], {}, 0)
+    known = {sc.req: list(ex.tokens[sc.req]) for sc in plan.scheduled}
+    k0 = ex.k.clone()
+    out = ex.run(plan, keep_logits=True)
+    assert out.graph and out.key == (2, 16, 64)
+    for row, (r, n, _) in enumerate(plan.scheduled):
+        last = r.num_computed_tokens + n - 1
+        ref = reference_logits(model, known[r][:last + 1])[last]
+        assert torch.allclose(out.logits[row], ref, rtol=1e-4, atol=1e-4), r.id
+    # the first chunk ends at 15 of 15 prompt tokens: it samples; the second (5 of 9) does not
+    assert chunks[0][0] in out.sampled and chunks[1][0] not in out.sampled
+    want = set()
+    for r, n, _ in plan.scheduled:
+        for p in range(r.num_computed_tokens, r.num_computed_tokens + n):
+            want.add((block_table(r)[p // BT], p % BT))
+    changed = ((ex.k != k0) & ~(ex.k.isnan() & k0.isnan())).flatten(3).any(-1).any(0)
+    # the scratch slot holds token 0 at position 0 whichever padded row wrote it last (an earlier
+    # padded step left the same value there)
+    assert {tuple(x) for x in changed.nonzero().tolist()} - {(0, 0)} == want
+
+
+def test_more_chunks_than_slots_run_eagerly(model):
+    ex = BatchedExecutor(model, num_blocks=60, block_tokens=BT, decode_graphs=True)
+    st = ex.static
+    assert st.key([], [(3, 0)] * st.padding.chunk_slots) is not None
+    assert st.key([], [(3, 0)] * (st.padding.chunk_slots + 1)) is None

@@ -133,6 +133,29 @@ def test_host_store_load_equals_recompute(model):
     assert plans[0].admitted[r1] == 0 and plans[0].external[r1] == 16
 
 
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_a_host_load_step_runs_at_its_static_shape_only_when_loading_first(model, layerwise):
+    """Load-first: every layer's copy, then the step's static shape (a CUDA graph on the GPU); layer-wise
+    loads gate each layer's compute, so that step runs eagerly. Both equal a recompute."""
+    ex = BatchedExecutor(model, num_blocks=30, block_tokens=BT, host_blocks=16, poison=True, decode_graphs=True,
+                         layerwise=layerwise)
+    sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=30, max_num_batched_tokens=64, block_tokens=BT,
+                                           prefix_caching=False), external_hit=ex.external_tokens)
+    ex.open_session("s", 40)
+    two_turns(ex, sched)
+    graph = []
+    run = ex.run
+
+    def spy(plan, keep_logits=False):
+        out = run(plan, keep_logits)
+        if any(plan.external.values()):
+            graph.append((out.graph, out.ext_tokens))
+        return out
+    ex.run = spy
+    drive(ex, sched)
+    assert graph == [(not layerwise, 16)]
+
+
 def test_a_skipped_host_load_is_caught_by_the_poison(model):
     """The check above can fail: without the load, the request attends NaN-filled blocks."""
     ex = BatchedExecutor(model, num_blocks=30, block_tokens=BT, host_blocks=16, poison=True)
@@ -270,20 +293,45 @@ def test_device_script_cpu_smoke_writes_every_file(tmp_path):
                         "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     for f in ("env.json", "attn_bench.csv", "traces.csv", "turns.csv", "steps.csv", "compare.json",
-              "iteration_raw.csv", "profile_calibrated.yaml", "graph_bench.csv"):
+              "iteration_raw.csv", "profile_calibrated.yaml", "graph_bench.csv", "replay_steps.csv"):
         assert (tmp_path / f).exists(), f
     # decode graphs on by default; on CPU their static body runs eagerly, with the eager path's logits
     import pandas as pd
     gb = pd.read_csv(tmp_path / "graph_bench.csv")
-    assert len(gb) == 2 and gb.graph_graph.all() and not gb.eager_graph.any() and (gb.rel_err < 1e-5).all()
+    assert len(gb) == 3 and gb.graph_graph.all() and not gb.eager_graph.any() and (gb.rel_err < 1e-5).all()
     env = json.loads((tmp_path / "env.json").read_text())
     assert env["decode_graphs"]["eager_static_steps"] > 0 and env["decode_graphs"]["failed"] is None
     assert pd.read_csv(tmp_path / "steps.csv").graph.any()
+    # the replayed runs' shapes were timed and priced at their static shapes, with the loop's host time
+    import yaml
+    it = yaml.safe_load((tmp_path / "profile_calibrated.yaml").read_text())["models"]["llama3.1-8b"]["iteration"]
+    raw = pd.read_csv(tmp_path / "iteration_raw.csv")
+    assert (raw.kind == "step").sum() > 0 and len(it["steps_ms"]["ms"]) > 0 and it["host_step_ms"]["ms"]
+    assert env["decode_graphs"]["chunk_shapes"] == sum(1 for n in it["steps_ms"]["chunk_tokens"] if n)
     # the call's own calibrated profile and the committed one each price every run
     result = json.loads((tmp_path / "compare.json").read_text())
     assert set(result) == {"calibrated", "committed"}
     assert result["calibrated"]["iteration_section"] and not result["committed"]["iteration_section"]
     for summary in result.values():
         runs = summary["runs"]
-        assert set(runs) == {"dram_r4", "dram_r8", "hbm_r8_preempt"}
+        assert set(runs) == {"dram_r4", "dram_r8", "hbm_r8_preempt", "dram_r8_preempt",
+                             "dram_r8_preempt_loadfirst"}
         assert all(v["turns_matched"] == v["turns_meas"] > 0 for v in runs.values())
+
+
+def test_a_turns_ttft_splits_into_the_wait_and_its_first_token_step():
+    import pandas as pd
+    from gpu.batched_validate import phase_summary
+    # measured: turn arrives at 1.0, waits for the step in flight (ends 1.004), its step 1.004-1.014:
+    # TTFT 14 ms; simulated: it arrives at a step boundary (no wait), its step takes 12 ms
+    mt = pd.DataFrame({"session_id": ["a"], "turn": [0], "arrival_s": [1.0], "first_token_s": [1.014],
+                       "ttft_s": [0.014]})
+    ms = pd.DataFrame({"start_s": [0.994, 1.004], "end_s": [1.004, 1.014]})
+    stt = pd.DataFrame({"session_id": ["a"], "turn": [0], "arrival_s": [1.0], "first_token_s": [1.012],
+                        "ttft_s": [0.012]})
+    ss = pd.DataFrame({"start_s": [0.990, 1.0], "end_s": [1.0, 1.012]})
+    got = phase_summary(mt, ms, stt, ss)
+    assert got["ft_step_mape"] == pytest.approx(2 / 10)            # 12 vs 10 ms
+    assert got["ttft_mape_same_wait"] == pytest.approx(2 / 14)     # the measured 4 ms wait kept
+    assert got["wait_mean_meas_s"] == pytest.approx(0.004) and got["wait_mean_sim_s"] == pytest.approx(0.0)
+    assert got["wait_abs_diff_s"] == pytest.approx(0.004)

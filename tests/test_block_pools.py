@@ -160,3 +160,26 @@ def test_a_hit_inside_a_free_run_takes_its_front_and_leaves_its_back_queued():
     # 5 more blocks: the 4 keyless ones, then the deepest cached one is evicted
     pool.allocate(b, 5)
     assert pool.queue_keys() == [("c", 4), ("c", 3)] and pool.lookup(SeqRequest(3, 9, 1, segments=[(0, "c", 0)]), 8)[1] == 5
+
+
+def test_the_exact_pools_count_of_keyless_free_blocks_follows_every_move():
+    """The count `BlockPool.keyless_free` keeps as blocks are allocated, touched by prefix hits, cached
+    and freed (preemptions included) equals a count over the free queue at every step."""
+    import random
+    from sim.scheduler import ChunkedConfig, ChunkedScheduler, SeqRequest
+    rnd = random.Random(5)
+    sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=24, max_num_batched_tokens=48, block_tokens=4))
+    pool = sched.pool.pool
+    steps = 0
+    for k in range(30):
+        session = rnd.randrange(6)   # turns of one session share their first blocks' keys
+        sched.add_request(SeqRequest(k, rnd.randrange(5, 40), rnd.randrange(1, 30),
+                                     lambda i, s=session: (s, i)))
+        for _ in range(rnd.randrange(1, 6)):
+            if not sched.has_unfinished():
+                break
+            plan = sched.schedule()
+            sched.update(plan)
+            steps += 1
+            assert pool.keyless_free == sum(1 for b in pool.free if pool.key[b] is None)
+    assert steps > 50 and sched.stats.preemptions > 0

@@ -50,13 +50,14 @@ def test_measured_prefill_layer_sums_gemms_attention_and_the_other_kernels():
 
 def test_measured_decode_step_reads_weights_at_the_gemm_share_and_kv_at_its_own():
     """8 sequences holding 8,000 tokens: GEMMs memory-bound at 8 rows (bandwidth share 0.5 + 0.4 x
-    log 8 / log 100), KV at full bandwidth; the LM head is a GEMM over the 8 rows."""
+    log 8 / log 100) over the weights and their activations (8 x 65,792 bf16 elements), plus four
+    kernels' 2 us; KV at full bandwidth; the LM head is one GEMM over the 8 rows."""
     m = MODELS["llama2-7b"]
-    c = RooflineCost(m, 1, 100e12, 2000, 0.5, 0.5, 25, 25, 5, 3, efficiency=_eff())
+    c = RooflineCost(m, 1, 100e12, 2000, 0.5, 0.5, 25, 25, 5, 3, efficiency=_eff(gemm_fixed_s=2e-6))
     bw = 0.5 + 0.4 * math.log(8) / math.log(100)
-    layer = (m.params_per_layer * 2 / (2000e9 * bw) + 8000 * m.kv_bytes_per_token_layer / 2000e9
-             + 8 * 2 * (4096 + 11008) / 2000e9 + 1e-5)
-    head = m.vocab * m.hidden * 2 / (2000e9 * bw)
+    layer = ((m.params_per_layer * 2 + 8 * 65792 * 2) / (2000e9 * bw) + 4 * 2e-6
+             + 8000 * m.kv_bytes_per_token_layer / 2000e9 + 8 * 2 * (4096 + 11008) / 2000e9 + 1e-5)
+    head = m.vocab * m.hidden * 2 / (2000e9 * bw) + 2e-6
     assert c.decode_step_s(8, 8000) == pytest.approx(32 * layer + head, rel=1e-12)
     # linear in the context for a fixed batch: the span's closed form needs no kink
     assert c.decode_next_kink(8, 8000) == math.inf
@@ -100,6 +101,22 @@ def test_a_measured_mixed_iteration_reads_the_weights_once_and_matches_prefill_a
     assert cm.mixed_layer_s([(512, 1000)], 0, 0.0) == pytest.approx(cm.prefill_layer_s(512, 1000), rel=1e-12)
     assert (cm.mixed_layer_s([], 32, 48000) * s.layers + cm.decode_head_s(32)
             == pytest.approx(cm.decode_step_s(32, 48000), rel=1e-12))
+
+
+def test_a_gemm_kernels_fixed_time_is_on_its_memory_side_only():
+    e = _eff(gemm_fixed_s=3e-6)
+    # 1 GB at 1 TB/s x 0.7 = 1.43 ms plus four kernels' 3 us; 1 TFLOP at 1 PF/s x 0.5 = 2 ms takes none
+    assert e.gemm_s(1e9, 1e9, 10, 1e15, 1e12, 4) == pytest.approx(1e9 / 0.7e12 + 12e-6)
+    assert e.gemm_s(1e12, 1e9, 10, 1e15, 1e12, 4) == pytest.approx(2e-3)
+
+
+def test_gemm_activations_are_each_matrixs_rows_in_and_out_on_one_gpu():
+    from sim.efficiency import gemm_act_bytes_per_token
+    # LLaMA-2-7B: qkv 4,096 + 12,288, o 4,096 + 4,096, gate_up 4,096 + 22,016, down 11,008 + 4,096
+    assert gemm_act_bytes_per_token(MODELS["llama2-7b"], 1) == 2 * 65792
+    # Llama-3.1-70B on 4 GPUs: the hidden state (8,192) in and out everywhere, the rest a quarter:
+    # 4 x 8,192 + (2 x 8,192 + 2 x 1,024 + 3 x 28,672) / 4
+    assert gemm_act_bytes_per_token(MODELS["llama3.1-70b"], 4) == 2 * (32768 + (16384 + 2048 + 86016) / 4)
 
 
 def test_flash_attention_computes_whole_query_tiles_and_one_query_as_it_is():
@@ -151,6 +168,33 @@ def test_the_masked_roofline_prices_a_prefill_after_history_with_the_masked_kern
     assert masked.mixed_layer_s([(16, 8176)], 0, 0.0) == flash.mixed_layer_s([(16, 8176)], 0, 0.0)
 
 
+def test_the_masked_decode_folds_a_kv_heads_query_group_into_one_block_per_sequence():
+    """The executor's decode graphs (attention "masked"), Llama-3.1-8B (32 query heads over 8 KV heads) on
+    1 PF/s, 2,000 GB/s, 132 SMs. 4 sequences of 8,192 tokens: 4 x 8 blocks of 4 rows, at most one per
+    SM: 0.8 x 8,192 keys x 28.84 ns = 189 us a layer, above the KV read (32,768 tokens x 4 KiB at
+    2,000 GB/s = 67.1 us) that flash pays; no fixed term (a one-row mask). 64 sequences: 512 blocks, two
+    waves (472 us), below their 1,074 us KV read: KV-bound as flash. LLaMA-2-7B (MHA, one row a head)
+    decodes as flash."""
+    e = _eff(masked_flops=0.3, masked_lone=0.8, masked_fixed_s=20e-6)
+    key = 264 * 64 * 4 * 128 / (1e15 * 0.3)
+    assert e.masked_attention_s(128, 32, 8, 1, 8191, 1e15, 132, seqs=4) == pytest.approx(0.8 * 8192 * key)
+    assert e.masked_attention_s(128, 32, 8, 1, 8191, 1e15, 132, seqs=64) == pytest.approx(2 * 8192 * key)
+    m = MODELS["llama3.1-8b"]
+    masked = RooflineCost(m, 1, 1e15, 2000, 0.5, 0.5, 25, 25, 5, 3, efficiency=e, attention="masked", sms=132)
+    flash = RooflineCost(m, 1, 1e15, 2000, 0.5, 0.5, 25, 25, 5, 3, efficiency=e)
+    walk, kv = 0.8 * 8192 * key, 4 * 8192 * 4096 / 2000e9
+    assert kv == pytest.approx(67.108864e-6) and walk > kv
+    assert masked.decode_step_s(4, 4 * 8192) == pytest.approx(flash.decode_step_s(4, 4 * 8192) + 32 * (walk - kv),
+                                                               rel=1e-12)
+    assert 2 * 8192 * key < 64 * 8192 * 4096 / 2000e9
+    assert masked.decode_step_s(64, 64 * 8192) == pytest.approx(flash.decode_step_s(64, 64 * 8192), rel=1e-12)
+    assert masked.decode_step_s(4, 0.0) == pytest.approx(flash.decode_step_s(4, 0.0), rel=1e-12)
+    mha = MODELS["llama2-7b"]
+    assert (RooflineCost(mha, 1, 1e15, 2000, 0.5, 0.5, 25, 25, 5, 3, efficiency=e, attention="masked",
+                         sms=132).decode_step_s(4, 4 * 8192)
+            == RooflineCost(mha, 1, 1e15, 2000, 0.5, 0.5, 25, 25, 5, 3, efficiency=e).decode_step_s(4, 4 * 8192))
+
+
 def test_the_masked_kernel_needs_measured_efficiencies_and_the_sm_count():
     m = MODELS["llama2-7b"]
     with pytest.raises(KvsimError, match="masked"):
@@ -166,5 +210,6 @@ def test_the_committed_h100_table_is_what_the_whole_fit_derives():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     fitted = mod.fit(mod.measured_points())
-    keys = ("attention_flops", "kv_bw", "act_passes", "masked_flops", "masked_lone", "masked_fixed_s")
+    keys = ("attention_flops", "kv_bw", "act_passes", "masked_flops", "masked_lone", "masked_fixed_s",
+            "gemm_fixed_s", "gemm_flops", "gemm_bw")
     assert {k: getattr(H100, k) for k in keys} == {k: getattr(fitted, k) for k in keys}

@@ -13,7 +13,8 @@ import pytest
 
 from profiles import small_profile
 from sim.config import load_config
-from sim.costmodel import CostModel, ProfileCost, build_cost_model, parse_profile
+from sim.costmodel import CostModel, ProfileCost, RooflineCost, build_cost_model, parse_profile
+from sim.efficiency import H100 as H100_EFFICIENCY
 from sim.models import MODELS
 from sim.scheduler import ChunkedConfig, ChunkedScheduler, SeqRequest
 
@@ -39,6 +40,9 @@ COSTS = {
     "roofline measured 13b a100": lambda: _roofline("llama2-13b", "a100-80gb", "measured"),
     "roofline measured 7b h100": lambda: _roofline("llama2-7b", "h100-80gb", "measured"),
     "roofline constant 13b a100": lambda: _roofline("llama2-13b", "a100-80gb", "constant"),
+    # the executor's GQA decode graphs: a decode step not linear in the context (the inline span must not apply)
+    "roofline masked gqa": lambda: RooflineCost(MODELS["llama3.1-8b"], 1, 1e15, 2000, 0.5, 0.5, 25, 25, 5, 3,
+                                                efficiency=H100_EFFICIENCY, attention="masked", sms=132),
     "profile with iteration": lambda: _profile(ITERATION),
     "profile without iteration": lambda: _profile(None),
 }
@@ -58,7 +62,7 @@ def test_iteration_s_is_the_iteration_total_bit_for_bit(name):
         assert cost.iteration_s(chunks, batch, ctx, load, buffers, layerwise) == want
 
 
-@pytest.mark.parametrize("name", ["roofline measured 13b a100", "roofline measured 7b h100"])
+@pytest.mark.parametrize("name", ["roofline measured 13b a100", "roofline measured 7b h100", "roofline masked gqa"])
 def test_the_roofline_decode_span_inline_is_the_general_span_bit_for_bit(name):
     cost = COSTS[name]()
     rng = random.Random(11)
@@ -88,3 +92,19 @@ def test_a_request_stops_at_its_max_tokens_or_where_it_reaches_the_model_length(
     assert _added(70, 20, 100) == 20  # 70 + 20 = 90 < 100: max_tokens first
     assert _added(80, 20, 100) == 20  # both at once
     assert _added(100, 5, 100) == 0  # a prompt at the length: its first sampled token ends it
+
+
+@pytest.mark.parametrize("name", ["roofline measured 13b a100", "roofline measured 7b h100", "roofline masked gqa"])
+def test_a_decode_step_costs_the_same_once_its_batch_terms_are_cached(name):
+    """The first step of a batch goes through `decode_parts` (filling the batch's fixed terms); later
+    ones take the inline form where the step is linear in the context (and `decode_span` with them):
+    both must give the same seconds, or the masked GQA kernel's walk would be lost after the first."""
+    rng = random.Random(3)
+    for _ in range(200):
+        cost = COSTS[name]()
+        B = rng.randint(1, 64)
+        first = cost.decode_step_s(B, B * rng.randint(1, 8192))
+        S = B * rng.randint(1, 8192)
+        fresh = COSTS[name]()
+        assert cost.decode_step_s(B, S) == fresh.decode_step_s(B, S)
+        assert first > 0.0

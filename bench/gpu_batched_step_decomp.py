@@ -1,0 +1,35 @@
+"""Where a batched run's step error lives: each step that ran at a static shape against that shape's own
+calibration (iteration_raw.csv), with the scheduler's host time (`host_ms`) taken out of the wall time,
+and on CUDA events alone (the same graph's GPU time in the run vs in calibration).
+
+    python bench/gpu_batched_step_decomp.py results/gpu/run23_batched_shapes
+
+Writes step_decomp.csv in the folder (per run and kind of step) and prints it.
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def decompose(folder: Path) -> pd.DataFrame:
+    s = pd.read_csv(folder / "steps.csv", keep_default_na=False, na_values=[""])
+    raw = pd.read_csv(folder / "iteration_raw.csv", keep_default_na=False, na_values=[""])
+    cal = raw[raw.key != ""].groupby("key").agg(cal_ms=("ms", "median"), cal_gpu_ms=("gpu_ms", "median"))
+    j = s[s.ext_tokens == 0].merge(cal, left_on="key", right_index=True)   # host loads add their copies
+    j["kind"] = np.where(j.chunk_tokens > 0, "mixed", "decode")
+    run_ms = j.wall_ms - j.host_ms
+    j["step_err"] = (j.cal_ms - run_ms) / run_ms
+    j["gpu_err"] = (j.cal_gpu_ms - j.gpu_ms) / j.gpu_ms
+    g = j.groupby(["run", "kind"], sort=False)
+    return pd.DataFrame({"steps": g.size(), "step_mape": g.step_err.apply(lambda x: x.abs().mean()),
+                         "step_bias": g.step_err.mean(), "gpu_mape": g.gpu_err.apply(lambda x: x.abs().mean()),
+                         "gpu_bias": g.gpu_err.mean(), "schedule_ms_median": g.host_ms.median()}).reset_index()
+
+
+if __name__ == "__main__":
+    folder = Path(sys.argv[1])
+    df = decompose(folder)
+    df.to_csv(folder / "step_decomp.csv", index=False, float_format="%.4f")
+    print(df.round(3).to_string(index=False))
