@@ -1,17 +1,46 @@
 """Simulated turns per wall-clock second on a 100k-turn synthetic workload, one core.
 
     python bench/sim_speed.py [--turns 100000] [--policy attentionstore] [--scheduler prefill_first]
+    python bench/sim_speed.py --bytecodes [--turns 6000]
+
+The shared machines' speed drifts by 20% between sessions and with whatever else runs, so
+`--bytecodes` also counts the Python bytecodes the run executes per turn (opcode tracing: slow, so a
+small workload): the same figure on any machine, for comparing two versions of the code. It counts
+Python-level work only (C calls count as one instruction each).
 
 The workload is drawn from the synthetic generator fitted to ShareGPT (sim/trace_synth.py), sized
 to about --turns turns; the timing covers the simulation itself (replica + per-turn table +
 summary), not building the workload.
 """
 import argparse
+import sys
 import time
 
 from sim.config import load_config
 from sim.runner import run_simulation
 from sim.workload import load_workload
+
+
+def count_bytecodes(fn):
+    """(bytecodes executed by Python frames while `fn` runs, its result)."""
+    count = 0
+
+    def local(frame, event, arg):
+        nonlocal count
+        if event == "opcode":
+            count += 1
+        return local
+
+    def start(frame, event, arg):
+        frame.f_trace_opcodes = True
+        return local
+
+    sys.settrace(start)
+    try:
+        out = fn()
+    finally:
+        sys.settrace(None)
+    return count, out
 
 
 def main():
@@ -22,6 +51,8 @@ def main():
                     help="scheduler.kind (chunked: the default engine)")
     ap.add_argument("--rate", type=float, default=0.04,
                     help="session arrivals per second (one A100 sustains about 0.045 on ShareGPT lengths)")
+    ap.add_argument("--bytecodes", action="store_true",
+                    help="count Python bytecodes per turn instead of timing (deterministic; use --turns 6000)")
     args = ap.parse_args()
     from sim import trace_synth
     spec = trace_synth.SynthSpec.default()
@@ -33,6 +64,12 @@ def main():
     t0 = time.perf_counter()
     wl = load_workload(cfg)
     t1 = time.perf_counter()
+    if args.bytecodes:
+        count, res = count_bytecodes(lambda: run_simulation(cfg, wl))
+        n = res.summary["turns"]
+        print(f"policy {args.policy}, scheduler {args.scheduler}: {n} turns, {count:,} Python bytecodes "
+              f"-> {count / n:,.0f} a turn")
+        return
     c1 = time.process_time()
     res = run_simulation(cfg, wl)
     c2 = time.process_time()
