@@ -12,9 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpu.batched_validate import csv_path  # noqa: E402
+
 
 def decompose(folder: Path) -> pd.DataFrame:
-    s = pd.read_csv(folder / "steps.csv", keep_default_na=False, na_values=[""])
+    s = pd.read_csv(csv_path(folder, "steps.csv"), keep_default_na=False, na_values=[""])
     raw = pd.read_csv(folder / "iteration_raw.csv", keep_default_na=False, na_values=[""])
     cal = raw[raw.key != ""].groupby("key").agg(cal_ms=("ms", "median"), cal_gpu_ms=("gpu_ms", "median"))
     j = s[s.ext_tokens == 0].merge(cal, left_on="key", right_index=True)   # host loads add their copies

@@ -58,7 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu.batched import (ATTENTION_KINDS, BatchedExecutor, random_model, serve_sessions)  # noqa: E402
 from gpu.calibrate import host_step_from_steps, iteration_from_raw  # noqa: E402
-from gpu.batched_validate import (POLICIES, compare_turns, phase_summary, predict_steps, scatter_plot, scheduler_for,  # noqa: E402
+from gpu.batched_validate import (POLICIES, compare_turns, csv_path, phase_summary, predict_steps,  # noqa: E402
+                                  scatter_plot, scheduler_for,
                                   simulate_sessions, step_summary, steps_frame, trace_sessions, turns_frame)
 from gpu.trace_slice import make_slice  # noqa: E402
 from gpu.tp_layer import TINY_GQA  # noqa: E402
@@ -734,9 +735,9 @@ def pool_profiles(folder: Path, profile, label: str, model: str, out: Path) -> d
     import yaml
     env = json.loads((folder / "env.json").read_text())
     ns = argparse.Namespace(**env["args"])
-    st = pd.read_csv(folder / "steps.csv", usecols=["num_blocks"])
+    st = pd.read_csv(csv_path(folder, "steps.csv"), usecols=["num_blocks"])
     runs = run_list(ns, int(st.num_blocks.max()))
-    name = "replay_steps.csv" if (folder / "replay_steps.csv").exists() else "replay_steps.csv.gz"
+    name = csv_path(folder, "replay_steps.csv").name
     rs = pd.read_csv(folder / name, keep_default_na=False, na_values=[""])
     pools = []
     for _, g in rs.groupby("replay", sort=False):
@@ -761,8 +762,8 @@ def compare(folder: Path, a, out: Path, device: str | None = None) -> None:
     """Per-step and whole-trace comparison of a call's files with each cost model of --profile (roofline
     unless one is given). The tiny smoke model has no cost model of its own: --model's prices it.
     compare.json: one summary per profile, under its label."""
-    steps = pd.read_csv(folder / "steps.csv", keep_default_na=False, na_values=[""])
-    turns = pd.read_csv(folder / "turns.csv")
+    steps = pd.read_csv(csv_path(folder, "steps.csv"), keep_default_na=False, na_values=[""])
+    turns = pd.read_csv(csv_path(folder, "turns.csv"))
     traces = pd.read_csv(folder / "traces.csv")
     if device is None:
         device = json.loads((folder / "env.json").read_text()).get("device", "")

@@ -288,3 +288,13 @@ def scatter_plot(joined: dict, path, title: str) -> None:
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / len(runs)))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def csv_path(folder, name: str):
+    """A run folder's table: `name`, or its gzipped copy (committed runs keep large tables gzipped so the
+    repository stays small enough to travel to the device machines)."""
+    from pathlib import Path
+    p = Path(folder) / name
+    if p.exists() or not (gz := p.with_name(name + ".gz")).exists():
+        return p
+    return gz

@@ -205,3 +205,18 @@ def test_the_scatter_plot_draws_one_row_of_ttft_and_tpot_a_run(tmp_path):
     scatter_plot({"a": (j, "a: hbm, 6 sessions/s"), "b": (j, "b: dram, 2 sessions/s")}, path, "run: GPU, model")
     h, w = image.imread(path).shape[:2]
     assert w == int(8.5 * 110) and h == int(2 * 2.7 * 110)  # two rows of two panels at 110 dpi
+
+
+def test_a_run_folders_table_is_read_plain_or_gzipped(tmp_path):
+    import gzip
+
+    import pandas as pd
+
+    from gpu.batched_validate import csv_path
+    assert csv_path(tmp_path, "steps.csv") == tmp_path / "steps.csv"  # neither: the plain name, for its error
+    with gzip.open(tmp_path / "steps.csv.gz", "wt") as f:
+        f.write("step,ms\n0,1.5\n")
+    assert csv_path(tmp_path, "steps.csv") == tmp_path / "steps.csv.gz"
+    assert pd.read_csv(csv_path(tmp_path, "steps.csv")).ms.tolist() == [1.5]
+    (tmp_path / "steps.csv").write_text("step,ms\n0,2.5\n")
+    assert csv_path(tmp_path, "steps.csv") == tmp_path / "steps.csv"  # a fresh plain table wins
