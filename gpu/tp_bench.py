@@ -559,20 +559,28 @@ def _run(cmd: list[str]) -> str:
 
 
 # ------------------------------------------------------------------------ one rank's whole run
-def run_rank(rank: int, world: int, args: RunArgs) -> None:
+def start_rank(rank: int, port: int, start_wall: float, smoke: bool):
+    """A rank process's set-up before its process group, for every multi-GPU launch: NVLink multicast
+    checked off, rendezvous and gloo on loopback, the device picked (CPU with one thread a rank for a
+    smoke run). Returns (trace: prints a line tagged with rank and elapsed time, cuda)."""
     for k, v in NO_MULTICAST_ENV.items():
         if os.environ.get(k) != v:
             raise SystemExit(f"{k} must be {v} in every process (NVLink multicast stays off)")
     # one host: rendezvous and gloo's sockets on loopback (the VM's hostname need not resolve to a reachable address)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), GLOO_SOCKET_IFNAME="lo")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
 
     def trace(msg):      # every rank, so that a hang shows where
-        print(f"[rank {rank} {time.time() - args.start_wall:6.1f}s] {msg}", flush=True)
-    cuda = torch.cuda.is_available() and not args.smoke
-    if not cuda:
-        torch.set_num_threads(1)      # ranks share the host's cores
+        print(f"[rank {rank} {time.time() - start_wall:6.1f}s] {msg}", flush=True)
+    cuda = torch.cuda.is_available() and not smoke
     if cuda:
         torch.cuda.set_device(rank)
+    else:
+        torch.set_num_threads(1)      # ranks share the host's cores
+    return trace, cuda
+
+
+def run_rank(rank: int, world: int, args: RunArgs) -> None:
+    trace, cuda = start_rank(rank, args.port, args.start_wall, args.smoke)
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     trace("init")
     # No device_id: NCCL communicators are then made lazily, by a group's first collective, so a rank

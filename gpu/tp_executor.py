@@ -51,7 +51,7 @@ from gpu.executor import TraceBounds, PADDING_SLACK_TOKENS, executor_for_trace, 
 from gpu.plans import PLANS, run_name
 from gpu.prefill_graph import PADDING
 from gpu.tp_bench import (MIB, NO_MULTICAST_ENV, allreduce_sizes, allreduce_table, combine_allreduce, measure_allreduce,
-                          run_stage, write_csv, write_table_yaml)
+                          run_stage, start_rank, write_csv, write_table_yaml)
 from sim.files import atomic_write_json
 from sim.models import MODELS
 from sim.trace import read_trace, write_trace
@@ -252,19 +252,7 @@ def _peaks(r: Rank) -> dict:
 
 
 def run_rank(rank: int, world: int, args: ServeArgs) -> None:
-    for k, v in NO_MULTICAST_ENV.items():
-        if os.environ.get(k) != v:
-            raise SystemExit(f"{k} must be {v} in every process (NVLink multicast stays off)")
-    # one host: rendezvous and gloo's sockets on loopback, as run 13's call 3
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), GLOO_SOCKET_IFNAME="lo")
-
-    def trace_line(msg):          # every rank, so that a hang shows where
-        print(f"[rank {rank} {time.time() - args.start_wall:6.1f}s] {msg}", flush=True)
-    cuda = torch.cuda.is_available() and not args.smoke
-    if cuda:
-        torch.cuda.set_device(rank)
-    else:
-        torch.set_num_threads(1)
+    trace_line, cuda = start_rank(rank, args.port, args.start_wall, args.smoke)
     timeout = dt.timedelta(seconds=args.init_timeout_s)
     trace_line("init")
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout)

@@ -448,15 +448,7 @@ class RunPool:
         if type(hit) is tuple:  # one run holds the whole hit (`lookup`)
             r, p, end = hit
             req.num_blocks = req.num_cached_blocks = end - p
-            if end < r.lo + r.n:
-                self._split(r, end)
-            if p > r.lo:
-                r = self._split(r, p)
-            if not r.holders:
-                self._unlink(r)
-                self.num_free -= r.n
-            r.holders.append(req)
-            req.blocks = [r]
+            req.blocks = [self._take(r, p, end, req)]
             return
         req.blocks = blocks = []
         req.num_blocks = req.num_cached_blocks = hit
@@ -470,16 +462,21 @@ class RunPool:
                 r, end = self._winner(runs, p)
                 if end > pe:
                     end = pe
-                if end < r.lo + r.n:
-                    self._split(r, end)
-                if p > r.lo:
-                    r = self._split(r, p)
-                if not r.holders:
-                    self._unlink(r)
-                    self.num_free -= r.n
-                r.holders.append(req)
-                blocks.append(r)
+                blocks.append(self._take(r, p, end, req))
                 p = end
+
+    def _take(self, r: Run, p: int, end: int, req) -> Run:
+        """Give `req` positions [p, end) of keyed run r: split off what lies outside, take the rest out of
+        the free queue if no one held it, and add `req` to its holders."""
+        if end < r.lo + r.n:
+            self._split(r, end)
+        if p > r.lo:
+            r = self._split(r, p)
+        if not r.holders:
+            self._unlink(r)
+            self.num_free -= r.n
+        r.holders.append(req)
+        return r
 
     def _pop(self, n: int) -> None:
         free = self.num_free

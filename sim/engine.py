@@ -581,7 +581,7 @@ class ChunkedReplica:
                     dt = self._step(plan, now)
                     if self.prefetch:
                         self._fetch_window(plan, now)
-                    B = self._step_decodes
+                    B = plan.num_decodes
                     if B:  # the decodes riding in this step wait for all of it
                         if rec.stalled:
                             rec.decode_span(B, 1, dt, 0.0)
@@ -591,7 +591,7 @@ class ChunkedReplica:
                     now = now + dt
                     finished = sched.update(plan)
                     if sched.first_sampled:
-                        self._first_tokens(now)
+                        self._first_tokens(now, len(plan.entries))
                 if now >= rec.hbm_next_s:  # HBM's KV blocks: referenced by requests, and free ones still cached
                     rec.hbm.sample(now, (pool.num_blocks - pool.num_free) * hbm_block, pool.num_cached_free * hbm_block)
                     rec.hbm_next_s = rec.hbm.next_s
@@ -640,10 +640,7 @@ class ChunkedReplica:
         else:
             t = cost.decode_span(B, ctx, 1)[0]
             self.busy_decode_s += t
-        end = start + t
-        self._step_end, self._step_size = end, len(plan.entries)
-        self._step_decodes = B
-        return end - now
+        return start + t - now
 
     def _swap(self, plan, start) -> float:
         """Swap preemption's copies, before the step computes (vLLM V0 swaps in the worker before the
@@ -746,16 +743,16 @@ class ChunkedReplica:
                 ssd_b += (hi - lo) * kv
         return dram_b, ssd_b, ready
 
-    def _first_tokens(self, now) -> None:
-        """Requests whose prompt's last chunk ran in this step sampled their first token at its end
-        (`ChunkedScheduler.first_sampled`, after `update`)."""
+    def _first_tokens(self, now, step_size: int) -> None:
+        """Requests whose prompt's last chunk ran in this step (of `step_size` requests) sampled their
+        first token at its end (`ChunkedScheduler.first_sampled`, after `update`)."""
         rec = self.rec
         for r in self.sched.first_sampled:
             i = r.id
             if rec.ttft_s[i] != rec.ttft_s[i]:
                 rec.ttft_s[i] = now - rec.arrival_s[i]
                 rec.prefill_s[i] = now - rec.prefill_start_s[i]
-                rec.batch_size[i] = self._step_size
+                rec.batch_size[i] = step_size
 
     # ---- the end of a turn: save to the host (§3.3) ------------------------------------------
     def _finish(self, req, now) -> float:

@@ -466,25 +466,10 @@ class ChunkedScheduler:
             computed = req.num_computed_tokens
             out = req.num_output_tokens
             total = req.prompt_tokens + out
-            if out and computed == total - 1 and (max_len is None or total < max_len):
-                # a decode (the common case): one token, which no threshold or budget cuts, and at most
-                # one new block; the general case below with n = 1, its arithmetic folded
+            decode = out > 0 and computed == total - 1
+            if decode and (max_len is None or total < max_len):
+                # a decode (the common case): one token, which no threshold or budget cuts
                 n = 1
-                need = -(-total // bt) - req.num_blocks
-                if need <= pool.num_free:
-                    if need > 0:
-                        pool.allocate(req, need)
-                    if caching:
-                        full = total // bt
-                        if full > req.num_cached_blocks and not (lazy_tail and req.num_cached_blocks >= req.segments[-1][0]):
-                            pool.cache(req, full)
-                    append((req, 1, True))
-                    num_decodes += 1
-                    decode_ctx += total
-                    budget -= 1
-                    i += 1
-                    continue
-                fits = False  # to the preemption loop below
             else:
                 n = total - computed
                 if 0 < threshold < n:
@@ -496,37 +481,28 @@ class ChunkedScheduler:
                 if n <= 0:
                     i += 1
                     continue
-                need = -(-(computed + n) // bt) - req.num_blocks
-                fits = need <= pool.num_free
-            if fits:
+            # its block(s) and newly full blocks, inline: the simulator's hottest loop
+            need = -(-(computed + n) // bt) - req.num_blocks
+            if need <= pool.num_free:
                 if need > 0:
                     pool.allocate(req, need)
                 if caching:
                     full = (computed + n if computed + n < total else total) // bt
                     if full > req.num_cached_blocks and not (lazy_tail and req.num_cached_blocks >= req.segments[-1][0]):
                         pool.cache(req, full)
-                if out > 0 and computed == total - 1:
-                    append((req, n, True))
-                    num_decodes += 1
-                    decode_ctx += total
-                else:
-                    append((req, n, False))
-                    chunks.append((n, computed))
-                budget -= n
-                i += 1
-                continue
-            fits = True
-            while not self._allocate_running(req, n):
-                # under FCFS the victim comes after `req` in the queue: it was not scheduled yet
-                victim = running.pop()
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is req:
-                    fits = False
+            else:
+                fits = True
+                while not self._allocate_running(req, n):
+                    # under FCFS the victim comes after `req` in the queue: it was not scheduled yet
+                    victim = running.pop()
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is req:
+                        fits = False
+                        break
+                if not fits:
                     break
-            if not fits:
-                break
-            if req.num_output_tokens > 0 and computed == total - 1:
+            if decode:
                 append((req, n, True))
                 num_decodes += 1
                 decode_ctx += total

@@ -14,17 +14,12 @@ from gpu.batched_decode import BATCH_BUCKETS, token_buckets
 from gpu.tp_layer import TINY_GQA
 from sim.scheduler import ChunkedConfig, ChunkedScheduler, Scheduled, SeqRequest, StepPlan
 
-BT = 4
+from tiny_batched import BT, ids, tiny_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model(TINY_GQA, 512, "cpu", torch.float32, seed=3)
-
-
-def ids(seed, n):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, TINY_GQA.vocab, (n,), generator=g).tolist()
+    return tiny_model()
 
 
 def test_token_buckets_grow_by_sqrt2_rounded_to_16():

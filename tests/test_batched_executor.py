@@ -12,17 +12,12 @@ from gpu.batched import (BatchedExecutor, StepBatch, block_table, random_model, 
 from gpu.tp_layer import TINY_GQA
 from sim.scheduler import ChunkedConfig, ChunkedScheduler, SeqRequest
 
-BT = 4
+from tiny_batched import BT, ids, scheduler_and_executor, tiny_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model(TINY_GQA, 512, "cpu", torch.float32, seed=3)
-
-
-def ids(seed, n):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, TINY_GQA.vocab, (n,), generator=g).tolist()
+    return tiny_model()
 
 
 def drive(ex, sched, max_steps=500, after_step=None):
@@ -69,26 +64,14 @@ def test_block_table_maps_new_tokens_to_their_slots(model):
 
 def test_batched_chunked_steps_equal_recompute_with_poisoned_free_blocks(model):
     # three requests under a 10-token budget: chunked prefills ride with decodes in one forward
-    sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=40, max_num_batched_tokens=10, block_tokens=BT,
-                                           prefix_caching=False))
-    ex = BatchedExecutor(model, num_blocks=40, block_tokens=BT, poison=True)
-    for k, (p, o) in enumerate([(13, 5), (7, 6), (22, 3)]):
-        r = SeqRequest(k, p, o, lambda i, k=k: (k, i))
-        ex.add(r, ids(10 + k, p))
-        sched.add_request(r)
+    sched, ex = scheduler_and_executor(model, 40, 10, False, [(13, 5), (7, 6), (22, 3)], 10)
     plans = drive(ex, sched)
     assert any(sum(1 for x in p.scheduled if x.is_decode) and any(not x.is_decode for x in p.scheduled)
                for p in plans), "no step mixed decodes and prefill chunks"
 
 
 def test_varlen_layout_equals_recompute(model):
-    sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=40, max_num_batched_tokens=12, block_tokens=BT,
-                                           prefix_caching=False))
-    ex = BatchedExecutor(model, num_blocks=40, block_tokens=BT, attention="flash_varlen", poison=True)
-    for k, (p, o) in enumerate([(9, 4), (17, 3)]):
-        r = SeqRequest(k, p, o, lambda i, k=k: (k, i))
-        ex.add(r, ids(20 + k, p))
-        sched.add_request(r)
+    sched, ex = scheduler_and_executor(model, 40, 12, False, [(9, 4), (17, 3)], 20, attention="flash_varlen")
     drive(ex, sched)
 
 
@@ -170,13 +153,7 @@ def test_a_skipped_host_load_is_caught_by_the_poison(model):
 
 def test_preemption_by_recompute_still_equals_recompute(model):
     # 12 blocks of 4 tokens for three requests that need 6-8 blocks each: the scheduler preempts
-    sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=12, max_num_batched_tokens=16, block_tokens=BT,
-                                           prefix_caching=True))
-    ex = BatchedExecutor(model, num_blocks=12, block_tokens=BT, poison=True)
-    for k, (p, o) in enumerate([(10, 16), (9, 14), (11, 15)]):
-        r = SeqRequest(k, p, o, lambda i, k=k: (k, i))
-        ex.add(r, ids(40 + k, p))
-        sched.add_request(r)
+    sched, ex = scheduler_and_executor(model, 12, 16, True, [(10, 16), (9, 14), (11, 15)], 40)
     drive(ex, sched)
     assert sched.stats.preemptions > 0
 

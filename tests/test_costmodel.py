@@ -279,7 +279,7 @@ def test_hbm_for_kv_is_what_weights_and_the_reserved_share_leave(tmp_path):
 
 # --- today's shapes: MoE, MLA, sliding windows, tensor parallelism ------------------------------------
 
-from sim.collectives import AllReduceTable, RingAllReduce, allreduce_bytes_per_layer, parse_allreduce_table  # noqa: E402
+from sim.collectives import RingAllReduce, allreduce_bytes_per_layer, parse_allreduce_table  # noqa: E402
 from sim.costmodel import kv_shards, sliding_pairs  # noqa: E402
 
 

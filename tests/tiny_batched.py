@@ -1,0 +1,31 @@
+"""What the batched-executor tests share: the tiny GQA model (float32 on CPU), prompt ids, and a scheduler
+and executor over one exact block pool with requests added to both."""
+import torch
+
+from gpu.batched import BatchedExecutor, random_model
+from gpu.tp_layer import TINY_GQA
+from sim.scheduler import ChunkedConfig, ChunkedScheduler, SeqRequest
+
+BT = 4
+
+
+def tiny_model():
+    return random_model(TINY_GQA, 512, "cpu", torch.float32, seed=3)
+
+
+def ids(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY_GQA.vocab, (n,), generator=g).tolist()
+
+
+def scheduler_and_executor(model, num_blocks, budget, prefix_caching, requests, seed0, **executor):
+    """A scheduler and a poisoned executor over `num_blocks`; `requests` [(prompt, output), ...] become requests
+    0, 1, ... with their own keys and prompt ids from seeds seed0, seed0 + 1, ..."""
+    sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=num_blocks, max_num_batched_tokens=budget,
+                                           block_tokens=BT, prefix_caching=prefix_caching))
+    ex = BatchedExecutor(model, num_blocks=num_blocks, block_tokens=BT, poison=True, **executor)
+    for k, (p, o) in enumerate(requests):
+        r = SeqRequest(k, p, o, lambda i, k=k: (k, i))
+        ex.add(r, ids(seed0 + k, p))
+        sched.add_request(r)
+    return sched, ex
