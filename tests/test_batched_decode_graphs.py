@@ -2,19 +2,18 @@
 captures on the GPU. Padded to batch and packed-context buckets, it must give the executor's logits
 (a one-pass recompute), write K/V only to the real rows' new slots and the scratch slot, and never
 read a block a request does not own (the free blocks are NaN-poisoned)."""
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from gpu.batched import BatchedExecutor, block_table, random_model, reference_logits
-import dataclasses
-
 from gpu.batched_decode import BATCH_BUCKETS, token_buckets
 from gpu.tp_layer import TINY_GQA
 from sim.scheduler import ChunkedConfig, ChunkedScheduler, Scheduled, SeqRequest, StepPlan
 
-from tiny_batched import BT, ids, tiny_model
+from tiny_batched import BT, ids, run_logits, scheduler_and_executor, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -154,19 +153,9 @@ def test_cuda_decode_graphs_equal_eager_steps():
     m = random_model(TINY_GQA, 512, "cuda", torch.bfloat16, seed=3)
     outs = {}
     for graphs in (False, True):
-        sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=60, max_num_batched_tokens=40,
-                                               block_tokens=16))
-        ex = BatchedExecutor(m, num_blocks=60, block_tokens=16, attention="flash_varlen", decode_graphs=graphs)
-        for j, (p, o) in enumerate([(37, 9), (70, 12), (20, 5)]):
-            r = SeqRequest(j, p, o, lambda i, j=j: (j, i))
-            ex.add(r, ids(50 + j, p))
-            sched.add_request(r)
-        rows = []
-        while sched.has_unfinished():
-            plan = sched.schedule()
-            rows.append(ex.run(plan, keep_logits=True).logits)
-            sched.update(plan)
-        outs[graphs] = torch.cat(rows)
+        sched, ex = scheduler_and_executor(m, 60, 40, True, [(37, 9), (70, 12), (20, 5)], 50, block_tokens=16,
+                                           poison=False, attention="flash_varlen", decode_graphs=graphs)
+        outs[graphs] = run_logits(sched, ex)
         if graphs:
             assert ex.static.replays > 0 and not ex.static.failed
     err = (outs[True] - outs[False]).norm() / outs[False].norm()

@@ -12,7 +12,7 @@ from gpu.batched import (BatchedExecutor, StepBatch, block_table, random_model, 
 from gpu.tp_layer import TINY_GQA
 from sim.scheduler import ChunkedConfig, ChunkedScheduler, SeqRequest
 
-from tiny_batched import BT, ids, scheduler_and_executor, tiny_model
+from tiny_batched import BT, ids, run_logits, scheduler_and_executor, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -201,18 +201,9 @@ def test_cuda_flash_kinds_equal_sdpa(kind):
     m = random_model(TINY_GQA, 512, "cuda", torch.bfloat16, seed=3)
     outs = {}
     for k in ("sdpa", kind):
-        sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=40, max_num_batched_tokens=10, block_tokens=16))
-        ex = BatchedExecutor(m, num_blocks=40, block_tokens=16, attention=k)
-        for j, (p, o) in enumerate([(37, 5), (70, 6)]):
-            r = SeqRequest(j, p, o, lambda i, j=j: (j, i))
-            ex.add(r, ids(50 + j, p))
-            sched.add_request(r)
-        rows = []
-        while sched.has_unfinished():
-            plan = sched.schedule()
-            rows.append(ex.run(plan, keep_logits=True).logits)
-            sched.update(plan)
-        outs[k] = torch.cat(rows)
+        sched, ex = scheduler_and_executor(m, 40, 10, True, [(37, 5), (70, 6)], 50, block_tokens=16, poison=False,
+                                           attention=k)
+        outs[k] = run_logits(sched, ex)
     err = (outs[kind] - outs["sdpa"]).norm() / outs["sdpa"].norm()
     assert err < 2e-2
 

@@ -18,14 +18,25 @@ def ids(seed, n):
     return torch.randint(0, TINY_GQA.vocab, (n,), generator=g).tolist()
 
 
-def scheduler_and_executor(model, num_blocks, budget, prefix_caching, requests, seed0, **executor):
-    """A scheduler and a poisoned executor over `num_blocks`; `requests` [(prompt, output), ...] become requests
-    0, 1, ... with their own keys and prompt ids from seeds seed0, seed0 + 1, ..."""
+def scheduler_and_executor(model, num_blocks, budget, prefix_caching, requests, seed0, block_tokens=BT,
+                           poison=True, **executor):
+    """A scheduler and an executor (poisoned by default) over `num_blocks`; `requests` [(prompt, output), ...]
+    become requests 0, 1, ... with their own keys and prompt ids from seeds seed0, seed0 + 1, ..."""
     sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=num_blocks, max_num_batched_tokens=budget,
-                                           block_tokens=BT, prefix_caching=prefix_caching))
-    ex = BatchedExecutor(model, num_blocks=num_blocks, block_tokens=BT, poison=True, **executor)
+                                           block_tokens=block_tokens, prefix_caching=prefix_caching))
+    ex = BatchedExecutor(model, num_blocks=num_blocks, block_tokens=block_tokens, poison=poison, **executor)
     for k, (p, o) in enumerate(requests):
         r = SeqRequest(k, p, o, lambda i, k=k: (k, i))
         ex.add(r, ids(seed0 + k, p))
         sched.add_request(r)
     return sched, ex
+
+
+def run_logits(sched, ex):
+    """Step the scheduler to the end on the executor; every step's logits, concatenated."""
+    rows = []
+    while sched.has_unfinished():
+        plan = sched.schedule()
+        rows.append(ex.run(plan, keep_logits=True).logits)
+        sched.update(plan)
+    return torch.cat(rows)
