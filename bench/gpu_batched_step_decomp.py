@@ -26,9 +26,17 @@ def decompose(folder: Path) -> pd.DataFrame:
     j["step_err"] = (j.cal_ms - run_ms) / run_ms
     j["gpu_err"] = (j.cal_gpu_ms - j.gpu_ms) / j.gpu_ms
     g = j.groupby(["run", "kind"], sort=False)
+    cols = {}
+    if "run_ms" in j:   # runs 26 on: the executor's own span (as calibration times it), its issue part, GC
+        j["run_err"] = (j.cal_ms - j.run_ms) / j.run_ms
+        j["after_ms"] = j.wall_ms - j.host_ms - j.run_ms        # the loop's update and records after the step
+        g = j.groupby(["run", "kind"], sort=False)
+        cols = {"run_bias": g.run_err.mean(), "issued_ms_median": g.issued_ms.median(),
+                "run_minus_gpu_ms": g.apply(lambda x: (x.run_ms - x.gpu_ms).median()),
+                "after_ms_median": g.after_ms.median(), "gc_ms_mean": g.gc_ms.mean()}
     return pd.DataFrame({"steps": g.size(), "step_mape": g.step_err.apply(lambda x: x.abs().mean()),
                          "step_bias": g.step_err.mean(), "gpu_mape": g.gpu_err.apply(lambda x: x.abs().mean()),
-                         "gpu_bias": g.gpu_err.mean(), "schedule_ms_median": g.host_ms.median()}).reset_index()
+                         "gpu_bias": g.gpu_err.mean(), "schedule_ms_median": g.host_ms.median(), **cols}).reset_index()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ leaves to its caller:
 """
 from __future__ import annotations
 
+import gc
+import heapq
 import math
 import time
 from dataclasses import dataclass, field
@@ -158,6 +160,8 @@ class StepResult:
     graph: bool = False       # run at a static shape (`gpu.batched_decode`: a CUDA graph on the GPU)
     key: tuple | None = None  # that shape (Bb, Nb, Kb)
     captured: bool = False    # its graph was captured by this step (a first use, not captured ahead)
+    issued_ms: float = 0.0    # host time from `run`'s call until the step's GPU work was all issued (layout,
+    #                           uploads, launches): where the GPU may wait on the host
 
 
 class BatchedExecutor:
@@ -350,6 +354,7 @@ class BatchedExecutor:
         """Run one planned step (call before `scheduler.update(plan)`: the plan's requests still hold
         their computed counts before the step). Returns the tokens sampled by the requests whose
         known tokens this step completes."""
+        t_call = time.perf_counter()
         if not plan.scheduled:
             return StepResult({}, None, 0.0, 0.0, 0)
         loading = any(plan.external.values())
@@ -357,7 +362,7 @@ class BatchedExecutor:
         # the compute); layer-wise loads gate each layer's compute on its own copy, which the eager
         # path below issues layer by layer
         if self.static is not None and (not loading or not self.layerwise):
-            out = self._run_static(plan, keep_logits)
+            out = self._run_static(plan, keep_logits, t_call)
             if out is not None:
                 return out
         m, s = self.model, self.shape
@@ -407,6 +412,7 @@ class BatchedExecutor:
         nxt = logits.argmax(-1)
         if self.cuda:
             self.ev_end.record(main)
+        issued_ms = (time.perf_counter() - t_call) * 1e3
         toks = nxt.tolist()   # synchronises: the step is done, as vLLM's synchronous engine waits for it
         sampled = {}
         for r, c, n, t in zip(sb.reqs, sb.starts, sb.counts, toks):
@@ -416,9 +422,9 @@ class BatchedExecutor:
         gpu_ms = self.ev_start.elapsed_time(self.ev_end) if self.cuda else 0.0
         load_ms = (self.ev_load[0].elapsed_time(self.ev_load[2 * self.L - 1])
                    if self.cuda and gated else 0.0)
-        return StepResult(sampled, logits if keep_logits else None, gpu_ms, load_ms, ext_tokens)
+        return StepResult(sampled, logits if keep_logits else None, gpu_ms, load_ms, ext_tokens, issued_ms=issued_ms)
 
-    def _run_static(self, plan: StepPlan, keep_logits: bool) -> StepResult | None:
+    def _run_static(self, plan: StepPlan, keep_logits: bool, t_call: float) -> StepResult | None:
         """A step through `self.static` at its padded shape (None: no static shape, run eagerly)."""
         bt = self.bt
         decs, chunks, row_of = [], [], []
@@ -452,6 +458,7 @@ class BatchedExecutor:
         self.static.run(key, ids, ctxs, tables, chunk_ids, shape, chunk_tables)
         if self.cuda:
             self.ev_end.record()
+        issued_ms = (time.perf_counter() - t_call) * 1e3
         Bb = key[0]
         rows = [i if kind == "d" else Bb + i for kind, i in row_of]
         toks = self.static.next[:Bb + len(chunks)].tolist()   # synchronises, as the eager path does
@@ -465,7 +472,7 @@ class BatchedExecutor:
                    if self.cuda and loads else 0.0)
         logits = self.static.logits[rows].clone() if keep_logits else None
         return StepResult(sampled, logits, gpu_ms, load_ms, sum(n for _, _, n in loads), graph=True, key=key,
-                          captured=self.static.captured_in_run > before)
+                          captured=self.static.captured_in_run > before, issued_ms=issued_ms)
 
     # ---- attention over the blocks ---------------------------------------------------------------
     def _attend(self, q, kc, vc, sb: StepBatch) -> torch.Tensor:
@@ -621,6 +628,9 @@ class StepRecord:
     loop_ms: float = 0.0      # the serving loop's host time around the step (schedule, update, records),
     #                           host clock: what a replay on a simulated clock measures of the loop
     decode_max_ctx: int = 0   # the longest decoding request's tokens (the attention kernel waits for it)
+    gc_ms: float = 0.0        # Python's garbage collections during the step (host clock), inside wall_ms
+    run_ms: float = 0.0       # host time of the executor's `run` (issue, wait for the sampled tokens, read them)
+    issued_ms: float = 0.0    # of which until the step's GPU work was all issued (`StepResult.issued_ms`)
 
 
 @dataclass
@@ -669,7 +679,6 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
     Everything before the clock starts: prompt ids drawn. Returns per-turn and per-step records;
     at `stop_s` on its clock (or after `max_steps`) it stops, and turns not finished are left out.
     """
-    from sim.scheduler import SeqRequest
     vocab = ex.shape.vocab
     pending = []  # (arrival, sid, turn)
     hist: dict = {sid: [] for sid in sessions}
@@ -678,11 +687,29 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
         if ex.host_k is not None:
             ex.open_session(sid, sum(int(t[2]) + int(t[3]) for t in ts) + ex.bt)
         pending.append((float(ts[0][0]), sid, 0))
-    pending.sort()
-    import heapq
     heapq.heapify(pending)
     res = ServeResult()
     rec_of: dict = {}   # request -> TurnRecord
+    # the collector's policy is the caller's (the validation freezes the heap and collects only when idle);
+    # collections that still run inside a step are timed (`gc_ms`): host time the cost model does not price
+    gc_ms = [0.0, 0.0]   # [total, start of the current collection]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_ms[1] = time.perf_counter()
+        else:
+            gc_ms[0] += (time.perf_counter() - gc_ms[1]) * 1e3
+    gc.callbacks.append(on_gc)
+    try:
+        return _serve(ex, sched, sessions, res, rec_of, pending, hist, ids, clock, sleep, on_step, max_steps,
+                      stop_s, gc_ms)
+    finally:
+        gc.callbacks.remove(on_gc)
+
+
+def _serve(ex, sched, sessions, res, rec_of, pending, hist, ids, clock, sleep, on_step, max_steps, stop_s,
+           gc_ms) -> ServeResult:
+    from sim.scheduler import SeqRequest
     t0 = clock()
     step = 0
     while pending or sched.has_unfinished():
@@ -703,6 +730,7 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
             continue
         t_start = clock() - t0
         h0 = time.perf_counter()   # the loop's own host time, on the host clock whatever `clock` is
+        gc0 = gc_ms[0]
         plan = sched.schedule()
         if not plan.scheduled:
             if not sched.running:
@@ -756,7 +784,8 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
             ";".join(f"{n}:{h}" for n, h in chunks), sum(n for n, _ in chunks),
             ";".join(str(plan.external[r]) for r in plan.external), out.ext_tokens, len(plan.admitted),
             len(plan.preempted), len(finished), plan.free_blocks, out.graph,
-            ":".join(map(str, out.key)) if out.key else "", out.captured, loop_ms, ctx_max))
+            ":".join(map(str, out.key)) if out.key else "", out.captured, loop_ms, ctx_max, gc_ms[0] - gc0,
+            (h2 - h1) * 1e3, out.issued_ms))
         if on_step is not None:
             on_step(res.steps[-1])
         step += 1

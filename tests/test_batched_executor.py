@@ -303,3 +303,23 @@ def test_a_turns_ttft_splits_into_the_wait_and_its_first_token_step():
     assert got["ttft_mape_same_wait"] == pytest.approx(2 / 14)     # the measured 4 ms wait kept
     assert got["wait_mean_meas_s"] == pytest.approx(0.004) and got["wait_mean_sim_s"] == pytest.approx(0.0)
     assert got["wait_abs_diff_s"] == pytest.approx(0.004)
+
+
+def test_serve_sessions_times_collections_inside_steps(model):
+    """A collection run inside a step is counted in that step's gc_ms (and in its wall time), and the
+    timing callback is gone after the serve."""
+    import gc
+    ex = BatchedExecutor(model, num_blocks=60, block_tokens=BT)
+    sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=60, max_num_batched_tokens=32, block_tokens=BT,
+                                           prefix_caching=False))
+
+    class CollectingClock(FakeClock):
+        def __call__(self):
+            gc.collect()          # every reading of the clock (several inside each step) collects
+            return super().__call__()
+
+    clk = CollectingClock()
+    res = serve_sessions(ex, sched, {"a": [(0.0, math.nan, 9, 4)]}, clock=clk, sleep=clk.sleep)
+    assert len(res.steps) == 4                       # one prefill step, three decodes
+    assert all(s.gc_ms > 0.0 for s in res.steps)
+    assert not [c for c in gc.callbacks if getattr(c, "__name__", "") == "on_gc"]
