@@ -665,8 +665,10 @@ def main():
             if was:
                 gc.enable()
         turns, steps = turns_frame(res), steps_frame(res)
+        # the run's time 0 on the wall clock, to line steps up with the GPU's clock and power log (smi.csv)
+        epoch0 = time.time() - time.perf_counter() + res.t0
         meta = dict(run=name, policy=pol, rate=rate, num_blocks=nb, block_tokens=bt, attention=attention,
-                    model=shape.name, layerwise=layerwise)
+                    model=shape.name, layerwise=layerwise, epoch0_s=round(epoch0, 4))
         all_turns.append(turns.assign(**meta))
         all_steps.append(steps.assign(**meta))
         write_csv(pd.concat(all_turns), out / "turns.csv")

@@ -657,6 +657,7 @@ class TurnRecord:
 class ServeResult:
     turns: list[TurnRecord] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)
+    t0: float = 0.0           # the clock's reading at time 0 of the records (to align outside logs)
 
 
 def _prompt_ids(sid: str, turn: int, n: int, vocab: int) -> list[int]:
@@ -710,7 +711,7 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
 def _serve(ex, sched, sessions, res, rec_of, pending, hist, ids, clock, sleep, on_step, max_steps, stop_s,
            gc_ms) -> ServeResult:
     from sim.scheduler import SeqRequest
-    t0 = clock()
+    t0 = res.t0 = clock()
     step = 0
     while pending or sched.has_unfinished():
         now = clock() - t0
