@@ -424,6 +424,42 @@ def served_gaps(model: M.Decoder, agree=None, sessions: int = 4, turns: int = 3,
     return {"rows": rows, "method": "gpu.executor.serve_trace, recompute, queued turns; host clock"}
 
 
+def decode_probes(model: M.Decoder, agree=None, prompts=(64, 1024, 4096), output_tokens: int = 32,
+                  reps: int = 3) -> dict:
+    """Replies decoded right after prefills of several lengths, as the executor serves queued turns.
+
+    A synthetic trace of one-turn sessions, `reps` of each prompt length in `prompts`, all arriving at 0
+    (every turn queues behind the one before, so each prefill follows the previous turn's decode and
+    each decode follows its own prefill, as in a trace run at load), through the executor's own loop
+    (`gpu.executor.serve_trace`, recompute, the ranks agreeing through `agree`). Each row is one turn on
+    this process's clock; `gpu.calibrate.decode_after_prefill` takes what each decode (first token ->
+    end) took beyond the decode tables, over the prefill before it (start -> first token). The decode
+    tables time decode steps after decode steps (`decode_step_grid`): a turn's decode right after a
+    compute-bound prefill is what they cannot see (run 21: 0.6% a step, more after longer prefills).
+    """
+    import pandas as pd
+
+    from gpu.executor import executor_for_trace, serve_trace
+    from gpu.plans import PLANS
+
+    trace = pd.DataFrame([{"session_id": f"dap{p}_{r}", "turn": 0, "arrival_s": 0.0, "think_s": float("nan"),
+                           "prompt_tokens": int(p), "output_tokens": int(output_tokens), "prefix_hashes": None}
+                          for r in range(reps) for p in prompts])
+    ex = executor_for_trace(model, PLANS["recompute"], trace)
+    try:
+        df = serve_trace(ex, trace, agree=agree)
+    finally:
+        ex.close()
+    del ex
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+    rows = [{"session_id": r.session_id, "prompt_tokens": int(r.history_tokens + r.new_tokens),
+             "output_tokens": int(r.output_tokens),
+             "start_s": float(r.start_s), "first_token_s": float(r.first_token_s), "end_s": float(r.end_s)}
+            for r in df.itertuples()]
+    return {"rows": rows, "method": "gpu.executor.serve_trace, recompute, one-turn sessions queued; host clock"}
+
+
 # ------------------------------------------------------------------------ decoder layers
 def _stack_model(shape: ModelShape, max_pos: int, seed: int = 0, device: str = "cuda", reduce=None) -> M.Decoder:
     # One layer's weights suffice: they (hundreds of MB) are far larger than L2, so re-running the

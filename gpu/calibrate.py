@@ -86,7 +86,38 @@ def profile_from_raw(raw: dict) -> dict:
             models[name].update(serving_terms(prof, name, m["serving"]["rows"]))
         if m.get("served_gaps"):
             models[name]["host_next_turn_ms"] = next_turn_gap_ms(m["served_gaps"]["rows"])
+        if m.get("decode_probes"):
+            models[name]["decode_after_prefill_ms"] = decode_after_prefill(prof, name, m["decode_probes"]["rows"])
     return prof
+
+
+def decode_after_prefill(prof: dict, model: str, rows: list[dict]) -> dict:
+    """What a reply's decode takes beyond the profile's decode tables, over the prefill before it
+    (`decode_after_prefill_ms`), from one-turn replies served back to back (`bench.decode_probes`). Per
+    prompt length: the median prefill (start -> first token) and the median of each turn's decode
+    (first token -> end) less the tables' decode of its output_tokens - 1 steps from its prompt + 1
+    tokens of context, as the simulator prices that decode (`CostModel.decode_span`, batch 1), floored
+    at 0. The tables are this profile's own (the term is what they miss, found after them)."""
+    from sim.costmodel import ProfileCost
+    from sim.models import MODELS
+
+    tables = {**prof, "models": {model: {k: v for k, v in prof["models"][model].items()
+                                         if k != "decode_after_prefill_ms"}}}
+    cost = ProfileCost(MODELS[model], parse_profile(tables, "<calibration>"), prof.get("tp", 1))
+    by_prompt: dict = {}
+    for r in rows:
+        k = int(r["output_tokens"]) - 1
+        if k < 1:
+            continue
+        pred_s = cost.decode_span(1, int(r["prompt_tokens"]) + 1, k)[0]
+        by_prompt.setdefault(int(r["prompt_tokens"]), []).append(
+            ((r["first_token_s"] - r["start_s"]) / MS, (r["end_s"] - r["first_token_s"] - pred_s) / MS))
+    if not by_prompt:
+        raise ValueError("decode probes: no turn decoded more than one token")
+    pts = sorted((round(statistics.median(p for p, _ in v), 4), round(max(statistics.median(x for _, x in v), 0.0), 5))
+                 for v in by_prompt.values())
+    pts = [q for i, q in enumerate(pts) if i == 0 or q[0] > pts[i - 1][0]]   # the table's x must ascend
+    return {"prefill_ms": [p for p, _ in pts], "ms": [x for _, x in pts]}
 
 
 def next_turn_gap_ms(rows: list[dict]) -> float:

@@ -217,6 +217,9 @@ def calibrate(r: Rank, shard, model: M.Decoder, grid: dict, out: Path) -> None:
     gaps = bench.served_gaps(model, agree=r.agree, sessions=2 if r.args.smoke else 4,
                              output_tokens=2 if r.args.smoke else 4)
     mine["served_gaps"] = gaps
+    # replies decoded right after prefills of several lengths (the decode tables time decode after decode)
+    mine["decode_probes"] = bench.decode_probes(model, agree=r.agree, prompts=(16, 32) if r.args.smoke else (64, 1024, 4096),
+                                                output_tokens=4 if r.args.smoke else 32, reps=1 if r.args.smoke else 3)
     r.log("  serving host terms done")
     chunks = [1 << k for k in (range(12, 16) if r.args.smoke else range(12, 28))]
     links = concurrent_links(r, chunks, reps=2 if r.args.smoke else 10)
@@ -237,7 +240,8 @@ def calibrate(r: Rank, shard, model: M.Decoder, grid: dict, out: Path) -> None:
         raw["models"] = {r.args.model: {
             "prefill": slowest_rank(layers, "prefill", ("new_tokens", "history_tokens")),
             "decode": slowest_rank(layers, "decode", ("batch", "context_tokens")),
-            "head": layers[0]["head"], "serving": layers[0]["serving"], "served_gaps": layers[0]["served_gaps"]}}
+            "head": layers[0]["head"], "serving": layers[0]["serving"], "served_gaps": layers[0]["served_gaps"],
+            "decode_probes": layers[0]["decode_probes"]}}
         write_profile(raw, out / f"profile_tp{r.world}.yaml", out / "calibration_raw.json")
         r.log(f"  profile_tp{r.world}.yaml written")
 

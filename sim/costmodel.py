@@ -25,7 +25,10 @@ Hardware profile schema `kvsim-hardware-profile/1` (YAML):
     layer, on the compute side: a layer gated on its load's event waits on another stream);
     host_next_turn_ms (the serving loop's host time after a reply whose session has a next turn, before
     it can start another turn: the TP executor's ranks agree on the reply's end, from which that turn
-    is scheduled, and the last rank to leave that host-group broadcast starts the next prefill late).
+    is scheduled, and the last rank to leave that host-group broadcast starts the next prefill late);
+    decode_after_prefill_ms: {prefill_ms: [...], ms: [...]} (what a reply's decode steps take beyond the
+    decode tables, over the prefill that ran just before them: the executor's own turns served back to
+    back, `gpu.calibrate.decode_after_prefill`; charged once to the decode that follows a prefill).
   Optional: ssd.contention: how the SSD's reads and writes slow each other, one of CONTENTION (the
     model `gpu.calibrate.ssd_contention_fit` found nearest the samples of
     `gpu.bench.ssd_read_under_write`; sim/tiers.py); absent: not measured.
@@ -268,6 +271,7 @@ class ModelProfile:
     preload_gate_layer_ms: float = 0.0
     host_next_turn_ms: float = 0.0
     iteration: Optional["IterationProfile"] = None
+    decode_after_prefill_ms: Optional[Table1D] = None
 
 
 @dataclass(frozen=True)
@@ -460,7 +464,7 @@ _KEYS = {"": ("schema", "device", "measured_at", "command", "tp", "gpu", "links"
          "links": ("h2d_pinned", "d2h_pinned", "h2d_pageable", "d2h_pageable"),
          "ssd": ("read", "write", "method", "read_pattern", "write_pattern", "contention"),
          "models.*": ("prefill_layer_ms", "decode_layer_ms", "head_ms", "preload_layer_overhead_ms", "host_turn_ms",
-                      "preload_gate_layer_ms", "host_next_turn_ms", "iteration"),
+                      "preload_gate_layer_ms", "host_next_turn_ms", "iteration", "decode_after_prefill_ms"),
          "models.*.iteration": ("decode_ms", "chunk_ms", "shared_ms", "padding", "steps_ms", "host_step_ms"),
          "models.*.iteration.padding": ("batch", "chunk_tokens", "keys", "chunk_slots"),
          "models.*.iteration.steps_ms": ("batch", "chunk_tokens", "keys", "ms")}
@@ -522,6 +526,9 @@ def parse_profile(raw: dict, path: str = "<profile>") -> HardwareProfile:
             extra[k] = float(v)
         if "iteration" in m:
             extra["iteration"] = _iteration(m["iteration"], path, f"{pre}.iteration")
+        if "decode_after_prefill_ms" in m:
+            extra["decode_after_prefill_ms"] = _table1(m["decode_after_prefill_ms"], path,
+                                                       f"{pre}.decode_after_prefill_ms", "prefill_ms")
         models[mname] = ModelProfile(
             _table2(pf, path, kpf, "new_tokens", "history_tokens"),
             _table2(dc, path, kdc, "batch", "context_tokens"),
@@ -601,6 +608,8 @@ class CostModel(ABC):
         # the serving loop's host time after a reply whose session goes on, before its next turn can
         # start (charged by the one-turn-at-a-time engine's finish, sim.engine.Replica._finish)
         self.host_next_turn_s = host_next_turn_s
+        # a measured profile's extra time of the decode that follows a prefill (`after_prefill_s`)
+        self.decode_after_prefill = None
         mode = ssd_contention or measured_contention or "none"
         if mode not in CONTENTION:
             raise KvsimError(f"ssd.contention: expected one of {', '.join(CONTENTION)}, got {mode!r}")
@@ -736,6 +745,17 @@ class CostModel(ABC):
         if load_layer_s > 0.0 and layerwise:
             layer += self.layer_gate_s
         return preload_pipeline_s(self.shape.layers, load_layer_s, layer, buffer_layers, layerwise) + head + self.host_turn_s
+
+    def after_prefill_s(self, prefill_s: float) -> float:
+        """The measured extra time of the decode that follows a prefill of `prefill_s` (profile key
+        `decode_after_prefill_ms`; 0 without it): held between the measured prefills' times, not
+        extrapolated past them (a longer prefill is charged the longest one's), and never below 0."""
+        t = self.decode_after_prefill
+        if t is None:
+            return 0.0
+        ms = prefill_s / MS
+        ms = min(max(ms, t.xs[0]), t.xs[-1])
+        return max(t(ms), 0.0) * MS
 
     def decode_span(self, batch: int, context_tokens: float, kmax: int, budget_s: float = math.inf) -> tuple:
         """(seconds, k): the next k decode iterations of `batch` sequences holding `context_tokens` tokens
@@ -1211,6 +1231,7 @@ class ProfileCost(CostModel):
         self.kv_shards = kv_shards(shape, gpus)
         self.profile = profile
         self.m = m
+        self.decode_after_prefill = m.decode_after_prefill_ms
 
     def prefill_layer_s(self, new: float, hist: float) -> float:
         if self.profile.prefill_padding is not None:

@@ -49,6 +49,10 @@ class Replica:
         self.w_hashes = workload.prefix_hashes
         self.w_next = workload.next_turn
         self.host_next_turn_s = cost.host_next_turn_s
+        # a measured profile's extra time of the decode after a prefill (cost.after_prefill_s), pending
+        # until the next decode span takes it; None: the profile has no such term (the hot path skips it)
+        self.after_prefill = cost.after_prefill_s if cost.decode_after_prefill is not None else None
+        self.decode_extra_s = 0.0
         self.source = None  # who submits turns (sim.workload.Users); set by attach()
         self.running = []  # heap (done_iter, seq, job)
         self.n_running = 0
@@ -100,6 +104,11 @@ class Replica:
             if batch:
                 began = now
                 dt = self._prefill(batch, now)
+                if self.after_prefill is not None:
+                    # several prefills before a decode: the decode after them pays the largest's term
+                    x = self.after_prefill(dt)
+                    if x > self.decode_extra_s:
+                        self.decode_extra_s = x
                 t1 = now + dt
                 stall = self._after_prefill(batch, t1)
                 if stall == 0.0 and self.n_running and not queue and not (pending and pending[0][0] <= t1):
@@ -275,6 +284,9 @@ class Replica:
             if r < cut:
                 cut = r
         total, k = self.cost.decode_span(B, self.ctx_sum, kmax, cut)
+        if self.decode_extra_s:
+            total += self.decode_extra_s
+            self.decode_extra_s = 0.0
         self.busy_decode_s += total
         # ITL: the span's iterations at their mean length (the cost model does not report its first)
         rec = self.rec

@@ -186,3 +186,31 @@ def test_served_gaps_reach_the_profile_and_are_0_without_them():
     prof = profile_from_raw(raw)
     assert prof["models"]["llama2-7b"]["host_next_turn_ms"] == pytest.approx(1.5, abs=1e-6)
     assert load_profile_text(prof).models["llama2-7b"].host_next_turn_ms == pytest.approx(1.5, abs=1e-6)
+
+
+def test_decode_after_prefill_is_the_median_decode_beyond_the_tables_per_prompt_length():
+    """small_profile's llama2-7b decodes a batch-1 step at context c in 32 x (0.3 + 0.1 (c - 100) / 900) + 0.4
+    ms (32 layers, the head's 0.4): a 99-token prompt's 3-token reply decodes 2 steps at 100 and 101 tokens,
+    10.0 + 10.003556 = 20.003556 ms; a 999-token prompt's at 1000 and 1001, 13.2 + 13.203556 = 26.403556 ms.
+    Measured decodes 1.0 and 1.4 ms longer after prefills of 5 and 6 ms (medians 5.5 -> 1.2), 3.0 ms longer
+    after 40 ms; a decode faster than the tables counts as 0, not as a negative term."""
+    from gpu.calibrate import decode_after_prefill
+    from profiles import small_profile
+
+    def row(p, prefill_ms, extra_ms):
+        pred = {99: 20.0 + 32 * 0.1 / 900, 999: 26.4 + 32 * 0.1 / 900}[p]
+        return {"prompt_tokens": p, "output_tokens": 3, "start_s": 1.0, "first_token_s": 1.0 + prefill_ms / 1e3,
+                "end_s": 1.0 + (prefill_ms + pred + extra_ms) / 1e3}
+
+    prof = small_profile()
+    got = decode_after_prefill(prof, "llama2-7b", [row(99, 5.0, 1.0), row(99, 6.0, 1.4), row(999, 40.0, 3.0)])
+    assert got["prefill_ms"] == pytest.approx([5.5, 40.0])
+    assert got["ms"] == pytest.approx([1.2, 3.0], abs=1e-4)
+    got = decode_after_prefill(prof, "llama2-7b", [row(99, 5.0, -0.5)])
+    assert got == {"prefill_ms": [5.0], "ms": [0.0]}
+    # it reaches the profile from the raw samples, and the profile loads with it
+    raw = raw_samples()
+    raw["models"]["llama2-7b"]["decode_probes"] = {"rows": [row(99, 5.0, 1.0)]}
+    prof = profile_from_raw(raw)
+    assert "decode_after_prefill_ms" in prof["models"]["llama2-7b"]
+    assert load_profile_text(prof).models["llama2-7b"].decode_after_prefill_ms is not None

@@ -83,6 +83,10 @@ def test_smoke_run_writes_a_tp_profile_and_runs_that_the_validation_reads(tmp_pa
     gaps = raw["served_gaps"]["rows"]
     assert sum(g["continues"] for g in gaps) == 4 and len(gaps) == 6
     assert prof.models["llama3.1-70b"].host_next_turn_ms > 0
+    # replies decoded right after prefills of two lengths: the decode-after-prefill term's table
+    probes = raw["decode_probes"]["rows"]
+    assert sorted(p["prompt_tokens"] for p in probes) == [16, 32] and all(p["output_tokens"] == 4 for p in probes)
+    assert prof.models["llama3.1-70b"].decode_after_prefill_ms is not None
     # the all-reduce table at the world's TP degree, in the schema sim/collectives.py reads
     assert list(yaml.safe_load((out / "allreduce_h100.yaml").read_text())["tp"]) == [2]
     runs = pd.read_csv(out / "trace_runs.csv")
