@@ -97,7 +97,8 @@ def decode_after_prefill(prof: dict, model: str, rows: list[dict]) -> dict:
     prompt length: the median prefill (start -> first token) and the median of each turn's decode
     (first token -> end) less the tables' decode of its output_tokens - 1 steps from its prompt + 1
     tokens of context, as the simulator prices that decode (`CostModel.decode_span`, batch 1), floored
-    at 0. The tables are this profile's own (the term is what they miss, found after them)."""
+    at 0; `steps`, the replies' decode steps (the term is spread over that many steps after a prefill).
+    The tables are this profile's own (the term is what they miss, found after them)."""
     from sim.costmodel import ProfileCost
     from sim.models import MODELS
 
@@ -117,7 +118,8 @@ def decode_after_prefill(prof: dict, model: str, rows: list[dict]) -> dict:
     pts = sorted((round(statistics.median(p for p, _ in v), 4), round(max(statistics.median(x for _, x in v), 0.0), 5))
                  for v in by_prompt.values())
     pts = [q for i, q in enumerate(pts) if i == 0 or q[0] > pts[i - 1][0]]   # the table's x must ascend
-    return {"prefill_ms": [p for p, _ in pts], "ms": [x for _, x in pts]}
+    return {"prefill_ms": [p for p, _ in pts], "ms": [x for _, x in pts],
+            "steps": int(statistics.median_low(int(r["output_tokens"]) - 1 for r in rows))}
 
 
 def next_turn_gap_ms(rows: list[dict]) -> float:

@@ -26,9 +26,11 @@ Hardware profile schema `kvsim-hardware-profile/1` (YAML):
     host_next_turn_ms (the serving loop's host time after a reply whose session has a next turn, before
     it can start another turn: the TP executor's ranks agree on the reply's end, from which that turn
     is scheduled, and the last rank to leave that host-group broadcast starts the next prefill late);
-    decode_after_prefill_ms: {prefill_ms: [...], ms: [...]} (what a reply's decode steps take beyond the
-    decode tables, over the prefill that ran just before them: the executor's own turns served back to
-    back, `gpu.calibrate.decode_after_prefill`; charged once to the decode that follows a prefill).
+    decode_after_prefill_ms: {prefill_ms: [...], ms: [...], steps: K} (what the first K decode steps
+    after a prefill take beyond the decode tables in all, over that prefill's time: replies of K + 1
+    tokens served back to back by the executor, `gpu.calibrate.decode_after_prefill`; the GPU's clock is
+    still down after a long compute-bound prefill. Charged ms / K a step to the first K decode steps
+    after a prefill, none after them).
   Optional: ssd.contention: how the SSD's reads and writes slow each other, one of CONTENTION (the
     model `gpu.calibrate.ssd_contention_fit` found nearest the samples of
     `gpu.bench.ssd_read_under_write`; sim/tiers.py); absent: not measured.
@@ -272,6 +274,7 @@ class ModelProfile:
     host_next_turn_ms: float = 0.0
     iteration: Optional["IterationProfile"] = None
     decode_after_prefill_ms: Optional[Table1D] = None
+    decode_after_prefill_steps: int = 1
 
 
 @dataclass(frozen=True)
@@ -529,6 +532,10 @@ def parse_profile(raw: dict, path: str = "<profile>") -> HardwareProfile:
         if "decode_after_prefill_ms" in m:
             extra["decode_after_prefill_ms"] = _table1(m["decode_after_prefill_ms"], path,
                                                        f"{pre}.decode_after_prefill_ms", "prefill_ms")
+            k, kk = _get(m["decode_after_prefill_ms"], "steps", path, f"{pre}.decode_after_prefill_ms")
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise KvsimError(f"{path}: {kk}: expected an integer >= 1 (decode steps), got {k!r}")
+            extra["decode_after_prefill_steps"] = k
         models[mname] = ModelProfile(
             _table2(pf, path, kpf, "new_tokens", "history_tokens"),
             _table2(dc, path, kdc, "batch", "context_tokens"),
@@ -608,8 +615,9 @@ class CostModel(ABC):
         # the serving loop's host time after a reply whose session goes on, before its next turn can
         # start (charged by the one-turn-at-a-time engine's finish, sim.engine.Replica._finish)
         self.host_next_turn_s = host_next_turn_s
-        # a measured profile's extra time of the decode that follows a prefill (`after_prefill_s`)
+        # a measured profile's extra time of the decode steps that follow a prefill (`after_prefill_s`)
         self.decode_after_prefill = None
+        self.decode_after_prefill_steps = 1
         mode = ssd_contention or measured_contention or "none"
         if mode not in CONTENTION:
             raise KvsimError(f"ssd.contention: expected one of {', '.join(CONTENTION)}, got {mode!r}")
@@ -747,15 +755,16 @@ class CostModel(ABC):
         return preload_pipeline_s(self.shape.layers, load_layer_s, layer, buffer_layers, layerwise) + head + self.host_turn_s
 
     def after_prefill_s(self, prefill_s: float) -> float:
-        """The measured extra time of the decode that follows a prefill of `prefill_s` (profile key
-        `decode_after_prefill_ms`; 0 without it): held between the measured prefills' times, not
-        extrapolated past them (a longer prefill is charged the longest one's), and never below 0."""
+        """The measured extra time of each of the first `decode_after_prefill_steps` decode steps after a
+        prefill of `prefill_s` (profile key `decode_after_prefill_ms`; 0 without it): held between the
+        measured prefills' times, not extrapolated past them (a longer prefill is charged the longest
+        one's), and never below 0."""
         t = self.decode_after_prefill
         if t is None:
             return 0.0
         ms = prefill_s / MS
         ms = min(max(ms, t.xs[0]), t.xs[-1])
-        return max(t(ms), 0.0) * MS
+        return max(t(ms), 0.0) * MS / self.decode_after_prefill_steps
 
     def decode_span(self, batch: int, context_tokens: float, kmax: int, budget_s: float = math.inf) -> tuple:
         """(seconds, k): the next k decode iterations of `batch` sequences holding `context_tokens` tokens
@@ -1232,6 +1241,7 @@ class ProfileCost(CostModel):
         self.profile = profile
         self.m = m
         self.decode_after_prefill = m.decode_after_prefill_ms
+        self.decode_after_prefill_steps = m.decode_after_prefill_steps
 
     def prefill_layer_s(self, new: float, hist: float) -> float:
         if self.profile.prefill_padding is not None:

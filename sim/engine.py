@@ -49,10 +49,13 @@ class Replica:
         self.w_hashes = workload.prefix_hashes
         self.w_next = workload.next_turn
         self.host_next_turn_s = cost.host_next_turn_s
-        # a measured profile's extra time of the decode after a prefill (cost.after_prefill_s), pending
-        # until the next decode span takes it; None: the profile has no such term (the hot path skips it)
+        # a measured profile's extra time of each of the first decode steps after a prefill
+        # (cost.after_prefill_s): per step, and how many steps still pay it. None: the profile has no
+        # such term (the hot path skips it)
         self.after_prefill = cost.after_prefill_s if cost.decode_after_prefill is not None else None
+        self.after_prefill_steps = cost.decode_after_prefill_steps
         self.decode_extra_s = 0.0
+        self.decode_extra_left = 0
         self.source = None  # who submits turns (sim.workload.Users); set by attach()
         self.running = []  # heap (done_iter, seq, job)
         self.n_running = 0
@@ -105,10 +108,14 @@ class Replica:
                 began = now
                 dt = self._prefill(batch, now)
                 if self.after_prefill is not None:
-                    # several prefills before a decode: the decode after them pays the largest's term
+                    # the next K decode steps pay this prefill's term a step; steps still owed a larger
+                    # earlier term keep it: the K steps' total, spread evenly over them
                     x = self.after_prefill(dt)
-                    if x > self.decode_extra_s:
-                        self.decode_extra_s = x
+                    K, left, r = self.after_prefill_steps, self.decode_extra_left, self.decode_extra_s
+                    if left and r > x:
+                        x = (r * left + x * (K - left)) / K   # left <= K
+                    self.decode_extra_s = x
+                    self.decode_extra_left = K
                 t1 = now + dt
                 stall = self._after_prefill(batch, t1)
                 if stall == 0.0 and self.n_running and not queue and not (pending and pending[0][0] <= t1):
@@ -284,9 +291,10 @@ class Replica:
             if r < cut:
                 cut = r
         total, k = self.cost.decode_span(B, self.ctx_sum, kmax, cut)
-        if self.decode_extra_s:
-            total += self.decode_extra_s
-            self.decode_extra_s = 0.0
+        if self.decode_extra_left:
+            n = k if k < self.decode_extra_left else self.decode_extra_left
+            total += n * self.decode_extra_s
+            self.decode_extra_left -= n
         self.busy_decode_s += total
         # ITL: the span's iterations at their mean length (the cost model does not report its first)
         rec = self.rec

@@ -93,12 +93,16 @@ def test_config_naming_a_profile_uses_it(tmp_path):
     (lambda d: d["ssd"].update(contention="yes"), "ssd.contention: expected one of none, even_split, interleaved"),
     (lambda d: d["models"]["llama2-7b"].update(host_turn_msx=0.5), "models.llama2-7b.host_turn_msx: unknown key"),
     (lambda d: d.update(ssd_contention="none"), "ssd_contention: unknown key"),
-    (lambda d: d["models"]["llama2-7b"].update(decode_after_prefill_ms={"prefill_ms": [1.0, 5.0], "ms": [0.5, -1.0]}),
+    (lambda d: d["models"]["llama2-7b"].update(decode_after_prefill_ms={"prefill_ms": [1.0, 5.0], "ms": [0.5, -1.0], "steps": 3}),
      "decode_after_prefill_ms.ms: expected finite values >= 0"),
-    (lambda d: d["models"]["llama2-7b"].update(decode_after_prefill_ms={"prefill_ms": [5.0, 1.0], "ms": [0.5, 1.0]}),
+    (lambda d: d["models"]["llama2-7b"].update(decode_after_prefill_ms={"prefill_ms": [5.0, 1.0], "ms": [0.5, 1.0], "steps": 3}),
      "decode_after_prefill_ms.prefill_ms: expected strictly ascending"),
     (lambda d: d["models"]["llama2-7b"].update(decode_after_prefill_ms={"ms": [0.5]}),
      "decode_after_prefill_ms.prefill_ms: missing"),
+    (lambda d: d["models"]["llama2-7b"].update(decode_after_prefill_ms={"prefill_ms": [5.0], "ms": [0.5]}),
+     "decode_after_prefill_ms.steps: missing"),
+    (lambda d: d["models"]["llama2-7b"].update(decode_after_prefill_ms={"prefill_ms": [5.0], "ms": [0.5], "steps": 0}),
+     r"decode_after_prefill_ms.steps: expected an integer >= 1"),
 ])
 def test_bad_profile_names_the_key(mutate, fragment):
     d = small_profile()

@@ -405,31 +405,37 @@ def test_host_time_before_a_sessions_next_turn_delays_the_replica_not_the_user(t
     assert delay_ms == {("a", 0): 0.0, ("a", 1): 2.0, ("b", 0): 2.0, ("c", 0): 2.0}
 
 
-def test_decode_after_a_prefill_pays_the_profiles_term_once_and_the_next_turn_waits_for_it(tmp_path):
-    """Profile term decode_after_prefill_ms = {prefill_ms: [10, 1000], ms: [1, 100]} (1 + (p - 10) / 10 ms after
-    a prefill of p ms): one turn at a time, a's reply ends that much later than without the term, its first
-    token does not move, and b (queued behind a) starts, and so gets its first token, that much later."""
+def test_the_first_decode_steps_after_a_prefill_pay_the_profiles_term(tmp_path):
+    """Profile term decode_after_prefill_ms = {prefill_ms: [10, 1000], ms: [1, 100], steps: 2}: the first 2
+    decode steps after a prefill of p ms take (1 + (p - 10) / 10) / 2 ms more each. One turn at a time: a
+    (4 tokens: 3 decode steps) pays its whole term, its first token does not move; b, queued behind a,
+    starts a's term later, and its reply (2 tokens: 1 decode step) pays half of its own term."""
     import yaml
 
     from profiles import small_profile
 
     df = pd.DataFrame([
         dict(session_id="a", turn=0, arrival_s=1.0, think_s=np.nan, prompt_tokens=300, output_tokens=4),
-        dict(session_id="b", turn=0, arrival_s=1.0, think_s=np.nan, prompt_tokens=200, output_tokens=4),
+        dict(session_id="b", turn=0, arrival_s=1.0, think_s=np.nan, prompt_tokens=200, output_tokens=2),
     ])
     out = {}
     for term in (False, True):
         d = small_profile()
         if term:
-            d["models"]["llama2-7b"]["decode_after_prefill_ms"] = {"prefill_ms": [10.0, 1000.0], "ms": [1.0, 100.0]}
+            d["models"]["llama2-7b"]["decode_after_prefill_ms"] = {"prefill_ms": [10.0, 1000.0], "ms": [1.0, 100.0],
+                                                                   "steps": 2}
         p = tmp_path / f"t{term}.yaml"
         p.write_text(yaml.safe_dump(d))
         res, _ = _run(df, **{"policy.kind": "recompute", "scheduler.max_batch": 1, "hardware_profile": str(p)})
         out[term] = res.turns.set_index("session_id")
     a0, a1, b0, b1 = out[False].loc["a"], out[True].loc["a"], out[False].loc["b"], out[True].loc["b"]
-    prefill_ms = a0.ttft_s * 1e3          # a arrived to an idle replica: its TTFT is its prefill
-    assert 10 < prefill_ms < 1000
-    extra_s = (1 + (prefill_ms - 10) / 10) / 1e3
+
+    def term_s(prefill_s):    # the whole term after a prefill of prefill_s
+        return (1 + (prefill_s * 1e3 - 10) / 10) / 1e3
+    pa = a0.ttft_s                                    # a arrived to an idle replica: its TTFT is its prefill
+    pb = (b0.arrival_s + b0.ttft_s) - a0.finish_s     # b's prefill: it starts as a ends
+    assert 0.010 < pb < pa < 1.0
     assert a1.ttft_s == pytest.approx(a0.ttft_s, abs=1e-12)
-    assert a1.finish_s - a0.finish_s == pytest.approx(extra_s, abs=1e-9)
-    assert b1.ttft_s - b0.ttft_s == pytest.approx(extra_s, abs=1e-9)
+    assert a1.finish_s - a0.finish_s == pytest.approx(term_s(pa), abs=1e-9)
+    assert b1.ttft_s - b0.ttft_s == pytest.approx(term_s(pa), abs=1e-9)
+    assert b1.finish_s - b0.finish_s == pytest.approx(term_s(pa) + term_s(pb) / 2, abs=1e-9)

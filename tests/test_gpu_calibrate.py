@@ -206,8 +206,9 @@ def test_decode_after_prefill_is_the_median_decode_beyond_the_tables_per_prompt_
     got = decode_after_prefill(prof, "llama2-7b", [row(99, 5.0, 1.0), row(99, 6.0, 1.4), row(999, 40.0, 3.0)])
     assert got["prefill_ms"] == pytest.approx([5.5, 40.0])
     assert got["ms"] == pytest.approx([1.2, 3.0], abs=1e-4)
+    assert got["steps"] == 2                          # 3-token replies: 2 decode steps carry the term
     got = decode_after_prefill(prof, "llama2-7b", [row(99, 5.0, -0.5)])
-    assert got == {"prefill_ms": [5.0], "ms": [0.0]}
+    assert got == {"prefill_ms": [5.0], "ms": [0.0], "steps": 2}
     # it reaches the profile from the raw samples, and the profile loads with it
     raw = raw_samples()
     raw["models"]["llama2-7b"]["decode_probes"] = {"rows": [row(99, 5.0, 1.0)]}
