@@ -44,7 +44,7 @@ def _span(cost, B, S, kmax, *, now=10.0, arrival=math.inf, queued=False, release
         source=SimpleNamespace(pending=[(arrival, 0)] if arrival != math.inf else []),  # the heap head is the next arrival
         max_batch=B + 1 if max_batch is None else max_batch,
         store=SimpleNamespace(releases=[(release, 0, 0.0)] if release is not None else []),
-        busy_decode_s=0.0, rec=Recorder(0))
+        busy_decode_s=0.0, rec=Recorder(0), decode_extra_left=0, decode_extra_s=0.0)
     total, k = Replica._decode_span(h, now)
     return total, k, h.busy_decode_s
 
