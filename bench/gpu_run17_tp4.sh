@@ -28,7 +28,7 @@ else
     smi=$!
     # the command's own timeout ends a hang (process groups, a collective: --init-timeout-s) with the files
     # written so far; stages are skipped when the budget left is short
-    timeout 300 python3 bench/gpu_tp_serve.py --out "$OUT" --budget-s 270 --init-timeout-s 90 2>&1 | tee -a "$OUT/log.txt"
+    timeout 360 python3 bench/gpu_tp_serve.py --out "$OUT" --budget-s 330 --init-timeout-s 90 2>&1 | tee -a "$OUT/log.txt"
     rc=$?
     kill $smi 2>/dev/null
     # the device tool returns at most 8 files: everything but the log in one archive

@@ -37,11 +37,14 @@ def median(xs) -> float:
     return float(statistics.median(xs))
 
 
-def time_cuda_ms(fn, setup=None, warmup: int = 2, reps: int = 7, align=None) -> list[float]:
+def time_cuda_ms(fn, setup=None, warmup: int = 2, reps: int = 7, align=None, idle_ratio: float = 0.0) -> list[float]:
     """Event-timed samples of fn(); `setup` (fresh inputs) runs before each, outside the timed span.
 
     `align` (tensor parallelism) lines the ranks up before each sample, so that no rank's sample holds
-    its wait for a later one at the first all-reduce. Without CUDA (CPU tests), the host clock.
+    its wait for a later one at the first all-reduce. `idle_ratio`: after each sample the GPU idles
+    that many times the sample's time, so compute-bound samples run at the clock a served one starts
+    from rather than at the power-capped clock of back-to-back ones. Without CUDA (CPU tests), the
+    host clock.
     """
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     if cuda:
@@ -54,16 +57,18 @@ def time_cuda_ms(fn, setup=None, warmup: int = 2, reps: int = 7, align=None) -> 
         if not cuda:
             t0 = time.perf_counter()
             fn(arg)
-            if r >= warmup:
-                out.append((time.perf_counter() - t0) / MS)
-            continue
-        torch.cuda.synchronize()
-        start.record()
-        fn(arg)
-        end.record()
-        end.synchronize()
+            ms = (time.perf_counter() - t0) / MS
+        else:
+            torch.cuda.synchronize()
+            start.record()
+            fn(arg)
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
         if r >= warmup:
-            out.append(start.elapsed_time(end))
+            out.append(ms)
+        if idle_ratio > 0:
+            time.sleep(idle_ratio * ms * MS)
     return out
 
 
@@ -478,7 +483,8 @@ def per_layer_ms(samples_ms: list[float], layers_per_sample: int) -> float:
 
 
 def prefill_layer_grid(shape: ModelShape, new_tokens: list[int], history_tokens: list[int], device: str = "cuda",
-                       reduce=None, align=None, passes: int = 1, reps: tuple[int, int] | None = None) -> dict:
+                       reduce=None, align=None, passes: int = 1, reps: tuple[int, int] | None = None,
+                       idle_ratio: float = 0.0) -> dict:
     """ms of one decoder layer prefilling n new tokens after h cached ones, batch 1, as the executor
     runs it: the per-layer CUDA graphs of `gpu.prefill_graph`, at shape (n, h + n) exactly.
 
@@ -491,6 +497,9 @@ def prefill_layer_grid(shape: ModelShape, new_tokens: list[int], history_tokens:
     all-reduce, after `align` lined them up on the host) is then spread over as many layers as in a
     served prefill, not over STACK: at TP 4 that once-per-sample cost was ~0.1 ms, 12 us of every
     8-layer sample's layer (run 14, results/gpu/run17_tp4/README.md). `reps`: (warm-up, timed) samples.
+    `idle_ratio` (`time_cuda_ms`): the GPU idles after each sample, as a served prefill follows a decode
+    (run 27: back-to-back samples for ~48 s drew 605-676 W at 1,797-1,881 MHz on average, served
+    prefills started at ~1,975 MHz, and the table came out 0.4-0.8% slow).
     """
     from gpu.prefill_graph import PrefillGraphs
 
@@ -511,12 +520,12 @@ def prefill_layer_grid(shape: ModelShape, new_tokens: list[int], history_tokens:
                     for i in range(STACK):
                         pg.layer(i)
             warm, timed = reps or (2, 9 if n <= 512 else 5)
-            ms = time_cuda_ms(run, setup, warmup=warm, reps=timed, align=align)
+            ms = time_cuda_ms(run, setup, warmup=warm, reps=timed, align=align, idle_ratio=idle_ratio)
             rows.append({"new_tokens": n, "history_tokens": h, "stack_ms": ms, "passes": passes,
                          "ms": per_layer_ms(ms, STACK * passes)})
         del pg
         _empty_cache(device)
-    return {"rows": rows, "new_tokens": new_tokens, "history_tokens": history_tokens,
+    return {"rows": rows, "new_tokens": new_tokens, "history_tokens": history_tokens, "idle_ratio": idle_ratio,
             "method": "cuda_graph" if passes == 1 else f"cuda_graph, {STACK} layers x {passes} passes a sample"}
 
 

@@ -202,7 +202,10 @@ def calibrate(r: Rank, shard, model: M.Decoder, grid: dict, out: Path) -> None:
     passes = max(1, shard.layers // bench.STACK)
     mine = {"prefill": bench.prefill_layer_grid(shard, grid["prefill_new"], grid["prefill_hist"], device=dev,
                                                 reduce=r.reduce, align=r.align, passes=passes,
-                                                reps=(1, 2) if r.args.smoke else (1, 4))}
+                                                reps=(1, 2) if r.args.smoke else (1, 4),
+                                                # idle after each sample as long as it: a served prefill
+                                                # follows a reply's decode (run 27's throttled grid)
+                                                idle_ratio=1.0)}
     r.log("  prefill grid done")
     mine["decode"] = bench.decode_step_grid(model, grid["decode_batch"], grid["decode_ctx"],
                                             steps=4 if r.args.smoke else 16, reps=(1, 2) if r.args.smoke else (2, 5),

@@ -215,3 +215,17 @@ def test_decode_after_prefill_is_the_median_decode_beyond_the_tables_per_prompt_
     prof = profile_from_raw(raw)
     assert "decode_after_prefill_ms" in prof["models"]["llama2-7b"]
     assert load_profile_text(prof).models["llama2-7b"].decode_after_prefill_ms is not None
+
+
+def test_time_cuda_ms_idles_after_each_sample_for_the_ratio_asked():
+    """Four 5 ms samples (one warm-up) with idle_ratio 2: each is followed by >= 10 ms of idle, so the call
+    lasts >= 4 x 15 ms; the idle is not in the samples."""
+    import time
+
+    from gpu.bench import time_cuda_ms
+
+    t0 = time.perf_counter()
+    ms = time_cuda_ms(lambda _: time.sleep(0.005), warmup=1, reps=3, idle_ratio=2.0)
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    assert len(ms) == 3 and all(5.0 <= m < 15.0 for m in ms)
+    assert wall_ms >= 3 * (sum(ms) + 5.0) - 1e-6
