@@ -20,7 +20,7 @@ in a collective of another size or serve garbage: `TPBatchedExecutor` folds ever
 sampled) into a running digest and compares it across ranks before the step's collectives
 (`RankSync.check`), raising `RankDivergence` on every rank where one differs.
 
-Two ways for the ranks to agree (`SYNCS`): a shared-memory segment (`ShmSync`, the ranks of one host spin
+Two ways for the ranks to agree (`SYNCS`): a shared-memory file (`ShmSync`, the ranks of one host spin
 on slots rank 0 writes: a few microseconds), or broadcasts over a gloo group (`GlooSync`, tens of
 microseconds a call on loopback); `bench/gpu_tp_batched_validate.py` times both on the device.
 """
@@ -71,27 +71,21 @@ def tokens_digest(prev: int, tokens) -> int:
 # ---- agreement among the ranks ------------------------------------------------------------------------
 
 class ShmSync:
-    """Rank 0's clock and the digest check through one shared-memory segment (the ranks of one host).
+    """Rank 0's clock and the digest check through one shared-memory file (the ranks of one host map it).
 
     Clock: rank 0 writes reading k into ring slot k % SLOTS and then its sequence number; a rank waits
     for that sequence number, takes the value and acknowledges it (rank 0 does not overwrite a slot that
     some rank has not read). Check k: every rank writes its digest into its own slot and then k, waits for
     every other rank's k, and compares. x86 keeps stores in order, so a sequence number seen means its
-    value is there. A wait longer than `timeout_s` raises `RankTimeout` (a dead or hung rank)."""
+    value is there. A wait longer than `timeout_s` raises `RankTimeout` (a dead or hung rank).
+    A plain file under /dev/shm mapped with numpy (not `multiprocessing.shared_memory`, whose resource
+    tracker would unlink or complain about a segment that several processes attach)."""
     SLOTS = 256
 
-    def __init__(self, name: str, rank: int, world: int, timeout_s: float = 300.0):
-        from multiprocessing import shared_memory
-        try:
-            self.shm = shared_memory.SharedMemory(name=name, track=False)   # Python >= 3.13
-        except TypeError:
-            self.shm = shared_memory.SharedMemory(name=name)
-            if rank:   # the launcher owns (and unlinks) it: a rank's exit must not
-                from multiprocessing import resource_tracker
-                resource_tracker.unregister(self.shm._name, "shared_memory")
+    def __init__(self, path: str, rank: int, world: int, timeout_s: float = 300.0):
         self.rank, self.world, self.timeout_s = rank, world, timeout_s
         S = self.SLOTS
-        a = np.ndarray((self.words(world),), dtype=np.int64, buffer=self.shm.buf)
+        self.mem = a = np.memmap(path, dtype=np.int64, mode="r+", shape=(self.words(world),))
         self.clock_seq, self.ack = a[:S], a[2 * S:2 * S + world]
         self.clock_val = a[S:2 * S].view(np.float64)
         o = 2 * S + world
@@ -104,13 +98,18 @@ class ShmSync:
         return 2 * cls.SLOTS + world + 2 * world * cls.SLOTS
 
     @classmethod
-    def create(cls, world: int):
-        """The segment, made by the launcher before the ranks start (it unlinks it when they are done):
-        every sequence number -1 (nothing written)."""
-        from multiprocessing import shared_memory
-        shm = shared_memory.SharedMemory(create=True, size=8 * cls.words(world))
-        np.ndarray((cls.words(world),), dtype=np.int64, buffer=shm.buf)[:] = -1
-        return shm
+    def create(cls, world: int) -> str:
+        """The file, made by the launcher before the ranks start (it removes it when they are done), every
+        sequence number -1 (nothing written). Returns its path."""
+        import tempfile
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        fd, path = tempfile.mkstemp(prefix="kvsim_tp_sync_", dir=folder)
+        os.close(fd)
+        mem = np.memmap(path, dtype=np.int64, mode="w+", shape=(cls.words(world),))
+        mem[:] = -1
+        mem.flush()
+        del mem
+        return path
 
     def _wait(self, ready, what: str) -> None:
         t0 = time.perf_counter()
@@ -156,8 +155,7 @@ class ShmSync:
                                      f"{self.rank}'s {digest:#x}: the ranks no longer plan the same steps")
 
     def close(self) -> None:
-        self.clock_seq = self.clock_val = self.ack = self.check_seq = self.check_dig = None
-        self.shm.close()
+        self.clock_seq = self.clock_val = self.ack = self.check_seq = self.check_dig = self.mem = None
 
 
 class GlooSync:

@@ -5,6 +5,7 @@ The sharded ranks' logits over prefill chunks, decodes and a prefix-cache hit eq
 unsharded weights (eager and static-shape bodies; GQA and a single replicated KV head); served sessions give
 every rank the same steps at the same (rank 0's) times; a rank that plans otherwise is caught before its step."""
 import math
+import os
 
 import pytest
 import torch
@@ -26,12 +27,11 @@ def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp_batched")
     shm = ShmSync.create(2)
     try:
-        mp.spawn(R.worker, args=(2, free_port(), shm.name, str(out)), nprocs=2, join=True)
+        mp.spawn(R.worker, args=(2, free_port(), shm, str(out)), nprocs=2, join=True)
     except Exception as exc:   # noqa: BLE001 - a sandbox without sockets or process spawning
         pytest.skip(f"two gloo processes could not run here: {exc!r}"[:300])
     finally:
-        shm.close()
-        shm.unlink()
+        os.unlink(shm)
     got = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for g in got:
         assert "error" not in g, g["error"]

@@ -70,13 +70,13 @@ def served(ex, budget):
         sorted((t.session_id, t.turn, t.first_token_s, t.finish_s) for t in res.turns)
 
 
-def worker(rank, world, port, shm_name, out_dir):
+def worker(rank, world, port, shm_path, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
     result = {}
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=dt.timedelta(seconds=60))
-        syncs = {"shm": ShmSync(shm_name, rank, world, timeout_s=60),
+        syncs = {"shm": ShmSync(shm_path, rank, world, timeout_s=60),
                  "gloo": GlooSync(dist.new_group(backend="gloo"), rank, world)}
         # the sharded logits, eager and at static shapes, GQA and replicated KV
         for shape in (TINY_GQA, ONE_KV):
