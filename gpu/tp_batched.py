@@ -50,13 +50,13 @@ class RankTimeout(RuntimeError):
 
 # ---- what the ranks compare ---------------------------------------------------------------------------
 
-def plan_digest(prev: int, plan: StepPlan) -> int:
+def plan_digest(prev: int, plan: StepPlan, extra: int = 0) -> int:
     """`prev` extended by a plan, before it runs: per scheduled request its new tokens, decode flag, tokens
     with KV, known tokens, blocks and last block id (where its new K/V go), and the admitted, preempted and
-    host-loaded counts and free blocks. Equal plans give equal digests on every process (crc32: no
-    per-process hash seed)."""
+    host-loaded counts and free blocks, and `extra` (what else decides the step's collectives). Equal plans
+    give equal digests on every process (crc32: no per-process hash seed)."""
     vals = [len(plan.scheduled), len(plan.admitted), len(plan.preempted), sum(plan.external.values()),
-            plan.free_blocks]
+            plan.free_blocks, extra]
     for r, n, dec in plan.scheduled:
         blocks = block_table(r)
         vals += (n, int(dec), r.num_computed_tokens, r.num_tokens, len(blocks), blocks[-1] if blocks else -1)
@@ -218,7 +218,10 @@ class TPBatchedExecutor(BatchedExecutor):
 
     def run(self, plan: StepPlan, keep_logits: bool = False):
         if plan.scheduled:
-            self.digest = plan_digest(self.digest, plan)
+            # a rank whose graphs failed to capture runs eagerly, at other shapes: its all-reduces would differ
+            st = self.static
+            flags = 0 if st is None else int(st.failed is not None) | int(st.chunk_failed is not None) << 1
+            self.digest = plan_digest(self.digest, plan, flags)
             if self.steps % self.check_every == 0:
                 self.sync.check(self.digest)
             self.steps += 1

@@ -4,8 +4,12 @@ its shard of a tiny GQA model (tests/tp_batched_ranks.py runs the ranks' side).
 The sharded ranks' logits over prefill chunks, decodes and a prefix-cache hit equal one process's with the
 unsharded weights (eager and static-shape bodies; GQA and a single replicated KV head); served sessions give
 every rank the same steps at the same (rank 0's) times; a rank that plans otherwise is caught before its step."""
+import json
 import math
 import os
+import subprocess
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,6 +94,7 @@ def test_plan_digest_changes_with_any_decision_and_tokens():
     assert plan_digest(0, plan(n=4)) != base                         # another chunk
     assert plan_digest(0, plan(free=6)) != base                      # another pool state
     assert plan_digest(0, plan(blocks=[5, 2, 8])) != base            # another block for the new K/V
+    assert plan_digest(0, plan(blocks=[5, 2, 9]), extra=1) != base   # graphs given up on one rank
     assert tokens_digest(base, [3]) != tokens_digest(base, [4]) and tokens_digest(base, []) == base
 
 
@@ -101,3 +106,61 @@ def test_rank_shape_splits_heads_and_replicates_a_kv_head_over_more_ranks():
     odd = TINY_GQA.__class__("odd", 2, 96, 12, 4, 96, 101, 512)
     with pytest.raises(ValueError, match="kv_heads 4 cannot be replicated evenly over tp=6"):
         kv_heads_per_rank(odd, 6)
+
+
+def bench_tp():
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_tp_batched_validate.py"
+    spec = importlib.util.spec_from_file_location("gpu_tp_batched_validate", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_calibration_rows_keep_the_slowest_ranks_time_per_sample():
+    slowest_rows = bench_tp().slowest_rows
+    r0 = [{"key": "1:0:64", "ms": 10.0, "gpu_ms": 9.0, "min_ms": 9.5}, {"key": "4:0:128", "ms": 12.0, "gpu_ms": 11.0}]
+    r1 = [{"key": "1:0:64", "ms": 10.4, "gpu_ms": 8.8, "min_ms": 9.9}, {"key": "4:0:128", "ms": 11.5, "gpu_ms": 11.2}]
+    got = slowest_rows([r0, r1])
+    assert got[0] == {"key": "1:0:64", "ms": 10.4, "gpu_ms": 9.0, "min_ms": 9.9, "ms_fastest_rank": 10.0}
+    assert got[1] == {"key": "4:0:128", "ms": 12.0, "gpu_ms": 11.2, "ms_fastest_rank": 11.5}
+    with pytest.raises(ValueError, match="same ones"):
+        slowest_rows([r0, r1[:1]])
+
+
+def test_shape_calibration_gets_what_the_runs_and_comparison_leave():
+    shape_budget_s = bench_tp().shape_budget_s
+    # 300 s left, 4 runs of 28 s and 40 s kept for the end: 148 s free, 70 asked
+    assert shape_budget_s(300, 4, 28, 40, 70) == 70
+    assert shape_budget_s(200, 4, 28, 40, 70) == 48
+    assert shape_budget_s(100, 4, 28, 40, 70) == 0
+
+
+def test_device_script_runs_on_two_cpu_ranks_and_compares_every_run(tmp_path):
+    # run 27's own script in its CPU mode: 2 gloo ranks, the tiny GQA model, priced as Llama-3.1-70B at TP 4
+    r = subprocess.run(["bash", "bench/gpu_run27_tp4_batched.sh", "--cpu-smoke"], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=400, env={**os.environ, "OUT": str(tmp_path)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "run27.tgz"]
+    run = tmp_path / "run"
+    with tarfile.open(tmp_path / "run27.tgz") as t:
+        t.extractall(run, filter="data")
+    import pandas as pd
+    import yaml
+    env = json.loads((run / "env.json").read_text())
+    assert env["world"] == 2 and set(env["sync_cost"]) == {"shm", "gloo"}
+    assert env["checks"]["checks"] > env["checks"]["steps"] > 0     # every step checked, and the calibration's
+    prof = yaml.safe_load((run / "profile_calibrated.yaml").read_text())
+    it = prof["models"]["llama3.1-70b"]["iteration"]
+    assert prof["tp"] == 4 and it["steps_ms"]["ms"] and it["host_step_ms"]["ms"]
+    raw = pd.read_csv(run / "iteration_raw.csv")
+    assert (raw.kind == "step").sum() > 0 and (raw.ms >= raw.ms_fastest_rank).all()
+    assert list(yaml.safe_load((run / "allreduce_h100.yaml").read_text())["tp"]) == [2]
+    result = json.loads((run / "compare.json").read_text())
+    assert set(result) == {"calibrated", "roofline"}
+    for summary in result.values():
+        assert set(summary["runs"]) == {"recompute_r8", "hbm_r8", "recompute_r4", "hbm_r4"}
+        assert all(v["turns_matched"] == v["turns_meas"] > 0 for v in summary["runs"].values())
+    # steps run at their static shapes but where a shape with chunks was never calibrated (then eagerly)
+    steps = pd.read_csv(run / "steps.csv")
+    assert steps.graph.mean() > 0.9 and (steps.tp == 2).all()
