@@ -15,16 +15,18 @@ shapes, rank rows to rank 0), and a shared-memory file carries rank 0's clock an
 (`gpu.tp_batched.ShmSync`; `--sync gloo` for broadcasts instead). Stages in order, each writing its files as
 it ends (the launcher's `timeout` still returns what is done), with what matters first:
 1. the two syncs timed (microseconds a step pays to agree) -> env.json `sync_cost`
-2. NCCL all-reduce at this TP degree over message sizes, eager and as CUDA graphs (`gpu.tp_bench`, run 13's
+2. the TP check: a small GQA model's scripted steps (chunks with decodes, a prefix hit) by the sharded executor
+   at static shapes (CUDA graphs holding the all-reduces) against one unsharded executor -> env.json `tp_check`
+3. NCCL all-reduce at this TP degree over message sizes, eager and as CUDA graphs (`gpu.tp_bench`, run 13's
    method) -> allreduce.csv, allreduce_h100.yaml (the table the roofline is compared with)
-3. iteration calibration: the single-GPU script's grid of synthetic steps, then the shapes a CPU replay of the
+4. iteration calibration: the single-GPU script's grid of synthetic steps, then the shapes a CPU replay of the
    runs predicts (replayed on the grid's own profile, then on the profile with those shapes), each sample
    started on every rank together and the slowest rank's median kept; decode graphs captured ahead while
    budget is left -> iteration_raw.csv, replay_steps.csv, profile_calibrated.yaml (the base TP profile's
    tables, tp 4, plus this call's `iteration` section)
-4. runs: each rate (a light one, one with a mean decode batch >= 16) x policy (recompute, hbm prefix caching),
+5. runs: each rate (a light one, one with a mean decode batch >= 16) x policy (recompute, hbm prefix caching),
    --run-limit-s each, heaviest first -> turns.csv, steps.csv, traces.csv
-5. comparison (rank 0; `gpu.batched_validate`, the single-GPU script's `compare` at this TP degree): per step
+6. comparison (rank 0; `gpu.batched_validate`, the single-GPU script's `compare` at this TP degree): per step
    and whole trace (TTFT and TPOT MAPE, mean and p99 TTFT, throughput) against the calibrated profile and the
    roofline with the measured all-reduce table -> compare.json, scatter_*.png
 """
@@ -55,16 +57,20 @@ import gpu_batched_validate as gbv  # noqa: E402
 from gpu.batched import random_model, serve_sessions  # noqa: E402
 from gpu.batched_validate import POLICIES, scheduler_for, steps_frame, trace_sessions, turns_frame  # noqa: E402
 from gpu.calibrate import host_step_from_steps  # noqa: E402
+from gpu.batched import BatchedExecutor  # noqa: E402
 from gpu.tp_batched import (SYNCS, GlooSync, ShmSync, TPBatchedExecutor, all_reduce_sum,  # noqa: E402
-                            sync_cost_us)
+                            scripted_logits, sync_cost_us)
 from gpu.tp_bench import (MIB, NO_MULTICAST_ENV, Rank, RunArgs, allreduce_sizes, allreduce_table,  # noqa: E402
                           combine_allreduce, free_port, measure_allreduce, start_rank, write_table_yaml)
 from gpu.tp_layer import TINY_GQA  # noqa: E402
 from sim.costmodel import load_profile  # noqa: E402
 from sim.files import atomic_write_json  # noqa: E402
-from sim.models import MODELS  # noqa: E402
+from sim.models import MODELS, ModelShape  # noqa: E402
 
 BASE_PROFILE = "results/gpu/run21_tp4/profile_tp4.yaml"
+# the device check's model: GQA whose 8 KV heads split over 2, 4 or 8 ranks, head_dim 64 (a flash size)
+CHECK_SHAPE = ModelShape("tp-check", layers=4, hidden=1024, heads=16, kv_heads=8, intermediate=2048, vocab=4096,
+                         max_context_tokens=4096)
 # run 21's NCCL table at TP 4: the roofline's all-reduces where this call's degree is not the simulated one
 # (the CPU smoke run's 2 ranks priced as 4 GPUs)
 COMMITTED_ALLREDUCE = "results/gpu/run21_tp4/allreduce_h100.yaml"
@@ -142,6 +148,39 @@ class Ctx:
         return got if self.rank == 0 else []
 
 
+def tp_check(c: Ctx, sync, cuda: bool, dev, dtype) -> dict:
+    """The sharded executor against the unsharded one on the GPU, before anything is timed: a small GQA
+    model's scripted steps (`gpu.tp_batched.scripted_logits`: chunks with decodes, a prefix hit) run by the
+    TP executor at static shapes (on the GPU: CUDA graphs holding the NCCL all-reduces) on every rank, and
+    by one unsharded eager executor on rank 0. Returns (on rank 0) the logits' relative error, whether
+    every rank's logits are the same bits (their sampled tokens must be), and the graphs captured."""
+    shape, scale, bt = (CHECK_SHAPE, 8, 16) if cuda else (TINY_GQA, 1, 4)
+    kind = "flash_varlen" if cuda else "sdpa"
+    model = random_model(shape, 1024, dev, dtype, seed=5, rank=c.rank, tp=c.world)
+    model.reduce = all_reduce_sum
+    ex = TPBatchedExecutor(model, 64, bt, sync, attention=kind, decode_graphs=True)
+    logits, shapes, hit = scripted_logits(ex, budget=10 * scale, scale=scale)
+    digest = zlib_bytes(logits)
+    graphs = {"captured": len(ex.static.captured), "failed": ex.static.failed, "chunk_failed": ex.static.chunk_failed}
+    del ex, model
+    digests = c.gather(digest)
+    if c.rank != 0:
+        return {}
+    ref, ref_shapes, _ = scripted_logits(BatchedExecutor(random_model(shape, 1024, dev, dtype, seed=5), 64, bt,
+                                                         attention=kind, decode_graphs=False),
+                                         budget=10 * scale, scale=scale)
+    err = float((logits - ref).norm() / ref.norm())
+    tol = 5e-2 if cuda else 1e-5
+    return {"model": shape.name, "steps": len(shapes), "prefix_hit_tokens": hit, "rel_err": err, "tolerance": tol,
+            "same_steps": shapes == ref_shapes, "ranks_identical": len(set(digests)) == 1,
+            "passed": bool(err < tol and shapes == ref_shapes and len(set(digests)) == 1), "graphs": graphs}
+
+
+def zlib_bytes(t: torch.Tensor) -> int:
+    import zlib
+    return zlib.crc32(t.detach().float().cpu().numpy().tobytes())
+
+
 def rank_main(rank: int, world: int, a, shm_path: str) -> None:
     trace_line, cuda = start_rank(rank, a.port, a.start_wall, a.cpu_smoke)
     trace_line("init")
@@ -193,6 +232,31 @@ def run_call(c: Ctx, a, cuda: bool, dev, dtype, syncs: dict) -> None:   # noqa: 
         c.log(f"{name}: done in {time.time() - t0:.1f} s")
 
     save_info()
+
+    # 1. what agreeing costs a step, each way (every rank runs both, the checks keep them together)
+    t = time.time()
+    costs = {name: sync_cost_us(s, calls=100 if a.cpu_smoke else 1000) for name, s in syncs.items()}
+    got = c.gather(costs)
+    if rank == 0:
+        info["sync_cost"] = {name: {k: round(max(g[name][k] for g in got), 2) for k in got[0][name]} for name in syncs}
+        c.log(f"sync cost per call (slowest rank): {info['sync_cost']}")
+    # ShmSync's ordering argument is x86's (stores seen in program order); elsewhere the ranks use gloo
+    if a.sync == "shm" and platform.machine() not in ("x86_64", "AMD64"):
+        c.log(f"{platform.machine()}: the ranks agree over gloo, not shared memory")
+        a.sync = "gloo"
+    sync = syncs[a.sync]
+    info["sync"] = a.sync
+    stage_done("sync", t)
+
+    # 2. the sharded executor computes what the unsharded one does (graphs with all-reduces included)
+    t = time.time()
+    info["tp_check"] = tp_check(c, sync, cuda, dev, dtype)
+    if rank == 0:
+        c.log(f"TP check: {info['tp_check']}" + ("" if info["tp_check"]["passed"] else "  <-- FAILED"))
+    if cuda:
+        torch.cuda.empty_cache()
+    stage_done("tp check", t)
+
     t = time.time()
     traces = c.agree(gbv.slices(a, shape) if rank == 0 else None)
     if rank == 0:
@@ -213,17 +277,7 @@ def run_call(c: Ctx, a, cuda: bool, dev, dtype, syncs: dict) -> None:   # noqa: 
           + (f"; {torch.cuda.memory_allocated() / 1e9:.1f} GB on GPU 0" if cuda else ""))
     stage_done("weights", t)
 
-    # 1. what agreeing costs a step, each way (every rank runs both, the checks keep them together)
-    t = time.time()
-    costs = {name: sync_cost_us(s, calls=100 if a.cpu_smoke else 1000) for name, s in syncs.items()}
-    got = c.gather(costs)
-    if rank == 0:
-        info["sync_cost"] = {name: {k: round(max(g[name][k] for g in got), 2) for k in got[0][name]} for name in syncs}
-        c.log(f"sync cost per call (slowest rank): {info['sync_cost']}")
-    sync = syncs[a.sync]
-    stage_done("sync", t)
-
-    # 2. the NCCL all-reduce table at this degree (graphs up to 4 MiB, as run 13/21)
+    # 3. the NCCL all-reduce table at this degree (graphs up to 4 MiB, as run 13/21)
     t = time.time()
     tb = Rank(rank, world, RunArgs(str(out), a.budget_s, a.start_wall, (), (world,), a.cpu_smoke, a.port, a.command),
               cuda, dev, dtype, c.host, {world: dist.group.WORLD})
@@ -241,7 +295,7 @@ def run_call(c: Ctx, a, cuda: bool, dev, dtype, syncs: dict) -> None:   # noqa: 
                                          if x["mode"] == mode and x["bytes"] in (16 << 10, 256 << 10, 1 << 20, 4 << 20)))
     stage_done("allreduce", t)
 
-    # 3. the executor and its calibration
+    # 4. the executor and its calibration
     attention = "flash_varlen" if cuda else "sdpa"     # run 25's kind; steps at static shapes use it always
     info["attention"] = attention
     ex = TPBatchedExecutor(model, num_blocks, bt, sync, check_every=a.check_every, attention=attention,
@@ -301,7 +355,7 @@ def run_call(c: Ctx, a, cuda: bool, dev, dtype, syncs: dict) -> None:   # noqa: 
     info["graphs"] = gbv.graph_info(ex)
     stage_done("decode graphs", t)
 
-    # 4. runs, heaviest load first
+    # 5. runs, heaviest load first
     all_turns, all_steps = [], []
     for rate, pol, nb, layerwise in runs:
         name = gbv.run_name(rate, pol, nb, layerwise, num_blocks)
@@ -348,7 +402,7 @@ def run_call(c: Ctx, a, cuda: bool, dev, dtype, syncs: dict) -> None:   # noqa: 
         info["max_memory_gb"] = mem
     save_info()
 
-    # 5. the comparison, on rank 0 (the others wait at the closing barrier)
+    # 6. the comparison, on rank 0 (the others wait at the closing barrier)
     if rank == 0 and all_steps:
         t = time.time()
         a.profile = a.profile or "calibrated,roofline="
@@ -382,8 +436,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib-mixed", default="64x2048x16x512,512x1024x4x2048,1024x0x16x1024",
                     help="chunk x cached x decodes x ctx, comma-separated")
     ap.add_argument("--calib-reps", type=int, default=3)
-    ap.add_argument("--shape-calib-s", type=float, default=70.0, help="time for the first replay's shapes")
-    ap.add_argument("--shape-calib2-s", type=float, default=20.0, help="time for the shapes the second replay adds")
+    ap.add_argument("--shape-calib-s", type=float, default=100.0,
+                    help="time for the first replay's shapes (less where the runs would not fit the budget)")
+    ap.add_argument("--shape-calib2-s", type=float, default=25.0, help="time for the shapes the second replay adds")
     ap.add_argument("--shape-reps", type=int, default=4)
     ap.add_argument("--graph-capture-s", type=float, default=15.0, help="decode graphs captured ahead after that")
     ap.add_argument("--gpu-name", default=None, help="the simulator's GPU (default: from the device name)")

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from gpu.batched import BatchedExecutor, block_table
-from sim.scheduler import StepPlan
+from sim.scheduler import ChunkedConfig, ChunkedScheduler, SeqRequest, StepPlan
 
 SYNCS = ("shm", "gloo")
 
@@ -233,3 +233,40 @@ class TPBatchedExecutor(BatchedExecutor):
 def all_reduce_sum(t: torch.Tensor) -> None:
     """The TP all-reduce of the default process group (the world is the TP group), in place."""
     dist.all_reduce(t)
+
+
+# ---- a fixed script of steps (the TP check on CPU and on the device) ------------------------------------
+
+def scripted_logits(ex: BatchedExecutor, budget: int = 10, scale: int = 1):
+    """Three requests (prompts 13, 7, 22 tokens x `scale`) chunked under a `budget`-token step, prefill chunks
+    riding with decodes, then one whose prompt extends request 0's tokens (its reply included) under the
+    same block keys: a prefix-cache hit. Prompt ids are seeded, so every executor (sharded or not) sees the
+    same tokens. Returns every step's logits concatenated, each step's [(new, cached tokens)] and the last
+    request's prefix-cache hit."""
+    bt = ex.bt
+    sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=ex.k.shape[1] - 1, max_num_batched_tokens=budget,
+                                           block_tokens=bt, prefix_caching=True))
+    vocab = ex.shape.vocab
+
+    def ids(seed, n):
+        return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows, shapes, hits = [], [], {}
+
+    def step_all():
+        while sched.has_unfinished():
+            plan = sched.schedule()
+            hits.update({r.id: h for r, h in plan.admitted.items()})
+            shapes.append([(n, r.num_computed_tokens) for r, n, _ in plan.scheduled])
+            rows.append(ex.run(plan, keep_logits=True).logits)
+            sched.update(plan)
+    first = [SeqRequest(k, p * scale, o, lambda i, k=k: (k, i)) for k, (p, o) in enumerate([(13, 5), (7, 6), (22, 3)])]
+    for k, r in enumerate(first):
+        ex.add(r, ids(10 + k, r.prompt_tokens))
+        sched.add_request(r)
+    step_all()
+    toks = ex.forget(first[0])
+    again = SeqRequest("again", len(toks) + 5 * scale, 3, lambda i: (0, i))
+    ex.add(again, toks + ids(40, 5 * scale))
+    sched.add_request(again)
+    step_all()
+    return torch.cat(rows), shapes, hits["again"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu.tp_batched import ShmSync, plan_digest, tokens_digest
+from gpu.tp_batched import ShmSync, plan_digest, scripted_logits, tokens_digest
 from gpu.tp_layer import TINY_GQA, kv_heads_per_rank, rank_shape
 
 import tp_batched_ranks as R
@@ -45,7 +45,7 @@ def ranks(tmp_path_factory):
 @pytest.mark.parametrize("shape", [TINY_GQA, R.ONE_KV], ids=["gqa", "one_kv_head"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static"])
 def test_tp2_logits_equal_the_unsharded_executors_over_chunks_decodes_and_a_prefix_hit(ranks, shape, graphs):
-    ref, ref_shapes, hit = R.scripted_logits(R.make_executor(shape, 40, decode_graphs=graphs))
+    ref, ref_shapes, hit = scripted_logits(R.make_executor(shape, 40, decode_graphs=graphs))
     # the script really mixes chunks with decodes and ends on a prefix hit: request 0's 13 + 5 tokens had
     # 17 computed, 4 whole blocks of 4 cached
     assert any(len(s) > 1 and any(n > 1 for n, _ in s) for s in ref_shapes)
@@ -150,6 +150,8 @@ def test_device_script_runs_on_two_cpu_ranks_and_compares_every_run(tmp_path):
     env = json.loads((run / "env.json").read_text())
     assert env["world"] == 2 and set(env["sync_cost"]) == {"shm", "gloo"}
     assert env["checks"]["checks"] > env["checks"]["steps"] > 0     # every step checked, and the calibration's
+    # the sharded executor checked against the unsharded one before anything was timed
+    assert env["tp_check"]["passed"] and env["tp_check"]["prefix_hit_tokens"] == 16
     prof = yaml.safe_load((run / "profile_calibrated.yaml").read_text())
     it = prof["models"]["llama3.1-70b"]["iteration"]
     assert prof["tp"] == 4 and it["steps_ms"]["ms"] and it["host_step_ms"]["ms"]

@@ -9,11 +9,11 @@ import torch
 import torch.distributed as dist
 
 from gpu.batched import BatchedExecutor, random_model, serve_sessions
-from gpu.tp_batched import GlooSync, RankDivergence, ShmSync, TPBatchedExecutor, all_reduce_sum
+from gpu.tp_batched import GlooSync, RankDivergence, ShmSync, TPBatchedExecutor, all_reduce_sum, scripted_logits
 from gpu.tp_layer import TINY_GQA
-from sim.scheduler import ChunkedConfig, ChunkedScheduler, SeqRequest
+from sim.scheduler import ChunkedConfig, ChunkedScheduler
 
-from tiny_batched import BT, ids
+from tiny_batched import BT
 
 # a GQA shape with one KV head: at TP 2 both ranks hold it (replicated)
 ONE_KV = TINY_GQA.__class__("tiny-1kv", layers=2, hidden=64, heads=8, kv_heads=1, intermediate=96, vocab=101,
@@ -26,35 +26,6 @@ def make_executor(shape, num_blocks, rank=0, tp=1, sync=None, **kw):
         return BatchedExecutor(model, num_blocks, BT, poison=True, **kw)
     model.reduce = all_reduce_sum
     return TPBatchedExecutor(model, num_blocks, BT, sync, poison=True, **kw)
-
-
-def scripted_logits(ex, budget=10):
-    """Three requests chunked under a `budget`-token step (prefill chunks with decodes), then a request
-    whose prompt extends request 0's tokens (its reply included) under the same block keys: a prefix-cache
-    hit. Every step's logits, concatenated, each step's (new tokens, cached tokens) per request, and the
-    last request's prefix-cache hit."""
-    sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=ex.k.shape[1] - 1, max_num_batched_tokens=budget,
-                                           block_tokens=BT, prefix_caching=True))
-    rows, shapes, hits = [], [], {}
-
-    def step_all():
-        while sched.has_unfinished():
-            plan = sched.schedule()
-            hits.update({r.id: h for r, h in plan.admitted.items()})
-            shapes.append([(n, r.num_computed_tokens) for r, n, _ in plan.scheduled])
-            rows.append(ex.run(plan, keep_logits=True).logits)
-            sched.update(plan)
-    first = [SeqRequest(k, p, o, lambda i, k=k: (k, i)) for k, (p, o) in enumerate([(13, 5), (7, 6), (22, 3)])]
-    for k, r in enumerate(first):
-        ex.add(r, ids(10 + k, r.prompt_tokens))
-        sched.add_request(r)
-    step_all()
-    toks = ex.forget(first[0])
-    again = SeqRequest("again", len(toks) + 5, 3, lambda i: (0, i))
-    ex.add(again, toks + ids(40, 5))
-    sched.add_request(again)
-    step_all()
-    return torch.cat(rows), shapes, hits["again"]
 
 
 def sessions():
