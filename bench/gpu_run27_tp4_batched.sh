@@ -24,7 +24,7 @@ else
     (nvidia-smi -L; nvidia-smi topo -m) 2>&1 | tee "$OUT/log.txt"
     # the command's own timeout ends a hang (a collective: --init-timeout-s; a rank: --sync-timeout-s) with the
     # files written so far; stages and runs that would end past --budget-s are cut or skipped
-    timeout 410 python3 bench/gpu_tp_batched_validate.py --out /tmp/r27 --budget-s 360 2>&1 | tee -a "$OUT/log.txt" \
+    timeout 410 python3 bench/gpu_tp_batched_validate.py --out /tmp/r27 --gpus 4 --budget-s 360 2>&1 | tee -a "$OUT/log.txt" \
         | grep -v "calibration \(decode\|chunk\|mixed\)"
     rc=$?
     (cd /tmp/r27 && tar czf "$OUT/run27.tgz" .)

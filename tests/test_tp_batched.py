@@ -166,3 +166,38 @@ def test_device_script_runs_on_two_cpu_ranks_and_compares_every_run(tmp_path):
     # steps run at their static shapes but where a shape with chunks was never calibrated (then eagerly)
     steps = pd.read_csv(run / "steps.csv")
     assert steps.graph.mean() > 0.9 and (steps.tp == 2).all()
+
+
+def test_shm_sync_gives_every_rank_rank_zeros_readings_and_fails_loudly_without_a_rank():
+    import threading
+    from gpu.tp_batched import RankDivergence, RankTimeout
+    path = ShmSync.create(2)
+    try:
+        s0, s1 = ShmSync(path, 0, 2, timeout_s=0.2), ShmSync(path, 1, 2, timeout_s=0.2)
+        # more readings than the ring holds: rank 0 waits for rank 1 to take each slot before reusing it
+        got = {}
+        t = threading.Thread(target=lambda: got.setdefault(1, [s1.clock() for _ in range(600)]))
+        t.start()
+        mine = [s0.clock() for _ in range(600)]
+        t.join()
+        assert got[1] == mine and mine == sorted(mine)
+        # checks: equal digests pass, a different one raises on the rank that sees it
+        errs = {}
+
+        def check(s, d):
+            try:
+                s.check(d)
+            except (RankDivergence, RankTimeout) as exc:
+                errs[s.rank] = type(exc).__name__
+        for d0, d1 in ((7, 7), (7, 8)):
+            ts = [threading.Thread(target=check, args=(s0, d0)), threading.Thread(target=check, args=(s1, d1))]
+            for x in ts:
+                x.start()
+            for x in ts:
+                x.join()
+        assert errs == {0: "RankDivergence", 1: "RankDivergence"}
+        # rank 0 gone: rank 1's next reading times out instead of hanging
+        with pytest.raises(RankTimeout, match="rank 0's clock reading 600"):
+            s1.clock()
+    finally:
+        os.unlink(path)
