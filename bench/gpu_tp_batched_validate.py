@@ -36,7 +36,6 @@ import argparse
 import datetime as dt
 import gc
 import json
-import math
 import os
 import platform
 import shlex
@@ -48,7 +47,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

@@ -2,7 +2,6 @@
 importable by the spawned processes, the same scenario helpers usable in the test's own process."""
 import datetime as dt
 import os
-import time
 import traceback
 
 import torch
@@ -73,12 +72,3 @@ def worker(rank, world, port, shm_path, out_dir):
     except Exception:
         result["error"] = traceback.format_exc()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
-def wait_files(paths, timeout_s=120):
-    t0 = time.time()
-    while not all(os.path.exists(p) for p in paths):
-        if time.time() - t0 > timeout_s:
-            raise TimeoutError(paths)
-        time.sleep(0.05)
-
