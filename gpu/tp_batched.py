@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from gpu.batched import BatchedExecutor, block_table
+from gpu.batched import BatchedExecutor
 from sim.scheduler import ChunkedConfig, ChunkedScheduler, SeqRequest, StepPlan
 
 SYNCS = ("shm", "gloo")
@@ -58,7 +58,7 @@ def plan_digest(prev: int, plan: StepPlan, extra: int = 0) -> int:
     vals = [len(plan.scheduled), len(plan.admitted), len(plan.preempted), sum(plan.external.values()),
             plan.free_blocks, extra]
     for r, n, dec in plan.scheduled:
-        blocks = block_table(r)
+        blocks = r.blocks     # the exact pool's ids (read, not copied: this runs before every step)
         vals += (n, int(dec), r.num_computed_tokens, r.num_tokens, len(blocks), blocks[-1] if blocks else -1)
     return zlib.crc32(np.asarray(vals, dtype=np.int64).tobytes(), prev)
 
