@@ -11,18 +11,18 @@ on CPU).
 
 Why the ranks stay in step without exchanging plans: `sim.scheduler.ChunkedScheduler` and
 `gpu.batched.serve_sessions` are deterministic given what they are told, and the only input that differs
-between processes is the clock. So every rank's loop reads rank 0's clock (`RankSync.clock`: rank 0 reads
+between processes is the clock. So every rank's loop reads rank 0's clock (`ShmSync.clock`: rank 0 reads
 its own and publishes each reading, the others take it), admits the same arrivals, builds the same plans
 and pads them to the same static shapes (so their graphs hold the same all-reduces in the same order); the
 sampled tokens agree because the logits are computed from the all-reduced hidden state on every rank.
 What would break that (a rank's own decision, a nondeterministic path) must fail loudly rather than hang
 in a collective of another size or serve garbage: `TPBatchedExecutor` folds every plan (and the tokens it
 sampled) into a running digest and compares it across ranks before the step's collectives
-(`RankSync.check`), raising `RankDivergence` on every rank where one differs.
+(`ShmSync.check`), raising `RankDivergence` on every rank where one differs.
 
 Two ways for the ranks to agree (`SYNCS`): a shared-memory file (`ShmSync`, the ranks of one host spin
-on slots rank 0 writes: a few microseconds), or broadcasts over a gloo group (`GlooSync`, tens of
-microseconds a call on loopback); `bench/gpu_tp_batched_validate.py` times both on the device.
+on slots rank 0 writes: 2-3 us a reading on the sandbox), or broadcasts over a gloo group (`GlooSync`:
+~0.6 ms a call on the sandbox's loopback); `bench/gpu_tp_batched_validate.py` times both on the device.
 """
 from __future__ import annotations
 
