@@ -229,13 +229,16 @@ def calibration_specs(a, capacity_tokens: int, max_pos: int) -> list[dict]:
             <= 0.95 * capacity_tokens and max(r["context_tokens"], r["new_tokens"] + r["history_tokens"]) < max_pos]
 
 
-def time_step(ex, plan, reqs, reps: int):
+def time_step(ex, plan, reqs, reps: int, align=None):
     """Run one synthetic step `reps` + 1 times (the first a warm-up), each from the same token state:
-    (wall ms, GPU ms) of the timed runs and the last run's result."""
+    (wall ms, GPU ms) of the timed runs and the last run's result. `align`: called before each run (a
+    tensor-parallel call's ranks start each sample together)."""
     walls, gpus = [], []
     for i in range(reps + 1):
         for r, toks in reqs:
             ex.tokens[r] = list(toks)   # undo the last sample: every repetition is the same step
+        if align is not None:
+            align()
         t = time.perf_counter()
         out = ex.run(plan)
         w = (time.perf_counter() - t) * 1e3
@@ -247,7 +250,7 @@ def time_step(ex, plan, reqs, reps: int):
     return walls, gpus, out
 
 
-def calibrate_iteration(ex, model, a, bt, num_blocks) -> pd.DataFrame:
+def calibrate_iteration(ex, model, a, bt, num_blocks, align=None) -> pd.DataFrame:
     """Each spec run as one step of `ex` (warm-up first), its median time over --calib-reps: `ms` on the
     host clock around `ex.run` (the step's layout, launches and the wait for its sampled tokens: what the
     serving loop waits for), `gpu_ms` on CUDA events."""
@@ -260,7 +263,7 @@ def calibrate_iteration(ex, model, a, bt, num_blocks) -> pd.DataFrame:
         for spec in calibration_specs(a, num_blocks * bt, model.rope_cos.shape[0]):
             plan, reqs = synthetic_plan((spec["batch"], spec["context_tokens"], spec["new_tokens"],
                                          spec["history_tokens"]), bt, num_blocks, model.shape.vocab, rng)
-            walls, gpus, out = time_step(ex, plan, reqs, a.calib_reps)
+            walls, gpus, out = time_step(ex, plan, reqs, a.calib_reps, align)
             rows.append(dict(spec, ms=float(np.median(walls)), gpu_ms=float(np.median(gpus)),
                              min_ms=float(np.min(walls)), reps=len(walls), key=_key_str(out.key)))
             log(f"calibration {spec['kind']:6s} B={spec['batch']:<4d} ctx={spec['context_tokens']:<5d} "
@@ -367,10 +370,11 @@ def shape_plan(rep):
     return [longest] + [rest // n + (1 if i < rest % n else 0) for i in range(n)], chunks
 
 
-def calibrate_shapes(ex, model, a, bt, num_blocks, todo, budget_s) -> list[dict]:
+def calibrate_shapes(ex, model, a, bt, num_blocks, todo, budget_s, align=None, agree=None) -> list[dict]:
     """Each (key, rep) of `todo`, in order, captured (with chunks: listed as a shape the executor has) and
     timed as one step of `ex` (host clock around `run`, median of --shape-reps after a warm-up), until
-    `budget_s`. Rows of kind "step" for `gpu.calibrate.iteration_from_raw`."""
+    `budget_s`. Rows of kind "step" for `gpu.calibrate.iteration_from_raw`. Tensor parallelism: `align`
+    starts each sample on every rank together, `agree` makes rank 0's budget decision everyone's."""
     rng = np.random.default_rng(3)
     rows = []
     t0 = time.perf_counter()
@@ -380,7 +384,8 @@ def calibrate_shapes(ex, model, a, bt, num_blocks, todo, budget_s) -> list[dict]
     gc.disable()
     try:
         for key, rep in todo:
-            if time.perf_counter() - t0 > budget_s:
+            spent = time.perf_counter() - t0 > budget_s
+            if agree(spent) if agree is not None else spent:
                 log(f"shape calibration: budget spent, {len(todo) - len(rows)} shapes left")
                 break
             ctxs, chunks = shape_plan(rep)
@@ -390,7 +395,7 @@ def calibrate_shapes(ex, model, a, bt, num_blocks, todo, budget_s) -> list[dict]
                 ex.static.chunk_shapes.add(tuple(key))
             ex.static.capture([tuple(key)], collect=False)
             plan, reqs = synthetic_step(ctxs, chunks, bt, num_blocks, model.shape.vocab, rng)
-            walls, gpus, out = time_step(ex, plan, reqs, a.shape_reps)
+            walls, gpus, out = time_step(ex, plan, reqs, a.shape_reps, align)
             if out.key != tuple(key):
                 log(f"shape calibration: {key} ran as {out.key}, dropped")
                 if ex.static.chunk_shapes is not None:
@@ -446,7 +451,7 @@ def calibrated_profile(base: Path, model_name: str, raw: pd.DataFrame, out: Path
     if host_step is not None:
         it["host_step_ms"] = host_step
     prof["models"][model_name]["iteration"] = it
-    prof["command"] = f"{prof.get('command', '')}; iteration: bench/gpu_batched_validate.py " + " ".join(sys.argv[1:])
+    prof["command"] = f"{prof.get('command', '')}; iteration: {sys.argv[0]} " + " ".join(sys.argv[1:])
     parse_profile(prof, str(out))
     atomic_write(out, lambda tmp: Path(tmp).write_text(
         "# base profile + the batched executor's iteration section (bench/gpu_batched_validate.py)\n"
@@ -704,12 +709,16 @@ def graph_info(ex) -> dict:
 
 # ---- stage 4: the comparison ----------------------------------------------------------------------------
 
-def cost_model(model: str, profile, gpu_name: str):
+def cost_model(model: str, profile, gpu_name: str, gpus: int = 1, allreduce_table=None):
+    """The simulator's cost model of `gpus` GPUs: `profile`'s tables, or (none) the roofline, which charges
+    tensor-parallel all-reduces from `allreduce_table` where one is given."""
     from sim.config import load_config
     from sim.costmodel import build_cost_model
-    cfg = {"model": model, "gpu": {"name": gpu_name, "count": 1}}
+    cfg = {"model": model, "gpu": {"name": gpu_name, "count": gpus}}
     if profile:
         cfg["hardware_profile"] = str(profile)
+    elif allreduce_table and gpus > 1:
+        cfg["gpu"].update(allreduce="table", allreduce_table=str(allreduce_table))
     return build_cost_model(load_config(cfg))
 
 
@@ -760,10 +769,11 @@ def pool_profiles(folder: Path, profile, label: str, model: str, out: Path) -> d
     return paths
 
 
-def compare(folder: Path, a, out: Path, device: str | None = None) -> None:
+def compare(folder: Path, a, out: Path, device: str | None = None, gpus: int = 1, allreduce_table=None) -> None:
     """Per-step and whole-trace comparison of a call's files with each cost model of --profile (roofline
-    unless one is given). The tiny smoke model has no cost model of its own: --model's prices it.
-    compare.json: one summary per profile, under its label."""
+    unless one is given) over `gpus` GPUs (tensor parallel: `bench/gpu_tp_batched_validate.py`, whose
+    roofline charges its all-reduces from `allreduce_table`). The tiny smoke model has no cost model of its
+    own: --model's prices it. compare.json: one summary per profile, under its label."""
     steps = pd.read_csv(csv_path(folder, "steps.csv"), keep_default_na=False, na_values=[""])
     turns = pd.read_csv(csv_path(folder, "turns.csv"))
     traces = pd.read_csv(folder / "traces.csv")
@@ -774,13 +784,13 @@ def compare(folder: Path, a, out: Path, device: str | None = None) -> None:
     bt = int(steps.block_tokens.iloc[0])
     result = {}
     for label, profile in profile_list(a.profile, folder):
-        cost = cost_model(model, profile, gpu)
+        cost = cost_model(model, profile, gpu, gpus, allreduce_table)
         summary = {"cost_model": type(cost).__name__, "profile": profile, "gpu": gpu, "model": model,
                    "iteration_section": bool(getattr(getattr(cost, "m", None), "iteration", None)), "runs": {}}
         by_pool = {}
         if a.host_step_per_pool and summary["iteration_section"] and profile:
             paths = pool_profiles(folder, profile, label, model, out)
-            by_pool = {nb: cost_model(model, path, gpu) for nb, path in paths.items()}
+            by_pool = {nb: cost_model(model, path, gpu, gpus) for nb, path in paths.items()}
             summary["host_step_per_pool"] = {str(nb): str(p) for nb, p in paths.items()}
         table = []
         joined = {}

@@ -35,6 +35,7 @@ import heapq
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from gpu.model import rms_norm, rope_tables, rotate_half
-from gpu.tp_layer import ShardLayer, random_full_layer, shard
+from gpu.tp_layer import ShardLayer, random_full_layer, rank_shape, shard
 from sim.models import ModelShape
 from sim.scheduler import ChunkedScheduler, StepPlan
 
@@ -66,7 +67,9 @@ def block_table(req) -> list[int]:
 
 @dataclass
 class BatchedModel:
-    """Random bf16 weights of a real shape (GQA as Llama-3.1-8B): timing needs shapes, not training."""
+    """Random bf16 weights of a real shape (GQA as Llama-3.1-8B): timing needs shapes, not training.
+    Under tensor parallelism (`gpu.tp_batched`) `shape` and `layers` are one rank's shard and `reduce`
+    the TP group's in-place all-reduce completing the attention output's and the MLP's partial sums."""
     shape: ModelShape
     layers: list[ShardLayer]
     embed: torch.Tensor       # [vocab, hidden]
@@ -74,6 +77,7 @@ class BatchedModel:
     lm_head: torch.Tensor     # [vocab, hidden]
     rope_cos: torch.Tensor    # [max_pos, head_dim]
     rope_sin: torch.Tensor
+    reduce: Optional[Callable[[torch.Tensor], object]] = None
 
     @property
     def device(self):
@@ -84,18 +88,21 @@ class BatchedModel:
         return self.embed.dtype
 
 
-def random_model(shape: ModelShape, max_pos: int, device, dtype, seed: int = 0) -> BatchedModel:
+def random_model(shape: ModelShape, max_pos: int, device, dtype, seed: int = 0, rank: int = 0,
+                 tp: int = 1) -> BatchedModel:
     """Fused QKV and gate/up per layer (one GEMM each), scaled by 1/sqrt(fan_in) so activations stay
-    O(1) through the layers (NaN or inf would change kernel timings)."""
+    O(1) through the layers (NaN or inf would change kernel timings). With `tp` > 1: rank `rank`'s
+    shard (`gpu.tp_layer.shard`) of the very weights `tp` = 1 draws, the embedding and LM head whole on
+    every rank (as `gpu.tp_executor`: each rank computes every logit); its all-reduce is set by the caller."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    layers = [shard(random_full_layer(shape, device, dtype, seed=seed * 1000 + i + 1), shape, 0, 1)
+    layers = [shard(random_full_layer(shape, device, dtype, seed=seed * 1000 + i + 1), shape, rank, tp)
               for i in range(shape.layers)]
     cos, sin = rope_tables(shape, max_pos, device, dtype)
 
     def rand(rows, cols, fan_in):
         return (torch.randn((rows, cols), generator=gen, device=device, dtype=torch.float32)
                 / math.sqrt(fan_in)).to(dtype)
-    return BatchedModel(shape, layers, rand(shape.vocab, shape.hidden, 1.0),
+    return BatchedModel(rank_shape(shape, tp), layers, rand(shape.vocab, shape.hidden, 1.0),
                         torch.ones(shape.hidden, device=device, dtype=dtype),
                         rand(shape.vocab, shape.hidden, shape.hidden), cos, sin)
 
@@ -120,6 +127,17 @@ def reference_logits(model: BatchedModel, token_ids: list[int]) -> torch.Tensor:
         g, u = (rms_norm(x, w.mlp_norm) @ w.w13.T).chunk(2, dim=-1)
         x = torch.addmm(x, F.silu(g) * u, w.w2.T)
     return (rms_norm(x, model.final_norm) @ model.lm_head.T).float()
+
+
+def residual_out(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, reduce=None) -> torch.Tensor:
+    """x + a @ w.T, the residual add folded into the GEMM (beta = 1) on one GPU. Under tensor
+    parallelism a @ w.T is this rank's partial sum (row-parallel O and down projections): all-reduced
+    in place first, then added once (Megatron's split, `gpu.tp_layer`)."""
+    if reduce is None:
+        return torch.addmm(x, a, w.T)
+    t = a @ w.T
+    reduce(t)
+    return x + t
 
 
 # ---- one step's layout ----------------------------------------------------------------------------
@@ -399,9 +417,9 @@ class BatchedExecutor:
             kc.view(-1, K, D).index_copy_(0, sb.slots, k)
             vc.view(-1, K, D).index_copy_(0, sb.slots, v)
             o = self._attend(q, kc, vc, sb)
-            x = torch.addmm(x, o.reshape(T, H * D), w.wo.T)
+            x = residual_out(x, o.reshape(T, H * D), w.wo, m.reduce)
             g, u = (rms_norm(x, w.mlp_norm) @ w.w13.T).chunk(2, dim=-1)
-            x = torch.addmm(x, F.silu(g) * u, w.w2.T)
+            x = residual_out(x, F.silu(g) * u, w.w2, m.reduce)
             if gated:
                 self.ev_comp[li].record(main)
                 if self.layerwise and li + self.N < self.L:

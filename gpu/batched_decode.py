@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gpu.batched import residual_out
 from gpu.model import rms_norm, rotate_half
 from sim.costmodel import StepPadding, bucket_at_least, sqrt2_ladder
 
@@ -186,9 +187,9 @@ class StaticStep:
                 o = varlen_flash(q, keys, vals, cu_qc, cu_k, Nb, max_k)
             else:
                 o = varlen_flash(q, keys, vals, cu_q, cu_k, 1, max_k)
-            x = torch.addmm(x, o.reshape(T, H * D), w.wo.T)
+            x = residual_out(x, o.reshape(T, H * D), w.wo, m.reduce)
             g, u = (rms_norm(x, w.mlp_norm) @ w.w13.T).chunk(2, dim=-1)
-            x = torch.addmm(x, F.silu(g) * u, w.w2.T)
+            x = residual_out(x, F.silu(g) * u, w.w2, m.reduce)
         # the LM head over each decode row and each chunk slot's last row (an empty slot's is dropped)
         last = self.ar[:Bb]
         if Nb:
@@ -240,9 +241,10 @@ class StaticStep:
             self.body(*key)
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
-        # one GPU, no NCCL watchdog querying events meanwhile: the default (global) mode
-        # (`gpu.prefill_graph.capture_mode` is for the single-turn Decoder, which may hold all-reduces)
-        with torch.cuda.graph(g, pool=self.pool, capture_error_mode="global"):
+        # one GPU: the default (global) mode; a TP rank's steps hold NCCL all-reduces, whose watchdog
+        # thread queries events during a capture: thread_local there (`gpu.prefill_graph.capture_mode`)
+        mode = "global" if self.ex.model.reduce is None else "thread_local"
+        with torch.cuda.graph(g, pool=self.pool, capture_error_mode=mode):
             self.body(*key)
         torch.cuda.synchronize()
         self.captured[key] = g

@@ -83,18 +83,45 @@ def random_full_layer(shape: ModelShape, device, dtype, seed: int = 0) -> FullLa
                      w1=rand(I, H), w3=rand(I, H), w2=rand(H, I))
 
 
+def kv_heads_per_rank(shape: ModelShape, tp: int) -> int:
+    """KV heads one rank holds: kv_heads / tp, or one (replicated on tp / kv_heads ranks) where there are
+    fewer KV heads than ranks, as vLLM replicates the KV projection then (its query heads all read that
+    head). Raises where the heads do not split."""
+    for what, n in (("heads", shape.heads), ("intermediate", shape.intermediate)):
+        if n % tp:
+            raise ValueError(f"{shape.name}: {what} {n} does not split over tp={tp}")
+    if shape.kv_heads >= tp:
+        if shape.kv_heads % tp:
+            raise ValueError(f"{shape.name}: kv_heads {shape.kv_heads} does not split over tp={tp}")
+        return shape.kv_heads // tp
+    if tp % shape.kv_heads:
+        raise ValueError(f"{shape.name}: kv_heads {shape.kv_heads} cannot be replicated evenly over tp={tp}")
+    return 1
+
+
+def rank_shape(shape: ModelShape, tp: int) -> ModelShape:
+    """One rank's share of `shape`: its query heads, KV heads (`kv_heads_per_rank`) and MLP columns;
+    head_dim stays the model's."""
+    return dataclasses.replace(shape, heads=shape.heads // tp, kv_heads=kv_heads_per_rank(shape, tp),
+                               intermediate=shape.intermediate // tp, head_dim=shape.head_dim,
+                               attention=shape.attention)
+
+
 def shard(full: FullLayer, shape: ModelShape, rank: int, tp: int) -> ShardLayer:
-    """Rank `rank`'s slice: rows of the column-parallel matrices, columns of the row-parallel ones."""
-    check_tp(shape, tp)
+    """Rank `rank`'s slice: rows of the column-parallel matrices, columns of the row-parallel ones. With
+    fewer KV heads than ranks, the rank's K and V rows are those of the one KV head its query heads read."""
     D = shape.head_dim
-    hq, hkv, ip = shape.heads // tp, shape.kv_heads // tp, shape.intermediate // tp
+    hq, hkv, ip = shape.heads // tp, kv_heads_per_rank(shape, tp), shape.intermediate // tp
+    # the rank's first KV head: rank * hkv, or (replicated) the one its query heads rank * hq.. read
+    k0 = rank * hkv if shape.kv_heads >= tp else rank // (tp // shape.kv_heads)
 
     def rows(w, per):
         return w[rank * per:(rank + 1) * per]
 
     return ShardLayer(
         heads=hq, kv_heads=hkv, head_dim=D, attn_norm=full.attn_norm,
-        wqkv=torch.cat([rows(full.wq, hq * D), rows(full.wk, hkv * D), rows(full.wv, hkv * D)]).contiguous(),
+        wqkv=torch.cat([rows(full.wq, hq * D), full.wk[k0 * D:(k0 + hkv) * D],
+                        full.wv[k0 * D:(k0 + hkv) * D]]).contiguous(),
         wo=full.wo[:, rank * hq * D:(rank + 1) * hq * D].contiguous(),
         mlp_norm=full.mlp_norm,
         w13=torch.cat([rows(full.w1, ip), rows(full.w3, ip)]).contiguous(),
