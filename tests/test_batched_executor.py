@@ -283,8 +283,14 @@ def test_device_script_cpu_smoke_writes_every_file(tmp_path):
     for summary in result.values():
         runs = summary["runs"]
         assert set(runs) == {"dram_r4", "dram_r8", "hbm_r8_preempt", "dram_r8_preempt",
-                             "dram_r8_preempt_loadfirst"}
+                             "dram_r8_preempt_loadfirst", "ssd_r8_preempt"}
         assert all(v["turns_matched"] == v["turns_meas"] > 0 for v in runs.values())
+    # the smoke adds the SSD tier's run: histories read back from session files, every save written
+    steps = pd.read_csv(tmp_path / "steps.csv")
+    ssd = steps[steps.run == "ssd_r8_preempt"]
+    assert (ssd.ssd_read_bytes > 0).any() and (ssd.ssd_read_bytes > 0).sum() == (ssd.ext_tokens > 0).sum()
+    assert ssd.ssd_write_bytes.sum() > 0 and steps[steps.run != "ssd_r8_preempt"].ssd_write_bytes.sum() == 0
+    assert env["ssd"]["ssd_r8_preempt"]["o_direct"] is False   # the tiny model's 256-byte token rows
 
 
 def test_a_turns_ttft_splits_into_the_wait_and_its_first_token_step():
