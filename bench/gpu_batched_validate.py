@@ -805,6 +805,21 @@ def pool_profiles(folder: Path, profile, label: str, model: str, out: Path) -> d
     return paths
 
 
+def ssd_table_gbps(cost, pred: pd.DataFrame) -> float:
+    """The profile's SSD read rate over a run's SSD reads: each request's per-layer read looked up in the
+    read table at its size (the executor reads a request's layer with one pread), bytes over summed times."""
+    from gpu.batched_validate import parse_ext
+    per_tok = cost.shape.kv_bytes_per_token_layer
+    nbytes = secs = 0.0
+    for e in pred.ext[pred.ssd_read_bytes > 0]:
+        for n in parse_ext(e):
+            if n:
+                b = n * per_tok
+                nbytes += b
+                secs += b / cost.ssd_read_bw(b)
+    return nbytes / secs / 1e9 if secs else math.nan
+
+
 def compare(folder: Path, a, out: Path, device: str | None = None) -> None:
     """Per-step and whole-trace comparison of a call's files with each cost model of --profile (roofline
     unless one is given). The tiny smoke model has no cost model of its own: --model's prices it.
@@ -834,6 +849,8 @@ def compare(folder: Path, a, out: Path, device: str | None = None) -> None:
             cost = by_pool.get(int(st.num_blocks.iloc[0]), cost)
             pred = predict_steps(st, cost, layerwise=layerwise)
             row = {"run": run, **step_summary(pred)}
+            if row.get("ssd_steps"):
+                row["ssd_read_gbps_table"] = ssd_table_gbps(cost, pred)
             tr = turns[turns.run == run]
             pol, rate, nb = tr.policy.iloc[0], float(tr.rate.iloc[0]), int(tr.num_blocks.iloc[0])
             trace = traces[traces.rate == rate].drop(columns=["rate"])
@@ -851,7 +868,8 @@ def compare(folder: Path, a, out: Path, device: str | None = None) -> None:
         scatter_plot(joined, out / f"scatter_{label}.png",
                      f"{folder.name}: {device}, {model}; simulated ({label} profile) vs measured")
         cols = ["run", "mean_batch", "preemptions", "decode_wall_mape", "mixed_wall_mape", "ttft_mape", "tpot_mape",
-                "ttft_mean_err", "ttft_p99_err", "throughput_err", "ft_step_mape", "ttft_mape_same_wait"]
+                "ttft_mean_err", "ttft_p99_err", "throughput_err", "ft_step_mape", "ttft_mape_same_wait",
+                "ssd_steps", "ssd_wall_mape", "ssd_read_gbps", "ssd_read_gbps_table"]
         df = pd.DataFrame(table)
         log(f"comparison with {label}: {summary['cost_model']} ({model}, {gpu}, {profile}):")
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format",

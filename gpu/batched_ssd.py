@@ -64,12 +64,12 @@ class SsdTier:
         self._grow_write(staging_blocks)
         self.jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
-        self.writer = threading.Thread(target=self._write_loop, daemon=True)
         self.write_stream = torch.cuda.Stream(self.dev) if self.cuda else None
-        self.writer.start()
         self.load = None           # the step's SsdLoad, joined by take_io
         self.io = _io()
         self.write_busy_ms = 0.0   # the writer's time per save, summed (its own thread's clock)
+        self.writer = threading.Thread(target=self._write_loop, daemon=True)
+        self.writer.start()
 
     @property
     def direct(self) -> bool:
@@ -127,6 +127,8 @@ class SsdTier:
         return n * self.bt
 
     def _write_loop(self) -> None:
+        if self.cuda:
+            torch.cuda.set_device(self.dev)   # this thread's events and copies on the executor's GPU
         while True:
             job = self.jobs.get()
             if job is None:

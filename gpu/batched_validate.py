@@ -322,6 +322,15 @@ def step_summary(pred: pd.DataFrame) -> dict:
         out[f"{kind}_gpu_mape"] = float(g.gpu_err.abs().mean())
     out["busy_wall_s"] = float(pred.wall_ms.sum() / 1e3)
     out["busy_pred_s"] = float(pred.pred_ms.sum() / 1e3)
+    if "ssd_read_bytes" in pred and (pred.ssd_read_bytes > 0).any():
+        g = pred[pred.ssd_read_bytes > 0]
+        read_s = (g.ssd_read_ms - g.ssd_wait_ms).sum() / 1e3
+        out.update(ssd_steps=int(len(g)), ssd_wall_mape=float(g.wall_err.abs().mean()),
+                   ssd_wall_bias=float(g.wall_err.mean()), ssd_read_gb=float(g.ssd_read_bytes.sum() / 1e9),
+                   # the reads' own rate: their spans less the waits for a session's write to land
+                   ssd_read_gbps=float(g.ssd_read_bytes.sum() / read_s / 1e9) if read_s > 0 else math.nan,
+                   ssd_wait_ms=float(g.ssd_wait_ms.sum()), ssd_pred_wait_ms=float(g.pred_ssd_wait_ms.sum()),
+                   ssd_write_gb=float(pred.ssd_write_bytes.sum() / 1e9))
     return out
 
 

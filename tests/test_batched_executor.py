@@ -309,3 +309,27 @@ def test_a_turns_ttft_splits_into_the_wait_and_its_first_token_step():
     assert got["ttft_mape_same_wait"] == pytest.approx(2 / 14)     # the measured 4 ms wait kept
     assert got["wait_mean_meas_s"] == pytest.approx(0.004) and got["wait_mean_sim_s"] == pytest.approx(0.0)
     assert got["wait_abs_diff_s"] == pytest.approx(0.004)
+
+
+def test_device_script_cpu_smoke_runs_llama2_7b_multi_head_attention_with_the_ssd_tier(tmp_path):
+    """--model llama2-7b: the smoke's tiny shape keeps its multi-head attention (as many KV heads as query
+    heads), the SSD tier serves its host run, and LLaMA-2-7B's cost model (the roofline here) prices them."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    import pandas as pd
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "bench/gpu_batched_validate.py", "--cpu-smoke", "--model", "llama2-7b",
+                        "--policies", "hbm", "--host-runs", "ssd", "--no-calibration", "--graph-bench-shapes", "",
+                        "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    from gpu.model import TINY
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["model"] == TINY.name and TINY.kv_heads == TINY.heads and set(env["ssd"]) == {"ssd_r8_preempt"}
+    steps = pd.read_csv(tmp_path / "steps.csv")
+    assert set(steps.model) == {"tiny"} and steps[steps.run == "ssd_r8_preempt"].ssd_write_bytes.sum() > 0
+    summary = json.loads((tmp_path / "compare.json").read_text())["roofline"]
+    assert summary["model"] == "llama2-7b"
+    assert set(summary["runs"]) == {"hbm_r8", "hbm_r8_preempt", "ssd_r8_preempt", "hbm_r4"}
+    assert all(v["turns_matched"] == v["turns_meas"] > 0 for v in summary["runs"].values())

@@ -213,3 +213,25 @@ def test_a_step_reading_while_a_save_is_written_is_priced_slower():
     assert pred.pred_ms.iloc[1] == pytest.approx((32 * load + 0.1e-3 + 0.4e-3) * 1e3, rel=1e-9)
     alone = predict_steps(steps.assign(ssd_write_tokens=[0, 0]), profile_cost("interleaved"))
     assert alone.pred_ms.iloc[1] == pytest.approx((32 * 1048576 / 3e9 + 0.5e-3) * 1e3, rel=1e-9)
+
+
+def test_the_ssd_runs_simulator_settings_read_every_saved_history_from_the_ssd():
+    """SIM_OVERRIDES["ssd"] under the chunked engine (sim/engine.py ChunkedReplica): no DRAM, so turn 0's
+    saved KV lands on the SSD, and turn 1 reads what HBM's prefix cache lacks (the 20th block: turn 0's 320
+    tokens left 19 whole blocks cached) from it, priced as CostExecutor prices it: SSD -> DRAM -> HBM per
+    layer in the preload pipeline, alone on the disk after a 50 s think time."""
+    from gpu.batched_validate import SIM_OVERRIDES
+    from sim.config import load_config
+    from sim.costmodel import build_cost_model
+    from sim.runner import run_simulation
+    from sim.workload import load_workload
+    df = pd.DataFrame([
+        dict(session_id="a", turn=0, arrival_s=1.0, think_s=np.nan, prompt_tokens=300, output_tokens=20),
+        dict(session_id="a", turn=1, arrival_s=np.nan, think_s=50.0, prompt_tokens=100, output_tokens=10)])
+    cfg = load_config({}, {"model": "llama2-7b", "scheduler.kind": "chunked", **SIM_OVERRIDES["ssd"]})
+    t = run_simulation(cfg, load_workload(cfg, df)).turns.set_index("turn")
+    cm = build_cost_model(cfg)
+    load = cm.history_load_layer_s(0.0, 16 * cm.shape.kv_bytes_per_token_layer, 1.0)
+    assert load > cm.history_load_layer_s(16 * cm.shape.kv_bytes_per_token_layer)   # slower than from DRAM
+    assert t.loc[1, "hit_tier"] == "ssd"
+    assert t.loc[1, "ttft_s"] == pytest.approx(cm.iteration([(100, 320)], 0, 0.0, load, 2, True).total_s)
