@@ -511,7 +511,9 @@ def main():
     ap.add_argument("--gpu-name", default=None, help="the simulator's GPU (default: from the device name)")
     ap.add_argument("--source", default="traces/sharegpt_small.parquet")
     ap.add_argument("--rates", default="0.5,2,6", help="session arrivals per second, light load to saturation")
-    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--policies", default="recompute,hbm,dram",
+                    help=f"policies served at every rate on the whole KV cache, some of {', '.join(POLICIES)} (the "
+                         f"SSD tier's runs: --host-runs)")
     ap.add_argument("--window-s", type=float, default=12.0, help="sessions start within this window")
     ap.add_argument("--max-turns", type=int, default=3)
     ap.add_argument("--output-cap", type=int, default=512)

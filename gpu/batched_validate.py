@@ -9,6 +9,9 @@ Two checks, both needing no SimPy (the GPU image has none):
 * `simulate_sessions`: the same trace served by the same loop (`gpu.batched.serve_sessions`, the same
   `ChunkedScheduler`) on a simulated clock that advances by the cost model's price of each step. The
   per-turn TTFT and per-request TPOT it predicts are compared with the measured ones (`compare_turns`).
+
+Each policy is a setting of the simulator (`SIM_OVERRIDES`); the SSD tier's ("ssd") loads and saves go
+through the SSD's read and write links as `sim.kvstore.KVStore` moves them (`SsdLinks`).
 """
 from __future__ import annotations
 
