@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A batched device call with the SSD tier (issue 15 items 1 and 5), kind nvidia-h100-x1, ~490 s of device time:
+# A batched device call with the SSD tier (issue 15 items 1 and 5), kind nvidia-h100-x1, ~510 s of device time:
 # run 26's set (bench/gpu_run26_batched.sh) plus one run whose histories come back from session files on the
 # machine's local disk with DRAM bypassed (--host-runs ...,ssd: `ssd_r8_preempt`, layer-wise, on
 # --preempt-blocks KV blocks like the DRAM host runs), priced by the simulator from the profile's SSD tables
@@ -18,6 +18,9 @@ if [ "${1:-}" = "--cpu-smoke" ]; then
 else
     nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/log.txt"
     df -h /tmp | tee -a "$OUT/log.txt"
+    # the SSD tier's CUDA path against a recompute first (tiny model, ~20 s; skipped if the image has no pytest)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_batched_ssd.py -k cuda 2>&1 | tail -3 \
+        | tee -a "$OUT/log.txt" || true
     timeout 510 python3 bench/gpu_batched_validate.py --out /tmp/r27 --attention flash_varlen --skip-attn-bench \
         --rates 0.5,2,8 --run-limit-s 25 --budget-s 410 --graph-capture-s 30 --calib-reps 5 \
         --calib-decode-batch 1,4,16,64,256 --calib-decode-ctx 128,1024,4096 --calib-chunk-new 16,256,1024,4096 \

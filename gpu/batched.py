@@ -265,8 +265,8 @@ class BatchedExecutor:
         return self.host_k is not None or self.ssd is not None
 
     def take_io(self) -> dict:
-        """SSD bytes read and written since the last call (`gpu.batched_ssd.SsdTier.take_io`; zeros
-        without the SSD tier)."""
+        """SSD bytes read and written since the last call (`gpu.batched_ssd.SsdTier.take_io`; empty
+        without the SSD tier, whose step records keep their zeros)."""
         if self.ssd is None:
             return {}
         return self.ssd.take_io()
@@ -601,7 +601,6 @@ class BatchedExecutor:
                 self.v[li].index_copy_(0, idx, stage_v[slot])
                 self.ev_load[self.L + li].record(ls)
         return issue
-
 
     def _issue_ssd_loads(self, loads, main):
         """`_issue_loads` from the SSD tier (`gpu.batched_ssd.SsdTier.start_load`): the same `issue(li)`

@@ -235,3 +235,103 @@ def test_the_ssd_runs_simulator_settings_read_every_saved_history_from_the_ssd()
     assert load > cm.history_load_layer_s(16 * cm.shape.kv_bytes_per_token_layer)   # slower than from DRAM
     assert t.loc[1, "hit_tier"] == "ssd"
     assert t.loc[1, "ttft_s"] == pytest.approx(cm.iteration([(100, 320)], 0, 0.0, load, 2, True).total_s)
+
+
+# ---- the CUDA branch: with fake streams and events on CPU, and for real where CUDA is present ----------
+
+class FakeEvent:
+    def __init__(self, *a, **k):
+        self.recorded = 0
+
+    def record(self, stream=None):
+        self.recorded += 1
+
+    def synchronize(self):
+        assert self.recorded, "synchronize on an event never recorded"
+
+
+class FakeStream:
+    def __init__(self, *a, **k):
+        self.waited = []
+
+    def wait_event(self, ev):
+        assert ev.recorded, "a stream waits for an event never recorded"
+        self.waited.append(ev)
+
+    def wait_stream(self, other):
+        pass
+
+
+def test_the_cuda_branch_stages_each_layer_through_the_device_slot_after_its_gate(tmp_path, monkeypatch):
+    """The tier's CUDA path (writer stream, events, the load stream's per-layer gate and device staging) run
+    on CPU with torch.cuda's streams and events faked, as run 17's lost graphs taught (an attribute error
+    there would first show on the device): the loaded blocks hold what was saved, and with a read buffer
+    of one layer the load of layer 1 waited for layer 0's compute."""
+    import contextlib
+    from gpu.batched_ssd import SsdTier
+    for name, fake in (("Event", FakeEvent), ("Stream", FakeStream), ("stream", lambda s: contextlib.nullcontext()),
+                       ("set_device", lambda d: None)):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    L, bt, K, D = 2, 4, 2, 8
+    tier = SsdTier(tmp_path, L, bt, K, D, torch.float32, "cpu", read_buffer_layers=1, poison=True,
+                   staging_blocks=1)
+    tier.cuda, tier.write_stream = True, FakeStream()
+    tier.open_session("s", 20)
+    kv = torch.randn(L, 3, 2, bt, K, D)
+    ready = FakeEvent()
+    ready.record()
+    assert tier.save("s", kv, 0, ready) == 12
+    tier.drain()
+    assert tier.write_stream.waited == [ready]
+    k = torch.full((L, 10, bt, K, D), float("nan"))
+    v = k.clone()
+    idx = torch.tensor([7, 4])
+    ev_load = [FakeEvent() for _ in range(2 * L)]
+    ev_comp = [FakeEvent() for _ in range(L)]
+    ls = FakeStream()
+    issue = tier.start_load([("s", 1, 2)], idx, k, v, ev_load, ev_comp, ls, True, FakeStream())
+    issue(0)
+    ev_comp[0].record()   # layer 0's compute, issued before layer 1's load
+    issue(1)
+    tier.join()
+    assert ls.waited == [ev_comp[0]] and all(e.recorded == 1 for e in ev_load)
+    for li in range(L):
+        assert torch.equal(k[li, [7, 4]], kv[li, 1:, 0]) and torch.equal(v[li, [7, 4]], kv[li, 1:, 1])
+    assert torch.isnan(k[:, [0, 1, 2, 3, 5, 6, 8, 9]]).all()
+    io = tier.take_io()
+    assert (io["ssd_read_tokens"], io["ssd_write_tokens"]) == (8, 12)
+    tier.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_cuda_histories_read_back_from_the_ssd_equal_recompute(tmp_path, layerwise):
+    """On the GPU (bf16; load-first steps as captured graphs): every row within 2% of a one-pass recompute."""
+    m = random_model(TINY_GQA, 512, "cuda", torch.bfloat16, seed=5)
+    ex = BatchedExecutor(m, num_blocks=40, block_tokens=16, poison=True, ssd_dir=tmp_path, read_buffer_layers=1,
+                         layerwise=layerwise)
+    sched = ChunkedScheduler(ChunkedConfig(pool="exact", num_blocks=40, max_num_batched_tokens=256, block_tokens=16,
+                                           prefix_caching=False), external_hit=ex.external_tokens)
+    ex.open_session("s", 400)
+    hist, loaded = [], 0
+    for k in range(3):
+        r = SeqRequest(("s", k), len(hist) + 37, 20, lambda i: ("s", i))
+        ex.add(r, hist + ids(200 + k, 37), session="s")
+        sched.add_request(r)
+        while sched.has_unfinished():
+            plan = sched.schedule()
+            tables = {q: block_table(q) for q, _, _ in plan.scheduled}
+            known = {q: list(ex.tokens[q]) for q, _, _ in plan.scheduled}
+            out = ex.run(plan, keep_logits=True)
+            loaded += out.ext_tokens
+            for row, (q, n, _) in enumerate(plan.scheduled):
+                last = q.num_computed_tokens + n - 1
+                ref = reference_logits(m, known[q][:last + 1])[last]
+                assert torch.isfinite(out.logits[row]).all()
+                assert (out.logits[row] - ref).norm() / ref.norm() < 2e-2
+            for q in sched.update(plan):
+                ex.save(q, tables[q], q.num_computed_tokens)
+        hist = ex.forget(r)
+    ex.drain()
+    assert loaded == 48 + 112   # turn 0: 56 computed tokens, 3 blocks of 16; turn 1: 113 computed, 7 blocks
+    ex.use_ssd(None)
