@@ -611,10 +611,10 @@ def main():
     ex = BatchedExecutor(model, num_blocks, bt, attention=attention, host_blocks=host_blocks, kv=shared_kv,
                          decode_graphs=graphs)
     log(f"host store: {host_blocks} blocks ({host_blocks * bt * kv_token / 1e9:.1f} GB pinned)")
-    ssd_dir = a.ssd_dir
+    ssd_dir, ssd_tmp = a.ssd_dir, None
     if ssd_dir is None:
         import tempfile
-        ssd_dir = tempfile.mkdtemp(prefix="kvsim_ssd_") if a.cpu_smoke else "/tmp/kvsim_ssd"
+        ssd_dir = ssd_tmp = tempfile.mkdtemp(prefix="kvsim_ssd_") if a.cpu_smoke else "/tmp/kvsim_ssd"
     # the SSD tier's pinned staging: a slot holds four sessions' longest history (grown if a step loads more)
     ssd_staging = 4 * max(-(-(int(g.prompt_tokens.sum() + g.output_tokens.sum()) + bt) // bt)
                           for t in traces.values() for _, g in t.groupby("session_id"))
@@ -731,6 +731,9 @@ def main():
                 f"(writer busy {ex.ssd.write_busy_ms / 1e3:.1f} s), o_direct {ex.ssd.direct}")
     ex.drain()
     ex.use_ssd(None)   # the last SSD run's files removed
+    if ssd_tmp is not None:
+        import shutil
+        shutil.rmtree(ssd_tmp, ignore_errors=True)
     if graphs:
         info["decode_graphs"] = graph_info(ex)
         atomic_write_json(out / "env.json", info)
