@@ -30,9 +30,10 @@ Stages, each writing its files as it ends (a timeout still returns what is done)
 3. runs: for each arrival rate (sessions/s; the slice of traces/sharegpt_small.parquet drawn with
    `gpu.trace_slice.make_slice`, replies up to --output-cap tokens) and each policy (recompute, hbm
    prefix caching, dram layer-wise), the executor serves the slice in real time; then runs with few
-   KV blocks: one that preempts, and the dram policy's (--host-runs: histories back from the host,
-   layer-wise and load-first). -> turns.csv (per turn: TTFT, TPOT), steps.csv (per step: shape, static
-   key, wall, GPU and load times), traces.csv (the slices served)
+   KV blocks: one that preempts, and the host-store policies' (--host-runs: histories back from the host
+   DRAM store, layer-wise and load-first; `ssd`, `ssd_load_first`: from the SSD tier, DRAM bypassed, session
+   files under --ssd-dir, `gpu.batched_ssd`). -> turns.csv (per turn: TTFT, TPOT), steps.csv (per step: shape, static
+   key, wall, GPU and load times, SSD bytes read and written), traces.csv (the slices served)
 4. comparison (`gpu.batched_validate`): every step priced by the cost model as the simulator's
    ChunkedReplica prices it, and each trace replayed by the same loop and scheduler on the cost
    model's clock, once per profile of --profile (label=path, comma-separated: the one calibrated in
@@ -62,6 +63,7 @@ from gpu.batched_validate import (POLICIES, compare_turns, csv_path, phase_summa
                                   scatter_plot, scheduler_for,
                                   simulate_sessions, step_summary, steps_frame, trace_sessions, turns_frame)
 from gpu.trace_slice import make_slice  # noqa: E402
+from gpu.model import TINY  # noqa: E402
 from gpu.tp_layer import TINY_GQA  # noqa: E402
 from sim.files import atomic_write, atomic_write_json  # noqa: E402
 from sim.models import MODELS  # noqa: E402
@@ -69,6 +71,15 @@ from sim.scheduler import SeqRequest, StepPlan, Scheduled  # noqa: E402
 from sim.trace import read_trace  # noqa: E402
 
 T0 = time.perf_counter()
+# --host-runs: mode -> (policy, layer-wise)
+HOST_RUNS = {"layerwise": ("dram", True), "load_first": ("dram", False), "ssd": ("ssd", True),
+             "ssd_load_first": ("ssd", False)}
+# --model -> (--base-profile, --replay-profile) defaults: the newest H100 profile with the model's tables
+# (LLaMA-2-7B's has no iteration section: its first replay composes the per-layer tables)
+PROFILES = {"llama3.1-8b": ("results/gpu/run14_llama31_8b_h100/profile_h100_llama31_8b.yaml",
+                            "results/gpu/run19_batched_graphs/profile_calibrated.yaml"),
+            "llama2-7b": ("results/gpu/run12_copy_overhead/profile.yaml",
+                          "results/gpu/run12_copy_overhead/profile.yaml")}
 
 
 def log(msg):
@@ -293,9 +304,10 @@ def run_list(a, num_blocks) -> list[tuple]:
         runs.append((top, "hbm", a.preempt_blocks, True))
     for spec in filter(None, a.host_runs.split(",")):
         mode = spec.strip()
-        if mode not in ("layerwise", "load_first"):
-            raise SystemExit(f"--host-runs: {mode!r}, expected layerwise or load_first")
-        runs.append((top, "dram", a.preempt_blocks or num_blocks, mode == "layerwise"))
+        if mode not in HOST_RUNS:
+            raise SystemExit(f"--host-runs: {mode!r}, expected some of {', '.join(HOST_RUNS)}")
+        pol, layerwise = HOST_RUNS[mode]
+        runs.append((top, pol, a.preempt_blocks or num_blocks, layerwise))
     runs += [(rate, pol, num_blocks, True) for rate in sorted(a.rates, reverse=True)[1:] for pol in pols]
     return runs
 
@@ -475,8 +487,8 @@ def main():
                     help="hardware profiles for the comparison, comma-separated, each PATH or LABEL=PATH; "
                          "'calibrated' is this call's profile_calibrated.yaml (default: roofline; on a device "
                          "run with calibration: calibrated and --base-profile)")
-    ap.add_argument("--base-profile", default="results/gpu/run14_llama31_8b_h100/profile_h100_llama31_8b.yaml",
-                    help="the profile the calibrated iteration section is added to")
+    ap.add_argument("--base-profile", default=None,
+                    help="the profile the calibrated iteration section is added to (default: --model's in PROFILES)")
     ap.add_argument("--no-calibration", action="store_true", help="skip the iteration calibration")
     ap.add_argument("--skip-attn-bench", action="store_true", help="with --attention given: no micro-benchmark")
     ap.add_argument("--calib-decode-batch", default="1,2,4,8,16,32,64,128,256")
@@ -487,20 +499,26 @@ def main():
                                              "1024x0x32x1024,2048x0x64x512,128x4096x48x768",
                     help="chunk x cached x decodes x ctx, comma-separated")
     ap.add_argument("--calib-reps", type=int, default=3)
-    ap.add_argument("--replay-profile", default="results/gpu/run19_batched_graphs/profile_calibrated.yaml",
+    ap.add_argument("--replay-profile", default=None,
                     help="the profile whose clock the first replay of the runs' traces runs on (the shapes to "
-                         "time); '' for no replay (no shape calibration)")
+                         "time; default: --model's in PROFILES); '' for no replay (no shape calibration)")
     ap.add_argument("--shape-calib-s", type=float, default=75.0, help="time for the first replay's shapes")
     ap.add_argument("--shape-calib2-s", type=float, default=25.0,
                     help="time for the shapes the second replay (on the calibrated profile) adds")
     ap.add_argument("--shape-reps", type=int, default=5, help="timed repetitions of each replayed shape")
     ap.add_argument("--host-runs", default="layerwise,load_first",
-                    help="runs of the dram policy at the top rate on --preempt-blocks KV blocks (histories "
-                         "come back from the host store): layerwise and/or load_first, comma-separated")
+                    help="runs at the top rate on --preempt-blocks KV blocks whose histories come back from the "
+                         "host: the DRAM store (layerwise, load_first) or the SSD tier with DRAM bypassed (ssd, "
+                         "ssd_load_first), comma-separated")
+    ap.add_argument("--ssd-dir", default=None,
+                    help="the SSD tier's session files (default /tmp/kvsim_ssd, on the machine's local disk; "
+                         "--cpu-smoke: a temporary folder)")
     ap.add_argument("--gpu-name", default=None, help="the simulator's GPU (default: from the device name)")
     ap.add_argument("--source", default="traces/sharegpt_small.parquet")
     ap.add_argument("--rates", default="0.5,2,6", help="session arrivals per second, light load to saturation")
-    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--policies", default="recompute,hbm,dram",
+                    help=f"policies served at every rate on the whole KV cache, some of {', '.join(POLICIES)} (the "
+                         f"SSD tier's runs: --host-runs)")
     ap.add_argument("--window-s", type=float, default=12.0, help="sessions start within this window")
     ap.add_argument("--max-turns", type=int, default=3)
     ap.add_argument("--output-cap", type=int, default=512)
@@ -532,23 +550,35 @@ def main():
     ap.add_argument("--budget-s", type=float, default=290.0, help="no run starts after this wall time")
     a = ap.parse_args()
     a.rates = [float(r) for r in a.rates.split(",")]
+    base, replay = PROFILES.get(a.model, (None, ""))
+    if a.base_profile is None:
+        if base is None:
+            raise SystemExit(f"--model {a.model}: no default --base-profile (one of {', '.join(PROFILES)}); name one")
+        a.base_profile = base
+    if a.replay_profile is None:
+        a.replay_profile = replay
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.compare:
         return compare(Path(a.compare), a, out)
     if a.cpu_smoke:
         # a few sessions of at most 120 tokens (30 blocks of 4) arriving at once: the preempting run's
-        # 34 blocks hold one or two of them
-        a.rates, a.think_mean_s = [4.0, 8.0], 0.02
+        # 34 blocks hold one or two of them, and a session's next turn (0.3 s later on average) finds its
+        # history evicted from HBM by the others' now and then (the host runs load it back)
+        a.rates, a.think_mean_s = [4.0, 8.0], 0.3
         a.window_s, a.output_cap, a.max_session_tokens, a.max_turns = 0.5, 6, 120, 2
         a.bench_shapes, a.bench_reps, a.preempt_blocks, a.run_limit_s = "4x40x0x0,2x40x24x16", 1, 34, 20.0
         a.calib_decode_batch, a.calib_decode_ctx, a.calib_chunk_new, a.calib_chunk_hist = "1,4", "8,32", "8,24", "0,16"
         a.calib_mixed, a.calib_reps = "8x0x2x16,8x16x4x8", 1
         a.graph_bench_shapes = "3x16,4x40,2x16+9:12"
         a.shape_reps = 1
+        if "ssd" not in a.host_runs.split(","):
+            a.host_runs = ",".join(filter(None, [a.host_runs, "ssd"]))
     cuda = torch.cuda.is_available() and not a.cpu_smoke
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    shape = MODELS[a.model] if not a.cpu_smoke else TINY_GQA
+    big = MODELS[a.model]
+    # the smoke's tiny shape keeps --model's attention: multi-head (LLaMA-2) or grouped-query
+    shape = big if not a.cpu_smoke else (TINY if big.kv_heads == big.heads else TINY_GQA)
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": cuda,
             "device": torch.cuda.get_device_name(0) if cuda else "cpu", "argv": sys.argv, "model": shape.name,
             "args": {k: v for k, v in vars(a).items()}}
@@ -586,6 +616,13 @@ def main():
     ex = BatchedExecutor(model, num_blocks, bt, attention=attention, host_blocks=host_blocks, kv=shared_kv,
                          decode_graphs=graphs)
     log(f"host store: {host_blocks} blocks ({host_blocks * bt * kv_token / 1e9:.1f} GB pinned)")
+    ssd_dir, ssd_tmp = a.ssd_dir, None
+    if ssd_dir is None:
+        import tempfile
+        ssd_dir = ssd_tmp = tempfile.mkdtemp(prefix="kvsim_ssd_") if a.cpu_smoke else "/tmp/kvsim_ssd"
+    # the SSD tier's pinned staging: a slot holds four sessions' longest history (grown if a step loads more)
+    ssd_staging = 4 * max(-(-(int(g.prompt_tokens.sum() + g.output_tokens.sum()) + bt) // bt)
+                          for t in traces.values() for _, g in t.groupby("session_id"))
     if graphs:
         ex.static.capture(log=log, budget_s=a.graph_capture_s)
         if a.graph_bench_shapes:
@@ -644,6 +681,11 @@ def main():
             continue
         ex.reset()
         ex.layerwise = layerwise
+        ex.use_ssd(ssd_dir if pol == "ssd" else None, ssd_staging)
+        if ex.ssd is not None:
+            info.setdefault("ssd", {})[name] = {"dir": str(ssd_dir), "o_direct": ex.ssd.direct,
+                                                "staging_blocks": ssd_staging}
+            atomic_write_json(out / "env.json", info)
         sched = scheduler_for(pol, nb, bt, a.max_batched_tokens, a.max_seqs, shape.max_context_tokens,
                               ex.external_tokens)
         sessions = trace_sessions(traces[rate])
@@ -688,7 +730,17 @@ def main():
             f"{sched.stats.preemptions} preemptions, mean decode batch {B:.1f}, "
             f"TTFT p50 {turns.ttft_s.median() * 1e3:.1f} ms, TPOT p50 {turns.tpot_s.median() * 1e3:.2f} ms, "
             f"{time.perf_counter() - t_run:.1f} s")
+        if ex.ssd is not None and len(steps):
+            rd = steps.ssd_read_bytes.sum()
+            log(f"run {name}: SSD read {rd / 1e6:.1f} MB in {int((steps.ssd_read_bytes > 0).sum())} steps "
+                f"({rd / max(steps.ssd_read_ms.sum(), 1e-9) / 1e6:.2f} GB/s over the reads' spans, "
+                f"{steps.ssd_wait_ms.sum():.0f} ms waiting for writes), wrote {steps.ssd_write_bytes.sum() / 1e6:.1f} MB "
+                f"(writer busy {ex.ssd.write_busy_ms / 1e3:.1f} s), o_direct {ex.ssd.direct}")
     ex.drain()
+    ex.use_ssd(None)   # the last SSD run's files removed
+    if ssd_tmp is not None:
+        import shutil
+        shutil.rmtree(ssd_tmp, ignore_errors=True)
     if graphs:
         info["decode_graphs"] = graph_info(ex)
         atomic_write_json(out / "env.json", info)
@@ -769,6 +821,21 @@ def pool_profiles(folder: Path, profile, label: str, model: str, out: Path) -> d
     return paths
 
 
+def ssd_table_gbps(cost, pred: pd.DataFrame) -> float:
+    """The profile's SSD read rate over a run's SSD reads: each request's per-layer read looked up in the
+    read table at its size (the executor reads a request's layer with one pread), bytes over summed times."""
+    from gpu.batched_validate import parse_ext
+    per_tok = cost.shape.kv_bytes_per_token_layer
+    nbytes = secs = 0.0
+    for e in pred.ext[pred.ssd_read_bytes > 0]:
+        for n in parse_ext(e):
+            if n:
+                b = n * per_tok
+                nbytes += b
+                secs += b / cost.ssd_read_bw(b)
+    return nbytes / secs / 1e9 if secs else math.nan
+
+
 def compare(folder: Path, a, out: Path, device: str | None = None, gpus: int = 1, allreduce_table=None) -> None:
     """Per-step and whole-trace comparison of a call's files with each cost model of --profile (roofline
     unless one is given) over `gpus` GPUs (tensor parallel: `bench/gpu_tp_batched_validate.py`, whose
@@ -799,6 +866,8 @@ def compare(folder: Path, a, out: Path, device: str | None = None, gpus: int = 1
             cost = by_pool.get(int(st.num_blocks.iloc[0]), cost)
             pred = predict_steps(st, cost, layerwise=layerwise)
             row = {"run": run, **step_summary(pred)}
+            if row.get("ssd_steps"):
+                row["ssd_read_gbps_table"] = ssd_table_gbps(cost, pred)
             tr = turns[turns.run == run]
             pol, rate, nb = tr.policy.iloc[0], float(tr.rate.iloc[0]), int(tr.num_blocks.iloc[0])
             trace = traces[traces.rate == rate].drop(columns=["rate"])
@@ -816,7 +885,8 @@ def compare(folder: Path, a, out: Path, device: str | None = None, gpus: int = 1
         scatter_plot(joined, out / f"scatter_{label}.png",
                      f"{folder.name}: {device}, {model}; simulated ({label} profile) vs measured")
         cols = ["run", "mean_batch", "preemptions", "decode_wall_mape", "mixed_wall_mape", "ttft_mape", "tpot_mape",
-                "ttft_mean_err", "ttft_p99_err", "throughput_err", "ft_step_mape", "ttft_mape_same_wait"]
+                "ttft_mean_err", "ttft_p99_err", "throughput_err", "ft_step_mape", "ttft_mape_same_wait",
+                "ssd_steps", "ssd_wall_mape", "ssd_read_gbps", "ssd_read_gbps_table"]
         df = pd.DataFrame(table)
         log(f"comparison with {label}: {summary['cost_model']} ({model}, {gpu}, {profile}):")
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format",

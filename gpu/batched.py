@@ -19,6 +19,9 @@ leaves to its caller:
 * Asynchronous save (§3.3): when a request finishes, its new full blocks are gathered on the main
   stream (before the scheduler can hand the freed blocks out again) and copied to the host on a
   side stream while the next steps run.
+* The SSD tier (`gpu.batched_ssd`, `use_ssd`): the host store bypassed, sessions' KV saved to files by
+  a writer thread and read back, per step with SSD hits, by a reader thread into pinned staging slots
+  that the same layer-wise (or load-first) schedule copies into the blocks: SSD -> DRAM -> HBM.
 * Preemption by recompute: the scheduler frees the blocks and rewinds the request; the executor
   simply runs what the next plans say (the request's tokens, its sampled outputs included, again).
 
@@ -188,6 +191,8 @@ class BatchedExecutor:
     `host_blocks` > 0 gives a pinned host store of that many blocks (the DRAM tier): `save` writes a
     session's new full blocks there, `external_tokens` is what it can supply (the scheduler's
     `external_hit`), and a plan's `external` tokens are loaded from it layer by layer.
+    `ssd_dir` (or `use_ssd`): the SSD tier instead, session files under that folder (DRAM bypassed:
+    the host store, if any, is not used while the SSD tier is on); `take_io` says what it read and wrote.
 
     `decode_graphs`: steps without host loads at static shapes (`gpu.batched_decode.StaticStep`, pure
     decode and steps with prefill chunks alike, whatever `attention` is: its packed variable-length
@@ -197,7 +202,8 @@ class BatchedExecutor:
 
     def __init__(self, model: BatchedModel, num_blocks: int, block_tokens: int, attention: str = "sdpa",
                  host_blocks: int = 0, read_buffer_layers: int = 2, layerwise: bool = True,
-                 poison: bool = False, kv: tuple | None = None, decode_graphs: bool | None = None):
+                 poison: bool = False, kv: tuple | None = None, decode_graphs: bool | None = None,
+                 ssd_dir=None, ssd_staging_blocks: int = 64):
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"attention {attention!r}, expected one of {ATTENTION_KINDS}")
         s = self.shape = model.shape
@@ -230,6 +236,10 @@ class BatchedExecutor:
         self.host_range: dict = {}    # session -> (first host block, capacity in blocks)
         self.host_saved: dict = {}    # session -> whole blocks saved (their copy issued)
         self.host_ready: dict = {}    # session -> CUDA event of its last save's copy
+        self.poison = poison
+        self.ssd = None               # the SSD tier (`gpu.batched_ssd.SsdTier`), when on
+        if ssd_dir is not None:
+            self.use_ssd(ssd_dir, ssd_staging_blocks)
         if self.cuda:
             self.load_stream = torch.cuda.Stream()
             self.save_stream = torch.cuda.Stream()
@@ -255,6 +265,33 @@ class BatchedExecutor:
         self.host_range.clear()
         self.host_saved.clear()
         self.host_ready.clear()
+        if self.ssd is not None:
+            self.ssd.reset()   # its files removed: a new run starts with an empty SSD tier
+
+    def use_ssd(self, root, staging_blocks: int = 64) -> None:
+        """Serve the next sessions from the SSD tier, session files under `root` (None: back to the
+        host store). `staging_blocks`: blocks per pinned staging slot at first (grown when a step
+        loads more)."""
+        if self.ssd is not None:
+            self.ssd.close()
+            self.ssd = None
+        if root is not None:
+            from gpu.batched_ssd import SsdTier
+            s = self.shape
+            self.ssd = SsdTier(root, self.L, self.bt, s.kv_heads, s.head_dim, self.model.dtype, self.dev, self.N,
+                               self.poison, staging_blocks)
+
+    @property
+    def has_store(self) -> bool:
+        """Whether finished turns are saved (and histories loaded back): a host store or the SSD tier."""
+        return self.host_k is not None or self.ssd is not None
+
+    def take_io(self) -> dict:
+        """SSD bytes read and written since the last call (`gpu.batched_ssd.SsdTier.take_io`; empty
+        without the SSD tier, whose step records keep their zeros)."""
+        if self.ssd is None:
+            return {}
+        return self.ssd.take_io()
 
     # ---- requests and the host store -----------------------------------------------------------
     def add(self, req, token_ids: list[int], session=None) -> None:
@@ -269,7 +306,11 @@ class BatchedExecutor:
         return self.tokens.pop(req)
 
     def open_session(self, session, capacity_tokens: int) -> None:
-        """Reserve a contiguous range of host blocks for a session's KV (the DRAM tier)."""
+        """Reserve a contiguous range of host blocks for a session's KV (the DRAM tier), or its file
+        (the SSD tier)."""
+        if self.ssd is not None:
+            self.ssd.open_session(session, capacity_tokens)
+            return
         n = -(-capacity_tokens // self.bt)
         if self.host_k is None or self.host_next + n > self.host_k.shape[1]:
             have = 0 if self.host_k is None else self.host_k.shape[1] - self.host_next
@@ -282,6 +323,8 @@ class BatchedExecutor:
         """The scheduler's `external_hit`: tokens of the request's session in the host store beyond
         its HBM hit (whole blocks; the scheduler keeps at least one token to compute)."""
         s = self.session_of.get(req)
+        if self.ssd is not None:
+            return self.ssd.external_tokens(s, hit_tokens) if s is not None else 0
         if s is None or s not in self.host_saved:
             return 0
         return max(self.host_saved[s] * self.bt - hit_tokens, 0)
@@ -291,6 +334,8 @@ class BatchedExecutor:
         asynchronously. `blocks` is the request's block table taken before the scheduler freed it.
         Returns the tokens saved."""
         s = self.session_of.get(req)
+        if self.ssd is not None:
+            return self._save_ssd(s, blocks, computed_tokens) if s is not None else 0
         if s is None or s not in self.host_range or self.host_k is None:
             return 0
         base, cap = self.host_range[s]
@@ -317,7 +362,26 @@ class BatchedExecutor:
         self.host_saved[s] = b
         return (b - a) * self.bt
 
+    def _save_ssd(self, s, blocks: list[int], computed_tokens: int) -> int:
+        """`save` to the SSD tier: the new full blocks gathered (K and V of a block side by side, the
+        file's layout) on the main stream, their write queued behind the writes before it."""
+        a = self.ssd.saved.get(s)
+        if a is None:
+            return 0
+        b = min(computed_tokens // self.bt, self.ssd.cap[s])
+        if b <= a:
+            return 0
+        idx = torch.tensor(blocks[a:b], device=self.dev)
+        kv = torch.stack((self.k.index_select(1, idx), self.v.index_select(1, idx)), dim=2)
+        ready = None
+        if self.cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream())
+        return self.ssd.save(s, kv, a, ready)
+
     def drain(self) -> None:
+        if self.ssd is not None:
+            self.ssd.drain()
         if self.cuda:
             torch.cuda.synchronize()
 
@@ -517,6 +581,8 @@ class BatchedExecutor:
         """Copy host blocks into the requests' blocks, layer by layer. On CPU: every layer now, returns
         None. On CUDA: returns `issue(li)`, which puts layer li's copies on the load stream (waiting for
         layer li - N's compute: slot li % N of the staging buffer is reused) and records its events."""
+        if self.ssd is not None:
+            return self._issue_ssd_loads(loads, main)
         bt = self.bt
         dst, srcs = [], []
         for r, j0, n in loads:
@@ -560,6 +626,26 @@ class BatchedExecutor:
                 self.v[li].index_copy_(0, idx, stage_v[slot])
                 self.ev_load[self.L + li].record(ls)
         return issue
+
+    def _issue_ssd_loads(self, loads, main):
+        """`_issue_loads` from the SSD tier (`gpu.batched_ssd.SsdTier.start_load`): the same `issue(li)`
+        on CUDA; on CPU every layer read and copied now (through the same staging slots), None."""
+        bt = self.bt
+        dst, srcs = [], []
+        for r, j0, n in loads:
+            nb = n // bt
+            dst += block_table(r)[j0:j0 + nb]
+            srcs.append((self.session_of[r], j0, nb))
+        idx = torch.tensor(dst, device=self.dev)
+        issue = self.ssd.start_load(srcs, idx, self.k, self.v, getattr(self, "ev_load", None),
+                                    getattr(self, "ev_comp", None), getattr(self, "load_stream", None),
+                                    self.layerwise, main)
+        if self.cuda:
+            return issue
+        for li in range(self.L):
+            issue(li)
+        self.ssd.join()
+        return None
 
 
 def _host_tensor(shape, dtype, pinned: bool) -> torch.Tensor:
@@ -649,6 +735,15 @@ class StepRecord:
     gc_ms: float = 0.0        # Python's garbage collections during the step (host clock), inside wall_ms
     run_ms: float = 0.0       # host time of the executor's `run` (issue, wait for the sampled tokens, read them)
     issued_ms: float = 0.0    # of which until the step's GPU work was all issued (`StepResult.issued_ms`)
+    # the SSD tier (`BatchedExecutor.take_io`): what the step's loads read (bytes, tokens; host-clock span
+    # from the first read's start to the last read's end, of which waiting for a session's write to land),
+    # and what the saves after it queued to be written
+    ssd_read_bytes: int = 0
+    ssd_read_tokens: int = 0
+    ssd_read_ms: float = 0.0
+    ssd_wait_ms: float = 0.0
+    ssd_write_bytes: int = 0
+    ssd_write_tokens: int = 0
 
 
 @dataclass
@@ -703,7 +798,7 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
     hist: dict = {sid: [] for sid in sessions}
     ids = {(sid, k): _prompt_ids(sid, k, int(t[2]), vocab) for sid, ts in sessions.items() for k, t in enumerate(ts)}
     for sid, ts in sessions.items():
-        if ex.host_k is not None:
+        if ex.has_store:
             ex.open_session(sid, sum(int(t[2]) + int(t[3]) for t in ts) + ex.bt)
         pending.append((float(ts[0][0]), sid, 0))
     heapq.heapify(pending)
@@ -788,7 +883,7 @@ def _serve(ex, sched, sessions, res, rec_of, pending, hist, ids, clock, sleep, o
         for r in finished:
             tr = rec_of.pop(r)
             tr.finish_s = t_end
-            tr.saved_tokens = ex.save(r, tables[r], r.num_computed_tokens) if ex.host_k is not None else 0
+            tr.saved_tokens = ex.save(r, tables[r], r.num_computed_tokens) if ex.has_store else 0
             hist[tr.session_id] = _session_tokens(ex, r)
             res.turns.append(tr)
             nxt = tr.turn + 1
@@ -804,7 +899,8 @@ def _serve(ex, sched, sessions, res, rec_of, pending, hist, ids, clock, sleep, o
             ";".join(str(plan.external[r]) for r in plan.external), out.ext_tokens, len(plan.admitted),
             len(plan.preempted), len(finished), plan.free_blocks, out.graph,
             ":".join(map(str, out.key)) if out.key else "", out.captured, loop_ms, ctx_max, gc_ms[0] - gc0,
-            (h2 - h1) * 1e3, out.issued_ms))
+            (h2 - h1) * 1e3, out.issued_ms,
+            **ex.take_io()))
         if on_step is not None:
             on_step(res.steps[-1])
         step += 1

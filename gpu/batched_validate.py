@@ -9,6 +9,9 @@ Two checks, both needing no SimPy (the GPU image has none):
 * `simulate_sessions`: the same trace served by the same loop (`gpu.batched.serve_sessions`, the same
   `ChunkedScheduler`) on a simulated clock that advances by the cost model's price of each step. The
   per-turn TTFT and per-request TPOT it predicts are compared with the measured ones (`compare_turns`).
+
+Each policy is a setting of the simulator (`SIM_OVERRIDES`); the SSD tier's ("ssd") loads and saves go
+through the SSD's read and write links as `sim.kvstore.KVStore` moves them (`SsdLinks`).
 """
 from __future__ import annotations
 
@@ -20,7 +23,18 @@ import pandas as pd
 from gpu.batched import StepResult, serve_sessions
 from sim.scheduler import ChunkedConfig, ChunkedScheduler
 
-POLICIES = ("recompute", "hbm", "dram")   # prefix caching off; vLLM's prefix caching; + the host store
+# prefix caching off; vLLM's prefix caching; + the host store (DRAM); + the SSD tier with DRAM bypassed
+POLICIES = ("recompute", "hbm", "dram", "ssd")
+# The simulator's settings (dotted config keys, with `scheduler.kind: chunked`) that serve a trace as each
+# policy's runs do: the executor's DRAM store holds every session (no spill), its SSD tier has no DRAM in
+# front (every saved history is read back from the SSD, as `gpu.plans.sim_overrides` for the one-turn
+# executor's SSD runs), and neither stages a queued request's history ahead of its turn.
+SIM_OVERRIDES = {
+    "recompute": {"policy.kind": "recompute"},
+    "hbm": {"policy.kind": "hbm_prefix"},
+    "dram": {"policy.kind": "attentionstore", "policy.scheduler_aware_fetch": False},
+    "ssd": {"policy.kind": "attentionstore", "policy.scheduler_aware_fetch": False, "host.dram_bytes": 0},
+}
 
 
 def parse_chunks(s) -> list[tuple[int, int]]:
@@ -37,13 +51,19 @@ def parse_ext(s) -> list[int]:
     return [int(v) for v in s.split(";")]
 
 
-def step_cost_s(cost, chunks, batch: int, ctx: int, ext: list[int], buffer_layers: int, layerwise: bool) -> float:
+def step_cost_s(cost, chunks, batch: int, ctx: int, ext: list[int], buffer_layers: int, layerwise: bool,
+                ssd_slowdown: float | None = None) -> float:
     """The simulator's price of one step (sim/engine.py ChunkedReplica._step): host-store loads per
     layer summed over the admitted requests, then one mixed iteration; a step with no chunk and no
-    load is a decode step."""
+    load is a decode step. With `ssd_slowdown` the loads come from the SSD (SSD -> DRAM -> HBM, the
+    SSD stage stretched by that factor while writes share the device: `sim.tiers.ssd_read_stage`);
+    the wait for reads queued before them is the caller's."""
     L = cost.shape.layers
     per_layer = cost.shape.kv_bytes_per_token / L
-    load_layer = sum(cost.history_load_layer_s(e * per_layer) for e in ext if e)
+    if ssd_slowdown is not None:
+        load_layer = sum(cost.history_load_layer_s(0.0, e * per_layer, ssd_slowdown) for e in ext if e)
+    else:
+        load_layer = sum(cost.history_load_layer_s(e * per_layer) for e in ext if e)
     if chunks or load_layer:
         return cost.iteration(chunks, batch, ctx, load_layer, buffer_layers, layerwise).total_s
     return cost.decode_span(batch, ctx, 1)[0]
@@ -51,10 +71,24 @@ def step_cost_s(cost, chunks, batch: int, ctx: int, ext: list[int], buffer_layer
 
 def predict_steps(steps: pd.DataFrame, cost, buffer_layers: int = 2, layerwise: bool = True) -> pd.DataFrame:
     """`steps` (the executor's step table) with the cost model's `pred_ms` and the error of the
-    measured wall time (`wall_err`) and GPU time (`gpu_err`) against it."""
-    pred = [step_cost_s(cost, parse_chunks(c), int(b), int(x), parse_ext(e), buffer_layers, layerwise) * 1e3
-            for c, b, x, e in zip(steps.chunks, steps.decodes, steps.decode_ctx, steps.ext)]
-    out = steps.assign(pred_ms=pred)
+    measured wall time (`wall_err`) and GPU time (`gpu_err`) against it. A step that read from the SSD
+    (`ssd_read_bytes`) is priced with the SSD's links replayed on the measured clock: each step's reads
+    queued at its start, the writes its finishes issued at its end (`SsdLinks`); `ssd_wait_ms`, the
+    price's wait for reads queued before the step's."""
+    ssd = SsdLinks(cost) if "ssd_read_bytes" in steps and (steps.ssd_read_bytes > 0).any() else None
+    pred, waits = [], []
+    for c, b, x, e, row in zip(steps.chunks, steps.decodes, steps.decode_ctx, steps.ext, steps.itertuples()):
+        ext = parse_ext(e)
+        wait, slow = 0.0, None
+        if ssd is not None:
+            if row.ssd_read_bytes > 0:
+                wait, slow = ssd.read(row.start_s, sum(ext))
+            if row.ssd_write_tokens > 0:
+                ssd.write(row.end_s, int(row.ssd_write_tokens))
+        pred.append((wait + step_cost_s(cost, parse_chunks(c), int(b), int(x), ext, buffer_layers, layerwise,
+                                        slow)) * 1e3)
+        waits.append(wait * 1e3)
+    out = steps.assign(pred_ms=pred, pred_ssd_wait_ms=waits)
     out["wall_err"] = (out.pred_ms - out.wall_ms) / out.wall_ms
     out["gpu_err"] = (out.pred_ms - out.gpu_ms) / out.gpu_ms.where(out.gpu_ms > 0)
     out["kind"] = np.where(out.chunk_tokens > 0, "mixed", "decode")
@@ -74,17 +108,45 @@ class SimClock:
         self.t += max(dt, 0.0)
 
 
+class SsdLinks:
+    """The SSD as the simulator's store sees it (`sim.tiers.ssd_links` under the cost model's contention
+    mode): reads a step waits for and is slowed by, writes queued by saves. Token counts are priced at
+    the cost model's KV bytes per token."""
+
+    def __init__(self, cost):
+        from sim.tiers import ssd_links
+        self.cost = cost
+        self.L = cost.shape.layers
+        self.kv = cost.shape.kv_bytes_per_token
+        self.r, self.w = ssd_links(cost.ssd_contention)
+
+    def read(self, now: float, tokens: int) -> tuple[float, float]:
+        """A step's SSD reads of `tokens` at `now`: (the wait before they start, their slowdown)."""
+        from sim.tiers import ssd_read_stage
+        start, slow = ssd_read_stage(self.r, self.cost, self.L, now, tokens * self.kv)
+        return start - now, slow
+
+    def write(self, now: float, tokens: int) -> float:
+        """A save of `tokens` queued at `now` (a request per layer); returns when it ends."""
+        nbytes = tokens * self.kv
+        return self.w.transfer(now, nbytes, self.cost.ssd_write_bw(nbytes / self.L), self.L)
+
+
 class CostExecutor:
     """The executor's surface (`gpu.batched.BatchedExecutor`) with no GPU: a step advances the
-    simulated clock by the cost model's price; the host store keeps only counts of saved blocks."""
+    simulated clock by the cost model's price; the host store keeps only counts of saved blocks.
+    `ssd`: the store is the SSD tier (DRAM bypassed), its reads and writes on `SsdLinks`."""
 
     def __init__(self, cost, clock: SimClock, block_tokens: int, host: bool, buffer_layers: int = 2,
-                 layerwise: bool = True):
+                 layerwise: bool = True, ssd: bool = False):
         self.cost, self.clock, self.bt = cost, clock, block_tokens
         self.shape = cost.shape
-        self.host_k = True if host else None
+        self.host_k = True if host or ssd else None
+        self.has_store = self.host_k is not None
+        self.ssd = SsdLinks(cost) if ssd else None
         self.buffer_layers, self.layerwise = buffer_layers, layerwise
         self.tokens, self.session_of, self.host_saved = {}, {}, {}
+        self.io = {}
 
     def add(self, req, token_ids, session=None):
         self.tokens[req] = list(token_ids)
@@ -107,7 +169,19 @@ class CostExecutor:
         if b <= a:
             return 0
         self.host_saved[s] = b
-        return (b - a) * self.bt
+        n = (b - a) * self.bt
+        if self.ssd is not None:
+            self.ssd.write(self.clock(), n)
+            self._count(ssd_write_tokens=n, ssd_write_bytes=n * self.ssd.kv)
+        return n
+
+    def _count(self, **kw):
+        for k, v in kw.items():
+            self.io[k] = self.io.get(k, 0) + v
+
+    def take_io(self) -> dict:
+        out, self.io = self.io, {}
+        return out
 
     def drain(self):
         pass
@@ -125,7 +199,11 @@ class CostExecutor:
                 sampled[r] = 0
                 self.tokens[r].append(0)
         ext = [e for e in plan.external.values() if e]
-        dt = step_cost_s(self.cost, chunks, B, ctx, ext, self.buffer_layers, self.layerwise)
+        wait, slow = 0.0, None
+        if self.ssd is not None and ext:
+            wait, slow = self.ssd.read(self.clock(), sum(ext))
+            self._count(ssd_read_tokens=sum(ext), ssd_read_bytes=sum(ext) * self.ssd.kv)
+        dt = wait + step_cost_s(self.cost, chunks, B, ctx, ext, self.buffer_layers, self.layerwise, slow)
         self.clock.sleep(dt)
         return StepResult(sampled, None, dt * 1e3, 0.0, sum(ext))
 
@@ -137,7 +215,7 @@ def scheduler_for(policy: str, num_blocks: int, block_tokens: int, max_batched_t
         raise ValueError(f"policy {policy!r}, expected one of {POLICIES}")
     cfg = ChunkedConfig(num_blocks, max_batched_tokens, max_seqs, block_tokens, max_model_len=max_model_len,
                         prefix_caching=policy != "recompute", pool="exact")  # block ids for the block tables
-    return ChunkedScheduler(cfg, external_hit=external_hit if policy == "dram" else None)
+    return ChunkedScheduler(cfg, external_hit=external_hit if policy in ("dram", "ssd") else None)
 
 
 def trace_sessions(trace: pd.DataFrame) -> dict:
@@ -156,7 +234,7 @@ def simulate_sessions(cost, trace: pd.DataFrame, policy: str, num_blocks: int, b
     """The trace served by the executor's loop and scheduler on the cost model's clock (until `stop_s`
     on it)."""
     clock = SimClock()
-    ex = CostExecutor(cost, clock, block_tokens, policy == "dram", buffer_layers, layerwise)
+    ex = CostExecutor(cost, clock, block_tokens, policy == "dram", buffer_layers, layerwise, ssd=policy == "ssd")
     sched = scheduler_for(policy, num_blocks, block_tokens, max_batched_tokens, max_seqs,
                           cost.shape.max_context_tokens, ex.external_tokens)
     return serve_sessions(ex, sched, trace_sessions(trace), clock=clock, sleep=clock.sleep, stop_s=stop_s)
@@ -247,6 +325,15 @@ def step_summary(pred: pd.DataFrame) -> dict:
         out[f"{kind}_gpu_mape"] = float(g.gpu_err.abs().mean())
     out["busy_wall_s"] = float(pred.wall_ms.sum() / 1e3)
     out["busy_pred_s"] = float(pred.pred_ms.sum() / 1e3)
+    if "ssd_read_bytes" in pred and (pred.ssd_read_bytes > 0).any():
+        g = pred[pred.ssd_read_bytes > 0]
+        read_s = (g.ssd_read_ms - g.ssd_wait_ms).sum() / 1e3
+        out.update(ssd_steps=int(len(g)), ssd_wall_mape=float(g.wall_err.abs().mean()),
+                   ssd_wall_bias=float(g.wall_err.mean()), ssd_read_gb=float(g.ssd_read_bytes.sum() / 1e9),
+                   # the reads' own rate: their spans less the waits for a session's write to land
+                   ssd_read_gbps=float(g.ssd_read_bytes.sum() / read_s / 1e9) if read_s > 0 else math.nan,
+                   ssd_wait_ms=float(g.ssd_wait_ms.sum()), ssd_pred_wait_ms=float(g.pred_ssd_wait_ms.sum()),
+                   ssd_write_gb=float(pred.ssd_write_bytes.sum() / 1e9))
     return out
 
 

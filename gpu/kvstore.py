@@ -131,9 +131,11 @@ class DiskStore:
             os.fsync(f.fd)
             os.posix_fadvise(f.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
-    def read_layer(self, f: DiskFile, layer: int, tokens: int, buf: torch.Tensor) -> None:
-        """Read tokens [0, tokens) of `layer` into `buf` (host, contiguous, >= tokens * token_bytes)."""
-        full_io(os.preadv, f.fd, buf, f.layer_stride_bytes * layer, nbytes=tokens * f.token_bytes)
+    def read_layer(self, f: DiskFile, layer: int, tokens: int, buf: torch.Tensor, first_token: int = 0) -> None:
+        """Read tokens [first_token, first_token + tokens) of `layer` into `buf` (host, contiguous, >= tokens *
+        token_bytes)."""
+        full_io(os.preadv, f.fd, buf, f.layer_stride_bytes * layer + first_token * f.token_bytes,
+                nbytes=tokens * f.token_bytes)
 
     def close(self) -> None:
         for f in self.files.values():

@@ -16,7 +16,7 @@ import math
 from typing import Callable, Optional
 
 from sim.eviction import Eviction
-from sim.tiers import DRAM, HBM, MISS, NONE, SSD, Entry, Link, SharedDeviceLink, Tier
+from sim.tiers import DRAM, HBM, MISS, NONE, SSD, Entry, Link, Tier, ssd_links, ssd_read_stage
 from sim.trace import BLOCK_TOKENS
 
 
@@ -42,8 +42,7 @@ class KVStore:
         self.ssd = Tier("ssd", ssd_bytes if self.on_host else 0.0, recency)
         self.index = {}  # key -> Entry (one tier per entry)
         self.h2d, self.d2h = Link("h2d"), Link("d2h")
-        self.ssd_r, self.ssd_w = (SharedDeviceLink.pair("ssd_read", "ssd_write", ssd_contention)
-                                  if ssd_contention != "none" else (Link("ssd_read"), Link("ssd_write")))
+        self.ssd_r, self.ssd_w = ssd_links(ssd_contention)
         self.releases = []  # heap (t, seq, bytes): HBM held by a write buffer until its write-back ends
         self.seq = 0
         self.evictions = {"hbm": 0, "dram": 0, "ssd": 0}
@@ -120,14 +119,8 @@ class KVStore:
         return code, dram_b, ssd_b, ready
 
     def read_ssd_stage(self, ready: float, ssd_bytes: float) -> tuple:
-        """A prefill's direct SSD reads (`ssd_bytes`, a request per layer) join the SSD's read queue no
-        earlier than `ready`: (when they start, how much slower than alone they read). A device whose
-        writes are in flight reads slower (SharedDeviceLink): the stage is stretched by that factor."""
-        ssd_r = self.ssd_r
-        start = ssd_r.free_at if ssd_r.free_at > ready else ready
-        bw = self.cost.ssd_read_bw(ssd_bytes / self.L)
-        slow = (ssd_r.transfer(start, ssd_bytes, bw, self.L) - start) * bw / ssd_bytes
-        return start, slow
+        """A prefill's direct SSD reads on the store's SSD (`sim.tiers.ssd_read_stage`)."""
+        return ssd_read_stage(self.ssd_r, self.cost, self.L, ready, ssd_bytes)
 
     # ---- scheduler-aware fetching (§3.4) ------------------------------------------------------
     def prefetch(self, job, now) -> None:

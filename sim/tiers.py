@@ -98,6 +98,24 @@ class SharedDeviceLink(Link):
         return x, y
 
 
+def ssd_links(contention: str) -> tuple[Link, Link]:
+    """The SSD's (read, write) links: two directions of one device under `contention` (a mode of
+    CONTENTION), or two independent FIFO links under "none"."""
+    if contention != "none":
+        return SharedDeviceLink.pair("ssd_read", "ssd_write", contention)
+    return Link("ssd_read"), Link("ssd_write")
+
+
+def ssd_read_stage(ssd_r: Link, cost, layers: int, ready: float, ssd_bytes: float) -> tuple:
+    """A step's direct SSD reads (`ssd_bytes`, a request per layer) join the SSD's read queue no
+    earlier than `ready`: (when they start, how much slower than alone they read). A device whose
+    writes are in flight reads slower (SharedDeviceLink): the stage is stretched by that factor."""
+    start = ssd_r.free_at if ssd_r.free_at > ready else ready
+    bw = cost.ssd_read_bw(ssd_bytes / layers)
+    slow = (ssd_r.transfer(start, ssd_bytes, bw, layers) - start) * bw / ssd_bytes
+    return start, slow
+
+
 class Entry:
     """KV of one session's history (key = session id) or of one 512-token prefix block (key = hash)."""
     __slots__ = ("key", "tokens", "nbytes", "tier", "ready_at", "users")

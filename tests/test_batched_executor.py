@@ -283,8 +283,14 @@ def test_device_script_cpu_smoke_writes_every_file(tmp_path):
     for summary in result.values():
         runs = summary["runs"]
         assert set(runs) == {"dram_r4", "dram_r8", "hbm_r8_preempt", "dram_r8_preempt",
-                             "dram_r8_preempt_loadfirst"}
+                             "dram_r8_preempt_loadfirst", "ssd_r8_preempt"}
         assert all(v["turns_matched"] == v["turns_meas"] > 0 for v in runs.values())
+    # the smoke adds the SSD tier's run: histories read back from session files, every save written
+    steps = pd.read_csv(tmp_path / "steps.csv")
+    ssd = steps[steps.run == "ssd_r8_preempt"]
+    assert (ssd.ssd_read_bytes > 0).any() and (ssd.ssd_read_bytes > 0).sum() == (ssd.ext_tokens > 0).sum()
+    assert ssd.ssd_write_bytes.sum() > 0 and steps[steps.run != "ssd_r8_preempt"].ssd_write_bytes.sum() == 0
+    assert env["ssd"]["ssd_r8_preempt"]["o_direct"] is False   # the tiny model's 256-byte token rows
 
 
 def test_a_turns_ttft_splits_into_the_wait_and_its_first_token_step():
@@ -323,3 +329,27 @@ def test_serve_sessions_times_collections_inside_steps(model):
     assert len(res.steps) == 4                       # one prefill step, three decodes
     assert all(s.gc_ms > 0.0 for s in res.steps)
     assert not [c for c in gc.callbacks if getattr(c, "__name__", "") == "on_gc"]
+
+
+def test_device_script_cpu_smoke_runs_llama2_7b_multi_head_attention_with_the_ssd_tier(tmp_path):
+    """--model llama2-7b: the smoke's tiny shape keeps its multi-head attention (as many KV heads as query
+    heads), the SSD tier serves its host run, and LLaMA-2-7B's cost model (the roofline here) prices them."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    import pandas as pd
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "bench/gpu_batched_validate.py", "--cpu-smoke", "--model", "llama2-7b",
+                        "--policies", "hbm", "--host-runs", "ssd", "--no-calibration", "--graph-bench-shapes", "",
+                        "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    from gpu.model import TINY
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["model"] == TINY.name and TINY.kv_heads == TINY.heads and set(env["ssd"]) == {"ssd_r8_preempt"}
+    steps = pd.read_csv(tmp_path / "steps.csv")
+    assert set(steps.model) == {"tiny"} and steps[steps.run == "ssd_r8_preempt"].ssd_write_bytes.sum() > 0
+    summary = json.loads((tmp_path / "compare.json").read_text())["roofline"]
+    assert summary["model"] == "llama2-7b"
+    assert set(summary["runs"]) == {"hbm_r8", "hbm_r8_preempt", "ssd_r8_preempt", "hbm_r4"}
+    assert all(v["turns_matched"] == v["turns_meas"] > 0 for v in summary["runs"].values())
