@@ -523,6 +523,10 @@ class RunPool:
         self._pop(n)
         req.num_blocks += n  # its keyless tail grows (a count: `req.blocks` holds its keyed runs)
 
+    # n blocks for requests whose keyless tails the caller has grown itself (the scheduler's decode
+    # stretch counts them in its own loop: `allocate_decodes` without the loop)
+    allocate_counted = _pop
+
     def allocate_decodes(self, running, k: int, bt: int) -> None:
         # one pass: keyless blocks are interchangeable, so which request takes them first does not
         # matter here; the queue gives them all at once below (the caller checked they are free)
