@@ -502,9 +502,9 @@ class ChunkedReplica:
     def _fetch_window(self, plan, now) -> None:
         """After a step's admissions: stage the requests they moved into the window's last places, and
         the arrivals inside the window that still wait (one admitted now loads from SSD layer by layer)."""
-        store, jobs, w = self.store, self.jobs, self.lookahead_jobs
         a = len(plan.admitted)
-        if a:
+        if a and self.sched.waiting:
+            store, jobs, w = self.store, self.jobs, self.lookahead_jobs
             for req in islice(self.sched.waiting, max(w - a, 0), w):
                 store.prefetch(jobs[req.id], now)
         if self.entered_window:
@@ -512,7 +512,7 @@ class ChunkedReplica:
             for job in self.entered_window:
                 i = job.i
                 if admit_s[i] != admit_s[i]:  # NaN: not admitted (an arrival since the last step cannot resume)
-                    store.prefetch(job, job.arrival)
+                    self.store.prefetch(job, job.arrival)
             self.entered_window.clear()
 
     def _external_hit(self, req, hit: int) -> int:

@@ -315,7 +315,7 @@ class StepPlan:
         # (request, new tokens, is decode) per scheduled request: running ones in queue order, then
         # admissions; `scheduled` gives them as `Scheduled`, built on first use (the engine reads these)
         self.entries = scheduled
-        self._scheduled = scheduled if not scheduled or type(scheduled[0]) is Scheduled else None
+        self._scheduled = None  # built by `scheduled` on first use
         self.preempted = preempted  # in preemption order
         self.admitted = admitted  # SeqRequest -> prefix-cache hit tokens, in admission order
         self.free_blocks = free_blocks  # after this step's allocations and preemptions, before its finishes
@@ -338,7 +338,10 @@ class StepPlan:
         """[Scheduled]: running requests in queue order, then admissions."""
         s = self._scheduled
         if s is None:
-            s = self._scheduled = [_new_tuple(Scheduled, e) for e in self.entries]
+            s = self.entries
+            if s and type(s[0]) is not Scheduled:  # the scheduler's plain tuples (a caller may give `Scheduled`)
+                s = [_new_tuple(Scheduled, e) for e in s]
+            self._scheduled = s
         return s
 
     def __repr__(self):
@@ -748,8 +751,7 @@ class ChunkedScheduler:
             return []
         running = self.running
         bt = self._bt
-        counted = self._counted
-        if not counted:
+        if not self._counted:  # its blocks, step-major: the count below then finds none missing
             self.pool.allocate_decodes(running, k, bt)
         total = 0  # blocks counted below (`RunPool.allocate_decodes`, inline)
         dropped = self._dropped
@@ -762,12 +764,12 @@ class ChunkedScheduler:
         kmin = _NO_STOP
         for r in running:
             before = r.num_computed_tokens
-            if counted:
-                j = r.num_blocks * bt - before + 1  # the first of the k steps that needs a new block
-                if j <= k:
-                    c = (k - j) // bt + 1
-                    total += c
-                    r.num_blocks += c
+            # blocks its tokens need after k steps, beyond those it holds (allocated block by block as each
+            # step needs one: the same count)
+            nb = -(-(before + k) // bt)
+            if nb > r.num_blocks:
+                total += nb - r.num_blocks
+                r.num_blocks = nb
             r.num_computed_tokens = before + k
             out = r.num_output_tokens = r.num_output_tokens + k
             if dropped and r in dropped:
