@@ -414,6 +414,8 @@ class ChunkedScheduler:
         self._lazy = False
         self._swap_used = 0  # tokens held in the swap space
         self._swapped_out: list = []  # this step's swap-outs, for its plan
+        # (B, `_decoding`) when the last `schedule` planned the B running requests' decodes at once
+        self._all_decode = None
         # the running requests' context tokens, as `decode_run_limit` last found them, and whether it
         # stopped the stretch short of a preemption (more free blocks would lengthen it)
         self.decode_context_tokens = 0
@@ -461,7 +463,9 @@ class ChunkedScheduler:
         cfg, pool, bt = self.cfg, self.pool, self.cfg.block_tokens
         budget = cfg.max_num_batched_tokens
         # the threshold keeps a long prefill from starving others: with no others it is off
-        threshold = cfg.long_prefill_token_threshold if len(self.running) + len(self.waiting) > 1 else 0
+        threshold = cfg.long_prefill_token_threshold
+        if threshold and len(self.running) + len(self.waiting) <= 1:
+            threshold = 0
         max_len = cfg.max_model_len
         scheduled: list[tuple] = []  # the plan's entries: (request, new tokens, is decode)
         preempted: list[SeqRequest] = []
@@ -475,11 +479,13 @@ class ChunkedScheduler:
         chunks = []
         dec = self._decoding
         B = len(running)
-        if dec and (dec[2] or not caching) and B <= budget and B <= pool.num_free:
+        self._all_decode = None
+        if B and dec and (dec[2] or not caching) and B <= budget and B <= pool.num_free:
             # every running request decodes (`_decoding`): one token each, which the budget holds; at most
             # one new block each, which the free queue holds; none keys a block here (`lazy_tail_keys`).
             # The general loop below would do the same, request by request.
             pool.allocate_decodes(running, 1, bt)
+            self._all_decode = (B, dec)  # for `update`
             scheduled = [(r, 1, True) for r in running]
             append = scheduled.append
             num_decodes = B
@@ -635,7 +641,19 @@ class ChunkedScheduler:
         ctx = m = 0
         kmin = _NO_STOP
         tail = self._lazy_tail
-        for req, n, _ in plan.entries:
+        entries = plan.entries
+        if self._all_decode is not None:
+            B, dec = self._all_decode
+            if dec[1] > 1 and not dropped:
+                # `schedule` planned the running requests' decodes at once (`_decoding` was kept for them):
+                # each computes its token and samples the next, none reaches its stop (nor its first token,
+                # nor recomputes dropped KV). The loop below would find the same, one by one.
+                for req in self.running[:B]:
+                    req.num_computed_tokens += 1
+                    req.num_output_tokens += 1
+                ctx, kmin, tail, m = dec[0] + B, dec[1] - 1, dec[2], B
+                entries = entries[B:]
+        for req, n, _ in entries:
             before = req.num_computed_tokens
             c = req.num_computed_tokens = before + n
             if dropped and req in dropped:
