@@ -773,6 +773,23 @@ class ChunkedScheduler:
             self.pool.allocate_decodes(running, k, bt)
         total = 0  # blocks counted below (`RunPool.allocate_decodes`, inline)
         dropped = self._dropped
+        dec = self._decoding
+        if dec and k < dec[1] and not dropped:
+            # none of them reaches its stop within the k steps (the kept state says when the first does):
+            # the loop below without its stops, and the kept state moves by k tokens each
+            for r in running:
+                before = r.num_computed_tokens
+                nb = -(-(before + k) // bt)
+                if nb > r.num_blocks:
+                    total += nb - r.num_blocks
+                    r.num_blocks = nb
+                r.num_computed_tokens = before + k
+                r.num_output_tokens += k
+            if total:
+                self.pool.allocate_counted(total)
+            self._lazy = self._caching
+            self._decoding = (dec[0] + len(running) * k, dec[1] - k, dec[2])
+            return []
         finished = []
         # the blocks these steps fill take their keys lazily (`_release`, or before the next lookup):
         # the same keys in the same order, since no one looks up a reply's blocks while it is decoded
@@ -806,7 +823,6 @@ class ChunkedScheduler:
                     kmin = left
         if total:  # taken before any finished request frees its blocks, as the steps would
             self.pool.allocate_counted(total)
-        dec = self._decoding
         self._decoding = (ctx, kmin, dec[2]) if dec else None
         if finished:
             for r in finished:
