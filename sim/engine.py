@@ -391,7 +391,7 @@ class ChunkedReplica:
         self.async_save = pol.async_save
         bt = self.block_tokens = sch.block_tokens
         self.w_hashes = workload.prefix_hashes
-        if any(h is not None for h in self.w_hashes) and BLOCK_TOKENS % bt:
+        if BLOCK_TOKENS % bt and any(h is not None for h in self.w_hashes):  # the cheap test first: a scan per turn
             raise KvsimError(f"{cfg.source}: scheduler.block_tokens: expected a divisor of the trace's "
                              f"{BLOCK_TOKENS}-token prefix-hash blocks, got {bt}")
         read_buffer = (self.buffer_layers * shape.max_context_tokens * shape.kv_bytes_per_token_layer
@@ -547,9 +547,8 @@ class ChunkedReplica:
         while True:
             if pending and pending[0][0] <= now:
                 deliver_due(now)
-            if held and held[0][0] <= now:
-                while held and held[0][0] <= now:  # their saves have read them
-                    free_finished(heapq.heappop(held)[2])
+            while held and held[0][0] <= now:  # their saves have read them
+                free_finished(heapq.heappop(held)[2])
             running = sched.running
             if running or waiting:
                 began = now
