@@ -1,7 +1,7 @@
 """Simulated turns per wall-clock second on a 100k-turn synthetic workload, one core.
 
     python bench/sim_speed.py [--turns 100000] [--policy attentionstore] [--scheduler prefill_first]
-    python bench/sim_speed.py --bytecodes [--turns 6000]
+    python bench/sim_speed.py --bytecodes [--turns 6000] [--top 20]
 
 The shared machines' speed drifts by 20% between sessions and with whatever else runs, so
 `--bytecodes` also counts the Python bytecodes the run executes per turn (opcode tracing: slow, so a
@@ -15,20 +15,25 @@ summary), not building the workload.
 import argparse
 import sys
 import time
+from collections import Counter
 
 from sim.config import load_config
 from sim.runner import run_simulation
 from sim.workload import load_workload
 
 
-def count_bytecodes(fn):
-    """(bytecodes executed by Python frames while `fn` runs, its result)."""
+def count_bytecodes(fn, by_function=None):
+    """(bytecodes executed by Python frames while `fn` runs, its result); with a Counter `by_function`,
+    each function's own bytecodes are counted there too, by (file, first line, name)."""
     count = 0
 
     def local(frame, event, arg):
         nonlocal count
         if event == "opcode":
             count += 1
+            if by_function is not None:
+                co = frame.f_code
+                by_function[(co.co_filename.rsplit("/", 1)[-1], co.co_firstlineno, co.co_name)] += 1
         return local
 
     def start(frame, event, arg):
@@ -53,6 +58,8 @@ def main():
                     help="session arrivals per second (one A100 sustains about 0.045 on ShareGPT lengths)")
     ap.add_argument("--bytecodes", action="store_true",
                     help="count Python bytecodes per turn instead of timing (deterministic; use --turns 6000)")
+    ap.add_argument("--top", type=int, default=0, metavar="N",
+                    help="with --bytecodes: the N functions executing the most bytecodes, a turn each")
     args = ap.parse_args()
     from sim import trace_synth
     spec = trace_synth.SynthSpec.default()
@@ -65,10 +72,13 @@ def main():
     wl = load_workload(cfg)
     t1 = time.perf_counter()
     if args.bytecodes:
-        count, res = count_bytecodes(lambda: run_simulation(cfg, wl))
+        funcs = Counter() if args.top else None
+        count, res = count_bytecodes(lambda: run_simulation(cfg, wl), funcs)
         n = res.summary["turns"]
         print(f"policy {args.policy}, scheduler {args.scheduler}: {n} turns, {count:,} Python bytecodes "
               f"-> {count / n:,.0f} a turn")
+        for (file, line, name), c in (funcs.most_common(args.top) if funcs else ()):
+            print(f"{c / n:8.1f}  {file}:{line} {name}")
         return
     c1 = time.process_time()
     res = run_simulation(cfg, wl)

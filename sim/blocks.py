@@ -484,17 +484,19 @@ class RunPool:
             raise ValueError(f"cannot allocate {n} blocks: {free} free")
         self.num_free = free - n
         k = self.keyless
-        if k >= n:
-            self.keyless = k = k - n
-            held = self.num_blocks - k
-            if held > self.peak_held:
-                self.peak_held = held
-            return
-        # every keyless block is taken: HBM holds KV in all of them
-        if self.peak_held < self.num_blocks:
-            self.peak_held = self.num_blocks
-        self.keyless = 0
-        n -= k
+        if k:
+            if k >= n:
+                self.keyless = k = k - n
+                held = self.num_blocks - k
+                if held > self.peak_held:
+                    self.peak_held = held
+                return
+            # every keyless block is taken: HBM holds KV in all of them (with none left before, the peak
+            # was reached when the last one went)
+            if self.peak_held < self.num_blocks:
+                self.peak_held = self.num_blocks
+            self.keyless = 0
+            n -= k
         q = self._q
         r = q.next
         if r.n > n:  # the common case: the oldest run loses its deepest positions
@@ -523,6 +525,10 @@ class RunPool:
         self._pop(n)
         req.num_blocks += n  # its keyless tail grows (a count: `req.blocks` holds its keyed runs)
 
+    # n blocks for requests whose keyless tails the caller has grown itself (the scheduler's decode
+    # stretch counts them in its own loop: `allocate_decodes` without the loop)
+    allocate_counted = _pop
+
     def allocate_decodes(self, running, k: int, bt: int) -> None:
         # one pass: keyless blocks are interchangeable, so which request takes them first does not
         # matter here; the queue gives them all at once below (the caller checked they are free)
@@ -544,16 +550,26 @@ class RunPool:
         blocks = req.blocks
         cached = self.cached
         segs = req.segments
-        if segs is not None and blocks and nc >= segs[-1][0]:
-            # the common case (a decode filling blocks): the request's newest run grows
-            last = blocks[-1]
+        if segs is not None and nc >= segs[-1][0]:
+            # the common case: the blocks lie in the request's last chain (one piece of `_segments`, and the
+            # loop below for it, inline): its newest run grows (a decode filling blocks), or a run begins
             start, chain, pos = segs[-1]
             p = pos + nc - start
-            if last.lo + last.n == p and len(last.holders) == 1 and cached[last.chain][-1] is last \
-                    and last.chain == chain:
-                last.n += num_full - nc
-                req.num_cached_blocks = num_full
-                return
+            runs = cached.get(chain)
+            if blocks:
+                last = blocks[-1]
+                if last.lo + last.n == p and len(last.holders) == 1 and last.chain == chain and runs[-1] is last:
+                    last.n += num_full - nc
+                    req.num_cached_blocks = num_full
+                    return
+            r = Run(chain, p, num_full - nc, [req])
+            blocks.append(r)
+            if runs is None:
+                cached[chain] = [r]
+            else:
+                runs.append(r)
+            req.num_cached_blocks = num_full
+            return
         for a, b, chain, p in _segments(req, nc, num_full):
             m = b - a
             last = blocks[-1] if blocks else None

@@ -411,7 +411,7 @@ class ChunkedReplica:
         self.async_save = pol.async_save
         bt = self.block_tokens = sch.block_tokens
         self.w_hashes = workload.prefix_hashes
-        if any(h is not None for h in self.w_hashes) and BLOCK_TOKENS % bt:
+        if BLOCK_TOKENS % bt and any(h is not None for h in self.w_hashes):  # the cheap test first: a scan per turn
             raise KvsimError(f"{cfg.source}: scheduler.block_tokens: expected a divisor of the trace's "
                              f"{BLOCK_TOKENS}-token prefix-hash blocks, got {bt}")
         read_buffer = (self.buffer_layers * shape.max_context_tokens * shape.kv_bytes_per_token_layer
@@ -522,9 +522,9 @@ class ChunkedReplica:
     def _fetch_window(self, plan, now) -> None:
         """After a step's admissions: stage the requests they moved into the window's last places, and
         the arrivals inside the window that still wait (one admitted now loads from SSD layer by layer)."""
-        store, jobs, w = self.store, self.jobs, self.lookahead_jobs
         a = len(plan.admitted)
-        if a:
+        if a and self.sched.waiting:
+            store, jobs, w = self.store, self.jobs, self.lookahead_jobs
             for req in islice(self.sched.waiting, max(w - a, 0), w):
                 store.prefetch(jobs[req.id], now)
         if self.entered_window:
@@ -532,7 +532,7 @@ class ChunkedReplica:
             for job in self.entered_window:
                 i = job.i
                 if admit_s[i] != admit_s[i]:  # NaN: not admitted (an arrival since the last step cannot resume)
-                    store.prefetch(job, job.arrival)
+                    self.store.prefetch(job, job.arrival)
             self.entered_window.clear()
 
     def _external_hit(self, req, hit: int) -> int:
@@ -567,9 +567,8 @@ class ChunkedReplica:
         while True:
             if pending and pending[0][0] <= now:
                 deliver_due(now)
-            if held and held[0][0] <= now:
-                while held and held[0][0] <= now:  # their saves have read them
-                    free_finished(heapq.heappop(held)[2])
+            while held and held[0][0] <= now:  # their saves have read them
+                free_finished(heapq.heappop(held)[2])
             running = sched.running
             if running or waiting:
                 began = now

@@ -289,6 +289,7 @@ class SeqRequest:
                 f"out={self.num_output_tokens}/{self.max_tokens})")
 
 
+_NO_STOP = 1 << 62  # steps to the first stop with no request running
 _new_tuple = tuple.__new__  # builds a `Scheduled` without its Python-level __new__
 
 
@@ -314,7 +315,7 @@ class StepPlan:
         # (request, new tokens, is decode) per scheduled request: running ones in queue order, then
         # admissions; `scheduled` gives them as `Scheduled`, built on first use (the engine reads these)
         self.entries = scheduled
-        self._scheduled = scheduled if not scheduled or type(scheduled[0]) is Scheduled else None
+        self._scheduled = None  # built by `scheduled` on first use
         self.preempted = preempted  # in preemption order
         self.admitted = admitted  # SeqRequest -> prefix-cache hit tokens, in admission order
         self.free_blocks = free_blocks  # after this step's allocations and preemptions, before its finishes
@@ -337,7 +338,10 @@ class StepPlan:
         """[Scheduled]: running requests in queue order, then admissions."""
         s = self._scheduled
         if s is None:
-            s = self._scheduled = [_new_tuple(Scheduled, e) for e in self.entries]
+            s = self.entries
+            if s and type(s[0]) is not Scheduled:  # the scheduler's plain tuples (a caller may give `Scheduled`)
+                s = [_new_tuple(Scheduled, e) for e in s]
+            self._scheduled = s
         return s
 
     def __repr__(self):
@@ -410,10 +414,20 @@ class ChunkedScheduler:
         self._lazy = False
         self._swap_used = 0  # tokens held in the swap space
         self._swapped_out: list = []  # this step's swap-outs, for its plan
+        # (B, `_decoding`) when the last `schedule` planned the B running requests' decodes at once
+        self._all_decode = None
         # the running requests' context tokens, as `decode_run_limit` last found them, and whether it
         # stopped the stretch short of a preemption (more free blocks would lengthen it)
         self.decode_context_tokens = 0
         self.decode_block_limited = False
+        # the running batch as pure decodes, kept where the running requests change (`update`,
+        # `apply_decodes`, whose loops visit them anyway) rather than scanned again before each stretch:
+        # (context tokens, steps to the first stop, every one past its last chain's start: `_scan_decodes`)
+        # while all of them decode, False while one does not, None when not known (`schedule` plans a change)
+        self._decoding = None
+        # `RunPool` keeps a request's unkeyed blocks as a count: a stretch's blocks are counted in
+        # `apply_decodes`' own loop and taken at once (`allocate_counted`); other pools allocate them
+        self._counted = hasattr(self.pool, "allocate_counted")
         self.first_sampled: list[SeqRequest] = []  # requests whose first output token the last `update` sampled
         # the settings read on every step, unpacked once (the config is frozen)
         self._bt = cfg.block_tokens
@@ -449,7 +463,9 @@ class ChunkedScheduler:
         cfg, pool, bt = self.cfg, self.pool, self.cfg.block_tokens
         budget = cfg.max_num_batched_tokens
         # the threshold keeps a long prefill from starving others: with no others it is off
-        threshold = cfg.long_prefill_token_threshold if len(self.running) + len(self.waiting) > 1 else 0
+        threshold = cfg.long_prefill_token_threshold
+        if threshold and len(self.running) + len(self.waiting) <= 1:
+            threshold = 0
         max_len = cfg.max_model_len
         scheduled: list[tuple] = []  # the plan's entries: (request, new tokens, is decode)
         preempted: list[SeqRequest] = []
@@ -461,6 +477,23 @@ class ChunkedScheduler:
         append = scheduled.append
         num_decodes = decode_ctx = 0
         chunks = []
+        dec = self._decoding
+        B = len(running)
+        self._all_decode = None
+        if B and dec and (dec[2] or not caching) and B <= budget and B <= pool.num_free:
+            # every running request decodes (`_decoding`): one token each, which the budget holds; at most
+            # one new block each, which the free queue holds; none keys a block here (`lazy_tail_keys`).
+            # The general loop below would do the same, request by request.
+            pool.allocate_decodes(running, 1, bt)
+            self._all_decode = (B, dec)  # for `update`
+            scheduled = [(r, 1, True) for r in running]
+            append = scheduled.append
+            num_decodes = B
+            decode_ctx = dec[0]
+            budget -= B
+            i = B
+            if self._lazy:  # no block filled by the stretches lies outside its request's last chain
+                self._lazy = False
         while i < len(running) and budget > 0:
             req = running[i]
             computed = req.num_computed_tokens
@@ -592,6 +625,7 @@ class ChunkedScheduler:
         if self._swapped_out:
             self._swapped_out = []
         self._planned = plan
+        self._decoding = None  # `update` finds it again
         return plan
 
     def update(self, plan: StepPlan) -> list[SeqRequest]:
@@ -603,7 +637,23 @@ class ChunkedScheduler:
         finished = []
         self.first_sampled = first = []
         dropped = self._dropped
-        for req, n, _ in plan.entries:
+        # `_scan_decodes` over the requests that sampled and go on (each now decodes: one token left)
+        ctx = m = 0
+        kmin = _NO_STOP
+        tail = self._lazy_tail
+        entries = plan.entries
+        if self._all_decode is not None:
+            B, dec = self._all_decode
+            if dec[1] > 1 and not dropped:
+                # `schedule` planned the running requests' decodes at once (`_decoding` was kept for them):
+                # each computes its token and samples the next, none reaches its stop (nor its first token,
+                # nor recomputes dropped KV). The loop below would find the same, one by one.
+                for req in self.running[:B]:
+                    req.num_computed_tokens += 1
+                    req.num_output_tokens += 1
+                ctx, kmin, tail, m = dec[0] + B, dec[1] - 1, dec[2], B
+                entries = entries[B:]
+        for req, n, _ in entries:
             before = req.num_computed_tokens
             c = req.num_computed_tokens = before + n
             if dropped and req in dropped:
@@ -617,14 +667,24 @@ class ChunkedScheduler:
                 out = req.num_output_tokens = req.num_output_tokens + 1
                 if out == 1:
                     first.append(req)
-                if out >= req.stop_output:
+                left = req.stop_output - out
+                if left <= 0:
                     req.finished = True
                     self._finished(req)
                     finished.append(req)
+                else:
+                    m += 1
+                    ctx += c + 1
+                    if left < kmin:
+                        kmin = left
+                    if tail and req.num_cached_blocks < req.segments[-1][0]:
+                        tail = False
         if finished:
             self.running = [r for r in self.running if not r.finished]
             if self.waiting:
                 self._blocked = False  # freed blocks and a free seat may let the queue's head in
+        # every running request was scheduled (the entries are running ones) and decodes now, or unknown
+        self._decoding = (ctx, kmin, tail) if m == len(self.running) else None
         return finished
 
     # ---- pure-decode stretches at once -----------------------------------------------------
@@ -640,17 +700,14 @@ class ChunkedScheduler:
         B = len(running)
         if not B or self._planned is not None or not self._blocked or B > self._budget:
             return 0
-        k = kmax
-        ctx = 0
-        for r in running:
-            out = r.num_output_tokens
-            total = r.prompt_tokens + out
-            ctx += total
-            if r.num_computed_tokens != total - 1 or not out:
-                return 0
-            left = r.stop_output - out  # the step that samples its last token
-            if left < k:
-                k = left
+        dec = self._decoding
+        if dec is None:
+            dec = self._decoding = self._scan_decodes()
+        if not dec:
+            return 0
+        ctx, k, _ = dec
+        if kmax < k:
+            k = kmax
         if k < 1:
             return 0  # a request already at its end (cannot happen after update): step it
         self.decode_context_tokens = ctx
@@ -675,6 +732,26 @@ class ChunkedScheduler:
                 hi = mid
         return lo
 
+    def _scan_decodes(self):
+        """(context tokens, steps to the first stop, whether every one has keyed its blocks up to its last
+        chain under `lazy_tail_keys`) if every running request is decoding (one token left to compute,
+        output sampled), else False: what `update` and `apply_decodes` keep as `_decoding`."""
+        ctx = 0
+        kmin = _NO_STOP
+        tail = self._lazy_tail
+        for r in self.running:
+            out = r.num_output_tokens
+            total = r.prompt_tokens + out
+            if r.num_computed_tokens != total - 1 or not out:
+                return False
+            ctx += total
+            left = r.stop_output - out  # the step that samples its last token
+            if left < kmin:
+                kmin = left
+            if tail and r.num_cached_blocks < r.segments[-1][0]:
+                tail = False
+        return ctx, kmin, tail
+
     @staticmethod
     def _allocations(firsts, k: int, bt: int) -> int:
         n = 0
@@ -691,14 +768,43 @@ class ChunkedScheduler:
         if k < 1:
             return []
         running = self.running
-        self.pool.allocate_decodes(running, k, self._bt)
+        bt = self._bt
+        if not self._counted:  # its blocks, step-major: the count below then finds none missing
+            self.pool.allocate_decodes(running, k, bt)
+        total = 0  # blocks counted below (`RunPool.allocate_decodes`, inline)
         dropped = self._dropped
+        dec = self._decoding
+        if dec and k < dec[1] and not dropped:
+            # none of them reaches its stop within the k steps (the kept state says when the first does):
+            # the loop below without its stops, and the kept state moves by k tokens each
+            for r in running:
+                before = r.num_computed_tokens
+                nb = -(-(before + k) // bt)
+                if nb > r.num_blocks:
+                    total += nb - r.num_blocks
+                    r.num_blocks = nb
+                r.num_computed_tokens = before + k
+                r.num_output_tokens += k
+            if total:
+                self.pool.allocate_counted(total)
+            self._lazy = self._caching
+            self._decoding = (dec[0] + len(running) * k, dec[1] - k, dec[2])
+            return []
         finished = []
         # the blocks these steps fill take their keys lazily (`_release`, or before the next lookup):
         # the same keys in the same order, since no one looks up a reply's blocks while it is decoded
         self._lazy = self._caching
+        # `_scan_decodes` over those that go on: they still decode (k came from `decode_run_limit`)
+        ctx = 0
+        kmin = _NO_STOP
         for r in running:
             before = r.num_computed_tokens
+            # blocks its tokens need after k steps, beyond those it holds (allocated block by block as each
+            # step needs one: the same count)
+            nb = -(-(before + k) // bt)
+            if nb > r.num_blocks:
+                total += nb - r.num_blocks
+                r.num_blocks = nb
             r.num_computed_tokens = before + k
             out = r.num_output_tokens = r.num_output_tokens + k
             if dropped and r in dropped:
@@ -707,11 +813,20 @@ class ChunkedScheduler:
                     self.stats.recomputed_tokens += min(before + k, lost) - before
                 if before + k >= lost:
                     del dropped[r]
-            if out >= r.stop_output:
+            left = r.stop_output - out
+            if left <= 0:
                 r.finished = True
-                self._finished(r)
                 finished.append(r)
+            else:
+                ctx += before + k + 1
+                if left < kmin:
+                    kmin = left
+        if total:  # taken before any finished request frees its blocks, as the steps would
+            self.pool.allocate_counted(total)
+        self._decoding = (ctx, kmin, dec[2]) if dec else None
         if finished:
+            for r in finished:
+                self._finished(r)
             self.running = [r for r in running if not r.finished]
             if self.waiting:
                 self._blocked = False
@@ -754,6 +869,7 @@ class ChunkedScheduler:
                 if full > r.num_cached_blocks:
                     self.pool.cache(r, full)
             self._lazy = False
+            self._decoding = None  # keys moved: `_scan_decodes` finds them again
 
     def _allocate_running(self, req: SeqRequest, n: int) -> bool:
         need = -(-(req.num_computed_tokens + n) // self.cfg.block_tokens) - req.num_blocks

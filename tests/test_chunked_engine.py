@@ -8,6 +8,7 @@ import pytest
 
 from sim.config import load_config
 from sim.costmodel import build_cost_model
+from sim.errors import KvsimError
 from sim.runner import run_simulation
 from sim.scheduler import ChunkedConfig, ChunkedScheduler, SeqRequest
 from sim.workload import load_workload
@@ -381,3 +382,13 @@ def test_a_decode_stretch_ends_at_the_first_step_after_held_blocks_are_freed():
     assert freed <= admit_b < freed + step
     assert admit_b < t.loc["c", "finish_s"] - 1.0
     assert t.loc["a", "finish_s"] < t.loc["c", "finish_s"] - 1.0
+
+
+def test_a_block_size_that_does_not_divide_the_traces_hash_blocks_is_refused_only_with_hashes():
+    # a Mooncake request's 512-token prefix hashes are split into blocks: 24-token blocks cannot be
+    df = _two_turns()
+    res, _ = _run(df, **{"scheduler.block_tokens": 24})
+    assert len(res.turns) == 2  # no hashes: any block size serves
+    hashed = df.iloc[:1].assign(prefix_hashes=[[1, 2]])  # a hashed request is a one-turn session
+    with pytest.raises(KvsimError, match="scheduler.block_tokens: expected a divisor of the trace's 512-token"):
+        _run(hashed, **{"scheduler.block_tokens": 24})

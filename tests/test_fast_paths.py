@@ -108,3 +108,89 @@ def test_a_decode_step_costs_the_same_once_its_batch_terms_are_cached(name):
         fresh = COSTS[name]()
         assert cost.decode_step_s(B, S) == fresh.decode_step_s(B, S)
         assert first > 0.0
+
+
+# ---- the chunked scheduler's kept decode state and its all-decode step ----------------------------
+
+def _kept_is_scanned(s) -> bool:
+    """The kept state is what a scan of the running requests finds; its 'keyed up to date' may only
+    err on the safe side (False after all of them finished, or before `settle`)."""
+    dec = s._decoding
+    if dec is None:
+        return False
+    scan = s._scan_decodes()
+    if not dec or not scan:
+        assert dec == scan
+    else:
+        assert dec[:2] == scan[:2] and (scan[2] or not dec[2]), (dec, scan)
+    return True
+
+
+def _general(s):
+    """Forget the state `ChunkedScheduler` keeps of its running batch as pure decodes: the next call
+    scans the requests again, and `schedule` takes its request-by-request loop."""
+    s._decoding = None
+
+
+@pytest.mark.parametrize("pool", ["runs", "exact"])
+@pytest.mark.parametrize("seed", range(24))
+def test_the_kept_decode_state_and_the_all_decode_step_are_the_general_codes(seed, pool):
+    """`update` and `apply_decodes` keep (context, steps to the first stop, keys lazily up to date) of an
+    all-decode batch, which `decode_run_limit` reads instead of scanning and `schedule` uses to plan
+    the running requests' decodes at once: a scheduler that forgets it before every call must plan the
+    same steps and reach the same state, and the kept state must be what a scan finds."""
+    checked, _ = _drive_kept(seed, pool)
+    assert checked > 500
+
+
+def test_the_kept_decode_state_streams_take_the_all_decode_step():
+    """The comparison above is only as good as its streams: over the seeds, steps plan a whole batch of
+    decodes at once many times (tight pools block the queue instead)."""
+    assert sum(_drive_kept(seed, "runs")[1] for seed in range(24)) > 800
+
+
+def _drive_kept(seed, pool):
+    from test_block_pools import Stream, _plan, _state
+
+    rng = random.Random(seed)
+    bt = rng.choice([1, 4, 16])
+    # pools from too small (preemptions, a blocked queue) to roomy (batches that decode together)
+    cfg = ChunkedConfig(num_blocks=rng.choice([40, 150, 600, 2000]), max_num_batched_tokens=rng.choice([16, 64, 512]),
+                        max_num_seqs=rng.choice([2, 6, 64]), block_tokens=bt, max_model_len=rng.choice([None, 700]),
+                        long_prefill_token_threshold=rng.choice([0, 0, 48]), pool=pool,
+                        lazy_tail_keys=rng.random() < 0.7, prefix_caching=rng.random() < 0.9)
+    kept, general = ChunkedScheduler(cfg), ChunkedScheduler(cfg)
+    stream = Stream(rng, bt)
+    rid = t = at_once = 0
+    checked = 0
+    while t < 1500:
+        if rng.random() < 0.08:
+            rid += 1
+            spec = stream.session_turn(rid, rng.randrange(5)) if rng.random() < 0.6 else stream.hashed_turn(rid)
+            for s in (kept, general):
+                s.add_request(SeqRequest(spec[0], spec[1], spec[2], segments=list(spec[3])))
+        checked += _kept_is_scanned(kept)
+        kmax = rng.randrange(1, 40)
+        _general(general)
+        k = kept.decode_run_limit(kmax)
+        assert general.decode_run_limit(kmax) == k, t
+        checked += _kept_is_scanned(kept)
+        assert (kept.decode_context_tokens, kept.decode_block_limited) == \
+            (general.decode_context_tokens, general.decode_block_limited) or not k
+        if k and rng.random() < 0.5:
+            done = [[r.id for r in s.apply_decodes(k)] for s in (kept, general)]
+            t += k
+        else:
+            dec = kept._decoding
+            at_once += bool(dec and (dec[2] or not cfg.prefix_caching) and kept.running)
+            _general(general)
+            plans = [s.schedule() for s in (kept, general)]
+            assert _plan(plans[0]) == _plan(plans[1]), t
+            assert [(p.num_decodes, p.decode_context_tokens, p.chunks, p.num_scheduled_tokens) for p in plans][0] == \
+                [(p.num_decodes, p.decode_context_tokens, p.chunks, p.num_scheduled_tokens) for p in plans][1], t
+            done = [[r.id for r in s.update(p)] for s, p in zip((kept, general), plans)]
+            t += 1
+        assert done[0] == done[1], t
+        if rng.random() < 0.1:  # `_state` settles lazy keys: not on every step, or nothing stays lazy
+            assert _state(kept) == _state(general), t
+    return checked, at_once
