@@ -464,6 +464,11 @@ def calibrated_profile(base: Path, model_name: str, raw: pd.DataFrame, out: Path
         it["host_step_ms"] = host_step
     prof["models"][model_name]["iteration"] = it
     prof["command"] = f"{prof.get('command', '')}; iteration: {sys.argv[0]} " + " ".join(sys.argv[1:])
+    import torch
+    if torch.cuda.is_available():   # the section's machine, which need not be the base's (run 29: H200 over H100)
+        here = torch.cuda.get_device_name(0)
+        if here != prof.get("device"):
+            prof["device"] = f"{here} (iteration section); other tables: {prof.get('device')} ({base})"
     parse_profile(prof, str(out))
     atomic_write(out, lambda tmp: Path(tmp).write_text(
         "# base profile + the batched executor's iteration section (bench/gpu_batched_validate.py)\n"
