@@ -4,7 +4,9 @@ Two back ends implement one interface, `CostModel` (prefill time of one request,
 a batch, bandwidth of each link at a transfer size, the serving loop's host terms):
   * `RooflineCost`: FLOPs and bytes over datasheet peaks times efficiency factors;
   * `ProfileCost`: tables measured on a real GPU by `kvsim gpu calibrate`, in the schema below,
-    interpolated bilinearly (linear extrapolation past the grid; link tables in log(chunk size)).
+    interpolated bilinearly (linear extrapolation past the grid; link tables in log(chunk size));
+  * `ExpertParallelCost`: the roofline of a MoE replica served with data-parallel attention and expert
+    parallelism (`gpu.expert_parallel`) instead of tensor parallelism (datasheet only: nothing measured).
 The formulas over those quantities live once in `CostModel`: a history load per layer
 (`history_load_layer_s`) and a prefill iteration as named parts (`prefill_iteration`), whose
 layer-wise preload pipeline (CachedAttention §3.2) is the closed form `preload_pipeline_s`.
