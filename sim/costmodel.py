@@ -1271,6 +1271,8 @@ class ExpertParallelCost(RooflineCost):
         self._moe_share = s.moe_layers / L  # the all-to-alls are the MoE layers' only
         self._alltoall = alltoall
         self._gpu_F, self._gpu_BW = peak_flops, hbm_bw_gbps * GB  # one GPU's peaks: the busiest GPU's time
+        # the TP step's inline closed forms do not price this step (decode_step_s and decode_span are below)
+        self._linear_decode, self._span_fixed, self._span_consts = False, {}, None
         if efficiency is not None:
             # a GPU runs its tokens' whole non-expert layer: the TP shard's activations at one GPU
             self._ep_gemm_act_tok = gemm_act_bytes_per_token(s, 1)

@@ -158,3 +158,19 @@ def test_kvsim_run_with_expert_parallel_set(tmp_path, monkeypatch, capsys):
     assert main(["run", str(cfg), "--set", "gpu.expert_parallel=true"]) == 0
     out = capsys.readouterr().out
     assert "results: results/moe-" in out
+
+
+def test_measured_efficiency_path_prices_each_gpus_kernels_by_hand():
+    from sim.efficiency import RooflineEfficiency
+    # every share of the peaks 1, no fixed or other-kernel terms: each kernel is its bytes at 1 GB/s
+    flat = RooflineEfficiency(tokens=(1, 4096), gemm_flops=(1.0, 1.0), gemm_bw=(1.0, 1.0), attention_flops=1.0,
+                              kv_bw=1.0, act_passes=0.0, layer_fixed_s=0.0)
+    c = _ep(efficiency=flat)
+    pairs = 0.5 + math.sqrt(2 * math.log(4) * 2 * 0.25 * 0.75)
+    touched = 2 * (1 - 0.5 ** pairs)
+    # one sequence over 100 tokens, per layer: the non-expert GEMMs read 25,600 bytes of weights plus one
+    # token's activations at one GPU's width (2 bytes x (4 x 64 hidden + 2 x 64 q + 2 x 32 kv + 3 x 64 MLP
+    # active width) = 1,280), the routed GEMMs its touched experts, attention 128 bytes a context token;
+    # then the LM head whole
+    per_layer = (25_600 + 1_280) + 12_288 * touched + 128 * 100
+    assert c.decode_step_s(1, 100) == pytest.approx((2 * per_layer + 12_800) / 1e9, rel=1e-12)
