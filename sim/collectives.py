@@ -10,6 +10,14 @@ is that traffic; an `AllReduceCost` prices one call at a message size for a TP d
     linearly in the message size, clamped at the smallest size (latency floor), extrapolated with the
     last segment's slope past the largest.
 
+Expert parallelism (`gpu.expert_parallel`) replaces a MoE layer's all-reduces by two all-to-alls, as
+DeepSeek-V3 and Qwen3-MoE are served with data-parallel attention and the routed experts spread over
+the GPUs (SGLang / vLLM "DP attention + EP"): dispatch sends each token's hidden state to the GPUs of
+its top-k experts, combine brings their outputs back. `alltoall_bytes_per_gpu` is what one GPU sends
+in one of them; `LinkAllToAll` prices it over the GPU link (NVSwitch: every GPU sends and receives at
+its link's rate at once), plus a fixed time per call. No all-to-all has been measured: there is no
+table for it.
+
 All-reduce table schema `kvsim-allreduce-table/1` (YAML):
   schema, device, measured_at, command     provenance
   tp: {<gpus>: {bytes: [ascending sizes], us: [time of one all-reduce]}}
@@ -32,6 +40,28 @@ ALLREDUCES_PER_LAYER = 2  # attention output, MLP output
 def allreduce_bytes_per_layer(shape: ModelShape, tokens: float) -> float:
     """Bytes of one of the layer's all-reduces: every token's hidden state, in bf16."""
     return tokens * shape.hidden * ACTIVATION_BYTES
+
+
+ALLTOALLS_PER_MOE_LAYER = 2  # dispatch, combine
+
+
+def alltoall_bytes_per_gpu(shape: ModelShape, tokens: float, gpus: int) -> float:
+    """Bytes one GPU holding `tokens` tokens sends in one of a MoE layer's all-to-alls: each token's
+    hidden state in bf16 once per chosen expert, the (gpus - 1) / gpus of them on other GPUs."""
+    return tokens * shape.experts_per_token * (gpus - 1) / gpus * shape.hidden * ACTIVATION_BYTES
+
+
+@dataclass(frozen=True)
+class LinkAllToAll:
+    """One all-to-all in which each GPU sends `nbytes` over its own link of `link_gbps` per direction,
+    `latency_s` per call."""
+    link_gbps: float
+    latency_s: float = 0.0
+
+    def __call__(self, nbytes: float, gpus: int) -> float:
+        if gpus <= 1 or nbytes <= 0:
+            return 0.0
+        return self.latency_s + nbytes / (self.link_gbps * GB)
 
 
 class AllReduceCost(Protocol):

@@ -100,6 +100,13 @@ class GpuConfig:
                                        lo=0.0, hi=1e4, why="10 ms is 1000x NCCL's small-message time")
     allreduce_table: Optional[str] = knob(None, unit="path", help="all-reduce timings per GPU count "
                                           "(schema in sim/collectives.py), relative to the config")
+    expert_parallel: bool = knob(False, help="MoE models: serve the replica's GPUs with data-parallel attention "
+                                 "and expert parallelism (SGLang / vLLM 'DP attention + EP') instead of tensor "
+                                 "parallelism: every GPU holds the non-expert weights whole and count-th of the "
+                                 "routed experts, KV is split by requests (MLA's too), and each MoE layer pays two "
+                                 "all-to-alls over gpu.nvlink_gbps with gpu.allreduce_latency_us a call (none "
+                                 "when gpu.allreduce is none; no measured all-to-all table exists). Roofline "
+                                 "only (sim/costmodel.py ExpertParallelCost)")
     reserved_fraction: float = knob(0.10, help="share of HBM that holds neither weights nor KV (activations, "
                                     "CUDA graphs, allocator slack)", unit="fraction", lo=0.0, hi=0.9,
                                     why="at 0.9 nothing is left for KV")
@@ -592,6 +599,20 @@ def _check_consistency(cfg: Config, where: _Where) -> None:
     if cfg.gpu.allreduce == "ring" and not cfg.gpu.spec().nvlink_gbps:
         raise KvsimError(f"{where('gpu.nvlink_gbps')}: gpu.allreduce ring needs the link's GB/s ({cfg.gpu.name} "
                          f"states none)")
+    if cfg.gpu.expert_parallel:
+        if cfg.gpu.count < 2:
+            raise KvsimError(f"{where('gpu.expert_parallel')}: needs gpu.count >= 2, got gpu.count {cfg.gpu.count}")
+        if not shape.experts:
+            raise KvsimError(f"{where('gpu.expert_parallel')}: needs a MoE model (experts > 0); {cfg.model} is dense")
+        if shape.experts % cfg.gpu.count:
+            raise KvsimError(f"{where('gpu.expert_parallel')}: needs gpu.count to divide the {shape.experts} experts "
+                             f"of {cfg.model} (whole experts per GPU), got gpu.count {cfg.gpu.count}")
+        if cfg.hardware_profile:
+            raise KvsimError(f"{where('gpu.expert_parallel')}: a measured hardware_profile times tensor-parallel "
+                             "layers, not expert parallelism; expected no hardware_profile (the roofline)")
+        if cfg.gpu.allreduce != "none" and not cfg.gpu.spec().nvlink_gbps:
+            raise KvsimError(f"{where('gpu.expert_parallel')}: the all-to-alls need gpu.nvlink_gbps ({cfg.gpu.name} "
+                             "states none)")
     if ms is not None and ms.experts and not (0 < ms.experts_per_token <= ms.experts and ms.expert_intermediate):
         raise KvsimError(f"{where('model_shape.experts_per_token')}: a MoE shape needs 1 <= experts_per_token "
                          f"<= experts ({ms.experts}) and expert_intermediate > 0")
@@ -603,7 +624,7 @@ def _check_consistency(cfg: Config, where: _Where) -> None:
 
 # dotted keys added after sweeps were keyed: left at their defaults, they stay out of the resolved config
 _KEYED_WHEN_SET = frozenset(
-    [f"gpu.{k}" for k in ("allreduce", "nvlink_gbps", "allreduce_latency_us", "allreduce_table")]
+    [f"gpu.{k}" for k in ("allreduce", "nvlink_gbps", "allreduce_latency_us", "allreduce_table", "expert_parallel")]
     + [f"model_shape.{k}" for k in (
         "head_dim", "attention", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "q_lora_rank",
         "sliding_window", "full_attention_interval", "experts", "experts_per_token", "shared_experts",

@@ -4,7 +4,9 @@ Two back ends implement one interface, `CostModel` (prefill time of one request,
 a batch, bandwidth of each link at a transfer size, the serving loop's host terms):
   * `RooflineCost`: FLOPs and bytes over datasheet peaks times efficiency factors;
   * `ProfileCost`: tables measured on a real GPU by `kvsim gpu calibrate`, in the schema below,
-    interpolated bilinearly (linear extrapolation past the grid; link tables in log(chunk size)).
+    interpolated bilinearly (linear extrapolation past the grid; link tables in log(chunk size));
+  * `ExpertParallelCost`: the roofline of a MoE replica served with data-parallel attention and expert
+    parallelism (`gpu.expert_parallel`) instead of tensor parallelism (datasheet only: nothing measured).
 The formulas over those quantities live once in `CostModel`: a history load per layer
 (`history_load_layer_s`) and a prefill iteration as named parts (`prefill_iteration`), whose
 layer-wise preload pipeline (CachedAttention §3.2) is the closed form `preload_pipeline_s`.
@@ -70,8 +72,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from sim.collectives import (ALLREDUCES_PER_LAYER, AllReduceCost, RingAllReduce, allreduce_bytes_per_layer,
-                             load_allreduce_table)
+from sim.collectives import (ALLREDUCES_PER_LAYER, ALLTOALLS_PER_MOE_LAYER, AllReduceCost, LinkAllToAll,
+                             RingAllReduce, allreduce_bytes_per_layer, alltoall_bytes_per_gpu, load_allreduce_table)
 from sim.efficiency import (GEMMS_PER_LAYER, H100 as H100_EFFICIENCY, ROUTED_GEMMS, RooflineEfficiency,
                             gemm_act_bytes_per_token)
 from sim.errors import KvsimError, read_yaml
@@ -867,6 +869,8 @@ class RooflineCost(CostModel):
     whose group the executor folds into the rows of one block per sequence and KV head.
     Mixed steps (`mixed_layer_s`) are the batched executor's: flash either way.
     """
+    # KV split over every GPU by requests (expert parallelism's data-parallel attention), not by KV heads
+    _kv_by_requests = False
 
     def __init__(self, shape: ModelShape, gpus: int, peak_flops: float, hbm_bw_gbps: float,
                  prefill_mfu: float, decode_mbu: float, h2d_gbps: float, d2h_gbps: float,
@@ -882,7 +886,7 @@ class RooflineCost(CostModel):
         self._bw = hbm_bw_gbps * GB * gpus
         self._mbu = decode_mbu
         s = shape
-        self.kv_shards = kv_shards(s, gpus)
+        self.kv_shards = gpus if self._kv_by_requests else kv_shards(s, gpus)
         # each GPU has its own PCIe link and moves its own shard of the KV; replicated heads travel
         # once per copy, so a load goes at the speed of the links of one copy
         self._h2d = h2d_gbps * GB * (gpus if self.kv_shards == gpus else self.kv_shards)
@@ -1213,6 +1217,203 @@ class RooflineCost(CostModel):
         return self._ssd_w
 
 
+def busiest_gpu_pairs(tokens: float, experts_per_token: int, gpus: int) -> float:
+    """Expert parallelism: (token, expert) pairs the busiest of `gpus` GPUs serves in one MoE layer when
+    `tokens` tokens each choose `experts_per_token` experts spread evenly over the GPUs. Each GPU's load
+    is Binomial(n, 1/gpus) with n = tokens x k pairs; the largest of gpus such loads is estimated as
+    balls in bins are, mean + sqrt(2 ln gpus) x std, and is at most every pair."""
+    n = tokens * experts_per_token
+    if gpus <= 1 or n <= 0:
+        return max(n, 0.0)
+    p = 1.0 / gpus
+    return min(n * p + math.sqrt(2.0 * math.log(gpus) * n * p * (1.0 - p)), n)
+
+
+class ExpertParallelCost(RooflineCost):
+    """The roofline of a replica of N GPUs serving a MoE model with data-parallel attention and expert
+    parallelism (`gpu.expert_parallel`: SGLang's and vLLM's "DP attention + EP", as DeepSeek-V3 and
+    Qwen3-MoE are deployed), where `RooflineCost` is tensor-parallel. A step's GPUs run in lockstep (each
+    MoE layer's all-to-alls join them), so each layer takes its busiest GPU's time:
+
+    * non-expert work (attention, dense MLP layers, shared experts, routers, LM head) is data-parallel:
+      every GPU holds a full copy of those weights and reads it each step, and runs whole requests. The
+      busiest GPU holds max(tokens / N, the step's largest request) of the step's tokens (a request is
+      not split: a lone prefill runs on one GPU while the others wait on its all-to-alls) and that share
+      of the step's attention pairs and KV reads;
+    * each MoE layer's routed experts are spread experts / N per GPU; the step's tokens x k (token,
+      expert) pairs go to their experts' GPUs, the busiest serving `busiest_gpu_pairs` of them (uniform
+      routing: no expert-load balancer, EPLB or redundant experts) and reading the experts they touch
+      among its own (`ModelShape.experts_touched_on_gpu`);
+    * two all-to-alls per MoE layer (dispatch and combine), the busiest GPU sending its tokens' pairs
+      (`sim.collectives.LinkAllToAll`, over the GPU link: no all-to-all has been measured); no all-reduce.
+
+    KV is split by requests, so nothing is replicated (MLA's latent included). Host links are every
+    GPU's own, pooled as under TP (a request's own load really crosses one GPU's link). The prefill-first
+    engine sums its batch's per-request layer times (each on one GPU), as it does under TP.
+    """
+    _kv_by_requests = True
+
+    def __init__(self, shape: ModelShape, gpus: int, peak_flops: float, hbm_bw_gbps: float,
+                 prefill_mfu: float, decode_mbu: float, h2d_gbps: float, d2h_gbps: float,
+                 ssd_read_gbps: float, ssd_write_gbps: float, *, alltoall: Optional[LinkAllToAll] = None,
+                 efficiency: Optional[RooflineEfficiency] = None, **kw):
+        if gpus < 2 or not shape.experts or shape.experts % gpus:
+            raise KvsimError(f"ExpertParallelCost: {shape.name} on {gpus} GPUs: expected >= 2 GPUs and a MoE "
+                             f"shape whose experts ({shape.experts}) they divide")
+        if kw.get("attention", "flash") != "flash":
+            raise KvsimError("ExpertParallelCost: attention 'masked' is the TP executor's kernel; expected 'flash'")
+        super().__init__(shape, gpus, peak_flops, hbm_bw_gbps, prefill_mfu, decode_mbu, h2d_gbps, d2h_gbps,
+                         ssd_read_gbps, ssd_write_gbps, allreduce=None, efficiency=efficiency, **kw)
+        s, L = shape, shape.layers
+        routed_tok = 2.0 * s.moe_layers * s.experts_per_token * s.expert_params / L
+        self._dense_tok = self._lin_flops_tok - routed_tok  # a token's non-expert FLOPs per layer (mean)
+        self._pair_flops = routed_tok / s.experts_per_token  # one (token, routed expert) pair's, per layer
+        self._moe_share = s.moe_layers / L  # the all-to-alls are the MoE layers' only
+        self._alltoall = alltoall
+        self._gpu_F, self._gpu_BW = peak_flops, hbm_bw_gbps * GB  # one GPU's peaks: the busiest GPU's time
+        # the TP step's inline closed forms do not price this step (decode_step_s and decode_span are below)
+        self._linear_decode, self._span_fixed, self._span_consts = False, {}, None
+        if efficiency is not None:
+            # a GPU runs its tokens' whole non-expert layer: the TP shard's activations at one GPU
+            self._ep_gemm_act_tok = gemm_act_bytes_per_token(s, 1)
+            self._ep_act_tok_s = efficiency.act_bytes_per_token(s, 1) / self._gpu_BW
+
+    def busiest_tokens(self, tokens: float, largest: float) -> float:
+        """Tokens of the GPU with the most non-expert work in a step of `tokens` tokens whose largest
+        request brings `largest`: the even share, or that request alone (the makespan's lower bound)."""
+        share = tokens / self.gpus
+        return share if share > largest else largest
+
+    def alltoall_layer_s(self, busiest: float) -> float:
+        """Per layer (mean over layers): the MoE layers' dispatch and combine, the busiest GPU sending
+        `busiest` tokens' pairs; 0 without an all-to-all cost (`gpu.allreduce: none`)."""
+        if self._alltoall is None or busiest <= 0:
+            return 0.0
+        one = self._alltoall(alltoall_bytes_per_gpu(self.shape, busiest, self.gpus), self.gpus)
+        return self._moe_share * ALLTOALLS_PER_MOE_LAYER * one
+
+    def comm_layer_s(self, tokens: float) -> float:
+        """All-to-alls of a batched prefill over `tokens` tokens (the prefill-first engine's), spread evenly."""
+        return self.alltoall_layer_s(tokens / self.gpus)
+
+    def _gpu_lin_weights(self, tokens: float, busiest: float) -> tuple:
+        """(FLOPs, weight bytes) of one layer (mean over layers) on the busiest GPU, its attention apart:
+        its non-expert GEMMs over `busiest` tokens with a full copy of their weights, and its routed
+        pairs with the experts they touch."""
+        s, N = self.shape, self.gpus
+        pairs = busiest_gpu_pairs(tokens, s.experts_per_token, N)
+        return (self._dense_tok * busiest + self._pair_flops * pairs,
+                self._w_layer_bytes + self._w_expert_bytes * s.experts_touched_on_gpu(pairs, N))
+
+    def ep_layer_s(self, tokens: float, busiest: float, pairs: float, kv: float, pairs_w: float = 0.0,
+                   kv_w: float = 0.0) -> float:
+        """One layer (mean over layers) on the busiest GPU of a step over `tokens` tokens, `busiest` of
+        them its own: that share of the step's attention `pairs` and KV tokens `kv` (a sliding-window
+        layer's `pairs_w`, `kv_w`), its routed pairs, no communication."""
+        if tokens <= 0:
+            return 0.0
+        s, N = self.shape, self.gpus
+        share = busiest / tokens
+        F, BW = self._gpu_F, self._gpu_BW
+        if self._eff is not None:
+            e = self._eff
+            t = e.gemm_s(self._dense_tok * busiest, self._w_layer_bytes + busiest * self._ep_gemm_act_tok, busiest,
+                         F, BW, GEMMS_PER_LAYER)
+            routed = busiest_gpu_pairs(tokens, s.experts_per_token, N)
+            touched = s.experts_touched_on_gpu(routed, N)
+            t += e.gemm_s(self._pair_flops * routed, self._w_expert_bytes * touched, routed / touched, F, BW,
+                          ROUTED_GEMMS)
+            g = N * share  # `_attention_s` divides by all N GPUs' peaks: N x the busiest GPU's share
+            return (t + e.layer_fixed_s + busiest * self._ep_act_tok_s
+                    + self._attention_s(pairs * g, kv * g, pairs_w * g, kv_w * g))
+        lin, w = self._gpu_lin_weights(tokens, busiest)
+        F, BW, a, kv_tok = F * self._mfu, BW * self._mbu, self._attn_flops * share, self._kv_tok * share
+        L, slide = s.layers, self._slide
+        t = (L - slide) * max((lin + a * pairs) / F, (w + kv_tok * kv) / BW)
+        if slide:
+            t += slide * max((lin + a * pairs_w) / F, (w + kv_tok * kv_w) / BW)
+        return t / L
+
+    def prefill_layer_s(self, new: float, hist: float) -> float:
+        return self.prefill_compute_layer_s(new, hist) + self.alltoall_layer_s(new)
+
+    def prefill_compute_layer_s(self, new: float, hist: float) -> float:
+        """One request's prefill layer: its non-expert work on one GPU, its routed pairs over all."""
+        if new <= 0:
+            return 0.0
+        rows = self._eff.padded_rows(new) if self._eff is not None else new
+        W = self.shape.sliding_window
+        pw, kw = (sliding_pairs(new, hist, W) * rows / new, min(hist, W) + 2.0 * new) if self._slide else (0.0, 0.0)
+        return self.ep_layer_s(new, new, rows * (hist + (new + 1) / 2.0), hist + 2.0 * new, pw, kw)
+
+    def _gpu_head_s(self, rows: float) -> float:
+        """The LM head over `rows` sequences on one GPU (each holds it whole)."""
+        F, BW = self._gpu_F, self._gpu_BW
+        if self._eff is not None:
+            return self._eff.gemm_s(self._head_flops * rows, self._head_bytes, rows, F, BW, 1)
+        return max(self._head_flops * rows / (F * self._mfu), self._head_bytes / (BW * self._mbu))
+
+    def prefill_head_s(self, new: float) -> float:
+        return self._gpu_head_s(1)
+
+    def decode_head_s(self, batch: int) -> float:
+        return self._gpu_head_s(self.busiest_tokens(batch, 1.0))
+
+    def mixed_layer_s(self, chunks, batch: int, context_tokens: float) -> float:
+        """`RooflineCost.mixed_layer_s`'s step on the busiest GPU: the largest chunk (or a decode) is one
+        GPU's at least."""
+        new, largest = 0, (1 if batch else 0)
+        pairs = kv = pw = kw = 0.0
+        tile, W = self._tile, self.shape.sliding_window
+        for n, h in chunks:
+            new += n
+            if n > largest:
+                largest = n
+            q = -(-n // tile) * tile if tile and n > 1 else n
+            pairs += q * (h + (n + 1) / 2.0)
+            kv += h + 2.0 * n
+            if self._slide and n:
+                pw += sliding_pairs(n, h, W) * q / n
+                kw += min(h, W) + 2.0 * n
+        tokens = new + batch
+        if tokens <= 0:
+            return 0.0
+        pairs += context_tokens
+        kv += context_tokens
+        if self._slide and batch:
+            seen = batch * min(context_tokens / batch, W)
+            pw += seen
+            kw += seen
+        b = self.busiest_tokens(tokens, largest)
+        return self.ep_layer_s(tokens, b, pairs, kv, pw, kw) + self.alltoall_layer_s(b)
+
+    def decode_parts(self, batch: int, context_tokens: float) -> tuple[float, float]:
+        L, b = self.shape.layers, self.busiest_tokens(batch, 1.0)
+        seen = batch * min(context_tokens / batch, self.shape.sliding_window) if self._slide else 0.0
+        comm = L * self.alltoall_layer_s(b)
+        return L * self.ep_layer_s(batch, b, context_tokens, context_tokens, seen, seen) + comm, comm
+
+    def decode_step_s(self, batch: int, context_tokens: float) -> float:
+        return self.decode_parts(batch, context_tokens)[0] + self.decode_head_s(batch)
+
+    # the generic piecewise-linear sum (`RooflineCost`'s inline closed forms are the TP step's)
+    decode_span = CostModel.decode_span
+
+    def decode_next_kink(self, batch: int, context_tokens: float) -> float:
+        # measured efficiencies price attention apart from the GEMMs, linear in the context: only a
+        # sliding window filling up bends the step; the constant roofline's compute and memory sides cross
+        kinks = [batch * self.shape.sliding_window] if self._slide else []
+        if self._eff is None:
+            b = self.busiest_tokens(batch, 1.0)
+            lin, w = self._gpu_lin_weights(batch, b)
+            F, BW = self._gpu_F * self._mfu, self._gpu_BW * self._mbu
+            slope = b / batch * (self._attn_flops / F - self._kv_tok / BW)
+            if slope:
+                kinks.append((w / BW - lin / F) / slope)
+        later = [k for k in kinks if k > context_tokens]
+        return min(later) if later else math.inf
+
+
 class ProfileCost(CostModel):
     """Measured tables in place of the roofline, at the tensor-parallel degree they were measured at
     (the profile's `tp`): a TP profile's layer times hold the all-reduces, so they are used as they are.
@@ -1325,13 +1526,27 @@ def build_cost_model(cfg) -> CostModel:
     g = cfg.gpu.spec()
     profile = load_profile(cfg.hardware_profile) if cfg.hardware_profile else None
     total = (profile.hbm_bytes if profile else g.hbm_bytes) * cfg.gpu.count
-    hbm_kv = total * (1.0 - cfg.gpu.reserved_fraction) - shape.weight_bytes
-    shards = kv_shards(shape, cfg.gpu.count)
+    ep = cfg.gpu.expert_parallel
+    # expert parallelism: every GPU holds the non-expert weights whole and its share of the routed experts
+    weights = cfg.gpu.count * shape.expert_parallel_weight_bytes(cfg.gpu.count) if ep else shape.weight_bytes
+    hbm_kv = total * (1.0 - cfg.gpu.reserved_fraction) - weights
+    shards = cfg.gpu.count if ep else kv_shards(shape, cfg.gpu.count)
     # replicated KV heads hold the same tokens several times: HBM for KV counts one copy
     kv_room = hbm_kv if shards == cfg.gpu.count else hbm_kv * shards / cfg.gpu.count
     kw = dict(ssd_contention=cfg.ssd.contention, hbm_kv_bytes=kv_room)
     if profile is not None:
+        if ep:  # the config check refuses this first; a measured profile times tensor-parallel layers
+            raise KvsimError(f"{cfg.source}: gpu.expert_parallel: a measured hardware profile times tensor-parallel "
+                             "layers; expected no hardware_profile")
         cost = ProfileCost(shape, profile, cfg.gpu.count, **kw)
+    elif ep:
+        alltoall = (LinkAllToAll(g.nvlink_gbps, cfg.gpu.allreduce_latency_us * US)
+                    if cfg.gpu.allreduce != "none" else None)
+        cost = ExpertParallelCost(shape, cfg.gpu.count, g.peak_flops, g.hbm_bw_gbps, cfg.gpu.prefill_mfu,
+                                  cfg.gpu.decode_mbu, cfg.host.h2d_gbps, cfg.host.d2h_gbps, cfg.ssd.read_gbps,
+                                  cfg.ssd.write_gbps, alltoall=alltoall,
+                                  efficiency=H100_EFFICIENCY if cfg.gpu.efficiency == "measured" else None,
+                                  sms=g.sms, **kw)
     else:
         allreduce = None
         if cfg.gpu.allreduce == "ring":
@@ -1344,6 +1559,6 @@ def build_cost_model(cfg) -> CostModel:
                             efficiency=H100_EFFICIENCY if cfg.gpu.efficiency == "measured" else None,
                             sms=g.sms, **kw)
     if hbm_kv <= 0:
-        raise KvsimError(f"{cfg.source}: gpu.count: {cfg.model} weights ({shape.weight_bytes / GB:.0f} GB) "
+        raise KvsimError(f"{cfg.source}: gpu.count: {cfg.model} weights ({weights / GB:.0f} GB) "
                          f"leave no HBM for KV on {cfg.gpu.count} x {cfg.gpu.name}; expected more GPUs")
     return cost

@@ -203,14 +203,37 @@ class ModelShape:
         routed = self.routed_expert_params
         return (self.total_params - routed) * self.dtype_bytes + routed * self.expert_element_bytes
 
+    @property
+    def routed_expert_bytes(self) -> float:
+        """HBM the routed experts take (all MoE layers): what expert parallelism spreads over the GPUs."""
+        return self.routed_expert_params * self.expert_element_bytes
+
+    def expert_parallel_weight_bytes(self, gpus: int) -> float:
+        """Weights one GPU holds under expert parallelism with data-parallel attention (SGLang / vLLM
+        "DP attention + EP"): a full copy of every non-expert weight (attention, dense MLPs, shared
+        experts, routers, embeddings, LM head) and its 1/gpus of the routed experts."""
+        return (self.total_params - self.routed_expert_params) * self.dtype_bytes + self.routed_expert_bytes / gpus
+
     def experts_touched(self, tokens: float) -> float:
         """Expected distinct routed experts that `tokens` tokens choose in one MoE layer, each picking
         experts_per_token of the `experts` uniformly: E (1 - (1 - k/E)^B). Uniform routing is the
         upper bound; a skewed router touches fewer."""
         if not self.experts or tokens <= 0:
             return 0.0
-        E, k = self.experts, self.experts_per_token
-        return E * (1.0 - (1.0 - k / E) ** tokens)
+        return expected_distinct(self.experts, self.experts_per_token, tokens)
+
+    def experts_touched_on_gpu(self, pairs: float, gpus: int) -> float:
+        """Expert parallelism: expected distinct experts among one GPU's experts / gpus that `pairs`
+        (token, expert) pairs routed to that GPU touch, each pair on one of them uniformly."""
+        if not self.experts or pairs <= 0:
+            return 0.0
+        return expected_distinct(self.experts / gpus, 1, pairs)
+
+
+def expected_distinct(bins: float, picks: float, draws: float) -> float:
+    """Expected distinct bins hit by `draws` draws, each picking `picks` distinct bins of `bins`
+    uniformly: bins (1 - (1 - picks/bins)^draws)."""
+    return bins * (1.0 - (1.0 - picks / bins) ** draws)
 
 
 # Shapes from the models' published configs. Each entry names where its numbers were read:
