@@ -980,8 +980,9 @@ class RooflineCost(CostModel):
         """Measured efficiencies: one layer's GEMMs over `tokens` tokens (mean over layers), each routed
         expert over the tokens that chose it, plus the layer's other kernels (norms, RoPE, activations)."""
         e, s = self._eff, self.shape
-        t = e.gemm_s(self._lin_dense_tok * tokens, self._w_layer_bytes + tokens * self._gemm_act_tok, tokens,
-                     self._flops, self._bw, GEMMS_PER_LAYER)
+        # over the pooled bandwidth, every GPU's own activations: gpus x one GPU's bytes
+        t = e.gemm_s(self._lin_dense_tok * tokens, self._w_layer_bytes + tokens * self._gemm_act_tok * self.gpus,
+                     tokens, self._flops, self._bw, GEMMS_PER_LAYER)
         if s.experts and tokens > 0:
             touched = s.experts_touched(tokens)
             t += e.gemm_s(self._lin_routed_tok * tokens, self._w_expert_bytes * touched,

@@ -213,3 +213,21 @@ def test_the_committed_h100_table_is_what_the_whole_fit_derives():
     keys = ("attention_flops", "kv_bw", "act_passes", "masked_flops", "masked_lone", "masked_fixed_s",
             "gemm_fixed_s", "gemm_flops", "gemm_bw")
     assert {k: getattr(H100, k) for k in keys} == {k: getattr(fitted, k) for k in keys}
+
+
+def test_tensor_parallel_gemms_cost_one_gpus_shard_of_weights_and_its_own_activations():
+    """LLaMA-2-7B at TP 2 on 100 TF/s and 2,000 GB/s a GPU, 8 tokens (memory-bound: 0.5 of bandwidth at that
+    row count): each GPU reads half of the layer's weights and moves its own activations (the replicated
+    hidden state in and out, its half of q, k, v, o and the MLP) over its own 2,000 GB/s, plus 4 kernels'
+    fixed time. Pricing over the pooled 4,000 GB/s must count both GPUs' activations, not one's."""
+    from sim.efficiency import gemm_act_bytes_per_token
+    m = MODELS["llama2-7b"]
+    e = _eff(tokens=(1, 100), gemm_bw=(0.5, 0.5), gemm_fixed_s=2e-6)
+    c = RooflineCost(m, 2, 100e12, 2000, 0.5, 0.5, 25, 25, 5, 3, efficiency=e)
+    w = m.params_per_layer * 2 / 2                          # one GPU's half of the bf16 weights
+    act = 8 * gemm_act_bytes_per_token(m, 2)                # one GPU's activations for 8 tokens
+    assert act == 8 * 2 * (4 * 4096 + (2 * 4096 + 2 * 4096 + 3 * 11008) / 2)
+    mem = (w + act) / (2000e9 * 0.5) + 4 * 2e-6
+    comp = 2 * m.params_per_layer * 8 / 2 / (100e12 * e.gemm_fractions(8)[0])
+    assert mem > comp
+    assert c._gemms_s(8) == pytest.approx(mem + e.layer_fixed_s + 8 * c._act_tok_s, rel=1e-12)
