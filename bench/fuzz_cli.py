@@ -141,6 +141,10 @@ def leaf_cases(config: str, tiny_trace: str) -> list[Case]:
         base = [TINY]
         if key == "workload.max_sessions":
             base = [f"workload.trace={tiny_trace}"]
+        if key == "gpu.expert_parallel":
+            # legal only where it means something: a MoE model on several GPUs (one GPU or a dense model is a
+            # one-line error, tested in tests/test_expert_parallel.py)
+            base = [TINY, "model=qwen3-30b-a3b", "gpu.count=2"]
         if key.startswith("model_shape"):
             base += ["model=mine"] + [f"model_shape.{k}={v}" for k, v in SHAPE_7B.items()
                                       if f"model_shape.{k}" != key]
