@@ -407,21 +407,11 @@ def served_gaps(model: M.Decoder, agree=None, sessions: int = 4, turns: int = 3,
     """
     import pandas as pd
 
-    from gpu.executor import executor_for_trace, serve_trace
-    from gpu.plans import PLANS
-
     trace = pd.DataFrame([{"session_id": f"gap{s}", "turn": k, "arrival_s": 0.0 if k == 0 else float("nan"),
                            "think_s": float("nan") if k == 0 else 0.0, "prompt_tokens": prompt_tokens,
                            "output_tokens": output_tokens, "prefix_hashes": None}
                           for s in range(sessions) for k in range(turns)])
-    ex = executor_for_trace(model, PLANS["recompute"], trace)
-    try:
-        df = serve_trace(ex, trace, agree=agree)
-    finally:
-        ex.close()
-    del ex
-    if model.device.type == "cuda":
-        torch.cuda.empty_cache()
+    df = _serve_recompute(model, trace, agree)
     last = df.groupby("session_id").turn.transform("max")
     rows = [{"session_id": r.session_id, "turn": int(r.turn), "arrival_s": float(r.arrival_s),
              "start_s": float(r.start_s), "first_token_s": float(r.first_token_s), "end_s": float(r.end_s),
@@ -444,12 +434,23 @@ def decode_probes(model: M.Decoder, agree=None, prompts=(64, 1024, 4096), output
     """
     import pandas as pd
 
-    from gpu.executor import executor_for_trace, serve_trace
-    from gpu.plans import PLANS
-
     trace = pd.DataFrame([{"session_id": f"dap{p}_{r}", "turn": 0, "arrival_s": 0.0, "think_s": float("nan"),
                            "prompt_tokens": int(p), "output_tokens": int(output_tokens), "prefix_hashes": None}
                           for r in range(reps) for p in prompts])
+    df = _serve_recompute(model, trace, agree)
+    rows = [{"session_id": r.session_id, "prompt_tokens": int(r.history_tokens + r.new_tokens),
+             "output_tokens": int(r.output_tokens),
+             "start_s": float(r.start_s), "first_token_s": float(r.first_token_s), "end_s": float(r.end_s)}
+            for r in df.itertuples()]
+    return {"rows": rows, "method": "gpu.executor.serve_trace, recompute, one-turn sessions queued; host clock"}
+
+
+def _serve_recompute(model: M.Decoder, trace, agree=None):
+    """`trace` served by the executor's own loop over `model` (recompute, the ranks agreeing through
+    `agree`), its executor closed and its memory handed back: the per-turn frame of `serve_trace`."""
+    from gpu.executor import executor_for_trace, serve_trace
+    from gpu.plans import PLANS
+
     ex = executor_for_trace(model, PLANS["recompute"], trace)
     try:
         df = serve_trace(ex, trace, agree=agree)
@@ -458,11 +459,7 @@ def decode_probes(model: M.Decoder, agree=None, prompts=(64, 1024, 4096), output
     del ex
     if model.device.type == "cuda":
         torch.cuda.empty_cache()
-    rows = [{"session_id": r.session_id, "prompt_tokens": int(r.history_tokens + r.new_tokens),
-             "output_tokens": int(r.output_tokens),
-             "start_s": float(r.start_s), "first_token_s": float(r.first_token_s), "end_s": float(r.end_s)}
-            for r in df.itertuples()]
-    return {"rows": rows, "method": "gpu.executor.serve_trace, recompute, one-turn sessions queued; host clock"}
+    return df
 
 
 # ------------------------------------------------------------------------ decoder layers
