@@ -292,6 +292,20 @@ def _key_str(key) -> str:
 
 # ---- stage 2b: the runs' own step shapes ----------------------------------------------------------------
 
+def idle_sleep(dt_s: float) -> None:
+    """The serving loop's wait for its next arrival: a young-generation collection when there is time for
+    one (the collector is off during runs), then sleep to ~1 ms before the target and spin (time.sleep
+    overshoots by up to a scheduler tick)."""
+    if dt_s > 0.02:
+        gc.collect(1)
+    end = time.perf_counter() + dt_s
+    while True:
+        rem = end - time.perf_counter()
+        if rem <= 0:
+            return
+        time.sleep(rem - 0.001 if rem > 0.002 else 0)
+
+
 def run_list(a, num_blocks) -> list[tuple]:
     """(rate, policy, KV blocks, layer-wise) of every run, in the order they are served: saturation
     first (the load the issue is about), then the preempting run and the host-store runs (few KV blocks,
@@ -699,17 +713,6 @@ def main():
         gc.collect()
         gc.freeze()
         gc.disable()    # a full collection inside a step would stall it by tens of ms (results/gpu/README.md)
-
-        def idle_sleep(dt):
-            if dt > 0.02:
-                gc.collect(1)
-            left = dt - 0.0
-            end = time.perf_counter() + left
-            while True:
-                rem = end - time.perf_counter()
-                if rem <= 0:
-                    return
-                time.sleep(rem - 0.001 if rem > 0.002 else 0)
         try:
             res = serve_sessions(ex, sched, sessions, sleep=idle_sleep, stop_s=a.run_limit_s)
         finally:

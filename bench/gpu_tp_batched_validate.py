@@ -58,7 +58,7 @@ from gpu.calibrate import host_step_from_steps  # noqa: E402
 from gpu.batched import BatchedExecutor  # noqa: E402
 from gpu.tp_batched import (SYNCS, GlooSync, ShmSync, TPBatchedExecutor, all_reduce_sum,  # noqa: E402
                             scripted_logits, sync_cost_us)
-from gpu.tp_bench import (MIB, NO_MULTICAST_ENV, Rank, RunArgs, allreduce_sizes, allreduce_table,  # noqa: E402
+from gpu.tp_bench import (MIB, NO_MULTICAST_ENV, HostGroup, Rank, RunArgs, allreduce_sizes, allreduce_table,  # noqa: E402
                           combine_allreduce, free_port, measure_allreduce, start_rank, write_table_yaml)
 from gpu.tp_layer import TINY_GQA  # noqa: E402
 from sim.costmodel import load_profile  # noqa: E402
@@ -106,44 +106,14 @@ def roofline_table(folder: Path, world: int, sim_gpus: int) -> Path:
     return own if world == sim_gpus and own.exists() else Path(COMMITTED_ALLREDUCE)
 
 
-def spin_sleep(dt_s: float) -> None:
-    """The single-GPU script's idle wait: a young-generation collection when there is time for one, then
-    sleep to ~1 ms before the target and spin (time.sleep overshoots by up to a scheduler tick)."""
-    if dt_s > 0.02:
-        gc.collect(1)
-    end = time.perf_counter() + dt_s
-    while True:
-        rem = end - time.perf_counter()
-        if rem <= 0:
-            return
-        time.sleep(rem - 0.001 if rem > 0.002 else 0)
-
-
 # ---- one rank -------------------------------------------------------------------------------------------
 
-class Ctx:
+class Ctx(HostGroup):
     """A rank's view of the call: rank 0's decisions and rows, its log, the budget on rank 0's clock."""
 
     def __init__(self, rank: int, world: int, a, host, start_wall: float):
-        self.rank, self.world, self.a, self.host, self.start_wall = rank, world, a, host, start_wall
-
-    def log(self, msg: str) -> None:
-        if self.rank == 0:
-            print(f"[{time.time() - self.start_wall:6.1f}s] {msg}", flush=True)
-
-    def left_s(self) -> float:
-        return self.a.budget_s - (time.time() - self.start_wall)
-
-    def agree(self, obj):
-        """Rank 0's `obj` on every rank."""
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.host)
-        return box[0]
-
-    def gather(self, obj) -> list:
-        got = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(obj, got, dst=0, group=self.host)
-        return got if self.rank == 0 else []
+        super().__init__(rank, world, host, start_wall, a.budget_s)
+        self.a = a
 
 
 def tp_check(c: Ctx, sync, cuda: bool, dev, dtype) -> dict:
@@ -376,7 +346,7 @@ def run_call(c: Ctx, a, cuda: bool, dev, dtype, syncs: dict) -> None:   # noqa: 
         gc.freeze()
         gc.disable()    # a full collection inside a step would stall it by tens of ms (results/gpu/README.md)
         try:
-            res = serve_sessions(ex, sched, trace_sessions(traces[rate]), clock=sync.clock, sleep=spin_sleep,
+            res = serve_sessions(ex, sched, trace_sessions(traces[rate]), clock=sync.clock, sleep=gbv.idle_sleep,
                                  stop_s=a.run_limit_s)
         finally:
             gc.unfreeze()

@@ -33,6 +33,7 @@ leaves to its caller:
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import heapq
 import math
@@ -48,7 +49,7 @@ from torch.nn.attention.bias import causal_lower_right
 from gpu.model import rms_norm, rope_tables, rotate_half
 from gpu.tp_layer import ShardLayer, random_full_layer, rank_shape, shard
 from sim.models import ModelShape
-from sim.scheduler import ChunkedScheduler, StepPlan
+from sim.scheduler import ChunkedScheduler, SeqRequest, StepPlan
 
 # sdpa: per request, gather its blocks to a contiguous K/V and run torch's SDPA (the reference, and
 #   the only kind on CPU); flash_varlen: one gather of every request's context into a packed K/V and
@@ -779,6 +780,23 @@ def _prompt_ids(sid: str, turn: int, n: int, vocab: int) -> list[int]:
     return g.integers(0, vocab, n).tolist()
 
 
+@contextlib.contextmanager
+def _collections_timed():
+    """Python's garbage collections timed while inside: yields [ms in all, start of the one running]."""
+    gc_ms = [0.0, 0.0]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_ms[1] = time.perf_counter()
+        else:
+            gc_ms[0] += (time.perf_counter() - gc_ms[1]) * 1e3
+    gc.callbacks.append(on_gc)
+    try:
+        yield gc_ms
+    finally:
+        gc.callbacks.remove(on_gc)
+
+
 def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict, *, clock=time.perf_counter,
                    sleep=time.sleep, on_step=None, max_steps: int | None = None,
                    stop_s: float = math.inf) -> ServeResult:
@@ -806,108 +824,91 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
     rec_of: dict = {}   # request -> TurnRecord
     # the collector's policy is the caller's (the validation freezes the heap and collects only when idle);
     # collections that still run inside a step are timed (`gc_ms`): host time the cost model does not price
-    gc_ms = [0.0, 0.0]   # [total, start of the current collection]
-
-    def on_gc(phase, info):
-        if phase == "start":
-            gc_ms[1] = time.perf_counter()
-        else:
-            gc_ms[0] += (time.perf_counter() - gc_ms[1]) * 1e3
-    gc.callbacks.append(on_gc)
-    try:
-        return _serve(ex, sched, sessions, res, rec_of, pending, hist, ids, clock, sleep, on_step, max_steps,
-                      stop_s, gc_ms)
-    finally:
-        gc.callbacks.remove(on_gc)
-
-
-def _serve(ex, sched, sessions, res, rec_of, pending, hist, ids, clock, sleep, on_step, max_steps, stop_s,
-           gc_ms) -> ServeResult:
-    from sim.scheduler import SeqRequest
-    t0 = res.t0 = clock()
-    step = 0
-    while pending or sched.has_unfinished():
-        now = clock() - t0
-        while pending and pending[0][0] <= now:
-            arr, sid, k = heapq.heappop(pending)
-            _, _, p, o = sessions[sid][k]
-            toks = hist[sid] + ids[(sid, k)]
-            req = SeqRequest((sid, k), len(toks), int(o), (lambda i, s=sid: (s, i)))
-            ex.add(req, toks, session=sid)
-            rec_of[req] = TurnRecord(sid, k, arr, math.nan, math.nan, len(toks), int(p), int(o), -1, 0, 0)
-            sched.add_request(req)
-        if not sched.has_unfinished():
-            if pending:
-                wait = pending[0][0] - (clock() - t0)
-                if wait > 0:
-                    sleep(wait)
-            continue
-        t_start = clock() - t0
-        h0 = time.perf_counter()   # the loop's own host time, on the host clock whatever `clock` is
-        gc0 = gc_ms[0]
-        plan = sched.schedule()
-        if not plan.scheduled:
-            if not sched.running:
-                head = sched.waiting[0]
-                raise RuntimeError(f"request {head.id}: {head.num_tokens} tokens never fit the {sched.cfg.num_blocks} "
-                                   f"KV blocks")
-            sched.update(plan)
-            continue
-        tables = {r: block_table(r) for r, _, _ in plan.scheduled}
-        # the step's shape as the simulator's ChunkedReplica._step reads it (before update)
-        chunks, B, ctx, ctx_max = [], 0, 0, 0
-        for r, n, dec in plan.scheduled:
-            if dec:
-                B += 1
-                c = r.prompt_tokens + r.num_output_tokens
-                ctx += c
-                ctx_max = max(ctx_max, c)
-            else:
-                chunks.append((n, r.num_computed_tokens))
-        host_ms = (clock() - t0 - t_start) * 1e3
-        h1 = time.perf_counter()
-        out = ex.run(plan)
-        h2 = time.perf_counter()
-        finished = sched.update(plan)
-        t_end = clock() - t0
-        for r, hit in plan.admitted.items():
-            tr = rec_of[r]
-            if tr.hit_tokens < 0:
-                tr.hit_tokens, tr.ext_tokens = hit, plan.external.get(r, 0)
-        for r in plan.preempted:
-            rec_of[r].preemptions += 1
-        for r in out.sampled:
-            tr = rec_of[r]
-            if math.isnan(tr.first_token_s):
-                tr.first_token_s = t_end
-        for r in finished:
-            tr = rec_of.pop(r)
-            tr.finish_s = t_end
-            tr.saved_tokens = ex.save(r, tables[r], r.num_computed_tokens) if ex.has_store else 0
-            hist[tr.session_id] = _session_tokens(ex, r)
-            res.turns.append(tr)
-            nxt = tr.turn + 1
-            ts = sessions[tr.session_id]
-            if nxt < len(ts):
-                arr, think = ts[nxt][0], ts[nxt][1]
-                heapq.heappush(pending, (float(arr) if not math.isnan(arr) else t_end + float(think),
-                                         tr.session_id, nxt))
-        loop_ms = (h1 - h0 + time.perf_counter() - h2) * 1e3
-        res.steps.append(StepRecord(
-            step, t_start, t_end, host_ms, (t_end - t_start) * 1e3, out.gpu_ms, out.load_ms, B, ctx,
-            ";".join(f"{n}:{h}" for n, h in chunks), sum(n for n, _ in chunks),
-            ";".join(str(plan.external[r]) for r in plan.external), out.ext_tokens, len(plan.admitted),
-            len(plan.preempted), len(finished), plan.free_blocks, out.graph,
-            ":".join(map(str, out.key)) if out.key else "", out.captured, loop_ms, ctx_max, gc_ms[0] - gc0,
-            (h2 - h1) * 1e3, out.issued_ms,
-            **ex.take_io()))
-        if on_step is not None:
-            on_step(res.steps[-1])
-        step += 1
-        if (max_steps is not None and step >= max_steps) or t_end >= stop_s:
-            break
-    ex.drain()
-    return res
+    with _collections_timed() as gc_ms:
+        t0 = res.t0 = clock()
+        step = 0
+        while pending or sched.has_unfinished():
+            now = clock() - t0
+            while pending and pending[0][0] <= now:
+                arr, sid, k = heapq.heappop(pending)
+                _, _, p, o = sessions[sid][k]
+                toks = hist[sid] + ids[(sid, k)]
+                req = SeqRequest((sid, k), len(toks), int(o), (lambda i, s=sid: (s, i)))
+                ex.add(req, toks, session=sid)
+                rec_of[req] = TurnRecord(sid, k, arr, math.nan, math.nan, len(toks), int(p), int(o), -1, 0, 0)
+                sched.add_request(req)
+            if not sched.has_unfinished():
+                if pending:
+                    wait = pending[0][0] - (clock() - t0)
+                    if wait > 0:
+                        sleep(wait)
+                continue
+            t_start = clock() - t0
+            h0 = time.perf_counter()   # the loop's own host time, on the host clock whatever `clock` is
+            gc0 = gc_ms[0]
+            plan = sched.schedule()
+            if not plan.scheduled:
+                if not sched.running:
+                    head = sched.waiting[0]
+                    raise RuntimeError(f"request {head.id}: {head.num_tokens} tokens never fit the {sched.cfg.num_blocks} "
+                                       f"KV blocks")
+                sched.update(plan)
+                continue
+            tables = {r: block_table(r) for r, _, _ in plan.scheduled}
+            # the step's shape as the simulator's ChunkedReplica._step reads it (before update)
+            chunks, B, ctx, ctx_max = [], 0, 0, 0
+            for r, n, dec in plan.scheduled:
+                if dec:
+                    B += 1
+                    c = r.prompt_tokens + r.num_output_tokens
+                    ctx += c
+                    ctx_max = max(ctx_max, c)
+                else:
+                    chunks.append((n, r.num_computed_tokens))
+            host_ms = (clock() - t0 - t_start) * 1e3
+            h1 = time.perf_counter()
+            out = ex.run(plan)
+            h2 = time.perf_counter()
+            finished = sched.update(plan)
+            t_end = clock() - t0
+            for r, hit in plan.admitted.items():
+                tr = rec_of[r]
+                if tr.hit_tokens < 0:
+                    tr.hit_tokens, tr.ext_tokens = hit, plan.external.get(r, 0)
+            for r in plan.preempted:
+                rec_of[r].preemptions += 1
+            for r in out.sampled:
+                tr = rec_of[r]
+                if math.isnan(tr.first_token_s):
+                    tr.first_token_s = t_end
+            for r in finished:
+                tr = rec_of.pop(r)
+                tr.finish_s = t_end
+                tr.saved_tokens = ex.save(r, tables[r], r.num_computed_tokens) if ex.has_store else 0
+                hist[tr.session_id] = _session_tokens(ex, r)
+                res.turns.append(tr)
+                nxt = tr.turn + 1
+                ts = sessions[tr.session_id]
+                if nxt < len(ts):
+                    arr, think = ts[nxt][0], ts[nxt][1]
+                    heapq.heappush(pending, (float(arr) if not math.isnan(arr) else t_end + float(think),
+                                             tr.session_id, nxt))
+            loop_ms = (h1 - h0 + time.perf_counter() - h2) * 1e3
+            res.steps.append(StepRecord(
+                step, t_start, t_end, host_ms, (t_end - t_start) * 1e3, out.gpu_ms, out.load_ms, B, ctx,
+                ";".join(f"{n}:{h}" for n, h in chunks), sum(n for n, _ in chunks),
+                ";".join(str(plan.external[r]) for r in plan.external), out.ext_tokens, len(plan.admitted),
+                len(plan.preempted), len(finished), plan.free_blocks, out.graph,
+                ":".join(map(str, out.key)) if out.key else "", out.captured, loop_ms, ctx_max, gc_ms[0] - gc0,
+                (h2 - h1) * 1e3, out.issued_ms,
+                **ex.take_io()))
+            if on_step is not None:
+                on_step(res.steps[-1])
+            step += 1
+            if (max_steps is not None and step >= max_steps) or t_end >= stop_s:
+                break
+        ex.drain()
+        return res
 
 
 def _session_tokens(ex: BatchedExecutor, req) -> list[int]:

@@ -184,8 +184,36 @@ def run_stage(r, rank: int, stages, name: str, need_s: float, fn, key: str | Non
     r.log(f"{name}: done in {time.time() - t0:.1f} s")
 
 
+class HostGroup:
+    """A rank's host-side view of a multi-GPU call: its rank and world, the gloo group `host` over every
+    rank, the call's start on the wall clock and its budget; rank 0 logs, decides (`agree`) and collects
+    (`gather`)."""
+
+    def __init__(self, rank: int, world: int, host, start_wall: float, budget_s: float):
+        self.rank, self.world, self.host, self.start_wall, self.budget_s = rank, world, host, start_wall, budget_s
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f"[{time.time() - self.start_wall:6.1f}s] {msg}", flush=True)
+
+    def left_s(self) -> float:
+        return self.budget_s - (time.time() - self.start_wall)
+
+    def agree(self, obj):
+        """Rank 0's `obj` on every rank."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.host)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, on rank 0 (rank order); [] elsewhere."""
+        got = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(obj, got, dst=0, group=self.host)
+        return got if self.rank == 0 else []
+
+
 @dataclass
-class Rank:
+class Rank(HostGroup):
     rank: int
     world: int
     args: RunArgs
@@ -195,24 +223,17 @@ class Rank:
     host: object                      # gloo group over every rank: objects and host barriers
     groups: dict                      # tp (> 1) -> process group of ranks [0, tp)
 
-    def log(self, msg: str) -> None:
-        if self.rank == 0:
-            print(f"[{time.time() - self.args.start_wall:6.1f}s] {msg}", flush=True)
+    @property
+    def start_wall(self) -> float:
+        return self.args.start_wall
 
-    def left_s(self) -> float:
-        return self.args.budget_s - (time.time() - self.args.start_wall)
-
-    def agree(self, ok: bool) -> bool:
-        """Rank 0's decision for all: a stage must be run or skipped by every rank alike."""
-        box = [ok]
-        dist.broadcast_object_list(box, src=0, group=self.host)
-        return bool(box[0])
+    @property
+    def budget_s(self) -> float:
+        return self.args.budget_s
 
     def gather(self, rows: list) -> list:
         """Every rank's rows, concatenated on rank 0 (empty elsewhere)."""
-        got = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(rows, got, dst=0, group=self.host)
-        return [r for part in got for r in part] if self.rank == 0 else []
+        return [r for part in HostGroup.gather(self, rows) for r in part]
 
     def sync(self) -> None:
         if self.cuda:

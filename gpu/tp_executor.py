@@ -50,8 +50,8 @@ from gpu.decode_graph import DECODE_BUCKET
 from gpu.executor import TraceBounds, PADDING_SLACK_TOKENS, executor_for_trace, serve_trace
 from gpu.plans import PLANS, run_name
 from gpu.prefill_graph import PADDING
-from gpu.tp_bench import (MIB, NO_MULTICAST_ENV, allreduce_sizes, allreduce_table, combine_allreduce, measure_allreduce,
-                          run_stage, start_rank, write_csv, write_table_yaml)
+from gpu.tp_bench import (MIB, NO_MULTICAST_ENV, HostGroup, allreduce_sizes, allreduce_table, combine_allreduce,
+                          measure_allreduce, run_stage, start_rank, write_csv, write_table_yaml)
 from sim.files import atomic_write_json
 from sim.models import MODELS
 from sim.trace import read_trace, write_trace
@@ -130,9 +130,10 @@ def slowest_links(parts: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------ one rank
-class Rank:
+class Rank(HostGroup):
     def __init__(self, rank: int, world: int, args: ServeArgs, cuda: bool, host):
-        self.rank, self.world, self.args, self.cuda, self.host = rank, world, args, cuda, host
+        super().__init__(rank, world, host, args.start_wall, args.budget_s)
+        self.args, self.cuda = args, cuda
         self.device = torch.device("cuda", rank) if cuda else torch.device("cpu")
         self.dtype = torch.bfloat16 if cuda else torch.float32
         # gpu.tp_bench's all-reduce timing asks for the TP group by degree: here the world is the TP group
@@ -141,24 +142,6 @@ class Rank:
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
-
-    def log(self, msg: str) -> None:
-        if self.rank == 0:
-            print(f"[{time.time() - self.args.start_wall:6.1f}s] {msg}", flush=True)
-
-    def left_s(self) -> float:
-        return self.args.budget_s - (time.time() - self.args.start_wall)
-
-    def agree(self, x):
-        """Rank 0's `x` on every rank (host group)."""
-        box = [x]
-        dist.broadcast_object_list(box, src=0, group=self.host)
-        return box[0]
-
-    def gather(self, obj) -> list:
-        got = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(obj, got, dst=0, group=self.host)
-        return got if self.rank == 0 else []
 
     def align(self) -> None:
         """Ranks leave together: a one-element all-reduce on the TP group, then a device sync."""
