@@ -12,7 +12,7 @@ from gpu.batched import (BatchedExecutor, StepBatch, block_table, random_model, 
 from gpu.tp_layer import TINY_GQA
 from sim.scheduler import ChunkedConfig, ChunkedScheduler, SeqRequest
 
-from tiny_batched import BT, ids, run_logits, scheduler_and_executor, tiny_model
+from tiny_batched import BT, FakeClock, ids, run_logits, scheduler_and_executor, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -156,20 +156,6 @@ def test_preemption_by_recompute_still_equals_recompute(model):
     sched, ex = scheduler_and_executor(model, 12, 16, True, [(10, 16), (9, 14), (11, 15)], 40)
     drive(ex, sched)
     assert sched.stats.preemptions > 0
-
-
-class FakeClock:
-    """A clock that advances only when the server sleeps or a step runs (1 ms a step)."""
-
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        self.t += 0.0005
-        return self.t
-
-    def sleep(self, dt):
-        self.t += dt
 
 
 def test_serve_sessions_follows_arrivals_and_think_times(model):

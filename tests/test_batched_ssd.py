@@ -14,7 +14,7 @@ from gpu.model import TINY
 from gpu.tp_layer import TINY_GQA
 from sim.scheduler import ChunkedConfig, ChunkedScheduler, SeqRequest
 
-from tiny_batched import BT, ids
+from tiny_batched import BT, FakeClock, ids
 
 
 @pytest.fixture(scope="module", params=["gqa", "mha"])
@@ -132,18 +132,6 @@ def test_a_session_file_holds_each_layers_blocks_k_then_v(model, tmp_path):
         got = got.view(2, 2, BT, s.kv_heads, s.head_dim)
         for j in range(2):
             assert torch.equal(got[j, 0], ex.k[li, tables[j]]) and torch.equal(got[j, 1], ex.v[li, tables[j]])
-
-
-class FakeClock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        self.t += 0.0005
-        return self.t
-
-    def sleep(self, dt):
-        self.t += dt
 
 
 def test_step_records_report_the_ssd_bytes_read_and_written(tmp_path):

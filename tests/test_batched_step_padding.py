@@ -144,13 +144,8 @@ def test_a_profile_with_measured_shapes_but_no_padding_is_an_error(tmp_path):
 
 
 def bench_module():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_batched_validate.py"
-    spec = importlib.util.spec_from_file_location("gpu_batched_validate", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from bench_modules import load_bench
+    return load_bench("gpu_batched_validate")
 
 
 def test_a_replayed_shape_moves_to_the_middle_of_another_key_bucket():

@@ -1,5 +1,4 @@
 """The roofline's measured efficiencies (sim/efficiency.py) and their use in RooflineCost."""
-import importlib.util
 import math
 from pathlib import Path
 
@@ -10,6 +9,8 @@ from sim.costmodel import RooflineCost, build_cost_model
 from sim.efficiency import H100, RooflineEfficiency
 from sim.errors import KvsimError
 from sim.models import MODELS
+
+from bench_modules import load_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,9 +78,7 @@ def test_gpu_efficiency_constant_is_the_old_roofline_and_measured_is_the_default
 
 
 def test_the_committed_h100_table_is_what_the_fit_derives_from_the_gemm_sweep():
-    spec = importlib.util.spec_from_file_location("roofline_vs_measured", ROOT / "bench/roofline_vs_measured.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("roofline_vs_measured")
     t = mod.gemm_table()
     assert (H100.tokens, H100.gemm_flops, H100.gemm_bw) == (t["tokens"], t["gemm_flops"], t["gemm_bw"])
     assert H100.layer_fixed_s == mod.layer_floor_s()
@@ -206,9 +205,7 @@ def test_the_masked_kernel_needs_measured_efficiencies_and_the_sm_count():
 
 
 def test_the_committed_h100_table_is_what_the_whole_fit_derives():
-    spec = importlib.util.spec_from_file_location("roofline_vs_measured", ROOT / "bench/roofline_vs_measured.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("roofline_vs_measured")
     fitted = mod.fit(mod.measured_points())
     keys = ("attention_flops", "kv_bw", "act_passes", "masked_flops", "masked_lone", "masked_fixed_s",
             "gemm_fixed_s", "gemm_flops", "gemm_bw")

@@ -109,12 +109,8 @@ def test_rank_shape_splits_heads_and_replicates_a_kv_head_over_more_ranks():
 
 
 def bench_tp():
-    import importlib.util
-    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_tp_batched_validate.py"
-    spec = importlib.util.spec_from_file_location("gpu_tp_batched_validate", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from bench_modules import load_bench
+    return load_bench("gpu_tp_batched_validate")
 
 
 def test_calibration_rows_keep_the_slowest_ranks_time_per_sample():

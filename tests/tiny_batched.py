@@ -40,3 +40,17 @@ def run_logits(sched, ex):
         rows.append(ex.run(plan, keep_logits=True).logits)
         sched.update(plan)
     return torch.cat(rows)
+
+
+class FakeClock:
+    """A clock that advances only when the server sleeps or a step runs (1 ms a step)."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        self.t += 0.0005
+        return self.t
+
+    def sleep(self, dt):
+        self.t += dt
