@@ -91,6 +91,16 @@ def profile_from_raw(raw: dict) -> dict:
     return prof
 
 
+def _cost_without(prof: dict, model: str, terms):
+    """The cost model of `prof`'s tables for `model` with `terms` left out: what a reduction measures a
+    term against (the term is what the tables miss)."""
+    from sim.costmodel import ProfileCost
+    from sim.models import MODELS
+
+    tables = {**prof, "models": {model: {k: v for k, v in prof["models"][model].items() if k not in terms}}}
+    return ProfileCost(MODELS[model], parse_profile(tables, "<calibration>"), prof.get("tp", 1))
+
+
 def decode_after_prefill(prof: dict, model: str, rows: list[dict]) -> dict:
     """What a reply's decode takes beyond the profile's decode tables, over the prefill before it
     (`decode_after_prefill_ms`), from one-turn replies served back to back (`bench.decode_probes`). Per
@@ -99,12 +109,7 @@ def decode_after_prefill(prof: dict, model: str, rows: list[dict]) -> dict:
     tokens of context, as the simulator prices that decode (`CostModel.decode_span`, batch 1), floored
     at 0; `steps`, the replies' decode steps (the term is spread over that many steps after a prefill).
     The tables are this profile's own (the term is what they miss, found after them)."""
-    from sim.costmodel import ProfileCost
-    from sim.models import MODELS
-
-    tables = {**prof, "models": {model: {k: v for k, v in prof["models"][model].items()
-                                         if k != "decode_after_prefill_ms"}}}
-    cost = ProfileCost(MODELS[model], parse_profile(tables, "<calibration>"), prof.get("tp", 1))
+    cost = _cost_without(prof, model, ("decode_after_prefill_ms",))
     by_prompt: dict = {}
     for r in rows:
         k = int(r["output_tokens"]) - 1
@@ -144,13 +149,8 @@ def serving_terms(prof: dict, model: str, rows: list[dict]) -> dict:
     (preload_layer_overhead_ms: issue and DMA set-up of a per-layer copy, which a one-transfer link
     benchmark does not see); DRAM turns with layer-wise preload, compute-bound, the per-layer gating
     (preload_gate_layer_ms)."""
-    from sim.costmodel import ProfileCost
-    from sim.models import MODELS
-
     # the tables alone: the host terms are what is being found
-    terms = ("host_turn_ms", "preload_gate_layer_ms", "preload_layer_overhead_ms")
-    tables = {**prof, "models": {model: {k: v for k, v in prof["models"][model].items() if k not in terms}}}
-    cost = ProfileCost(MODELS[model], parse_profile(tables, "<calibration>"), prof.get("tp", 1))
+    cost = _cost_without(prof, model, ("host_turn_ms", "preload_gate_layer_ms", "preload_layer_overhead_ms"))
     L = cost.shape.layers
 
     def base_ms(r, overhead_ms=0.0):
