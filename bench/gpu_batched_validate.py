@@ -292,6 +292,17 @@ def _key_str(key) -> str:
 
 # ---- stage 2b: the runs' own step shapes ----------------------------------------------------------------
 
+def slice_args(ap) -> None:
+    """The options of the ShareGPT sessions a call serves (`slices`), the same for the TP validation."""
+    ap.add_argument("--source", default="traces/sharegpt_small.parquet")
+    ap.add_argument("--window-s", type=float, default=12.0, help="sessions start within this window")
+    ap.add_argument("--max-turns", type=int, default=3)
+    ap.add_argument("--output-cap", type=int, default=512)
+    ap.add_argument("--max-session-tokens", type=int, default=4000)
+    ap.add_argument("--think-mean-s", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+
+
 def idle_sleep(dt_s: float) -> None:
     """The serving loop's wait for its next arrival: a young-generation collection when there is time for
     one (the collector is off during runs), then sleep to ~1 ms before the target and spin (time.sleep
@@ -533,17 +544,11 @@ def main():
                     help="the SSD tier's session files (default /tmp/kvsim_ssd, on the machine's local disk; "
                          "--cpu-smoke: a temporary folder)")
     ap.add_argument("--gpu-name", default=None, help="the simulator's GPU (default: from the device name)")
-    ap.add_argument("--source", default="traces/sharegpt_small.parquet")
     ap.add_argument("--rates", default="0.5,2,6", help="session arrivals per second, light load to saturation")
     ap.add_argument("--policies", default="recompute,hbm,dram",
                     help=f"policies served at every rate on the whole KV cache, some of {', '.join(POLICIES)} (the "
                          f"SSD tier's runs: --host-runs)")
-    ap.add_argument("--window-s", type=float, default=12.0, help="sessions start within this window")
-    ap.add_argument("--max-turns", type=int, default=3)
-    ap.add_argument("--output-cap", type=int, default=512)
-    ap.add_argument("--max-session-tokens", type=int, default=4000)
-    ap.add_argument("--think-mean-s", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
+    slice_args(ap)
     ap.add_argument("--block-tokens", type=int, default=16)
     ap.add_argument("--kv-gb", type=float, default=30.0, help="HBM for the paged KV cache")
     ap.add_argument("--preempt-blocks", type=int, default=1500, help="KV blocks of the preempting run (0: none)")

@@ -416,18 +416,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--shape-reps", type=int, default=4)
     ap.add_argument("--graph-capture-s", type=float, default=15.0, help="decode graphs captured ahead after that")
     ap.add_argument("--gpu-name", default=None, help="the simulator's GPU (default: from the device name)")
-    ap.add_argument("--source", default="traces/sharegpt_small.parquet")
     # the simulator's roofline at TP 4 (run 21's all-reduce table) puts these 22-s runs' mean decode batch at
     # ~7 and ~27 (20-25 ms TPOT); a faster real step lowers it, so the top load keeps a margin over 16
     ap.add_argument("--rates", default="1,4", help="session arrivals per second: a light load and one whose "
                                                    "mean decode batch is >= 16")
     ap.add_argument("--policies", default="recompute,hbm")
-    ap.add_argument("--window-s", type=float, default=12.0, help="sessions start within this window")
-    ap.add_argument("--max-turns", type=int, default=3)
-    ap.add_argument("--output-cap", type=int, default=512)
-    ap.add_argument("--max-session-tokens", type=int, default=4000)
-    ap.add_argument("--think-mean-s", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
+    gbv.slice_args(ap)
     ap.add_argument("--block-tokens", type=int, default=16)
     ap.add_argument("--kv-gb", type=float, default=20.0, help="HBM for the paged KV cache, per GPU")
     # a 70B step of 2048 new tokens takes ~0.1 s at TP 4: longer chunks would stall the decodes they ride with
