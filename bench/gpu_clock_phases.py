@@ -53,7 +53,11 @@ if __name__ == "__main__":
     ap.add_argument("folder", type=Path)
     ap.add_argument("--gpu", type=int, default=0)
     a = ap.parse_args()
+    if not (a.folder / "trace_runs.csv").is_file():
+        raise SystemExit(f"{a.folder}: no trace_runs.csv (expected a TP trace call's folder)")
     smi = read_smi(a.folder)
+    if a.gpu not in set(smi.gpu):
+        raise SystemExit(f"--gpu {a.gpu}: not in {a.folder}'s clock log (GPUs {sorted(set(smi.gpu))})")
     print(by_turn(smi, pd.read_csv(a.folder / "trace_runs.csv"), a.gpu).to_string())
     print()
     print(by_window(smi, a.gpu).T.to_string())

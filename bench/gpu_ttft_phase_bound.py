@@ -37,5 +37,9 @@ def bound(folder: Path) -> pd.DataFrame:
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         raise SystemExit("usage: gpu_ttft_phase_bound.py RUN_FOLDER [RUN_FOLDER ...]")
+    for f in sys.argv[1:]:
+        for name in ("compare.json", "turns.csv"):
+            if not (Path(f) / name).is_file():
+                raise SystemExit(f"{f}: no {name} (expected a batched run folder)")
     df = pd.concat([bound(Path(f)) for f in sys.argv[1:]], ignore_index=True)
     print(df.round(3).to_string(index=False))
