@@ -260,7 +260,7 @@ class SsdTier:
         self.jobs.put(None)
         self.writer.join()
         for b in [self.rbuf, self.wbuf] + self._old:
-            unpin(b._base if b._base is not None else b)
+            unpin(b)
 
     def _raise(self) -> None:
         if self.error is not None:

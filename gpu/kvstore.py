@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,38 +20,58 @@ import torch
 ALIGN = 4096  # O_DIRECT needs buffer address, file offset and length aligned to the logical block size
 
 
-def pin(t: torch.Tensor) -> bool:
+# data_ptr of each page-locked range -> the finalizer that unregisters it (run once: by `unpin`, or when the
+# memory's owner is collected)
+_PINNED: dict[int, weakref.finalize] = {}
+
+
+def pin(t: torch.Tensor, owner) -> bool:
     """Page-lock an existing host tensor in place (cudaHostRegister).
 
     torch's pinned allocator rounds every allocation up to a power of two, which would double the host
     memory of a large arena; registering plain memory pins exactly what is used. Returns False on CPU-only
     builds, where "pinned" has no meaning and copies are synchronous anyway.
+
+    `owner` is the object whose collection frees the memory (the mmap under `t`): if `unpin` was not called
+    by then, the registration is undone then. A range unmapped while registered stays registered in the
+    driver, and the next mmap that reuses the address fails to register (an executor created after another
+    was dropped without closing, as in a test session). The owner, not `t`, decides: views of `t` keep the
+    memory alive after `t`'s own Python object is gone.
     """
     if not torch.cuda.is_available():
         return False
-    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    ptr = t.data_ptr()
+    rc = torch.cuda.cudart().cudaHostRegister(ptr, t.numel() * t.element_size(), 0)
     if int(rc) != 0:
         raise RuntimeError(f"cudaHostRegister of {t.numel() * t.element_size()} bytes failed: {rc}")
-    t._kvsim_pinned = True
+    _PINNED[ptr] = weakref.finalize(owner, _unregister, ptr)
     return True
 
 
+def _unregister(ptr: int) -> None:
+    _PINNED.pop(ptr, None)
+    # copies in flight may still read the range: let them finish before it stops being page-locked
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
 def unpin(t: torch.Tensor) -> None:
-    """Undo `pin` before the memory is unmapped (unmapping registered memory is undefined)."""
-    if getattr(t, "_kvsim_pinned", False):
-        torch.cuda.synchronize()
-        torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
-        t._kvsim_pinned = False
+    """Undo `pin` for the memory under `t` (the tensor pinned or any view of it) before it is unmapped
+    (unmapping registered memory is undefined); a second call, or a call on unpinned memory, does nothing."""
+    done = _PINNED.get(t.untyped_storage().data_ptr())
+    if done is not None:
+        done()   # a weakref.finalize runs its function once, whether called here or at collection
 
 
 def aligned_host_bytes(nbytes: int, pinned: bool) -> torch.Tensor:
-    """A uint8 host tensor of `nbytes` whose first byte is ALIGN-aligned (an mmap is page aligned)."""
+    """A uint8 host tensor of `nbytes` whose first byte is ALIGN-aligned (an mmap is page aligned).
+
+    torch.frombuffer holds the mapping for as long as any view of the tensor lives."""
     nbytes = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
     buf = mmap.mmap(-1, nbytes)
     t = torch.frombuffer(buf, dtype=torch.uint8)
-    t._kvsim_mmap = buf  # keep the mapping alive as long as the tensor
     if pinned:
-        pin(t)
+        pin(t, owner=buf)
     return t
 
 
