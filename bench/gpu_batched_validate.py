@@ -58,7 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu.batched import (ATTENTION_KINDS, BatchedExecutor, random_model, serve_sessions)  # noqa: E402
-from gpu.calibrate import host_step_from_steps, iteration_from_raw  # noqa: E402
+from gpu.calibrate import host_step_from_served, host_step_from_steps, iteration_from_raw  # noqa: E402
 from gpu.batched_validate import (POLICIES, compare_turns, csv_path, phase_summary, predict_steps,  # noqa: E402
                                   scatter_plot, scheduler_for,
                                   simulate_sessions, step_summary, steps_frame, trace_sessions, turns_frame)
@@ -90,14 +90,16 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
-def slices(a, shape) -> dict:
-    """rate -> the canonical trace served at that rate (sessions/s over --window-s)."""
+def slices(a, shape, seed=None, rates=None) -> dict:
+    """rate -> the canonical trace served at that rate (sessions/s over --window-s); `seed` (default
+    --seed) picks the sessions."""
     src = read_trace(a.source)
     out = {}
-    for rate in a.rates:
+    seed = a.seed if seed is None else seed
+    for rate in (a.rates if rates is None else rates):
         n = max(2, int(round(rate * a.window_s)))
         t = make_slice(src, n, a.max_turns, a.output_cap, min(a.max_session_tokens, shape.max_context_tokens - 8),
-                       session_gap_s=1.0 / rate, think_mean_s=a.think_mean_s, seed=a.seed)
+                       session_gap_s=1.0 / rate, think_mean_s=a.think_mean_s, seed=seed)
         out[rate] = t
     return out
 
@@ -503,6 +505,39 @@ def calibrated_profile(base: Path, model_name: str, raw: pd.DataFrame, out: Path
 
 # ---- stage 3: runs --------------------------------------------------------------------------------------
 
+def serve_frozen(ex, sched, sessions, stop_s: float):
+    """`serve_sessions` with the collector frozen and off: a full collection inside a step would stall it
+    by tens of ms (results/gpu/README.md)."""
+    was = gc.isenabled()
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        return serve_sessions(ex, sched, sessions, sleep=idle_sleep, stop_s=stop_s)
+    finally:
+        gc.unfreeze()
+        if was:
+            gc.enable()
+
+
+def host_calibration(ex, a, shape, bt, num_blocks, out: Path) -> dict | None:
+    """The serving loop's host time per step as served (`gpu.calibrate.host_step_from_served`): one run of
+    --host-calib-s seconds on other sessions than the validation's (--seed + 1) at the top rate with
+    --host-calib-policy, before the validation runs. None where it gave no bin of >= 3 steps."""
+    top = max(a.rates)
+    trace = slices(a, shape, seed=a.seed + 1, rates=[top])[top]
+    ex.reset()
+    ex.layerwise = True
+    ex.use_ssd(None)
+    sched = scheduler_for(a.host_calib_policy, num_blocks, bt, a.max_batched_tokens, a.max_seqs,
+                          shape.max_context_tokens, ex.external_tokens)
+    res = serve_frozen(ex, sched, trace_sessions(trace), a.host_calib_s)
+    steps = steps_frame(res).assign(run="host_calibration", policy=a.host_calib_policy, rate=top)
+    write_csv(steps, out / "host_calib_steps.csv")
+    ex.reset()
+    return host_step_from_served(steps)
+
+
 shared_kv = None   # (K, V) of the KV cache, allocated once for every executor of the call
 
 
@@ -570,6 +605,11 @@ def main():
     ap.add_argument("--host-step-per-pool", action="store_true",
                     help="comparison: each run priced with the loop's host time reduced from the replay of the "
                          "runs on its number of KV blocks only (see pool_profiles)")
+    ap.add_argument("--host-calib-s", type=float, default=0.0,
+                    help="seconds of a served run (other sessions: --seed + 1, the top rate) whose steps give the "
+                         "profile's loop host time per step (0: the CPU replay's; see host_calibration)")
+    ap.add_argument("--host-calib-policy", default="hbm", choices=("recompute", "hbm", "dram"),
+                    help="the policy of the --host-calib-s run")
     ap.add_argument("--run-limit-s", type=float, default=35.0, help="a run stops at this time on its clock")
     ap.add_argument("--budget-s", type=float, default=290.0, help="no run starts after this wall time")
     a = ap.parse_args()
@@ -596,6 +636,7 @@ def main():
         a.calib_mixed, a.calib_reps = "8x0x2x16,8x16x4x8", 1
         a.graph_bench_shapes = "3x16,4x40,2x16+9:12"
         a.shape_reps = 1
+        a.host_calib_s = a.host_calib_s or 5.0
         if "ssd" not in a.host_runs.split(","):
             a.host_runs = ",".join(filter(None, [a.host_runs, "ssd"]))
     cuda = torch.cuda.is_available() and not a.cpu_smoke
@@ -693,6 +734,14 @@ def main():
             calibrated_profile(Path(a.base_profile), cm_name, raw, prof_path)
         write_csv(raw, out / "iteration_raw.csv")
         ex.reset()
+        if a.host_calib_s > 0:
+            served = host_calibration(ex, a, shape, bt, num_blocks, out)
+            if served is not None:
+                # the served loop's host time replaces the CPU replay's (kept in replay_steps.csv)
+                host_step = served
+                calibrated_profile(Path(a.base_profile), cm_name, raw, prof_path, pad, host_step)
+            log(f"loop host time per step, served ({a.host_calib_s:.0f} s, {a.host_calib_policy} at "
+                f"{max(a.rates)}/s, seed {a.seed + 1}): {served}")
         log(f"calibrated profile: {len(raw)} step shapes -> {prof_path}")
         if a.profile is None:
             a.profile = f"calibrated,committed={a.base_profile}"
@@ -712,18 +761,8 @@ def main():
             atomic_write_json(out / "env.json", info)
         sched = scheduler_for(pol, nb, bt, a.max_batched_tokens, a.max_seqs, shape.max_context_tokens,
                               ex.external_tokens)
-        sessions = trace_sessions(traces[rate])
         t_run = time.perf_counter()
-        was = gc.isenabled()
-        gc.collect()
-        gc.freeze()
-        gc.disable()    # a full collection inside a step would stall it by tens of ms (results/gpu/README.md)
-        try:
-            res = serve_sessions(ex, sched, sessions, sleep=idle_sleep, stop_s=a.run_limit_s)
-        finally:
-            gc.unfreeze()
-            if was:
-                gc.enable()
+        res = serve_frozen(ex, sched, trace_sessions(traces[rate]), a.run_limit_s)
         turns, steps = turns_frame(res), steps_frame(res)
         # the run's time 0 on the wall clock, to line steps up with the GPU's clock and power log (smi.csv)
         epoch0 = time.time() - time.perf_counter() + res.t0

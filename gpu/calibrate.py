@@ -256,6 +256,42 @@ def host_step_from_steps(requests, loop_ms, edges=(1, 2, 4, 8, 16, 32, 64, 128, 
     return {"requests": xs, "ms": ys}
 
 
+def host_step_from_served(steps, edges=(1, 2, 4, 8, 16, 32, 64, 128, 256)) -> dict | None:
+    """The serving loop's host time per step as a served run spent it, reduced to `iteration.host_step_ms`
+    (pure function). `steps`: a served run's step records (`gpu.batched.StepRecord` columns `run`, `step`,
+    `start_s`, `run_ms`, `decodes`, `chunks`, `finished`; several runs may be stacked).
+
+    A step's host time is everything from its start to the next step's start except `ex.run` itself: the
+    schedule, the block tables, the update, finishing and saving turns, admitting arrivals. The CPU replay
+    `host_step_from_steps` reduces times only the scheduler and a stand-in executor on a warm cache; served
+    between GPU steps the same loop took 3-4x longer (runs 31-32: 0.46-0.48 ms a step at ~42 requests
+    against 0.12-0.14), with a heavy tail from the steps that finish and admit turns, so each bin gives the
+    mean (time adds up over a run, the median would drop the tail). Excluded: each run's last step (no next
+    start) and a step that emptied the batch (every scheduled request finished), after which the loop sleeps
+    until the next arrival. Per bin [edge, next edge) of scheduled requests with >= 3 steps: the median
+    requests and the mean time. None without such a bin."""
+    pairs = []
+    for _, g in steps.sort_values(["run", "step"]).groupby("run", sort=False):
+        req = (g.decodes + g.chunks.fillna("").astype(str).str.count(":")).to_numpy()
+        start = g.start_s.to_numpy()
+        run_ms = g.run_ms.to_numpy()
+        fin = g.finished.to_numpy()
+        for i in range(len(g) - 1):
+            if fin[i] >= req[i]:
+                continue
+            pairs.append((int(req[i]), (start[i + 1] - start[i]) * 1e3 - float(run_ms[i])))
+    xs, ys = [], []
+    for i, lo in enumerate(edges):
+        hi = edges[i + 1] if i + 1 < len(edges) else math.inf
+        got = [(r, m) for r, m in pairs if lo <= r < hi]
+        if len(got) >= 3:
+            xs.append(float(statistics.median(r for r, _ in got)))
+            ys.append(round(statistics.fmean(m for _, m in got), 4))
+    if not xs:
+        return None
+    return {"requests": xs, "ms": ys}
+
+
 def ssd_contention_fit(read_under_write: dict) -> dict:
     """Which contention model of `sim.costmodel.CONTENTION` the SSD follows, from the samples of
     `gpu.bench.ssd_read_under_write`: each model predicts the read under the write from the median

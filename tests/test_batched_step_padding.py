@@ -215,3 +215,22 @@ def test_a_run_folders_table_is_read_plain_or_gzipped(tmp_path):
     assert pd.read_csv(csv_path(tmp_path, "steps.csv")).ms.tolist() == [1.5]
     (tmp_path / "steps.csv").write_text("step,ms\n0,2.5\n")
     assert csv_path(tmp_path, "steps.csv") == tmp_path / "steps.csv"  # a fresh plain table wins
+
+
+def test_the_served_host_time_is_the_mean_gap_per_bin_skipping_idle_waits_and_each_runs_last_step():
+    import pandas as pd
+    from gpu.calibrate import host_step_from_served
+    # run "a": steps start at 0, 10, 20.5, 31, 50 ms and run for 9.9, 10.2, 10.0, 9.0, 9.0 ms; step 3 finished
+    # both its requests (the loop then slept to the next arrival): its 19 ms gap is no host time
+    a = pd.DataFrame(dict(run="a", step=[0, 1, 2, 3, 4], start_s=[0.0, 0.010, 0.0205, 0.031, 0.050],
+                          run_ms=[9.9, 10.2, 10.0, 9.0, 9.0], decodes=[1, 1, 2, 1, 1],
+                          chunks=["", "", "", "8:0", ""], finished=[0, 0, 0, 2, 1]))
+    # run "b" stacked after it (its start times restart at 0): steps 0-2 give 0.5, 0.8 and 0.2 ms at 1 request
+    b = pd.DataFrame(dict(run="b", step=[0, 1, 2, 3], start_s=[0.0, 0.0105, 0.0213, 0.0315],
+                          run_ms=[10.0, 10.0, 10.0, 10.0], decodes=[1, 1, 1, 1], chunks=[""] * 4,
+                          finished=[0, 0, 0, 1]))
+    got = host_step_from_served(pd.concat([a, b], ignore_index=True))
+    # [1, 2): a0 0.1, a1 0.3, b0 0.5, b1 0.8, b2 0.2 -> mean 0.38; [2, 4): a2 0.5 alone, fewer than 3: dropped
+    assert got["requests"] == [1.0]
+    assert got["ms"] == [0.38]
+    assert host_step_from_served(b.iloc[:2]) is None
