@@ -242,10 +242,13 @@ def calibration_specs(a, capacity_tokens: int, max_pos: int) -> list[dict]:
             <= 0.95 * capacity_tokens and max(r["context_tokens"], r["new_tokens"] + r["history_tokens"]) < max_pos]
 
 
-def time_step(ex, plan, reqs, reps: int, align=None):
+def time_step(ex, plan, reqs, reps: int, align=None, idle_ratio: float = 0.0):
     """Run one synthetic step `reps` + 1 times (the first a warm-up), each from the same token state:
     (wall ms, GPU ms) of the timed runs and the last run's result. `align`: called before each run (a
-    tensor-parallel call's ranks start each sample together)."""
+    tensor-parallel call's ranks start each sample together). `idle_ratio`: after each run the GPU idles
+    that many times its wall time (`gpu.bench.time_cuda_ms`'s reason: back-to-back samples of large steps
+    run power-capped, at a lower SM clock than served steps; run 31's log: 1,862-1,949 MHz calibrating,
+    1,965-1,980 serving)."""
     walls, gpus = [], []
     for i in range(reps + 1):
         for r, toks in reqs:
@@ -258,6 +261,8 @@ def time_step(ex, plan, reqs, reps: int, align=None):
         if i:
             walls.append(w)
             gpus.append(out.gpu_ms)
+        if idle_ratio > 0:
+            time.sleep(idle_ratio * w / 1e3)
     for r, _ in reqs:
         ex.tokens.pop(r, None)
     return walls, gpus, out
@@ -276,7 +281,7 @@ def calibrate_iteration(ex, model, a, bt, num_blocks, align=None) -> pd.DataFram
         for spec in calibration_specs(a, num_blocks * bt, model.rope_cos.shape[0]):
             plan, reqs = synthetic_plan((spec["batch"], spec["context_tokens"], spec["new_tokens"],
                                          spec["history_tokens"]), bt, num_blocks, model.shape.vocab, rng)
-            walls, gpus, out = time_step(ex, plan, reqs, a.calib_reps, align)
+            walls, gpus, out = time_step(ex, plan, reqs, a.calib_reps, align, a.calib_idle_ratio)
             rows.append(dict(spec, ms=float(np.median(walls)), gpu_ms=float(np.median(gpus)),
                              min_ms=float(np.min(walls)), reps=len(walls), key=_key_str(out.key)))
             log(f"calibration {spec['kind']:6s} B={spec['batch']:<4d} ctx={spec['context_tokens']:<5d} "
@@ -303,6 +308,12 @@ def slice_args(ap) -> None:
     ap.add_argument("--max-session-tokens", type=int, default=4000)
     ap.add_argument("--think-mean-s", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+
+
+def calib_idle_arg(ap) -> None:
+    """--calib-idle-ratio (`time_step`'s idle_ratio), the same for the TP validation."""
+    ap.add_argument("--calib-idle-ratio", type=float, default=0.0,
+                    help="after each calibration sample the GPU idles this many times the sample's time (time_step)")
 
 
 def idle_sleep(dt_s: float) -> None:
@@ -434,7 +445,7 @@ def calibrate_shapes(ex, model, a, bt, num_blocks, todo, budget_s, align=None, a
                 ex.static.chunk_shapes.add(tuple(key))
             ex.static.capture([tuple(key)], collect=False)
             plan, reqs = synthetic_step(ctxs, chunks, bt, num_blocks, model.shape.vocab, rng)
-            walls, gpus, out = time_step(ex, plan, reqs, a.shape_reps, align)
+            walls, gpus, out = time_step(ex, plan, reqs, a.shape_reps, align, a.calib_idle_ratio)
             if out.key != tuple(key):
                 log(f"shape calibration: {key} ran as {out.key}, dropped")
                 if ex.static.chunk_shapes is not None:
@@ -579,6 +590,7 @@ def main():
                                              "1024x0x32x1024,2048x0x64x512,128x4096x48x768",
                     help="chunk x cached x decodes x ctx, comma-separated")
     ap.add_argument("--calib-reps", type=int, default=3)
+    calib_idle_arg(ap)
     ap.add_argument("--replay-profile", default=None,
                     help="the profile whose clock the first replay of the runs' traces runs on (the shapes to "
                          "time; default: --model's in PROFILES); '' for no replay (no shape calibration)")

@@ -410,6 +410,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib-mixed", default="64x2048x16x512,512x1024x4x2048,1024x0x16x1024",
                     help="chunk x cached x decodes x ctx, comma-separated")
     ap.add_argument("--calib-reps", type=int, default=3)
+    gbv.calib_idle_arg(ap)
     ap.add_argument("--shape-calib-s", type=float, default=100.0,
                     help="time for the first replay's shapes (less where the runs would not fit the budget)")
     ap.add_argument("--shape-calib2-s", type=float, default=25.0, help="time for the shapes the second replay adds")

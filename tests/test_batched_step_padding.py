@@ -234,3 +234,19 @@ def test_the_served_host_time_is_the_mean_gap_per_bin_skipping_idle_waits_and_ea
     assert got["requests"] == [1.0]
     assert got["ms"] == [0.38]
     assert host_step_from_served(b.iloc[:2]) is None
+
+
+def test_a_calibration_sample_is_followed_by_idle_time_in_proportion_to_its_wall_time(monkeypatch):
+    from types import SimpleNamespace
+    gbv = bench_module()
+    ticks = iter([0.0, 0.004, 1.0, 1.010, 2.0, 2.006])   # runs of 4, 10 and 6 ms on the host clock
+    slept = []
+    monkeypatch.setattr(gbv, "time", SimpleNamespace(perf_counter=lambda: next(ticks), sleep=slept.append))
+    ex = SimpleNamespace(tokens={}, run=lambda plan: SimpleNamespace(gpu_ms=1.0))
+    walls, gpus, _ = gbv.time_step(ex, plan=None, reqs=[("r", [1, 2])], reps=2, idle_ratio=1.5)
+    assert walls == pytest.approx([10.0, 6.0])            # the first run is the warm-up
+    assert slept == pytest.approx([0.006, 0.015, 0.009])  # 1.5 x each run's wall time, the warm-up's too
+    ticks = iter([0.0, 0.004, 1.0, 1.010])
+    slept.clear()
+    gbv.time_step(ex, plan=None, reqs=[], reps=1)
+    assert slept == []
