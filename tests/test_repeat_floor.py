@@ -26,3 +26,21 @@ def test_the_twin_runs_ttft_spread_averages_both_directions_and_a_run_that_loade
     assert r["ttft_mean_diff"] == pytest.approx((0.145 - 0.15) / 0.15)
     assert r["throughput_diff"] == pytest.approx(0.0)   # same tokens, same makespan
     assert r["turns"] == 2
+
+
+def test_two_calls_runs_are_matched_by_name_and_count_their_turns_preemptions():
+    a = _turns("hbm_r8", [0.10, 0.20], [0.02, 0.02]).assign(preemptions=[1, 0])
+    b = pd.concat([_turns("hbm_r8", [0.12, 0.20], [0.02, 0.02]).assign(preemptions=[2, 1]),
+                   _turns("recompute_r8", [0.1, 0.1], [0.02, 0.02]).assign(preemptions=0)])
+    (r,) = rf.across_pairs(a, b)   # recompute_r8 ran in one call only
+    assert r["run"] == "hbm_r8"
+    assert r["preemptions"] == (1, 3)
+    assert r["ttft_mape"] == pytest.approx((0.2 / 2 + (0.02 / 0.12) / 2) / 2)
+
+
+def test_calls_that_served_other_sessions_are_refused_naming_the_file(tmp_path):
+    for name, sid in (("a", "s1"), ("b", "s2")):
+        (tmp_path / name).mkdir()
+        pd.DataFrame(dict(session_id=[sid], turn=[0])).to_csv(tmp_path / name / "traces.csv", index=False)
+    with pytest.raises(SystemExit, match=r"b/traces.csv: not the sessions of .*a/traces.csv"):
+        rf.across_table(tmp_path / "a", tmp_path / "b")
