@@ -65,7 +65,7 @@ def across_table(fa, fb) -> str:
     if not ta.equals(tb):
         raise SystemExit(f"{fb / 'traces.csv'}: not the sessions of {fa / 'traces.csv'}: --across compares one trace "
                          f"served twice")
-    lines = [f"| run | turns | TTFT MAPE | TPOT MAPE | mean TTFT diff | p99 TTFT diff | throughput diff | preempted turns "
+    lines = [f"| run | turns | TTFT MAPE | TPOT MAPE | mean TTFT diff | p99 TTFT diff | throughput diff | preemptions in turn records "
              f"({fa.name} / {fb.name}) |", "|---|---|---|---|---|---|---|---|"]
     for r in across_pairs(pd.read_csv(csv_path(fa, "turns.csv")), pd.read_csv(csv_path(fb, "turns.csv"))):
         lines.append(f"| {r['run']} | {r['turns']} | {100 * r['ttft_mape']:.1f}% | {100 * r['tpot_mape']:.1f}% | "
