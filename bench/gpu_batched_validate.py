@@ -310,6 +310,17 @@ def slice_args(ap) -> None:
     ap.add_argument("--seed", type=int, default=0)
 
 
+def host_calib_args(ap) -> None:
+    """The served host-time run's options (`host_calibration`), the same for the TP validation."""
+    ap.add_argument("--host-calib-s", type=float, default=0.0,
+                    help="seconds of a served run (other sessions: --seed + 1, the top rate) whose steps give the "
+                         "profile's loop host time per step (0: the CPU replay's; see host_calibration)")
+    ap.add_argument("--host-calib-warmup-s", type=float, default=2.0,
+                    help="seconds served and discarded before the --host-calib-s run (one-time host costs)")
+    ap.add_argument("--host-calib-policy", default="hbm", choices=("recompute", "hbm", "dram"),
+                    help="the policy of the --host-calib-s run")
+
+
 def calib_idle_arg(ap) -> None:
     """--calib-idle-ratio (`time_step`'s idle_ratio), the same for the TP validation."""
     ap.add_argument("--calib-idle-ratio", type=float, default=0.0,
@@ -516,15 +527,16 @@ def calibrated_profile(base: Path, model_name: str, raw: pd.DataFrame, out: Path
 
 # ---- stage 3: runs --------------------------------------------------------------------------------------
 
-def serve_frozen(ex, sched, sessions, stop_s: float):
+def serve_frozen(ex, sched, sessions, stop_s: float, clock=None):
     """`serve_sessions` with the collector frozen and off: a full collection inside a step would stall it
-    by tens of ms (results/gpu/README.md)."""
+    by tens of ms (results/gpu/README.md). `clock`: the loop's clock (tensor parallelism: rank 0's)."""
     was = gc.isenabled()
     gc.collect()
     gc.freeze()
     gc.disable()
     try:
-        return serve_sessions(ex, sched, sessions, sleep=idle_sleep, stop_s=stop_s)
+        kw = {} if clock is None else {"clock": clock}
+        return serve_sessions(ex, sched, sessions, sleep=idle_sleep, stop_s=stop_s, **kw)
     finally:
         gc.unfreeze()
         if was:
@@ -540,10 +552,11 @@ def host_calibration_trace(a, shape) -> pd.DataFrame | None:
     return slices(a, shape, seed=a.seed + 1, rates=[top])[top]
 
 
-def host_calibration(ex, a, shape, trace, bt, num_blocks, out: Path) -> dict | None:
+def host_calibration(ex, a, shape, trace, bt, num_blocks, out: Path | None, clock=None) -> dict | None:
     """The serving loop's host time per step as served (`gpu.calibrate.host_step_from_served`): one run of
     --host-calib-s seconds of `trace` (`host_calibration_trace`) with --host-calib-policy, before the
-    validation runs. None where it gave no bin of >= 3 steps."""
+    validation runs, its steps written to `out` (None: not written, a TP rank other than 0). None where it
+    gave no bin of >= 3 steps."""
     top = max(a.rates)
     ex.reset()
     ex.layerwise = True
@@ -553,13 +566,14 @@ def host_calibration(ex, a, shape, trace, bt, num_blocks, out: Path) -> dict | N
     if a.host_calib_warmup_s > 0:
         # one-time host costs (first finished turn, first admissions: run 33's calibration run spent 16 ms in
         # the loop around its first finish, 0.5 s in) are paid by a discarded warm-up on the same sessions
-        serve_frozen(ex, sched, trace_sessions(trace), a.host_calib_warmup_s)
+        serve_frozen(ex, sched, trace_sessions(trace), a.host_calib_warmup_s, clock)
         ex.reset()
         sched = scheduler_for(a.host_calib_policy, num_blocks, bt, a.max_batched_tokens, a.max_seqs,
                               shape.max_context_tokens, ex.external_tokens)
-    res = serve_frozen(ex, sched, trace_sessions(trace), a.host_calib_s)
+    res = serve_frozen(ex, sched, trace_sessions(trace), a.host_calib_s, clock)
     steps = steps_frame(res).assign(run="host_calibration", policy=a.host_calib_policy, rate=top)
-    write_csv(steps, out / "host_calib_steps.csv")
+    if out is not None:
+        write_csv(steps, out / "host_calib_steps.csv")
     ex.reset()
     return host_step_from_served(steps)
 
@@ -632,13 +646,7 @@ def main():
     ap.add_argument("--host-step-per-pool", action="store_true",
                     help="comparison: each run priced with the loop's host time reduced from the replay of the "
                          "runs on its number of KV blocks only (see pool_profiles)")
-    ap.add_argument("--host-calib-s", type=float, default=0.0,
-                    help="seconds of a served run (other sessions: --seed + 1, the top rate) whose steps give the "
-                         "profile's loop host time per step (0: the CPU replay's; see host_calibration)")
-    ap.add_argument("--host-calib-warmup-s", type=float, default=2.0,
-                    help="seconds served and discarded before the --host-calib-s run (one-time host costs)")
-    ap.add_argument("--host-calib-policy", default="hbm", choices=("recompute", "hbm", "dram"),
-                    help="the policy of the --host-calib-s run")
+    host_calib_args(ap)
     ap.add_argument("--run-limit-s", type=float, default=35.0, help="a run stops at this time on its clock")
     ap.add_argument("--budget-s", type=float, default=290.0, help="no run starts after this wall time")
     a = ap.parse_args()

@@ -319,6 +319,21 @@ def run_call(c: Ctx, a, cuda: bool, dev, dtype, syncs: dict) -> None:   # noqa: 
         stage_done(label, t)
     if rank == 0:
         c.log(f"loop host time per step: {host_step}")
+    # the loop's host time as served (gbv.host_calibration, on rank 0's clock like the runs), where the runs'
+    # time is kept
+    calib_trace = gbv.host_calibration_trace(a, shape)
+    calib_s = a.host_calib_s + a.host_calib_warmup_s + run_s - a.run_limit_s
+    if calib_trace is not None and c.agree(c.left_s() - len(runs) * run_s - a.compare_s > calib_s):
+        t = time.time()
+        served = gbv.host_calibration(ex, a, shape, calib_trace, bt, num_blocks, out if rank == 0 else None,
+                                      clock=sync.clock)
+        if rank == 0:
+            if served is not None:
+                host_step = served
+                gbv.calibrated_profile(Path(a.base_profile), cm_name, raw_all, prof_path, pad, host_step)
+            c.log(f"loop host time per step, served ({a.host_calib_s:.0f} s, {a.host_calib_policy} at "
+                  f"{max(a.rates)}/s, seed {a.seed + 1}): {served}")
+        stage_done("host calibration", t)
 
     # decode graphs ahead (the likeliest first) while the runs' time is kept
     t = time.time()
@@ -411,6 +426,7 @@ def parser() -> argparse.ArgumentParser:
                     help="chunk x cached x decodes x ctx, comma-separated")
     ap.add_argument("--calib-reps", type=int, default=3)
     gbv.calib_idle_arg(ap)
+    gbv.host_calib_args(ap)
     ap.add_argument("--shape-calib-s", type=float, default=100.0,
                     help="time for the first replay's shapes (less where the runs would not fit the budget)")
     ap.add_argument("--shape-calib2-s", type=float, default=25.0, help="time for the shapes the second replay adds")
@@ -456,6 +472,7 @@ def main(argv=None) -> None:
         a.rates, a.think_mean_s, a.window_s, a.output_cap, a.max_session_tokens, a.max_turns = [4.0, 8.0], 0.02, 0.5, 6, 120, 2
         a.calib_decode_batch, a.calib_decode_ctx, a.calib_chunk_new, a.calib_chunk_hist = "1,4", "8,32", "8,24", "0,16"
         a.calib_mixed, a.calib_reps, a.shape_reps, a.run_limit_s, a.max_batched_tokens = "8x0x2x16", 1, 1, 3.0, 64
+        a.host_calib_s = a.host_calib_s or 2.0
         a.shape_calib_s, a.shape_calib2_s, a.graph_capture_s, a.run_slack_s, a.compare_s = 20.0, 5.0, 2.0, 3.0, 20.0
     # every rank inherits these: multicast off (checked by start_rank), one string hash in every process
     os.environ.update(NO_MULTICAST_ENV)
