@@ -64,6 +64,9 @@ if [ "$what" = batched ] || [ "$what" = all ]; then
   }
   compare $G/run25_batched_shapes_all calibrated=$G/run25_batched_shapes_all/profile_calibrated.yaml,run24=$G/run24_batched_shapes_fix/profile_calibrated.yaml
   compare $G/run26_batched_top8 calibrated=$G/run26_batched_top8/profile_calibrated.yaml,run25=$G/run25_batched_shapes_all/profile_calibrated.yaml
+  compare $G/run31_batched_ssd_fresh calibrated=$G/run31_batched_ssd_fresh/profile_calibrated.yaml,run26=$G/run26_batched_top8/profile_calibrated.yaml
+  compare $G/run32_batched_llama2_7b calibrated=$G/run32_batched_llama2_7b/profile_calibrated.yaml,committed=$G/run12_copy_overhead/profile.yaml
+  compare $G/run33_batched_host_calib calibrated=$G/run33_batched_host_calib/profile_calibrated.yaml,run31=$G/run31_batched_ssd_fresh/profile_calibrated.yaml
   python bench/gpu_tp_batched_validate.py --compare $G/run29_tp4_batched_h200 --out $G/run29_tp4_batched_h200 >/dev/null
   python bench/gpu_batched_step_decomp.py $G/run29_tp4_batched_h200 >/dev/null
   echo "compared $G/run29_tp4_batched_h200"
