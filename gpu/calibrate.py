@@ -243,14 +243,20 @@ def host_step_from_steps(requests, loop_ms, edges=(1, 2, 4, 8, 16, 32, 64, 128, 
     device's own host, `gpu.batched_validate.simulate_sessions`) over the step's scheduled requests,
     reduced to the profile's `iteration.host_step_ms` (pure function): per bin [edge, next edge) of
     requests with >= 3 steps, the median requests and the median time. None without such a bin."""
-    pairs = sorted(zip((int(r) for r in requests), (float(m) for m in loop_ms)))
+    return _binned(zip((int(r) for r in requests), (float(m) for m in loop_ms)), statistics.median, edges)
+
+
+def _binned(pairs, reduce, edges) -> dict | None:
+    """(requests, ms) pairs per bin [edge, next edge) with >= 3 of them: the median requests and `reduce` of
+    the times (4 decimals), as `iteration.host_step_ms`; None without such a bin."""
+    pairs = sorted(pairs)
     xs, ys = [], []
     for i, lo in enumerate(edges):
         hi = edges[i + 1] if i + 1 < len(edges) else math.inf
         got = [(r, m) for r, m in pairs if lo <= r < hi]
         if len(got) >= 3:
             xs.append(float(statistics.median(r for r, _ in got)))
-            ys.append(round(statistics.median(m for _, m in got), 4))
+            ys.append(round(reduce(m for _, m in got), 4))
     if not xs:
         return None
     return {"requests": xs, "ms": ys}
@@ -280,16 +286,7 @@ def host_step_from_served(steps, edges=(1, 2, 4, 8, 16, 32, 64, 128, 256)) -> di
             if fin[i] >= req[i]:
                 continue
             pairs.append((int(req[i]), (start[i + 1] - start[i]) * 1e3 - float(run_ms[i])))
-    xs, ys = [], []
-    for i, lo in enumerate(edges):
-        hi = edges[i + 1] if i + 1 < len(edges) else math.inf
-        got = [(r, m) for r, m in pairs if lo <= r < hi]
-        if len(got) >= 3:
-            xs.append(float(statistics.median(r for r, _ in got)))
-            ys.append(round(statistics.fmean(m for _, m in got), 4))
-    if not xs:
-        return None
-    return {"requests": xs, "ms": ys}
+    return _binned(pairs, statistics.fmean, edges)
 
 
 def ssd_contention_fit(read_under_write: dict) -> dict:
