@@ -1138,13 +1138,14 @@ class RooflineCost(CostModel):
         fixed = self._span_fixed.get(batch)
         if fixed is None:
             return CostModel.decode_span(self, batch, context_tokens, kmax, budget_s)
+        f0, f1, _ = fixed
         af, aF, kv, kvBW, L = self._span_consts
         c, m = af * context_tokens / aF, kv * context_tokens / kvBW
-        a = fixed[0] + L * (L * (c if c > m else m) / L) + fixed[1]
+        a = f0 + L * (L * (c if c > m else m) / L) + f1
         if kmax > 1:
             x = context_tokens + batch * (kmax - 1)
             c, m = af * x / aF, kv * x / kvBW
-            d = (fixed[0] + L * (L * (c if c > m else m) / L) + fixed[1] - a) / (kmax - 1)
+            d = (f0 + L * (L * (c if c > m else m) / L) + f1 - a) / (kmax - 1)
         else:
             d = 0.0
         piece = kmax * a + d * kmax * (kmax - 1) * 0.5

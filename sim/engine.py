@@ -421,6 +421,7 @@ class ChunkedReplica:
                              pol.truncation == "decoupled_pe", self._lookahead_keys)
         # turns become jobs (truncation to the window, the session's context) as under prefill-first
         self.turns = PrefillFirstScheduler(cfg, shape, workload, self.store)
+        self.ra_factor = self.turns.ra_factor
         num_blocks = int((cost.hbm_kv_bytes - read_buffer) // (bt * self.kv_tok))
         if num_blocks < 1:
             raise KvsimError(f"{cfg.source}: gpu: no HBM is left for one KV block after the weights; expected a "
@@ -556,11 +557,16 @@ class ChunkedReplica:
         waiting = sched.waiting
         max_seqs = sched.cfg.max_num_seqs
         held = self.held
+        heappop = heapq.heappop
         # bound once: the loop runs a few times per turn
         run_limit, apply_decodes, decode_span = sched.decode_run_limit, sched.apply_decodes, cost.decode_span
+        schedule, update, iteration_s = sched.schedule, sched.update, cost.iteration_s
         free_finished, finish = sched.free_finished, self._finish
+        buffer_layers, layerwise, prefetch = self.buffer_layers, self.layerwise, self.prefetch
+        entered_window = self.entered_window
         # the ITL histogram's span buffers (`Recorder.decode_span` without a stall pending, inline)
         span_counts, span_times = rec.span_counts, rec.span_times
+        ttft_s = rec.ttft_s
         pool, hbm_block = sched.pool, self.block_tokens * self.kv_tok
         inf = math.inf
         now = env.now
@@ -568,7 +574,7 @@ class ChunkedReplica:
             if pending and pending[0][0] <= now:
                 deliver_due(now)
             while held and held[0][0] <= now:  # their saves have read them
-                free_finished(heapq.heappop(held)[2])
+                free_finished(heappop(held)[2])
             running = sched.running
             if running or waiting:
                 began = now
@@ -590,17 +596,34 @@ class ChunkedReplica:
                     now = now + dt
                     finished = apply_decodes(k)
                 else:
-                    plan = sched.schedule()
+                    plan = schedule()
                     if not plan.entries and not sched.running:
                         if held:  # nothing runs until a save frees its blocks
-                            sched.update(plan)
+                            update(plan)
                             now = held[0][0]
                             continue
                         self._never_fits()
-                    dt = self._step(plan, now)
-                    if self.prefetch:
-                        self._fetch_window(plan, now)
+                    # price the step (before `update`: each chunk's cached context is the request's computed
+                    # tokens so far) and record its admissions: `_step`, inline (once per turn)
                     B = plan.num_decodes
+                    start = now
+                    load_layer = 0.0
+                    if plan.admitted:
+                        load_layer, start = self._admit(plan, now)
+                    if plan.swapped_out or plan.swapped_in:
+                        start = self._swap(plan, start)
+                    if plan.chunks or load_layer:
+                        t = iteration_s(plan.chunks, B, plan.decode_context_tokens, load_layer, buffer_layers, layerwise)
+                        self.busy_prefill_s += t
+                    else:
+                        t = decode_span(B, plan.decode_context_tokens, 1)[0]
+                        self.busy_decode_s += t
+                    dt = start + t - now
+                    if prefetch:
+                        if waiting:
+                            self._fetch_window(plan, now)
+                        elif entered_window:  # every arrival since the last step was admitted: none to stage
+                            entered_window.clear()
                     if B:  # the decodes riding in this step wait for all of it
                         if rec.stalled:
                             rec.decode_span(B, 1, dt, 0.0)
@@ -608,9 +631,17 @@ class ChunkedReplica:
                             span_counts += (B, 1)
                             span_times += (dt, 0.0)
                     now = now + dt
-                    finished = sched.update(plan)
+                    finished = update(plan)
                     if sched.first_sampled:
-                        self._first_tokens(now, len(plan.entries))
+                        # requests whose prompt's last chunk ran in this step sampled their first token at
+                        # its end (`ChunkedScheduler.first_sampled`, after `update`); inline, once per turn
+                        size = len(plan.entries)
+                        for r in sched.first_sampled:
+                            i = r.id
+                            if ttft_s[i] != ttft_s[i]:
+                                ttft_s[i] = now - rec.arrival_s[i]
+                                rec.prefill_s[i] = now - rec.prefill_start_s[i]
+                                rec.batch_size[i] = size
                 if now >= rec.hbm_next_s:  # HBM's KV blocks: referenced by requests, and free ones still cached
                     rec.hbm.sample(now, (pool.num_blocks - pool.num_free) * hbm_block, pool.num_cached_free * hbm_block)
                     rec.hbm_next_s = rec.hbm.next_s
@@ -641,26 +672,7 @@ class ChunkedReplica:
             f"of {bt} tokens but HBM holds {self.sched.cfg.num_blocks} after the weights; expected a larger GPU, "
             f"more gpu.count or a smaller max_context_tokens")
 
-    # ---- one step with prefill work: chunks, decodes and the admitted requests' loads ----------
-    def _step(self, plan, now) -> float:
-        """Price a planned step (before `update`: each chunk's cached context is the request's
-        computed tokens so far); record admissions; return the time to the step's end."""
-        cost = self.cost
-        chunks, B, ctx = plan.chunks, plan.num_decodes, plan.decode_context_tokens
-        load_layer = 0.0
-        start = now
-        if plan.admitted:
-            load_layer, start = self._admit(plan, now)
-        if plan.swapped_out or plan.swapped_in:
-            start = self._swap(plan, start)
-        if chunks or load_layer:
-            t = cost.iteration_s(chunks, B, ctx, load_layer, self.buffer_layers, self.layerwise)
-            self.busy_prefill_s += t
-        else:
-            t = cost.decode_span(B, ctx, 1)[0]
-            self.busy_decode_s += t
-        return start + t - now
-
+    # ---- one step with prefill work: the admitted requests' loads, swap copies ------------------
     def _swap(self, plan, start) -> float:
         """Swap preemption's copies, before the step computes (vLLM V0 swaps in the worker before the
         forward pass): the victims' KV out over D2H, the resumed requests' KV back over H2D, each queued
@@ -679,8 +691,9 @@ class ChunkedReplica:
     def _admit(self, plan, now):
         """Record each request's first admission and price the external hits' loads: (load per layer,
         when the step can start: a DRAM copy still being written, the SSD's queue)."""
-        rec, store, cost, L = self.rec, self.store, self.cost, self.L
+        rec, L = self.rec, self.L
         jobs, ext = self.jobs, plan.external
+        admit_s = rec.admit_s
         load_layer = 0.0
         ready = now
         ssd_bytes = loaded = 0.0
@@ -689,10 +702,9 @@ class ChunkedReplica:
         for r, hit in plan.admitted.items():
             i = r.id
             job = jobs[i]
-            e = ext.get(r, 0)
-            first = rec.admit_s[i] != rec.admit_s[i]  # NaN: its first admission (else it resumes)
-            dram_b = ssd_b = 0.0
-            load_j = 0.0
+            e = ext.get(r, 0) if ext else 0
+            first = admit_s[i] != admit_s[i]  # NaN: its first admission (else it resumes)
+            dram_b = ssd_b = load_j = 0.0
             if e:
                 dram_b, ssd_b, dram_ready = self._external_bytes(job, hit, e)
                 if dram_ready > ready:
@@ -702,13 +714,13 @@ class ChunkedReplica:
                     ssd_loads.append((i if first else -1, dram_b / L, ssd_b / L))
                     ssd_bytes += ssd_b
                 else:
-                    load_j = cost.history_load_layer_s(dram_b / L)
+                    load_j = self.cost.history_load_layer_s(dram_b / L)
                     load_layer += load_j
             if not first:
                 continue
             firsts.append(i)
             rec.arrival_s[i] = job.arrival
-            rec.admit_s[i] = now
+            admit_s[i] = now
             rec.prefill_start_s[i] = now
             rec.load_s[i] = load_j * L
             rec.history_tokens[i] = job.hist
@@ -722,33 +734,37 @@ class ChunkedReplica:
             rec.hit_tier[i] = SSD if ssd_b else DRAM if dram_b else HBM if hit else MISS if job.keys else NONE
         start = ready
         if ssd_bytes:  # direct SSD reads queue behind whatever the SSD is already reading
-            start, slow = store.read_ssd_stage(ready, ssd_bytes)
+            start, slow = self.store.read_ssd_stage(ready, ssd_bytes)
             for i, dram_chunk, ssd_chunk in ssd_loads:
-                load_j = cost.history_load_layer_s(dram_chunk, ssd_chunk, slow)
+                load_j = self.cost.history_load_layer_s(dram_chunk, ssd_chunk, slow)
                 load_layer += load_j
                 if i >= 0:
                     rec.load_s[i] = load_j * L
         if loaded:
-            store.h2d.charge(loaded)
+            self.store.h2d.charge(loaded)
+        wait = start - now
         for i in firsts:
-            rec.fetch_wait_s[i] = start - now
+            rec.fetch_wait_s[i] = wait
         return load_layer, start
 
     def _external_bytes(self, job, hit: int, ext: int):
         """(DRAM bytes, SSD bytes, when the DRAM copy is ready) of the `ext` tokens after `hit`; with
         Round Attention, layers above the watershed load only the kept rounds (`ra_factor` of the bytes)."""
-        d, s, ready = self._external_bytes_all(job, hit, ext)
-        ra = self.turns.ra_factor
+        if job.blocks:
+            d, s, ready = self._block_bytes(job, hit, ext)
+        else:  # a session's history: one entry, in one tier
+            e = job.hit_entries[0]
+            if e.tier is self.store.dram:
+                d, s, ready = ext * self.kv_tok, 0.0, e.ready_at
+            else:
+                d, s, ready = 0.0, ext * self.kv_tok, 0.0
+        ra = self.ra_factor
         return (d * ra, s * ra, ready) if ra != 1.0 else (d, s, ready)
 
-    def _external_bytes_all(self, job, hit: int, ext: int):
+    def _block_bytes(self, job, hit: int, ext: int):
+        """`_external_bytes` of prefix blocks, before Round Attention's factor."""
         dram, kv = self.store.dram, self.kv_tok
         entries = job.hit_entries
-        if not job.blocks:
-            e = entries[0]
-            if e.tier is dram:
-                return ext * kv, 0.0, e.ready_at
-            return 0.0, ext * kv, 0.0
         dram_b = ssd_b = ready = 0.0
         # the store's entries are 512-token blocks: charge each the part of [hit, hit + ext) it holds
         for j in range(hit // BLOCK_TOKENS, -(-(hit + ext) // BLOCK_TOKENS)):
@@ -761,17 +777,6 @@ class ChunkedReplica:
             elif e.tier is not self.store.hbm:
                 ssd_b += (hi - lo) * kv
         return dram_b, ssd_b, ready
-
-    def _first_tokens(self, now, step_size: int) -> None:
-        """Requests whose prompt's last chunk ran in this step (of `step_size` requests) sampled their
-        first token at its end (`ChunkedScheduler.first_sampled`, after `update`)."""
-        rec = self.rec
-        for r in self.sched.first_sampled:
-            i = r.id
-            if rec.ttft_s[i] != rec.ttft_s[i]:
-                rec.ttft_s[i] = now - rec.arrival_s[i]
-                rec.prefill_s[i] = now - rec.prefill_start_s[i]
-                rec.batch_size[i] = step_size
 
     # ---- the end of a turn: save to the host (§3.3) ------------------------------------------
     def _finish(self, req, now) -> float:

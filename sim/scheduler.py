@@ -460,21 +460,16 @@ class ChunkedScheduler:
     def schedule(self) -> StepPlan:
         if self._planned is not None:
             raise RuntimeError("schedule() called twice without update()")
-        cfg, pool, bt = self.cfg, self.pool, self.cfg.block_tokens
-        budget = cfg.max_num_batched_tokens
+        pool, bt = self.pool, self._bt
+        budget = self._budget
         # the threshold keeps a long prefill from starving others: with no others it is off
-        threshold = cfg.long_prefill_token_threshold
+        threshold = self.cfg.long_prefill_token_threshold
         if threshold and len(self.running) + len(self.waiting) <= 1:
             threshold = 0
-        max_len = cfg.max_model_len
-        scheduled: list[tuple] = []  # the plan's entries: (request, new tokens, is decode)
+        max_len = self._max_len
         preempted: list[SeqRequest] = []
         running = self.running
-        caching = cfg.prefix_caching
-        lazy_tail = cfg.lazy_tail_keys
-
-        i = 0
-        append = scheduled.append
+        caching = self._caching
         num_decodes = decode_ctx = 0
         chunks = []
         dec = self._decoding
@@ -486,14 +481,18 @@ class ChunkedScheduler:
             # The general loop below would do the same, request by request.
             pool.allocate_decodes(running, 1, bt)
             self._all_decode = (B, dec)  # for `update`
-            scheduled = [(r, 1, True) for r in running]
-            append = scheduled.append
+            scheduled = [(r, 1, True) for r in running]  # the plan's entries: (request, new tokens, is decode)
             num_decodes = B
             decode_ctx = dec[0]
             budget -= B
             i = B
             if self._lazy:  # no block filled by the stretches lies outside its request's last chain
                 self._lazy = False
+        else:
+            scheduled = []
+            i = 0
+        append = scheduled.append
+        lazy_tail = self._lazy_tail
         while i < len(running) and budget > 0:
             req = running[i]
             computed = req.num_computed_tokens
@@ -560,7 +559,8 @@ class ChunkedScheduler:
         if not preempted:
             waiting = self.waiting
             watermark = self._watermark if running else 0
-            while budget > 0 and waiting and len(running) < cfg.max_num_seqs:
+            max_seqs = self.cfg.max_num_seqs
+            while budget > 0 and waiting and len(running) < max_seqs:
                 req = waiting[0]
                 total = req.prompt_tokens + req.num_output_tokens
                 hit_handle, hit_blocks, evictable = pool.lookup(req, (total - 1) // bt if caching else 0)
@@ -616,11 +616,11 @@ class ChunkedScheduler:
                 budget -= n
             # what stops the scan (no one waits, no seat, the head does not fit) stays true through
             # pure-decode steps: their allocations only shrink the free queue and the head's hit
-            if not waiting or len(running) >= cfg.max_num_seqs:
+            if not waiting or len(running) >= max_seqs:
                 self._blocked = True
 
         plan = StepPlan(scheduled, preempted, admitted, pool.num_free,
-                        cfg.max_num_batched_tokens - budget, external, self._swapped_out, swapped_in,
+                        self._budget - budget, external, self._swapped_out, swapped_in,
                         num_decodes, decode_ctx, chunks)
         if self._swapped_out:
             self._swapped_out = []
@@ -696,15 +696,19 @@ class ChunkedScheduler:
 
         Assumes the blocks a reply fills are not the prefix a waiting request looks up (the engine's
         keys: a session's next turn arrives after its reply ends)."""
+        if not self._blocked:  # a waiting request may start: the next step admits it
+            return 0
         running = self.running
         B = len(running)
-        if not B or self._planned is not None or not self._blocked or B > self._budget:
+        if not B or self._planned is not None or B > self._budget:
             return 0
         dec = self._decoding
-        if dec is None:
-            dec = self._decoding = self._scan_decodes()
         if not dec:
-            return 0
+            if dec is False:
+                return 0
+            dec = self._decoding = self._scan_decodes()
+            if not dec:
+                return 0
         ctx, k, _ = dec
         if kmax < k:
             k = kmax
@@ -771,29 +775,44 @@ class ChunkedScheduler:
         bt = self._bt
         if not self._counted:  # its blocks, step-major: the count below then finds none missing
             self.pool.allocate_decodes(running, k, bt)
-        total = 0  # blocks counted below (`RunPool.allocate_decodes`, inline)
-        dropped = self._dropped
-        dec = self._decoding
-        if dec and k < dec[1] and not dropped:
-            # none of them reaches its stop within the k steps (the kept state says when the first does):
-            # the loop below without its stops, and the kept state moves by k tokens each
-            for r in running:
-                before = r.num_computed_tokens
-                nb = -(-(before + k) // bt)
-                if nb > r.num_blocks:
-                    total += nb - r.num_blocks
-                    r.num_blocks = nb
-                r.num_computed_tokens = before + k
-                r.num_output_tokens += k
-            if total:
-                self.pool.allocate_counted(total)
-            self._lazy = self._caching
-            self._decoding = (dec[0] + len(running) * k, dec[1] - k, dec[2])
-            return []
-        finished = []
         # the blocks these steps fill take their keys lazily (`_release`, or before the next lookup):
         # the same keys in the same order, since no one looks up a reply's blocks while it is decoded
         self._lazy = self._caching
+        total = 0  # blocks counted below (`RunPool.allocate_decodes`, inline)
+        dropped = self._dropped
+        dec = self._decoding
+        if dec and not dropped:
+            # the kept state says who stops when (none recomputes dropped KV): each request gains k tokens
+            # and the blocks they need, and only at the first stop does anyone finish (the loop below,
+            # without its stops and recompute counts)
+            for r in running:
+                c = r.num_computed_tokens = r.num_computed_tokens + k
+                nb = -(-c // bt)
+                if nb > r.num_blocks:
+                    total += nb - r.num_blocks
+                    r.num_blocks = nb
+                r.num_output_tokens += k
+            if total:  # taken before any finished request frees its blocks, as the steps would
+                self.pool.allocate_counted(total)
+            if k < dec[1]:  # nobody stops: the kept state moves by k tokens each
+                self._decoding = (dec[0] + len(running) * k, dec[1] - k, dec[2])
+                return []
+            finished = []
+            ctx = 0
+            kmin = _NO_STOP
+            for r in running:
+                left = r.stop_output - r.num_output_tokens
+                if left <= 0:
+                    r.finished = True
+                    finished.append(r)
+                else:
+                    ctx += r.num_computed_tokens + 1
+                    if left < kmin:
+                        kmin = left
+            self._decoding = (ctx, kmin, dec[2])
+            self._end_running(running, finished)
+            return finished
+        finished = []
         # `_scan_decodes` over those that go on: they still decode (k came from `decode_run_limit`)
         ctx = 0
         kmin = _NO_STOP
@@ -825,12 +844,26 @@ class ChunkedScheduler:
             self.pool.allocate_counted(total)
         self._decoding = (ctx, kmin, dec[2]) if dec else None
         if finished:
-            for r in finished:
-                self._finished(r)
-            self.running = [r for r in running if not r.finished]
-            if self.waiting:
-                self._blocked = False
+            self._end_running(running, finished)
         return finished
+
+    def _end_running(self, running: list, finished: list) -> None:
+        """The finished requests (flagged, in running order) leave the running list, their blocks freed
+        or held (`_finished`, inline)."""
+        bt, hold, caching = self._bt, self._hold, self._caching
+        for r in finished:
+            if not hold:
+                self._release(r)
+            elif caching:  # held: keyed as a release would (a lookup may still hit them)
+                full = r.num_computed_tokens // bt
+                if full > r.num_cached_blocks:
+                    self.pool.cache(r, full)
+        if len(finished) == 1:
+            running.remove(finished[0])  # in place: nobody else holds the list
+        else:
+            self.running = [r for r in running if not r.finished]
+        if self.waiting:
+            self._blocked = False  # freed blocks and a free seat may let the queue's head in
 
     # ---- blocks --------------------------------------------------------------------------
     def _release(self, req: SeqRequest) -> None:
