@@ -635,7 +635,7 @@ class ChunkedReplica:
                     if sched.first_sampled:
                         # requests whose prompt's last chunk ran in this step sampled their first token at
                         # its end (`ChunkedScheduler.first_sampled`, after `update`); inline, once per turn
-                        size = len(plan.entries)
+                        size = plan.num_decodes + len(plan.chunks)  # each scheduled request decodes or runs a chunk
                         for r in sched.first_sampled:
                             i = r.id
                             if ttft_s[i] != ttft_s[i]:

@@ -306,15 +306,19 @@ class StepPlan:
     still the count before this step (its history for the chunk). (A slotted class, not a dataclass:
     one is built per simulated step.)"""
     __slots__ = ("entries", "_scheduled", "preempted", "admitted", "free_blocks", "num_scheduled_tokens",
-                 "external", "swapped_out", "swapped_in", "num_decodes", "decode_context_tokens", "chunks")
+                 "external", "swapped_out", "swapped_in", "num_decodes", "decode_context_tokens", "chunks",
+                 "decoded")
 
     def __init__(self, scheduled: list, preempted: list, admitted: dict, free_blocks: int,
                  num_scheduled_tokens: int = 0, external: dict | None = None, swapped_out: list | None = None,
                  swapped_in: dict | None = None, num_decodes: int = 0, decode_context_tokens: int = 0,
-                 chunks: list | None = None):
+                 chunks: list | None = None, decoded: list | None = None):
         # (request, new tokens, is decode) per scheduled request: running ones in queue order, then
         # admissions; `scheduled` gives them as `Scheduled`, built on first use (the engine reads these)
         self.entries = scheduled
+        # running requests whose decodes the scheduler planned at once (one token each, in queue order):
+        # their entries (request, 1, True) come before `entries` and are built only by `scheduled`
+        self.decoded = decoded
         self._scheduled = None  # built by `scheduled` on first use
         self.preempted = preempted  # in preemption order
         self.admitted = admitted  # SeqRequest -> prefix-cache hit tokens, in admission order
@@ -341,6 +345,8 @@ class StepPlan:
             s = self.entries
             if s and type(s[0]) is not Scheduled:  # the scheduler's plain tuples (a caller may give `Scheduled`)
                 s = [_new_tuple(Scheduled, e) for e in s]
+            if self.decoded:
+                s = [_new_tuple(Scheduled, (r, 1, True)) for r in self.decoded] + s
             self._scheduled = s
         return s
 
@@ -414,7 +420,7 @@ class ChunkedScheduler:
         self._lazy = False
         self._swap_used = 0  # tokens held in the swap space
         self._swapped_out: list = []  # this step's swap-outs, for its plan
-        # (B, `_decoding`) when the last `schedule` planned the B running requests' decodes at once
+        # `_decoding` when the last `schedule` planned the running requests' decodes at once (`StepPlan.decoded`)
         self._all_decode = None
         # the running requests' context tokens, as `decode_run_limit` last found them, and whether it
         # stopped the stretch short of a preemption (more free blocks would lengthen it)
@@ -480,8 +486,8 @@ class ChunkedScheduler:
             # one new block each, which the free queue holds; none keys a block here (`lazy_tail_keys`).
             # The general loop below would do the same, request by request.
             pool.allocate_decodes(running, 1, bt)
-            self._all_decode = (B, dec)  # for `update`
-            scheduled = [(r, 1, True) for r in running]  # the plan's entries: (request, new tokens, is decode)
+            self._all_decode = dec  # for `update`
+            decoded = running.copy()  # the plan's entries (r, 1, True), built only if someone asks
             num_decodes = B
             decode_ctx = dec[0]
             budget -= B
@@ -489,8 +495,9 @@ class ChunkedScheduler:
             if self._lazy:  # no block filled by the stretches lies outside its request's last chain
                 self._lazy = False
         else:
-            scheduled = []
+            decoded = None
             i = 0
+        scheduled = []  # the plan's entries after `decoded`: (request, new tokens, is decode)
         append = scheduled.append
         lazy_tail = self._lazy_tail
         while i < len(running) and budget > 0:
@@ -621,7 +628,7 @@ class ChunkedScheduler:
 
         plan = StepPlan(scheduled, preempted, admitted, pool.num_free,
                         self._budget - budget, external, self._swapped_out, swapped_in,
-                        num_decodes, decode_ctx, chunks)
+                        num_decodes, decode_ctx, chunks, decoded)
         if self._swapped_out:
             self._swapped_out = []
         self._planned = plan
@@ -642,17 +649,19 @@ class ChunkedScheduler:
         kmin = _NO_STOP
         tail = self._lazy_tail
         entries = plan.entries
-        if self._all_decode is not None:
-            B, dec = self._all_decode
+        dec = self._all_decode
+        if dec is not None:
             if dec[1] > 1 and not dropped:
                 # `schedule` planned the running requests' decodes at once (`_decoding` was kept for them):
                 # each computes its token and samples the next, none reaches its stop (nor its first token,
                 # nor recomputes dropped KV). The loop below would find the same, one by one.
-                for req in self.running[:B]:
+                for req in plan.decoded:
                     req.num_computed_tokens += 1
                     req.num_output_tokens += 1
-                ctx, kmin, tail, m = dec[0] + B, dec[1] - 1, dec[2], B
-                entries = entries[B:]
+                m = len(plan.decoded)
+                ctx, kmin, tail = dec[0] + m, dec[1] - 1, dec[2]
+            else:
+                entries = [(r, 1, True) for r in plan.decoded] + entries
         for req, n, _ in entries:
             before = req.num_computed_tokens
             c = req.num_computed_tokens = before + n
