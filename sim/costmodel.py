@@ -969,6 +969,16 @@ class RooflineCost(CostModel):
         self._linear_decode = efficiency is not None and not self._slide and not self._masked_decode
         self._span_fixed = self._decode_fixed if self._linear_decode else {}
         self._span_consts = (self._attn_flops, self._attn_F, self._kv_tok, self._kv_BW, L) if self._linear_decode else None
+        # the attention term is max(compute, KV read), each the context times a slope, rounded twice (within
+        # 3e-16 of the exact product): where the two slopes differ by far more than that, one side wins at
+        # every context, and `decode_span` computes only that side, the same float bit for bit
+        self._span_side = None
+        if self._linear_decode:
+            att, kvr = self._attn_flops / self._attn_F, self._kv_tok / self._kv_BW
+            if kvr > att * (1.0 + 1e-9):
+                self._span_side = (self._kv_tok, self._kv_BW, L)
+            elif att > kvr * (1.0 + 1e-9):
+                self._span_side = (self._attn_flops, self._attn_F, L)
 
     def comm_layer_s(self, tokens: float) -> float:
         """Tensor-parallel communication of one layer over `tokens` tokens: its two all-reduces."""
@@ -1139,15 +1149,24 @@ class RooflineCost(CostModel):
         if fixed is None:
             return CostModel.decode_span(self, batch, context_tokens, kmax, budget_s)
         f0, f1, _ = fixed
-        af, aF, kv, kvBW, L = self._span_consts
-        c, m = af * context_tokens / aF, kv * context_tokens / kvBW
-        a = f0 + L * (L * (c if c > m else m) / L) + f1
-        if kmax > 1:
-            x = context_tokens + batch * (kmax - 1)
-            c, m = af * x / aF, kv * x / kvBW
-            d = (f0 + L * (L * (c if c > m else m) / L) + f1 - a) / (kmax - 1)
+        side = self._span_side
+        if side is not None:  # only the side of the attention term's max that wins at every context
+            num, den, L = side
+            a = f0 + L * (L * (num * context_tokens / den) / L) + f1
+            if kmax > 1:
+                d = (f0 + L * (L * (num * (context_tokens + batch * (kmax - 1)) / den) / L) + f1 - a) / (kmax - 1)
+            else:
+                d = 0.0
         else:
-            d = 0.0
+            af, aF, kv, kvBW, L = self._span_consts
+            c, m = af * context_tokens / aF, kv * context_tokens / kvBW
+            a = f0 + L * (L * (c if c > m else m) / L) + f1
+            if kmax > 1:
+                x = context_tokens + batch * (kmax - 1)
+                c, m = af * x / aF, kv * x / kvBW
+                d = (f0 + L * (L * (c if c > m else m) / L) + f1 - a) / (kmax - 1)
+            else:
+                d = 0.0
         piece = kmax * a + d * kmax * (kmax - 1) * 0.5
         if budget_s < piece:
             return _cut_piece(a, d, kmax, budget_s)
@@ -1274,7 +1293,7 @@ class ExpertParallelCost(RooflineCost):
         self._alltoall = alltoall
         self._gpu_F, self._gpu_BW = peak_flops, hbm_bw_gbps * GB  # one GPU's peaks: the busiest GPU's time
         # the TP step's inline closed forms do not price this step (decode_step_s and decode_span are below)
-        self._linear_decode, self._span_fixed, self._span_consts = False, {}, None
+        self._linear_decode, self._span_fixed, self._span_consts, self._span_side = False, {}, None, None
         if efficiency is not None:
             # a GPU runs its tokens' whole non-expert layer: the TP shard's activations at one GPU
             self._ep_gemm_act_tok = gemm_act_bytes_per_token(s, 1)
