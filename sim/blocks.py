@@ -233,6 +233,14 @@ class ExactPool:
         req.num_blocks += n
         self._note_peak()
 
+    def admit(self, req, hit, blocks: int, num_full: int) -> None:
+        """A waiting request's admission: take its hit (`touch`), allocate up to `blocks` blocks in all,
+        and key the first `num_full` (`cache`; 0 with prefix caching off)."""
+        self.touch(req, hit)
+        if blocks > req.num_blocks:
+            self.allocate(req, blocks - req.num_blocks)
+        self.cache(req, num_full)
+
     def _note_peak(self) -> None:
         held = self.num_blocks - self.num_keyless_free
         if held > self.peak_held:
@@ -524,6 +532,23 @@ class RunPool:
     def allocate(self, req, n: int) -> None:
         self._pop(n)
         req.num_blocks += n  # its keyless tail grows (a count: `req.blocks` holds its keyed runs)
+
+    def admit(self, req, hit, blocks: int, num_full: int) -> None:
+        """A waiting request's admission: take its hit (`touch`), allocate up to `blocks` blocks in all,
+        and key the first `num_full` (`cache`; 0 with prefix caching off). One call for the three on the
+        scheduler's hot path, `touch` of a one-run hit inline."""
+        if type(hit) is tuple:
+            r, p, end = hit
+            req.num_blocks = req.num_cached_blocks = end - p
+            req.blocks = [self._take(r, p, end, req)]
+        else:
+            self.touch(req, hit)
+        need = blocks - req.num_blocks
+        if need > 0:
+            self._pop(need)
+            req.num_blocks = blocks
+        if num_full > req.num_cached_blocks:
+            self.cache(req, num_full)
 
     # n blocks for requests whose keyless tails the caller has grown itself (the scheduler's decode
     # stretch counts them in its own loop: `allocate_decodes` without the loop)

@@ -752,9 +752,18 @@ class CostModel(ABC):
         heads = len(chunks) + batch
         head = self.decode_head_s(heads) if heads else 0.0
         # `prefill_iteration` without communication, and `IterationCost.total_s`
-        if load_layer_s > 0.0 and layerwise:
-            layer += self.layer_gate_s
-        return preload_pipeline_s(self.shape.layers, load_layer_s, layer, buffer_layers, layerwise) + head + self.host_turn_s
+        L = self.shape.layers
+        # `preload_pipeline_s`, inline (once per step with prefill work)
+        if load_layer_s <= 0.0:
+            t = L * layer
+        else:
+            if layerwise:
+                layer += self.layer_gate_s
+            if not layerwise or buffer_layers < 2:
+                t = L * (load_layer_s + layer)
+            else:
+                t = load_layer_s + layer + (L - 1) * (load_layer_s if load_layer_s >= layer else layer)
+        return t + head + self.host_turn_s
 
     def after_prefill_s(self, prefill_s: float) -> float:
         """The measured extra time of each of the first `decode_after_prefill_steps` decode steps after a

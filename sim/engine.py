@@ -578,7 +578,7 @@ class ChunkedReplica:
             running = sched.running
             if running or waiting:
                 began = now
-                k = run_limit(_NO_LIMIT)
+                k = run_limit(_NO_LIMIT) if sched.blocked else 0  # not blocked: the next step may admit
                 if k:
                     B = len(running)
                     # cut where an arrival could start at once (`source.next_arrival_s()`, inline)

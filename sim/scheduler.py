@@ -414,8 +414,9 @@ class ChunkedScheduler:
         # preempted request -> tokens it had computed: those it computes again are recompute
         self._dropped: dict[SeqRequest, int] = {}
         # the last step found the waiting queue empty or its head unable to start, and nothing has
-        # changed that since (no finish, no preemption, no arrival at an empty queue)
-        self._blocked = False
+        # changed that since (no finish, no preemption, no arrival at an empty queue). While it is False,
+        # `decode_run_limit` is 0: a caller may read it to skip the call
+        self.blocked = False
         # pure-decode stretches have filled blocks not yet given their keys (`apply_decodes`)
         self._lazy = False
         self._swap_used = 0  # tokens held in the swap space
@@ -459,7 +460,7 @@ class ChunkedScheduler:
         req.stop_output = req.max_tokens if m is None or req.max_tokens < m - req.prompt_tokens \
             else m - req.prompt_tokens
         if not self.waiting:
-            self._blocked = False  # a new head of the queue: it may start at once
+            self.blocked = False  # a new head of the queue: it may start at once
         self.waiting.append(req)
 
     # ---- one step ------------------------------------------------------------------------
@@ -554,7 +555,7 @@ class ChunkedScheduler:
         admitted = {}
         external = {}
         swapped_in = {}
-        self._blocked = False
+        self.blocked = False
         if self._lazy:
             # blocks filled by pure-decode stretches enter the prefix cache before anyone looks up
             # (with `lazy_tail_keys`, those outside the request's last chain only)
@@ -590,17 +591,12 @@ class ChunkedScheduler:
                 need = -(-full // bt) - hit_blocks
                 need = (need if need > 0 else 0) + evictable
                 if need + watermark > pool.num_free:
-                    self._blocked = True
+                    self.blocked = True
                     break  # strict FCFS: nobody behind it is tried
-                pool.touch(req, hit_handle)
                 computed = hit + ext
-                # `_allocate(req, computed, n)`, inline
+                # its hit, then `_allocate(req, computed, n)`: blocks for c tokens, the full ones keyed
                 c = computed + n
-                need = -(-c // bt) - req.num_blocks
-                if need > 0:
-                    pool.allocate(req, need)
-                if caching:
-                    pool.cache(req, (c if c < total else total) // bt)
+                pool.admit(req, hit_handle, -(-c // bt), (c if c < total else total) // bt if caching else 0)
                 waiting.popleft()
                 running.append(req)
                 req.num_computed_tokens = computed
@@ -624,7 +620,7 @@ class ChunkedScheduler:
             # what stops the scan (no one waits, no seat, the head does not fit) stays true through
             # pure-decode steps: their allocations only shrink the free queue and the head's hit
             if not waiting or len(running) >= max_seqs:
-                self._blocked = True
+                self.blocked = True
 
         plan = StepPlan(scheduled, preempted, admitted, pool.num_free,
                         self._budget - budget, external, self._swapped_out, swapped_in,
@@ -691,7 +687,7 @@ class ChunkedScheduler:
         if finished:
             self.running = [r for r in self.running if not r.finished]
             if self.waiting:
-                self._blocked = False  # freed blocks and a free seat may let the queue's head in
+                self.blocked = False  # freed blocks and a free seat may let the queue's head in
         # every running request was scheduled (the entries are running ones) and decodes now, or unknown
         self._decoding = (ctx, kmin, tail) if m == len(self.running) else None
         return finished
@@ -705,7 +701,7 @@ class ChunkedScheduler:
 
         Assumes the blocks a reply fills are not the prefix a waiting request looks up (the engine's
         keys: a session's next turn arrives after its reply ends)."""
-        if not self._blocked:  # a waiting request may start: the next step admits it
+        if not self.blocked:  # a waiting request may start: the next step admits it
             return 0
         running = self.running
         B = len(running)
@@ -872,7 +868,7 @@ class ChunkedScheduler:
         else:
             self.running = [r for r in running if not r.finished]
         if self.waiting:
-            self._blocked = False  # freed blocks and a free seat may let the queue's head in
+            self.blocked = False  # freed blocks and a free seat may let the queue's head in
 
     # ---- blocks --------------------------------------------------------------------------
     def _release(self, req: SeqRequest) -> None:
@@ -900,7 +896,7 @@ class ChunkedScheduler:
             raise RuntimeError(f"request {req.id!r}: free_finished needs a finished request under hold_finished")
         self.pool.free(req)
         if self.waiting:
-            self._blocked = False  # the freed blocks may let the queue's head in
+            self.blocked = False  # the freed blocks may let the queue's head in
 
     def settle(self) -> None:
         """Give lazily cached blocks their keys now (for a caller that inspects the pool)."""
