@@ -486,7 +486,18 @@ class ChunkedScheduler:
             # every running request decodes (`_decoding`): one token each, which the budget holds; at most
             # one new block each, which the free queue holds; none keys a block here (`lazy_tail_keys`).
             # The general loop below would do the same, request by request.
-            pool.allocate_decodes(running, 1, bt)
+            if self._counted:  # `RunPool.allocate_decodes(running, 1, bt)`, inline: a block each at most
+                total = 0
+                for r in running:
+                    room = r.num_blocks * bt - r.num_computed_tokens
+                    if room <= 0:  # its blocks are full: its token needs one
+                        c = -room // bt + 1
+                        r.num_blocks += c
+                        total += c
+                if total:
+                    pool.allocate_counted(total)
+            else:
+                pool.allocate_decodes(running, 1, bt)
             self._all_decode = dec  # for `update`
             decoded = running.copy()  # the plan's entries (r, 1, True), built only if someone asks
             num_decodes = B
