@@ -63,7 +63,7 @@ class KVStore:
                 self.drop(e)
                 return 0, entries
             entries.append(e)
-            return min(e.tokens, job.hist), entries
+            return (job.hist if job.hist < e.tokens else e.tokens), entries  # min(), without its call
         index = self.index
         for key in job.keys:
             e = index.get(key)

@@ -94,14 +94,18 @@ class PrefillFirstScheduler:
         # a turn longer than the window keeps its reply (up to window - 1 tokens) and as much of its prompt
         # as fits; the cut is counted (clipped_tokens) and the turn marked truncated, never silent
         asked = prompt + output
-        output = min(output, window - 1)
-        prompt = min(prompt, window - output)
+        # min() spelled out: a call each, per turn
+        if output > window - 1:
+            output = window - 1
+        if prompt > window - output:
+            prompt = window - output
         if hashes is not None:
             # Mooncake-style request: reuse is of the input's own leading blocks, from any request
             job = Job(i, sid, t, reusable_block_keys(hashes, prompt), 0, prompt, output, asked > window, blocks=True)
         else:
             hist = self.session_context.get(sid, 0)
-            kept = min(hist, window - prompt - output)
+            room = window - prompt - output
+            kept = room if room < hist else hist
             # history overflowing the window: drop the oldest tokens (CachedAttention §3.5);
             # a history truncated to nothing has nothing to reuse
             job = Job(i, sid, t, (sid,) if kept else (), kept, prompt, output, kept < hist)
@@ -590,7 +594,9 @@ class ChunkedScheduler:
                     ext = req.swapped_tokens - hit if req.swapped_tokens > hit else 0
                 elif self.external_hit is not None:
                     # whole blocks after the hit, leaving at least one token to compute
-                    ext = min(self.external_hit(req, hit), (total - 1) // bt * bt - hit) // bt * bt
+                    ext = self.external_hit(req, hit)
+                    room = (total - 1) // bt * bt - hit
+                    ext = (room if room < ext else ext) // bt * bt
                     if ext < 0:
                         ext = 0
                 n = total - hit - ext
