@@ -366,6 +366,12 @@ class Replica:
 _NO_LIMIT = 1 << 62  # decode steps in a row when nothing else bounds them
 
 
+class TurnRequest(SeqRequest):
+    """A turn as the chunked scheduler's request, carrying the engine's `Job` for it (what the store
+    and the recorder read), so that nothing looks the turn up by its id."""
+    __slots__ = ("job",)
+
+
 class ChunkedReplica:
     """One replica serving with vLLM V1's scheduler (`sim.scheduler.ChunkedScheduler`): every step
     runs the decodes and prefill chunks it plans as one iteration (`cost.iteration`), KV lives in
@@ -442,7 +448,6 @@ class ChunkedReplica:
         # its SSD-resident history staged into DRAM, as under prefill-first
         self.prefetch = self.turns.prefetch
         self.entered_window = []  # arrivals inside the window since the last step
-        self.jobs = {}  # turn -> Job while it is served
         self.epoch = {}  # session -> truncations so far (its blocks' key offset)
         self.source = None
         self.rec = Recorder(len(workload))
@@ -477,12 +482,13 @@ class ChunkedReplica:
         sched = self.sched
         if self.prefetch and len(sched.waiting) < self.lookahead_jobs:
             self.entered_window.append(job)
-        self.jobs[i] = job
         if job.blocks or job.truncated or self.shared_blocks:
             segs = self._key_segments(job)
         else:  # `_key_segments`: the session's chain at its epoch, inline (most turns)
             segs = [(0, (job.sid, self.epoch.get(job.sid, 0)), 0)]
-        sched.add_request(SeqRequest(i, job.ctx_in, job.output, segments=segs))
+        req = TurnRequest(i, job.ctx_in, job.output, segments=segs)
+        req.job = job
+        sched.add_request(req)
 
     def _key_segments(self, job):
         """The request's prefix-cache keys as chains (`sim.blocks`; see the class docstring)."""
@@ -515,9 +521,8 @@ class ChunkedReplica:
     def _lookahead_keys(self):
         """Store keys the first waiting requests will read -> queue position (scheduler-aware eviction)."""
         keys = {}
-        jobs = self.jobs
         for pos, req in enumerate(islice(self.sched.waiting, self.lookahead_jobs)):
-            for key in jobs[req.id].keys:
+            for key in req.job.keys:
                 keys.setdefault(key, pos)
         return keys
 
@@ -526,9 +531,9 @@ class ChunkedReplica:
         the arrivals inside the window that still wait (one admitted now loads from SSD layer by layer)."""
         a = len(plan.admitted)
         if a and self.sched.waiting:
-            store, jobs, w = self.store, self.jobs, self.lookahead_jobs
+            store, w = self.store, self.lookahead_jobs
             for req in islice(self.sched.waiting, max(w - a, 0), w):
-                store.prefetch(jobs[req.id], now)
+                store.prefetch(req.job, now)
         if self.entered_window:
             admit_s = self.rec.admit_s
             for job in self.entered_window:
@@ -539,7 +544,7 @@ class ChunkedReplica:
 
     def _external_hit(self, req, hit: int) -> int:
         """Tokens the host store holds beyond the HBM hit (vLLM's `get_num_new_matched_tokens`)."""
-        job = self.jobs[req.id]
+        job = req.job
         if not job.keys:
             return 0
         h, entries = self.store.lookup(job)
@@ -665,7 +670,7 @@ class ChunkedReplica:
 
     def _never_fits(self):
         req = self.sched.waiting[0]
-        job = self.jobs[req.id]
+        job = req.job
         bt = self.block_tokens
         raise KvsimError(
             f"{self.cfg.source}: gpu: turn {job.i} (session {job.sid}) needs {-(-req.num_tokens // bt)} KV blocks "
@@ -692,7 +697,7 @@ class ChunkedReplica:
         """Record each request's first admission and price the external hits' loads: (load per layer,
         when the step can start: a DRAM copy still being written, the SSD's queue)."""
         rec, L = self.rec, self.L
-        jobs, ext = self.jobs, plan.external
+        ext = plan.external
         admit_s = rec.admit_s
         load_layer = 0.0
         ready = now
@@ -701,7 +706,7 @@ class ChunkedReplica:
         firsts = []
         for r, hit in plan.admitted.items():
             i = r.id
-            job = jobs[i]
+            job = r.job
             e = ext.get(r, 0) if ext else 0
             first = admit_s[i] != admit_s[i]  # NaN: its first admission (else it resumes)
             dram_b = ssd_b = load_j = 0.0
@@ -781,7 +786,7 @@ class ChunkedReplica:
     # ---- the end of a turn: save to the host (§3.3) ------------------------------------------
     def _finish(self, req, now) -> float:
         i = req.id
-        job = self.jobs.pop(i)
+        job = req.job
         rec, store = self.rec, self.store
         if len(rec.span_counts) >= _SPAN_FLUSH:  # the ITL spans binned as they gather (`Recorder.flush_spans`)
             rec.itl.flush()
