@@ -161,7 +161,11 @@ class Replica:
                     yield env.timeout(now - env.now if now > env.now else 0.0)
                 continue
             # idle: wait for the next submission
-            t = yield source.listen()
+            if pending and self.horizon_s == math.inf:
+                t = pending[0][0]  # as in `ChunkedReplica.serve`: the next arrival without a SimPy event
+                source.deliver_due(t)
+            else:
+                t = yield source.listen()
             if t > now:
                 now = now + (t - now)
 
@@ -662,7 +666,14 @@ class ChunkedReplica:
                         self._clock_error(now, "a decode span" if k else "a step")
                     yield env.timeout(now - env.now if now > env.now else 0.0)
                 continue
-            t = yield source.listen()  # idle: wait for the next submission
+            # idle: wait for the next submission; with no one outside able to act first (no router lowered the
+            # horizon), the users' next arrival is taken at once, as `source.listen()`'s alarm would deliver it
+            # (`deliver_due` at its time, then the replica wakes), without a SimPy event
+            if pending and self.horizon_s == inf:
+                t = pending[0][0]
+                deliver_due(t)
+            else:
+                t = yield source.listen()
             if t > now:
                 now = now + (t - now)
 
