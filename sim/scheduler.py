@@ -657,23 +657,24 @@ class ChunkedScheduler:
         finished = []
         self.first_sampled = first = []
         dropped = self._dropped
-        # `_scan_decodes` over the requests that sampled and go on (each now decodes: one token left)
-        ctx = m = 0
-        kmin = _NO_STOP
-        tail = self._lazy_tail
         entries = plan.entries
         dec = self._all_decode
-        if dec is not None:
-            if dec[1] > 1 and not dropped:
-                # `schedule` planned the running requests' decodes at once (`_decoding` was kept for them):
-                # each computes its token and samples the next, none reaches its stop (nor its first token,
-                # nor recomputes dropped KV). The loop below would find the same, one by one.
-                for req in plan.decoded:
-                    req.num_computed_tokens += 1
-                    req.num_output_tokens += 1
-                m = len(plan.decoded)
-                ctx, kmin, tail = dec[0] + m, dec[1] - 1, dec[2]
-            else:
+        # `_scan_decodes` over the requests that sampled and go on (each now decodes: one token left)
+        if dec is not None and dec[1] > 1 and not dropped:
+            # `schedule` planned the running requests' decodes at once (`_decoding` was kept for them):
+            # each computes its token and samples the next, none reaches its stop (nor its first token,
+            # nor recomputes dropped KV). The loop below would find the same, one by one.
+            decoded = plan.decoded
+            for req in decoded:
+                req.num_computed_tokens += 1
+                req.num_output_tokens += 1
+            m = len(decoded)
+            ctx, kmin, tail = dec[0] + m, dec[1] - 1, dec[2]
+        else:
+            ctx = m = 0
+            kmin = _NO_STOP
+            tail = self._lazy_tail
+            if dec is not None:
                 entries = [(r, 1, True) for r in plan.decoded] + entries
         for req, n, _ in entries:
             before = req.num_computed_tokens
@@ -832,7 +833,19 @@ class ChunkedScheduler:
                     if left < kmin:
                         kmin = left
             self._decoding = (ctx, kmin, dec[2])
-            self._end_running(running, finished)
+            if len(finished) == 1 and self._hold:
+                # `_end_running` for one held request (the engine's common case), inline: keyed as a release
+                # would, out of the running list in place
+                r = finished[0]
+                if self._caching:
+                    full = r.num_computed_tokens // bt
+                    if full > r.num_cached_blocks:
+                        self.pool.cache(r, full)
+                running.remove(r)
+                if self.waiting:
+                    self.blocked = False
+            else:
+                self._end_running(running, finished)
             return finished
         finished = []
         # `_scan_decodes` over those that go on: they still decode (k came from `decode_run_limit`)
