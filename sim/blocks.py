@@ -573,20 +573,22 @@ class RunPool:
         if num_full <= nc:
             return
         blocks = req.blocks
-        cached = self.cached
         segs = req.segments
         if segs is not None and nc >= segs[-1][0]:
             # the common case: the blocks lie in the request's last chain (one piece of `_segments`, and the
             # loop below for it, inline): its newest run grows (a decode filling blocks), or a run begins
             start, chain, pos = segs[-1]
             p = pos + nc - start
-            runs = cached.get(chain)
             if blocks:
                 last = blocks[-1]
-                if last.lo + last.n == p and len(last.holders) == 1 and last.chain == chain and runs[-1] is last:
+                # a run it holds is cached: the chain's list holds it
+                if (last.lo + last.n == p and len(last.holders) == 1 and last.chain == chain
+                        and self.cached[chain][-1] is last):
                     last.n += num_full - nc
                     req.num_cached_blocks = num_full
                     return
+            cached = self.cached
+            runs = cached.get(chain)
             r = Run(chain, p, num_full - nc, [req])
             blocks.append(r)
             if runs is None:
@@ -595,6 +597,7 @@ class RunPool:
                 runs.append(r)
             req.num_cached_blocks = num_full
             return
+        cached = self.cached
         for a, b, chain, p in _segments(req, nc, num_full):
             m = b - a
             last = blocks[-1] if blocks else None
