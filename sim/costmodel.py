@@ -982,6 +982,7 @@ class RooflineCost(CostModel):
         # 3e-16 of the exact product): where the two slopes differ by far more than that, one side wins at
         # every context, and `decode_span` computes only that side, the same float bit for bit
         self._span_side = None
+        self._span_terms = {}  # batch -> (its fixed terms, the winning side's two constants, layers)
         if self._linear_decode:
             att, kvr = self._attn_flops / self._attn_F, self._kv_tok / self._kv_BW
             if kvr > att * (1.0 + 1e-9):
@@ -1203,29 +1204,17 @@ class RooflineCost(CostModel):
 
     def decode_span(self, batch: int, context_tokens: float, kmax: int, budget_s: float = math.inf) -> tuple:
         """`CostModel.decode_span`; with measured efficiencies and full attention the step is one linear
-        piece (no kink), its two ends `decode_step_s`'s operations inline (the hottest call)."""
-        fixed = self._span_fixed.get(batch)
-        if fixed is None:
-            return CostModel.decode_span(self, batch, context_tokens, kmax, budget_s)
-        f0, f1, _ = fixed
-        side = self._span_side
-        if side is not None:  # only the side of the attention term's max that wins at every context
-            num, den, L = side
-            a = f0 + L * (L * (num * context_tokens / den) / L) + f1
-            if kmax > 1:
-                d = (f0 + L * (L * (num * (context_tokens + batch * (kmax - 1)) / den) / L) + f1 - a) / (kmax - 1)
-            else:
-                d = 0.0
+        piece (no kink), its two ends `decode_step_s`'s operations inline (the hottest call): here with the
+        batch's terms and the winning side of the attention term (`_span_terms`), else `_decode_span_both`."""
+        terms = self._span_terms.get(batch)
+        if terms is None:
+            return self._decode_span_both(batch, context_tokens, kmax, budget_s)
+        f0, f1, num, den, L = terms
+        a = f0 + L * (L * (num * context_tokens / den) / L) + f1
+        if kmax > 1:
+            d = (f0 + L * (L * (num * (context_tokens + batch * (kmax - 1)) / den) / L) + f1 - a) / (kmax - 1)
         else:
-            af, aF, kv, kvBW, L = self._span_consts
-            c, m = af * context_tokens / aF, kv * context_tokens / kvBW
-            a = f0 + L * (L * (c if c > m else m) / L) + f1
-            if kmax > 1:
-                x = context_tokens + batch * (kmax - 1)
-                c, m = af * x / aF, kv * x / kvBW
-                d = (f0 + L * (L * (c if c > m else m) / L) + f1 - a) / (kmax - 1)
-            else:
-                d = 0.0
+            d = 0.0
         piece = kmax * a + d * kmax * (kmax - 1) * 0.5
         if budget_s < piece:
             # `_cut_piece(a, d, kmax, budget_s)`, inline (most spans end at an arrival)
@@ -1240,6 +1229,30 @@ class RooflineCost(CostModel):
             elif k > kmax:
                 k = kmax
             return k * a + d * k * (k - 1) * 0.5, k
+        return piece, kmax
+
+    def _decode_span_both(self, batch: int, context_tokens: float, kmax: int, budget_s: float) -> tuple:
+        """`decode_span` the first time at a batch size, or where neither side of the attention term wins at
+        every context (both computed, as `decode_step_s`)."""
+        fixed = self._span_fixed.get(batch)
+        if fixed is None:
+            return CostModel.decode_span(self, batch, context_tokens, kmax, budget_s)
+        f0, f1, _ = fixed
+        if self._span_side is not None:
+            self._span_terms[batch] = (f0, f1) + self._span_side
+            return self.decode_span(batch, context_tokens, kmax, budget_s)
+        af, aF, kv, kvBW, L = self._span_consts
+        c, m = af * context_tokens / aF, kv * context_tokens / kvBW
+        a = f0 + L * (L * (c if c > m else m) / L) + f1
+        if kmax > 1:
+            x = context_tokens + batch * (kmax - 1)
+            c, m = af * x / aF, kv * x / kvBW
+            d = (f0 + L * (L * (c if c > m else m) / L) + f1 - a) / (kmax - 1)
+        else:
+            d = 0.0
+        piece = kmax * a + d * kmax * (kmax - 1) * 0.5
+        if budget_s < piece:
+            return _cut_piece(a, d, kmax, budget_s)
         return piece, kmax
 
     def decode_parts(self, batch: int, context_tokens: float) -> tuple[float, float]:
@@ -1364,6 +1377,7 @@ class ExpertParallelCost(RooflineCost):
         self._gpu_F, self._gpu_BW = peak_flops, hbm_bw_gbps * GB  # one GPU's peaks: the busiest GPU's time
         # the TP step's inline closed forms do not price this step (decode_step_s and decode_span are below)
         self._linear_decode, self._span_fixed, self._span_consts, self._span_side = False, {}, None, None
+        self._span_terms = {}
         if efficiency is not None:
             # a GPU runs its tokens' whole non-expert layer: the TP shard's activations at one GPU
             self._ep_gemm_act_tok = gemm_act_bytes_per_token(s, 1)
