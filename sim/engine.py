@@ -744,8 +744,9 @@ class ChunkedReplica:
             rec.computed_tokens[i] = job.ctx_in - hit - e
             rec.prompt_tokens[i] = job.prompt
             rec.output_tokens[i] = job.output
-            rec.truncated[i] = job.truncated or job.clipped > 0
-            rec.clipped_tokens[i] = job.clipped
+            if job.truncated or job.clipped:  # the columns start at 0 (not truncated, nothing clipped)
+                rec.truncated[i] = True
+                rec.clipped_tokens[i] = job.clipped
             rec.bytes_loaded[i] = dram_b + ssd_b
             rec.hit_tier[i] = SSD if ssd_b else DRAM if dram_b else HBM if hit else MISS if job.keys else NONE
         start = ready
@@ -802,7 +803,8 @@ class ChunkedReplica:
         if len(rec.span_counts) >= _SPAN_FLUSH:  # the ITL spans binned as they gather (`Recorder.flush_spans`)
             rec.itl.flush()
         rec.finish_s[i] = now
-        rec.preemptions[i] = req.num_preemptions
+        if req.num_preemptions:  # the column starts at 0
+            rec.preemptions[i] = req.num_preemptions
         ctx = job.ctx_in + job.output
         stall = 0.0
         saved = 0.0
