@@ -6,7 +6,7 @@ saving that stalls the GPU. Who runs next is the scheduler's decision (sim/sched
 lives is the store's (sim/kvstore.py), what a step costs is the cost model's (sim/costmodel.py).
 
 Turns arrive through `submit` (from `sim.workload.Users`, later a router); an idle replica waits on
-its inbox. Events per turn are O(1): a prefill iteration is one timeout (its layer pipeline is
+its inbox (or, with no router ahead of it, takes the next arrival at once). Events per turn are O(1): a prefill iteration is one timeout (its layer pipeline is
 closed form), and decode runs in spans: between two changes of the running batch every iteration
 has the same shape, so one timeout advances the whole span with a closed-form sum of iteration times.
 """
@@ -92,8 +92,10 @@ class Replica:
 
         The replica pulls its own arrivals (`deliver_due`), so while it is busy nothing outside it
         can act before `horizon_s`: it yields to SimPy only when its clock reaches that horizon, or
-        when it goes idle (one SimPy event per idle period instead of one per step). A router that
-        can submit to it from outside lowers the horizon to its own next decision.
+        when it goes idle with no arrival pending. A router that can submit to it from outside lowers
+        the horizon to its own next decision; while none has (the horizon is infinite), an idle
+        replica takes the users' next arrival at once, as the alarm of `source.listen()` would deliver
+        it (`deliver_due` at its time, then the replica wakes), without a SimPy event.
         """
         env, sched, store, source = self.env, self.sched, self.store, self.source
         queue = sched.queue
