@@ -586,7 +586,8 @@ class ChunkedScheduler:
             while budget > 0 and waiting and len(running) < max_seqs:
                 req = waiting[0]
                 total = req.prompt_tokens + req.num_output_tokens
-                hit_handle, hit_blocks, evictable = pool.lookup(req, (total - 1) // bt if caching else 0)
+                whole = (total - 1) // bt  # whole blocks that leave at least one token to compute
+                hit_handle, hit_blocks, evictable = pool.lookup(req, whole if caching else 0)
                 hit = hit_blocks * bt
                 ext = 0
                 if req.swapped_tokens:
@@ -595,12 +596,12 @@ class ChunkedScheduler:
                 elif self.external_hit is not None:
                     # whole blocks after the hit, leaving at least one token to compute
                     ext = self.external_hit(req, hit)
-                    room = (total - 1) // bt * bt - hit
+                    room = whole * bt - hit
                     ext = (room if room < ext else ext) // bt * bt
                     if ext < 0:
                         ext = 0
                 n = total - hit - ext
-                if 0 < threshold < n:
+                if threshold and threshold < n:  # (threshold >= 0)
                     n = threshold
                 if n > budget:
                     n = budget
