@@ -855,7 +855,7 @@ def serve_sessions(ex: BatchedExecutor, sched: ChunkedScheduler, sessions: dict,
                 sched.update(plan)
                 continue
             tables = {r: block_table(r) for r, _, _ in plan.scheduled}
-            # the step's shape as the simulator's ChunkedReplica._step reads it (before update)
+            # the step's shape as the simulator's ChunkedReplica.serve prices it (before update)
             chunks, B, ctx, ctx_max = [], 0, 0, 0
             for r, n, dec in plan.scheduled:
                 if dec:

@@ -4,7 +4,7 @@ Two checks, both needing no SimPy (the GPU image has none):
 
 * `predict_steps`: each measured step (its chunks, decode batch and context, host-loaded tokens, as the
   executor ran them) priced by `cost.iteration` or, for a pure decode step, `cost.decode_span(B, ctx, 1)`
-  -- exactly what `sim.engine.ChunkedReplica._step` charges for that step. Scheduler differences
+  -- exactly what `sim.engine.ChunkedReplica.serve` charges for that step. Scheduler differences
   cannot enter: the decisions are the executor's.
 * `simulate_sessions`: the same trace served by the same loop (`gpu.batched.serve_sessions`, the same
   `ChunkedScheduler`) on a simulated clock that advances by the cost model's price of each step. The
@@ -53,7 +53,7 @@ def parse_ext(s) -> list[int]:
 
 def step_cost_s(cost, chunks, batch: int, ctx: int, ext: list[int], buffer_layers: int, layerwise: bool,
                 ssd_slowdown: float | None = None) -> float:
-    """The simulator's price of one step (sim/engine.py ChunkedReplica._step): host-store loads per
+    """The simulator's price of one step (sim/engine.py ChunkedReplica.serve, its step pricing): host-store loads per
     layer summed over the admitted requests, then one mixed iteration; a step with no chunk and no
     load is a decode step. With `ssd_slowdown` the loads come from the SSD (SSD -> DRAM -> HBM, the
     SSD stage stretched by that factor while writes share the device: `sim.tiers.ssd_read_stage`);

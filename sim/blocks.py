@@ -233,6 +233,14 @@ class ExactPool:
         req.num_blocks += n
         self._note_peak()
 
+    def admit(self, req, hit, blocks: int, num_full: int) -> None:
+        """A waiting request's admission: take its hit (`touch`), allocate up to `blocks` blocks in all,
+        and key the first `num_full` (`cache`; 0 with prefix caching off)."""
+        self.touch(req, hit)
+        if blocks > req.num_blocks:
+            self.allocate(req, blocks - req.num_blocks)
+        self.cache(req, num_full)
+
     def _note_peak(self) -> None:
         held = self.num_blocks - self.num_keyless_free
         if held > self.peak_held:
@@ -525,6 +533,23 @@ class RunPool:
         self._pop(n)
         req.num_blocks += n  # its keyless tail grows (a count: `req.blocks` holds its keyed runs)
 
+    def admit(self, req, hit, blocks: int, num_full: int) -> None:
+        """A waiting request's admission: take its hit (`touch`), allocate up to `blocks` blocks in all,
+        and key the first `num_full` (`cache`; 0 with prefix caching off). One call for the three on the
+        scheduler's hot path, `touch` of a one-run hit inline."""
+        if type(hit) is tuple:
+            r, p, end = hit
+            req.num_blocks = req.num_cached_blocks = end - p
+            req.blocks = [self._take(r, p, end, req)]
+        else:
+            self.touch(req, hit)
+        need = blocks - req.num_blocks
+        if need > 0:
+            self._pop(need)
+            req.num_blocks = blocks
+        if num_full > req.num_cached_blocks:
+            self.cache(req, num_full)
+
     # n blocks for requests whose keyless tails the caller has grown itself (the scheduler's decode
     # stretch counts them in its own loop: `allocate_decodes` without the loop)
     allocate_counted = _pop
@@ -548,20 +573,22 @@ class RunPool:
         if num_full <= nc:
             return
         blocks = req.blocks
-        cached = self.cached
         segs = req.segments
         if segs is not None and nc >= segs[-1][0]:
             # the common case: the blocks lie in the request's last chain (one piece of `_segments`, and the
             # loop below for it, inline): its newest run grows (a decode filling blocks), or a run begins
             start, chain, pos = segs[-1]
             p = pos + nc - start
-            runs = cached.get(chain)
             if blocks:
                 last = blocks[-1]
-                if last.lo + last.n == p and len(last.holders) == 1 and last.chain == chain and runs[-1] is last:
+                # a run it holds is cached: the chain's list holds it
+                if (last.lo + last.n == p and len(last.holders) == 1 and last.chain == chain
+                        and self.cached[chain][-1] is last):
                     last.n += num_full - nc
                     req.num_cached_blocks = num_full
                     return
+            cached = self.cached
+            runs = cached.get(chain)
             r = Run(chain, p, num_full - nc, [req])
             blocks.append(r)
             if runs is None:
@@ -570,6 +597,7 @@ class RunPool:
                 runs.append(r)
             req.num_cached_blocks = num_full
             return
+        cached = self.cached
         for a, b, chain, p in _segments(req, nc, num_full):
             m = b - a
             last = blocks[-1] if blocks else None

@@ -752,9 +752,18 @@ class CostModel(ABC):
         heads = len(chunks) + batch
         head = self.decode_head_s(heads) if heads else 0.0
         # `prefill_iteration` without communication, and `IterationCost.total_s`
-        if load_layer_s > 0.0 and layerwise:
-            layer += self.layer_gate_s
-        return preload_pipeline_s(self.shape.layers, load_layer_s, layer, buffer_layers, layerwise) + head + self.host_turn_s
+        L = self.shape.layers
+        # `preload_pipeline_s`, inline (once per step with prefill work)
+        if load_layer_s <= 0.0:
+            t = L * layer
+        else:
+            if layerwise:
+                layer += self.layer_gate_s
+            if not layerwise or buffer_layers < 2:
+                t = L * (load_layer_s + layer)
+            else:
+                t = load_layer_s + layer + (L - 1) * (load_layer_s if load_layer_s >= layer else layer)
+        return t + head + self.host_turn_s
 
     def after_prefill_s(self, prefill_s: float) -> float:
         """The measured extra time of each of the first `decode_after_prefill_steps` decode steps after a
@@ -969,6 +978,23 @@ class RooflineCost(CostModel):
         self._linear_decode = efficiency is not None and not self._slide and not self._masked_decode
         self._span_fixed = self._decode_fixed if self._linear_decode else {}
         self._span_consts = (self._attn_flops, self._attn_F, self._kv_tok, self._kv_BW, L) if self._linear_decode else None
+        # the attention term is max(compute, KV read), each the context times a slope, rounded twice (within
+        # 3e-16 of the exact product): where the two slopes differ by far more than that, one side wins at
+        # every context, and `decode_span` computes only that side, the same float bit for bit
+        self._span_side = None
+        self._span_terms = {}  # batch -> (its fixed terms, the winning side's two constants, layers)
+        if self._linear_decode:
+            att, kvr = self._attn_flops / self._attn_F, self._kv_tok / self._kv_BW
+            if kvr > att * (1.0 + 1e-9):
+                self._span_side = (self._kv_tok, self._kv_BW, L)
+            elif att > kvr * (1.0 + 1e-9):
+                self._span_side = (self._attn_flops, self._attn_F, L)
+        # `iteration_s` with `mixed_layer_s` and `decode_head_s` inline, where both are this class's own
+        # measured-efficiency paths over full attention (a subclass that prices them otherwise keeps the calls)
+        cls = type(self)
+        self._fused_iteration = (efficiency is not None and not self._slide and not self._own_iteration
+                                 and cls.mixed_layer_s is RooflineCost.mixed_layer_s
+                                 and cls.decode_head_s is RooflineCost.decode_head_s)
 
     def comm_layer_s(self, tokens: float) -> float:
         """Tensor-parallel communication of one layer over `tokens` tokens: its two all-reduces."""
@@ -1065,6 +1091,50 @@ class RooflineCost(CostModel):
         head = self._d_head_c * batch
         return head if head > self._d_head_m else self._d_head_m
 
+    def iteration_s(self, chunks, batch: int, context_tokens: float, load_layer_s: float = 0.0,
+                    buffer_layers: int = 2, layerwise: bool = True) -> float:
+        """`CostModel.iteration_s` with `mixed_layer_s`'s measured-efficiency, full-attention path and the
+        cached `decode_head_s` inline (`_fused_iteration`): the same operations in the same order, two calls
+        fewer per step."""
+        if not self._fused_iteration:
+            return CostModel.iteration_s(self, chunks, batch, context_tokens, load_layer_s, buffer_layers, layerwise)
+        new = 0
+        pairs = kv = 0.0
+        tile = self._tile
+        for n, h in chunks:
+            new += n
+            q = -(-n // tile) * tile if tile and n > 1 else n
+            pairs += q * (h + (n + 1) / 2.0)
+            kv += h + 2.0 * n
+        tokens = new + batch
+        L = self.shape.layers
+        if tokens <= 0:
+            layer = 0.0
+        else:
+            pairs += context_tokens
+            kv += context_tokens
+            g = self._by_tokens.get(tokens)
+            g, comm = g if g is not None else self._token_layer_s(tokens)
+            c, m = self._attn_flops * pairs / self._attn_F, self._kv_tok * kv / self._kv_BW
+            layer = g + L * (c if c > m else m) / L + comm
+        heads = len(chunks) + batch
+        if heads:
+            head = self._heads.get(heads)
+            if head is None:
+                head = self.decode_head_s(heads)
+        else:
+            head = 0.0
+        if load_layer_s <= 0.0:  # `preload_pipeline_s`, as `CostModel.iteration_s`
+            t = L * layer
+        else:
+            if layerwise:
+                layer += self.layer_gate_s
+            if not layerwise or buffer_layers < 2:
+                t = L * (load_layer_s + layer)
+            else:
+                t = load_layer_s + layer + (L - 1) * (load_layer_s if load_layer_s >= layer else layer)
+        return t + head + self.host_turn_s
+
     def mixed_layer_s(self, chunks, batch: int, context_tokens: float) -> float:
         """One layer over prefill chunks `[(new, cached), ...]` and `batch` decodes over `context_tokens`
         tokens in all, as one forward pass: the weights are read once and the linear layers run over
@@ -1134,17 +1204,50 @@ class RooflineCost(CostModel):
 
     def decode_span(self, batch: int, context_tokens: float, kmax: int, budget_s: float = math.inf) -> tuple:
         """`CostModel.decode_span`; with measured efficiencies and full attention the step is one linear
-        piece (no kink), its two ends `decode_step_s`'s operations inline (the hottest call)."""
+        piece (no kink), its two ends `decode_step_s`'s operations inline (the hottest call): here with the
+        batch's terms and the winning side of the attention term (`_span_terms`), else `_decode_span_both`."""
+        terms = self._span_terms.get(batch)
+        if terms is None:
+            return self._decode_span_both(batch, context_tokens, kmax, budget_s)
+        f0, f1, num, den, L = terms
+        a = f0 + L * (L * (num * context_tokens / den) / L) + f1
+        if kmax > 1:
+            d = (f0 + L * (L * (num * (context_tokens + batch * (kmax - 1)) / den) / L) + f1 - a) / (kmax - 1)
+        else:
+            d = 0.0
+        piece = kmax * a + d * kmax * (kmax - 1) * 0.5
+        if budget_s < piece:
+            # `_cut_piece(a, d, kmax, budget_s)`, inline (most spans end at an arrival)
+            cut = 0.0 if budget_s < 0.0 else budget_s
+            if d > 1e-15:
+                b = a - d * 0.5
+                k = int(math.ceil((math.sqrt(b * b + 2.0 * d * cut) - b) / d))
+            else:
+                k = int(math.ceil(cut / a)) if a > 0 else 1
+            if k < 1:
+                k = 1
+            elif k > kmax:
+                k = kmax
+            return k * a + d * k * (k - 1) * 0.5, k
+        return piece, kmax
+
+    def _decode_span_both(self, batch: int, context_tokens: float, kmax: int, budget_s: float) -> tuple:
+        """`decode_span` the first time at a batch size, or where neither side of the attention term wins at
+        every context (both computed, as `decode_step_s`)."""
         fixed = self._span_fixed.get(batch)
         if fixed is None:
             return CostModel.decode_span(self, batch, context_tokens, kmax, budget_s)
+        f0, f1, _ = fixed
+        if self._span_side is not None:
+            self._span_terms[batch] = (f0, f1) + self._span_side
+            return self.decode_span(batch, context_tokens, kmax, budget_s)
         af, aF, kv, kvBW, L = self._span_consts
         c, m = af * context_tokens / aF, kv * context_tokens / kvBW
-        a = fixed[0] + L * (L * (c if c > m else m) / L) + fixed[1]
+        a = f0 + L * (L * (c if c > m else m) / L) + f1
         if kmax > 1:
             x = context_tokens + batch * (kmax - 1)
             c, m = af * x / aF, kv * x / kvBW
-            d = (fixed[0] + L * (L * (c if c > m else m) / L) + fixed[1] - a) / (kmax - 1)
+            d = (f0 + L * (L * (c if c > m else m) / L) + f1 - a) / (kmax - 1)
         else:
             d = 0.0
         piece = kmax * a + d * kmax * (kmax - 1) * 0.5
@@ -1273,7 +1376,8 @@ class ExpertParallelCost(RooflineCost):
         self._alltoall = alltoall
         self._gpu_F, self._gpu_BW = peak_flops, hbm_bw_gbps * GB  # one GPU's peaks: the busiest GPU's time
         # the TP step's inline closed forms do not price this step (decode_step_s and decode_span are below)
-        self._linear_decode, self._span_fixed, self._span_consts = False, {}, None
+        self._linear_decode, self._span_fixed, self._span_consts, self._span_side = False, {}, None, None
+        self._span_terms = {}
         if efficiency is not None:
             # a GPU runs its tokens' whole non-expert layer: the TP shard's activations at one GPU
             self._ep_gemm_act_tok = gemm_act_bytes_per_token(s, 1)

@@ -6,13 +6,14 @@ saving that stalls the GPU. Who runs next is the scheduler's decision (sim/sched
 lives is the store's (sim/kvstore.py), what a step costs is the cost model's (sim/costmodel.py).
 
 Turns arrive through `submit` (from `sim.workload.Users`, later a router); an idle replica waits on
-its inbox. Events per turn are O(1): a prefill iteration is one timeout (its layer pipeline is
+its inbox (or, with no router ahead of it, takes the next arrival at once). Events per turn are O(1): a prefill iteration is one timeout (its layer pipeline is
 closed form), and decode runs in spans: between two changes of the running batch every iteration
 has the same shape, so one timeout advances the whole span with a closed-form sum of iteration times.
 """
 from __future__ import annotations
 
 import heapq
+from heapq import heappop, heappush
 import math
 from itertools import islice
 
@@ -91,8 +92,10 @@ class Replica:
 
         The replica pulls its own arrivals (`deliver_due`), so while it is busy nothing outside it
         can act before `horizon_s`: it yields to SimPy only when its clock reaches that horizon, or
-        when it goes idle (one SimPy event per idle period instead of one per step). A router that
-        can submit to it from outside lowers the horizon to its own next decision.
+        when it goes idle with no arrival pending. A router that can submit to it from outside lowers
+        the horizon to its own next decision; while none has (the horizon is infinite), an idle
+        replica takes the users' next arrival at once, as the alarm of `source.listen()` would deliver
+        it (`deliver_due` at its time, then the replica wakes), without a SimPy event.
         """
         env, sched, store, source = self.env, self.sched, self.store, self.source
         queue = sched.queue
@@ -160,7 +163,11 @@ class Replica:
                     yield env.timeout(now - env.now if now > env.now else 0.0)
                 continue
             # idle: wait for the next submission
-            t = yield source.listen()
+            if pending and self.horizon_s == math.inf:
+                t = pending[0][0]  # as in `ChunkedReplica.serve`: the next arrival without a SimPy event
+                source.deliver_due(t)
+            else:
+                t = yield source.listen()
             if t > now:
                 now = now + (t - now)
 
@@ -365,6 +372,12 @@ class Replica:
 _NO_LIMIT = 1 << 62  # decode steps in a row when nothing else bounds them
 
 
+class TurnRequest(SeqRequest):
+    """A turn as the chunked scheduler's request, carrying the engine's `Job` for it (what the store
+    and the recorder read), so that nothing looks the turn up by its id."""
+    __slots__ = ("job",)
+
+
 class ChunkedReplica:
     """One replica serving with vLLM V1's scheduler (`sim.scheduler.ChunkedScheduler`): every step
     runs the decodes and prefill chunks it plans as one iteration (`cost.iteration`), KV lives in
@@ -421,6 +434,7 @@ class ChunkedReplica:
                              pol.truncation == "decoupled_pe", self._lookahead_keys)
         # turns become jobs (truncation to the window, the session's context) as under prefill-first
         self.turns = PrefillFirstScheduler(cfg, shape, workload, self.store)
+        self.ra_factor = self.turns.ra_factor
         num_blocks = int((cost.hbm_kv_bytes - read_buffer) // (bt * self.kv_tok))
         if num_blocks < 1:
             raise KvsimError(f"{cfg.source}: gpu: no HBM is left for one KV block after the weights; expected a "
@@ -440,7 +454,6 @@ class ChunkedReplica:
         # its SSD-resident history staged into DRAM, as under prefill-first
         self.prefetch = self.turns.prefetch
         self.entered_window = []  # arrivals inside the window since the last step
-        self.jobs = {}  # turn -> Job while it is served
         self.epoch = {}  # session -> truncations so far (its blocks' key offset)
         self.source = None
         self.rec = Recorder(len(workload))
@@ -475,12 +488,13 @@ class ChunkedReplica:
         sched = self.sched
         if self.prefetch and len(sched.waiting) < self.lookahead_jobs:
             self.entered_window.append(job)
-        self.jobs[i] = job
         if job.blocks or job.truncated or self.shared_blocks:
             segs = self._key_segments(job)
         else:  # `_key_segments`: the session's chain at its epoch, inline (most turns)
             segs = [(0, (job.sid, self.epoch.get(job.sid, 0)), 0)]
-        sched.add_request(SeqRequest(i, job.ctx_in, job.output, segments=segs))
+        req = TurnRequest(i, job.ctx_in, job.output, segments=segs)
+        req.job = job
+        sched.add_request(req)
 
     def _key_segments(self, job):
         """The request's prefix-cache keys as chains (`sim.blocks`; see the class docstring)."""
@@ -513,9 +527,8 @@ class ChunkedReplica:
     def _lookahead_keys(self):
         """Store keys the first waiting requests will read -> queue position (scheduler-aware eviction)."""
         keys = {}
-        jobs = self.jobs
         for pos, req in enumerate(islice(self.sched.waiting, self.lookahead_jobs)):
-            for key in jobs[req.id].keys:
+            for key in req.job.keys:
                 keys.setdefault(key, pos)
         return keys
 
@@ -524,9 +537,9 @@ class ChunkedReplica:
         the arrivals inside the window that still wait (one admitted now loads from SSD layer by layer)."""
         a = len(plan.admitted)
         if a and self.sched.waiting:
-            store, jobs, w = self.store, self.jobs, self.lookahead_jobs
+            store, w = self.store, self.lookahead_jobs
             for req in islice(self.sched.waiting, max(w - a, 0), w):
-                store.prefetch(jobs[req.id], now)
+                store.prefetch(req.job, now)
         if self.entered_window:
             admit_s = self.rec.admit_s
             for job in self.entered_window:
@@ -537,7 +550,7 @@ class ChunkedReplica:
 
     def _external_hit(self, req, hit: int) -> int:
         """Tokens the host store holds beyond the HBM hit (vLLM's `get_num_new_matched_tokens`)."""
-        job = self.jobs[req.id]
+        job = req.job
         if not job.keys:
             return 0
         h, entries = self.store.lookup(job)
@@ -558,9 +571,13 @@ class ChunkedReplica:
         held = self.held
         # bound once: the loop runs a few times per turn
         run_limit, apply_decodes, decode_span = sched.decode_run_limit, sched.apply_decodes, cost.decode_span
+        schedule, update, iteration_s = sched.schedule, sched.update, cost.iteration_s
         free_finished, finish = sched.free_finished, self._finish
+        buffer_layers, layerwise, prefetch = self.buffer_layers, self.layerwise, self.prefetch
+        entered_window = self.entered_window
         # the ITL histogram's span buffers (`Recorder.decode_span` without a stall pending, inline)
         span_counts, span_times = rec.span_counts, rec.span_times
+        ttft_s = rec.ttft_s
         pool, hbm_block = sched.pool, self.block_tokens * self.kv_tok
         inf = math.inf
         now = env.now
@@ -568,11 +585,11 @@ class ChunkedReplica:
             if pending and pending[0][0] <= now:
                 deliver_due(now)
             while held and held[0][0] <= now:  # their saves have read them
-                free_finished(heapq.heappop(held)[2])
+                free_finished(heappop(held)[2])
             running = sched.running
             if running or waiting:
                 began = now
-                k = run_limit(_NO_LIMIT)
+                k = run_limit(_NO_LIMIT) if sched.blocked else 0  # not blocked: the next step may admit
                 if k:
                     B = len(running)
                     # cut where an arrival could start at once (`source.next_arrival_s()`, inline)
@@ -590,17 +607,34 @@ class ChunkedReplica:
                     now = now + dt
                     finished = apply_decodes(k)
                 else:
-                    plan = sched.schedule()
+                    plan = schedule()
                     if not plan.entries and not sched.running:
                         if held:  # nothing runs until a save frees its blocks
-                            sched.update(plan)
+                            update(plan)
                             now = held[0][0]
                             continue
                         self._never_fits()
-                    dt = self._step(plan, now)
-                    if self.prefetch:
-                        self._fetch_window(plan, now)
+                    # price the step (before `update`: each chunk's cached context is the request's computed
+                    # tokens so far) and record its admissions: `_step`, inline (once per turn)
                     B = plan.num_decodes
+                    start = now
+                    load_layer = 0.0
+                    if plan.admitted:
+                        load_layer, start = self._admit(plan, now)
+                    if plan.swapped_out or plan.swapped_in:
+                        start = self._swap(plan, start)
+                    if plan.chunks or load_layer:
+                        t = iteration_s(plan.chunks, B, plan.decode_context_tokens, load_layer, buffer_layers, layerwise)
+                        self.busy_prefill_s += t
+                    else:
+                        t = decode_span(B, plan.decode_context_tokens, 1)[0]
+                        self.busy_decode_s += t
+                    dt = start + t - now
+                    if prefetch:
+                        if waiting:
+                            self._fetch_window(plan, now)
+                        elif entered_window:  # every arrival since the last step was admitted: none to stage
+                            entered_window.clear()
                     if B:  # the decodes riding in this step wait for all of it
                         if rec.stalled:
                             rec.decode_span(B, 1, dt, 0.0)
@@ -608,9 +642,17 @@ class ChunkedReplica:
                             span_counts += (B, 1)
                             span_times += (dt, 0.0)
                     now = now + dt
-                    finished = sched.update(plan)
+                    finished = update(plan)
                     if sched.first_sampled:
-                        self._first_tokens(now, len(plan.entries))
+                        # requests whose prompt's last chunk ran in this step sampled their first token at
+                        # its end (`ChunkedScheduler.first_sampled`, after `update`); inline, once per turn
+                        size = plan.num_decodes + len(plan.chunks)  # each scheduled request decodes or runs a chunk
+                        for r in sched.first_sampled:
+                            i = r.id
+                            if ttft_s[i] != ttft_s[i]:
+                                ttft_s[i] = now - rec.arrival_s[i]
+                                rec.prefill_s[i] = now - rec.prefill_start_s[i]
+                                rec.batch_size[i] = size
                 if now >= rec.hbm_next_s:  # HBM's KV blocks: referenced by requests, and free ones still cached
                     rec.hbm.sample(now, (pool.num_blocks - pool.num_free) * hbm_block, pool.num_cached_free * hbm_block)
                     rec.hbm_next_s = rec.hbm.next_s
@@ -621,12 +663,19 @@ class ChunkedReplica:
                     if stall > 0:
                         now = now + stall
                         rec.decode_stall(len(sched.running), stall)  # a synchronous save holds them all
-                if not began < now < inf:
-                    self._clock_error(now, "a decode span" if k else "a step")
-                if now >= self.horizon_s:
+                if not began < now < self.horizon_s:  # one test for the common case: the clock moved, no yield due
+                    if not began < now < inf:
+                        self._clock_error(now, "a decode span" if k else "a step")
                     yield env.timeout(now - env.now if now > env.now else 0.0)
                 continue
-            t = yield source.listen()  # idle: wait for the next submission
+            # idle: wait for the next submission; with no one outside able to act first (no router lowered the
+            # horizon), the users' next arrival is taken at once, as `source.listen()`'s alarm would deliver it
+            # (`deliver_due` at its time, then the replica wakes), without a SimPy event
+            if pending and self.horizon_s == inf:
+                t = pending[0][0]
+                deliver_due(t)
+            else:
+                t = yield source.listen()
             if t > now:
                 now = now + (t - now)
 
@@ -634,33 +683,14 @@ class ChunkedReplica:
 
     def _never_fits(self):
         req = self.sched.waiting[0]
-        job = self.jobs[req.id]
+        job = req.job
         bt = self.block_tokens
         raise KvsimError(
             f"{self.cfg.source}: gpu: turn {job.i} (session {job.sid}) needs {-(-req.num_tokens // bt)} KV blocks "
             f"of {bt} tokens but HBM holds {self.sched.cfg.num_blocks} after the weights; expected a larger GPU, "
             f"more gpu.count or a smaller max_context_tokens")
 
-    # ---- one step with prefill work: chunks, decodes and the admitted requests' loads ----------
-    def _step(self, plan, now) -> float:
-        """Price a planned step (before `update`: each chunk's cached context is the request's
-        computed tokens so far); record admissions; return the time to the step's end."""
-        cost = self.cost
-        chunks, B, ctx = plan.chunks, plan.num_decodes, plan.decode_context_tokens
-        load_layer = 0.0
-        start = now
-        if plan.admitted:
-            load_layer, start = self._admit(plan, now)
-        if plan.swapped_out or plan.swapped_in:
-            start = self._swap(plan, start)
-        if chunks or load_layer:
-            t = cost.iteration_s(chunks, B, ctx, load_layer, self.buffer_layers, self.layerwise)
-            self.busy_prefill_s += t
-        else:
-            t = cost.decode_span(B, ctx, 1)[0]
-            self.busy_decode_s += t
-        return start + t - now
-
+    # ---- one step with prefill work: the admitted requests' loads, swap copies ------------------
     def _swap(self, plan, start) -> float:
         """Swap preemption's copies, before the step computes (vLLM V0 swaps in the worker before the
         forward pass): the victims' KV out over D2H, the resumed requests' KV back over H2D, each queued
@@ -679,8 +709,9 @@ class ChunkedReplica:
     def _admit(self, plan, now):
         """Record each request's first admission and price the external hits' loads: (load per layer,
         when the step can start: a DRAM copy still being written, the SSD's queue)."""
-        rec, store, cost, L = self.rec, self.store, self.cost, self.L
-        jobs, ext = self.jobs, plan.external
+        rec, L = self.rec, self.L
+        ext = plan.external
+        admit_s = rec.admit_s
         load_layer = 0.0
         ready = now
         ssd_bytes = loaded = 0.0
@@ -688,11 +719,10 @@ class ChunkedReplica:
         firsts = []
         for r, hit in plan.admitted.items():
             i = r.id
-            job = jobs[i]
-            e = ext.get(r, 0)
-            first = rec.admit_s[i] != rec.admit_s[i]  # NaN: its first admission (else it resumes)
-            dram_b = ssd_b = 0.0
-            load_j = 0.0
+            job = r.job
+            e = ext.get(r, 0) if ext else 0
+            first = admit_s[i] != admit_s[i]  # NaN: its first admission (else it resumes)
+            dram_b = ssd_b = load_j = 0.0
             if e:
                 dram_b, ssd_b, dram_ready = self._external_bytes(job, hit, e)
                 if dram_ready > ready:
@@ -702,13 +732,13 @@ class ChunkedReplica:
                     ssd_loads.append((i if first else -1, dram_b / L, ssd_b / L))
                     ssd_bytes += ssd_b
                 else:
-                    load_j = cost.history_load_layer_s(dram_b / L)
+                    load_j = self.cost.history_load_layer_s(dram_b / L)
                     load_layer += load_j
             if not first:
                 continue
             firsts.append(i)
             rec.arrival_s[i] = job.arrival
-            rec.admit_s[i] = now
+            admit_s[i] = now
             rec.prefill_start_s[i] = now
             rec.load_s[i] = load_j * L
             rec.history_tokens[i] = job.hist
@@ -716,39 +746,44 @@ class ChunkedReplica:
             rec.computed_tokens[i] = job.ctx_in - hit - e
             rec.prompt_tokens[i] = job.prompt
             rec.output_tokens[i] = job.output
-            rec.truncated[i] = job.truncated or job.clipped > 0
-            rec.clipped_tokens[i] = job.clipped
+            if job.truncated or job.clipped:  # the columns start at 0 (not truncated, nothing clipped)
+                rec.truncated[i] = True
+                rec.clipped_tokens[i] = job.clipped
             rec.bytes_loaded[i] = dram_b + ssd_b
             rec.hit_tier[i] = SSD if ssd_b else DRAM if dram_b else HBM if hit else MISS if job.keys else NONE
         start = ready
         if ssd_bytes:  # direct SSD reads queue behind whatever the SSD is already reading
-            start, slow = store.read_ssd_stage(ready, ssd_bytes)
+            start, slow = self.store.read_ssd_stage(ready, ssd_bytes)
             for i, dram_chunk, ssd_chunk in ssd_loads:
-                load_j = cost.history_load_layer_s(dram_chunk, ssd_chunk, slow)
+                load_j = self.cost.history_load_layer_s(dram_chunk, ssd_chunk, slow)
                 load_layer += load_j
                 if i >= 0:
                     rec.load_s[i] = load_j * L
         if loaded:
-            store.h2d.charge(loaded)
+            self.store.h2d.charge(loaded)
+        wait = start - now
         for i in firsts:
-            rec.fetch_wait_s[i] = start - now
+            rec.fetch_wait_s[i] = wait
         return load_layer, start
 
     def _external_bytes(self, job, hit: int, ext: int):
         """(DRAM bytes, SSD bytes, when the DRAM copy is ready) of the `ext` tokens after `hit`; with
         Round Attention, layers above the watershed load only the kept rounds (`ra_factor` of the bytes)."""
-        d, s, ready = self._external_bytes_all(job, hit, ext)
-        ra = self.turns.ra_factor
+        if job.blocks:
+            d, s, ready = self._block_bytes(job, hit, ext)
+        else:  # a session's history: one entry, in one tier
+            e = job.hit_entries[0]
+            if e.tier is self.store.dram:
+                d, s, ready = ext * self.kv_tok, 0.0, e.ready_at
+            else:
+                d, s, ready = 0.0, ext * self.kv_tok, 0.0
+        ra = self.ra_factor
         return (d * ra, s * ra, ready) if ra != 1.0 else (d, s, ready)
 
-    def _external_bytes_all(self, job, hit: int, ext: int):
+    def _block_bytes(self, job, hit: int, ext: int):
+        """`_external_bytes` of prefix blocks, before Round Attention's factor."""
         dram, kv = self.store.dram, self.kv_tok
         entries = job.hit_entries
-        if not job.blocks:
-            e = entries[0]
-            if e.tier is dram:
-                return ext * kv, 0.0, e.ready_at
-            return 0.0, ext * kv, 0.0
         dram_b = ssd_b = ready = 0.0
         # the store's entries are 512-token blocks: charge each the part of [hit, hit + ext) it holds
         for j in range(hit // BLOCK_TOKENS, -(-(hit + ext) // BLOCK_TOKENS)):
@@ -762,26 +797,16 @@ class ChunkedReplica:
                 ssd_b += (hi - lo) * kv
         return dram_b, ssd_b, ready
 
-    def _first_tokens(self, now, step_size: int) -> None:
-        """Requests whose prompt's last chunk ran in this step (of `step_size` requests) sampled their
-        first token at its end (`ChunkedScheduler.first_sampled`, after `update`)."""
-        rec = self.rec
-        for r in self.sched.first_sampled:
-            i = r.id
-            if rec.ttft_s[i] != rec.ttft_s[i]:
-                rec.ttft_s[i] = now - rec.arrival_s[i]
-                rec.prefill_s[i] = now - rec.prefill_start_s[i]
-                rec.batch_size[i] = step_size
-
     # ---- the end of a turn: save to the host (§3.3) ------------------------------------------
     def _finish(self, req, now) -> float:
         i = req.id
-        job = self.jobs.pop(i)
+        job = req.job
         rec, store = self.rec, self.store
         if len(rec.span_counts) >= _SPAN_FLUSH:  # the ITL spans binned as they gather (`Recorder.flush_spans`)
             rec.itl.flush()
         rec.finish_s[i] = now
-        rec.preemptions[i] = req.num_preemptions
+        if req.num_preemptions:  # the column starts at 0
+            rec.preemptions[i] = req.num_preemptions
         ctx = job.ctx_in + job.output
         stall = 0.0
         saved = 0.0
@@ -801,7 +826,7 @@ class ChunkedReplica:
         if self.hold_finished:
             if read_end > now:  # the blocks stay until the write-back has read them
                 self._held_n += 1
-                heapq.heappush(self.held, (read_end, self._held_n, req))
+                heappush(self.held, (read_end, self._held_n, req))
             else:
                 self.sched.free_finished(req)
         if not job.blocks:  # `PrefillFirstScheduler.finished`, inline

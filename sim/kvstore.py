@@ -63,7 +63,7 @@ class KVStore:
                 self.drop(e)
                 return 0, entries
             entries.append(e)
-            return min(e.tokens, job.hist), entries
+            return (job.hist if job.hist < e.tokens else e.tokens), entries  # min(), without its call
         index = self.index
         for key in job.keys:
             e = index.get(key)
@@ -233,10 +233,13 @@ class KVStore:
                     written += block_bytes
             return written
         e = self.index.get(job.sid)
-        nbytes = self.kv_bytes(ctx)
+        if self.sliding:
+            nbytes = self.kv_bytes(ctx)
+        else:  # `kv_bytes`, inline: once or twice per turn
+            nbytes = self.kv_tok * ctx
         if e is not None and e.tier is self.dram and job.hit:
             # the reused part is already on the host (a sliding-window layer writes at most its window)
-            new = self.kv_bytes(ctx - job.hit)
+            new = self.kv_bytes(ctx - job.hit) if self.sliding else self.kv_tok * (ctx - job.hit)
             dram = self.dram
             if dram.capacity - dram.used - dram.reserved >= nbytes - e.nbytes:  # `Tier.free`
                 # `dram.grow(e, ctx, nbytes)` and `dram.touch(e)`, inline (once per turn)

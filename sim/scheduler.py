@@ -94,14 +94,18 @@ class PrefillFirstScheduler:
         # a turn longer than the window keeps its reply (up to window - 1 tokens) and as much of its prompt
         # as fits; the cut is counted (clipped_tokens) and the turn marked truncated, never silent
         asked = prompt + output
-        output = min(output, window - 1)
-        prompt = min(prompt, window - output)
+        # min() spelled out: a call each, per turn
+        if output > window - 1:
+            output = window - 1
+        if prompt > window - output:
+            prompt = window - output
         if hashes is not None:
             # Mooncake-style request: reuse is of the input's own leading blocks, from any request
             job = Job(i, sid, t, reusable_block_keys(hashes, prompt), 0, prompt, output, asked > window, blocks=True)
         else:
             hist = self.session_context.get(sid, 0)
-            kept = min(hist, window - prompt - output)
+            room = window - prompt - output
+            kept = room if room < hist else hist
             # history overflowing the window: drop the oldest tokens (CachedAttention §3.5);
             # a history truncated to nothing has nothing to reuse
             job = Job(i, sid, t, (sid,) if kept else (), kept, prompt, output, kept < hist)
@@ -306,15 +310,19 @@ class StepPlan:
     still the count before this step (its history for the chunk). (A slotted class, not a dataclass:
     one is built per simulated step.)"""
     __slots__ = ("entries", "_scheduled", "preempted", "admitted", "free_blocks", "num_scheduled_tokens",
-                 "external", "swapped_out", "swapped_in", "num_decodes", "decode_context_tokens", "chunks")
+                 "external", "swapped_out", "swapped_in", "num_decodes", "decode_context_tokens", "chunks",
+                 "decoded")
 
     def __init__(self, scheduled: list, preempted: list, admitted: dict, free_blocks: int,
                  num_scheduled_tokens: int = 0, external: dict | None = None, swapped_out: list | None = None,
                  swapped_in: dict | None = None, num_decodes: int = 0, decode_context_tokens: int = 0,
-                 chunks: list | None = None):
+                 chunks: list | None = None, decoded: list | None = None):
         # (request, new tokens, is decode) per scheduled request: running ones in queue order, then
         # admissions; `scheduled` gives them as `Scheduled`, built on first use (the engine reads these)
         self.entries = scheduled
+        # running requests whose decodes the scheduler planned at once (one token each, in queue order):
+        # their entries (request, 1, True) come before `entries` and are built only by `scheduled`
+        self.decoded = decoded
         self._scheduled = None  # built by `scheduled` on first use
         self.preempted = preempted  # in preemption order
         self.admitted = admitted  # SeqRequest -> prefix-cache hit tokens, in admission order
@@ -341,6 +349,8 @@ class StepPlan:
             s = self.entries
             if s and type(s[0]) is not Scheduled:  # the scheduler's plain tuples (a caller may give `Scheduled`)
                 s = [_new_tuple(Scheduled, e) for e in s]
+            if self.decoded:
+                s = [_new_tuple(Scheduled, (r, 1, True)) for r in self.decoded] + s
             self._scheduled = s
         return s
 
@@ -408,13 +418,14 @@ class ChunkedScheduler:
         # preempted request -> tokens it had computed: those it computes again are recompute
         self._dropped: dict[SeqRequest, int] = {}
         # the last step found the waiting queue empty or its head unable to start, and nothing has
-        # changed that since (no finish, no preemption, no arrival at an empty queue)
-        self._blocked = False
+        # changed that since (no finish, no preemption, no arrival at an empty queue). While it is False,
+        # `decode_run_limit` is 0: a caller may read it to skip the call
+        self.blocked = False
         # pure-decode stretches have filled blocks not yet given their keys (`apply_decodes`)
         self._lazy = False
         self._swap_used = 0  # tokens held in the swap space
         self._swapped_out: list = []  # this step's swap-outs, for its plan
-        # (B, `_decoding`) when the last `schedule` planned the B running requests' decodes at once
+        # `_decoding` when the last `schedule` planned the running requests' decodes at once (`StepPlan.decoded`)
         self._all_decode = None
         # the running requests' context tokens, as `decode_run_limit` last found them, and whether it
         # stopped the stretch short of a preemption (more free blocks would lengthen it)
@@ -453,28 +464,23 @@ class ChunkedScheduler:
         req.stop_output = req.max_tokens if m is None or req.max_tokens < m - req.prompt_tokens \
             else m - req.prompt_tokens
         if not self.waiting:
-            self._blocked = False  # a new head of the queue: it may start at once
+            self.blocked = False  # a new head of the queue: it may start at once
         self.waiting.append(req)
 
     # ---- one step ------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         if self._planned is not None:
             raise RuntimeError("schedule() called twice without update()")
-        cfg, pool, bt = self.cfg, self.pool, self.cfg.block_tokens
-        budget = cfg.max_num_batched_tokens
+        pool, bt = self.pool, self._bt
+        budget = self._budget
         # the threshold keeps a long prefill from starving others: with no others it is off
-        threshold = cfg.long_prefill_token_threshold
+        threshold = self.cfg.long_prefill_token_threshold
         if threshold and len(self.running) + len(self.waiting) <= 1:
             threshold = 0
-        max_len = cfg.max_model_len
-        scheduled: list[tuple] = []  # the plan's entries: (request, new tokens, is decode)
+        max_len = self._max_len
         preempted: list[SeqRequest] = []
         running = self.running
-        caching = cfg.prefix_caching
-        lazy_tail = cfg.lazy_tail_keys
-
-        i = 0
-        append = scheduled.append
+        caching = self._caching
         num_decodes = decode_ctx = 0
         chunks = []
         dec = self._decoding
@@ -484,16 +490,32 @@ class ChunkedScheduler:
             # every running request decodes (`_decoding`): one token each, which the budget holds; at most
             # one new block each, which the free queue holds; none keys a block here (`lazy_tail_keys`).
             # The general loop below would do the same, request by request.
-            pool.allocate_decodes(running, 1, bt)
-            self._all_decode = (B, dec)  # for `update`
-            scheduled = [(r, 1, True) for r in running]
-            append = scheduled.append
+            if self._counted:  # `RunPool.allocate_decodes(running, 1, bt)`, inline: a block each at most
+                total = 0
+                for r in running:
+                    room = r.num_blocks * bt - r.num_computed_tokens
+                    if room <= 0:  # its blocks are full: its token needs one
+                        c = -room // bt + 1
+                        r.num_blocks += c
+                        total += c
+                if total:
+                    pool.allocate_counted(total)
+            else:
+                pool.allocate_decodes(running, 1, bt)
+            self._all_decode = dec  # for `update`
+            decoded = running.copy()  # the plan's entries (r, 1, True), built only if someone asks
             num_decodes = B
             decode_ctx = dec[0]
             budget -= B
             i = B
             if self._lazy:  # no block filled by the stretches lies outside its request's last chain
                 self._lazy = False
+        else:
+            decoded = None
+            i = 0
+        scheduled = []  # the plan's entries after `decoded`: (request, new tokens, is decode)
+        append = scheduled.append
+        lazy_tail = self._lazy_tail
         while i < len(running) and budget > 0:
             req = running[i]
             computed = req.num_computed_tokens
@@ -548,7 +570,7 @@ class ChunkedScheduler:
         admitted = {}
         external = {}
         swapped_in = {}
-        self._blocked = False
+        self.blocked = False
         if self._lazy:
             # blocks filled by pure-decode stretches enter the prefix cache before anyone looks up
             # (with `lazy_tail_keys`, those outside the request's last chain only)
@@ -560,10 +582,12 @@ class ChunkedScheduler:
         if not preempted:
             waiting = self.waiting
             watermark = self._watermark if running else 0
-            while budget > 0 and waiting and len(running) < cfg.max_num_seqs:
+            max_seqs = self.cfg.max_num_seqs
+            while budget > 0 and waiting and len(running) < max_seqs:
                 req = waiting[0]
                 total = req.prompt_tokens + req.num_output_tokens
-                hit_handle, hit_blocks, evictable = pool.lookup(req, (total - 1) // bt if caching else 0)
+                whole = (total - 1) // bt  # whole blocks that leave at least one token to compute
+                hit_handle, hit_blocks, evictable = pool.lookup(req, whole if caching else 0)
                 hit = hit_blocks * bt
                 ext = 0
                 if req.swapped_tokens:
@@ -571,11 +595,13 @@ class ChunkedScheduler:
                     ext = req.swapped_tokens - hit if req.swapped_tokens > hit else 0
                 elif self.external_hit is not None:
                     # whole blocks after the hit, leaving at least one token to compute
-                    ext = min(self.external_hit(req, hit), (total - 1) // bt * bt - hit) // bt * bt
+                    ext = self.external_hit(req, hit)
+                    room = whole * bt - hit
+                    ext = (room if room < ext else ext) // bt * bt
                     if ext < 0:
                         ext = 0
                 n = total - hit - ext
-                if 0 < threshold < n:
+                if threshold and threshold < n:  # (threshold >= 0)
                     n = threshold
                 if n > budget:
                     n = budget
@@ -583,17 +609,12 @@ class ChunkedScheduler:
                 need = -(-full // bt) - hit_blocks
                 need = (need if need > 0 else 0) + evictable
                 if need + watermark > pool.num_free:
-                    self._blocked = True
+                    self.blocked = True
                     break  # strict FCFS: nobody behind it is tried
-                pool.touch(req, hit_handle)
                 computed = hit + ext
-                # `_allocate(req, computed, n)`, inline
+                # its hit, then `_allocate(req, computed, n)`: blocks for c tokens, the full ones keyed
                 c = computed + n
-                need = -(-c // bt) - req.num_blocks
-                if need > 0:
-                    pool.allocate(req, need)
-                if caching:
-                    pool.cache(req, (c if c < total else total) // bt)
+                pool.admit(req, hit_handle, -(-c // bt), (c if c < total else total) // bt if caching else 0)
                 waiting.popleft()
                 running.append(req)
                 req.num_computed_tokens = computed
@@ -616,12 +637,12 @@ class ChunkedScheduler:
                 budget -= n
             # what stops the scan (no one waits, no seat, the head does not fit) stays true through
             # pure-decode steps: their allocations only shrink the free queue and the head's hit
-            if not waiting or len(running) >= cfg.max_num_seqs:
-                self._blocked = True
+            if not waiting or len(running) >= max_seqs:
+                self.blocked = True
 
         plan = StepPlan(scheduled, preempted, admitted, pool.num_free,
-                        cfg.max_num_batched_tokens - budget, external, self._swapped_out, swapped_in,
-                        num_decodes, decode_ctx, chunks)
+                        self._budget - budget, external, self._swapped_out, swapped_in,
+                        num_decodes, decode_ctx, chunks, decoded)
         if self._swapped_out:
             self._swapped_out = []
         self._planned = plan
@@ -637,22 +658,25 @@ class ChunkedScheduler:
         finished = []
         self.first_sampled = first = []
         dropped = self._dropped
-        # `_scan_decodes` over the requests that sampled and go on (each now decodes: one token left)
-        ctx = m = 0
-        kmin = _NO_STOP
-        tail = self._lazy_tail
         entries = plan.entries
-        if self._all_decode is not None:
-            B, dec = self._all_decode
-            if dec[1] > 1 and not dropped:
-                # `schedule` planned the running requests' decodes at once (`_decoding` was kept for them):
-                # each computes its token and samples the next, none reaches its stop (nor its first token,
-                # nor recomputes dropped KV). The loop below would find the same, one by one.
-                for req in self.running[:B]:
-                    req.num_computed_tokens += 1
-                    req.num_output_tokens += 1
-                ctx, kmin, tail, m = dec[0] + B, dec[1] - 1, dec[2], B
-                entries = entries[B:]
+        dec = self._all_decode
+        # `_scan_decodes` over the requests that sampled and go on (each now decodes: one token left)
+        if dec is not None and dec[1] > 1 and not dropped:
+            # `schedule` planned the running requests' decodes at once (`_decoding` was kept for them):
+            # each computes its token and samples the next, none reaches its stop (nor its first token,
+            # nor recomputes dropped KV). The loop below would find the same, one by one.
+            decoded = plan.decoded
+            for req in decoded:
+                req.num_computed_tokens += 1
+                req.num_output_tokens += 1
+            m = len(decoded)
+            ctx, kmin, tail = dec[0] + m, dec[1] - 1, dec[2]
+        else:
+            ctx = m = 0
+            kmin = _NO_STOP
+            tail = self._lazy_tail
+            if dec is not None:
+                entries = [(r, 1, True) for r in plan.decoded] + entries
         for req, n, _ in entries:
             before = req.num_computed_tokens
             c = req.num_computed_tokens = before + n
@@ -682,7 +706,7 @@ class ChunkedScheduler:
         if finished:
             self.running = [r for r in self.running if not r.finished]
             if self.waiting:
-                self._blocked = False  # freed blocks and a free seat may let the queue's head in
+                self.blocked = False  # freed blocks and a free seat may let the queue's head in
         # every running request was scheduled (the entries are running ones) and decodes now, or unknown
         self._decoding = (ctx, kmin, tail) if m == len(self.running) else None
         return finished
@@ -696,15 +720,19 @@ class ChunkedScheduler:
 
         Assumes the blocks a reply fills are not the prefix a waiting request looks up (the engine's
         keys: a session's next turn arrives after its reply ends)."""
+        if not self.blocked:  # a waiting request may start: the next step admits it
+            return 0
         running = self.running
         B = len(running)
-        if not B or self._planned is not None or not self._blocked or B > self._budget:
+        if not B or self._planned is not None or B > self._budget:
             return 0
         dec = self._decoding
-        if dec is None:
-            dec = self._decoding = self._scan_decodes()
         if not dec:
-            return 0
+            if dec is False:
+                return 0
+            dec = self._decoding = self._scan_decodes()
+            if not dec:
+                return 0
         ctx, k, _ = dec
         if kmax < k:
             k = kmax
@@ -771,29 +799,56 @@ class ChunkedScheduler:
         bt = self._bt
         if not self._counted:  # its blocks, step-major: the count below then finds none missing
             self.pool.allocate_decodes(running, k, bt)
-        total = 0  # blocks counted below (`RunPool.allocate_decodes`, inline)
-        dropped = self._dropped
-        dec = self._decoding
-        if dec and k < dec[1] and not dropped:
-            # none of them reaches its stop within the k steps (the kept state says when the first does):
-            # the loop below without its stops, and the kept state moves by k tokens each
-            for r in running:
-                before = r.num_computed_tokens
-                nb = -(-(before + k) // bt)
-                if nb > r.num_blocks:
-                    total += nb - r.num_blocks
-                    r.num_blocks = nb
-                r.num_computed_tokens = before + k
-                r.num_output_tokens += k
-            if total:
-                self.pool.allocate_counted(total)
-            self._lazy = self._caching
-            self._decoding = (dec[0] + len(running) * k, dec[1] - k, dec[2])
-            return []
-        finished = []
         # the blocks these steps fill take their keys lazily (`_release`, or before the next lookup):
         # the same keys in the same order, since no one looks up a reply's blocks while it is decoded
         self._lazy = self._caching
+        total = 0  # blocks counted below (`RunPool.allocate_decodes`, inline)
+        dropped = self._dropped
+        dec = self._decoding
+        if dec and not dropped:
+            # the kept state says who stops when (none recomputes dropped KV): each request gains k tokens
+            # and the blocks they need, and only at the first stop does anyone finish (the loop below,
+            # without its stops and recompute counts)
+            for r in running:
+                c = r.num_computed_tokens = r.num_computed_tokens + k
+                nb = -(-c // bt)
+                if nb > r.num_blocks:
+                    total += nb - r.num_blocks
+                    r.num_blocks = nb
+                r.num_output_tokens += k
+            if total:  # taken before any finished request frees its blocks, as the steps would
+                self.pool.allocate_counted(total)
+            if k < dec[1]:  # nobody stops: the kept state moves by k tokens each
+                self._decoding = (dec[0] + len(running) * k, dec[1] - k, dec[2])
+                return []
+            finished = []
+            ctx = 0
+            kmin = _NO_STOP
+            for r in running:
+                left = r.stop_output - r.num_output_tokens
+                if left <= 0:
+                    r.finished = True
+                    finished.append(r)
+                else:
+                    ctx += r.num_computed_tokens + 1
+                    if left < kmin:
+                        kmin = left
+            self._decoding = (ctx, kmin, dec[2])
+            if len(finished) == 1 and self._hold:
+                # `_end_running` for one held request (the engine's common case), inline: keyed as a release
+                # would, out of the running list in place
+                r = finished[0]
+                if self._caching:
+                    full = r.num_computed_tokens // bt
+                    if full > r.num_cached_blocks:
+                        self.pool.cache(r, full)
+                running.remove(r)
+                if self.waiting:
+                    self.blocked = False
+            else:
+                self._end_running(running, finished)
+            return finished
+        finished = []
         # `_scan_decodes` over those that go on: they still decode (k came from `decode_run_limit`)
         ctx = 0
         kmin = _NO_STOP
@@ -825,12 +880,26 @@ class ChunkedScheduler:
             self.pool.allocate_counted(total)
         self._decoding = (ctx, kmin, dec[2]) if dec else None
         if finished:
-            for r in finished:
-                self._finished(r)
-            self.running = [r for r in running if not r.finished]
-            if self.waiting:
-                self._blocked = False
+            self._end_running(running, finished)
         return finished
+
+    def _end_running(self, running: list, finished: list) -> None:
+        """The finished requests (flagged, in running order) leave the running list, their blocks freed
+        or held (`_finished`, inline)."""
+        bt, hold, caching = self._bt, self._hold, self._caching
+        for r in finished:
+            if not hold:
+                self._release(r)
+            elif caching:  # held: keyed as a release would (a lookup may still hit them)
+                full = r.num_computed_tokens // bt
+                if full > r.num_cached_blocks:
+                    self.pool.cache(r, full)
+        if len(finished) == 1:
+            running.remove(finished[0])  # in place: nobody else holds the list
+        else:
+            self.running = [r for r in running if not r.finished]
+        if self.waiting:
+            self.blocked = False  # freed blocks and a free seat may let the queue's head in
 
     # ---- blocks --------------------------------------------------------------------------
     def _release(self, req: SeqRequest) -> None:
@@ -858,7 +927,7 @@ class ChunkedScheduler:
             raise RuntimeError(f"request {req.id!r}: free_finished needs a finished request under hold_finished")
         self.pool.free(req)
         if self.waiting:
-            self._blocked = False  # the freed blocks may let the queue's head in
+            self.blocked = False  # the freed blocks may let the queue's head in
 
     def settle(self) -> None:
         """Give lazily cached blocks their keys now (for a caller that inspects the pool)."""

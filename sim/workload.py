@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from heapq import heappop, heappush
 from array import array
 import math
 from dataclasses import dataclass
@@ -129,7 +130,7 @@ class Users:
     def deliver_due(self, now: float) -> None:
         pending = self.pending
         while pending and pending[0][0] <= now:
-            t, i = heapq.heappop(pending)
+            t, i = heappop(pending)
             self.target.submit(i, t)
 
     def listen(self):
@@ -159,4 +160,4 @@ class Users:
         t = self.arrival_s[nxt]
         if t != t:  # NaN: the user thinks after reading the reply
             t = ready_s + self.think_s[nxt]
-        heapq.heappush(self.pending, (t if t > end_s else end_s, nxt))
+        heappush(self.pending, (t if t > end_s else end_s, nxt))

@@ -79,6 +79,36 @@ def test_the_roofline_decode_span_inline_is_the_general_span_bit_for_bit(name):
     assert cut > 500  # the cut branch is exercised, not only whole spans
 
 
+@pytest.mark.parametrize("name", ["roofline measured 13b a100", "roofline measured 7b h100"])
+def test_the_decode_span_computing_both_attention_sides_is_the_general_span_bit_for_bit(name):
+    """These models' attention term has a side that wins at every context, so the inline span computes
+    only that one; where the slopes are too close to decide, it computes both, with the same result."""
+    cost = COSTS[name]()
+    assert cost._span_side is not None
+    cost._span_side = None
+    rng = random.Random(12)
+    for _ in range(500):
+        B = rng.randint(1, 16)
+        S = B * rng.randint(1, 4000)
+        kmax = rng.randint(1, 3000)
+        budget = rng.choice([math.inf, rng.uniform(0.0, 2.0), rng.uniform(0.0, 0.05)])
+        cost.decode_span(B, S, kmax, budget)
+        assert cost.decode_span(B, S, kmax, budget) == CostModel.decode_span(cost, B, S, kmax, budget)
+    assert not cost._span_terms  # never the one-side form
+
+
+def test_a_scheduler_that_is_not_blocked_plans_no_decode_stretch():
+    """The engine reads `ChunkedScheduler.blocked` to skip `decode_run_limit`: while it is False (an
+    arrival at an empty queue, a finish that may let the queue's head in), the limit is 0."""
+    s = ChunkedScheduler(ChunkedConfig(100, block_tokens=4))
+    s.add_request(SeqRequest("a", 8, 50, segments=[(0, "a", 0)]))
+    assert not s.blocked and s.decode_run_limit(10) == 0
+    s.update(s.schedule())  # admits "a", whose prompt samples its first token
+    assert s.blocked and s.decode_run_limit(10) == 10
+    s.add_request(SeqRequest("b", 8, 50, segments=[(0, "b", 0)]))
+    assert not s.blocked and s.decode_run_limit(10) == 0
+
+
 def _added(prompt, max_tokens, max_model_len):
     s = ChunkedScheduler(ChunkedConfig(100, max_model_len=max_model_len))
     r = SeqRequest("a", prompt, max_tokens, block_key=lambda i: ("a", i))
@@ -158,7 +188,8 @@ def _drive_kept(seed, pool):
     cfg = ChunkedConfig(num_blocks=rng.choice([40, 150, 600, 2000]), max_num_batched_tokens=rng.choice([16, 64, 512]),
                         max_num_seqs=rng.choice([2, 6, 64]), block_tokens=bt, max_model_len=rng.choice([None, 700]),
                         long_prefill_token_threshold=rng.choice([0, 0, 48]), pool=pool,
-                        lazy_tail_keys=rng.random() < 0.7, prefix_caching=rng.random() < 0.9)
+                        lazy_tail_keys=rng.random() < 0.7, prefix_caching=rng.random() < 0.9,
+                        hold_finished=seed % 3 == 0)  # freed by the caller (below), as the engine's saves do
     kept, general = ChunkedScheduler(cfg), ChunkedScheduler(cfg)
     stream = Stream(rng, bt)
     rid = t = at_once = 0
@@ -178,7 +209,7 @@ def _drive_kept(seed, pool):
         assert (kept.decode_context_tokens, kept.decode_block_limited) == \
             (general.decode_context_tokens, general.decode_block_limited) or not k
         if k and rng.random() < 0.5:
-            done = [[r.id for r in s.apply_decodes(k)] for s in (kept, general)]
+            finished = [s.apply_decodes(k) for s in (kept, general)]
             t += k
         else:
             dec = kept._decoding
@@ -188,9 +219,14 @@ def _drive_kept(seed, pool):
             assert _plan(plans[0]) == _plan(plans[1]), t
             assert [(p.num_decodes, p.decode_context_tokens, p.chunks, p.num_scheduled_tokens) for p in plans][0] == \
                 [(p.num_decodes, p.decode_context_tokens, p.chunks, p.num_scheduled_tokens) for p in plans][1], t
-            done = [[r.id for r in s.update(p)] for s, p in zip((kept, general), plans)]
+            finished = [s.update(p) for s, p in zip((kept, general), plans)]
             t += 1
+        done = [[r.id for r in rs] for rs in finished]
         assert done[0] == done[1], t
+        if cfg.hold_finished:  # their saves read them at once
+            for s, rs in zip((kept, general), finished):
+                for r in rs:
+                    s.free_finished(r)
         if rng.random() < 0.1:  # `_state` settles lazy keys: not on every step, or nothing stays lazy
             assert _state(kept) == _state(general), t
     return checked, at_once
