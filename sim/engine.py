@@ -6,9 +6,10 @@ saving that stalls the GPU. Who runs next is the scheduler's decision (sim/sched
 lives is the store's (sim/kvstore.py), what a step costs is the cost model's (sim/costmodel.py).
 
 Turns arrive through `submit` (from `sim.workload.Users`, later a router); an idle replica waits on
-its inbox (or, with no router ahead of it, takes the next arrival at once). Events per turn are O(1): a prefill iteration is one timeout (its layer pipeline is
-closed form), and decode runs in spans: between two changes of the running batch every iteration
-has the same shape, so one timeout advances the whole span with a closed-form sum of iteration times.
+its inbox (or, with no router ahead of it, takes the next arrival at once). Events per turn are O(1):
+a prefill iteration is one timeout (its layer pipeline is closed form), and decode runs in spans:
+between two changes of the running batch every iteration has the same shape, so one timeout advances
+the whole span with a closed-form sum of iteration times.
 """
 from __future__ import annotations
 
