@@ -356,7 +356,7 @@ class Replica:
             if self.policy == "hbm_prefix":
                 store.keep_in_hbm(job, ctx, now, self.w_hashes[i])
             rec.bytes_saved[i] = 0.0
-        if not job.blocks:  # the session's context after this turn, for its next turn's history
+        if not job.hashed:  # the session's context after this turn, for its next turn's history
             self.sched.session_context[job.sid] = ctx
         self.source.reply_done(i, now, now + stall)
         if self.host_next_turn_s and self.w_next[i] >= 0:
@@ -373,9 +373,34 @@ _NO_LIMIT = 1 << 62  # decode steps in a row when nothing else bounds them
 
 
 class TurnRequest(SeqRequest):
-    """A turn as the chunked scheduler's request, carrying the engine's `Job` for it (what the store
-    and the recorder read), so that nothing looks the turn up by its id."""
-    __slots__ = ("job",)
+    """A turn as the chunked scheduler's request and as the store's job at once: `SeqRequest`'s fields
+    plus those of `sim.scheduler.Job` that the store and the recorder read (built by
+    `PrefillFirstScheduler.make_job`, with `Job`'s arguments). One object a turn instead of a job and a
+    request that carries it: the simulator builds one per turn."""
+    __slots__ = ("i", "sid", "arrival", "keys", "hist", "prompt", "output", "ctx_in", "hit", "hit_entries",
+                 "truncated", "hashed", "clipped")
+
+    def __init__(self, i, sid, arrival, keys, hist, prompt, output, truncated, hashed=False, clipped=0):
+        # `Job.__init__`'s fields that a chunked turn uses
+        self.i, self.sid, self.arrival, self.keys = i, sid, arrival, keys
+        self.hashed = hashed  # reuse by shared prefix blocks' hashes (Mooncake) rather than by session
+        self.hist, self.prompt, self.output, self.truncated, self.clipped = hist, prompt, output, truncated, clipped
+        ctx_in = self.ctx_in = hist + prompt
+        self.hit = 0
+        self.hit_entries = ()
+        # `SeqRequest.__init__(i, ctx_in, output, segments=...)` in place (one call fewer a turn): the
+        # engine sets `segments` before `add_request`
+        if ctx_in < 1 or output < 1:
+            raise ValueError(f"request {i!r}: prompt_tokens and max_tokens must be >= 1")
+        self.id = i
+        self.prompt_tokens = ctx_in
+        self.max_tokens = output
+        self.block_key = self.segments = None
+        self.num_computed_tokens = self.num_output_tokens = self.num_blocks = self.num_cached_blocks = 0
+        self.blocks = []
+        self.num_preemptions = 0
+        self.finished = False
+        self.swapped_tokens = 0
 
 
 class ChunkedReplica:
@@ -484,21 +509,19 @@ class ChunkedReplica:
     def submit(self, i: int, arrival_s: float) -> None:
         """A turn arrives: it becomes a request at the tail of the waiting queue (an idle replica is woken
         by its source)."""
-        job = self.turns.make_job(i, arrival_s)
+        req = self.turns.make_job(i, arrival_s, TurnRequest)
         sched = self.sched
         if self.prefetch and len(sched.waiting) < self.lookahead_jobs:
-            self.entered_window.append(job)
-        if job.blocks or job.truncated or self.shared_blocks:
-            segs = self._key_segments(job)
+            self.entered_window.append(req)
+        if req.hashed or req.truncated or self.shared_blocks:
+            req.segments = self._key_segments(req)
         else:  # `_key_segments`: the session's chain at its epoch, inline (most turns)
-            segs = [(0, (job.sid, self.epoch.get(job.sid, 0)), 0)]
-        req = TurnRequest(i, job.ctx_in, job.output, segments=segs)
-        req.job = job
+            req.segments = [(0, (req.sid, self.epoch.get(req.sid, 0)), 0)]
         sched.add_request(req)
 
     def _key_segments(self, job):
         """The request's prefix-cache keys as chains (`sim.blocks`; see the class docstring)."""
-        if job.blocks:
+        if job.hashed:
             hashes, per = self.w_hashes[job.i], BLOCK_TOKENS // self.block_tokens
             # a block inside the prompt's hashed part holds the tokens its 512-token block's hash names
             n = min(len(hashes) * per, job.prompt // self.block_tokens)
@@ -528,7 +551,7 @@ class ChunkedReplica:
         """Store keys the first waiting requests will read -> queue position (scheduler-aware eviction)."""
         keys = {}
         for pos, req in enumerate(islice(self.sched.waiting, self.lookahead_jobs)):
-            for key in req.job.keys:
+            for key in req.keys:
                 keys.setdefault(key, pos)
         return keys
 
@@ -539,7 +562,7 @@ class ChunkedReplica:
         if a and self.sched.waiting:
             store, w = self.store, self.lookahead_jobs
             for req in islice(self.sched.waiting, max(w - a, 0), w):
-                store.prefetch(req.job, now)
+                store.prefetch(req, now)
         if self.entered_window:
             admit_s = self.rec.admit_s
             for job in self.entered_window:
@@ -550,11 +573,10 @@ class ChunkedReplica:
 
     def _external_hit(self, req, hit: int) -> int:
         """Tokens the host store holds beyond the HBM hit (vLLM's `get_num_new_matched_tokens`)."""
-        job = req.job
-        if not job.keys:
+        if not req.keys:
             return 0
-        h, entries = self.store.lookup(job)
-        job.hit, job.hit_entries = h, entries
+        h, entries = self.store.lookup(req)
+        req.hit, req.hit_entries = h, entries
         return h - hit if h > hit else 0
 
     # ---- the serving loop ------------------------------------------------------------------
@@ -682,8 +704,7 @@ class ChunkedReplica:
     _clock_error = Replica._clock_error
 
     def _never_fits(self):
-        req = self.sched.waiting[0]
-        job = req.job
+        req = job = self.sched.waiting[0]
         bt = self.block_tokens
         raise KvsimError(
             f"{self.cfg.source}: gpu: turn {job.i} (session {job.sid}) needs {-(-req.num_tokens // bt)} KV blocks "
@@ -719,7 +740,7 @@ class ChunkedReplica:
         firsts = []
         for r, hit in plan.admitted.items():
             i = r.id
-            job = r.job
+            job = r  # the request is the turn's job (`TurnRequest`)
             e = ext.get(r, 0) if ext else 0
             first = admit_s[i] != admit_s[i]  # NaN: its first admission (else it resumes)
             dram_b = ssd_b = load_j = 0.0
@@ -769,7 +790,7 @@ class ChunkedReplica:
     def _external_bytes(self, job, hit: int, ext: int):
         """(DRAM bytes, SSD bytes, when the DRAM copy is ready) of the `ext` tokens after `hit`; with
         Round Attention, layers above the watershed load only the kept rounds (`ra_factor` of the bytes)."""
-        if job.blocks:
+        if job.hashed:
             d, s, ready = self._block_bytes(job, hit, ext)
         else:  # a session's history: one entry, in one tier
             e = job.hit_entries[0]
@@ -800,7 +821,7 @@ class ChunkedReplica:
     # ---- the end of a turn: save to the host (§3.3) ------------------------------------------
     def _finish(self, req, now) -> float:
         i = req.id
-        job = req.job
+        job = req  # the request is the turn's job (`TurnRequest`)
         rec, store = self.rec, self.store
         if len(rec.span_counts) >= _SPAN_FLUSH:  # the ITL spans binned as they gather (`Recorder.flush_spans`)
             rec.itl.flush()
@@ -829,7 +850,7 @@ class ChunkedReplica:
                 heappush(self.held, (read_end, self._held_n, req))
             else:
                 self.sched.free_finished(req)
-        if not job.blocks:  # `PrefillFirstScheduler.finished`, inline
+        if not job.hashed:  # `PrefillFirstScheduler.finished`, inline
             self.turns.session_context[job.sid] = ctx
         self.source.reply_done(i, now, now + stall)
         return stall

@@ -34,11 +34,11 @@ class Job:
     """One turn being served: its history, what it reuses, what it computes and holds in HBM."""
     __slots__ = ("i", "sid", "arrival", "keys", "hist", "prompt", "output", "ctx_in", "hit", "hit_entries",
                  "computed", "res_bytes", "done_iter", "ctx", "save_end", "truncated", "saved_prompt_bytes",
-                 "admitted", "blocks", "clipped")
+                 "admitted", "hashed", "clipped")
 
-    def __init__(self, i, sid, arrival, keys, hist, prompt, output, truncated, blocks=False):
+    def __init__(self, i, sid, arrival, keys, hist, prompt, output, truncated, hashed=False, clipped=0):
         self.i, self.sid, self.arrival, self.keys = i, sid, arrival, keys
-        self.blocks = blocks  # reuse by shared prefix blocks (Mooncake) rather than by session
+        self.hashed = hashed  # reuse by shared prefix blocks' hashes (Mooncake) rather than by session
         self.hist, self.prompt, self.output, self.truncated = hist, prompt, output, truncated
         self.ctx_in = hist + prompt
         self.hit = 0
@@ -46,7 +46,7 @@ class Job:
         self.saved_prompt_bytes = 0.0
         self.save_end = 0.0
         self.admitted = False
-        self.clipped = 0  # prompt and reply tokens cut so that the turn fits the context window
+        self.clipped = clipped  # prompt and reply tokens cut so that the turn fits the context window
 
 
 def reusable_block_keys(hashes, input_tokens: int) -> list:
@@ -85,7 +85,9 @@ class PrefillFirstScheduler:
         self.w_hashes = workload.prefix_hashes
 
     # ---- a turn becomes a job: truncation and reuse keys ----------------------------------
-    def make_job(self, i, t) -> Job:
+    def make_job(self, i, t, new=Job) -> Job:
+        """Turn `i`, arriving at `t`, as a job built by `new` (a `Job`, or a class taking `Job`'s arguments:
+        the chunked engine's `TurnRequest`)."""
         sid = self.w_session[i]
         prompt = self.w_prompt[i]
         output = self.w_output[i]
@@ -101,16 +103,15 @@ class PrefillFirstScheduler:
             prompt = window - output
         if hashes is not None:
             # Mooncake-style request: reuse is of the input's own leading blocks, from any request
-            job = Job(i, sid, t, reusable_block_keys(hashes, prompt), 0, prompt, output, asked > window, blocks=True)
-        else:
-            hist = self.session_context.get(sid, 0)
-            room = window - prompt - output
-            kept = room if room < hist else hist
-            # history overflowing the window: drop the oldest tokens (CachedAttention §3.5);
-            # a history truncated to nothing has nothing to reuse
-            job = Job(i, sid, t, (sid,) if kept else (), kept, prompt, output, kept < hist)
-        job.clipped = asked - prompt - output
-        return job
+            return new(i, sid, t, reusable_block_keys(hashes, prompt), 0, prompt, output, asked > window, True,
+                       asked - prompt - output)
+        hist = self.session_context.get(sid, 0)
+        room = window - prompt - output
+        kept = room if room < hist else hist
+        # history overflowing the window: drop the oldest tokens (CachedAttention §3.5);
+        # a history truncated to nothing has nothing to reuse
+        return new(i, sid, t, (sid,) if kept else (), kept, prompt, output, kept < hist, False,
+                   asked - prompt - output)
 
     def enqueue(self, job: Job) -> None:
         self.queue.append(job)
@@ -119,7 +120,7 @@ class PrefillFirstScheduler:
             self.entered_window.append(job)
 
     def finished(self, job: Job, ctx: int) -> None:
-        if not job.blocks:
+        if not job.hashed:
             self.session_context[job.sid] = ctx
 
     def lookahead_keys(self) -> dict:

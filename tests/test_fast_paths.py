@@ -230,3 +230,26 @@ def _drive_kept(seed, pool):
         if rng.random() < 0.1:  # `_state` settles lazy keys: not on every step, or nothing stays lazy
             assert _state(kept) == _state(general), t
     return checked, at_once
+
+
+# ---- the chunked engine's turn: one object as the scheduler's request and the store's job -------------
+
+def test_a_turn_request_starts_as_the_seq_request_it_stands_for():
+    """`TurnRequest.__init__` sets `SeqRequest.__init__`'s fields itself (one call a turn fewer): every slot
+    of a fresh `SeqRequest` must hold the same value, and `Job`'s fields the same as a `Job` built alike."""
+    from sim.engine import TurnRequest
+    from sim.scheduler import Job
+
+    turn = TurnRequest(7, "s3", 2.5, ("s3",), 300, 40, 25, True, False, 5)
+    turn.segments = [(0, ("s3", 1), 0)]
+    seq = SeqRequest(7, 340, 25, segments=[(0, ("s3", 1), 0)])
+    for slot in SeqRequest.__slots__:
+        if slot == "stop_output":  # set by `add_request`
+            assert not hasattr(turn, slot) and not hasattr(seq, slot)
+            continue
+        assert getattr(turn, slot) == getattr(seq, slot), slot
+    job = Job(7, "s3", 2.5, ("s3",), 300, 40, 25, True, False, 5)
+    for slot in TurnRequest.__slots__:
+        assert getattr(turn, slot) == getattr(job, slot), slot
+    with pytest.raises(ValueError):
+        TurnRequest(8, "s4", 0.0, (), 0, 0, 5, False)
