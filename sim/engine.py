@@ -587,7 +587,7 @@ class ChunkedReplica:
         end, where they would change nothing."""
         env, sched, source, cost, rec = self.env, self.sched, self.source, self.cost, self.rec
         pending = source.pending
-        deliver_due = source.deliver_due
+        submit = self.submit
         waiting = sched.waiting
         max_seqs = sched.cfg.max_num_seqs
         held = self.held
@@ -604,8 +604,9 @@ class ChunkedReplica:
         inf = math.inf
         now = env.now
         while True:
-            if pending and pending[0][0] <= now:
-                deliver_due(now)
+            while pending and pending[0][0] <= now:  # `source.deliver_due(now)`, inline (once a turn)
+                t, i = heappop(pending)
+                submit(i, t)
             while held and held[0][0] <= now:  # their saves have read them
                 free_finished(heappop(held)[2])
             running = sched.running
@@ -695,7 +696,9 @@ class ChunkedReplica:
             # (`deliver_due` at its time, then the replica wakes), without a SimPy event
             if pending and self.horizon_s == inf:
                 t = pending[0][0]
-                deliver_due(t)
+                while pending and pending[0][0] <= t:  # `deliver_due(t)`, inline
+                    a, i = heappop(pending)
+                    submit(i, a)
             else:
                 t = yield source.listen()
             if t > now:
