@@ -555,10 +555,9 @@ class ChunkedReplica:
                 keys.setdefault(key, pos)
         return keys
 
-    def _fetch_window(self, plan, now) -> None:
-        """After a step's admissions: stage the requests they moved into the window's last places, and
+    def _fetch_window(self, a: int, now) -> None:
+        """After a step's `a` admissions: stage the requests they moved into the window's last places, and
         the arrivals inside the window that still wait (one admitted now loads from SSD layer by layer)."""
-        a = len(plan.admitted)
         if a and self.sched.waiting:
             store, w = self.store, self.lookahead_jobs
             for req in islice(self.sched.waiting, max(w - a, 0), w):
@@ -593,7 +592,7 @@ class ChunkedReplica:
         held = self.held
         # bound once: the loop runs a few times per turn
         run_limit, apply_decodes, decode_span = sched.decode_run_limit, sched.apply_decodes, cost.decode_span
-        schedule, update, iteration_s = sched.schedule, sched.update, cost.iteration_s
+        schedule, update, iteration_s, admit_step = sched.schedule, sched.update, cost.iteration_s, sched.admit_step
         free_finished, finish = sched.free_finished, self._finish
         buffer_layers, layerwise, prefetch = self.buffer_layers, self.layerwise, self.prefetch
         entered_window = self.entered_window
@@ -630,32 +629,60 @@ class ChunkedReplica:
                     now = now + dt
                     finished = apply_decodes(k)
                 else:
-                    plan = schedule()
-                    if not plan.entries and not sched.running:
-                        if held:  # nothing runs until a save frees its blocks
-                            update(plan)
+                    step = admit_step()
+                    if step is not None:
+                        # the commonest step, planned and applied at once (`ChunkedScheduler.admit_step`): the
+                        # queue's one request joins the decodes. Priced as below from the figures it returns.
+                        plan = None
+                        r, hit, e, n, computed, B, ctx, finished = step
+                        start = now
+                        if r is not None:
+                            load_layer, start = self._admit(((r, hit, e),), now)
+                            t = iteration_s([(n, computed)], B, ctx, load_layer, buffer_layers, layerwise)
+                            self.busy_prefill_s += t
+                            admitted = 1
+                        elif B:  # the head did not fit: the decodes alone
+                            t = decode_span(B, ctx, 1)[0]
+                            self.busy_decode_s += t
+                            admitted = 0
+                        elif held:  # nothing runs until a save frees its blocks
                             now = held[0][0]
                             continue
-                        self._never_fits()
-                    # price the step (before `update`: each chunk's cached context is the request's computed
-                    # tokens so far) and record its admissions: `_step`, inline (once per turn)
-                    B = plan.num_decodes
-                    start = now
-                    load_layer = 0.0
-                    if plan.admitted:
-                        load_layer, start = self._admit(plan, now)
-                    if plan.swapped_out or plan.swapped_in:
-                        start = self._swap(plan, start)
-                    if plan.chunks or load_layer:
-                        t = iteration_s(plan.chunks, B, plan.decode_context_tokens, load_layer, buffer_layers, layerwise)
-                        self.busy_prefill_s += t
+                        else:
+                            self._never_fits()
+                        size = B + 1
                     else:
-                        t = decode_span(B, plan.decode_context_tokens, 1)[0]
-                        self.busy_decode_s += t
+                        plan = schedule()
+                        if not plan.entries and not sched.running:
+                            if held:  # nothing runs until a save frees its blocks
+                                update(plan)
+                                now = held[0][0]
+                                continue
+                            self._never_fits()
+                        # price the step (before `update`: each chunk's cached context is the request's computed
+                        # tokens so far) and record its admissions
+                        B = plan.num_decodes
+                        start = now
+                        load_layer = 0.0
+                        ext = plan.external
+                        admitted = len(plan.admitted)
+                        if admitted:
+                            load_layer, start = self._admit(
+                                [(r, hit, ext.get(r, 0) if ext else 0) for r, hit in plan.admitted.items()], now)
+                        if plan.swapped_out or plan.swapped_in:
+                            start = self._swap(plan, start)
+                        if plan.chunks or load_layer:
+                            t = iteration_s(plan.chunks, B, plan.decode_context_tokens, load_layer, buffer_layers,
+                                            layerwise)
+                            self.busy_prefill_s += t
+                        else:
+                            t = decode_span(B, plan.decode_context_tokens, 1)[0]
+                            self.busy_decode_s += t
+                        size = plan.num_decodes + len(plan.chunks)  # each scheduled request decodes or runs a chunk
                     dt = start + t - now
                     if prefetch:
                         if waiting:
-                            self._fetch_window(plan, now)
+                            self._fetch_window(admitted, now)
                         elif entered_window:  # every arrival since the last step was admitted: none to stage
                             entered_window.clear()
                     if B:  # the decodes riding in this step wait for all of it
@@ -665,11 +692,11 @@ class ChunkedReplica:
                             span_counts += (B, 1)
                             span_times += (dt, 0.0)
                     now = now + dt
-                    finished = update(plan)
+                    if plan is not None:
+                        finished = update(plan)
                     if sched.first_sampled:
                         # requests whose prompt's last chunk ran in this step sampled their first token at
                         # its end (`ChunkedScheduler.first_sampled`, after `update`); inline, once per turn
-                        size = plan.num_decodes + len(plan.chunks)  # each scheduled request decodes or runs a chunk
                         for r in sched.first_sampled:
                             i = r.id
                             if ttft_s[i] != ttft_s[i]:
@@ -730,21 +757,20 @@ class ChunkedReplica:
         self.swap_wait_s += t - start
         return t
 
-    def _admit(self, plan, now):
-        """Record each request's first admission and price the external hits' loads: (load per layer,
-        when the step can start: a DRAM copy still being written, the SSD's queue)."""
+    def _admit(self, admitted, now):
+        """Record each admitted request's first admission and price the external hits' loads, given
+        (request, prefix-cache hit tokens, external tokens) each: (load per layer, when the step can start:
+        a DRAM copy still being written, the SSD's queue)."""
         rec, L = self.rec, self.L
-        ext = plan.external
         admit_s = rec.admit_s
         load_layer = 0.0
         ready = now
         ssd_bytes = loaded = 0.0
         ssd_loads = []
         firsts = []
-        for r, hit in plan.admitted.items():
+        for r, hit, e in admitted:
             i = r.id
             job = r  # the request is the turn's job (`TurnRequest`)
-            e = ext.get(r, 0) if ext else 0
             first = admit_s[i] != admit_s[i]  # NaN: its first admission (else it resumes)
             dram_b = ssd_b = load_j = 0.0
             if e:
