@@ -675,26 +675,19 @@ class ChunkedScheduler:
         if B:
             if not (dec and dec[1] > 1 and (dec[2] or not caching) and B <= pool.num_free):
                 return None
-            # `schedule`'s all-decode step: a block each at most, which the free queue holds; and `update`'s:
-            # each computes its token and samples the next (in the same pass: nothing below reads them)
+            # `schedule`'s all-decode step: a block each at most, which the free queue holds
             if self._counted:
                 total = 0
                 for r in running:
-                    c = r.num_computed_tokens
-                    room = r.num_blocks * bt - c
+                    room = r.num_blocks * bt - r.num_computed_tokens
                     if room <= 0:
-                        room = -room // bt + 1
-                        r.num_blocks += room
-                        total += room
-                    r.num_computed_tokens = c + 1
-                    r.num_output_tokens += 1
+                        c = -room // bt + 1
+                        r.num_blocks += c
+                        total += c
                 if total:
                     pool.allocate_counted(total)
             else:
                 pool.allocate_decodes(running, 1, bt)
-                for r in running:
-                    r.num_computed_tokens += 1
-                    r.num_output_tokens += 1
             self._all_decode = dec
             decode_ctx = dec[0]
         else:
@@ -733,9 +726,12 @@ class ChunkedScheduler:
             pool.admit(req, hit_handle, -(-c // bt), (c if c < total else total) // bt if caching else 0)
             waiting.popleft()
             running.append(req)
-        # `update`: the decodes computed their token and sampled the next (none reaches its stop), then the chunk
+        # `update`: the decodes compute their token and sample the next (none reaches its stop), then the chunk
         self.first_sampled = first = []
-        if B:  # the decodes: computed above
+        if B:
+            for r in running if req is None else running[:B]:
+                r.num_computed_tokens += 1
+                r.num_output_tokens += 1
             m, ctx, kmin, tail = B, decode_ctx + B, dec[1] - 1, dec[2]
         else:
             m = ctx = 0
@@ -923,41 +919,32 @@ class ChunkedScheduler:
         dec = self._decoding
         if dec and not dropped:
             # the kept state says who stops when (none recomputes dropped KV): each request gains k tokens
-            # and the blocks they need, and only at the first stop does anyone finish (the loop further
-            # below, without its recompute counts)
-            if k < dec[1]:  # nobody stops: the kept state moves by k tokens each
-                for r in running:
-                    c = r.num_computed_tokens = r.num_computed_tokens + k
-                    nb = -(-c // bt)
-                    if nb > r.num_blocks:
-                        total += nb - r.num_blocks
-                        r.num_blocks = nb
-                    r.num_output_tokens += k
-                if total:  # taken before any finished request frees its blocks, as the steps would
-                    self.pool.allocate_counted(total)
-                self._decoding = (dec[0] + len(running) * k, dec[1] - k, dec[2])
-                return []
-            # the first stop: the same, and who stops there, in one pass
-            finished = []
-            ctx = 0
-            kmin = _NO_STOP
+            # and the blocks they need, and only at the first stop does anyone finish (the loop below,
+            # without its stops and recompute counts)
             for r in running:
                 c = r.num_computed_tokens = r.num_computed_tokens + k
                 nb = -(-c // bt)
                 if nb > r.num_blocks:
                     total += nb - r.num_blocks
                     r.num_blocks = nb
-                out = r.num_output_tokens = r.num_output_tokens + k
-                left = r.stop_output - out
+                r.num_output_tokens += k
+            if total:  # taken before any finished request frees its blocks, as the steps would
+                self.pool.allocate_counted(total)
+            if k < dec[1]:  # nobody stops: the kept state moves by k tokens each
+                self._decoding = (dec[0] + len(running) * k, dec[1] - k, dec[2])
+                return []
+            finished = []
+            ctx = 0
+            kmin = _NO_STOP
+            for r in running:
+                left = r.stop_output - r.num_output_tokens
                 if left <= 0:
                     r.finished = True
                     finished.append(r)
                 else:
-                    ctx += c + 1
+                    ctx += r.num_computed_tokens + 1
                     if left < kmin:
                         kmin = left
-            if total:  # taken before any finished request frees its blocks, as the steps would
-                self.pool.allocate_counted(total)
             self._decoding = (ctx, kmin, dec[2])
             if len(finished) == 1 and self._hold:
                 # `_end_running` for one held request (the engine's common case), inline: keyed as a release
