@@ -481,7 +481,9 @@ class RunPool:
         if p > r.lo:
             r = self._split(r, p)
         if not r.holders:
-            self._unlink(r)
+            r.prev.next = r.next  # `_unlink(r)`, inline (once a hit)
+            r.next.prev = r.prev
+            r.prev = r.next = None
             self.num_free -= r.n
         r.holders.append(req)
         return r
@@ -541,6 +543,9 @@ class RunPool:
             r, p, end = hit
             req.num_blocks = req.num_cached_blocks = end - p
             req.blocks = [self._take(r, p, end, req)]
+        elif not hit:  # `touch` of no hit, inline (a turn's first admission, often)
+            req.blocks = []
+            req.num_blocks = req.num_cached_blocks = 0
         else:
             self.touch(req, hit)
         need = blocks - req.num_blocks

@@ -357,7 +357,7 @@ class Replica:
             if self.policy == "hbm_prefix":
                 store.keep_in_hbm(job, ctx, now, self.w_hashes[i])
             rec.bytes_saved[i] = 0.0
-        if not job.blocks:  # the session's context after this turn, for its next turn's history
+        if not job.hashed:  # the session's context after this turn, for its next turn's history
             self.sched.session_context[job.sid] = ctx
         self.source.reply_done(i, now, now + stall)
         if self.host_next_turn_s and self.w_next[i] >= 0:
@@ -374,9 +374,34 @@ _NO_LIMIT = 1 << 62  # decode steps in a row when nothing else bounds them
 
 
 class TurnRequest(SeqRequest):
-    """A turn as the chunked scheduler's request, carrying the engine's `Job` for it (what the store
-    and the recorder read), so that nothing looks the turn up by its id."""
-    __slots__ = ("job",)
+    """A turn as the chunked scheduler's request and as the store's job at once: `SeqRequest`'s fields
+    plus those of `sim.scheduler.Job` that the store and the recorder read (built by
+    `PrefillFirstScheduler.make_job`, with `Job`'s arguments). One object a turn instead of a job and a
+    request that carries it: the simulator builds one per turn."""
+    __slots__ = ("i", "sid", "arrival", "keys", "hist", "prompt", "output", "ctx_in", "hit", "hit_entries",
+                 "truncated", "hashed", "clipped")
+
+    def __init__(self, i, sid, arrival, keys, hist, prompt, output, truncated, hashed=False, clipped=0):
+        # `Job.__init__`'s fields that a chunked turn uses
+        self.i, self.sid, self.arrival, self.keys = i, sid, arrival, keys
+        self.hashed = hashed  # reuse by shared prefix blocks' hashes (Mooncake) rather than by session
+        self.hist, self.prompt, self.output, self.truncated, self.clipped = hist, prompt, output, truncated, clipped
+        ctx_in = self.ctx_in = hist + prompt
+        self.hit = 0
+        self.hit_entries = ()
+        # `SeqRequest.__init__(i, ctx_in, output, segments=...)` in place (one call fewer a turn): the
+        # engine sets `segments` before `add_request`
+        if ctx_in < 1 or output < 1:
+            raise ValueError(f"request {i!r}: prompt_tokens and max_tokens must be >= 1")
+        self.id = i
+        self.prompt_tokens = ctx_in
+        self.max_tokens = output
+        self.block_key = self.segments = None
+        self.num_computed_tokens = self.num_output_tokens = self.num_blocks = self.num_cached_blocks = 0
+        self.blocks = []
+        self.num_preemptions = 0
+        self.finished = False
+        self.swapped_tokens = 0
 
 
 class ChunkedReplica:
@@ -485,21 +510,19 @@ class ChunkedReplica:
     def submit(self, i: int, arrival_s: float) -> None:
         """A turn arrives: it becomes a request at the tail of the waiting queue (an idle replica is woken
         by its source)."""
-        job = self.turns.make_job(i, arrival_s)
+        req = self.turns.make_job(i, arrival_s, TurnRequest)
         sched = self.sched
         if self.prefetch and len(sched.waiting) < self.lookahead_jobs:
-            self.entered_window.append(job)
-        if job.blocks or job.truncated or self.shared_blocks:
-            segs = self._key_segments(job)
+            self.entered_window.append(req)
+        if req.hashed or req.truncated or self.shared_blocks:
+            req.segments = self._key_segments(req)
         else:  # `_key_segments`: the session's chain at its epoch, inline (most turns)
-            segs = [(0, (job.sid, self.epoch.get(job.sid, 0)), 0)]
-        req = TurnRequest(i, job.ctx_in, job.output, segments=segs)
-        req.job = job
+            req.segments = [(0, (req.sid, self.epoch.get(req.sid, 0)), 0)]
         sched.add_request(req)
 
     def _key_segments(self, job):
         """The request's prefix-cache keys as chains (`sim.blocks`; see the class docstring)."""
-        if job.blocks:
+        if job.hashed:
             hashes, per = self.w_hashes[job.i], BLOCK_TOKENS // self.block_tokens
             # a block inside the prompt's hashed part holds the tokens its 512-token block's hash names
             n = min(len(hashes) * per, job.prompt // self.block_tokens)
@@ -529,18 +552,17 @@ class ChunkedReplica:
         """Store keys the first waiting requests will read -> queue position (scheduler-aware eviction)."""
         keys = {}
         for pos, req in enumerate(islice(self.sched.waiting, self.lookahead_jobs)):
-            for key in req.job.keys:
+            for key in req.keys:
                 keys.setdefault(key, pos)
         return keys
 
-    def _fetch_window(self, plan, now) -> None:
-        """After a step's admissions: stage the requests they moved into the window's last places, and
+    def _fetch_window(self, a: int, now) -> None:
+        """After a step's `a` admissions: stage the requests they moved into the window's last places, and
         the arrivals inside the window that still wait (one admitted now loads from SSD layer by layer)."""
-        a = len(plan.admitted)
         if a and self.sched.waiting:
             store, w = self.store, self.lookahead_jobs
             for req in islice(self.sched.waiting, max(w - a, 0), w):
-                store.prefetch(req.job, now)
+                store.prefetch(req, now)
         if self.entered_window:
             admit_s = self.rec.admit_s
             for job in self.entered_window:
@@ -551,11 +573,10 @@ class ChunkedReplica:
 
     def _external_hit(self, req, hit: int) -> int:
         """Tokens the host store holds beyond the HBM hit (vLLM's `get_num_new_matched_tokens`)."""
-        job = req.job
-        if not job.keys:
+        if not req.keys:
             return 0
-        h, entries = self.store.lookup(job)
-        job.hit, job.hit_entries = h, entries
+        h, entries = self.store.lookup(req)
+        req.hit, req.hit_entries = h, entries
         return h - hit if h > hit else 0
 
     # ---- the serving loop ------------------------------------------------------------------
@@ -566,13 +587,13 @@ class ChunkedReplica:
         end, where they would change nothing."""
         env, sched, source, cost, rec = self.env, self.sched, self.source, self.cost, self.rec
         pending = source.pending
-        deliver_due = source.deliver_due
+        submit = self.submit
         waiting = sched.waiting
         max_seqs = sched.cfg.max_num_seqs
         held = self.held
         # bound once: the loop runs a few times per turn
         run_limit, apply_decodes, decode_span = sched.decode_run_limit, sched.apply_decodes, cost.decode_span
-        schedule, update, iteration_s = sched.schedule, sched.update, cost.iteration_s
+        schedule, update, iteration_s, admit_step = sched.schedule, sched.update, cost.iteration_s, sched.admit_step
         free_finished, finish = sched.free_finished, self._finish
         buffer_layers, layerwise, prefetch = self.buffer_layers, self.layerwise, self.prefetch
         entered_window = self.entered_window
@@ -583,8 +604,9 @@ class ChunkedReplica:
         inf = math.inf
         now = env.now
         while True:
-            if pending and pending[0][0] <= now:
-                deliver_due(now)
+            while pending and pending[0][0] <= now:  # `source.deliver_due(now)`, inline (once a turn)
+                t, i = heappop(pending)
+                submit(i, t)
             while held and held[0][0] <= now:  # their saves have read them
                 free_finished(heappop(held)[2])
             running = sched.running
@@ -608,32 +630,60 @@ class ChunkedReplica:
                     now = now + dt
                     finished = apply_decodes(k)
                 else:
-                    plan = schedule()
-                    if not plan.entries and not sched.running:
-                        if held:  # nothing runs until a save frees its blocks
-                            update(plan)
+                    step = admit_step()
+                    if step is not None:
+                        # the commonest step, planned and applied at once (`ChunkedScheduler.admit_step`): the
+                        # queue's one request joins the decodes. Priced as below from the figures it returns.
+                        plan = None
+                        r, hit, e, n, computed, B, ctx, finished = step
+                        start = now
+                        if r is not None:
+                            load_layer, start = self._admit(((r, hit, e),), now)
+                            t = iteration_s([(n, computed)], B, ctx, load_layer, buffer_layers, layerwise)
+                            self.busy_prefill_s += t
+                            admitted = 1
+                        elif B:  # the head did not fit: the decodes alone
+                            t = decode_span(B, ctx, 1)[0]
+                            self.busy_decode_s += t
+                            admitted = 0
+                        elif held:  # nothing runs until a save frees its blocks
                             now = held[0][0]
                             continue
-                        self._never_fits()
-                    # price the step (before `update`: each chunk's cached context is the request's computed
-                    # tokens so far) and record its admissions: `_step`, inline (once per turn)
-                    B = plan.num_decodes
-                    start = now
-                    load_layer = 0.0
-                    if plan.admitted:
-                        load_layer, start = self._admit(plan, now)
-                    if plan.swapped_out or plan.swapped_in:
-                        start = self._swap(plan, start)
-                    if plan.chunks or load_layer:
-                        t = iteration_s(plan.chunks, B, plan.decode_context_tokens, load_layer, buffer_layers, layerwise)
-                        self.busy_prefill_s += t
+                        else:
+                            self._never_fits()
+                        size = B + 1
                     else:
-                        t = decode_span(B, plan.decode_context_tokens, 1)[0]
-                        self.busy_decode_s += t
+                        plan = schedule()
+                        if not plan.entries and not sched.running:
+                            if held:  # nothing runs until a save frees its blocks
+                                update(plan)
+                                now = held[0][0]
+                                continue
+                            self._never_fits()
+                        # price the step (before `update`: each chunk's cached context is the request's computed
+                        # tokens so far) and record its admissions
+                        B = plan.num_decodes
+                        start = now
+                        load_layer = 0.0
+                        ext = plan.external
+                        admitted = len(plan.admitted)
+                        if admitted:
+                            load_layer, start = self._admit(
+                                [(r, hit, ext.get(r, 0) if ext else 0) for r, hit in plan.admitted.items()], now)
+                        if plan.swapped_out or plan.swapped_in:
+                            start = self._swap(plan, start)
+                        if plan.chunks or load_layer:
+                            t = iteration_s(plan.chunks, B, plan.decode_context_tokens, load_layer, buffer_layers,
+                                            layerwise)
+                            self.busy_prefill_s += t
+                        else:
+                            t = decode_span(B, plan.decode_context_tokens, 1)[0]
+                            self.busy_decode_s += t
+                        size = plan.num_decodes + len(plan.chunks)  # each scheduled request decodes or runs a chunk
                     dt = start + t - now
                     if prefetch:
                         if waiting:
-                            self._fetch_window(plan, now)
+                            self._fetch_window(admitted, now)
                         elif entered_window:  # every arrival since the last step was admitted: none to stage
                             entered_window.clear()
                     if B:  # the decodes riding in this step wait for all of it
@@ -643,11 +693,11 @@ class ChunkedReplica:
                             span_counts += (B, 1)
                             span_times += (dt, 0.0)
                     now = now + dt
-                    finished = update(plan)
+                    if plan is not None:
+                        finished = update(plan)
                     if sched.first_sampled:
                         # requests whose prompt's last chunk ran in this step sampled their first token at
                         # its end (`ChunkedScheduler.first_sampled`, after `update`); inline, once per turn
-                        size = plan.num_decodes + len(plan.chunks)  # each scheduled request decodes or runs a chunk
                         for r in sched.first_sampled:
                             i = r.id
                             if ttft_s[i] != ttft_s[i]:
@@ -674,7 +724,9 @@ class ChunkedReplica:
             # (`deliver_due` at its time, then the replica wakes), without a SimPy event
             if pending and self.horizon_s == inf:
                 t = pending[0][0]
-                deliver_due(t)
+                while pending and pending[0][0] <= t:  # `deliver_due(t)`, inline
+                    a, i = heappop(pending)
+                    submit(i, a)
             else:
                 t = yield source.listen()
             if t > now:
@@ -683,8 +735,7 @@ class ChunkedReplica:
     _clock_error = Replica._clock_error
 
     def _never_fits(self):
-        req = self.sched.waiting[0]
-        job = req.job
+        req = job = self.sched.waiting[0]
         bt = self.block_tokens
         raise KvsimError(
             f"{self.cfg.source}: gpu: turn {job.i} (session {job.sid}) needs {-(-req.num_tokens // bt)} KV blocks "
@@ -707,21 +758,20 @@ class ChunkedReplica:
         self.swap_wait_s += t - start
         return t
 
-    def _admit(self, plan, now):
-        """Record each request's first admission and price the external hits' loads: (load per layer,
-        when the step can start: a DRAM copy still being written, the SSD's queue)."""
+    def _admit(self, admitted, now):
+        """Record each admitted request's first admission and price the external hits' loads, given
+        (request, prefix-cache hit tokens, external tokens) each: (load per layer, when the step can start:
+        a DRAM copy still being written, the SSD's queue)."""
         rec, L = self.rec, self.L
-        ext = plan.external
         admit_s = rec.admit_s
         load_layer = 0.0
         ready = now
         ssd_bytes = loaded = 0.0
         ssd_loads = []
         firsts = []
-        for r, hit in plan.admitted.items():
+        for r, hit, e in admitted:
             i = r.id
-            job = r.job
-            e = ext.get(r, 0) if ext else 0
+            job = r  # the request is the turn's job (`TurnRequest`)
             first = admit_s[i] != admit_s[i]  # NaN: its first admission (else it resumes)
             dram_b = ssd_b = load_j = 0.0
             if e:
@@ -770,7 +820,7 @@ class ChunkedReplica:
     def _external_bytes(self, job, hit: int, ext: int):
         """(DRAM bytes, SSD bytes, when the DRAM copy is ready) of the `ext` tokens after `hit`; with
         Round Attention, layers above the watershed load only the kept rounds (`ra_factor` of the bytes)."""
-        if job.blocks:
+        if job.hashed:
             d, s, ready = self._block_bytes(job, hit, ext)
         else:  # a session's history: one entry, in one tier
             e = job.hit_entries[0]
@@ -801,7 +851,7 @@ class ChunkedReplica:
     # ---- the end of a turn: save to the host (§3.3) ------------------------------------------
     def _finish(self, req, now) -> float:
         i = req.id
-        job = req.job
+        job = req  # the request is the turn's job (`TurnRequest`)
         rec, store = self.rec, self.store
         if len(rec.span_counts) >= _SPAN_FLUSH:  # the ITL spans binned as they gather (`Recorder.flush_spans`)
             rec.itl.flush()
@@ -830,7 +880,7 @@ class ChunkedReplica:
                 heappush(self.held, (read_end, self._held_n, req))
             else:
                 self.sched.free_finished(req)
-        if not job.blocks:  # `PrefillFirstScheduler.finished`, inline
+        if not job.hashed:  # `PrefillFirstScheduler.finished`, inline
             self.turns.session_context[job.sid] = ctx
         self.source.reply_done(i, now, now + stall)
         return stall

@@ -54,7 +54,7 @@ class KVStore:
         entries = []
         if not self.reuse or not job.keys:
             return 0, entries
-        if not job.blocks:
+        if not job.hashed:
             e = self.index.get(job.sid)
             if e is None:
                 return 0, entries
@@ -99,7 +99,7 @@ class KVStore:
                 if code < HBM:
                     code = HBM
                 continue
-            if job.blocks:
+            if job.hashed:
                 b = e.nbytes
             elif self.sliding:  # sliding-window layers load only the last window of the hit
                 b = self.kv_bytes(job.hit)
@@ -217,7 +217,7 @@ class KVStore:
 
     def save_to_host(self, job, ctx, now, hashes) -> float:
         """Write the turn's new KV to DRAM (spilling to SSD if DRAM cannot hold it); return bytes written."""
-        if job.blocks:  # prefix blocks of the input
+        if job.hashed:  # prefix blocks of the input
             written = 0.0
             block_bytes = BLOCK_TOKENS * self.kv_tok
             for key in hashes[: job.prompt // BLOCK_TOKENS]:
@@ -267,7 +267,7 @@ class KVStore:
 
     def keep_in_hbm(self, job, ctx, now, hashes) -> None:
         """Prefix caching in spare HBM (vLLM/SGLang-like): the finished KV stays, LRU-evicted."""
-        if job.blocks:
+        if job.hashed:
             block_bytes = BLOCK_TOKENS * self.kv_tok
             for key in hashes[: job.prompt // BLOCK_TOKENS]:
                 e = self.index.get(key)

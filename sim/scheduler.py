@@ -34,11 +34,11 @@ class Job:
     """One turn being served: its history, what it reuses, what it computes and holds in HBM."""
     __slots__ = ("i", "sid", "arrival", "keys", "hist", "prompt", "output", "ctx_in", "hit", "hit_entries",
                  "computed", "res_bytes", "done_iter", "ctx", "save_end", "truncated", "saved_prompt_bytes",
-                 "admitted", "blocks", "clipped")
+                 "admitted", "hashed", "clipped")
 
-    def __init__(self, i, sid, arrival, keys, hist, prompt, output, truncated, blocks=False):
+    def __init__(self, i, sid, arrival, keys, hist, prompt, output, truncated, hashed=False, clipped=0):
         self.i, self.sid, self.arrival, self.keys = i, sid, arrival, keys
-        self.blocks = blocks  # reuse by shared prefix blocks (Mooncake) rather than by session
+        self.hashed = hashed  # reuse by shared prefix blocks' hashes (Mooncake) rather than by session
         self.hist, self.prompt, self.output, self.truncated = hist, prompt, output, truncated
         self.ctx_in = hist + prompt
         self.hit = 0
@@ -46,7 +46,7 @@ class Job:
         self.saved_prompt_bytes = 0.0
         self.save_end = 0.0
         self.admitted = False
-        self.clipped = 0  # prompt and reply tokens cut so that the turn fits the context window
+        self.clipped = clipped  # prompt and reply tokens cut so that the turn fits the context window
 
 
 def reusable_block_keys(hashes, input_tokens: int) -> list:
@@ -85,7 +85,9 @@ class PrefillFirstScheduler:
         self.w_hashes = workload.prefix_hashes
 
     # ---- a turn becomes a job: truncation and reuse keys ----------------------------------
-    def make_job(self, i, t) -> Job:
+    def make_job(self, i, t, new=Job) -> Job:
+        """Turn `i`, arriving at `t`, as a job built by `new` (a `Job`, or a class taking `Job`'s arguments:
+        the chunked engine's `TurnRequest`)."""
         sid = self.w_session[i]
         prompt = self.w_prompt[i]
         output = self.w_output[i]
@@ -101,16 +103,15 @@ class PrefillFirstScheduler:
             prompt = window - output
         if hashes is not None:
             # Mooncake-style request: reuse is of the input's own leading blocks, from any request
-            job = Job(i, sid, t, reusable_block_keys(hashes, prompt), 0, prompt, output, asked > window, blocks=True)
-        else:
-            hist = self.session_context.get(sid, 0)
-            room = window - prompt - output
-            kept = room if room < hist else hist
-            # history overflowing the window: drop the oldest tokens (CachedAttention §3.5);
-            # a history truncated to nothing has nothing to reuse
-            job = Job(i, sid, t, (sid,) if kept else (), kept, prompt, output, kept < hist)
-        job.clipped = asked - prompt - output
-        return job
+            return new(i, sid, t, reusable_block_keys(hashes, prompt), 0, prompt, output, asked > window, True,
+                       asked - prompt - output)
+        hist = self.session_context.get(sid, 0)
+        room = window - prompt - output
+        kept = room if room < hist else hist
+        # history overflowing the window: drop the oldest tokens (CachedAttention §3.5);
+        # a history truncated to nothing has nothing to reuse
+        return new(i, sid, t, (sid,) if kept else (), kept, prompt, output, kept < hist, False,
+                   asked - prompt - output)
 
     def enqueue(self, job: Job) -> None:
         self.queue.append(job)
@@ -119,7 +120,7 @@ class PrefillFirstScheduler:
             self.entered_window.append(job)
 
     def finished(self, job: Job, ctx: int) -> None:
-        if not job.blocks:
+        if not job.hashed:
             self.session_context[job.sid] = ctx
 
     def lookahead_keys(self) -> dict:
@@ -648,6 +649,117 @@ class ChunkedScheduler:
         self._planned = plan
         self._decoding = None  # `update` finds it again
         return plan
+
+    def admit_step(self):
+        """The commonest step, planned and applied at once (`schedule` then `update`, without a `StepPlan`):
+        the waiting queue's one request, fresh (no output, nothing swapped or dropped), is tried while the
+        running requests all decode with none at its stop (`_decoding`), or none runs. None, with nothing
+        done, when the step is another; else (the admitted request or None if it did not fit, its
+        prefix-cache hit tokens, external tokens (`StepPlan.external`), its new tokens, its computed tokens
+        before the step, the decodes, their context tokens, the requests finished), with `first_sampled`
+        as `update` leaves it. The same decisions in the same order as `schedule` and `update`
+        (tests/test_fast_paths.py drives both on random streams): a step costs one call, not two and a plan.
+        A caller prices the admitted request's chunk from the returned figures."""
+        waiting = self.waiting
+        running = self.running
+        B = len(running)
+        if (len(waiting) != 1 or self._planned is not None or self._dropped or B >= self.cfg.max_num_seqs
+                or B >= self._budget):
+            return None
+        req = waiting[0]
+        if req.num_output_tokens or req.swapped_tokens:
+            return None
+        pool, bt = self.pool, self._bt
+        caching = self._caching
+        dec = self._decoding
+        if B:
+            if not (dec and dec[1] > 1 and (dec[2] or not caching) and B <= pool.num_free):
+                return None
+            # `schedule`'s all-decode step: a block each at most, which the free queue holds
+            if self._counted:
+                total = 0
+                for r in running:
+                    room = r.num_blocks * bt - r.num_computed_tokens
+                    if room <= 0:
+                        c = -room // bt + 1
+                        r.num_blocks += c
+                        total += c
+                if total:
+                    pool.allocate_counted(total)
+            else:
+                pool.allocate_decodes(running, 1, bt)
+            self._all_decode = dec
+            decode_ctx = dec[0]
+        else:
+            self._all_decode = None
+            decode_ctx = 0
+        self._lazy = False  # with every running request past its last chain's start, none has a block to key
+        budget = self._budget - B
+        threshold = self.cfg.long_prefill_token_threshold if B else 0  # off with no other request
+        max_len = self._max_len
+        # `schedule`'s admission of the queue's head (its request has no output: a chunk, not a decode)
+        total = req.prompt_tokens
+        whole = (total - 1) // bt
+        hit_handle, hit_blocks, evictable = pool.lookup(req, whole if caching else 0)
+        hit = hit_blocks * bt
+        ext = 0
+        if self.external_hit is not None:
+            ext = self.external_hit(req, hit)
+            room = whole * bt - hit
+            ext = (room if room < ext else ext) // bt * bt
+            if ext < 0:
+                ext = 0
+        n = total - hit - ext
+        if threshold and threshold < n:
+            n = threshold
+        if n > budget:
+            n = budget
+        full = total if max_len is None or total < max_len else max_len
+        need = -(-full // bt) - hit_blocks
+        need = (need if need > 0 else 0) + evictable
+        self.blocked = True  # admitted, the queue is empty; else its head waits for blocks
+        if need + (self._watermark if B else 0) > pool.num_free:
+            req = None
+        else:
+            computed = hit + ext
+            c = computed + n
+            pool.admit(req, hit_handle, -(-c // bt), (c if c < total else total) // bt if caching else 0)
+            waiting.popleft()
+            running.append(req)
+        # `update`: the decodes compute their token and sample the next (none reaches its stop), then the chunk
+        self.first_sampled = first = []
+        if B:
+            for r in running if req is None else running[:B]:
+                r.num_computed_tokens += 1
+                r.num_output_tokens += 1
+            m, ctx, kmin, tail = B, decode_ctx + B, dec[1] - 1, dec[2]
+        else:
+            m = ctx = 0
+            kmin = _NO_STOP
+            tail = self._lazy_tail
+        finished = []
+        if req is None:
+            self._decoding = (ctx, kmin, tail)  # every running request decodes (m == B)
+            return None, 0, 0, 0, 0, B, decode_ctx, finished
+        c = req.num_computed_tokens = computed + n
+        if c >= total:  # its prompt's last chunk: the step samples its first token
+            req.num_output_tokens = 1
+            first.append(req)
+            left = req.stop_output - 1
+            if left <= 0:
+                req.finished = True
+                self._finished(req)
+                finished.append(req)
+                running.pop()  # it came last (`update`'s filter of the running list)
+            else:
+                m += 1
+                ctx += c + 1
+                if left < kmin:
+                    kmin = left
+                if tail and req.num_cached_blocks < req.segments[-1][0]:
+                    tail = False
+        self._decoding = (ctx, kmin, tail) if m == len(running) else None
+        return req, hit, ext, n, computed, B, decode_ctx, finished
 
     def update(self, plan: StepPlan) -> list[SeqRequest]:
         """Apply a planned step; returns the requests it finished, in scheduling order (their

@@ -230,3 +230,128 @@ def _drive_kept(seed, pool):
         if rng.random() < 0.1:  # `_state` settles lazy keys: not on every step, or nothing stays lazy
             assert _state(kept) == _state(general), t
     return checked, at_once
+
+
+# ---- the chunked engine's turn: one object as the scheduler's request and the store's job -------------
+
+def test_a_turn_request_starts_as_the_seq_request_it_stands_for():
+    """`TurnRequest.__init__` sets `SeqRequest.__init__`'s fields itself (one call a turn fewer): every slot
+    of a fresh `SeqRequest` must hold the same value, and `Job`'s fields the same as a `Job` built alike."""
+    from sim.engine import TurnRequest
+    from sim.scheduler import Job
+
+    turn = TurnRequest(7, "s3", 2.5, ("s3",), 300, 40, 25, True, False, 5)
+    turn.segments = [(0, ("s3", 1), 0)]
+    seq = SeqRequest(7, 340, 25, segments=[(0, ("s3", 1), 0)])
+    for slot in SeqRequest.__slots__:
+        if slot == "stop_output":  # set by `add_request`
+            assert not hasattr(turn, slot) and not hasattr(seq, slot)
+            continue
+        assert getattr(turn, slot) == getattr(seq, slot), slot
+    job = Job(7, "s3", 2.5, ("s3",), 300, 40, 25, True, False, 5)
+    for slot in TurnRequest.__slots__:
+        assert getattr(turn, slot) == getattr(job, slot), slot
+    with pytest.raises(ValueError):
+        TurnRequest(8, "s4", 0.0, (), 0, 0, 5, False)
+
+
+# ---- the commonest step planned and applied at once (`ChunkedScheduler.admit_step`) -------------------
+
+@pytest.mark.parametrize("pool", ["runs", "exact"])
+@pytest.mark.parametrize("seed", range(24))
+def test_the_admission_step_at_once_is_schedule_then_update(seed, pool):
+    """`admit_step` stands for `schedule` then `update` when the queue's one fresh request meets a batch
+    of decodes: on random streams (hits, an external store behind HBM, tight pools, thresholds), a
+    scheduler that takes it wherever it applies must plan the same steps (the figures a caller prices),
+    finish and sample the same requests and reach the same state as one that never takes it."""
+    taken, _ = _drive_admit(seed, pool)
+    assert taken  # how often over all seeds: below
+
+
+def test_the_admission_step_streams_take_both_of_its_outcomes():
+    """The comparison above is only as good as its streams: over the seeds, the step at once admits the
+    request many times and finds it too large for the free blocks some times."""
+    outcomes = [_drive_admit(seed, "runs")[1] for seed in range(24)]
+    assert sum(o["admitted"] for o in outcomes) > 600
+    assert sum(o["blocked"] for o in outcomes) > 80
+    assert sum(o["finished"] for o in outcomes) > 20  # a one-token reply ends at its first token
+
+
+def _drive_admit(seed, pool):
+    from test_block_pools import Stream, _plan, _state
+
+    rng = random.Random(1000 + seed)
+    bt = rng.choice([1, 4, 16])
+    # room for a few requests (a queue that waits for blocks) to many
+    cfg = ChunkedConfig(num_blocks=rng.choice([600, 1500, 3000, 10000]) // bt, max_num_batched_tokens=rng.choice([64, 512, 2048]),
+                        max_num_seqs=rng.choice([2, 6, 64]), block_tokens=bt, max_model_len=rng.choice([None, 700]),
+                        long_prefill_token_threshold=rng.choice([0, 0, 48]), pool=pool,
+                        watermark=rng.choice([0.0, 0.0, 0.05]),
+                        lazy_tail_keys=rng.random() < 0.7, prefix_caching=rng.random() < 0.9,
+                        hold_finished=seed % 3 == 0)
+    # an external store behind HBM (the engine's host store): none, half or all of a request's tokens
+    ext_calls = ([], [])
+
+    def external(side):
+        def hit(req, h):
+            ext_calls[side].append((req.id, h))
+            return (0, 0, req.prompt_tokens // 2, req.prompt_tokens)[req.id % 4]
+        return hit if seed % 2 else None
+
+    fast, general = ChunkedScheduler(cfg, external(0)), ChunkedScheduler(cfg, external(1))
+    stream = Stream(rng, bt)
+    rid = t = taken = 0
+    outcomes = {"admitted": 0, "blocked": 0, "finished": 0}
+    # arrivals per step: from a light load (the engine's: the step at once applies) to a queue that grows
+    rate = rng.choice([0.02, 0.05, 0.1, 0.2])
+    while t < 3000:
+        if rng.random() < rate:
+            rid += 1
+            spec = stream.session_turn(rid, rng.randrange(5)) if rng.random() < 0.6 else stream.hashed_turn(rid)
+            if rng.random() < 0.05:
+                spec = (spec[0], spec[1], 1, spec[3])  # a one-token reply
+            if cfg.max_model_len and spec[1] >= cfg.max_model_len:
+                continue  # a prompt the model cannot take (vLLM refuses it before scheduling)
+            for s in (fast, general):
+                s.add_request(SeqRequest(spec[0], spec[1], spec[2], segments=list(spec[3])))
+        kmax = rng.randrange(1, 40)
+        k = fast.decode_run_limit(kmax)
+        assert general.decode_run_limit(kmax) == k, t
+        if k and rng.random() < 0.5:
+            finished = [s.apply_decodes(k) for s in (fast, general)]
+            t += k
+        else:
+            step = fast.admit_step()
+            plan = general.schedule()
+            if step is None:
+                p = fast.schedule()
+                assert _plan(p) == _plan(plan), t
+                finished = [fast.update(p)]
+            else:
+                taken += 1
+                r, hit, ext, n, computed, B, ctx, done = step
+                assert (B, ctx) == (plan.num_decodes, plan.decode_context_tokens), t
+                if r is None:
+                    outcomes["blocked"] += 1
+                    assert not plan.admitted and not plan.chunks, t
+                else:
+                    outcomes["admitted"] += 1
+                    outcomes["finished"] += bool(done)
+                    assert {r.id: hit} == {q.id: h for q, h in plan.admitted.items()}, t
+                    assert ({r.id: ext} if ext else {}) == {q.id: e for q, e in plan.external.items()}, t
+                    assert [(n, computed)] == plan.chunks, t
+                finished = [done]
+            finished.append(general.update(plan))
+            assert [q.id for q in fast.first_sampled] == [q.id for q in general.first_sampled], t
+            t += 1
+        assert [[q.id for q in rs] for rs in finished] == [[q.id for q in finished[1]]] * 2, t
+        assert (fast._decoding, fast.blocked, fast._lazy) == (general._decoding, general.blocked, general._lazy), t
+        assert ext_calls[0] == ext_calls[1], t
+        if cfg.hold_finished:
+            for s, rs in zip((fast, general), finished):
+                for q in rs:
+                    s.free_finished(q)
+        if rng.random() < 0.1:
+            assert _state(fast) == _state(general), t
+    assert _state(fast) == _state(general)
+    return taken, outcomes

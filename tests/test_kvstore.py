@@ -48,10 +48,10 @@ def _place(store, key, tokens, tier, ready_at=0.0):
     return e
 
 
-def _job(sid="s", hist=0, prompt=100, output=10, truncated=False, keys=None, blocks=False, hit=0, entries=()):
+def _job(sid="s", hist=0, prompt=100, output=10, truncated=False, keys=None, hashed=False, hit=0, entries=()):
     if keys is None:
         keys = (sid,) if hist else ()
-    j = Job(0, sid, 0.0, keys, hist, prompt, output, truncated, blocks)
+    j = Job(0, sid, 0.0, keys, hist, prompt, output, truncated, hashed)
     j.hit, j.hit_entries = hit, list(entries)
     return j
 
@@ -175,7 +175,7 @@ def test_prefetch_skips_busy_entries_and_stops_at_the_first_missing_block():
     h0 = _place(st, 10, 512, st.dram)
     h1 = _place(st, 11, 512, st.ssd)
     h3 = _place(st, 13, 512, st.ssd)
-    st.prefetch(_job("r", keys=[10, 11, 12, 13], blocks=True), now=1.0)
+    st.prefetch(_job("r", keys=[10, 11, 12, 13], hashed=True), now=1.0)
     assert (h0.tier, h1.tier, h3.tier) == (st.dram, st.dram, st.ssd)
     assert h1.ready_at == pytest.approx(1.0 + 512 * TOK / (2 * GB))
     busy = _place(st, "s", 1000, st.ssd)
@@ -292,7 +292,7 @@ def test_prefix_blocks_save_only_new_whole_blocks_of_the_prompt():
     st = _store(dram=10 * MB, ssd=10 * MB)
     _place(st, 10, BLOCK_TOKENS, st.dram)
     _place(st, "z", 1, st.dram)
-    job = _job("r", prompt=1100, keys=[10], blocks=True)
+    job = _job("r", prompt=1100, keys=[10], hashed=True)
     assert st.save_to_host(job, 1110, now=1.0, hashes=[10, 11, 12]) == BLOCK_TOKENS * TOK
     assert list(st.dram.entries) == ["z", 10, 11]
     assert 12 not in st.index
@@ -318,7 +318,7 @@ def test_keep_in_hbm_of_blocks_adds_new_blocks_and_refreshes_known_ones():
     st = _store(kind="hbm_prefix", hbm=10 * MB)
     _place(st, 10, BLOCK_TOKENS, st.hbm)
     _place(st, "z", 1, st.hbm)
-    st.keep_in_hbm(_job("r", prompt=1024, keys=[10], blocks=True), 1030, now=1.0, hashes=[10, 11, 12])
+    st.keep_in_hbm(_job("r", prompt=1024, keys=[10], hashed=True), 1030, now=1.0, hashes=[10, 11, 12])
     assert list(st.hbm.entries) == ["z", 10, 11]
     assert st.hbm.used == 2 * BLOCK_TOKENS * TOK + TOK
 
@@ -360,7 +360,7 @@ def test_lookup_of_blocks_reuses_the_leading_run_only():
     a = _place(st, 10, BLOCK_TOKENS, st.dram)
     b = _place(st, 11, BLOCK_TOKENS, st.ssd)
     _place(st, 13, BLOCK_TOKENS, st.dram)
-    assert st.lookup(_job("r", keys=[10, 11, 12, 13], blocks=True)) == (2 * BLOCK_TOKENS, [a, b])
+    assert st.lookup(_job("r", keys=[10, 11, 12, 13], hashed=True)) == (2 * BLOCK_TOKENS, [a, b])
 
 
 # ---- where a hit loads from -------------------------------------------------------------------------

@@ -182,7 +182,7 @@ def test_prefix_block_jobs_reuse_whole_blocks_leaving_one_token_to_compute(promp
     one token computed, no session history."""
     s, _ = _sched([("r", prompt, output, hashes)], window=2048)
     j = s.make_job(0, 0.0)
-    assert j.blocks and j.hist == 0 and list(j.keys) == keys and j.truncated == truncated
+    assert j.hashed and j.hist == 0 and list(j.keys) == keys and j.truncated == truncated
     assert j.prompt == min(prompt, 2048 - output)
     assert len(j.keys) * BLOCK_TOKENS < j.prompt
 
