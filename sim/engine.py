@@ -601,6 +601,7 @@ class ChunkedReplica:
         span_counts, span_times = rec.span_counts, rec.span_times
         ttft_s = rec.ttft_s
         pool, hbm_block = sched.pool, self.block_tokens * self.kv_tok
+        bt = sched._bt
         inf = math.inf
         now = env.now
         while True:
@@ -612,9 +613,23 @@ class ChunkedReplica:
             running = sched.running
             if running or waiting:
                 began = now
-                k = run_limit(_NO_LIMIT) if sched.blocked else 0  # not blocked: the next step may admit
-                if k:
+                k = 0
+                if sched.blocked:  # not blocked: the next step may admit
+                    # `decode_run_limit(_NO_LIMIT)`'s commonest case, inline (once per stretch): every running
+                    # request decodes (its kept state) and enough blocks are free for a block each per bt
+                    # steps; anything else asks it
                     B = len(running)
+                    dec = sched._decoding
+                    if dec and 0 < B <= sched._budget and sched._planned is None:
+                        ctx, k, _ = dec
+                        if k >= 1 and B * (k // bt + 1) <= pool.num_free:
+                            sched.decode_context_tokens = ctx
+                            sched.decode_block_limited = False
+                        else:
+                            k = run_limit(_NO_LIMIT)
+                    else:
+                        k = run_limit(_NO_LIMIT)
+                if k:
                     # cut where an arrival could start at once (`source.next_arrival_s()`, inline)
                     cut = (pending[0][0] - now if pending else inf) if not waiting and B < max_seqs else inf
                     if held and (waiting or sched.decode_block_limited) and held[0][0] - now < cut:
@@ -638,7 +653,7 @@ class ChunkedReplica:
                         r, hit, e, n, computed, B, ctx, finished = step
                         start = now
                         if r is not None:
-                            load_layer, start = self._admit(((r, hit, e),), now)
+                            load_layer, start = self._admit_one(r, hit, e, now)
                             t = iteration_s([(n, computed)], B, ctx, load_layer, buffer_layers, layerwise)
                             self.busy_prefill_s += t
                             admitted = 1
@@ -816,6 +831,45 @@ class ChunkedReplica:
         for i in firsts:
             rec.fetch_wait_s[i] = wait
         return load_layer, start
+
+    def _admit_one(self, r, hit: int, e: int, now):
+        """`_admit` of one request (`admit_step`'s, once per turn): the same figures in the same order,
+        without its lists and loops."""
+        rec, L = self.rec, self.L
+        i = r.id
+        dram_b = ssd_b = load_j = 0.0
+        ready = now
+        if e:
+            dram_b, ssd_b, dram_ready = self._external_bytes(r, hit, e)
+            if dram_ready > ready:
+                ready = dram_ready
+            if not ssd_b:
+                load_j = self.cost.history_load_layer_s(dram_b / L)
+        first = rec.admit_s[i] != rec.admit_s[i]  # NaN: its first admission (else it resumes)
+        if first:
+            rec.arrival_s[i] = r.arrival
+            rec.admit_s[i] = now
+            rec.prefill_start_s[i] = now
+            rec.history_tokens[i] = r.hist
+            rec.hit_tokens[i] = hit + e
+            rec.computed_tokens[i] = r.ctx_in - hit - e
+            rec.prompt_tokens[i] = r.prompt
+            rec.output_tokens[i] = r.output
+            if r.truncated or r.clipped:  # the columns start at 0 (not truncated, nothing clipped)
+                rec.truncated[i] = True
+                rec.clipped_tokens[i] = r.clipped
+            rec.bytes_loaded[i] = dram_b + ssd_b
+            rec.hit_tier[i] = SSD if ssd_b else DRAM if dram_b else HBM if hit else MISS if r.keys else NONE
+        start = ready
+        if ssd_b:  # a direct SSD read queues behind whatever the SSD is already reading
+            start, slow = self.store.read_ssd_stage(ready, ssd_b)
+            load_j = self.cost.history_load_layer_s(dram_b / L, ssd_b / L, slow)
+        if first:
+            rec.load_s[i] = load_j * L
+            rec.fetch_wait_s[i] = start - now
+        if dram_b + ssd_b:
+            self.store.h2d.charge(dram_b + ssd_b)
+        return load_j, start
 
     def _external_bytes(self, job, hit: int, ext: int):
         """(DRAM bytes, SSD bytes, when the DRAM copy is ready) of the `ext` tokens after `hit`; with
