@@ -887,7 +887,6 @@ def pool_profiles(folder: Path, profile, label: str, model: str, out: Path) -> d
     so the pooled reduction undercharged the runs on the large cache. Written as
     profile_<label>_pool<blocks>.yaml."""
     import argparse
-    import yaml
     env = json.loads((folder / "env.json").read_text())
     ns = argparse.Namespace(**env["args"])
     st = pd.read_csv(csv_path(folder, "steps.csv"), usecols=["num_blocks"])
@@ -899,18 +898,30 @@ def pool_profiles(folder: Path, profile, label: str, model: str, out: Path) -> d
         idx = (g.step.to_numpy() == 0).cumsum() - 1      # each replayed run starts at step 0, in run order
         pools.append(pd.Series([runs[i][2] for i in idx], index=g.index))
     rs["num_blocks"] = pd.concat(pools)
-    prof = yaml.safe_load(Path(profile).read_text())
     paths = {}
     for nb, g in rs.groupby("num_blocks"):
         host = host_step_from_steps(g.decodes + g.chunks.fillna("").str.count(":"), g.loop_ms)
         if host is None:
             continue
-        prof["models"][model]["iteration"]["host_step_ms"] = host
-        path = out / f"profile_{label}_pool{nb}.yaml"
-        atomic_write(path, lambda tmp, p=dict(prof): Path(tmp).write_text(
-            yaml.safe_dump(p, sort_keys=False, default_flow_style=None, width=200)))
-        paths[int(nb)] = path
+        paths[int(nb)] = with_host_step(Path(profile), model, host, out / f"profile_{label}_pool{nb}.yaml")
     return paths
+
+
+def with_host_step(profile: Path, model: str, host_step: dict, out: Path, note: str = "") -> Path:
+    """A copy of `profile` whose `models.<model>.iteration.host_step_ms` is `host_step`, written atomically to
+    `out` (`note`: appended to its `command`)."""
+    import yaml
+    prof = yaml.safe_load(Path(profile).read_text())
+    it = prof.get("models", {}).get(model, {}).get("iteration")
+    if it is None:
+        raise SystemExit(f"{profile}: models.{model}.iteration: missing; expected a batched profile with an "
+                         f"iteration section")
+    it["host_step_ms"] = host_step
+    if note:
+        prof["command"] = f"{prof.get('command', '')}; {note}"
+    atomic_write(out, lambda tmp: Path(tmp).write_text(
+        yaml.safe_dump(prof, sort_keys=False, default_flow_style=None, width=200)))
+    return out
 
 
 def ssd_table_gbps(cost, pred: pd.DataFrame) -> float:

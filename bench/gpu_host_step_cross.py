@@ -18,16 +18,15 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpu.batched_validate import csv_path  # noqa: E402
 from gpu.calibrate import host_step_from_served  # noqa: E402
+from gpu_batched_validate import with_host_step  # noqa: E402  (bench/ is this script's folder)
 
 
-def served_profile(src: Path, dst: Path, out: Path) -> Path:
-    steps = src / "steps.csv.gz"
-    if not steps.exists():
-        steps = src / "steps.csv"
+def served_profile(src: Path, dst: Path, model: str, out: Path) -> Path:
+    steps = csv_path(src, "steps.csv")
     if not steps.exists():
         raise SystemExit(f"{src}: no steps.csv(.gz): not a batched run folder")
     table = host_step_from_served(pd.read_csv(steps, low_memory=False))
@@ -36,16 +35,10 @@ def served_profile(src: Path, dst: Path, out: Path) -> Path:
     prof_path = dst / "profile_calibrated.yaml"
     if not prof_path.exists():
         raise SystemExit(f"{dst}: no profile_calibrated.yaml")
-    prof = yaml.safe_load(prof_path.read_text())
-    for name, m in prof.get("models", {}).items():
-        if "iteration" in m:
-            m["iteration"]["host_step_ms"] = table
-    prof["command"] = f"{prof.get('command', '')}; host_step_ms from {steps} (bench/gpu_host_step_cross.py)"
     out.mkdir(parents=True, exist_ok=True)
-    p = out / "profile_served_host.yaml"
-    p.write_text(yaml.safe_dump(prof, sort_keys=False, default_flow_style=None, width=200))
     print(f"{dst.name} priced with {src.name}'s served host time: {table}")
-    return p
+    return with_host_step(prof_path, model, table, out / "profile_served_host.yaml",
+                          note=f"host_step_ms from {steps} (bench/gpu_host_step_cross.py)")
 
 
 def main() -> None:
@@ -62,13 +55,13 @@ def main() -> None:
     outs = []
     for (src, _), (dst, model) in ((pairs[0], pairs[1]), (pairs[1], pairs[0])):
         out = Path(a.out) / f"{dst.name}_from_{src.name}"
-        prof = served_profile(src, dst, out)
+        prof = served_profile(src, dst, model, out)
         subprocess.run([sys.executable, str(Path(__file__).with_name("gpu_batched_validate.py")), "--model", model,
                         "--compare", str(dst), "--out", str(out), "--profile",
                         f"calibrated={dst / 'profile_calibrated.yaml'},served={prof}"],
                        check=True, stdout=subprocess.DEVNULL)
         outs.append(out)
-    from gpu_batched_table import table   # bench/ is on the path as this script's folder
+    from gpu_batched_table import table
     print(table(outs))
 
 

@@ -98,8 +98,6 @@ if __name__ == "__main__":
     for f in args:
         if not Path(f).is_dir():
             raise SystemExit(f"{f}: not a folder")
-        try:
-            csv_path(Path(f), "turns.csv")
-        except Exception:
+        if not csv_path(Path(f), "turns.csv").exists():
             raise SystemExit(f"{f}: no turns.csv(.gz): not a batched run folder")
     print(across_table(*args) if across else table(args))

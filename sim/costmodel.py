@@ -1217,18 +1217,7 @@ class RooflineCost(CostModel):
             d = 0.0
         piece = kmax * a + d * kmax * (kmax - 1) * 0.5
         if budget_s < piece:
-            # `_cut_piece(a, d, kmax, budget_s)`, inline (most spans end at an arrival)
-            cut = 0.0 if budget_s < 0.0 else budget_s
-            if d > 1e-15:
-                b = a - d * 0.5
-                k = int(math.ceil((math.sqrt(b * b + 2.0 * d * cut) - b) / d))
-            else:
-                k = int(math.ceil(cut / a)) if a > 0 else 1
-            if k < 1:
-                k = 1
-            elif k > kmax:
-                k = kmax
-            return k * a + d * k * (k - 1) * 0.5, k
+            return _cut_piece(a, d, kmax, budget_s)
         return piece, kmax
 
     def _decode_span_both(self, batch: int, context_tokens: float, kmax: int, budget_s: float) -> tuple:

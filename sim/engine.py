@@ -803,20 +803,8 @@ class ChunkedReplica:
             if not first:
                 continue
             firsts.append(i)
-            rec.arrival_s[i] = job.arrival
-            admit_s[i] = now
-            rec.prefill_start_s[i] = now
             rec.load_s[i] = load_j * L
-            rec.history_tokens[i] = job.hist
-            rec.hit_tokens[i] = hit + e
-            rec.computed_tokens[i] = job.ctx_in - hit - e
-            rec.prompt_tokens[i] = job.prompt
-            rec.output_tokens[i] = job.output
-            if job.truncated or job.clipped:  # the columns start at 0 (not truncated, nothing clipped)
-                rec.truncated[i] = True
-                rec.clipped_tokens[i] = job.clipped
-            rec.bytes_loaded[i] = dram_b + ssd_b
-            rec.hit_tier[i] = SSD if ssd_b else DRAM if dram_b else HBM if hit else MISS if job.keys else NONE
+            self._record_first(job, now, hit, e, dram_b, ssd_b)
         start = ready
         if ssd_bytes:  # direct SSD reads queue behind whatever the SSD is already reading
             start, slow = self.store.read_ssd_stage(ready, ssd_bytes)
@@ -831,6 +819,24 @@ class ChunkedReplica:
         for i in firsts:
             rec.fetch_wait_s[i] = wait
         return load_layer, start
+
+    def _record_first(self, r, now, hit: int, e: int, dram_b: float, ssd_b: float) -> None:
+        """The recorder's columns of a request's first admission (its load time and fetch wait aside: the
+        callers know them at different points)."""
+        rec, i = self.rec, r.id
+        rec.arrival_s[i] = r.arrival
+        rec.admit_s[i] = now
+        rec.prefill_start_s[i] = now
+        rec.history_tokens[i] = r.hist
+        rec.hit_tokens[i] = hit + e
+        rec.computed_tokens[i] = r.ctx_in - hit - e
+        rec.prompt_tokens[i] = r.prompt
+        rec.output_tokens[i] = r.output
+        if r.truncated or r.clipped:  # the columns start at 0 (not truncated, nothing clipped)
+            rec.truncated[i] = True
+            rec.clipped_tokens[i] = r.clipped
+        rec.bytes_loaded[i] = dram_b + ssd_b
+        rec.hit_tier[i] = SSD if ssd_b else DRAM if dram_b else HBM if hit else MISS if r.keys else NONE
 
     def _admit_one(self, r, hit: int, e: int, now):
         """`_admit` of one request (`admit_step`'s, once per turn): the same figures in the same order,
@@ -847,19 +853,7 @@ class ChunkedReplica:
                 load_j = self.cost.history_load_layer_s(dram_b / L)
         first = rec.admit_s[i] != rec.admit_s[i]  # NaN: its first admission (else it resumes)
         if first:
-            rec.arrival_s[i] = r.arrival
-            rec.admit_s[i] = now
-            rec.prefill_start_s[i] = now
-            rec.history_tokens[i] = r.hist
-            rec.hit_tokens[i] = hit + e
-            rec.computed_tokens[i] = r.ctx_in - hit - e
-            rec.prompt_tokens[i] = r.prompt
-            rec.output_tokens[i] = r.output
-            if r.truncated or r.clipped:  # the columns start at 0 (not truncated, nothing clipped)
-                rec.truncated[i] = True
-                rec.clipped_tokens[i] = r.clipped
-            rec.bytes_loaded[i] = dram_b + ssd_b
-            rec.hit_tier[i] = SSD if ssd_b else DRAM if dram_b else HBM if hit else MISS if r.keys else NONE
+            self._record_first(r, now, hit, e, dram_b, ssd_b)
         start = ready
         if ssd_b:  # a direct SSD read queues behind whatever the SSD is already reading
             start, slow = self.store.read_ssd_stage(ready, ssd_b)

@@ -469,6 +469,24 @@ class ChunkedScheduler:
         self.waiting.append(req)
 
     # ---- one step ------------------------------------------------------------------------
+    def _one_block_each(self, running) -> None:
+        """Every running request decodes one token: at most one new block each, which the free queue holds
+        (the caller checked). `RunPool.allocate_decodes(running, 1, bt)`, counted inline for the counting
+        pool (the step every turn's decodes take)."""
+        bt, pool = self._bt, self.pool
+        if self._counted:
+            total = 0
+            for r in running:
+                room = r.num_blocks * bt - r.num_computed_tokens
+                if room <= 0:  # its blocks are full: its token needs one
+                    c = -room // bt + 1
+                    r.num_blocks += c
+                    total += c
+            if total:
+                pool.allocate_counted(total)
+        else:
+            pool.allocate_decodes(running, 1, bt)
+
     def schedule(self) -> StepPlan:
         if self._planned is not None:
             raise RuntimeError("schedule() called twice without update()")
@@ -491,18 +509,7 @@ class ChunkedScheduler:
             # every running request decodes (`_decoding`): one token each, which the budget holds; at most
             # one new block each, which the free queue holds; none keys a block here (`lazy_tail_keys`).
             # The general loop below would do the same, request by request.
-            if self._counted:  # `RunPool.allocate_decodes(running, 1, bt)`, inline: a block each at most
-                total = 0
-                for r in running:
-                    room = r.num_blocks * bt - r.num_computed_tokens
-                    if room <= 0:  # its blocks are full: its token needs one
-                        c = -room // bt + 1
-                        r.num_blocks += c
-                        total += c
-                if total:
-                    pool.allocate_counted(total)
-            else:
-                pool.allocate_decodes(running, 1, bt)
+            self._one_block_each(running)
             self._all_decode = dec  # for `update`
             decoded = running.copy()  # the plan's entries (r, 1, True), built only if someone asks
             num_decodes = B
@@ -675,19 +682,7 @@ class ChunkedScheduler:
         if B:
             if not (dec and dec[1] > 1 and (dec[2] or not caching) and B <= pool.num_free):
                 return None
-            # `schedule`'s all-decode step: a block each at most, which the free queue holds
-            if self._counted:
-                total = 0
-                for r in running:
-                    room = r.num_blocks * bt - r.num_computed_tokens
-                    if room <= 0:
-                        c = -room // bt + 1
-                        r.num_blocks += c
-                        total += c
-                if total:
-                    pool.allocate_counted(total)
-            else:
-                pool.allocate_decodes(running, 1, bt)
+            self._one_block_each(running)   # `schedule`'s all-decode step
             self._all_decode = dec
             decode_ctx = dec[0]
         else:

@@ -7,12 +7,11 @@ import math
 import pytest
 import torch
 
-from gpu.batched import (BatchedExecutor, StepBatch, block_table, random_model, reference_logits,
-                         serve_sessions)
+from gpu.batched import BatchedExecutor, StepBatch, random_model, serve_sessions
 from gpu.tp_layer import TINY_GQA
 from sim.scheduler import ChunkedConfig, ChunkedScheduler, SeqRequest
 
-from tiny_batched import BT, FakeClock, ids, run_logits, scheduler_and_executor, tiny_model
+from tiny_batched import BT, FakeClock, ids, run_checked, run_logits, scheduler_and_executor, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +26,7 @@ def drive(ex, sched, max_steps=500, after_step=None):
     for _ in range(max_steps):
         if not sched.has_unfinished():
             break
-        plan = sched.schedule()
-        tables = {r: block_table(r) for r, _, _ in plan.scheduled}
-        known = {r: list(ex.tokens[r]) for r, _, _ in plan.scheduled}
-        out = ex.run(plan, keep_logits=True)
-        for row, (r, n, _) in enumerate(plan.scheduled):
-            last = r.num_computed_tokens + n - 1
-            ref = reference_logits(ex.model, known[r][:last + 1])[last]
-            got = out.logits[row]
-            assert torch.isfinite(got).all(), f"{r.id}: NaN logits at position {last}"
-            assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4), f"{r.id}: logits differ at position {last}"
+        plan, _, tables = run_checked(ex, sched)
         finished = sched.update(plan)
         if after_step is not None:
             after_step(plan, finished, tables)

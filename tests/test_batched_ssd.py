@@ -14,7 +14,7 @@ from gpu.model import TINY
 from gpu.tp_layer import TINY_GQA
 from sim.scheduler import ChunkedConfig, ChunkedScheduler, SeqRequest
 
-from tiny_batched import BT, FakeClock, ids
+from tiny_batched import BT, FakeClock, ids, run_checked
 
 
 @pytest.fixture(scope="module", params=["gqa", "mha"])
@@ -36,15 +36,7 @@ def ssd_executor(model, tmp_path, num_blocks=40, **kw):
 
 def step_checked(ex, sched, saved):
     """One scheduled step, every request's logits checked against a recompute; finished requests saved."""
-    plan = sched.schedule()
-    tables = {r: block_table(r) for r, _, _ in plan.scheduled}
-    known = {r: list(ex.tokens[r]) for r, _, _ in plan.scheduled}
-    out = ex.run(plan, keep_logits=True)
-    for row, (r, n, _) in enumerate(plan.scheduled):
-        last = r.num_computed_tokens + n - 1
-        ref = reference_logits(ex.model, known[r][:last + 1])[last]
-        assert torch.isfinite(out.logits[row]).all(), f"{r.id}: NaN logits at position {last}"
-        assert torch.allclose(out.logits[row], ref, rtol=1e-4, atol=1e-4), f"{r.id}: logits differ at {last}"
+    plan, out, tables = run_checked(ex, sched)
     for r in sched.update(plan):
         saved[r] = ex.save(r, tables[r], r.num_computed_tokens)
     return plan, out

@@ -2,7 +2,7 @@
 and executor over one exact block pool with requests added to both."""
 import torch
 
-from gpu.batched import BatchedExecutor, random_model
+from gpu.batched import BatchedExecutor, block_table, random_model, reference_logits
 from gpu.tp_layer import TINY_GQA
 from sim.scheduler import ChunkedConfig, ChunkedScheduler, SeqRequest
 
@@ -54,3 +54,19 @@ class FakeClock:
 
     def sleep(self, dt):
         self.t += dt
+
+
+def run_checked(ex, sched):
+    """One scheduled step run by `ex`, every scheduled request's logits checked against a one-pass recompute:
+    (plan, output, block tables before the step). The caller applies `sched.update(plan)`."""
+    plan = sched.schedule()
+    tables = {r: block_table(r) for r, _, _ in plan.scheduled}
+    known = {r: list(ex.tokens[r]) for r, _, _ in plan.scheduled}
+    out = ex.run(plan, keep_logits=True)
+    for row, (r, n, _) in enumerate(plan.scheduled):
+        last = r.num_computed_tokens + n - 1
+        ref = reference_logits(ex.model, known[r][:last + 1])[last]
+        got = out.logits[row]
+        assert torch.isfinite(got).all(), f"{r.id}: NaN logits at position {last}"
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4), f"{r.id}: logits differ at position {last}"
+    return plan, out, tables
