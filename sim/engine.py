@@ -14,7 +14,8 @@ the whole span with a closed-form sum of iteration times.
 from __future__ import annotations
 
 import heapq
-from heapq import heappop, heappush
+from collections import deque
+from heapq import heappop
 import math
 from itertools import islice
 
@@ -491,8 +492,9 @@ class ChunkedReplica:
         self.horizon_s = math.inf  # as `Replica.horizon_s`
         # finished requests whose blocks an asynchronous save still reads: (save end, order, request),
         # freed once the step clock passes the end (vLLM's connector: delay_free_blocks, finished_sending)
-        self.held = []
-        self._held_n = 0
+        # in order of their ends: each is a transfer's end on the one D2H link, which moves one copy at a
+        # time (`Link.transfer`: no end comes before an earlier one's), so a FIFO, not a heap
+        self.held = deque()
 
     @property
     def preemption_stats(self):
@@ -512,13 +514,19 @@ class ChunkedReplica:
         by its source)."""
         req = self.turns.make_job(i, arrival_s, TurnRequest)
         sched = self.sched
-        if self.prefetch and len(sched.waiting) < self.lookahead_jobs:
+        waiting = sched.waiting
+        if self.prefetch and len(waiting) < self.lookahead_jobs:
             self.entered_window.append(req)
         if req.hashed or req.truncated or self.shared_blocks:
             req.segments = self._key_segments(req)
         else:  # `_key_segments`: the session's chain at its epoch, inline (most turns)
             req.segments = [(0, (req.sid, self.epoch.get(req.sid, 0)), 0)]
-        sched.add_request(req)
+        # `sched.add_request(req)`, inline (once a turn; its segments are set): `make_job` keeps prompt + reply
+        # inside the window, so the reply stops at its length
+        req.stop_output = req.output
+        if not waiting:
+            sched.blocked = False  # a new head of the queue: it may start at once
+        waiting.append(req)
 
     def _key_segments(self, job):
         """The request's prefix-cache keys as chains (`sim.blocks`; see the class docstring)."""
@@ -594,7 +602,7 @@ class ChunkedReplica:
         # bound once: the loop runs a few times per turn
         run_limit, apply_decodes, decode_span = sched.decode_run_limit, sched.apply_decodes, cost.decode_span
         schedule, update, iteration_s, admit_step = sched.schedule, sched.update, cost.iteration_s, sched.admit_step
-        free_finished, finish = sched.free_finished, self._finish
+        finish = self._finish
         buffer_layers, layerwise, prefetch = self.buffer_layers, self.layerwise, self.prefetch
         entered_window = self.entered_window
         # the ITL histogram's span buffers (`Recorder.decode_span` without a stall pending, inline)
@@ -604,12 +612,20 @@ class ChunkedReplica:
         bt = sched._bt
         inf = math.inf
         now = env.now
+        hbm_next = rec.hbm_next_s
+        horizon = self.horizon_s
+        # the users' next arrival (`source.next_arrival_s()`): their queue moves only when a reply ends
+        # (`_finish`) and when this loop takes from it or yields
+        nxt = pending[0][0] if pending else inf
         while True:
-            while pending and pending[0][0] <= now:  # `source.deliver_due(now)`, inline (once a turn)
+            while nxt <= now:  # `source.deliver_due(now)`, inline (once a turn)
                 t, i = heappop(pending)
                 submit(i, t)
-            while held and held[0][0] <= now:  # their saves have read them
-                free_finished(heappop(held)[2])
+                nxt = pending[0][0] if pending else inf
+            while held and held[0][0] <= now:  # their saves have read them: `free_finished`, inline
+                pool.free(held.popleft()[1])
+                if waiting:
+                    sched.blocked = False  # the freed blocks may let the queue's head in
             running = sched.running
             if running or waiting:
                 began = now
@@ -631,7 +647,7 @@ class ChunkedReplica:
                         k = run_limit(_NO_LIMIT)
                 if k:
                     # cut where an arrival could start at once (`source.next_arrival_s()`, inline)
-                    cut = (pending[0][0] - now if pending else inf) if not waiting and B < max_seqs else inf
+                    cut = nxt - now if not waiting and B < max_seqs else inf
                     if held and (waiting or sched.decode_block_limited) and held[0][0] - now < cut:
                         cut = held[0][0] - now  # blocks a save frees may let the queue's head in, or avert a preemption
                     dt, k = decode_span(B, sched.decode_context_tokens, k, cut)
@@ -719,31 +735,37 @@ class ChunkedReplica:
                                 ttft_s[i] = now - rec.arrival_s[i]
                                 rec.prefill_s[i] = now - rec.prefill_start_s[i]
                                 rec.batch_size[i] = size
-                if now >= rec.hbm_next_s:  # HBM's KV blocks: referenced by requests, and free ones still cached
+                if now >= hbm_next:  # HBM's KV blocks: referenced by requests, and free ones still cached
                     rec.hbm.sample(now, (pool.num_blocks - pool.num_free) * hbm_block, pool.num_cached_free * hbm_block)
-                    rec.hbm_next_s = rec.hbm.next_s
+                    hbm_next = rec.hbm_next_s = rec.hbm.next_s
                 if finished:
                     stall = 0.0
                     for r in finished:
                         stall += finish(r, now + stall)
+                    nxt = pending[0][0] if pending else inf  # their sessions' next turns joined the queue
                     if stall > 0:
                         now = now + stall
                         rec.decode_stall(len(sched.running), stall)  # a synchronous save holds them all
-                if not began < now < self.horizon_s:  # one test for the common case: the clock moved, no yield due
+                if not began < now < horizon:  # one test for the common case: the clock moved, no yield due
                     if not began < now < inf:
                         self._clock_error(now, "a decode span" if k else "a step")
                     yield env.timeout(now - env.now if now > env.now else 0.0)
+                    horizon = self.horizon_s  # others act only while the replica yields
+                    nxt = pending[0][0] if pending else inf
                 continue
             # idle: wait for the next submission; with no one outside able to act first (no router lowered the
             # horizon), the users' next arrival is taken at once, as `source.listen()`'s alarm would deliver it
             # (`deliver_due` at its time, then the replica wakes), without a SimPy event
-            if pending and self.horizon_s == inf:
-                t = pending[0][0]
-                while pending and pending[0][0] <= t:  # `deliver_due(t)`, inline
+            if nxt < inf and horizon == inf:
+                t = nxt
+                while nxt <= t:  # `deliver_due(t)`, inline
                     a, i = heappop(pending)
                     submit(i, a)
+                    nxt = pending[0][0] if pending else inf
             else:
                 t = yield source.listen()
+                horizon = self.horizon_s
+                nxt = pending[0][0] if pending else inf
             if t > now:
                 now = now + (t - now)
 
@@ -924,8 +946,7 @@ class ChunkedReplica:
         rec.bytes_saved[i] = saved
         if self.hold_finished:
             if read_end > now:  # the blocks stay until the write-back has read them
-                self._held_n += 1
-                heappush(self.held, (read_end, self._held_n, req))
+                self.held.append((read_end, req))
             else:
                 self.sched.free_finished(req)
         if not job.hashed:  # `PrefillFirstScheduler.finished`, inline

@@ -445,6 +445,8 @@ class ChunkedScheduler:
         self._bt = cfg.block_tokens
         self._max_len = cfg.max_model_len
         self._budget = cfg.max_num_batched_tokens
+        # a step holds at most this many running requests' decodes (a seat and a token each)
+        self._seats = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self._caching = cfg.prefix_caching
         self._watermark = cfg.watermark_blocks
         self._hold = cfg.hold_finished
@@ -469,23 +471,32 @@ class ChunkedScheduler:
         self.waiting.append(req)
 
     # ---- one step ------------------------------------------------------------------------
-    def _one_block_each(self, running) -> None:
+    def _one_block_each(self, running, advance: bool = False) -> None:
         """Every running request decodes one token: at most one new block each, which the free queue holds
         (the caller checked). `RunPool.allocate_decodes(running, 1, bt)`, counted inline for the counting
-        pool (the step every turn's decodes take)."""
+        pool (the step every turn's decodes take). With `advance`, each also gains the token (computed and
+        output: `update`'s part, for a caller that applies the step at once and reads no count in between)."""
         bt, pool = self._bt, self.pool
         if self._counted:
             total = 0
             for r in running:
-                room = r.num_blocks * bt - r.num_computed_tokens
+                c = r.num_computed_tokens
+                room = r.num_blocks * bt - c
                 if room <= 0:  # its blocks are full: its token needs one
-                    c = -room // bt + 1
-                    r.num_blocks += c
-                    total += c
+                    n = -room // bt + 1
+                    r.num_blocks += n
+                    total += n
+                if advance:
+                    r.num_computed_tokens = c + 1
+                    r.num_output_tokens += 1
             if total:
                 pool.allocate_counted(total)
-        else:
-            pool.allocate_decodes(running, 1, bt)
+            return
+        pool.allocate_decodes(running, 1, bt)
+        if advance:
+            for r in running:
+                r.num_computed_tokens += 1
+                r.num_output_tokens += 1
 
     def schedule(self) -> StepPlan:
         if self._planned is not None:
@@ -670,8 +681,7 @@ class ChunkedScheduler:
         waiting = self.waiting
         running = self.running
         B = len(running)
-        if (len(waiting) != 1 or self._planned is not None or self._dropped or B >= self.cfg.max_num_seqs
-                or B >= self._budget):
+        if len(waiting) != 1 or self._planned is not None or self._dropped or B >= self._seats:
             return None
         req = waiting[0]
         if req.num_output_tokens or req.swapped_tokens:
@@ -682,7 +692,9 @@ class ChunkedScheduler:
         if B:
             if not (dec and dec[1] > 1 and (dec[2] or not caching) and B <= pool.num_free):
                 return None
-            self._one_block_each(running)   # `schedule`'s all-decode step
+            # `schedule`'s all-decode step, and `update`'s part for the decodes: the admission below reads none
+            # of their counts (its lookup sees keyed runs only, and no running request keys one here)
+            self._one_block_each(running, True)
             self._all_decode = dec
             decode_ctx = dec[0]
         else:
@@ -723,10 +735,7 @@ class ChunkedScheduler:
             running.append(req)
         # `update`: the decodes compute their token and sample the next (none reaches its stop), then the chunk
         self.first_sampled = first = []
-        if B:
-            for r in running if req is None else running[:B]:
-                r.num_computed_tokens += 1
-                r.num_output_tokens += 1
+        if B:  # the decodes computed their token and sampled the next above
             m, ctx, kmin, tail = B, decode_ctx + B, dec[1] - 1, dec[2]
         else:
             m = ctx = 0
