@@ -86,8 +86,9 @@ class GapHistogram:
         """Bin the buffered spans: each span's iterations over the bins from its first length's to its last's."""
         if not self.span_counts:
             return
-        counts = np.asarray(self.span_counts, dtype=np.int64).reshape(-1, 2)
-        times = np.asarray(self.span_times, dtype=np.float64).reshape(-1, 2)
+        # fromiter: one pass over the list (asarray walks it twice, for its shape, then its values)
+        counts = np.fromiter(self.span_counts, dtype=np.int64, count=len(self.span_counts)).reshape(-1, 2)
+        times = np.fromiter(self.span_times, dtype=np.float64, count=len(self.span_times)).reshape(-1, 2)
         self.span_counts.clear()  # the same lists: the recorder appends to them directly
         self.span_times.clear()
         B, k = counts[:, 0].astype(np.float64), counts[:, 1].astype(np.float64)
@@ -184,8 +185,10 @@ _SPAN_FLUSH = GapHistogram.FLUSH
 class Recorder:
     """Per-turn columns filled by index (one row per turn), in `array.array`s: a float costs 8 bytes and
     a count 4 (a Python list holds a pointer and a 24-byte float object), and the finished columns
-    become numpy arrays without a copy. Plus the ITL histogram and the HBM series, fed by the engine's
-    hooks."""
+    become numpy arrays without a copy. Each column is read and written through a `memoryview` of its
+    array: an array's item assignment parses its value as a call's arguments (`PyArg_Parse`), a view's
+    converts it directly, and the engines write about 17 items a turn. Plus the ITL histogram and the HBM
+    series, fed by the engine's hooks."""
 
     COLS = ("arrival_s", "admit_s", "ttft_s", "prefill_start_s", "prefill_s", "load_s", "fetch_wait_s",
             "finish_s", "bytes_loaded", "bytes_saved")
@@ -196,13 +199,13 @@ class Recorder:
         self.n = n
         nan = array("d", [float("nan")])
         for c in self.COLS:
-            setattr(self, c, nan * n)
+            setattr(self, c, memoryview(nan * n))
         for c in self.INT_COLS:
-            setattr(self, c, array("i", [0]) * n)
-        self.hit_tier = array("b", [0]) * n
-        self.truncated = array("b", [0]) * n
-        self.clipped_tokens = array("q", [0]) * n
-        self.preemptions = array("q", [0]) * n  # times the turn was preempted (its KV dropped or swapped)
+            setattr(self, c, memoryview(array("i", [0]) * n))
+        self.hit_tier = memoryview(array("b", [0]) * n)
+        self.truncated = memoryview(array("b", [0]) * n)
+        self.clipped_tokens = memoryview(array("q", [0]) * n)
+        self.preemptions = memoryview(array("q", [0]) * n)  # times the turn was preempted (its KV dropped or swapped)
         self.itl = GapHistogram()
         # the histogram's span buffers: the engine appends a span that follows no stall straight to them
         self.span_counts, self.span_times = self.itl.span_counts, self.itl.span_times
