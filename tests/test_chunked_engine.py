@@ -344,6 +344,29 @@ def test_a_finished_turns_blocks_stay_held_until_its_asynchronous_save_has_read_
         assert admit_b == pytest.approx(t.loc["a", "finish_s"] + read)
 
 
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+def test_held_requests_save_ends_come_in_the_order_they_finished(monkeypatch, preemption):
+    # the engine keeps finished requests whose asynchronous save still reads their blocks in a FIFO, not a
+    # heap: their ends are transfer ends on the one D2H link (swap-outs included), which never come before
+    # an earlier one's. Check every append on a loaded random workload with preemptions
+    import sim.engine
+
+    ends = []
+
+    class Checked(sim.engine.deque):
+        def append(self, item):
+            assert not ends or item[0] >= ends[-1], "a save ended before one queued earlier"
+            ends.append(item[0])
+            super().append(item)
+
+    monkeypatch.setattr(sim.engine, "deque", Checked)
+    df = random_sessions(60, seed=3, rate_per_s=4.0, prompt_mean=200, output_mean=200, think_mean_s=2.0)
+    res, _ = _run(df, **{"policy.kind": "attentionstore", "scheduler.preemption": preemption,
+                         "gpu.hbm_bytes": 20e9, "host.d2h_gbps": 2.0})
+    assert len(ends) > 50 and res.turns.finish_s.notna().all()
+    assert res.summary["preemptions"] > 0
+
+
 def test_held_blocks_are_freed_only_by_their_owner_once_finished():
     s = ChunkedScheduler(ChunkedConfig(num_blocks=10, block_tokens=16, hold_finished=True))
     a = SeqRequest("a", 100, 1, segments=[(0, "a", 0)])  # 7 blocks; its one token comes with the prefill
