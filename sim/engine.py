@@ -310,8 +310,11 @@ class Replica:
         if rec.stalled:  # the span's first iteration also ends a stall: the recorder splits it
             rec.decode_span(B, k, total / k, 0.0)
         else:  # the hot path: k iterations of B gaps of the span's mean step, straight into the buffers
-            rec.span_counts += (B, k)
-            rec.span_times += (total / k, 0.0)
+            counts, times = rec.span_counts, rec.span_times
+            counts.append(B)
+            counts.append(k)
+            times.append(total / k)
+            times.append(0.0)
         return total, k
 
     def _after_decode(self, k, now):
@@ -620,6 +623,8 @@ class ChunkedReplica:
         while True:
             while nxt <= now:  # `source.deliver_due(now)`, inline (once a turn)
                 t, i = heappop(pending)
+                if i == source.first:
+                    source.next_first()
                 submit(i, t)
                 nxt = pending[0][0] if pending else inf
             while held and held[0][0] <= now:  # their saves have read them: `free_finished`, inline
@@ -656,8 +661,10 @@ class ChunkedReplica:
                     if rec.stalled:
                         rec.decode_span(B, k, dt / k, 0.0)
                     else:
-                        span_counts += (B, k)
-                        span_times += (dt / k, 0.0)
+                        span_counts.append(B)  # four appends: cheaper than two extends by built tuples
+                        span_counts.append(k)
+                        span_times.append(dt / k)
+                        span_times.append(0.0)
                     now = now + dt
                     finished = apply_decodes(k)
                 else:
@@ -721,8 +728,10 @@ class ChunkedReplica:
                         if rec.stalled:
                             rec.decode_span(B, 1, dt, 0.0)
                         else:
-                            span_counts += (B, 1)
-                            span_times += (dt, 0.0)
+                            span_counts.append(B)
+                            span_counts.append(1)
+                            span_times.append(dt)
+                            span_times.append(0.0)
                     now = now + dt
                     if plan is not None:
                         finished = update(plan)
@@ -760,6 +769,8 @@ class ChunkedReplica:
                 t = nxt
                 while nxt <= t:  # `deliver_due(t)`, inline
                     a, i = heappop(pending)
+                    if i == source.first:
+                        source.next_first()
                     submit(i, a)
                     nxt = pending[0][0] if pending else inf
             else:

@@ -7,7 +7,6 @@ reply ended (or at its own `arrival_s` when the trace fixes it, as Mooncake's ti
 from __future__ import annotations
 
 import dataclasses
-import heapq
 from heapq import heappop, heappush
 from array import array
 import math
@@ -112,17 +111,34 @@ class Users:
 
     def __init__(self, env, workload: Workload, target):
         self.env, self.target = env, target
-        self.pending = []  # heap (arrival time, turn index); a target may peek at its head
+        # heap (arrival time, turn index); a target may peek at its head. Sessions' first turns join it one
+        # at a time, in arrival order: it holds the turns sent after a reply and only the earliest first turn
+        # not yet taken (`first`), so it stays as small as the sessions in progress (a pop sifts through
+        # its depth) while its head is still the earliest of all. Whoever pops `first` calls `next_first()`.
+        self.pending = []
         self.remaining = len(workload)
         self.all_done = env.event()
         # typed arrays: 8 bytes a turn each (a list of floats holds 32), read as plain Python numbers
         self.arrival_s = array("d", workload.arrival_s.astype(float).tobytes())
         self.think_s = array("d", workload.think_s.astype(float).tobytes())
         self.next_turn = array("q", workload.next_turn.astype(np.int64).tobytes())
-        for i in workload.first_turns.tolist():
-            heapq.heappush(self.pending, (self.arrival_s[i], i))
+        firsts = workload.first_turns.astype(np.int64)
+        # in the heap's order: by arrival time, then turn index
+        self._firsts = array("q", firsts[np.lexsort((firsts, workload.arrival_s[firsts]))].tobytes())
+        self._k = -1
+        self.first = -1  # the first turn in the heap (-1: none left)
+        self.next_first()
         if not self.remaining:
             self.all_done.succeed()
+
+    def next_first(self) -> None:
+        """The first turn in the heap was taken: the next session's first turn joins it."""
+        k = self._k = self._k + 1
+        if k < len(self._firsts):
+            i = self.first = self._firsts[k]
+            heappush(self.pending, (self.arrival_s[i], i))
+        else:
+            self.first = -1
 
     def next_arrival_s(self) -> float:
         return self.pending[0][0] if self.pending else math.inf
@@ -131,6 +147,8 @@ class Users:
         pending = self.pending
         while pending and pending[0][0] <= now:
             t, i = heappop(pending)
+            if i == self.first:
+                self.next_first()
             self.target.submit(i, t)
 
     def listen(self):

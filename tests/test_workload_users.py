@@ -144,3 +144,24 @@ def test_sessions_run_to_completion_against_a_server_of_fixed_service_time():
     env.run(until=users.all_done)
     assert arrivals == {3: 1.0, 0: 3.0, 5: 3.0, 1: 9.0, 2: 11.0, 4: 20.0}
     assert env.now == 22.0
+
+
+def test_the_heap_holds_one_first_turn_at_a_time_yet_yields_every_turn_in_time_order():
+    """Guards the lazy feed of first turns (`Users.next_first`): the heap holds the turns sent after a
+    reply and only the earliest first turn not yet taken, and a turn sent after a reply still comes before
+    a later session's first turn."""
+    wl = Workload(session=["x", "x", "y", "z"], turn=np.array([0, 1, 0, 0]),
+                  arrival_s=np.array([1.0, NAN, 5.0, 5.0]), think_s=np.array([NAN, 1.0, NAN, NAN]),
+                  prompt_tokens=np.full(4, 10), output_tokens=np.full(4, 5), prefix_hashes=[None] * 4,
+                  next_turn=np.array([1, -1, -1, -1]), first_turns=np.array([3, 2, 0]))
+    env = simpy.Environment()
+    target = Recorder(env)
+    users = Users(env, wl, target)
+    assert users.pending == [(1.0, 0)] and users.first == 0
+    users.deliver_due(1.0)
+    assert users.pending == [(5.0, 2)]                     # y/0 (5.0, index 2) before z/0 (5.0, index 3)
+    users.reply_done(0, 1.5, 2.0)                          # x/1 at 2.0 + 1.0
+    assert users.next_arrival_s() == 3.0 and len(users.pending) == 2
+    users.deliver_due(10.0)
+    assert [(i, t) for i, t, _ in target.got] == [(0, 1.0), (1, 3.0), (2, 5.0), (3, 5.0)]
+    assert users.pending == [] and users.first == -1
