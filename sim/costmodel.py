@@ -966,6 +966,7 @@ class RooflineCost(CostModel):
             self._heads = {}  # sequences -> `decode_head_s`
         # decode_step_s is called twice per decode span: fold its constants once
         F, BW, L = self._flops * self._mfu, self._bw * self._mbu, s.layers
+        self._Lf = float(L)  # for `iteration_s` (see `_span_consts`)
         self._d_lin = L * self._lin_flops_tok / F  # per sequence, compute side
         self._d_att = L * self._attn_flops / F  # per context token, compute side
         self._d_w = L * self._w_layer_bytes / BW  # weights read, memory side
@@ -977,7 +978,10 @@ class RooflineCost(CostModel):
         # (any step priced otherwise must clear this flag, or the span would not follow it)
         self._linear_decode = efficiency is not None and not self._slide and not self._masked_decode
         self._span_fixed = self._decode_fixed if self._linear_decode else {}
-        self._span_consts = (self._attn_flops, self._attn_F, self._kv_tok, self._kv_BW, L) if self._linear_decode else None
+        # layers as a float in the hot paths' constants: an int times a float is the same product, but only a
+        # float times a float takes the interpreter's specialised multiply
+        Lf = float(L)
+        self._span_consts = (self._attn_flops, self._attn_F, self._kv_tok, self._kv_BW, Lf) if self._linear_decode else None
         # the attention term is max(compute, KV read), each the context times a slope, rounded twice (within
         # 3e-16 of the exact product): where the two slopes differ by far more than that, one side wins at
         # every context, and `decode_span` computes only that side, the same float bit for bit
@@ -986,9 +990,9 @@ class RooflineCost(CostModel):
         if self._linear_decode:
             att, kvr = self._attn_flops / self._attn_F, self._kv_tok / self._kv_BW
             if kvr > att * (1.0 + 1e-9):
-                self._span_side = (self._kv_tok, self._kv_BW, L)
+                self._span_side = (self._kv_tok, self._kv_BW, Lf)
             elif att > kvr * (1.0 + 1e-9):
-                self._span_side = (self._attn_flops, self._attn_F, L)
+                self._span_side = (self._attn_flops, self._attn_F, Lf)
         # `iteration_s` with `mixed_layer_s` and `decode_head_s` inline, where both are this class's own
         # measured-efficiency paths over full attention (a subclass that prices them otherwise keeps the calls)
         cls = type(self)
@@ -1107,7 +1111,7 @@ class RooflineCost(CostModel):
             pairs += q * (h + (n + 1) / 2.0)
             kv += h + 2.0 * n
         tokens = new + batch
-        L = self.shape.layers
+        L = self._Lf
         if tokens <= 0:
             layer = 0.0
         else:

@@ -447,7 +447,7 @@ class ChunkedReplica:
         pol, sch = cfg.policy, cfg.scheduler
         self.policy = pol.kind
         self.shape = shape = cost.shape
-        self.L = shape.layers
+        self.L = float(shape.layers)  # divides and multiplies floats only (the specialised float ops)
         self.kv_tok = shape.kv_bytes_per_token
         self.layerwise = pol.layerwise_preload
         self.buffer_layers = pol.read_buffer_layers
