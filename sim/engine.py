@@ -314,7 +314,6 @@ class Replica:
             counts.append(B)
             counts.append(k)
             times.append(total / k)
-            times.append(0.0)
         return total, k
 
     def _after_decode(self, k, now):
@@ -661,10 +660,9 @@ class ChunkedReplica:
                     if rec.stalled:
                         rec.decode_span(B, k, dt / k, 0.0)
                     else:
-                        span_counts.append(B)  # four appends: cheaper than two extends by built tuples
+                        span_counts.append(B)  # appends: cheaper than extends by built tuples
                         span_counts.append(k)
-                        span_times.append(dt / k)
-                        span_times.append(0.0)
+                        span_times.append(dt / k)  # iterations of equal length (`GapHistogram`'s flat spans)
                     now = now + dt
                     finished = apply_decodes(k)
                 else:
@@ -731,7 +729,6 @@ class ChunkedReplica:
                             span_counts.append(B)
                             span_counts.append(1)
                             span_times.append(dt)
-                            span_times.append(0.0)
                     now = now + dt
                     if plan is not None:
                         finished = update(plan)

@@ -60,17 +60,23 @@ class GapHistogram:
     def __init__(self):
         self.counts = np.zeros(self.NBINS, dtype=np.float64)  # whole numbers (< 2^53), float for bincount
         self.sums = np.zeros(self.NBINS, dtype=np.float64)
-        # buffered spans, flat and split by type (numpy converts a list of one type fastest):
-        # (batch, k, ...) and (first_s, growth_s, ...)
+        # buffered spans, flat and split by type (numpy converts a list of one type fastest): spans of
+        # equal iterations (the engines' every span) as (batch, k, ...) and (length_s, ...), spans whose
+        # iterations grow as (batch, k, ...) and (first_s, growth_s, ...)
         self.span_counts, self.span_times = [], []
+        self.grow_counts, self.grow_times = [], []
         self._edges = self.LOW_S * np.power(self.RATIO, np.arange(self.NBINS + 1, dtype=float))
         self._log_ratio = math.log(self.RATIO)
 
     def add_span(self, batch: int, k: int, first_s: float, growth_s: float) -> None:
         """k iterations of `batch` sequences, iteration j lasting first_s + growth_s * j."""
-        self.span_counts += (batch, k)
-        self.span_times += (first_s, growth_s)
-        if len(self.span_counts) >= self.FLUSH:
+        if growth_s:
+            self.grow_counts += (batch, k)
+            self.grow_times += (first_s, growth_s)
+        else:
+            self.span_counts += (batch, k)
+            self.span_times.append(first_s)
+        if len(self.span_counts) + len(self.grow_counts) >= self.FLUSH:
             self.flush()
 
     def add_gaps(self, seconds: float, count: int) -> None:
@@ -84,15 +90,21 @@ class GapHistogram:
 
     def flush(self) -> None:
         """Bin the buffered spans: each span's iterations over the bins from its first length's to its last's."""
-        if not self.span_counts:
+        if not self.span_counts and not self.grow_counts:
             return
         # fromiter: one pass over the list (asarray walks it twice, for its shape, then its values)
         counts = np.fromiter(self.span_counts, dtype=np.int64, count=len(self.span_counts)).reshape(-1, 2)
-        times = np.fromiter(self.span_times, dtype=np.float64, count=len(self.span_times)).reshape(-1, 2)
+        a = np.fromiter(self.span_times, dtype=np.float64, count=len(self.span_times))
+        d = np.zeros_like(a)
+        if self.grow_counts:
+            counts = np.concatenate([counts, np.asarray(self.grow_counts, dtype=np.int64).reshape(-1, 2)])
+            grow = np.asarray(self.grow_times, dtype=np.float64).reshape(-1, 2)
+            a, d = np.concatenate([a, grow[:, 0]]), np.concatenate([d, grow[:, 1]])
+            self.grow_counts.clear()
+            self.grow_times.clear()
         self.span_counts.clear()  # the same lists: the recorder appends to them directly
         self.span_times.clear()
         B, k = counts[:, 0].astype(np.float64), counts[:, 1].astype(np.float64)
-        a, d = times[:, 0].copy(), times[:, 1].copy()
         # a shrinking series holds the same lengths as the growing one from its last term
         neg = d < 0.0
         if neg.any():
@@ -223,15 +235,15 @@ class Recorder:
         """k decode iterations of `batch` sequences, iteration j lasting first_s + growth_s * j: each
         sequence gets one token per iteration, so the span adds `batch` gaps of each iteration's length;
         the first iteration's gap of a stalled sequence also holds its stall."""
-        counts, times = self.span_counts, self.span_times  # the histogram's buffers
+        counts, times = self.span_counts, self.span_times  # the histogram's buffers (spans of equal iterations)
         if self.stalled:
             self.stalled = False
             if batch > self._covered:  # joined since the last stall: they waited the joining time only
                 counts += (batch - self._covered, 1)
-                times += (first_s + self._joining_s, 0.0)
+                times.append(first_s + self._joining_s)
             for count, extra in self._groups:
                 counts += (count, 1)
-                times += (first_s + extra, 0.0)
+                times.append(first_s + extra)
             self._groups.clear()
             self._covered = 0
             self._joining_s = 0.0
@@ -239,8 +251,11 @@ class Recorder:
                 return
             k -= 1
             first_s += growth_s
-        counts += (batch, k)
-        times += (first_s, growth_s)
+        if growth_s:
+            self.itl.add_span(batch, k, first_s, growth_s)
+        else:
+            counts += (batch, k)
+            times.append(first_s)
 
     def flush_spans(self) -> None:
         """Bin the buffered spans once enough have gathered (an engine calls it once per turn, so the

@@ -127,6 +127,18 @@ def test_histogram_bins_are_half_a_percent_wide():
     assert GapHistogram.RATIO == 1.005
 
 
+def test_spans_of_equal_and_of_growing_iterations_are_binned_together():
+    # the histogram buffers the two kinds apart (the engines' spans are all of equal iterations)
+    h = GapHistogram()
+    h.add_span(2, 3, 0.1, 0.0)  # six gaps of 100 ms
+    h.add_span(1, 3, 0.2, 0.01)  # 200, 210 and 220 ms
+    h.add_gaps(0.05, 4)  # four of 50 ms
+    assert h.n == 13
+    assert h.mean() == pytest.approx((4 * 0.05 + 6 * 0.1 + 0.2 + 0.21 + 0.22) / 13, rel=1e-12)
+    # nearest ranks of 13: 4th, 7th, 11th, 13th
+    assert [h.percentile(q) for q in (30, 50, 80, 100)] == pytest.approx([0.05, 0.1, 0.2, 0.22], rel=1e-12)
+
+
 def test_itl_gaps_add_up_to_every_turns_decode_time_under_contention():
     """Each reply's gaps sum to its decode time, prefill and save stalls included: the mean gap is
     sum(decode_s) / sum(output - 1) over replies of more than one token."""
