@@ -382,7 +382,7 @@ class TurnRequest(SeqRequest):
     `PrefillFirstScheduler.make_job`, with `Job`'s arguments). One object a turn instead of a job and a
     request that carries it: the simulator builds one per turn."""
     __slots__ = ("i", "sid", "arrival", "keys", "hist", "prompt", "output", "ctx_in", "hit", "hit_entries",
-                 "truncated", "hashed", "clipped")
+                 "truncated", "hashed", "clipped", "admitted_s", "sampled")
 
     def __init__(self, i, sid, arrival, keys, hist, prompt, output, truncated, hashed=False, clipped=0):
         # `Job.__init__`'s fields that a chunked turn uses
@@ -392,6 +392,10 @@ class TurnRequest(SeqRequest):
         ctx_in = self.ctx_in = hist + prompt
         self.hit = 0
         self.hit_entries = ()
+        # the recorder's admission time and whether its first token was sampled, kept here as well: a slot
+        # reads cheaper than the recorder's columns (-1: not admitted yet)
+        self.admitted_s = -1.0
+        self.sampled = False
         # `SeqRequest.__init__(i, ctx_in, output, segments=...)` in place (one call fewer a turn): the
         # engine sets `segments` before `add_request`
         if ctx_in < 1 or output < 1:
@@ -736,10 +740,11 @@ class ChunkedReplica:
                         # requests whose prompt's last chunk ran in this step sampled their first token at
                         # its end (`ChunkedScheduler.first_sampled`, after `update`); inline, once per turn
                         for r in sched.first_sampled:
-                            i = r.id
-                            if ttft_s[i] != ttft_s[i]:
-                                ttft_s[i] = now - rec.arrival_s[i]
-                                rec.prefill_s[i] = now - rec.prefill_start_s[i]
+                            if not r.sampled:  # its first time (a preempted request samples again)
+                                r.sampled = True
+                                i = r.id
+                                ttft_s[i] = now - r.arrival  # the recorder's arrival_s and prefill_start_s
+                                rec.prefill_s[i] = now - r.admitted_s
                                 rec.batch_size[i] = size
                 if now >= hbm_next:  # HBM's KV blocks: referenced by requests, and free ones still cached
                     rec.hbm.sample(now, (pool.num_blocks - pool.num_free) * hbm_block, pool.num_cached_free * hbm_block)
@@ -808,7 +813,6 @@ class ChunkedReplica:
         (request, prefix-cache hit tokens, external tokens) each: (load per layer, when the step can start:
         a DRAM copy still being written, the SSD's queue)."""
         rec, L = self.rec, self.L
-        admit_s = rec.admit_s
         load_layer = 0.0
         ready = now
         ssd_bytes = loaded = 0.0
@@ -817,7 +821,7 @@ class ChunkedReplica:
         for r, hit, e in admitted:
             i = r.id
             job = r  # the request is the turn's job (`TurnRequest`)
-            first = admit_s[i] != admit_s[i]  # NaN: its first admission (else it resumes)
+            first = r.admitted_s < 0.0  # its first admission (else it resumes)
             dram_b = ssd_b = load_j = 0.0
             if e:
                 dram_b, ssd_b, dram_ready = self._external_bytes(job, hit, e)
@@ -857,6 +861,7 @@ class ChunkedReplica:
         rec.arrival_s[i] = r.arrival
         rec.admit_s[i] = now
         rec.prefill_start_s[i] = now
+        r.admitted_s = now
         rec.history_tokens[i] = r.hist
         rec.hit_tokens[i] = hit + e
         rec.computed_tokens[i] = r.ctx_in - hit - e
@@ -881,7 +886,7 @@ class ChunkedReplica:
                 ready = dram_ready
             if not ssd_b:
                 load_j = self.cost.history_load_layer_s(dram_b / L)
-        first = rec.admit_s[i] != rec.admit_s[i]  # NaN: its first admission (else it resumes)
+        first = r.admitted_s < 0.0  # its first admission (else it resumes)
         if first:
             self._record_first(r, now, hit, e, dram_b, ssd_b)
         start = ready

@@ -250,6 +250,9 @@ def test_a_turn_request_starts_as_the_seq_request_it_stands_for():
         assert getattr(turn, slot) == getattr(seq, slot), slot
     job = Job(7, "s3", 2.5, ("s3",), 300, 40, 25, True, False, 5)
     for slot in TurnRequest.__slots__:
+        if slot in ("admitted_s", "sampled"):  # the engine's own: not admitted, no token sampled
+            assert (turn.admitted_s, turn.sampled) == (-1.0, False)
+            continue
         assert getattr(turn, slot) == getattr(job, slot), slot
     with pytest.raises(ValueError):
         TurnRequest(8, "s4", 0.0, (), 0, 0, 5, False)
