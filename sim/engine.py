@@ -897,7 +897,7 @@ class ChunkedReplica:
             rec.load_s[i] = load_j * L
             rec.fetch_wait_s[i] = start - now
         if dram_b + ssd_b:
-            self.store.h2d.charge(dram_b + ssd_b)
+            self.store.h2d.bytes_moved += dram_b + ssd_b  # `h2d.charge`, inline
         return load_j, start
 
     def _external_bytes(self, job, hit: int, ext: int):
@@ -951,7 +951,9 @@ class ChunkedReplica:
                 bw = self.cost.d2h_bw(saved / self.L)
                 if self.async_save:
                     # the write-back drains through D2H while the next steps run
-                    read_end = store.d2h.transfer(now, saved, bw)
+                    d2h = store.d2h  # `d2h.transfer(now, saved, bw)`, inline (once a turn)
+                    read_end = d2h.free_at = (now if now > d2h.free_at else d2h.free_at) + saved / bw
+                    d2h.bytes_moved += saved
                 else:
                     stall = saved / bw
                     self.stall_save_s += stall
