@@ -496,8 +496,8 @@ class ChunkedReplica:
         self.swap_wait_s = 0.0  # steps held by swap preemptions' copies
         self.proc = None
         self.horizon_s = math.inf  # as `Replica.horizon_s`
-        # finished requests whose blocks an asynchronous save still reads: (save end, order, request),
-        # freed once the step clock passes the end (vLLM's connector: delay_free_blocks, finished_sending)
+        # finished requests whose blocks an asynchronous save still reads: (save end, request), freed once
+        # the step clock passes the end (vLLM's connector: delay_free_blocks, finished_sending)
         # in order of their ends: each is a transfer's end on the one D2H link, which moves one copy at a
         # time (`Link.transfer`: no end comes before an earlier one's), so a FIFO, not a heap
         self.held = deque()
@@ -528,7 +528,7 @@ class ChunkedReplica:
         else:  # `_key_segments`: the session's chain at its epoch, inline (most turns)
             req.segments = [(0, (req.sid, self.epoch.get(req.sid, 0)), 0)]
         # `sched.add_request(req)`, inline (once a turn; its segments are set): `make_job` keeps prompt + reply
-        # inside the window, so the reply stops at its length
+        # inside the window, so the reply stops at its length (tests/test_fast_paths.py checks the two agree)
         req.stop_output = req.output
         if not waiting:
             sched.blocked = False  # a new head of the queue: it may start at once
@@ -578,10 +578,8 @@ class ChunkedReplica:
             for req in islice(self.sched.waiting, max(w - a, 0), w):
                 store.prefetch(req, now)
         if self.entered_window:
-            admit_s = self.rec.admit_s
             for job in self.entered_window:
-                i = job.i
-                if admit_s[i] != admit_s[i]:  # NaN: not admitted (an arrival since the last step cannot resume)
+                if job.admitted_s < 0.0:  # not admitted (an arrival since the last step cannot resume)
                     self.store.prefetch(job, job.arrival)
             self.entered_window.clear()
 

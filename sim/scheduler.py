@@ -470,6 +470,16 @@ class ChunkedScheduler:
             self.blocked = False  # a new head of the queue: it may start at once
         self.waiting.append(req)
 
+    def _external_tokens(self, req: SeqRequest, hit: int, whole: int) -> int:
+        """Tokens a waiting request takes from outside HBM (`external_hit`: the host store) after its `hit`
+        prefix-cache tokens: whole blocks only, up to its `whole` blocks that leave at least one token to
+        compute (vLLM's `get_num_new_matched_tokens`)."""
+        bt = self._bt
+        ext = self.external_hit(req, hit)
+        room = whole * bt - hit
+        ext = (room if room < ext else ext) // bt * bt
+        return ext if ext > 0 else 0
+
     # ---- one step ------------------------------------------------------------------------
     def _one_block_each(self, running, advance: bool = False) -> None:
         """Every running request decodes one token: at most one new block each, which the free queue holds
@@ -613,12 +623,7 @@ class ChunkedScheduler:
                     # swapped back in: its KV after the prefix hit comes from host memory, partial block too
                     ext = req.swapped_tokens - hit if req.swapped_tokens > hit else 0
                 elif self.external_hit is not None:
-                    # whole blocks after the hit, leaving at least one token to compute
-                    ext = self.external_hit(req, hit)
-                    room = whole * bt - hit
-                    ext = (room if room < ext else ext) // bt * bt
-                    if ext < 0:
-                        ext = 0
+                    ext = self._external_tokens(req, hit, whole)
                 n = total - hit - ext
                 if threshold and threshold < n:  # (threshold >= 0)
                     n = threshold
@@ -709,13 +714,7 @@ class ChunkedScheduler:
         whole = (total - 1) // bt
         hit_handle, hit_blocks, evictable = pool.lookup(req, whole if caching else 0)
         hit = hit_blocks * bt
-        ext = 0
-        if self.external_hit is not None:
-            ext = self.external_hit(req, hit)
-            room = whole * bt - hit
-            ext = (room if room < ext else ext) // bt * bt
-            if ext < 0:
-                ext = 0
+        ext = self._external_tokens(req, hit, whole) if self.external_hit is not None else 0
         n = total - hit - ext
         if threshold and threshold < n:
             n = threshold

@@ -106,7 +106,9 @@ class Users:
     is due by its own clock with `deliver_due(now)` and cuts its spans at `next_arrival_s()`, a lower
     bound on its next submission. An idle target waits on `listen()`: an alarm at the users' next
     arrival, which submits it and then wakes the target (one event per idle period, none for
-    arrivals that find the target busy). The target reports each reply's end with `reply_done`.
+    arrivals that find the target busy). The target reports each reply's end with `reply_done`. A target
+    that pops `pending` itself (the chunked engine, to skip a call a turn) calls `next_first()` when the
+    turn it popped is `first`, as `deliver_due` does.
     """
 
     def __init__(self, env, workload: Workload, target):

@@ -258,6 +258,38 @@ def test_a_turn_request_starts_as_the_seq_request_it_stands_for():
         TurnRequest(8, "s4", 0.0, (), 0, 0, 5, False)
 
 
+def test_a_turn_stops_at_its_reply_length_as_add_request_would_stop_it():
+    """`ChunkedReplica.submit` sets `stop_output` to the reply length instead of `add_request`'s rule (the
+    reply, cut where prompt + reply reaches the window): `make_job` keeps every turn inside the window, so
+    the two agree, for long histories, long prompts and long replies alike."""
+    import numpy as np
+    import pandas as pd
+    import simpy
+
+    from sim.engine import ChunkedReplica, TurnRequest
+    from sim.workload import load_workload
+
+    cfg = load_config({}, {"model": "llama2-7b", "scheduler.kind": "chunked"})
+    window = build_cost_model(cfg).shape.max_context_tokens
+    df = pd.DataFrame([dict(session_id=f"s{k}", turn=0, arrival_s=1.0, think_s=np.nan, prompt_tokens=p,
+                            output_tokens=o)
+                       for k, (p, o) in enumerate([(100, 50), (window - 10, 50), (50, window + 5),
+                                                   (window, window), (3000, 1000)])])
+    wl = load_workload(cfg, df)
+    replica = ChunkedReplica(simpy.Environment(), cfg, build_cost_model(cfg), wl)
+    m = replica.sched._max_len
+    assert m == window
+    checked = 0
+    for hist in (0, 1000, window - 1, 2 * window):
+        for i in range(len(wl)):
+            replica.turns.session_context[wl.session[i]] = hist
+            req = replica.turns.make_job(i, 1.0, TurnRequest)
+            rule = req.max_tokens if req.max_tokens < m - req.prompt_tokens else m - req.prompt_tokens
+            assert req.output == rule, (hist, i)
+            checked += 1
+    assert checked == 20
+
+
 # ---- the commonest step planned and applied at once (`ChunkedScheduler.admit_step`) -------------------
 
 @pytest.mark.parametrize("pool", ["runs", "exact"])
